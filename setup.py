@@ -1,0 +1,35 @@
+"""tfdp_prune: differentially private Keras training with public-data pruning."""
+
+import setuptools
+
+INSTALL_REQUIRES = [
+    # TF and tf_keras move together: tf_keras 2.X only supports TensorFlow 2.X.
+    "tensorflow==2.21.*",
+    "tf-keras==2.21.*",
+    # 0.9.0 is the release whose internals (import escape hatch, optimizer classes) compat.py
+    # and the benchmarks rely on; its metadata also forces numpy < 2 and Python < 3.12.
+    "tensorflow-privacy==0.9.0",
+    # 0.8.1: the last release for Keras 2 (tf_keras); tfdp_prune's masks interoperate with it.
+    "tensorflow-model-optimization==0.8.1",
+    # The exact version tensorflow-privacy 0.9.0 pins; stated so pip never has to backtrack.
+    "dp-accounting==0.4.3",
+    "tensorflow-datasets>=4.9,<4.10",
+    "absl-py>=1.0",
+    "numpy>=1.23,<2",
+    # Its bundled `load_digits` is the embedded default data set (no download needed).
+    "scikit-learn>=1.3",
+]
+
+setuptools.setup(
+    name="tfdp_prune",
+    version="0.1.0",
+    description="Differentially private Keras training of the parameters chosen from public data.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=setuptools.find_packages(include=["tfdp_prune", "tfdp_prune.*"]),
+    python_requires=">=3.9,<3.12",
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        "test": ["pytest>=7", "scipy>=1.10", "psutil>=5"],
+    },
+)

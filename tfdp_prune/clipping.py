@@ -1,0 +1,79 @@
+"""Per-example gradient math: mask, norm, clip, sum. Pure functions of tensors.
+
+A per-example gradient is a list with one tensor per variable, each with a leading batch axis.
+Masks are one tensor per variable (1 = trained, 0 = frozen) without a batch axis.
+"""
+
+from typing import NamedTuple, Sequence
+
+from tfdp_prune.compat import tf
+
+
+class ClippedSum(NamedTuple):
+  """The sum over examples of masked, clipped per-example gradients, and what it counted."""
+  grads: list  # one tensor per variable, shaped like the variable
+  num_units: tf.Tensor  # clipping units in the batch, padding included: examples or microbatches
+  num_non_finite: tf.Tensor  # units with a non-zero weight whose gradient was not finite (int32)
+
+
+def apply_masks(per_example_grads: Sequence[tf.Tensor], masks: Sequence[tf.Tensor]) -> list:
+  """Zeroes frozen coordinates of every example's gradient (masks broadcast over the batch)."""
+  return [g * tf.cast(m, g.dtype) for g, m in zip(per_example_grads, masks)]
+
+
+def per_example_global_norms(per_example_grads: Sequence[tf.Tensor]) -> tf.Tensor:
+  """L2 norm of each example's gradient over all variables together: shape [batch]."""
+  squares = [tf.reduce_sum(tf.reshape(tf.square(g), [tf.shape(g)[0], -1]), axis=1)
+             for g in per_example_grads]
+  return tf.sqrt(tf.add_n(squares))
+
+
+def clip_factors(norms: tf.Tensor, l2_norm_clip) -> tf.Tensor:
+  """Factor that scales each gradient to norm at most `l2_norm_clip` (1 when already below)."""
+  # A zero norm gives clip / 0 = inf, and the factor 1.
+  return tf.minimum(1.0, tf.cast(l2_norm_clip, norms.dtype) / norms)
+
+
+def group_microbatches(per_example_grads: Sequence[tf.Tensor], sample_weight: tf.Tensor,
+                       num_microbatches: int):
+  """Averages the gradients of each of `num_microbatches` consecutive groups of examples (TF
+  Privacy's microbatches): the group becomes the clipping unit. A group's weight is the sum of its
+  examples' weights, so an all-padding group has weight 0."""
+  batch = tf.shape(sample_weight)[0]
+  tf.debugging.assert_equal(
+      batch % num_microbatches, 0,
+      message=f"num_microbatches={num_microbatches} must divide the batch size; set "
+              "num_microbatches=None (per-example clipping) or a batch size that it divides.")
+  grouped = lambda t: tf.reshape(t, tf.concat([[num_microbatches, -1], tf.shape(t)[1:]], 0))
+  grads = [tf.reduce_mean(grouped(g), axis=1) for g in per_example_grads]
+  return grads, tf.reduce_sum(grouped(sample_weight), axis=1)
+
+
+def clipped_sum(per_example_grads: Sequence[tf.Tensor], masks: Sequence[tf.Tensor],
+                l2_norm_clip, sample_weight: tf.Tensor, num_microbatches=None) -> ClippedSum:
+  """Masks, clips and sums per-example (or per-microbatch) gradients.
+
+  Clipping comes after masking, so each norm covers the updated coordinates only. Units with
+  weight 0 (padding) and units whose masked gradient is not finite contribute exactly zero;
+  the non-finite ones are counted.
+  """
+  if num_microbatches:
+    per_example_grads, sample_weight = group_microbatches(
+        per_example_grads, sample_weight, num_microbatches)
+  masked = apply_masks(per_example_grads, masks)
+  norms = per_example_global_norms(masked)
+  real = tf.not_equal(sample_weight, 0)
+  finite = tf.math.is_finite(norms)
+  kept = tf.logical_and(real, finite)
+  factors = tf.where(kept, clip_factors(tf.where(finite, norms, 0.0), l2_norm_clip), 0.0)
+  sums = [_weighted_batch_sum(g, kept, factors) for g in masked]
+  count = lambda b: tf.reduce_sum(tf.cast(b, tf.int32))
+  return ClippedSum(sums, tf.shape(sample_weight)[0],
+                    count(tf.logical_and(real, tf.logical_not(finite))))
+
+
+def _weighted_batch_sum(g: tf.Tensor, kept: tf.Tensor, factors: tf.Tensor) -> tf.Tensor:
+  # `where` first: 0 * NaN is NaN, so a dropped example must be replaced, not multiplied by 0.
+  batch_shape = tf.concat([tf.shape(kept), tf.ones([tf.rank(g) - 1], tf.int32)], axis=0)
+  g = tf.where(tf.reshape(kept, batch_shape), g, tf.zeros_like(g))
+  return tf.tensordot(tf.cast(factors, g.dtype), g, axes=1)

@@ -1,0 +1,56 @@
+"""The one module that imports Keras and TF Privacy; everything else imports them from here.
+
+tfdp_prune is written against the Keras 2 API of `tf_keras`, imported directly. It never reads or
+sets TF_USE_LEGACY_KERAS, so it works whatever was imported before it (tensorflow, keras, tfmot):
+`tf.keras` may be Keras 3 in the process and tfdp_prune still builds on `tf_keras`.
+
+TF Privacy is imported lazily, only by `tf_privacy()`, through its own escape hatch
+(`sys.skip_tf_privacy_import`): its package `__init__` imports tensorflow_estimator modules that
+TF >= 2.16 no longer has. Its Keras classes subclass `tf.keras`, so they need `tf.keras` to be
+tf_keras, which only TF_USE_LEGACY_KERAS=1 set before tensorflow's first import gives.
+"""
+
+import importlib
+import sys
+import types
+
+import tensorflow as tf
+import tf_keras as keras
+
+__all__ = ["keras", "tf", "tf_privacy", "ensure_tf_keras_model"]
+
+_TF_PRIVACY_MODULES = {
+    "dp_optimizer_keras": "tensorflow_privacy.privacy.optimizers.dp_optimizer_keras",
+    "dp_optimizer_keras_vectorized":
+        "tensorflow_privacy.privacy.optimizers.dp_optimizer_keras_vectorized",
+    "dp_keras_model": "tensorflow_privacy.privacy.keras_models.dp_keras_model",
+    "gaussian_query": "tensorflow_privacy.privacy.dp_query.gaussian_query",
+}
+
+
+def tf_privacy() -> types.SimpleNamespace:
+  """Returns TF Privacy's Keras submodules, imported without its broken package `__init__`."""
+  if tf.keras.Model is not keras.Model:
+    raise RuntimeError(
+        "TF Privacy's Keras classes subclass `tf.keras`, which is Keras 3 in this process; they "
+        "need tf_keras. Set the environment variable TF_USE_LEGACY_KERAS=1 before tensorflow is "
+        "first imported (e.g. `TF_USE_LEGACY_KERAS=1 python ...`). tfdp_prune itself does not "
+        "need it.")
+  sys.skip_tf_privacy_import = True
+  return types.SimpleNamespace(**{
+      name: importlib.import_module(path) for name, path in _TF_PRIVACY_MODULES.items()})
+
+
+def ensure_tf_keras_model(model) -> None:
+  """Raises a TypeError that says how to build a tf_keras model when `model` is not one."""
+  if isinstance(model, keras.Model):
+    return
+  module = type(model).__module__
+  hint = ""
+  if module.startswith("keras"):
+    hint = (" It is a Keras 3 model (from the `keras` package, or `tf.keras` without "
+            "TF_USE_LEGACY_KERAS=1). Build it with `import tf_keras as keras` instead, e.g. "
+            "`keras.Sequential([keras.layers.Dense(10)])`.")
+  raise TypeError(
+      f"Expected a tf_keras.Model. Received: {type(model).__module__}.{type(model).__name__}."
+      + hint)

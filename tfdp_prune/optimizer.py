@@ -1,0 +1,264 @@
+"""DP Keras optimizers that train only the coordinates selected by an update mask.
+
+One logical step (see DESIGN.md, "One training step"):
+  per-example gradients (a `per_example.PerExampleEngine`) -> x update mask -> clip each example
+  to `l2_norm_clip` -> sum -> accumulate `gradient_accumulation_steps` physical batches ->
+  + N(0, (noise_multiplier * l2_norm_clip)^2) on updated coordinates only -> / expected batch
+  size -> the base optimizer's update, after which frozen coordinates and their slots are put back
+  bit for bit.
+
+The model's train step drives it (`tfdp_prune.make_private(model)` installs that step); the
+optimizer refuses plain `minimize`/`apply_gradients`, which would skip clipping and noise.
+"""
+
+import functools
+import math
+
+from tfdp_prune import _validate
+from tfdp_prune import clipping
+from tfdp_prune import noise
+from tfdp_prune import per_example
+from tfdp_prune.compat import keras
+from tfdp_prune.compat import tf
+
+_DP_ARGS = ("l2_norm_clip", "noise_multiplier", "num_microbatches", "expected_batch_size",
+            "gradient_accumulation_steps", "seed", "per_example_engine")
+
+
+class DPOptimizerMixin:
+  """Marks the classes made by `make_dp_optimizer_class`; its methods are on those classes."""
+
+
+def make_dp_optimizer_class(cls):
+  """Returns a DP version of the tf_keras optimizer class `cls` (e.g. `tf_keras.optimizers.SGD`).
+
+  The returned class takes TF Privacy's arguments first (`l2_norm_clip`, `noise_multiplier`,
+  `num_microbatches`), then `cls`'s own, then these keyword-only ones:
+    expected_batch_size: for Poisson sampling, the expected number of examples in one LOGICAL
+      batch over all replicas (q * N); the noisy sum is divided by it. None divides by the actual
+      number of rows (padding included), for fixed-size batches.
+    gradient_accumulation_steps: physical batches summed into one logical batch, i.e. one noisy
+      update and one accounting step.
+    seed: seeds the noise generator (None: nondeterministic). The generator's state is
+      checkpointed with the optimizer and advances at every draw.
+    per_example_engine: how per-example gradients are obtained ("vectorized").
+  """
+  if not (isinstance(cls, type) and issubclass(cls, keras.optimizers.Optimizer)):
+    raise TypeError(
+        "Expected a tf_keras optimizer class such as tf_keras.optimizers.SGD (the Keras 2 "
+        "optimizers of `tf_keras.optimizers`, not `tf_keras.optimizers.legacy` nor Keras 3). "
+        f"Received: {cls!r}.")
+
+  class DPOptimizer(cls, DPOptimizerMixin):
+    __doc__ = f"Differentially private {cls.__name__} with update masks.\n\n" + (
+        make_dp_optimizer_class.__doc__)
+
+    def __init__(self, l2_norm_clip, noise_multiplier, num_microbatches=None, *args,
+                 expected_batch_size=None, gradient_accumulation_steps=1, seed=None,
+                 per_example_engine="vectorized", **kwargs):
+      _validate.positive("l2_norm_clip", l2_norm_clip)
+      _validate.non_negative("noise_multiplier", noise_multiplier)
+      if num_microbatches is not None:
+        _validate.positive_int("num_microbatches", num_microbatches)
+      if expected_batch_size is not None:
+        _validate.positive("expected_batch_size", expected_batch_size)
+        if num_microbatches is not None:
+          raise ValueError(
+              "expected_batch_size (Poisson sampling, variable batch) cannot be combined with "
+              f"num_microbatches={num_microbatches} (fixed groups of the batch). Received both; "
+              "drop num_microbatches to clip per example.")
+      _validate.positive_int("gradient_accumulation_steps", gradient_accumulation_steps)
+      kwargs.setdefault("name", f"DP{cls.__name__}")
+      # XLA would compile the base update rule per variable; the masked restore and the noise
+      # are plain TF ops, so keep the whole step in one graph.
+      kwargs.setdefault("jit_compile", False)
+      super().__init__(*args, **kwargs)
+      self.l2_norm_clip = float(l2_norm_clip)
+      self.noise_multiplier = float(noise_multiplier)
+      self.num_microbatches = num_microbatches
+      self.expected_batch_size = expected_batch_size
+      self.gradient_accumulation_steps = gradient_accumulation_steps
+      self.seed = seed
+      self.per_example_engine = per_example.get(per_example_engine)
+      self._slots_by_variable = {}
+      self._creating_dp_state = False
+
+    # ---- state ---------------------------------------------------------------------------
+
+    def add_variable_from_reference(self, model_variable, variable_name, shape=None,
+                                    initial_value=None):
+      slot = super().add_variable_from_reference(model_variable, variable_name, shape,
+                                                 initial_value)
+      if not self._creating_dp_state:  # a slot of the base optimizer: frozen with its variable
+        if slot.shape != model_variable.shape:
+          raise NotImplementedError(
+              f"{cls.__name__} keeps slot '{variable_name}' of shape {slot.shape} for a variable "
+              f"of shape {model_variable.shape}; masked updates need per-coordinate slots. Use "
+              "an optimizer whose slots have the shape of their variable (SGD, Adam, ...).")
+        self._slots_by_variable.setdefault(model_variable.ref(), []).append(slot)
+      return slot
+
+    def build(self, var_list):
+      if getattr(self, "_built", False):
+        return
+      super().build(var_list)
+      self._creating_dp_state = True
+      try:
+        self._update_masks = [
+            self.add_variable_from_reference(v, "update_mask", initial_value=tf.ones_like(v))
+            for v in var_list]
+        self._accumulators = [_replica_local(tf.zeros(v.shape, v.dtype), v, "dp_accumulator")
+                              for v in var_list]
+      finally:
+        self._creating_dp_state = False
+      self._accumulated_units = _replica_local(tf.constant(0.0), None, "dp_accumulated_units")
+      self._micro_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="dp_micro_steps")
+      self._noise_generator = (tf.random.Generator.from_seed(self.seed) if self.seed is not None
+                               else tf.random.Generator.from_non_deterministic_state())
+      self._mask_index = {v.ref(): i for i, v in enumerate(var_list)}
+
+    def set_update_masks(self, variables, masks):
+      """Sets which coordinates of `variables` are trained: the ONE way masks change.
+
+      `masks[i]` has the shape of `variables[i]`; True/1 = trained, False/0 = frozen. Variables
+      not listed keep their mask (all True until set). The optimizer must be built first
+      (`optimizer.build(model.trainable_variables)`). Masks are optimizer variables, so they are
+      saved and restored with the optimizer's checkpoint.
+      """
+      if not getattr(self, "_built", False):
+        raise RuntimeError(
+            "set_update_masks needs the optimizer's variables: call "
+            "`optimizer.build(model.trainable_variables)` first.")
+      variables, masks = list(variables), list(masks)
+      if len(variables) != len(masks):
+        raise ValueError(f"Expected one mask per variable. Received {len(masks)} masks for "
+                         f"{len(variables)} variables.")
+      for variable, mask in zip(variables, masks):
+        index = self._mask_index.get(variable.ref())
+        if index is None:
+          raise ValueError(f"Variable '{variable.name}' is not one this optimizer was built "
+                           "for; pass variables from model.trainable_variables.")
+        self._update_masks[index].assign(_mask_values(variable, mask))
+
+    def update_masks(self, variables):
+      """The current update masks (1 = trained) of `variables`, in the variable dtype."""
+      return [self._update_masks[self._mask_index[v.ref()]] for v in variables]
+
+    def get_config(self):
+      config = super().get_config()
+      config.update(l2_norm_clip=self.l2_norm_clip, noise_multiplier=self.noise_multiplier,
+                    num_microbatches=self.num_microbatches,
+                    expected_batch_size=self.expected_batch_size,
+                    gradient_accumulation_steps=self.gradient_accumulation_steps,
+                    seed=self.seed,
+                    per_example_engine=per_example.serialize(self.per_example_engine))
+      return config
+
+    # ---- the DP step -----------------------------------------------------------------------
+
+    def minimize(self, loss, var_list, tape=None):
+      raise _needs_dp_step("minimize")
+
+    def compute_gradients(self, loss, var_list, tape=None):
+      raise _needs_dp_step("compute_gradients")
+
+    def apply_gradients(self, grads_and_vars, name=None, **kwargs):
+      raise _needs_dp_step("apply_gradients")
+
+    def apply_clipped_sum(self, clipped, variables):
+      """Adds one physical batch's clipped sum (this replica's) and, at the end of a logical
+      batch, applies the noisy average. Call in replica context (inside a train step)."""
+      with tf.init_scope():
+        self.build(variables)
+      for accumulator, grad in zip(self._accumulators, clipped.grads):
+        accumulator.assign_add(grad)
+      self._accumulated_units.assign_add(tf.cast(clipped.num_units, tf.float32))
+      tf.distribute.get_replica_context().merge_call(
+          functools.partial(self._apply_at_logical_batch_end, variables=variables))
+
+    def _apply_at_logical_batch_end(self, strategy, variables):
+      micro_steps = self._micro_steps.assign_add(1)
+
+      def apply():
+        divisor = (self.expected_batch_size if self.expected_batch_size is not None
+                   else self._accumulated_units.read_value())  # summed over replicas
+        strategy.extended.call_for_each_replica(
+            functools.partial(self._noisy_update, variables=variables, divisor=divisor))
+        return tf.constant(True)
+
+      tf.cond(micro_steps % self.gradient_accumulation_steps == 0, apply,
+              lambda: tf.constant(False))
+
+    def _noisy_update(self, variables, divisor):
+      """Per replica: noise this replica's share, average, update; Keras sums the replicas."""
+      replicas = tf.distribute.get_replica_context().num_replicas_in_sync
+      # Independent noise on each of R replicas with std sigma*C/sqrt(R) sums to std sigma*C.
+      stddev = self.noise_multiplier * self.l2_norm_clip / math.sqrt(replicas)
+      masks = [m.read_value() for m in self._update_masks]
+      noisy = noise.add_gaussian_noise([a.read_value() for a in self._accumulators], masks,
+                                       stddev, self._noise_generator)
+      divisor = tf.cast(divisor, tf.float32)
+      grads = [g / tf.cast(divisor, g.dtype) for g in noisy]
+      self._masked_apply(grads, variables)
+      for accumulator in self._accumulators:
+        accumulator.assign(tf.zeros_like(accumulator))
+      self._accumulated_units.assign(0.0)
+
+    def _masked_apply(self, grads, variables):
+      """The base optimizer's update (weight decay, slots, EMA included), then every frozen
+      coordinate of each variable and of its slots is restored to its value before the update."""
+      guarded = [[v] + self._slots_by_variable.get(v.ref(), []) for v in variables]
+      before = [[tf.identity(t) for t in group] for group in guarded]
+      super().apply_gradients(zip(grads, variables))
+      tf.distribute.get_replica_context().merge_call(
+          functools.partial(_restore_frozen, guarded=guarded, masks=self.update_masks(variables)),
+          args=(before,))
+
+  DPOptimizer.__name__ = f"DP{cls.__name__}"
+  DPOptimizer.__qualname__ = DPOptimizer.__name__
+  return DPOptimizer
+
+
+def _restore_frozen(strategy, before, guarded, masks):
+  keep_frozen = lambda var, old, mask: var.assign(tf.where(mask > 0, var, old))
+  for group, olds, mask in zip(guarded, before, masks):
+    for var, old in zip(group, olds):
+      strategy.extended.update(var, keep_frozen, args=(old, mask), group=False)
+
+
+def _replica_local(initial_value, colocate_with, name):
+  """A variable each replica updates on its own; reading it across replicas gives the sum."""
+  strategy = tf.distribute.get_strategy()
+  scope = (strategy.extended.colocate_vars_with(colocate_with) if colocate_with is not None
+           else tf.init_scope())
+  with scope:
+    return tf.Variable(initial_value, trainable=False, name=name,
+                       synchronization=tf.VariableSynchronization.ON_READ,
+                       aggregation=tf.VariableAggregation.SUM)
+
+
+def _mask_values(variable, mask):
+  mask = tf.convert_to_tensor(mask)
+  if mask.shape != variable.shape:
+    raise ValueError(f"Expected a mask of shape {variable.shape} for variable "
+                     f"'{variable.name}'. Received shape {mask.shape}.")
+  if not (mask.dtype.is_bool or mask.dtype.is_integer or mask.dtype.is_floating):
+    raise ValueError(f"Expected a boolean (or 0/1) mask for '{variable.name}'. Received dtype "
+                     f"{mask.dtype.name}.")
+  if not mask.dtype.is_bool:
+    if not bool(tf.reduce_all((mask == 0) | (mask == 1))):
+      raise ValueError(f"Expected mask values 0 or 1 for '{variable.name}'. Received other "
+                       "values; pass a boolean mask.")
+  return tf.cast(mask, variable.dtype)
+
+
+def _needs_dp_step(method):
+  return RuntimeError(
+      f"{method}() on a tfdp_prune DP optimizer would skip per-example clipping and noise. "
+      "Train through the DP train step: `tfdp_prune.make_private(model)` after `model.compile("
+      "optimizer=<this optimizer>, loss=<per-example loss>)`, then `model.fit(...)` or "
+      "`model.train_on_batch(...)`.")
+
+
+DPKerasSGDOptimizer = make_dp_optimizer_class(keras.optimizers.SGD)
+DPKerasAdamOptimizer = make_dp_optimizer_class(keras.optimizers.Adam)

@@ -1,0 +1,76 @@
+"""The DP train step that `model.fit` runs, installed on a model by `make_private`."""
+
+import types
+
+from tfdp_prune import model_checks
+from tfdp_prune.compat import keras
+from tfdp_prune.compat import tf
+from tfdp_prune.optimizer import DPOptimizerMixin
+
+NON_FINITE_METRIC = "dp_non_finite_examples"
+
+
+def make_private(model: keras.Model) -> keras.Model:
+  """Makes `model.fit` (and `train_on_batch`) train `model` with its DP optimizer.
+
+  Call it once, before or after `model.compile(optimizer=<tfdp_prune DP optimizer>,
+  loss=<loss with reduction="none">)`. It checks the model (tf_keras, no BatchNormalization),
+  replaces the model's train step with one that computes per-example gradients and hands their
+  clipped sum to the optimizer, and adds the metric `dp_non_finite_examples` (examples whose
+  gradient was not finite and was therefore dropped). Returns the same model.
+  """
+  model_checks.check_dp_model(model)
+  with model.distribute_strategy.scope():
+    model.dp_non_finite_examples = keras.metrics.Sum(name=NON_FINITE_METRIC, dtype=tf.int64)
+  model.train_step = types.MethodType(dp_train_step, model)
+  model.train_function = None  # a train function built before must not be reused
+  return model
+
+
+def dp_train_step(model: keras.Model, data) -> dict:
+  """One physical batch: per-example clipped sum -> DP optimizer -> metrics."""
+  optimizer = _dp_optimizer(model)
+  loss_fn = _per_example_loss(model)
+  x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+  rows = tf.shape(tf.nest.flatten(x)[0])[0]
+  sample_weight = (tf.ones([rows]) if sample_weight is None
+                   else tf.reshape(tf.cast(sample_weight, tf.float32), [rows]))
+  variables = model.trainable_variables
+  with tf.init_scope():
+    optimizer.build(variables)
+  engine_output = optimizer.per_example_engine.clipped_sum(
+      model, loss_fn, x, y, sample_weight, variables, optimizer.update_masks(variables),
+      optimizer.l2_norm_clip, optimizer.num_microbatches)
+  optimizer.apply_clipped_sum(engine_output.clipped, variables)
+  model.dp_non_finite_examples.update_state(engine_output.clipped.num_non_finite)
+  model.compute_loss(x, y, engine_output.predictions, sample_weight)  # updates the loss metric
+  return model.compute_metrics(x, y, engine_output.predictions, sample_weight)
+
+
+def _dp_optimizer(model):
+  optimizer = getattr(model, "optimizer", None)
+  if not isinstance(optimizer, DPOptimizerMixin):
+    raise ValueError(
+        "Expected the model to be compiled with a tfdp_prune DP optimizer "
+        "(tfdp_prune.DPKerasSGDOptimizer, DPKerasAdamOptimizer, or make_dp_optimizer_class(cls)). "
+        f"Received: optimizer={optimizer!r}. Call model.compile(optimizer=...) with one.")
+  return optimizer
+
+
+def _per_example_loss(model):
+  """The compiled loss as a function of (y_true, y_pred) returning one value per example."""
+  loss = getattr(model, "loss", None)
+  if isinstance(loss, (dict, list, tuple)):
+    raise ValueError("Expected a single loss for a single-output model; tfdp_prune does not "
+                     f"support multi-output losses yet. Received: loss={loss!r}.")
+  if loss is None or isinstance(loss, str):
+    raise ValueError(
+        "Expected a per-example loss: a tf_keras loss object with reduction='none', e.g. "
+        "keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction='none'). "
+        f"Received: loss={loss!r}. A reduced loss would average examples before clipping.")
+  if isinstance(loss, keras.losses.Loss) and loss.reduction != keras.losses.Reduction.NONE:
+    raise ValueError(
+        f"Expected the loss {type(loss).__name__} to have reduction='none' (one value per "
+        f"example, as TF Privacy requires). Received: reduction='{loss.reduction}'. Build it "
+        f"with {type(loss).__name__}(..., reduction='none').")
+  return loss
