@@ -39,11 +39,12 @@ def group_microbatches(per_example_grads: Sequence[tf.Tensor], sample_weight: tf
   """Averages the gradients of each of `num_microbatches` consecutive groups of examples (TF
   Privacy's microbatches): the group becomes the clipping unit. A group's weight is the sum of its
   examples' weights, so an all-padding group has weight 0."""
-  batch = tf.shape(sample_weight)[0]
-  tf.debugging.assert_equal(
-      batch % num_microbatches, 0,
-      message=f"num_microbatches={num_microbatches} must divide the batch size; set "
-              "num_microbatches=None (per-example clipping) or a batch size that it divides.")
+  message = (f"num_microbatches={num_microbatches} must divide the batch size; set "
+             "num_microbatches=None (per-example clipping) or a batch size that it divides.")
+  static_batch = sample_weight.shape[0]
+  if static_batch is not None and static_batch % num_microbatches:
+    raise ValueError(f"{message} Received batch size {static_batch}.")
+  tf.debugging.assert_equal(tf.shape(sample_weight)[0] % num_microbatches, 0, message=message)
   grouped = lambda t: tf.reshape(t, tf.concat([[num_microbatches, -1], tf.shape(t)[1:]], 0))
   grads = [tf.reduce_mean(grouped(g), axis=1) for g in per_example_grads]
   return grads, tf.reduce_sum(grouped(sample_weight), axis=1)

@@ -80,7 +80,7 @@ def make_dp_optimizer_class(cls):
       self.gradient_accumulation_steps = gradient_accumulation_steps
       self.seed = seed
       self.per_example_engine = per_example.get(per_example_engine)
-      self._slots_by_variable = {}
+      self._slots = _SlotRegistry()
       self._creating_dp_state = False
 
     # ---- state ---------------------------------------------------------------------------
@@ -95,7 +95,7 @@ def make_dp_optimizer_class(cls):
               f"{cls.__name__} keeps slot '{variable_name}' of shape {slot.shape} for a variable "
               f"of shape {model_variable.shape}; masked updates need per-coordinate slots. Use "
               "an optimizer whose slots have the shape of their variable (SGD, Adam, ...).")
-        self._slots_by_variable.setdefault(model_variable.ref(), []).append(slot)
+        self._slots.add(model_variable, slot)
       return slot
 
     def build(self, var_list):
@@ -207,7 +207,7 @@ def make_dp_optimizer_class(cls):
     def _masked_apply(self, grads, variables):
       """The base optimizer's update (weight decay, slots, EMA included), then every frozen
       coordinate of each variable and of its slots is restored to its value before the update."""
-      guarded = [[v] + self._slots_by_variable.get(v.ref(), []) for v in variables]
+      guarded = [[v] + self._slots.of(v) for v in variables]
       before = [[tf.identity(t) for t in group] for group in guarded]
       super().apply_gradients(zip(grads, variables))
       tf.distribute.get_replica_context().merge_call(
@@ -217,6 +217,20 @@ def make_dp_optimizer_class(cls):
   DPOptimizer.__name__ = f"DP{cls.__name__}"
   DPOptimizer.__qualname__ = DPOptimizer.__name__
   return DPOptimizer
+
+
+class _SlotRegistry:
+  """The base optimizer's slots of each model variable. A plain object, so that checkpointing
+  (which tracks the optimizer's dict and list attributes) does not try to save the mapping."""
+
+  def __init__(self):
+    self._by_variable = {}
+
+  def add(self, variable, slot):
+    self._by_variable.setdefault(variable.ref(), []).append(slot)
+
+  def of(self, variable) -> list:
+    return list(self._by_variable.get(variable.ref(), []))
 
 
 def _restore_frozen(strategy, before, guarded, masks):

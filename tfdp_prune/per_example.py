@@ -49,6 +49,7 @@ class VectorizedEngine(PerExampleEngine):
         if model.losses:  # regularizers: added to every example's loss, as Keras does
           loss += tf.add_n(model.losses)
       grads = tape.gradient(loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+      grads = [tf.convert_to_tensor(g) for g in grads]  # Embedding gives IndexedSlices
       return grads, loss, tf.nest.map_structure(lambda t: t[0], prediction)
 
     grads, losses, predictions = tf.vectorized_map(one_example, (x, y, sample_weight))

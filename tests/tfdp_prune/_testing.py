@@ -1,0 +1,59 @@
+"""Small models and helpers shared by the tests (not a test module)."""
+
+import numpy as np
+
+import tfdp_prune
+from tfdp_prune.compat import keras
+from tfdp_prune.compat import tf
+
+
+def per_example_loss():
+  return keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
+
+
+def dense_model(seed=0, inputs=8, hidden=16, classes=3):
+  keras.utils.set_random_seed(seed)
+  return keras.Sequential([
+      keras.Input((inputs,)),
+      keras.layers.Dense(hidden, activation="tanh"),
+      keras.layers.Dense(classes),
+  ])
+
+
+def dense_data(n=64, inputs=8, classes=3, seed=0):
+  rng = np.random.default_rng(seed)
+  return (rng.normal(size=(n, inputs)).astype("float32"),
+          rng.integers(0, classes, size=n).astype("int32"))
+
+
+def dp_model(model, **optimizer_kwargs):
+  """Compiles `model` with DPKerasSGDOptimizer(**optimizer_kwargs) and makes it private."""
+  kwargs = dict(l2_norm_clip=1.0, noise_multiplier=0.0, learning_rate=0.1)
+  kwargs.update(optimizer_kwargs)
+  optimizer_class = kwargs.pop("optimizer_class", tfdp_prune.DPKerasSGDOptimizer)
+  model.compile(optimizer=optimizer_class(**kwargs), loss=per_example_loss())
+  return tfdp_prune.make_private(model)
+
+
+def random_masks(variables, keep=0.5, seed=0):
+  rng = np.random.default_rng(seed)
+  return [rng.random(v.shape) < keep for v in variables]
+
+
+def weights(model):
+  return [v.numpy().copy() for v in model.trainable_variables]
+
+
+def single_example_reference(model, loss_fn, x, y, masks, l2_norm_clip):
+  """The clipped sum with a plain Python loop over single examples: the definition."""
+  variables = model.trainable_variables
+  total = [np.zeros(v.shape, np.float64) for v in variables]
+  for i in range(len(y)):
+    with tf.GradientTape() as tape:
+      loss = tf.reduce_sum(loss_fn(y[i:i + 1], model(x[i:i + 1], training=True)))
+    grads = [tf.convert_to_tensor(g).numpy() * m
+             for g, m in zip(tape.gradient(loss, variables), masks)]
+    norm = np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for g in grads))
+    factor = min(1.0, l2_norm_clip / norm) if norm > 0 else 1.0
+    total = [t + factor * g for t, g in zip(total, grads)]
+  return total

@@ -1,0 +1,37 @@
+import numpy as np
+from scipy import stats
+
+from tfdp_prune import noise
+from tfdp_prune.compat import tf
+
+
+def _draw(stddev, seed=0, n=20000):
+  generator = tf.random.Generator.from_seed(seed)
+  grads = [tf.zeros([n])]
+  masks = [tf.ones([n])]
+  return noise.add_gaussian_noise(grads, masks, stddev, generator)[0].numpy()
+
+
+def test_noise_has_the_given_stddev_and_not_a_nearby_one():
+  sample = _draw(stddev=0.7)
+  assert stats.kstest(sample, "norm", args=(0, 0.7)).pvalue > 1e-3
+  for wrong in (0.7 * 2 / 3, 0.7 * 3 / 2):
+    assert stats.kstest(sample, "norm", args=(0, wrong)).pvalue < 1e-6
+
+
+def test_frozen_coordinates_get_exactly_no_noise():
+  generator = tf.random.Generator.from_seed(1)
+  mask = tf.constant([1.0, 0.0] * 500)
+  noisy = noise.add_gaussian_noise([tf.zeros([1000])], [mask], 5.0, generator)[0].numpy()
+  np.testing.assert_array_equal(noisy[1::2], 0.0)
+  assert np.all(noisy[0::2] != 0.0)
+
+
+def test_each_call_draws_fresh_noise_and_a_seed_reproduces_the_sequence():
+  generator = tf.random.Generator.from_seed(3)
+  args = ([tf.zeros([100])], [tf.ones([100])], 1.0)
+  first = noise.add_gaussian_noise(*args, generator)[0].numpy()
+  second = noise.add_gaussian_noise(*args, generator)[0].numpy()
+  assert not np.any(first == second)
+  replay = tf.random.Generator.from_seed(3)
+  np.testing.assert_array_equal(noise.add_gaussian_noise(*args, replay)[0], first)

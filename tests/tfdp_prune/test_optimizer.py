@@ -1,0 +1,330 @@
+import numpy as np
+import pytest
+from scipy import stats
+
+import tfdp_prune
+from tfdp_prune.compat import keras
+from tfdp_prune.compat import tf
+from tests.tfdp_prune import _testing as T
+
+
+# ---- per-example gradients: the clipped sum equals a loop over single examples -----------------
+
+def _conv_model():
+  return keras.Sequential([
+      keras.Input((6, 6, 2)),
+      keras.layers.Conv2D(4, 3, strides=2, padding="same", activation="relu"),
+      keras.layers.Flatten(),
+      keras.layers.Dense(3),
+  ]), np.random.default_rng(1).normal(size=(12, 6, 6, 2)).astype("float32")
+
+
+def _group_norm_model():
+  return keras.Sequential([
+      keras.Input((6, 6, 2)),
+      keras.layers.Conv2D(8, 3, use_bias=False),
+      keras.layers.GroupNormalization(groups=4),
+      keras.layers.Activation("relu"),
+      keras.layers.GlobalAveragePooling2D(),
+      keras.layers.Dense(3),
+  ]), np.random.default_rng(2).normal(size=(12, 6, 6, 2)).astype("float32")
+
+
+def _embedding_model():
+  return keras.Sequential([
+      keras.Input((5,), dtype="int32"),
+      keras.layers.Embedding(20, 4),
+      keras.layers.GlobalAveragePooling1D(),
+      keras.layers.Dense(3),
+  ]), np.random.default_rng(3).integers(0, 20, size=(12, 5)).astype("int32")
+
+
+def _dense_model():
+  return T.dense_model(), T.dense_data(n=12)[0]
+
+
+@pytest.mark.parametrize("build", [_dense_model, _conv_model, _group_norm_model, _embedding_model])
+def test_clipped_sum_equals_a_loop_over_single_examples(build):
+  keras.utils.set_random_seed(0)
+  model, x = build()
+  y = np.random.default_rng(0).integers(0, 3, size=len(x)).astype("int32")
+  variables = model.trainable_variables
+  masks = T.random_masks(variables, keep=0.6)
+  loss_fn = T.per_example_loss()
+  clip = 0.05  # small enough that every example is clipped
+  output = tfdp_prune.VectorizedEngine().clipped_sum(
+      model, loss_fn, x, y, tf.ones([len(x)]), variables,
+      [tf.constant(m, tf.float32) for m in masks], clip)
+  expected = T.single_example_reference(model, loss_fn, x, y, masks, clip)
+  for got, want in zip(output.clipped.grads, expected):
+    np.testing.assert_allclose(got, want, atol=1e-5)
+  assert int(output.clipped.num_non_finite) == 0
+
+
+# ---- equivalence to plain SGD when DP is switched off ------------------------------------------
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_without_noise_clip_or_mask_it_is_plain_sgd(steps):
+  x, y = T.dense_data(n=16 * steps)
+  dp = T.dp_model(T.dense_model(seed=5), l2_norm_clip=1e9, noise_multiplier=0.0,
+                  learning_rate=0.5)
+  plain = T.dense_model(seed=5)
+  plain.compile(optimizer=keras.optimizers.SGD(learning_rate=0.5),
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+  for model in (dp, plain):
+    model.fit(x, y, batch_size=16, shuffle=False, verbose=0)
+  assert dp.optimizer.iterations.numpy() == steps
+  for got, want in zip(T.weights(dp), T.weights(plain)):
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+# ---- masks --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("optimizer_class,kwargs", [
+    (tfdp_prune.DPKerasSGDOptimizer, dict(momentum=0.9, weight_decay=0.01)),
+    (tfdp_prune.DPKerasAdamOptimizer, dict(weight_decay=0.01, amsgrad=True)),
+])
+def test_frozen_coordinates_and_their_slots_stay_bit_exact(optimizer_class, kwargs):
+  x, y = T.dense_data(n=20 * 8)
+  model = T.dp_model(T.dense_model(), optimizer_class=optimizer_class, noise_multiplier=1.0,
+                     seed=0, learning_rate=0.05, **kwargs)
+  optimizer = model.optimizer
+  variables = model.trainable_variables
+  optimizer.build(variables)
+  masks = T.random_masks(variables, keep=0.3)
+  optimizer.set_update_masks(variables, masks)
+  slots = {v.ref(): optimizer._slots.of(v) for v in variables}
+  assert all(len(s) >= 2 if optimizer_class is tfdp_prune.DPKerasAdamOptimizer else len(s) == 1
+             for s in slots.values())
+  before = [(v.numpy().copy(), [s.numpy().copy() for s in slots[v.ref()]]) for v in variables]
+
+  model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+  assert optimizer.iterations.numpy() == 20
+
+  for v, mask, (value, slot_values) in zip(variables, masks, before):
+    frozen = ~mask
+    np.testing.assert_array_equal(v.numpy()[frozen], value[frozen])
+    assert np.all(v.numpy()[mask] != value[mask])  # trained coordinates all moved
+    for slot, slot_value in zip(slots[v.ref()], slot_values):
+      np.testing.assert_array_equal(slot.numpy()[frozen], slot_value[frozen])
+
+
+def test_noise_std_is_sigma_clip_over_batch_on_updated_coordinates_only():
+  # An all-padding batch has a zero clipped sum: the update is -lr * noise / batch_size.
+  sigma, clip, batch, lr = 1.3, 0.8, 8, 1.0
+  keras.utils.set_random_seed(0)
+  model = keras.Sequential([keras.Input((100,)), keras.layers.Dense(100, use_bias=False)])
+  T.dp_model(model, l2_norm_clip=clip, noise_multiplier=sigma, learning_rate=lr, seed=7)
+  variables = model.trainable_variables
+  model.optimizer.build(variables)
+  mask = T.random_masks(variables, keep=0.5)[0]
+  model.optimizer.set_update_masks(variables, [mask])
+  before = variables[0].numpy().copy()
+  x = np.random.default_rng(0).normal(size=(batch, 100)).astype("float32")
+  y = np.zeros(batch, "int32")
+  model.fit(x, y, sample_weight=np.zeros(batch), batch_size=batch, verbose=0)
+  delta = variables[0].numpy() - before
+
+  np.testing.assert_array_equal(delta[~mask], 0.0)
+  updated = delta[mask]
+  expected = sigma * clip / batch * lr
+  assert stats.kstest(updated, "norm", args=(0, expected)).pvalue > 1e-3
+  for wrong in (expected * 2 / 3, expected * 3 / 2):
+    assert stats.kstest(updated, "norm", args=(0, wrong)).pvalue < 1e-6
+
+
+def test_masks_are_validated():
+  model = T.dp_model(T.dense_model())
+  variables = model.trainable_variables
+  optimizer = model.optimizer
+  with pytest.raises(RuntimeError, match="optimizer.build"):
+    optimizer.set_update_masks(variables, T.random_masks(variables))
+  optimizer.build(variables)
+  with pytest.raises(ValueError, match=r"shape \(8, 16\).*Received shape \(16, 8\)"):
+    optimizer.set_update_masks(variables[:1], [np.ones((16, 8), bool)])
+  with pytest.raises(ValueError, match="dtype string"):
+    optimizer.set_update_masks(variables[:1], [np.full((8, 16), "a")])
+  with pytest.raises(ValueError, match="values 0 or 1"):
+    optimizer.set_update_masks(variables[:1], [np.full((8, 16), 0.5)])
+  with pytest.raises(ValueError, match="one mask per variable"):
+    optimizer.set_update_masks(variables, [np.ones((8, 16), bool)])
+  with pytest.raises(ValueError, match="not one this optimizer was built for"):
+    optimizer.set_update_masks([tf.Variable(np.ones((8, 16), "float32"))],
+                               [np.ones((8, 16), bool)])
+
+
+# ---- padding, empty batches, non-finite gradients --------------------------------------------
+
+def test_weight_zero_examples_change_nothing():
+  x, y = T.dense_data(n=8)
+  garbage = np.full((8, 8), 1e30, "float32")  # would dominate any sum it entered
+  x_padded = np.concatenate([x, garbage])
+  y_padded = np.concatenate([y, np.zeros(8, "int32")])
+  weight = np.concatenate([np.ones(8), np.zeros(8)])
+  kwargs = dict(noise_multiplier=0.0, expected_batch_size=8, l2_norm_clip=0.5)
+  plain = T.dp_model(T.dense_model(seed=1), **kwargs)
+  padded = T.dp_model(T.dense_model(seed=1), **kwargs)
+  plain.fit(x, y, batch_size=8, verbose=0)
+  padded.fit(x_padded, y_padded, sample_weight=weight, batch_size=16, verbose=0)
+  for got, want in zip(T.weights(padded), T.weights(plain)):
+    np.testing.assert_allclose(got, want, atol=1e-7)
+  assert padded.optimizer.iterations.numpy() == 1
+
+
+def test_an_all_padding_batch_is_a_valid_step():
+  x, y = T.dense_data(n=8)
+  model = T.dp_model(T.dense_model(), noise_multiplier=0.0)
+  before = T.weights(model)
+  history = model.fit(x, y, sample_weight=np.zeros(8), batch_size=8, verbose=0)
+  assert model.optimizer.iterations.numpy() == 1
+  assert history.history["dp_non_finite_examples"] == [0]
+  for got, want in zip(T.weights(model), before):
+    np.testing.assert_array_equal(got, want)
+
+
+def test_non_finite_gradients_are_zeroed_and_counted():
+  x, y = T.dense_data(n=8)
+  x[3] = np.inf  # tanh(inf) is finite, but its gradient w.r.t. the first kernel is not
+  model = T.dp_model(T.dense_model(), noise_multiplier=0.0)
+  history = model.fit(x, y, batch_size=8, verbose=0)
+  assert history.history["dp_non_finite_examples"] == [1]
+  assert all(np.all(np.isfinite(w)) for w in T.weights(model))
+
+  x[3] = 0.0
+  reference = T.dp_model(T.dense_model(), noise_multiplier=0.0)
+  reference.fit(np.delete(x, 3, 0), np.delete(y, 3), batch_size=7, verbose=0,
+                sample_weight=np.ones(7))
+  # Same sum of the 7 finite examples; divided by 8 rows instead of 7.
+  for got, want, start in zip(T.weights(model), T.weights(reference),
+                              T.weights(T.dense_model())):
+    np.testing.assert_allclose(got - start, (want - start) * 7 / 8, atol=1e-6)
+
+
+# ---- accumulation -----------------------------------------------------------------------------
+
+def test_accumulated_physical_batches_are_one_logical_step():
+  x, y = T.dense_data(n=256)
+  kwargs = dict(noise_multiplier=1.0, l2_norm_clip=0.3, seed=11)
+  one = T.dp_model(T.dense_model(seed=2), **kwargs)
+  four = T.dp_model(T.dense_model(seed=2), gradient_accumulation_steps=4, **kwargs)
+  one.fit(x, y, batch_size=256, shuffle=False, verbose=0)
+  start = T.weights(four)
+  four.fit(x[:192], y[:192], batch_size=64, shuffle=False, verbose=0)
+  for got, want in zip(T.weights(four), start):  # three physical batches: nothing applied yet
+    np.testing.assert_array_equal(got, want)
+  four.fit(x[192:], y[192:], batch_size=64, shuffle=False, verbose=0)
+  assert one.optimizer.iterations.numpy() == four.optimizer.iterations.numpy() == 1
+  for got, want in zip(T.weights(four), T.weights(one)):
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+# ---- checkpointed state ------------------------------------------------------------------------
+
+def test_masks_noise_state_and_accumulators_are_checkpointed(tmp_path):
+  x, y = T.dense_data(n=96)
+  kwargs = dict(noise_multiplier=1.0, seed=3, gradient_accumulation_steps=2)
+
+  def build():
+    model = T.dp_model(T.dense_model(seed=4), **kwargs)
+    model.optimizer.build(model.trainable_variables)
+    return model
+
+  model = build()
+  masks = T.random_masks(model.trainable_variables, seed=9)
+  model.optimizer.set_update_masks(model.trainable_variables, masks)
+  model.fit(x[:48], y[:48], batch_size=16, shuffle=False, verbose=0)  # 1.5 logical steps
+  path = tf.train.Checkpoint(model=model, optimizer=model.optimizer).save(str(tmp_path / "c"))
+  model.fit(x[48:], y[48:], batch_size=16, shuffle=False, verbose=0)
+
+  resumed = build()
+  tf.train.Checkpoint(model=resumed, optimizer=resumed.optimizer).restore(path)
+  for restored, mask in zip(resumed.optimizer.update_masks(resumed.trainable_variables), masks):
+    np.testing.assert_array_equal(restored.numpy(), mask.astype("float32"))
+  resumed.fit(x[48:], y[48:], batch_size=16, shuffle=False, verbose=0)
+  assert resumed.optimizer.iterations.numpy() == model.optimizer.iterations.numpy() == 3
+  for got, want in zip(T.weights(resumed), T.weights(model)):
+    np.testing.assert_array_equal(got, want)
+
+
+# ---- configuration and errors -----------------------------------------------------------------
+
+def test_get_config_round_trips():
+  optimizer = tfdp_prune.DPKerasAdamOptimizer(
+      l2_norm_clip=0.5, noise_multiplier=1.2, learning_rate=0.01, expected_batch_size=64.0,
+      gradient_accumulation_steps=4, seed=5)
+  config = optimizer.get_config()
+  restored = tfdp_prune.DPKerasAdamOptimizer.from_config(config)
+  assert restored.get_config() == config
+  assert config["l2_norm_clip"] == 0.5 and config["gradient_accumulation_steps"] == 4
+  assert type(restored.per_example_engine) is tfdp_prune.VectorizedEngine
+
+
+def test_any_tf_keras_optimizer_class_can_be_made_private():
+  cls = tfdp_prune.make_dp_optimizer_class(keras.optimizers.RMSprop)
+  assert cls.__name__ == "DPRMSprop"
+  x, y = T.dense_data(n=16)
+  model = T.dp_model(T.dense_model(), optimizer_class=cls, noise_multiplier=0.5)
+  model.fit(x, y, batch_size=8, verbose=0)
+  assert model.optimizer.iterations.numpy() == 2
+  with pytest.raises(TypeError, match="tf_keras optimizer class"):
+    tfdp_prune.make_dp_optimizer_class(keras.optimizers.legacy.SGD)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(l2_norm_clip=0.0, noise_multiplier=1.0), "l2_norm_clip > 0"),
+    (dict(l2_norm_clip=-1.0, noise_multiplier=1.0), "l2_norm_clip > 0"),
+    (dict(l2_norm_clip=float("nan"), noise_multiplier=1.0), "l2_norm_clip > 0"),
+    (dict(l2_norm_clip=1.0, noise_multiplier=-0.1), "noise_multiplier >= 0"),
+    (dict(l2_norm_clip=1.0, noise_multiplier=1.0, num_microbatches=0), "num_microbatches"),
+    (dict(l2_norm_clip=1.0, noise_multiplier=1.0, gradient_accumulation_steps=0),
+     "gradient_accumulation_steps"),
+    (dict(l2_norm_clip=1.0, noise_multiplier=1.0, expected_batch_size=8.0, num_microbatches=2),
+     "cannot be combined"),
+])
+def test_invalid_arguments_are_clear_errors(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    tfdp_prune.DPKerasSGDOptimizer(**kwargs)
+
+
+def test_num_microbatches_that_does_not_divide_the_batch_is_an_error():
+  x, y = T.dense_data(n=10)
+  model = T.dp_model(T.dense_model(), num_microbatches=4)
+  with pytest.raises(ValueError, match="num_microbatches=4 must divide"):
+    model.fit(x, y, batch_size=10, verbose=0)
+
+
+def test_batch_normalization_is_rejected_with_the_fix():
+  model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4),
+                            keras.layers.BatchNormalization(name="bn"), keras.layers.Dense(2)])
+  with pytest.raises(ValueError, match="'bn'.*GroupNormalization"):
+    tfdp_prune.make_private(model)
+
+
+@pytest.mark.parametrize("loss,message", [
+    (keras.losses.SparseCategoricalCrossentropy(from_logits=True), "reduction='none'"),
+    ("sparse_categorical_crossentropy", "per-example loss"),
+])
+def test_a_reduced_loss_is_an_error(loss, message):
+  x, y = T.dense_data(n=8)
+  model = T.dense_model()
+  model.compile(optimizer=tfdp_prune.DPKerasSGDOptimizer(1.0, 1.0), loss=loss)
+  tfdp_prune.make_private(model)
+  with pytest.raises(ValueError, match=message):
+    model.fit(x, y, verbose=0)
+
+
+def test_training_without_the_dp_step_is_refused():
+  x, y = T.dense_data(n=8)
+  model = T.dense_model()
+  model.compile(optimizer=tfdp_prune.DPKerasSGDOptimizer(1.0, 1.0), loss=T.per_example_loss())
+  with pytest.raises(RuntimeError, match="make_private"):
+    model.fit(x, y, verbose=0)
+
+
+def test_a_non_dp_optimizer_is_refused_by_the_dp_step():
+  x, y = T.dense_data(n=8)
+  model = T.dense_model()
+  model.compile(optimizer="sgd", loss=T.per_example_loss())
+  tfdp_prune.make_private(model)
+  with pytest.raises(ValueError, match="tfdp_prune DP optimizer"):
+    model.fit(x, y, verbose=0)
