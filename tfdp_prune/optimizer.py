@@ -173,43 +173,57 @@ def make_dp_optimizer_class(cls):
       for accumulator, grad in zip(self._accumulators, clipped.grads):
         accumulator.assign_add(grad)
       self._accumulated_units.assign_add(tf.cast(clipped.num_units, tf.float32))
+      at_end = tf.equal((self._micro_steps + 1) % self.gradient_accumulation_steps, 0)
+      update = self._noisy_average(at_end)
       tf.distribute.get_replica_context().merge_call(
-          functools.partial(self._apply_at_logical_batch_end, variables=variables))
+          functools.partial(self._advance, variables=variables), args=(update,))
 
-    def _apply_at_logical_batch_end(self, strategy, variables):
+    def _noisy_average(self, at_end):
+      """The noisy average gradient over all replicas at the end of a logical batch, else zeros.
+
+      The all-reduce runs at every physical step, outside any `cond`: collectives inside a
+      `cond` branch are not reliable under tf.distribute.
+      """
+      context = tf.distribute.get_replica_context()
+      # Independent noise on each of R replicas with std sigma*C/sqrt(R) sums to std sigma*C.
+      stddev = self.noise_multiplier * self.l2_norm_clip / math.sqrt(
+          context.num_replicas_in_sync)
+      accumulated = [a.read_value() for a in self._accumulators]
+      local = tf.cond(
+          at_end,
+          lambda: noise.add_gaussian_noise(accumulated, [m.read_value() for m in
+                                                         self._update_masks],
+                                           stddev, self._noise_generator),
+          lambda: [tf.zeros_like(a) for a in accumulated])
+      divisor = (tf.constant(self.expected_batch_size, tf.float32)
+                 if self.expected_batch_size is not None
+                 else context.all_reduce(tf.distribute.ReduceOp.SUM,
+                                         self._accumulated_units.read_value()))
+      for accumulator, value in zip(self._accumulators, accumulated):
+        accumulator.assign(tf.where(at_end, tf.zeros_like(value), value))
+      self._accumulated_units.assign(tf.where(at_end, 0.0, self._accumulated_units))
+      return context.all_reduce(tf.distribute.ReduceOp.SUM,
+                                [g / tf.cast(divisor, g.dtype) for g in local])
+
+    def _advance(self, strategy, update, variables):
+      """Cross-replica: count the physical step; at a logical batch's end, apply `update`."""
       micro_steps = self._micro_steps.assign_add(1)
 
       def apply():
-        divisor = (self.expected_batch_size if self.expected_batch_size is not None
-                   else self._accumulated_units.read_value())  # summed over replicas
         strategy.extended.call_for_each_replica(
-            functools.partial(self._noisy_update, variables=variables, divisor=divisor))
+            functools.partial(self._masked_apply, variables=variables), args=(update,))
         return tf.constant(True)
 
       tf.cond(micro_steps % self.gradient_accumulation_steps == 0, apply,
               lambda: tf.constant(False))
 
-    def _noisy_update(self, variables, divisor):
-      """Per replica: noise this replica's share, average, update; Keras sums the replicas."""
-      replicas = tf.distribute.get_replica_context().num_replicas_in_sync
-      # Independent noise on each of R replicas with std sigma*C/sqrt(R) sums to std sigma*C.
-      stddev = self.noise_multiplier * self.l2_norm_clip / math.sqrt(replicas)
-      masks = [m.read_value() for m in self._update_masks]
-      noisy = noise.add_gaussian_noise([a.read_value() for a in self._accumulators], masks,
-                                       stddev, self._noise_generator)
-      divisor = tf.cast(divisor, tf.float32)
-      grads = [g / tf.cast(divisor, g.dtype) for g in noisy]
-      self._masked_apply(grads, variables)
-      for accumulator in self._accumulators:
-        accumulator.assign(tf.zeros_like(accumulator))
-      self._accumulated_units.assign(0.0)
-
     def _masked_apply(self, grads, variables):
       """The base optimizer's update (weight decay, slots, EMA included), then every frozen
-      coordinate of each variable and of its slots is restored to its value before the update."""
+      coordinate of each variable and of its slots is restored to its value before the update.
+      `grads` are already summed over replicas."""
       guarded = [[v] + self._slots.of(v) for v in variables]
       before = [[tf.identity(t) for t in group] for group in guarded]
-      super().apply_gradients(zip(grads, variables))
+      super().apply_gradients(zip(grads, variables), skip_gradients_aggregation=True)
       tf.distribute.get_replica_context().merge_call(
           functools.partial(_restore_frozen, guarded=guarded, masks=self.update_masks(variables)),
           args=(before,))
