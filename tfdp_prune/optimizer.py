@@ -197,8 +197,9 @@ def make_dp_optimizer_class(cls):
           lambda: [tf.zeros_like(a) for a in accumulated])
       divisor = (tf.constant(self.expected_batch_size, tf.float32)
                  if self.expected_batch_size is not None
-                 else context.all_reduce(tf.distribute.ReduceOp.SUM,
-                                         self._accumulated_units.read_value()))
+                 # max(., 1): a logical batch of zero rows is a valid (pure-noise) step.
+                 else tf.maximum(1.0, context.all_reduce(tf.distribute.ReduceOp.SUM,
+                                                         self._accumulated_units.read_value())))
       for accumulator, value in zip(self._accumulators, accumulated):
         accumulator.assign(tf.where(at_end, tf.zeros_like(value), value))
       self._accumulated_units.assign(tf.where(at_end, 0.0, self._accumulated_units))

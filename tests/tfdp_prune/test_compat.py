@@ -1,0 +1,83 @@
+"""Import orders, the public surface, and the Keras generation checks."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import tfdp_prune
+from tfdp_prune import compat
+
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _run(code, **env):
+  environment = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
+  environment.update(env, PYTHONPATH=_REPO, TF_CPP_MIN_LOG_LEVEL="3")
+  return subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True,
+                        text=True, timeout=300)
+
+
+_TRAIN_ONE_STEP = """
+import numpy as np, tf_keras
+model = tf_keras.Sequential([tf_keras.Input((3,)), tf_keras.layers.Dense(2)])
+model.compile(optimizer=tfdp_prune.DPKerasSGDOptimizer(1.0, 1.0, learning_rate=0.1),
+              loss=tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True,
+                                                                 reduction="none"))
+tfdp_prune.make_private(model).fit(np.ones((4, 3)), np.zeros(4), verbose=0)
+print("trained", int(model.optimizer.iterations.numpy()))
+"""
+
+
+@pytest.mark.parametrize("first", [
+    "import tfdp_prune",
+    "import tensorflow; import tfdp_prune",
+    "import keras; import tfdp_prune",
+    "import tensorflow_model_optimization; import tfdp_prune",
+])
+def test_import_works_whatever_was_imported_first(first):
+  result = _run(first + "\n" + _TRAIN_ONE_STEP)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "trained 1" in result.stdout
+
+
+def test_tfdp_prune_does_not_set_tf_use_legacy_keras():
+  result = _run("import os, tfdp_prune; print(os.environ.get('TF_USE_LEGACY_KERAS'))")
+  assert result.stdout.strip() == "None", result.stderr[-2000:]
+
+
+def test_every_public_name_resolves():
+  for name in tfdp_prune.__all__:
+    assert getattr(tfdp_prune, name) is not None
+
+
+def test_tf_privacy_needs_tf_keras_as_tf_keras_and_says_how():
+  code = "from tfdp_prune import compat; compat.tf_privacy()"
+  result = _run(code)
+  assert result.returncode != 0
+  assert "TF_USE_LEGACY_KERAS=1" in result.stderr
+  ok = _run(code + """
+import tf_keras
+cls = compat.tf_privacy().dp_optimizer_keras_vectorized.VectorizedDPKerasSGDOptimizer
+print(issubclass(cls, tf_keras.optimizers.legacy.Optimizer))""", TF_USE_LEGACY_KERAS="1")
+  assert ok.returncode == 0, ok.stderr[-3000:]
+  assert ok.stdout.strip().endswith("True")
+
+
+def test_a_keras_3_model_gets_an_error_that_says_how_to_build_a_tf_keras_model():
+  result = _run("""
+import keras, tfdp_prune
+model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+try:
+  tfdp_prune.make_private(model)
+except TypeError as error:
+  print(error)
+""")
+  assert "Keras 3 model" in result.stdout, result.stderr[-3000:]
+  assert "import tf_keras as keras" in result.stdout
+
+
+def test_a_non_model_is_a_type_error():
+  with pytest.raises(TypeError, match="Expected a tf_keras.Model"):
+    compat.ensure_tf_keras_model(object())
