@@ -1,0 +1,28 @@
+"""The README's quickstart is examples/quickstart.py, and it runs."""
+
+import os
+import re
+import subprocess
+import sys
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _read(path):
+  with open(os.path.join(_REPO, path), encoding="utf-8") as f:
+    return f.read()
+
+
+def test_readme_quickstart_is_the_example_file():
+  block = re.search(r"run as written \(a test runs it too\):\n\n```python\n(.*?)```",
+                    _read("README.md"), re.S).group(1)
+  assert block in _read("examples/quickstart.py")
+
+
+def test_quickstart_runs_and_learns():
+  result = subprocess.run([sys.executable, "examples/quickstart.py"], cwd=_REPO,
+                          capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+  assert result.returncode == 0, result.stderr[-3000:]
+  accuracy = float(re.search(r"test accuracy: ([0-9.]+)", result.stdout).group(1))
+  assert accuracy > 0.5, result.stdout[-2000:]  # 10 classes: chance is 0.1
