@@ -29,6 +29,7 @@ class DPOptimizerMixin:
   """Marks the classes made by `make_dp_optimizer_class`; its methods are on those classes."""
 
 
+@functools.lru_cache(maxsize=None)
 def make_dp_optimizer_class(cls):
   """Returns a DP version of the tf_keras optimizer class `cls` (e.g. `tf_keras.optimizers.SGD`).
 
@@ -42,6 +43,9 @@ def make_dp_optimizer_class(cls):
     seed: seeds the noise generator (None: nondeterministic). The generator's state is
       checkpointed with the optimizer and advances at every draw.
     per_example_engine: how per-example gradients are obtained ("vectorized").
+
+  The class is made once per `cls` and registered with Keras as "tfdp_prune>DP<cls name>", so
+  models saved with it load without `custom_objects`.
   """
   if not (isinstance(cls, type) and issubclass(cls, keras.optimizers.Optimizer)):
     raise TypeError(
@@ -231,7 +235,7 @@ def make_dp_optimizer_class(cls):
 
   DPOptimizer.__name__ = f"DP{cls.__name__}"
   DPOptimizer.__qualname__ = DPOptimizer.__name__
-  return DPOptimizer
+  return keras.saving.register_keras_serializable(package="tfdp_prune")(DPOptimizer)
 
 
 class _SlotRegistry:

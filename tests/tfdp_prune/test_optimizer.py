@@ -329,3 +329,15 @@ def test_a_non_dp_optimizer_is_refused_by_the_dp_step():
   tfdp_prune.make_private(model)
   with pytest.raises(ValueError, match="tfdp_prune DP optimizer"):
     model.fit(x, y, verbose=0)
+
+
+def test_one_class_per_base_class_and_saved_models_load_without_custom_objects(tmp_path):
+  assert tfdp_prune.make_dp_optimizer_class(keras.optimizers.SGD) is tfdp_prune.DPKerasSGDOptimizer
+  model = T.dense_model()
+  model.compile(optimizer=tfdp_prune.DPKerasAdamOptimizer(0.7, 1.1, learning_rate=0.01, seed=4),
+                loss=T.per_example_loss())
+  path = str(tmp_path / "model.keras")
+  model.save(path)
+  loaded = keras.models.load_model(path)
+  assert type(loaded.optimizer) is tfdp_prune.DPKerasAdamOptimizer
+  assert loaded.optimizer.get_config() == model.optimizer.get_config()
