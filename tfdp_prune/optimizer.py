@@ -84,7 +84,7 @@ def make_dp_optimizer_class(cls):
       self.gradient_accumulation_steps = gradient_accumulation_steps
       self.seed = seed
       self.per_example_engine = per_example.get(per_example_engine)
-      self._slots = _SlotRegistry()
+      self._registry = _VariableRegistry()
       self._creating_dp_state = False
 
     # ---- state ---------------------------------------------------------------------------
@@ -99,7 +99,7 @@ def make_dp_optimizer_class(cls):
               f"{cls.__name__} keeps slot '{variable_name}' of shape {slot.shape} for a variable "
               f"of shape {model_variable.shape}; masked updates need per-coordinate slots. Use "
               "an optimizer whose slots have the shape of their variable (SGD, Adam, ...).")
-        self._slots.add(model_variable, slot)
+        self._registry.add_slot(model_variable, slot)
       return slot
 
     def build(self, var_list):
@@ -119,7 +119,7 @@ def make_dp_optimizer_class(cls):
       self._micro_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="dp_micro_steps")
       self._noise_generator = (tf.random.Generator.from_seed(self.seed) if self.seed is not None
                                else tf.random.Generator.from_non_deterministic_state())
-      self._mask_index = {v.ref(): i for i, v in enumerate(var_list)}
+      self._registry.set_order(var_list)
 
     def set_update_masks(self, variables, masks):
       """Sets which coordinates of `variables` are trained: the ONE way masks change.
@@ -138,7 +138,7 @@ def make_dp_optimizer_class(cls):
         raise ValueError(f"Expected one mask per variable. Received {len(masks)} masks for "
                          f"{len(variables)} variables.")
       for variable, mask in zip(variables, masks):
-        index = self._mask_index.get(variable.ref())
+        index = self._registry.index(variable)
         if index is None:
           raise ValueError(f"Variable '{variable.name}' is not one this optimizer was built "
                            "for; pass variables from model.trainable_variables.")
@@ -146,7 +146,7 @@ def make_dp_optimizer_class(cls):
 
     def update_masks(self, variables):
       """The current update masks (1 = trained) of `variables`, in the variable dtype."""
-      return [self._update_masks[self._mask_index[v.ref()]] for v in variables]
+      return [self._update_masks[self._registry.index(v)] for v in variables]
 
     def get_config(self):
       config = super().get_config()
@@ -226,7 +226,7 @@ def make_dp_optimizer_class(cls):
       """The base optimizer's update (weight decay, slots, EMA included), then every frozen
       coordinate of each variable and of its slots is restored to its value before the update.
       `grads` are already summed over replicas."""
-      guarded = [[v] + self._slots.of(v) for v in variables]
+      guarded = [[v] + self._registry.slots(v) for v in variables]
       before = [[tf.identity(t) for t in group] for group in guarded]
       super().apply_gradients(zip(grads, variables), skip_gradients_aggregation=True)
       tf.distribute.get_replica_context().merge_call(
@@ -238,18 +238,27 @@ def make_dp_optimizer_class(cls):
   return keras.saving.register_keras_serializable(package="tfdp_prune")(DPOptimizer)
 
 
-class _SlotRegistry:
-  """The base optimizer's slots of each model variable. A plain object, so that checkpointing
-  (which tracks the optimizer's dict and list attributes) does not try to save the mapping."""
+class _VariableRegistry:
+  """Per model variable: its position in the built variable list and the base optimizer's slots.
+  A plain object, so that checkpointing (which tracks the optimizer's dict and list attributes)
+  does not try to save these mappings."""
 
   def __init__(self):
-    self._by_variable = {}
+    self._index = {}
+    self._slots = {}
 
-  def add(self, variable, slot):
-    self._by_variable.setdefault(variable.ref(), []).append(slot)
+  def set_order(self, variables):
+    self._index = {v.ref(): i for i, v in enumerate(variables)}
 
-  def of(self, variable) -> list:
-    return list(self._by_variable.get(variable.ref(), []))
+  def index(self, variable):
+    """The variable's position in the built list, or None for a variable not built for."""
+    return self._index.get(variable.ref())
+
+  def add_slot(self, variable, slot):
+    self._slots.setdefault(variable.ref(), []).append(slot)
+
+  def slots(self, variable) -> list:
+    return list(self._slots.get(variable.ref(), []))
 
 
 def _restore_frozen(strategy, before, guarded, masks):

@@ -93,7 +93,7 @@ def test_frozen_coordinates_and_their_slots_stay_bit_exact(optimizer_class, kwar
   model.fit(x[:16], y[:16], batch_size=8, verbose=0)  # dense steps: every slot is non-zero now
   masks = T.random_masks(variables, keep=0.3)
   optimizer.set_update_masks(variables, masks)
-  slots = {v.ref(): optimizer._slots.of(v) for v in variables}
+  slots = {v.ref(): optimizer._registry.slots(v) for v in variables}
   assert all(len(s) >= 2 if optimizer_class is tfdp_prune.DPKerasAdamOptimizer else len(s) == 1
              for s in slots.values())
   before = [(v.numpy().copy(), [s.numpy().copy() for s in slots[v.ref()]]) for v in variables]
