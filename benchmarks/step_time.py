@@ -1,0 +1,400 @@
+"""Step time and peak memory of tfdp_prune vs non-private Keras vs TF Privacy 0.9.0.
+
+Every (model, arm) runs in its own subprocess, so peak resident set sizes don't mix. In the child:
+build the model, compile, (masks), record the RSS baseline, run warm-up steps (the first one traces
+and compiles; it is reported separately and never timed), then time `train_on_batch` on one fixed
+batch of random data. The number of timed steps is chosen from the second warm-up step so that
+each arm spends about --budget_s seconds, clamped to [--min_steps, --steps].
+
+Arms:
+  nonprivate      tf_keras SGD, mean loss.
+  tfdp            tfdp_prune.DPKerasSGDOptimizer + make_private, no mask.
+  tfdp_mask80     same, random masks with 20% True on every kernel (biases/GN params all True).
+  tfp_vectorized  TF Privacy VectorizedDPKerasSGDOptimizer (legacy SGD), per-example loss.
+  tfp_dpmodel     TF Privacy DPSequential / DPModel with make_default_layer_registry() (fast
+                  gradient clipping when every trainable layer is registered), use_xla=True
+                  (its default), plain SGD, mean loss.
+
+Usage (from the repo root):
+  /work/venv/bin/python benchmarks/step_time.py --models=cnn,wrn \
+      --out=benchmarks/results/step_time.json
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+
+ARMS = ("nonprivate", "tfdp", "tfdp_mask80", "tfp_vectorized", "tfp_dpmodel")
+MODELS = {"cnn": {"batch": 250, "input_shape": (28, 28, 1)},
+          "wrn": {"batch": 32, "input_shape": (32, 32, 3)}}
+ARM_LABELS = {
+    "nonprivate": "non-private tf_keras SGD",
+    "tfdp": "tfdp_prune DPKerasSGDOptimizer, no mask",
+    "tfdp_mask80": "tfdp_prune, masks 80% sparse",
+    "tfp_vectorized": "TF Privacy VectorizedDPKerasSGDOptimizer",
+    "tfp_dpmodel": "TF Privacy DPModel (registry, XLA)",
+}
+L2_NORM_CLIP = 1.0
+NOISE_MULTIPLIER = 1.1
+LEARNING_RATE = 0.1
+SPARSITY = 0.8
+
+
+# ------------------------------------------------------------------------------------------------
+# Child: one (model, arm).
+# ------------------------------------------------------------------------------------------------
+
+def _rss_mb():
+  import psutil  # pylint: disable=import-outside-toplevel
+  return psutil.Process().memory_info().rss / 2**20
+
+
+def _max_rss_mb():
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _build(model_name, arm, batch, input_shape, seed):
+  """Returns (model, notes) compiled for `arm`."""
+  sys.path.insert(0, HERE)
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import tf_keras as keras  # pylint: disable=import-outside-toplevel
+  import models  # pylint: disable=import-outside-toplevel
+  import tfdp_prune  # pylint: disable=import-outside-toplevel
+
+  keras.utils.set_random_seed(seed)
+  notes = {}
+  print("tfdp_prune from", tfdp_prune.__file__, file=sys.stderr)
+  per_example_loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True,
+                                                                reduction="none")
+  mean_loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+  if arm == "tfp_dpmodel":
+    tfp = tfdp_prune.compat.tf_privacy()
+    from tensorflow_privacy.privacy.fast_gradient_clipping import layer_registry  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+    dp_kwargs = dict(l2_norm_clip=L2_NORM_CLIP, noise_multiplier=NOISE_MULTIPLIER,
+                     layer_registry=layer_registry.make_default_layer_registry())
+    if model_name == "cnn":
+      model = models.build_cnn(tfp.dp_keras_model.DPSequential, **dp_kwargs)
+    else:
+      model = models.build_wrn(model_cls=tfp.dp_keras_model.DPModel, **dp_kwargs)
+    fast = bool(model._enable_fast_peg_computation)  # pylint: disable=protected-access
+    notes["fast_gradient_clipping"] = fast
+    if not fast:
+      unregistered = sorted({type(l).__name__ for l in model.layers
+                             if l.trainable_variables
+                             and not dp_kwargs["layer_registry"].is_elem(l)})
+      notes["unregistered_layers"] = unregistered
+    model.compile(optimizer=keras.optimizers.SGD(LEARNING_RATE), loss=mean_loss)
+    return model, notes
+
+  model = models.build_cnn() if model_name == "cnn" else models.build_wrn()
+  if arm == "nonprivate":
+    model.compile(optimizer=keras.optimizers.SGD(LEARNING_RATE), loss=mean_loss)
+  elif arm in ("tfdp", "tfdp_mask80"):
+    optimizer = tfdp_prune.DPKerasSGDOptimizer(
+        l2_norm_clip=L2_NORM_CLIP, noise_multiplier=NOISE_MULTIPLIER,
+        learning_rate=LEARNING_RATE, seed=seed)
+    model.compile(optimizer=optimizer, loss=per_example_loss)
+    tfdp_prune.make_private(model)
+    if arm == "tfdp_mask80":
+      variables = model.trainable_variables
+      model.optimizer.build(variables)
+      rng = np.random.default_rng(seed)
+      masks, kept, total = [], 0, 0
+      for v in variables:
+        if "kernel" in v.name:
+          mask = rng.random(v.shape) >= SPARSITY
+        else:
+          mask = np.ones(v.shape, dtype=bool)
+        masks.append(mask)
+        kept += int(mask.sum())
+        total += mask.size
+      model.optimizer.set_update_masks(variables, masks)
+      notes["trained_fraction"] = round(kept / total, 4)
+  elif arm == "tfp_vectorized":
+    tfp = tfdp_prune.compat.tf_privacy()
+    optimizer = tfp.dp_optimizer_keras_vectorized.VectorizedDPKerasSGDOptimizer(
+        l2_norm_clip=L2_NORM_CLIP, noise_multiplier=NOISE_MULTIPLIER, num_microbatches=batch,
+        learning_rate=LEARNING_RATE)
+    model.compile(optimizer=optimizer, loss=per_example_loss)
+  else:
+    raise ValueError(f"unknown arm {arm!r}")
+  return model, notes
+
+
+def run_child(args):
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+  rss_after_import = _rss_mb()
+  spec = MODELS[args.model]
+  batch = spec["batch"]
+  model, notes = _build(args.model, args.arm, batch, spec["input_shape"], args.seed)
+  rng = np.random.default_rng(args.seed)
+  x = tf.constant(rng.random((batch,) + spec["input_shape"], dtype=np.float32))
+  y = tf.constant(rng.integers(0, 10, size=(batch,)), dtype=tf.int64)
+  rss_baseline = _rss_mb()
+
+  t0 = time.perf_counter()
+  model.train_on_batch(x, y)  # traces (and compiles): reported, never timed
+  first_step = time.perf_counter() - t0
+  warmup = []
+  for _ in range(max(1, args.warmup - 1)):
+    t0 = time.perf_counter()
+    model.train_on_batch(x, y)
+    warmup.append(time.perf_counter() - t0)
+  estimate = warmup[-1]
+  timed_steps = int(min(args.steps, max(args.min_steps, round(args.budget_s / estimate))))
+  times = []
+  for _ in range(timed_steps):
+    t0 = time.perf_counter()
+    logs = model.train_on_batch(x, y, return_dict=True)
+    times.append(time.perf_counter() - t0)
+  loss = float(logs["loss"]) if "loss" in logs else None
+  result = {
+      "model": args.model, "arm": args.arm, "batch": batch,
+      "params": int(model.count_params()),
+      "median_step_s": statistics.median(times),
+      "min_step_s": min(times), "max_step_s": max(times),
+      "timed_steps": timed_steps, "warmup_steps": 1 + len(warmup),
+      "first_step_s": first_step,
+      "peak_rss_mb": _max_rss_mb(),
+      "rss_after_import_mb": rss_after_import,
+      "rss_baseline_mb": rss_baseline,
+      "last_loss": loss if loss is None or np.isfinite(loss) else str(loss),
+      "notes": notes,
+      "loadavg_1min_at_end": os.getloadavg()[0],
+  }
+  result["peak_rss_increase_mb"] = result["peak_rss_mb"] - rss_baseline
+  print("RESULT_JSON " + json.dumps(result), flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Parent: runs the children, writes JSON and markdown.
+# ------------------------------------------------------------------------------------------------
+
+def _versions():
+  env = dict(os.environ, TF_USE_LEGACY_KERAS="1")
+  code = ("import json, sys, tensorflow as tf, tf_keras, importlib.metadata as m\n"
+          "def v(p):\n"
+          "  try: return m.version(p)\n"
+          "  except Exception: return None\n"
+          "print(json.dumps({'python': sys.version.split()[0], 'tensorflow': tf.__version__,"
+          " 'tf_keras': tf_keras.__version__, 'tensorflow_privacy': v('tensorflow_privacy'),"
+          " 'numpy': v('numpy'), 'intra_op_threads': tf.config.threading."
+          "get_intra_op_parallelism_threads(), 'inter_op_threads': tf.config.threading."
+          "get_inter_op_parallelism_threads()}))")
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       check=True).stdout
+  return json.loads(out.strip().splitlines()[-1])
+
+
+def _machine():
+  info = {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+          "processor": platform.processor() or None,
+          "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          info["cpu_model"] = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  try:
+    import psutil  # pylint: disable=import-outside-toplevel
+    info["total_memory_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
+  except ImportError:
+    pass
+  return info
+
+
+def _git_commit():
+  try:
+    rev = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True,
+                         text=True, check=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--", "tfdp_prune"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    return rev + ("+dirty(tfdp_prune)" if dirty else "")
+  except (OSError, subprocess.CalledProcessError):
+    return None
+
+
+def _snapshot_tfdp_prune(dest):
+  """Copies tfdp_prune/ so every arm imports the same code even if it is edited meanwhile;
+  returns a content hash of the copy."""
+  import hashlib  # pylint: disable=import-outside-toplevel
+  import shutil  # pylint: disable=import-outside-toplevel
+  shutil.copytree(os.path.join(REPO, "tfdp_prune"), os.path.join(dest, "tfdp_prune"),
+                  ignore=shutil.ignore_patterns("__pycache__"))
+  digest = hashlib.sha256()
+  for root, _, files in sorted(os.walk(os.path.join(dest, "tfdp_prune"))):
+    for name in sorted(files):
+      with open(os.path.join(root, name), "rb") as f:
+        digest.update(name.encode() + f.read())
+  return digest.hexdigest()[:12]
+
+
+def _run_arm(model, arm, args):
+  cmd = [sys.executable, os.path.abspath(__file__), "--child", f"--model={model}", f"--arm={arm}",
+         f"--steps={args.steps}", f"--min_steps={args.min_steps}", f"--warmup={args.warmup}",
+         f"--budget_s={args.budget_s}", f"--seed={args.seed}"]
+  env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2")
+  env["PYTHONPATH"] = args.code_dir + (
+      os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+  t0 = time.time()
+  try:
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout_s,
+                          cwd=REPO)
+  except subprocess.TimeoutExpired as e:
+    return {"model": model, "arm": arm, "batch": MODELS[model]["batch"],
+            "error": f"timed out after {args.timeout_s} s",
+            "stderr_tail": (e.stderr or b"")[-3000:].decode(errors="replace")
+                           if isinstance(e.stderr, bytes) else (e.stderr or "")[-3000:]}
+  wall = time.time() - t0
+  for line in proc.stdout.splitlines():
+    if line.startswith("RESULT_JSON "):
+      result = json.loads(line[len("RESULT_JSON "):])
+      result["wall_s"] = wall
+      return result
+  return {"model": model, "arm": arm, "batch": MODELS[model]["batch"],
+          "error": f"child exited with code {proc.returncode}", "wall_s": wall,
+          "stderr_tail": proc.stderr[-6000:]}
+
+
+def _fmt(v, spec):
+  return "n/a" if v is None else format(v, spec)
+
+
+def _markdown(report):
+  m, v = report["machine"], report["versions"]
+  lines = [
+      "# Step time and peak memory",
+      "",
+      f"{m['date']}; {m['cpu_count']} CPUs ({m.get('cpu_model', '?')}), {m['platform']}; "
+      f"TF {v['tensorflow']}, tf_keras {v['tf_keras']}, TF Privacy {v['tensorflow_privacy']}; "
+      f"tfdp_prune at {report.get('git_commit')} (snapshot sha256 "
+      f"{report.get('tfdp_prune_snapshot_sha256')}); load average at start "
+      f"{report['loadavg_at_start'][0]:.2f}.",
+      "",
+      f"Command: `{report['command']}`",
+      "",
+      "Median of the timed `train_on_batch` steps after warm-up (the first, tracing step is "
+      "excluded and shown as 'first step'). Ratio = median / non-private median of the same "
+      "model; the min columns are less sensitive to other load on the machine. Peak RSS = ru_maxrss of the arm's own process; increase = peak minus RSS after "
+      "model build (before the first step).",
+      "",
+      "| model | batch | arm | median step (s) | x non-private | min step (s) | min x non-private "
+      "| timed steps | first step (s) | peak RSS (MB) | RSS increase (MB) | load avg | notes |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for r in report["results"]:
+    if "error" in r:
+      lines.append(f"| {r['model']} | {r['batch']} | {r['arm']} | FAILED | | | | | | | | "
+                   f"| {r['error']} |")
+      continue
+    notes = "; ".join(f"{k}={v}" for k, v in r.get("notes", {}).items())
+    lines.append(
+        f"| {r['model']} | {r['batch']} | {r['arm']} | {r['median_step_s']:.4f} | "
+        f"{_fmt(r.get('ratio_to_nonprivate'), '.2f')} | {r['min_step_s']:.4f} | "
+        f"{_fmt(r.get('min_ratio_to_nonprivate'), '.2f')} | {r['timed_steps']} | "
+        f"{r['first_step_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['peak_rss_increase_mb']:.0f} | "
+        f"{r['loadavg_1min_at_end']:.1f} | {notes} |")
+  lines += ["", "Arms: " + "; ".join(f"`{k}` = {v}" for k, v in ARM_LABELS.items()) + "."]
+  return "\n".join(lines) + "\n"
+
+
+def run_parent(args):
+  model_names = [s for s in args.models.split(",") if s]
+  arm_names = [s for s in args.arms.split(",") if s]
+  for name in model_names:
+    if name not in MODELS:
+      raise SystemExit(f"unknown model {name!r}; expected some of {sorted(MODELS)}")
+  for name in arm_names:
+    if name not in ARMS:
+      raise SystemExit(f"unknown arm {name!r}; expected some of {list(ARMS)}")
+  report = {"command": " ".join([sys.executable] + sys.argv),
+            "machine": _machine(), "versions": _versions(), "git_commit": _git_commit(),
+            "settings": {"steps_max": args.steps, "min_steps": args.min_steps,
+                         "warmup": args.warmup, "budget_s": args.budget_s, "seed": args.seed,
+                         "l2_norm_clip": L2_NORM_CLIP, "noise_multiplier": NOISE_MULTIPLIER,
+                         "learning_rate": LEARNING_RATE, "mask_sparsity": SPARSITY},
+            "results": []}
+  import tempfile  # pylint: disable=import-outside-toplevel
+  code_dir = tempfile.mkdtemp(prefix="tfdp_bench_code_")
+  report["tfdp_prune_snapshot_sha256"] = _snapshot_tfdp_prune(code_dir)
+  args.code_dir = code_dir
+  report["loadavg_at_start"] = os.getloadavg()
+  out_json = os.path.abspath(args.out)
+  out_md = os.path.splitext(out_json)[0] + ".md"
+  os.makedirs(os.path.dirname(out_json), exist_ok=True)
+
+  def write():
+    base = {r["model"]: r for r in report["results"]
+            if r["arm"] == "nonprivate" and "error" not in r}
+    for r in report["results"]:
+      if "error" not in r and r["model"] in base:
+        r["ratio_to_nonprivate"] = r["median_step_s"] / base[r["model"]]["median_step_s"]
+        r["min_ratio_to_nonprivate"] = r["min_step_s"] / base[r["model"]]["min_step_s"]
+    with open(out_json, "w") as f:
+      json.dump(report, f, indent=2)
+    with open(out_md, "w") as f:
+      f.write(_markdown(report))
+
+  for model in model_names:
+    for arm in arm_names:
+      print(f"[{time.strftime('%H:%M:%S')}] {model} / {arm} ...", flush=True)
+      result = _run_arm(model, arm, args)
+      report["results"].append(result)
+      if "error" in result:
+        print(f"  FAILED: {result['error']}\n{result.get('stderr_tail', '')[-2000:]}", flush=True)
+      else:
+        print(f"  median {result['median_step_s']:.4f} s over {result['timed_steps']} steps, "
+              f"first {result['first_step_s']:.1f} s, peak RSS {result['peak_rss_mb']:.0f} MB, "
+              f"wall {result['wall_s']:.0f} s", flush=True)
+      write()  # partial results survive an interrupted run
+  print(f"wrote {out_json} and {out_md}")
+  print(_markdown(report))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--models", default="cnn,wrn", help="comma-separated: cnn,wrn")
+  parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated: " + ",".join(ARMS))
+  parser.add_argument("--steps", type=int, default=50, help="at most this many timed steps")
+  parser.add_argument("--min_steps", type=int, default=3, help="at least this many timed steps")
+  parser.add_argument("--budget_s", type=float, default=40.0,
+                      help="target seconds of timed steps per arm (sets the step count)")
+  parser.add_argument("--warmup", type=int, default=2,
+                      help="untimed steps, the first (tracing) one included")
+  parser.add_argument("--timeout_s", type=float, default=900.0, help="per-arm subprocess limit")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--out", default=os.path.join(HERE, "results", "step_time.json"))
+  parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+  parser.add_argument("--model", help=argparse.SUPPRESS)
+  parser.add_argument("--arm", help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.child:
+    try:
+      run_child(args)
+    except Exception:  # pylint: disable=broad-except
+      traceback.print_exc()
+      sys.exit(1)
+  else:
+    run_parent(args)
+
+
+if __name__ == "__main__":
+  main()
