@@ -14,6 +14,8 @@ INSTALL_REQUIRES = [
     # The exact version tensorflow-privacy 0.9.0 pins; stated so pip never has to backtrack.
     "dp-accounting==0.4.3",
     "tensorflow-datasets>=4.9,<4.10",
+    # TF 2.21 no longer installs it; the mask and budget logs go to TensorBoard.
+    "tensorboard==2.21.*",
     "absl-py>=1.0",
     "numpy>=1.23,<2",
     # Its bundled `load_digits` is the embedded default data set (no download needed).

@@ -1,10 +1,17 @@
 """tfdp_prune: differentially private Keras training of the parameters chosen from public data."""
 
+from tfdp_prune.freezing import ParameterFreezing
+from tfdp_prune.maskable import MaskableSpec
+from tfdp_prune.masks import MagnitudeRule
+from tfdp_prune.masks import MaskRule
+from tfdp_prune.masks import PublicGradientRule
+from tfdp_prune.masks import RandomRule
 from tfdp_prune.optimizer import DPKerasAdamOptimizer
 from tfdp_prune.optimizer import DPKerasSGDOptimizer
 from tfdp_prune.optimizer import make_dp_optimizer_class
 from tfdp_prune.per_example import PerExampleEngine
 from tfdp_prune.per_example import VectorizedEngine
+from tfdp_prune.selection import ParameterSelection
 from tfdp_prune.train_step import make_private
 
 __version__ = "0.1.0"
@@ -12,7 +19,14 @@ __version__ = "0.1.0"
 __all__ = [
     "DPKerasAdamOptimizer",
     "DPKerasSGDOptimizer",
+    "MagnitudeRule",
+    "MaskRule",
+    "MaskableSpec",
+    "ParameterFreezing",
+    "ParameterSelection",
     "PerExampleEngine",
+    "PublicGradientRule",
+    "RandomRule",
     "VectorizedEngine",
     "make_dp_optimizer_class",
     "make_private",

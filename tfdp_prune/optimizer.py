@@ -144,6 +144,11 @@ def make_dp_optimizer_class(cls):
                            "for; pass variables from model.trainable_variables.")
         self._update_masks[index].assign(_mask_values(variable, mask))
 
+    def at_logical_batch_start(self) -> bool:
+      """True when no physical batch of the next logical batch has been accumulated yet: the
+      moment a new mask can be set without splitting a logical batch between two masks."""
+      return int(self._micro_steps.numpy()) % self.gradient_accumulation_steps == 0
+
     def update_masks(self, variables):
       """The current update masks (1 = trained) of `variables`, in the variable dtype."""
       return [self._update_masks[self._registry.index(v)] for v in variables]

@@ -57,3 +57,29 @@ def single_example_reference(model, loss_fn, x, y, masks, l2_norm_clip):
     factor = min(1.0, l2_norm_clip / norm) if norm > 0 else 1.0
     total = [t + factor * g for t, g in zip(total, grads)]
   return total
+
+
+class GuardedPrivateData:
+  """A private tf.data.Dataset that raises if it is read while `forbidden` is set: wrap the
+  mask computations in `forbid()` to prove they never read private data."""
+
+  def __init__(self, x, y, batch_size):
+    self.forbidden = False
+
+    def generate():
+      for i in range(0, len(y), batch_size):
+        if self.forbidden:
+          raise RuntimeError("private data read during a mask computation")
+        yield x[i:i + batch_size], y[i:i + batch_size]
+
+    self.dataset = tf.data.Dataset.from_generator(generate, output_signature=(
+        tf.TensorSpec((None,) + x.shape[1:], tf.float32), tf.TensorSpec((None,), tf.int32)))
+
+  def forbid(self, function):
+    def guarded(*args, **kwargs):
+      self.forbidden = True
+      try:
+        return function(*args, **kwargs)
+      finally:
+        self.forbidden = False
+    return guarded

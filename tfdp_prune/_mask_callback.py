@@ -1,0 +1,78 @@
+"""What the two mask callbacks share: compute masks with a rule, hand them to the DP optimizer,
+and report their sparsity in the fit logs."""
+
+import numpy as np
+
+from tfdp_prune import masks as masks_lib
+from tfdp_prune.compat import keras
+from tfdp_prune.maskable import MaskableSpec
+from tfdp_prune.optimizer import DPOptimizerMixin
+
+SPARSITY_LOG = "mask_sparsity"
+
+
+class MaskCallback(keras.callbacks.Callback):
+  """Base of ParameterFreezing and ParameterSelection (not for direct use)."""
+
+  def __init__(self, rule, public_data=None, maskable=None):
+    super().__init__()
+    if not isinstance(rule, masks_lib.MaskRule):
+      raise ValueError("Expected rule to be a MaskRule (tfdp_prune.MagnitudeRule(sparsity=...), "
+                       f"RandomRule, PublicGradientRule). Received: rule={rule!r}.")
+    if isinstance(rule, masks_lib.PublicGradientRule) and public_data is None:
+      raise ValueError("The public_gradient rule needs public_data=(x, y) or a tf.data.Dataset "
+                       "of (x, y) batches of PUBLIC examples. Received: public_data=None.")
+    self.rule = rule
+    self.public_data = public_data
+    self.maskable = maskable if maskable is not None else MaskableSpec()
+    self.masks = None  # the masks last set, aligned with `self.masked_variables`
+    self.masked_variables = None
+
+  def _optimizer(self):
+    optimizer = self.model.optimizer
+    if not isinstance(optimizer, DPOptimizerMixin):
+      raise ValueError(f"{type(self).__name__} sets update masks on a tfdp_prune DP optimizer; "
+                       f"the model is compiled with {optimizer!r}.")
+    optimizer.build(self.model.trainable_variables)
+    return optimizer
+
+  def _select(self, round_index):
+    """Computes masks with the rule and sets them on the optimizer."""
+    optimizer = self._optimizer()
+    variables = self.maskable.variables(self.model)
+    masks = self.rule.masks(self.model, variables, round_index, self.public_data)
+    optimizer.set_update_masks(variables, masks)
+    self.masked_variables, self.masks = variables, masks
+    return variables, masks
+
+  def sparsity_logs(self) -> dict:
+    """`mask_sparsity`: frozen fraction of ALL trainable coordinates; `mask_sparsity/<var>`:
+    frozen fraction of each masked variable."""
+    if self.masks is None:
+      return {}
+    total = sum(int(np.prod(v.shape)) for v in self.model.trainable_variables)
+    frozen = {v.name: int(np.size(m) - np.count_nonzero(m))
+              for v, m in zip(self.masked_variables, self.masks)}
+    logs = {SPARSITY_LOG: sum(frozen.values()) / total}
+    for variable, mask in zip(self.masked_variables, self.masks):
+      logs[f"{SPARSITY_LOG}/{variable.name}"] = frozen[variable.name] / np.size(mask)
+    return logs
+
+  def on_epoch_end(self, epoch, logs=None):
+    if logs is not None:
+      logs.update(self.sparsity_logs())
+
+  def get_config(self) -> dict:
+    return {"rule": masks_lib.serialize(self.rule), "maskable": self.maskable.get_config()}
+
+  @classmethod
+  def _config_kwargs(cls, config, public_data):
+    config = dict(config)
+    config["rule"] = masks_lib.deserialize(config["rule"])
+    config["maskable"] = MaskableSpec.from_config(config["maskable"])
+    return dict(config, public_data=public_data)
+
+  @classmethod
+  def from_config(cls, config, public_data=None):
+    """Public data is not part of the config: pass it again."""
+    return cls(**cls._config_kwargs(config, public_data))
