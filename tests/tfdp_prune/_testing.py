@@ -72,8 +72,13 @@ class GuardedPrivateData:
           raise RuntimeError("private data read during a mask computation")
         yield x[i:i + batch_size], y[i:i + batch_size]
 
-    self.dataset = tf.data.Dataset.from_generator(generate, output_signature=(
+    dataset = tf.data.Dataset.from_generator(generate, output_signature=(
         tf.TensorSpec((None,) + x.shape[1:], tf.float32), tf.TensorSpec((None,), tf.int32)))
+    # No read-ahead: the generator runs only when fit asks for the next batch.
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    options.experimental_optimization.inject_prefetch = False
+    self.dataset = dataset.with_options(options)
 
   def forbid(self, function):
     def guarded(*args, **kwargs):
