@@ -51,11 +51,13 @@ class MaskCallback(keras.callbacks.Callback):
     if self.masks is None:
       return {}
     total = sum(int(np.prod(v.shape)) for v in self.model.trainable_variables)
-    frozen = {v.name: int(np.size(m) - np.count_nonzero(m))
-              for v, m in zip(self.masked_variables, self.masks)}
-    logs = {SPARSITY_LOG: sum(frozen.values()) / total}
+    logs = {}
+    frozen_total = 0
     for variable, mask in zip(self.masked_variables, self.masks):
-      logs[f"{SPARSITY_LOG}/{variable.name}"] = frozen[variable.name] / np.size(mask)
+      frozen = int(np.size(mask) - np.count_nonzero(mask))
+      frozen_total += frozen
+      logs[f"{SPARSITY_LOG}/{variable.name.split(':')[0]}"] = frozen / np.size(mask)
+    logs[SPARSITY_LOG] = frozen_total / total
     return logs
 
   def on_epoch_end(self, epoch, logs=None):

@@ -102,3 +102,14 @@ def test_rules_round_trip_through_config(rule):
   assert type(restored) is type(rule)
   assert masks.serialize(restored) == masks.serialize(rule)
   assert isinstance(restored, tfdp_prune.MaskRule)
+
+
+def test_layer_and_global_magnitude_differ_on_a_model_with_unequal_layer_scales():
+  model = T.dense_model()
+  first, second = [v for v in model.trainable_variables if "kernel" in v.name]
+  second.assign(second * 100.0)
+  layer = masks.MagnitudeRule(0.5, "layer").masks(model, [first, second])
+  global_ = masks.MagnitudeRule(0.5, "global").masks(model, [first, second])
+  assert layer[0].mean() == 0.5 and layer[1].mean() == 0.5
+  # 128 + 48 coordinates, 88 kept: the 48 of the large layer and only 40 of the small one.
+  assert global_[1].all() and global_[0].sum() == 40
