@@ -9,6 +9,9 @@ from tfdp_prune.masks import RandomRule
 from tfdp_prune.optimizer import DPKerasAdamOptimizer
 from tfdp_prune.optimizer import DPKerasSGDOptimizer
 from tfdp_prune.optimizer import make_dp_optimizer_class
+from tfdp_prune.overlap import PublicDataFingerprint
+from tfdp_prune.overlap import check_disjoint
+from tfdp_prune.overlap import fingerprint_examples
 from tfdp_prune.per_example import PerExampleEngine
 from tfdp_prune.per_example import VectorizedEngine
 from tfdp_prune.selection import ParameterSelection
@@ -25,9 +28,12 @@ __all__ = [
     "ParameterFreezing",
     "ParameterSelection",
     "PerExampleEngine",
+    "PublicDataFingerprint",
     "PublicGradientRule",
     "RandomRule",
     "VectorizedEngine",
+    "check_disjoint",
+    "fingerprint_examples",
     "make_dp_optimizer_class",
     "make_private",
 ]
