@@ -1,5 +1,8 @@
 """tfdp_prune: differentially private Keras training of the parameters chosen from public data."""
 
+from tfdp_prune.accounting import PrivacyLedger
+from tfdp_prune.accounting import PrivacySpec
+from tfdp_prune.accounting import calibrate_noise_multiplier
 from tfdp_prune.freezing import ParameterFreezing
 from tfdp_prune.maskable import MaskableSpec
 from tfdp_prune.masks import MagnitudeRule
@@ -28,10 +31,13 @@ __all__ = [
     "ParameterFreezing",
     "ParameterSelection",
     "PerExampleEngine",
+    "PrivacyLedger",
+    "PrivacySpec",
     "PublicDataFingerprint",
     "PublicGradientRule",
     "RandomRule",
     "VectorizedEngine",
+    "calibrate_noise_multiplier",
     "check_disjoint",
     "fingerprint_examples",
     "make_dp_optimizer_class",

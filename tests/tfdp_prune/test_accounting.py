@@ -1,0 +1,247 @@
+import json
+import math
+
+import dp_accounting
+import numpy as np
+import pytest
+from dp_accounting.pld import pld_privacy_accountant
+from dp_accounting.rdp import rdp_privacy_accountant
+
+from tfdp_prune import accounting
+from tfdp_prune.accounting import PrivacySpec
+
+ADD_OR_REMOVE = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
+REPLACE_ONE = dp_accounting.NeighboringRelation.REPLACE_ONE
+FAST_PLD = 1e-3  # Coarser PLD grid for the many-case tests; the regression tests use the default.
+
+
+def poisson(accountant="pld", noise_multiplier=1.5, q=0.04, steps=2250, delta=1e-5, **kwargs):
+  return PrivacySpec(noise_multiplier=noise_multiplier, sampling_probability=q, steps=steps,
+                     delta=delta, accountant=accountant, **kwargs)
+
+
+def shuffle(accountant="pld", noise_multiplier=8.0, steps=2250, delta=1e-5, batch_size=400,
+            num_examples=10000, **kwargs):
+  return PrivacySpec(noise_multiplier=noise_multiplier, steps=steps, delta=delta,
+                     sampling="shuffle", batch_size=batch_size, num_examples=num_examples,
+                     accountant=accountant, **kwargs)
+
+
+def direct_epsilon(accountant, event, delta, relation=ADD_OR_REMOVE, pld_discretization=1e-4):
+  if accountant == "rdp":
+    acc = rdp_privacy_accountant.RdpAccountant(neighboring_relation=relation)
+  else:
+    acc = pld_privacy_accountant.PLDAccountant(
+        neighboring_relation=relation, value_discretization_interval=pld_discretization)
+  return acc.compose(event).get_epsilon(delta)
+
+
+def event_classes(event):
+  """Class names of every event nested in `event`."""
+  found = [type(event).__name__]
+  for value in getattr(event, "__attrs_attrs__", ()):
+    child = getattr(event, value.name)
+    if isinstance(child, dp_accounting.DpEvent):
+      found += event_classes(child)
+  return found
+
+
+def random_poisson_settings(seed, count):
+  rng = np.random.default_rng(seed)
+  return [(float(rng.uniform(0.6, 3.0)), float(rng.uniform(0.002, 0.2)),
+           int(rng.integers(1, 400))) for _ in range(count)]
+
+
+def test_rdp_epsilon_matches_the_reference_value():
+  assert abs(poisson("rdp").epsilon() - 7.3291) < 1e-4
+
+
+def test_pld_epsilon_matches_the_reference_value_and_is_below_rdp():
+  epsilon = poisson("pld").epsilon()
+  assert abs(epsilon - 6.78) < 0.05
+  assert epsilon < poisson("rdp").epsilon()
+
+
+def test_the_poisson_event_is_self_composed_poisson_sampled_gaussian():
+  assert poisson(steps=7).dp_event() == dp_accounting.SelfComposedDpEvent(
+      dp_accounting.PoissonSampledDpEvent(0.04, dp_accounting.GaussianDpEvent(1.5)), 7)
+  assert poisson(steps=7).adjacency == "add_or_remove_one"
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "pld"])
+def test_epsilon_equals_dp_accounting_called_directly(accountant):
+  for sigma, q, steps in random_poisson_settings(seed=7, count=4):
+    spec = poisson(accountant, sigma, q, steps, delta=1e-6, pld_discretization=FAST_PLD)
+    event = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
+    want = direct_epsilon(accountant, event, 1e-6, pld_discretization=FAST_PLD)
+    assert abs(spec.epsilon() - want) <= 1e-6, (sigma, q, steps)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "pld"])
+def test_shuffle_is_never_reported_with_the_poisson_epsilon(accountant):
+  spec = shuffle(accountant)
+  assert "PoissonSampledDpEvent" not in event_classes(spec.dp_event())
+  assert spec.sampling == "shuffle" and spec.adjacency == "replace_one"
+  assert spec.statement().startswith("NOT a Poisson guarantee")
+  assert spec.to_dict()["adjacency"] == "replace_one"
+  same_rate_poisson = poisson(accountant, noise_multiplier=8.0, q=400 / 10000)
+  assert spec.epsilon() > 2 * same_rate_poisson.epsilon()
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "pld"])
+def test_shuffle_epsilon_is_the_unamplified_replace_one_gaussian_per_pass(accountant):
+  spec = shuffle(accountant, noise_multiplier=8.0, steps=2250)  # 25 steps a pass, 90 passes.
+  assert spec.passes == 90
+  event = dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(4.0), 90)
+  assert spec.dp_event() == event
+  want = direct_epsilon(accountant, event, 1e-5, relation=REPLACE_ONE)
+  assert abs(spec.epsilon() - want) <= 1e-6
+
+
+def test_shuffle_counts_every_started_pass_with_the_remainder_dropped():
+  # 1000 // 300 = 3 full batches per pass.
+  passes = [shuffle(steps=s, batch_size=300, num_examples=1000).passes for s in (1, 3, 4, 6, 7)]
+  assert passes == [1, 1, 2, 2, 3]
+
+
+def test_shuffle_refuses_a_sampling_probability():
+  with pytest.raises(ValueError, match="not a Poisson|no Poisson amplification"):
+    PrivacySpec(noise_multiplier=1.0, steps=10, delta=1e-5, sampling="shuffle",
+                sampling_probability=0.04, batch_size=40, num_examples=1000)
+
+
+def test_no_steps_is_zero_epsilon_and_no_noise_is_infinite_epsilon():
+  assert poisson(steps=0).epsilon() == 0.0
+  assert isinstance(poisson(steps=0).dp_event(), dp_accounting.NoOpDpEvent)
+  for accountant in ("rdp", "pld"):
+    assert math.isinf(poisson(accountant, noise_multiplier=0.0, steps=3).epsilon())
+    assert math.isinf(shuffle(accountant, noise_multiplier=0.0, steps=3).epsilon())
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "pld"])
+def test_calibrated_noise_never_overshoots_the_target_and_is_tight(accountant):
+  rng = np.random.default_rng(11)
+  tol = 1e-3
+  for _ in range(4):  # 4 seeded cases per accountant: 8 in all.
+    target = float(rng.uniform(0.5, 10.0))
+    q = float(rng.uniform(0.005, 0.1))
+    steps = int(rng.integers(10, 300))
+    sigma = accounting.calibrate_noise_multiplier(
+        target, 1e-5, q, steps, accountant, pld_discretization=FAST_PLD, tol=tol)
+    spec = poisson(accountant, sigma, q, steps, pld_discretization=FAST_PLD)
+    assert spec.epsilon() <= target, (target, q, steps, sigma)
+    less_noise = poisson(accountant, sigma - 2 * tol, q, steps, pld_discretization=FAST_PLD)
+    assert less_noise.epsilon() > target, (target, q, steps, sigma)
+
+
+def test_calibration_for_shuffle_uses_the_shuffle_guarantee():
+  sigma = accounting.calibrate_noise_multiplier(
+      8.0, 1e-5, steps=100, accountant="rdp", sampling="shuffle", batch_size=100,
+      num_examples=1000, tol=1e-3)
+  spec = shuffle("rdp", sigma, steps=100, batch_size=100, num_examples=1000)
+  assert spec.epsilon() <= 8.0 < spec.with_steps(200).epsilon()
+  assert sigma > accounting.calibrate_noise_multiplier(8.0, 1e-5, 0.1, 100, "rdp")
+
+
+@pytest.mark.parametrize("spec", [poisson(), poisson("rdp", steps=0), shuffle(), shuffle("rdp")])
+def test_to_dict_round_trips_through_json(spec):
+  data = json.loads(json.dumps(spec.to_dict()))
+  assert PrivacySpec.from_dict(data) == spec
+  assert accounting.event_from_dict(data["dp_event"]) == spec.dp_event()
+  assert data["adjacency"] == spec.adjacency
+
+
+def test_from_dict_refuses_an_event_or_adjacency_that_contradicts_the_settings():
+  data = poisson().to_dict()
+  data["dp_event"]["count"] = 10
+  with pytest.raises(ValueError, match="does not match"):
+    PrivacySpec.from_dict(data)
+  data = shuffle().to_dict()
+  data["adjacency"] = "add_or_remove_one"
+  with pytest.raises(ValueError, match="does not match"):
+    PrivacySpec.from_dict(data)
+
+
+def test_event_from_dict_only_builds_dp_accounting_events():
+  data = accounting.event_to_dict(dp_accounting.GaussianDpEvent(1.0))
+  with pytest.raises(ValueError, match="module_name"):
+    accounting.event_from_dict(dict(data, module_name="os"))
+  with pytest.raises(ValueError, match="class_name"):
+    accounting.event_from_dict(dict(data, class_name="attr"))
+
+
+def test_ledger_resumes_epsilon_from_a_saved_state():
+  ledger = accounting.PrivacyLedger(poisson("rdp", steps=0))
+  for _ in range(3):
+    ledger.record_steps(500)
+  state = json.loads(json.dumps(ledger.get_state()))
+  resumed = accounting.PrivacyLedger(poisson("rdp", steps=0))
+  resumed.restore(state)
+  assert resumed.steps == 1500
+  resumed.record_steps(750)
+  assert abs(resumed.epsilon() - 7.3291) < 1e-4
+  assert accounting.PrivacyLedger.from_state(state).epsilon() == ledger.epsilon()
+  assert ledger.epsilon_after(750) == resumed.epsilon()
+
+
+def test_ledger_refuses_to_resume_with_different_settings():
+  state = accounting.PrivacyLedger(poisson("rdp", steps=10)).get_state()
+  for other in (poisson("rdp", noise_multiplier=1.0, steps=0), poisson("rdp", q=0.05, steps=0),
+                poisson("pld", steps=0), shuffle("rdp", steps=0)):
+    with pytest.raises(ValueError, match="Cannot resume"):
+      accounting.PrivacyLedger(other).restore(state)
+
+
+@pytest.mark.parametrize("epochs,n,batch,want", [(1, 1000, 10, 100), (0.1, 1000, 10, 10),
+                                                 (3, 60000, 256, 704), (1, 10, 20, 1)])
+def test_steps_for_epochs_rounds_up_only_a_real_remainder(epochs, n, batch, want):
+  assert accounting.steps_for_epochs(epochs, n, batch) == want
+
+
+@pytest.mark.parametrize("q", [0.0, -0.1, 1.5, float("nan"), None, "0.1", True])
+def test_sampling_probability_outside_zero_one_is_a_clear_error(q):
+  with pytest.raises(ValueError, match=r"sampling_probability in \(0, 1\]"):
+    poisson(q=q)
+
+
+@pytest.mark.parametrize("delta", [0.0, 1.0, -1e-5, 2.0, float("inf"), None])
+def test_delta_outside_the_open_unit_interval_is_a_clear_error(delta):
+  with pytest.raises(ValueError, match=r"delta in \(0, 1\)"):
+    poisson(delta=delta)
+  with pytest.raises(ValueError, match=r"delta in \(0, 1\)"):
+    accounting.calibrate_noise_multiplier(1.0, delta, 0.01, 10)
+
+
+@pytest.mark.parametrize("sigma", [-1.0, float("nan"), float("inf"), None])
+def test_negative_or_non_finite_noise_multiplier_is_a_clear_error(sigma):
+  with pytest.raises(ValueError, match="noise_multiplier >= 0"):
+    poisson(noise_multiplier=sigma)
+
+
+@pytest.mark.parametrize("name,value,pattern", [
+    ("accountant", "moments", r"accountant in \['pld', 'rdp'\]"),
+    ("sampling", "uniform", r"sampling in \['poisson', 'shuffle'\]"),
+    ("steps", -1, "steps to be an integer >= 0"),
+    ("steps", 1.5, "steps to be an integer >= 0"),
+])
+def test_unknown_names_and_bad_steps_are_clear_errors(name, value, pattern):
+  kwargs = dict(noise_multiplier=1.0, steps=10, delta=1e-5, sampling_probability=0.1)
+  kwargs[name] = value
+  with pytest.raises(ValueError, match=pattern):
+    PrivacySpec(**kwargs)
+
+
+def test_shuffle_needs_a_batch_no_larger_than_the_dataset_and_poisson_refuses_one():
+  with pytest.raises(ValueError, match="batch_size <= num_examples"):
+    shuffle(batch_size=11, num_examples=10)
+  with pytest.raises(ValueError, match="batch_size to be an integer"):
+    shuffle(batch_size=None)
+  with pytest.raises(ValueError, match="batch_size=None with sampling='poisson'"):
+    poisson(batch_size=10)
+
+
+@pytest.mark.parametrize("target", [0.0, -1.0, float("nan")])
+def test_calibration_rejects_a_non_positive_target(target):
+  with pytest.raises(ValueError, match="target_epsilon > 0"):
+    accounting.calibrate_noise_multiplier(target, 1e-5, 0.01, 10)

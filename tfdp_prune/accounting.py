@@ -1,0 +1,381 @@
+"""Privacy accounting: the (epsilon, delta) guarantee of a DP training run, as dp_accounting events.
+
+The guarantee is never re-derived here: a run is described as a `dp_accounting` DpEvent and a
+dp_accounting accountant (PLD by default, or RDP) turns it into epsilon.
+
+Poisson sampling (`sampling="poisson"`)
+  Every example joins each logical batch independently with probability q. The run is
+  `SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(sigma)), steps)`, accounted
+  under ADD-OR-REMOVE-ONE-EXAMPLE adjacency. The guarantee covers every intermediate model, not
+  only the final one.
+
+Shuffled fixed-size batches (`sampling="shuffle"`): NOT a Poisson guarantee.
+  dp_accounting 0.4.3 has no event for shuffling (each pass is a random permutation cut into
+  disjoint fixed-size batches). What it has does not fit:
+  - `PoissonSampledDpEvent`: a different sampler. Shuffling can leak much more than the Poisson
+    epsilon suggests (Chua et al., "How Private are DP-SGD Implementations?", ICML 2024), so a
+    Poisson epsilon is never reported for shuffled batches (DESIGN.md, rule 5).
+  - `SampledWithoutReplacementDpEvent` (RDP accountant only, replace-one adjacency): every batch
+    drawn afresh, independently of the previous ones. Shuffled batches within a pass are
+    disjoint, so not independent: this event does not describe them either.
+  What can be claimed honestly, and is: the guarantee WITHOUT any amplification by sampling.
+  It holds for any data order (shuffled or not), provided each example is in at most one batch
+  per pass over the data. Adjacency is REPLACE-ONE (the dataset size n is public, as it must be
+  for fixed-size batches; add-or-remove would shift the batch boundaries). Under replace-one the
+  clipped-gradient sum has sensitivity 2C, so each pass is at most one Gaussian mechanism with
+  noise multiplier sigma / 2 (for any fixed permutation the other batches of that pass do not
+  depend on the replaced example; a mixture over data-independent permutations is no less
+  private). The number of passes counted is ceil(steps / floor(n / b)), an upper bound on how
+  often one example can be used both with drop-remainder epochs and with batches that straddle
+  pass boundaries (`repeat()` before `batch()`). The event is therefore
+  `SelfComposedDpEvent(GaussianDpEvent(sigma / 2), passes)` with a replace-one accountant, and
+  `PrivacySpec.adjacency` / `statement()` say so. This epsilon is much larger than a Poisson
+  one: that is the price of not sampling the way the analysis needs.
+
+Everything a checkpoint or an export needs is a plain dict: `PrivacySpec.to_dict()` (the
+settings, the serialized DpEvent, the adjacency and a one-line statement) and
+`PrivacyLedger.get_state()`. This module imports nothing of tfdp_prune but `_validate`, and no
+TensorFlow.
+"""
+
+import dataclasses
+import functools
+import math
+import numbers
+from typing import Any, Dict, Optional
+
+from dp_accounting import dp_event
+from dp_accounting import mechanism_calibration
+from dp_accounting import privacy_accountant
+from dp_accounting.pld import pld_privacy_accountant
+from dp_accounting.rdp import rdp_privacy_accountant
+
+from tfdp_prune import _validate
+
+SAMPLINGS = ("poisson", "shuffle")
+ACCOUNTANTS = ("pld", "rdp")
+ADD_OR_REMOVE_ONE = "add_or_remove_one"
+REPLACE_ONE = "replace_one"
+DEFAULT_PLD_DISCRETIZATION = 1e-4  # dp_accounting's own default.
+
+_FORMAT = "tfdp_prune.PrivacySpec"
+_FORMAT_VERSION = 1
+_RELATIONS = {ADD_OR_REMOVE_ONE: privacy_accountant.NeighboringRelation.ADD_OR_REMOVE_ONE,
+              REPLACE_ONE: privacy_accountant.NeighboringRelation.REPLACE_ONE}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PrivacySpec:
+  """The privacy-relevant settings of a DP-SGD run, and the guarantee they give.
+
+  Attributes:
+    noise_multiplier: sigma; the noise std is sigma * clip norm. 0 means no privacy (epsilon inf).
+    steps: logical steps taken (one per logical batch, accumulation included; 0 is allowed).
+    delta: the target delta, in (0, 1).
+    sampling: "poisson" or "shuffle" (see the module docstring: shuffle is NOT a Poisson
+      guarantee and gets no amplification).
+    sampling_probability: q in (0, 1]; required for "poisson", must be None for "shuffle".
+    batch_size, num_examples: the fixed batch size b and the dataset size n; required for
+      "shuffle" (b <= n), must be None for "poisson" (pass q = b / n instead).
+    accountant: "pld" (default) or "rdp".
+    pld_discretization: value_discretization_interval of the PLD accountant (ignored by RDP).
+  """
+
+  noise_multiplier: float
+  steps: int
+  delta: float
+  sampling: str = "poisson"
+  sampling_probability: Optional[float] = None
+  batch_size: Optional[int] = None
+  num_examples: Optional[int] = None
+  accountant: str = "pld"
+  pld_discretization: float = DEFAULT_PLD_DISCRETIZATION
+
+  def __post_init__(self):
+    _validate.non_negative("noise_multiplier", self.noise_multiplier)
+    _non_negative_int("steps", self.steps)
+    _open_unit_interval("delta", self.delta)
+    _one_of("sampling", self.sampling, SAMPLINGS)
+    _one_of("accountant", self.accountant, ACCOUNTANTS)
+    _validate.positive("pld_discretization", self.pld_discretization)
+    if self.sampling == "poisson":
+      _probability("sampling_probability", self.sampling_probability)
+      for name in ("batch_size", "num_examples"):
+        if getattr(self, name) is not None:
+          raise ValueError(
+              f"Expected {name}=None with sampling='poisson' (pass sampling_probability="
+              f"batch_size / num_examples instead). Received: {name}={getattr(self, name)!r}.")
+    else:
+      if self.sampling_probability is not None:
+        raise ValueError(
+            "Expected sampling_probability=None with sampling='shuffle': shuffled fixed-size "
+            "batches have no sampling probability and get no Poisson amplification; pass "
+            f"batch_size and num_examples. Received: "
+            f"sampling_probability={self.sampling_probability!r}.")
+      _validate.positive_int("batch_size", self.batch_size)
+      _validate.positive_int("num_examples", self.num_examples)
+      if self.batch_size > self.num_examples:
+        raise ValueError(
+            f"Expected batch_size <= num_examples. Received: batch_size={self.batch_size}, "
+            f"num_examples={self.num_examples}.")
+    for name in ("noise_multiplier", "delta", "sampling_probability", "pld_discretization"):
+      if getattr(self, name) is not None:  # Canonical floats: equal specs serialize alike.
+        object.__setattr__(self, name, float(getattr(self, name)))
+
+  @property
+  def adjacency(self) -> str:
+    """The neighbouring relation the epsilon holds under: add_or_remove_one or replace_one."""
+    return ADD_OR_REMOVE_ONE if self.sampling == "poisson" else REPLACE_ONE
+
+  @property
+  def passes(self) -> Optional[int]:
+    """Shuffle only: the number of passes over the data counted, ceil(steps / floor(n / b))."""
+    if self.sampling != "shuffle":
+      return None
+    return -(-self.steps // (self.num_examples // self.batch_size))
+
+  def with_steps(self, steps: int) -> "PrivacySpec":
+    return dataclasses.replace(self, steps=steps)
+
+  def dp_event(self) -> dp_event.DpEvent:
+    """The dp_accounting event of the whole run (NoOpDpEvent when no step was taken)."""
+    if self.steps == 0:
+      return dp_event.NoOpDpEvent()
+    if self.sampling == "poisson":
+      one_step = dp_event.PoissonSampledDpEvent(
+          sampling_probability=self.sampling_probability,
+          event=dp_event.GaussianDpEvent(self.noise_multiplier))
+      return dp_event.SelfComposedDpEvent(event=one_step, count=self.steps)
+    # Replace-one: sensitivity 2C, one Gaussian per pass, no amplification claimed.
+    return dp_event.SelfComposedDpEvent(
+        event=dp_event.GaussianDpEvent(self.noise_multiplier / 2), count=self.passes)
+
+  def make_accountant(self) -> privacy_accountant.PrivacyAccountant:
+    """A fresh dp_accounting accountant of the configured kind and adjacency."""
+    relation = _RELATIONS[self.adjacency]
+    if self.accountant == "rdp":
+      return rdp_privacy_accountant.RdpAccountant(neighboring_relation=relation)
+    return pld_privacy_accountant.PLDAccountant(
+        neighboring_relation=relation, value_discretization_interval=self.pld_discretization)
+
+  def epsilon(self) -> float:
+    """Epsilon at `delta` for the run so far, computed by dp_accounting (inf if sigma is 0)."""
+    return _epsilon(self)
+
+  def statement(self) -> str:
+    """One sentence saying what the epsilon means, with its sampling and adjacency."""
+    common = (f"noise multiplier {self.noise_multiplier}, {self.steps} steps, delta {self.delta}, "
+              f"{self.accountant.upper()} accountant (dp_accounting); covers every intermediate "
+              "model")
+    if self.sampling == "poisson":
+      return (f"Example-level DP under add-or-remove-one adjacency for Poisson sampling with "
+              f"rate {self.sampling_probability}, {common}.")
+    return (f"NOT a Poisson guarantee: shuffled fixed-size batches (batch {self.batch_size} of "
+            f"{self.num_examples} examples), no amplification by sampling claimed. Example-level "
+            f"DP under replace-one adjacency, valid for any data order with each example in at "
+            f"most one batch per pass, counting {self.passes} passes; {common}.")
+
+  def to_dict(self) -> Dict[str, Any]:
+    """A JSON-compatible dict: the settings, the serialized DpEvent, adjacency and statement."""
+    result = {"format": _FORMAT, "version": _FORMAT_VERSION}
+    result.update(dataclasses.asdict(self))
+    result["adjacency"] = self.adjacency
+    result["dp_event"] = event_to_dict(self.dp_event())
+    result["statement"] = self.statement()
+    return result
+
+  @classmethod
+  def from_dict(cls, data: Dict[str, Any]) -> "PrivacySpec":
+    """Inverse of `to_dict`; refuses a dict whose event or adjacency disagrees with its settings."""
+    if not isinstance(data, dict) or data.get("format") != _FORMAT:
+      raise ValueError(f"Expected a dict with format={_FORMAT!r} (from PrivacySpec.to_dict()). "
+                       f"Received: {data!r}.")
+    if data.get("version") != _FORMAT_VERSION:
+      raise ValueError(f"Expected version={_FORMAT_VERSION}. Received: "
+                       f"version={data.get('version')!r}.")
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = set(data) - set(names) - {"format", "version", "adjacency", "dp_event", "statement"}
+    if unknown:
+      raise ValueError(f"Unknown keys in privacy spec dict: {sorted(unknown)}.")
+    spec = cls(**{name: data[name] for name in names if name in data})
+    if "adjacency" in data and data["adjacency"] != spec.adjacency:
+      raise ValueError(f"Stored adjacency={data['adjacency']!r} does not match the settings, "
+                       f"which give adjacency={spec.adjacency!r}.")
+    if "dp_event" in data and event_from_dict(data["dp_event"]) != spec.dp_event():
+      raise ValueError(f"Stored dp_event={data['dp_event']!r} does not match the settings, "
+                       f"which give {spec.dp_event()!r}.")
+    return spec
+
+
+@functools.lru_cache(maxsize=256)
+def _epsilon(spec: PrivacySpec) -> float:
+  if spec.steps == 0:
+    return 0.0
+  return float(spec.make_accountant().compose(spec.dp_event()).get_epsilon(spec.delta))
+
+
+def calibrate_noise_multiplier(target_epsilon: float, delta: float,
+                               sampling_probability: Optional[float] = None,
+                               steps: Optional[int] = None, accountant: str = "pld", *,
+                               sampling: str = "poisson", batch_size: Optional[int] = None,
+                               num_examples: Optional[int] = None,
+                               pld_discretization: float = DEFAULT_PLD_DISCRETIZATION,
+                               tol: float = 1e-4) -> float:
+  """The smallest noise multiplier (to within `tol`) whose epsilon is <= target_epsilon.
+
+  Uses dp_accounting's `calibrate_dp_mechanism` on the same event and accountant as
+  `PrivacySpec.epsilon()`, so `PrivacySpec(noise_multiplier=<result>, ...).epsilon()` never
+  exceeds the target (checked before returning). For sampling="shuffle" pass batch_size and
+  num_examples instead of sampling_probability.
+  """
+  _validate.positive("target_epsilon", target_epsilon)
+  _validate.positive_int("steps", steps)
+  _validate.positive("tol", tol)
+  template = PrivacySpec(noise_multiplier=1.0, steps=steps, delta=delta, sampling=sampling,
+                         sampling_probability=sampling_probability, batch_size=batch_size,
+                         num_examples=num_examples, accountant=accountant,
+                         pld_discretization=pld_discretization)
+  spec_for = lambda sigma: dataclasses.replace(template, noise_multiplier=float(sigma))
+  gap = lambda sigma: spec_for(sigma).epsilon() - target_epsilon
+  # Explicit bracket [low, high] with epsilon(low) > target >= epsilon(high); epsilon decreases
+  # in sigma. sigma = 0 (epsilon inf) is never evaluated.
+  low = high = 1.0
+  while gap(low) <= 0:
+    low /= 2
+    if low < 1e-6:
+      return low  # Even (almost) no noise meets the target.
+  while gap(high) > 0:
+    high *= 2
+    if high > 2.0**30:
+      raise ValueError(f"No noise multiplier <= 2**30 reaches target_epsilon={target_epsilon} "
+                       f"at delta={delta} with {steps} steps.")
+  sigma = mechanism_calibration.calibrate_dp_mechanism(
+      make_fresh_accountant=template.make_accountant,
+      make_event_from_param=lambda s: spec_for(s).dp_event(),
+      target_epsilon=target_epsilon, target_delta=delta,
+      bracket_interval=mechanism_calibration.ExplicitBracketInterval(low, high), tol=tol)
+  sigma = float(sigma)
+  if not spec_for(sigma).epsilon() <= target_epsilon:  # A privacy guard: never an assert.
+    raise RuntimeError(f"Calibration returned noise_multiplier={sigma} whose epsilon "
+                       f"{spec_for(sigma).epsilon()} exceeds target_epsilon={target_epsilon}.")
+  return sigma
+
+
+def steps_for_epochs(epochs: float, num_examples: int, expected_batch_size: float) -> int:
+  """Logical steps for `epochs` passes: ceil(epochs * num_examples / expected_batch_size).
+
+  With Poisson sampling at q = expected_batch_size / num_examples this is epochs / q steps.
+  """
+  _validate.positive("epochs", epochs)
+  _validate.positive_int("num_examples", num_examples)
+  _validate.positive("expected_batch_size", expected_batch_size)
+  exact = epochs * num_examples / expected_batch_size
+  nearest = round(exact)
+  if abs(exact - nearest) <= 1e-9 * max(1.0, exact):  # 0.1 * 1000 / 10 is 10, not 11.
+    return max(1, int(nearest))
+  return int(math.ceil(exact))
+
+
+class PrivacyLedger:
+  """Counts logical steps under fixed privacy settings; its state is a plain dict.
+
+  One `record_steps()` per logical batch (accumulated micro-steps are not steps). For
+  checkpoint/resume, save `get_state()` and call `restore(state)` (or `from_state`) when
+  resuming: epsilon then continues from the steps already taken. Restoring a state whose
+  settings (sigma, q, delta, sampling, accountant, ...) differ from this ledger's is an error,
+  since the steps already taken were accounted with the old settings.
+  """
+
+  def __init__(self, spec: PrivacySpec):
+    if not isinstance(spec, PrivacySpec):
+      raise TypeError(f"Expected a PrivacySpec. Received: {spec!r}.")
+    self._spec = spec
+
+  @property
+  def spec(self) -> PrivacySpec:
+    return self._spec
+
+  @property
+  def steps(self) -> int:
+    return self._spec.steps
+
+  def record_steps(self, count: int = 1) -> None:
+    _validate.positive_int("count", count)
+    self._spec = self._spec.with_steps(self._spec.steps + count)
+
+  def epsilon(self) -> float:
+    return self._spec.epsilon()
+
+  def epsilon_after(self, more_steps: int) -> float:
+    """Epsilon if `more_steps` further steps were taken (to stop before a budget is exceeded)."""
+    _non_negative_int("more_steps", more_steps)
+    return self._spec.with_steps(self._spec.steps + more_steps).epsilon()
+
+  def get_state(self) -> Dict[str, Any]:
+    return self._spec.to_dict()
+
+  def restore(self, state: Dict[str, Any]) -> None:
+    restored = PrivacySpec.from_dict(state)
+    if restored.with_steps(0) != self._spec.with_steps(0):
+      raise ValueError(f"Cannot resume: the checkpointed privacy settings {restored} differ from "
+                       f"this ledger's {self._spec.with_steps(restored.steps)}; the steps taken "
+                       "were accounted with the checkpointed settings.")
+    self._spec = restored
+
+  @classmethod
+  def from_state(cls, state: Dict[str, Any]) -> "PrivacyLedger":
+    return cls(PrivacySpec.from_dict(state))
+
+
+def event_to_dict(event: dp_event.DpEvent) -> Dict[str, Any]:
+  """A JSON-compatible dict of a DpEvent, in the layout of dp_accounting's `to_named_tuple`."""
+  return _plain(event.to_named_tuple())
+
+
+def event_from_dict(data: Dict[str, Any]) -> dp_event.DpEvent:
+  """Inverse of `event_to_dict`. Only classes of `dp_accounting.dp_event` are accepted."""
+  if not isinstance(data, dict) or data.get("module_name") != dp_event.__name__:
+    raise ValueError(f"Expected a DpEvent dict with module_name={dp_event.__name__!r}. "
+                     f"Received: {data!r}.")
+  cls = getattr(dp_event, str(data.get("class_name")), None)
+  if not (isinstance(cls, type) and issubclass(cls, dp_event.DpEvent)):
+    raise ValueError(f"Unknown DpEvent class_name={data.get('class_name')!r}.")
+  fields = {key: _unplain(value) for key, value in data.items()
+            if key not in ("module_name", "class_name")}
+  return cls(**fields)
+
+
+def _plain(value):
+  if isinstance(value, tuple) and hasattr(value, "_asdict"):
+    return {key: _plain(item) for key, item in value._asdict().items()}
+  if isinstance(value, (list, tuple)):
+    return [_plain(item) for item in value]
+  return value
+
+
+def _unplain(value):
+  if isinstance(value, dict):
+    return event_from_dict(value)
+  if isinstance(value, list):
+    return [_unplain(item) for item in value]
+  return value
+
+
+def _non_negative_int(name: str, value) -> None:
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+    raise ValueError(f"Expected {name} to be an integer >= 0. Received: {name}={value!r}.")
+
+
+def _open_unit_interval(name: str, value) -> None:
+  if not _validate._is_real(value) or not 0 < value < 1:  # pylint: disable=protected-access
+    raise ValueError(f"Expected {name} in (0, 1). Received: {name}={value!r}.")
+
+
+def _probability(name: str, value) -> None:
+  if not _validate._is_real(value) or not 0 < value <= 1:  # pylint: disable=protected-access
+    raise ValueError(f"Expected {name} in (0, 1]. Received: {name}={value!r}.")
+
+
+def _one_of(name: str, value, choices) -> None:
+  if not isinstance(value, str) or value not in choices:
+    raise ValueError(f"Expected {name} in {list(choices)}. Received: {name}={value!r}.")
