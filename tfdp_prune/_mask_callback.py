@@ -4,6 +4,7 @@ and report their sparsity in the fit logs."""
 import numpy as np
 
 from tfdp_prune import masks as masks_lib
+from tfdp_prune import tfmot_interop
 from tfdp_prune.compat import keras
 from tfdp_prune.maskable import MaskableSpec
 from tfdp_prune.optimizer import DPOptimizerMixin
@@ -42,8 +43,14 @@ class MaskCallback(keras.callbacks.Callback):
     variables = self.maskable.variables(self.model)
     masks = self.rule.masks(self.model, variables, round_index, self.public_data)
     optimizer.set_update_masks(variables, masks)
+    pruned = masks if self._prunes() else [np.ones(np.shape(m), bool) for m in masks]
+    tfmot_interop.adopt_masks(self.model, variables, pruned)  # no-op without tfmot wrappers
     self.masked_variables, self.masks = variables, masks
     return variables, masks
+
+  def _prunes(self) -> bool:
+    """Whether the frozen coordinates are pruned (held at zero), which tfmot's masks mean."""
+    return False
 
   def sparsity_logs(self) -> dict:
     """`mask_sparsity`: frozen fraction of ALL trainable coordinates; `mask_sparsity/<var>`:

@@ -17,7 +17,7 @@ import types
 import tensorflow as tf
 import tf_keras as keras
 
-__all__ = ["keras", "tf", "tf_privacy", "ensure_tf_keras_model"]
+__all__ = ["keras", "tf", "tf_privacy", "tfmot", "ensure_tf_keras_model"]
 
 _TF_PRIVACY_MODULES = {
     "dp_optimizer_keras": "tensorflow_privacy.privacy.optimizers.dp_optimizer_keras",
@@ -39,6 +39,21 @@ def tf_privacy() -> types.SimpleNamespace:
   sys.skip_tf_privacy_import = True
   return types.SimpleNamespace(**{
       name: importlib.import_module(path) for name, path in _TF_PRIVACY_MODULES.items()})
+
+
+_TFMOT_MODULES = {
+    "sparsity": "tensorflow_model_optimization.sparsity.keras",
+    "pruning_wrapper": "tensorflow_model_optimization.python.core.sparsity.keras.pruning_wrapper",
+    "pruning_impl": "tensorflow_model_optimization.python.core.sparsity.keras.pruning_impl",
+}
+
+
+def tfmot() -> types.SimpleNamespace:
+  """Returns tfmot's pruning modules. Importing tfmot sets TF_USE_LEGACY_KERAS=1 in the
+  environment, so tfdp_prune only calls this once tfmot is already imported (a model holds its
+  wrappers; see `tfmot_interop`)."""
+  return types.SimpleNamespace(**{
+      name: importlib.import_module(path) for name, path in _TFMOT_MODULES.items()})
 
 
 def ensure_tf_keras_model(model) -> None:

@@ -2,6 +2,7 @@
 
 from tfdp_prune import _mask_callback
 from tfdp_prune import _validate
+from tfdp_prune import tfmot_interop
 from tfdp_prune.compat import keras
 from tfdp_prune.compat import tf
 
@@ -37,12 +38,16 @@ class ParameterFreezing(_mask_callback.MaskCallback):
 
   def on_train_begin(self, logs=None):
     if self.public_epochs:
+      tfmot_interop.take_over_schedules(self.model)  # no-op without tfmot wrappers
       pretrain_on_public_data(self.model, self.public_data, self.public_epochs,
                               self.public_learning_rate, self.public_batch_size)
     variables, masks = self._select(round_index=0)
     if self.frozen_value == "zero":
       for variable, mask in zip(variables, masks):
         variable.assign(tf.where(mask, variable, tf.zeros_like(variable)))
+
+  def _prunes(self):
+    return self.frozen_value == "zero"
 
   def get_config(self):
     return dict(super().get_config(), frozen_value=self.frozen_value,
