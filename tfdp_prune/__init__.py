@@ -3,6 +3,8 @@
 from tfdp_prune.accounting import PrivacyLedger
 from tfdp_prune.accounting import PrivacySpec
 from tfdp_prune.accounting import calibrate_noise_multiplier
+from tfdp_prune.budget import PrivacyBudget
+from tfdp_prune.budget import PrivacyBudgetExhaustedError
 from tfdp_prune.freezing import ParameterFreezing
 from tfdp_prune.maskable import MaskableSpec
 from tfdp_prune.masks import MagnitudeRule
@@ -17,6 +19,9 @@ from tfdp_prune.overlap import check_disjoint
 from tfdp_prune.overlap import fingerprint_examples
 from tfdp_prune.per_example import PerExampleEngine
 from tfdp_prune.per_example import VectorizedEngine
+from tfdp_prune.sampling import PoissonSampler
+from tfdp_prune.sampling import ShuffleSampler
+from tfdp_prune.sampling import make_sampler
 from tfdp_prune.selection import ParameterSelection
 from tfdp_prune.train_step import make_private
 
@@ -31,15 +36,20 @@ __all__ = [
     "ParameterFreezing",
     "ParameterSelection",
     "PerExampleEngine",
+    "PoissonSampler",
+    "PrivacyBudget",
+    "PrivacyBudgetExhaustedError",
     "PrivacyLedger",
     "PrivacySpec",
     "PublicDataFingerprint",
     "PublicGradientRule",
     "RandomRule",
+    "ShuffleSampler",
     "VectorizedEngine",
     "calibrate_noise_multiplier",
     "check_disjoint",
     "fingerprint_examples",
     "make_dp_optimizer_class",
+    "make_sampler",
     "make_private",
 ]

@@ -93,13 +93,13 @@ class PrivacySpec:
 
   def __post_init__(self):
     _validate.non_negative("noise_multiplier", self.noise_multiplier)
-    _non_negative_int("steps", self.steps)
-    _open_unit_interval("delta", self.delta)
-    _one_of("sampling", self.sampling, SAMPLINGS)
-    _one_of("accountant", self.accountant, ACCOUNTANTS)
+    _validate.non_negative_int("steps", self.steps)
+    _validate.open_unit_interval("delta", self.delta)
+    _validate.one_of("sampling", self.sampling, SAMPLINGS)
+    _validate.one_of("accountant", self.accountant, ACCOUNTANTS)
     _validate.positive("pld_discretization", self.pld_discretization)
     if self.sampling == "poisson":
-      _probability("sampling_probability", self.sampling_probability)
+      _validate.probability("sampling_probability", self.sampling_probability)
       for name in ("batch_size", "num_examples"):
         if getattr(self, name) is not None:
           raise ValueError(
@@ -308,7 +308,7 @@ class PrivacyLedger:
 
   def epsilon_after(self, more_steps: int) -> float:
     """Epsilon if `more_steps` further steps were taken (to stop before a budget is exceeded)."""
-    _non_negative_int("more_steps", more_steps)
+    _validate.non_negative_int("more_steps", more_steps)
     return self._spec.with_steps(self._spec.steps + more_steps).epsilon()
 
   def get_state(self) -> Dict[str, Any]:
@@ -359,23 +359,3 @@ def _unplain(value):
   if isinstance(value, list):
     return [_unplain(item) for item in value]
   return value
-
-
-def _non_negative_int(name: str, value) -> None:
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-    raise ValueError(f"Expected {name} to be an integer >= 0. Received: {name}={value!r}.")
-
-
-def _open_unit_interval(name: str, value) -> None:
-  if not _validate._is_real(value) or not 0 < value < 1:  # pylint: disable=protected-access
-    raise ValueError(f"Expected {name} in (0, 1). Received: {name}={value!r}.")
-
-
-def _probability(name: str, value) -> None:
-  if not _validate._is_real(value) or not 0 < value <= 1:  # pylint: disable=protected-access
-    raise ValueError(f"Expected {name} in (0, 1]. Received: {name}={value!r}.")
-
-
-def _one_of(name: str, value, choices) -> None:
-  if not isinstance(value, str) or value not in choices:
-    raise ValueError(f"Expected {name} in {list(choices)}. Received: {name}={value!r}.")
