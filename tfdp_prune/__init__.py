@@ -3,6 +3,8 @@
 from tfdp_prune.accounting import PrivacyLedger
 from tfdp_prune.accounting import PrivacySpec
 from tfdp_prune.accounting import calibrate_noise_multiplier
+from tfdp_prune.augmult import augment_views
+from tfdp_prune.augmult import augmult_map
 from tfdp_prune.budget import PrivacyBudget
 from tfdp_prune.budget import PrivacyBudgetExhaustedError
 from tfdp_prune.freezing import ParameterFreezing
@@ -11,6 +13,10 @@ from tfdp_prune.masks import MagnitudeRule
 from tfdp_prune.masks import MaskRule
 from tfdp_prune.masks import PublicGradientRule
 from tfdp_prune.masks import RandomRule
+from tfdp_prune.models import WSConv2D
+from tfdp_prune.models import mlp
+from tfdp_prune.models import mnist_cnn
+from tfdp_prune.models import wide_resnet
 from tfdp_prune.optimizer import DPKerasAdamOptimizer
 from tfdp_prune.optimizer import DPKerasSGDOptimizer
 from tfdp_prune.optimizer import make_dp_optimizer_class
@@ -46,10 +52,16 @@ __all__ = [
     "RandomRule",
     "ShuffleSampler",
     "VectorizedEngine",
+    "WSConv2D",
+    "augment_views",
+    "augmult_map",
     "calibrate_noise_multiplier",
     "check_disjoint",
     "fingerprint_examples",
     "make_dp_optimizer_class",
-    "make_sampler",
     "make_private",
+    "make_sampler",
+    "mlp",
+    "mnist_cnn",
+    "wide_resnet",
 ]
