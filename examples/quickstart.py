@@ -11,6 +11,9 @@ x = (x / 16.0).astype("float32")
 # A small public part (no privacy needed), the private part, and a test set.
 public, private, test = (x[:200], y[:200]), (x[200:1500], y[200:1500]), (x[1500:], y[1500:])
 
+# Poisson sampling: each private example joins each step with probability q.
+sampler = tfdp_prune.PoissonSampler(private, sampling_probability=100 / 1300, seed=0)
+
 keras.utils.set_random_seed(0)
 model = keras.Sequential([
     keras.Input((64,)),
@@ -19,7 +22,8 @@ model = keras.Sequential([
 ])
 model.compile(
     optimizer=tfdp_prune.DPKerasSGDOptimizer(
-        l2_norm_clip=1.0, noise_multiplier=1.0, learning_rate=0.5, momentum=0.9, seed=0),
+        l2_norm_clip=1.0, noise_multiplier=1.0, learning_rate=0.5, momentum=0.9, seed=0,
+        expected_batch_size=sampler.expected_batch_size),
     # DP needs one loss per example: reduction="none".
     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none"),
     metrics=["accuracy"],
@@ -30,11 +34,11 @@ tfdp_prune.make_private(model)  # model.fit now runs the DP train step
 # kernel with the smallest weights at zero. DP-SGD then trains and noises only the rest.
 freezing = tfdp_prune.ParameterFreezing(
     tfdp_prune.MagnitudeRule(sparsity=0.8), public_data=public, public_epochs=20)
+# Epsilon of the sampling actually done, in the logs of every epoch.
+budget = tfdp_prune.PrivacyBudget(
+    sampler.privacy_spec(noise_multiplier=1.0, steps=0, delta=1e-5), target_epsilon=8.0)
 
-model.fit(*private, batch_size=100, epochs=15, callbacks=[freezing], verbose=2)
+model.fit(sampler.dataset(), steps_per_epoch=sampler.physical_steps_per_epoch, epochs=15,
+          callbacks=[freezing, budget], verbose=2)
 print("test accuracy:", model.evaluate(*test, verbose=0)[1])
-
-# The guarantee of what ran: model.fit's shuffled fixed-size batches (13 per epoch).
-spec = tfdp_prune.PrivacySpec(noise_multiplier=1.0, steps=13 * 15, delta=1e-5, accountant="rdp",
-                              sampling="shuffle", batch_size=100, num_examples=1300)
-print(f"epsilon: {spec.epsilon():.2f} at delta 1e-5 ({spec.statement()})")
+print(f"epsilon: {budget.epsilon():.2f} at delta 1e-5 ({budget.ledger.spec.statement()})")

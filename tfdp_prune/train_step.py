@@ -43,8 +43,12 @@ def dp_train_step(model: keras.Model, data) -> dict:
       optimizer.l2_norm_clip, optimizer.num_microbatches)
   optimizer.apply_clipped_sum(engine_output.clipped, variables)
   model.dp_non_finite_examples.update_state(engine_output.clipped.num_non_finite)
-  model.compute_loss(x, y, engine_output.predictions, sample_weight)  # updates the loss metric
-  return model.compute_metrics(x, y, engine_output.predictions, sample_weight)
+  # Loss and metrics over the real rows only: Keras' unweighted metrics would count padding.
+  real = tf.not_equal(sample_weight, 0)
+  x, y, predictions, sample_weight = tf.nest.map_structure(
+      lambda t: tf.boolean_mask(t, real), (x, y, engine_output.predictions, sample_weight))
+  model.compute_loss(x, y, predictions, sample_weight)  # updates the loss metric
+  return model.compute_metrics(x, y, predictions, sample_weight)
 
 
 def _dp_optimizer(model):

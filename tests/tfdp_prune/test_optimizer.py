@@ -341,3 +341,18 @@ def test_one_class_per_base_class_and_saved_models_load_without_custom_objects(t
   loaded = keras.models.load_model(path)
   assert type(loaded.optimizer) is tfdp_prune.DPKerasAdamOptimizer
   assert loaded.optimizer.get_config() == model.optimizer.get_config()
+
+
+def test_training_metrics_ignore_padding_rows():
+  x, y = T.dense_data(n=8)
+  model = T.dense_model()
+  model.compile(optimizer=tfdp_prune.DPKerasSGDOptimizer(1.0, 0.0, learning_rate=0.0),
+                loss=T.per_example_loss(), metrics=["accuracy"])
+  tfdp_prune.make_private(model)
+  predicted = np.argmax(model.predict(x, verbose=0), axis=1)
+  y_padded = np.concatenate([predicted, (predicted + 1) % 3])  # padding rows all wrong
+  history = model.fit(np.concatenate([x, x]), y_padded, batch_size=16, verbose=0,
+                      sample_weight=np.concatenate([np.ones(8), np.zeros(8)]))
+  assert history.history["accuracy"] == [1.0]
+  expected_loss = float(np.mean(T.per_example_loss()(predicted, model(x)).numpy()))
+  assert history.history["loss"][0] == pytest.approx(expected_loss, rel=1e-5)
