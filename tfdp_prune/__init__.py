@@ -7,6 +7,10 @@ from tfdp_prune.augmult import augment_views
 from tfdp_prune.augmult import augmult_map
 from tfdp_prune.budget import PrivacyBudget
 from tfdp_prune.budget import PrivacyBudgetExhaustedError
+from tfdp_prune.data import DatasetNotAvailableError
+from tfdp_prune.data import DataSplits
+from tfdp_prune.data import load as load_data
+from tfdp_prune.ema import ExponentialMovingAverage
 from tfdp_prune.freezing import ParameterFreezing
 from tfdp_prune.maskable import MaskableSpec
 from tfdp_prune.masks import MagnitudeRule
@@ -36,6 +40,9 @@ __version__ = "0.1.0"
 __all__ = [
     "DPKerasAdamOptimizer",
     "DPKerasSGDOptimizer",
+    "DataSplits",
+    "DatasetNotAvailableError",
+    "ExponentialMovingAverage",
     "MagnitudeRule",
     "MaskRule",
     "MaskableSpec",
@@ -58,6 +65,7 @@ __all__ = [
     "calibrate_noise_multiplier",
     "check_disjoint",
     "fingerprint_examples",
+    "load_data",
     "make_dp_optimizer_class",
     "make_private",
     "make_sampler",

@@ -1,0 +1,308 @@
+"""Data by name: a PUBLIC part, a disjoint PRIVATE part and a test part, as numpy arrays.
+
+`load(dataset="digits", ...)` returns `DataSplits(public, private, test, info)`, each part an
+`(x, y)` pair of numpy arrays, ready for `model.fit`, the samplers and the mask callbacks:
+
+  splits = tfdp_prune.data.load()                                   # digits, offline
+  splits = tfdp_prune.data.load("mnist", public_split="train[:2%]",
+                                private_split="train[2%:]", test_split="test")
+  splits = tfdp_prune.data.load("mnist", public_dataset="fashion_mnist",
+                                public_split="train[:1000]")          # public from elsewhere
+
+Sources
+  "digits": scikit-learn's `load_digits` (1,797 real 8x8 handwritten digits, 10 classes), which
+    ships inside scikit-learn: the embedded default, no download. It is one split, "train", put
+    in a fixed order by `seed` (below); x has shape (N, 64) (`x.reshape(-1, 8, 8, 1)` gives
+    images), pixel values 0..16 scaled by 1/16 to float32 [0, 1].
+  any other name: a TensorFlow Datasets builder, read with
+    `tfds.load(name, split=..., as_supervised=True)`. Images stored as uint8 are scaled by 1/255
+    to float32 [0, 1]; other features are returned as stored.
+
+Splits use the TFDS split syntax for every source ("train", "train[:10%]", "train[100:]",
+"test[:50%]+train[:5%]"; https://www.tensorflow.org/datasets/splits), parsed by TFDS itself, so
+digits and TFDS datasets slice the same way. Defaults: digits: public "train[:10%]", private
+"train[10%:80%]", test "train[80%:]"; TFDS: public "train[:2%]", private "train[2%:]", test
+"test". `test_split=None` loads no test part.
+
+The digits order: for each class, the examples are permuted with `numpy.random.default_rng(seed)`,
+then the classes are interleaved by their position within the class (the k-th of n_c examples of
+class c sits at k / n_c), so every contiguous slice holds each class in proportion (within one
+example per class): a deterministic, stratified split for every seed. `seed` only orders digits;
+TFDS splits are read in their stored order (no shuffle), as TFDS defines them.
+
+Privacy checks (DESIGN.md rule 4), always run:
+  - `overlap.check_disjoint(public, private)`: raises with the number of private examples found
+    in the public part (compared by features, labels ignored), e.g. for overlapping slices
+    `train[:10%]` and `train[5%:]`. `allow_overlap=True` logs the overlap instead (only when the
+    overlap is itself public); the count goes to `info.overlap_count`.
+  - `info.public_fingerprint`: `overlap.PublicDataFingerprint` of the public part as returned
+    (after scaling), for the privacy metadata.
+The test part is not checked against the others (it is used for evaluation, not for masks).
+
+A public part from another dataset (`public_dataset=`) must have the same input shape and the
+same number of classes as the private dataset (one model, one output layer); otherwise a
+ValueError says which differs. No name is ever replaced by another dataset: an unknown name, or a
+TFDS dataset that is not prepared on this machine, raises an error that lists what is available
+offline and how to get the dataset.
+
+Memory: each part is read completely into memory, as float32 after scaling (4 bytes per pixel,
+plus the uint8 copy while converting): MNIST's 60,000 training images take 188 MB, CIFAR-10's
+50,000 take 614 MB. Larger datasets need a streaming tf.data pipeline instead of this loader.
+(`tfds.load(..., batch_size=-1)` would hold the same; it is not used because it batches by the
+split metadata, which `tfds.testing.mock_data` does not provide.)
+
+TFDS is imported only when it is needed (any split string is parsed by it, so also for digits);
+scikit-learn only for digits. This module imports nothing of tfdp_prune but `_validate` and
+`overlap`.
+"""
+
+import dataclasses
+import glob
+import os
+import types
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+
+from tfdp_prune import _validate
+from tfdp_prune import overlap
+
+DIGITS = "digits"
+_DIGITS_SIZE = 1797
+DEFAULT_SPLITS = {
+    DIGITS: ("train[:10%]", "train[10%:80%]", "train[80%:]"),
+    "tfds": ("train[:2%]", "train[2%:]", "test"),
+}
+
+
+class DatasetNotAvailableError(ValueError):
+  """The dataset is unknown, or known to TFDS but not prepared on this machine."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataInfo:
+  """What was loaded, for logs and the privacy metadata (`to_dict()` is JSON-compatible)."""
+
+  dataset: str
+  public_dataset: str
+  public_split: str
+  private_split: str
+  test_split: Optional[str]
+  num_public: int
+  num_private: int
+  num_test: int
+  num_classes: int
+  input_shape: Tuple[int, ...]
+  public_fingerprint: overlap.PublicDataFingerprint
+  overlap_count: int
+  seed: int
+
+  def to_dict(self) -> Dict[str, Any]:
+    result = dataclasses.asdict(self)
+    result["input_shape"] = list(self.input_shape)
+    result["public_fingerprint"] = self.public_fingerprint.to_dict()
+    return result
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DataSplits:
+  """`public`, `private` and `test` as `(x, y)` numpy pairs (x float32 in [0, 1] for images
+  stored as uint8, y int32 class ids); `test` is None without a test split."""
+
+  public: Tuple[np.ndarray, np.ndarray]
+  private: Tuple[np.ndarray, np.ndarray]
+  test: Optional[Tuple[np.ndarray, np.ndarray]]
+  info: DataInfo
+
+  def __post_init__(self):
+    for name in ("public", "private", "test"):
+      part = getattr(self, name)
+      if part is None and name == "test":
+        continue
+      if not (isinstance(part, tuple) and len(part) == 2 and len(part[0]) == len(part[1])):
+        raise ValueError(f"Expected {name}=(x, y) with as many labels as examples. Received: "
+                         f"{type(part).__name__}.")
+
+
+def load(dataset: str = DIGITS, public_split: Optional[str] = None,
+         private_split: Optional[str] = None, test_split: Optional[str] = "default",
+         public_dataset: Optional[str] = None, seed: int = 0, allow_overlap: bool = False,
+         data_dir: Optional[str] = None, download: bool = False) -> DataSplits:
+  """Loads the public, private and test parts of `dataset` (see the module docstring).
+
+  Args:
+    dataset: "digits" (embedded) or a TFDS name, optionally with config/version
+      ("mnist", "cifar10", "mnist:3.*.*").
+    public_split, private_split, test_split: TFDS split strings; None (public/private) or
+      "default" (test) takes the source's default; test_split=None loads no test part.
+    public_dataset: the dataset of the public part; None means `dataset` itself.
+    seed: orders digits (a stratified split per seed); TFDS splits do not depend on it.
+    allow_overlap: passed to `overlap.check_disjoint`.
+    data_dir: the TFDS data directory (default: TFDS's, `$TFDS_DATA_DIR` or
+      ~/tensorflow_datasets).
+    download: let TFDS download and prepare a missing dataset (needs internet). False by default:
+      a dataset not prepared here raises `DatasetNotAvailableError` instead of a download.
+  """
+  _check_name("dataset", dataset)
+  public_dataset = dataset if public_dataset is None else public_dataset
+  _check_name("public_dataset", public_dataset)
+  _validate.non_negative_int("seed", seed)
+  for name, value in (("allow_overlap", allow_overlap), ("download", download)):
+    if not isinstance(value, bool):
+      raise ValueError(f"Expected {name} to be True or False. Received: {name}={value!r}.")
+  defaults = DEFAULT_SPLITS[DIGITS if dataset == DIGITS else "tfds"]
+  public_defaults = DEFAULT_SPLITS[DIGITS if public_dataset == DIGITS else "tfds"]
+  public_split = public_defaults[0] if public_split is None else public_split
+  private_split = defaults[1] if private_split is None else private_split
+  test_split = defaults[2] if test_split == "default" else test_split
+  read = lambda name, split: _read(name, split, seed, data_dir, download)
+
+  private, num_classes = read(dataset, private_split)
+  public, public_classes = read(public_dataset, public_split)
+  if public_dataset != dataset:
+    _check_compatible(dataset, private, num_classes, public_dataset, public, public_classes)
+  public_counts = overlap.fingerprint_examples(public)
+  overlap_count = overlap.check_disjoint(public_counts, private, allow_overlap=allow_overlap)
+  test = read(dataset, test_split)[0] if test_split is not None else None
+  info = DataInfo(
+      dataset=dataset, public_dataset=public_dataset, public_split=str(public_split),
+      private_split=str(private_split), test_split=None if test_split is None else str(test_split),
+      num_public=len(public[1]), num_private=len(private[1]),
+      num_test=0 if test is None else len(test[1]), num_classes=num_classes,
+      input_shape=tuple(int(d) for d in private[0].shape[1:]),
+      public_fingerprint=overlap.PublicDataFingerprint.from_fingerprints(public_counts),
+      overlap_count=overlap_count, seed=seed)
+  return DataSplits(public=public, private=private, test=test, info=info)
+
+
+def digits_order(labels: np.ndarray, seed: int) -> np.ndarray:
+  """The stratified order of the module docstring: indices into `labels`."""
+  rng = np.random.default_rng(seed)
+  positions = np.empty(len(labels), np.float64)
+  for label in np.unique(labels):
+    members = rng.permutation(np.flatnonzero(labels == label))
+    positions[members] = (np.arange(len(members)) + 0.5) / len(members)
+  # Ties in position (classes of equal size) are broken by the label, then the index.
+  return np.lexsort((np.arange(len(labels)), labels, positions))
+
+
+# ---- internals ---------------------------------------------------------------------------------
+
+
+def _check_name(name, value):
+  if not isinstance(value, str) or not value:
+    raise ValueError(f"Expected {name} to be a dataset name (a non-empty string: 'digits' or a "
+                     f"TensorFlow Datasets name). Received: {name}={value!r}.")
+
+
+def _read(name, split, seed, data_dir, download):
+  """((x, y), num_classes) of one split of one dataset."""
+  if not isinstance(split, str) or not split:
+    raise ValueError(f"Expected a TFDS split string such as 'train[:10%]'. Received: {split!r}.")
+  if name == DIGITS:
+    return _read_digits(split, seed)
+  return _read_tfds(name, split, data_dir, download)
+
+
+def _read_digits(split, seed):
+  from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  x, y = sk_datasets.load_digits(return_X_y=True)
+  order = digits_order(y, seed)
+  x, y = (x[order] / 16.0).astype(np.float32), y[order].astype(np.int32)
+  infos = {"train": types.SimpleNamespace(num_examples=len(y), shard_lengths=[len(y)])}
+  try:
+    instructions = tfds.core.ReadInstruction.from_spec(split).to_absolute(infos)
+  except ValueError as error:
+    raise ValueError(f"Invalid split {split!r} for 'digits', which has one split, 'train', of "
+                     f"{len(y)} examples (e.g. 'train[:10%]', 'train[100:]'): {error}") from None
+  # TFDS writes a slice that starts at 0 or ends at the split's end with None.
+  indices = np.concatenate([np.arange(i.from_ or 0, len(y) if i.to is None else i.to,
+                                      dtype=np.int64) for i in instructions])
+  return (x[indices], y[indices]), 10
+
+
+def _read_tfds(name, split, data_dir, download):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as error:
+    raise DatasetNotAvailableError(
+        f"Unknown dataset {name!r}: it is neither 'digits' nor a TensorFlow Datasets builder "
+        f"({str(error).splitlines()[0]}). {_available_offline(data_dir)}") from None
+  try:
+    dataset = tfds.load(name, split=split, as_supervised=True, data_dir=data_dir,
+                        download=download, shuffle_files=False)
+  except AssertionError as error:  # TFDS's way to say "not prepared" when download=False
+    if "could not find data" not in str(error):
+      raise
+    raise DatasetNotAvailableError(
+        f"The TensorFlow Datasets dataset {name!r} is not prepared in "
+        f"{builder.data_dir_root or data_dir}, and download=False. Prepare it on a machine with "
+        f"internet (`tfds.builder({name!r}).download_and_prepare()`) and copy its folder into "
+        f"the TFDS data directory, pass download=True (needs internet), or use the embedded "
+        f"dataset='digits'. {_available_offline(data_dir)}") from None
+  x, y = _to_numpy(dataset, tf)
+  if x.dtype == np.uint8:
+    x = x.astype(np.float32) / np.float32(255.0)
+  return (x, y.astype(np.int32)), _num_classes(builder, name)
+
+
+def _to_numpy(dataset, tf):
+  """All (x, y) of a finite dataset as two numpy arrays (one batch when the size is known)."""
+  size = int(dataset.cardinality())
+  if size == 0:
+    raise ValueError("Expected a non-empty split. Received a split with 0 examples.")
+  if size > 0:
+    x, y = dataset.batch(size).get_single_element()
+    return x.numpy(), y.numpy()
+  if size == int(tf.data.INFINITE_CARDINALITY):
+    raise ValueError("Expected a finite split. Received an infinite dataset.")
+  xs, ys = [], []
+  for x, y in dataset.batch(4096).as_numpy_iterator():
+    xs.append(x)
+    ys.append(y)
+  if not xs:
+    raise ValueError("Expected a non-empty split. Received a split with 0 examples.")
+  return np.concatenate(xs), np.concatenate(ys)
+
+
+def _num_classes(builder, name):
+  keys = builder.info.supervised_keys
+  label = keys[1] if keys else None
+  feature = builder.info.features[label] if label is not None else None
+  num_classes = getattr(feature, "num_classes", None)
+  if not num_classes:
+    raise ValueError(f"Expected {name!r} to have a class label (a tfds ClassLabel as its "
+                     f"supervised target). Received supervised_keys={keys!r}.")
+  return int(num_classes)
+
+
+def _check_compatible(dataset, private, num_classes, public_dataset, public, public_classes):
+  shape, public_shape = private[0].shape[1:], public[0].shape[1:]
+  if shape != public_shape or num_classes != public_classes:
+    raise ValueError(
+        f"Expected the public dataset {public_dataset!r} to match the private dataset "
+        f"{dataset!r}: the same input shape and number of classes (one model trains on both). "
+        f"Received input shape {tuple(public_shape)} vs {tuple(shape)}, {public_classes} vs "
+        f"{num_classes} classes.")
+  if public[0].dtype != private[0].dtype:
+    raise ValueError(f"Expected the public and private inputs to have the same dtype. Received "
+                     f"{public[0].dtype} ({public_dataset!r}) vs {private[0].dtype} "
+                     f"({dataset!r}).")
+
+
+def _available_offline(data_dir):
+  """The sentence that lists what `load` can read without internet."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  root = data_dir or tfds.core.constants.DATA_DIR
+  prepared = sorted({os.path.relpath(path, root).split(os.sep)[0]
+                     for depth in ("*/*", "*/*/*")
+                     for path in glob.glob(os.path.join(root, depth, "dataset_info.json"))})
+  listed = ", ".join(repr(name) for name in prepared) if prepared else "none"
+  return (f"Available offline: 'digits' (scikit-learn's digits, embedded) and the TFDS datasets "
+          f"prepared in {root}: {listed}.")
