@@ -1,6 +1,11 @@
 """tfdp_prune: differentially private Keras training with public-data pruning."""
 
+import re
+
 import setuptools
+
+VERSION = re.search(r'__version__ = "([^"]+)"',
+                    open("tfdp_prune/version.py", encoding="utf-8").read()).group(1)
 
 INSTALL_REQUIRES = [
     # TF and tf_keras move together: tf_keras 2.X only supports TensorFlow 2.X.
@@ -24,7 +29,7 @@ INSTALL_REQUIRES = [
 
 setuptools.setup(
     name="tfdp_prune",
-    version="0.1.0",
+    version=VERSION,
     description="Differentially private Keras training of the parameters chosen from public data.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

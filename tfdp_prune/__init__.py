@@ -7,6 +7,9 @@ from tfdp_prune.augmult import augment_views
 from tfdp_prune.augmult import augmult_map
 from tfdp_prune.budget import PrivacyBudget
 from tfdp_prune.budget import PrivacyBudgetExhaustedError
+from tfdp_prune.checkpointing import DPCheckpoint
+from tfdp_prune.checkpointing import latest_checkpoint
+from tfdp_prune.checkpointing import restore_latest
 from tfdp_prune.data import DatasetNotAvailableError
 from tfdp_prune.data import DataSplits
 from tfdp_prune.data import load as load_data
@@ -34,10 +37,10 @@ from tfdp_prune.sampling import ShuffleSampler
 from tfdp_prune.sampling import make_sampler
 from tfdp_prune.selection import ParameterSelection
 from tfdp_prune.train_step import make_private
-
-__version__ = "0.1.0"
+from tfdp_prune.version import __version__
 
 __all__ = [
+    "DPCheckpoint",
     "DPKerasAdamOptimizer",
     "DPKerasSGDOptimizer",
     "DataSplits",
@@ -65,11 +68,13 @@ __all__ = [
     "calibrate_noise_multiplier",
     "check_disjoint",
     "fingerprint_examples",
+    "latest_checkpoint",
     "load_data",
     "make_dp_optimizer_class",
     "make_private",
     "make_sampler",
     "mlp",
     "mnist_cnn",
+    "restore_latest",
     "wide_resnet",
 ]

@@ -147,6 +147,8 @@ def make_dp_optimizer_class(cls):
     def at_logical_batch_start(self) -> bool:
       """True when no physical batch of the next logical batch has been accumulated yet: the
       moment a new mask can be set without splitting a logical batch between two masks."""
+      if not getattr(self, "_built", False):
+        return True  # nothing accumulated before the first step
       return int(self._micro_steps.numpy()) % self.gradient_accumulation_steps == 0
 
     def update_masks(self, variables):

@@ -33,8 +33,8 @@ The cap, and what happens above it (never a silent truncation)
 
 Epochs, steps and resuming
   By convention one epoch is `steps_per_epoch = max(1, round(1 / q))` logical steps (each
-  example is then used about once per epoch on average), i.e. `physical_steps_per_epoch = K * steps_per_epoch` elements of the
-  dataset, the number to pass to `model.fit(..., steps_per_epoch=...)`. `sampler.dataset()` is
+  example is then used about once per epoch on average), i.e.
+  `physical_steps_per_epoch = K * steps_per_epoch` elements of the dataset, the number to pass to `model.fit(..., steps_per_epoch=...)`. `sampler.dataset()` is
   infinite on purpose: with `steps_per_epoch` Keras keeps one iterator across epochs. (A finite
   dataset of exactly one epoch would be re-iterated from its start every epoch, replaying the
   same draws, which the accounting assumes are fresh.)

@@ -1,0 +1,347 @@
+"""Checkpoint and resume: model, DP optimizer (masks, noise RNG, accumulators), ledger, sampler.
+
+The claims (DESIGN.md rules 8, 9, 10):
+  - a resumed run ends bit-identical to an uninterrupted one, with the same logical steps and
+    epsilon, in process and across processes after a SIGKILL in the middle of training;
+  - checkpoints are taken between logical batches only;
+  - a kill leaves no checkpoint that a reader trusts unless it is complete: temporary and
+    incomplete directories are ignored, then deleted by the next writer;
+  - resuming never lowers the spent budget, and refuses another sampler or other DP settings.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import tfdp_prune
+from tfdp_prune import checkpointing
+from tfdp_prune.compat import tf
+from tests.tfdp_prune import _testing as T
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_REPO = os.path.dirname(os.path.dirname(_HERE))
+_WORKER = os.path.join(_HERE, "_resume_worker.py")
+
+SIGMA = 1.0
+K = 2  # gradient accumulation: one logical step is two physical batches
+
+
+def _sampler(seed=11):
+  return tfdp_prune.PoissonSampler(T.dense_data(n=64), sampling_probability=0.25, seed=seed,
+                                   gradient_accumulation_steps=K)
+
+
+def _model(sampler, init_seed=4, noise_multiplier=SIGMA):
+  return T.dp_model(T.dense_model(seed=init_seed), noise_multiplier=noise_multiplier, seed=5,
+                    momentum=0.9, learning_rate=0.2, gradient_accumulation_steps=K,
+                    expected_batch_size=sampler.expected_batch_size)
+
+
+def _budget(sampler):
+  return tfdp_prune.PrivacyBudget(
+      sampler.privacy_spec(noise_multiplier=SIGMA, steps=0, delta=1e-5, accountant="rdp"))
+
+
+def _set_masks(model):
+  model.optimizer.build(model.trainable_variables)
+  masks = T.random_masks(model.trainable_variables, seed=9)
+  model.optimizer.set_update_masks(model.trainable_variables, masks)
+  return masks
+
+
+def _train(model, sampler, start, stop, callbacks=()):
+  model.fit(sampler.dataset(start_step=start), steps_per_epoch=K * (stop - start), epochs=1,
+            verbose=0, callbacks=list(callbacks))
+
+
+def _is_complete(path):
+  """Independently of the library: the marker, and every file of the sidecar at its size."""
+  if not os.path.isfile(os.path.join(path, checkpointing.MARKER)):
+    return False
+  with open(os.path.join(path, checkpointing.SIDECAR), encoding="utf-8") as f:
+    files = json.load(f)["files"]
+  return all(os.path.getsize(os.path.join(path, n)) == size for n, size in files.items())
+
+
+# ---- in process -------------------------------------------------------------------------------
+
+def test_resume_in_process_is_bit_identical_to_an_uninterrupted_run(tmp_path):
+  sampler = _sampler()
+  reference, reference_budget = _model(sampler), _budget(sampler)
+  masks = _set_masks(reference)
+  _train(reference, sampler, 0, 7, [reference_budget])
+
+  interrupted, budget = _model(sampler), _budget(sampler)
+  _set_masks(interrupted)
+  _train(interrupted, sampler, 0, 5, [budget, checkpointing.DPCheckpoint(
+      tmp_path, every_steps=2, budget=budget, sampler=sampler)])
+  assert sorted(os.listdir(tmp_path)) == ["ckpt-2", "ckpt-4", "latest"]  # step 5: lost
+
+  # Other initial weights, optimizer not built, all-ones masks: everything must come back.
+  resumed, resumed_budget = _model(sampler, init_seed=99), _budget(sampler)
+  step = checkpointing.restore_latest(tmp_path, resumed, budget=resumed_budget, sampler=sampler)
+  assert step == 4 == int(resumed.optimizer.iterations.numpy()) == resumed_budget.ledger.steps
+  for got, want in zip(resumed.optimizer.update_masks(resumed.trainable_variables), masks):
+    np.testing.assert_array_equal(got.numpy(), want.astype("float32"))
+  assert int(resumed.optimizer._micro_steps.numpy()) == K * 4  # pylint: disable=protected-access
+  _train(resumed, sampler, step, 7, [resumed_budget, checkpointing.DPCheckpoint(
+      tmp_path, every_steps=2, budget=resumed_budget, sampler=sampler)])
+
+  assert int(resumed.optimizer.iterations.numpy()) == 7 == resumed_budget.steps
+  assert resumed_budget.epsilon() == reference_budget.epsilon() == (
+      sampler.privacy_spec(noise_multiplier=SIGMA, steps=7, delta=1e-5,
+                           accountant="rdp").epsilon())
+  for got, want in zip(T.weights(resumed), T.weights(reference)):
+    np.testing.assert_array_equal(got, want)
+  assert checkpointing.latest_checkpoint(tmp_path).step == 6
+
+
+def test_saves_only_between_logical_batches_and_epoch_ends_wait_for_one(tmp_path):
+  x, y = T.dense_data(n=48)  # 3 physical batches of 16 per epoch: an epoch ends mid-logical-batch
+  model = T.dp_model(T.dense_model(), noise_multiplier=SIGMA, seed=0,
+                     gradient_accumulation_steps=K)
+  saved = []
+
+  class _Record(checkpointing.DPCheckpoint):
+    def save(self):
+      assert self.model.optimizer.at_logical_batch_start()
+      saved.append(int(self.model.optimizer.iterations.numpy()))
+      return super().save()
+
+  model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0,
+            callbacks=[_Record(tmp_path, every_epoch=True)])
+  assert saved == [2, 3]  # epoch 1 ends after 1.5 logical steps: saved at step 2
+  info = checkpointing.latest_checkpoint(tmp_path)
+  assert info.step == 3 and info.metadata["budget"] is None and info.metadata["sampler"] is None
+  assert info.metadata["tfdp_prune_version"] == tfdp_prune.__version__
+  model.fit(x[:16], y[:16], batch_size=16, verbose=0)  # now inside a logical batch
+  callback = checkpointing.DPCheckpoint(tmp_path, every_steps=1)
+  callback.set_model(model)
+  with pytest.raises(RuntimeError, match="between logical batches"):
+    callback.save()
+
+
+def test_ignores_temporary_and_incomplete_checkpoints_and_the_writer_deletes_them(tmp_path):
+  sampler = _sampler()
+  model, budget = _model(sampler), _budget(sampler)
+  _set_masks(model)
+  _train(model, sampler, 0, 3, [budget, checkpointing.DPCheckpoint(
+      tmp_path, every_steps=1, budget=budget, sampler=sampler, keep=5)])
+  at_step_3 = T.weights(model)
+  # What a kill during a write leaves: a half-written temporary directory.
+  half = tmp_path / ".tmp-ckpt-4-12345-abcdef01"
+  half.mkdir()
+  (half / "state.index").write_bytes(b"\x00\x01half")
+  # Newer directories: garbage without the completion marker, one with a truncated file, one
+  # intact but unmarked, and a pointer to the garbage: none of them is trusted.
+  garbage = tmp_path / "ckpt-9"
+  garbage.mkdir()
+  (garbage / "state.index").write_bytes(os.urandom(64))
+  (garbage / checkpointing.SIDECAR).write_text("{not json")
+  truncated = tmp_path / "ckpt-7"
+  shutil.copytree(tmp_path / "ckpt-3", truncated)
+  sidecar = json.loads((truncated / checkpointing.SIDECAR).read_text())
+  (truncated / checkpointing.SIDECAR).write_text(json.dumps(dict(sidecar, step=7)))
+  data = next(p for p in truncated.iterdir() if p.name.startswith("state.data"))
+  data.write_bytes(data.read_bytes()[:10])
+  (tmp_path / checkpointing.POINTER).write_text("ckpt-9\n")
+  unmarked = tmp_path / "ckpt-8"  # intact files and sidecar, but no completion marker
+  shutil.copytree(tmp_path / "ckpt-3", unmarked)
+  (unmarked / checkpointing.SIDECAR).write_text(json.dumps(dict(sidecar, step=8)))
+  (unmarked / checkpointing.MARKER).unlink()
+
+  assert checkpointing.latest_checkpoint(tmp_path).step == 3
+  resumed, resumed_budget = _model(sampler, init_seed=99), _budget(sampler)
+  assert checkpointing.restore_latest(tmp_path, resumed, budget=resumed_budget,
+                                      sampler=sampler) == 3
+  for got, want in zip(T.weights(resumed), at_step_3):
+    np.testing.assert_array_equal(got, want)
+  # A reader deletes nothing (it may run beside the writer).
+  assert all(os.path.isdir(p) for p in (half, garbage, truncated, unmarked))
+
+  _train(resumed, sampler, 3, 4, [resumed_budget, checkpointing.DPCheckpoint(
+      tmp_path, every_steps=1, budget=resumed_budget, sampler=sampler, keep=3)])
+  assert sorted(os.listdir(tmp_path)) == ["ckpt-2", "ckpt-3", "ckpt-4", "latest"]
+  assert all(_is_complete(tmp_path / f"ckpt-{s}") for s in (2, 3, 4))
+  assert (tmp_path / checkpointing.POINTER).read_text() == "ckpt-4\n"
+
+
+def test_resuming_never_lowers_the_budget(tmp_path):
+  sampler = _sampler()
+  model, budget = _model(sampler), _budget(sampler)
+  _train(model, sampler, 0, 2, [budget, checkpointing.DPCheckpoint(
+      tmp_path, every_steps=2, budget=budget, sampler=sampler)])
+  spent = _budget(sampler)  # a budget that already counted 5 steps (another model, same data)
+  _train(_model(sampler), sampler, 0, 5, [spent])
+  resumed = _model(sampler)
+  assert checkpointing.restore_latest(tmp_path, resumed, budget=spent, sampler=sampler) == 2
+  assert spent.ledger.steps == 5
+  _train(resumed, sampler, 2, 3, [spent])
+  assert spent.steps == 6  # the re-run step is counted again, never refunded
+
+
+def test_refuses_another_sampler_other_dp_settings_and_a_stale_ledger(tmp_path):
+  sampler = _sampler()
+  model, budget = _model(sampler), _budget(sampler)
+  _train(model, sampler, 0, 1, [budget, checkpointing.DPCheckpoint(
+      tmp_path, every_steps=1, budget=budget, sampler=sampler)])
+  with pytest.raises(ValueError, match="sampler differs"):
+    checkpointing.restore_latest(tmp_path, _model(sampler), sampler=_sampler(seed=12))
+  with pytest.raises(ValueError, match="noise_multiplier: checkpointed 1.0, now 2.0"):
+    checkpointing.restore_latest(tmp_path, _model(sampler, noise_multiplier=2.0))
+  plain = T.dense_model()
+  plain.compile(optimizer="sgd", loss="mse")
+  with pytest.raises(ValueError, match="DP optimizer"):
+    checkpointing.restore_latest(tmp_path, plain)
+  # The budget is not among fit's callbacks: its ledger lags the optimizer; saving it would
+  # under-report epsilon.
+  with pytest.raises(RuntimeError, match="fewer than the optimizer's"):
+    _train(_model(sampler), sampler, 0, 1, [checkpointing.DPCheckpoint(
+        tmp_path / "other", every_steps=1, budget=_budget(sampler))])
+
+
+def test_more_trackable_state_is_saved_and_restored_by_name(tmp_path):
+  # What `ExponentialMovingAverage.state` is: a tf.Module of variables outside model/optimizer.
+  sampler = _sampler()
+  model, state = _model(sampler), tf.Module()
+  state.average = tf.Variable([1.5, -2.0])
+  _train(model, sampler, 0, 1, [checkpointing.DPCheckpoint(
+      tmp_path, every_steps=1, trackables={"ema": state})])
+  restored = tf.Module()
+  restored.average = tf.Variable([0.0, 0.0])
+  assert checkpointing.restore_latest(tmp_path, _model(sampler),
+                                      trackables={"ema": restored}) == 1
+  np.testing.assert_array_equal(restored.average.numpy(), [1.5, -2.0])
+  assert checkpointing.latest_checkpoint(tmp_path).metadata["trackables"] == ["ema"]
+  with pytest.raises(ValueError, match="holds no"):
+    checkpointing.restore_latest(tmp_path, _model(sampler), trackables={"other": restored})
+
+
+def test_no_checkpoint_returns_none_and_changes_nothing(tmp_path):
+  sampler = _sampler()
+  model = _model(sampler)
+  before = T.weights(model)
+  assert checkpointing.restore_latest(tmp_path / "missing", model) is None
+  assert checkpointing.restore_latest(tmp_path, model) is None
+  assert int(model.optimizer.iterations.numpy()) == 0
+  for got, want in zip(T.weights(model), before):
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(), "every_steps=<int> or every_epoch=True"),
+    (dict(every_steps=0), "every_steps"),
+    (dict(every_steps=1, keep=0), "keep"),
+    (dict(every_epoch=1), "every_epoch to be a bool"),
+    (dict(every_steps=1, budget=object()), "PrivacyBudget"),
+    (dict(every_steps=1, sampler=object()), "sampler"),
+    (dict(every_steps=1, trackables={"model": tf.Module()}), "trackables"),
+    (dict(every_steps=1, trackables={"ema": object()}), "trackables"),
+])
+def test_invalid_arguments_raise(tmp_path, kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    checkpointing.DPCheckpoint(tmp_path, **kwargs)
+
+
+def test_get_config_round_trips(tmp_path):
+  callback = checkpointing.DPCheckpoint(tmp_path, every_steps=3, every_epoch=True, keep=2)
+  config = callback.get_config()
+  assert checkpointing.DPCheckpoint.from_config(config).get_config() == config
+  assert config == {"directory": str(tmp_path), "every_steps": 3, "every_epoch": True, "keep": 2}
+
+
+# ---- across processes: SIGKILL in the middle, then resume ---------------------------------------
+
+_TOTAL_STEPS = 40
+_KILL_AFTER = 10  # kill once the pointer names a checkpoint at or beyond this logical step
+_TIMEOUT_S = 150  # per process; each takes about 10 s alone on 2 cores
+
+
+def _worker_env():
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO, env.get("PYTHONPATH")) if p)
+  env["CUDA_VISIBLE_DEVICES"] = ""
+  env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+  return env
+
+
+def _pointer_step(directory):
+  try:
+    with open(os.path.join(directory, checkpointing.POINTER), encoding="utf-8") as f:
+      return int(f.read().strip()[len("ckpt-"):])
+  except (OSError, ValueError):
+    return None
+
+
+@pytest.fixture
+def processes():
+  """Started worker processes; any still running at the end is killed."""
+  started = []
+  yield started
+  for proc, log in started:
+    if proc.poll() is None:
+      proc.kill()
+    proc.wait(timeout=30)
+    log.close()
+
+
+def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path, processes):
+  ckpt_dir = str(tmp_path / "ckpt")
+
+  def start(mode, out, sleep):
+    log = open(tmp_path / f"{out}.log", "w")  # pylint: disable=consider-using-with
+    proc = subprocess.Popen(
+        [sys.executable, _WORKER, mode, ckpt_dir, str(tmp_path / out), str(_TOTAL_STEPS),
+         str(sleep)], env=_worker_env(), cwd=_REPO, stdout=log, stderr=subprocess.STDOUT)
+    processes.append((proc, log))
+    return proc
+
+  def wait(proc, out):
+    try:
+      code = proc.wait(timeout=_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      code = None
+    if code != 0:
+      pytest.fail(f"{out} exited with {code} (None: killed after {_TIMEOUT_S}s):\n"
+                  + (tmp_path / f"{out}.log").read_text()[-3000:])
+    return np.load(tmp_path / out)
+
+  reference = start("reference", "reference.npz", 0.0)  # runs beside the one to be killed
+  victim = start("train", "victim.npz", 0.05)
+  deadline = time.monotonic() + _TIMEOUT_S
+  while (_pointer_step(ckpt_dir) or 0) < _KILL_AFTER:
+    if victim.poll() is not None or time.monotonic() > deadline:
+      pytest.fail(f"the training process never reached step {_KILL_AFTER} (exit code "
+                  f"{victim.poll()}):\n" + (tmp_path / "victim.npz.log").read_text()[-3000:])
+    time.sleep(0.02)
+  victim.send_signal(signal.SIGKILL)
+  assert victim.wait(timeout=30) == -signal.SIGKILL
+  killed_at = checkpointing.latest_checkpoint(ckpt_dir).step
+  assert _KILL_AFTER <= killed_at < _TOTAL_STEPS  # killed in the middle, not after the end
+  assert not os.path.exists(tmp_path / "victim.npz")
+
+  want = wait(reference, "reference.npz")
+  got = wait(start("train", "resumed.npz", 0.0), "resumed.npz")
+  assert int(got["start"]) == killed_at
+  assert int(got["iterations"]) == int(want["iterations"]) == _TOTAL_STEPS
+  assert int(got["budget_steps"]) == int(want["budget_steps"]) == _TOTAL_STEPS
+  assert float(got["epsilon"]) == float(want["epsilon"]) == _sampler().privacy_spec(
+      noise_multiplier=SIGMA, steps=_TOTAL_STEPS, delta=1e-5, accountant="rdp").epsilon()
+  weight_keys = sorted(k for k in want.files if k.startswith("w"))
+  assert weight_keys == sorted(k for k in got.files if k.startswith("w")) and weight_keys
+  for key in weight_keys:
+    np.testing.assert_array_equal(got[key], want[key])
+  # Only complete checkpoints are left (keep=3), the newest named by the pointer.
+  names = sorted(os.listdir(ckpt_dir))
+  assert names == sorted([checkpointing.POINTER] + [
+      f"ckpt-{s}" for s in range(_TOTAL_STEPS - 2, _TOTAL_STEPS + 1)]), names
+  assert all(_is_complete(os.path.join(ckpt_dir, n)) for n in names if n.startswith("ckpt-"))
+  assert _pointer_step(ckpt_dir) == _TOTAL_STEPS
