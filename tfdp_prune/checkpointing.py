@@ -320,9 +320,9 @@ def write_checkpoint(directory: str, model, metadata: Dict[str, Any], keep: int 
     _write_file(os.path.join(tmp, SIDECAR),
                 json.dumps(dict(metadata, files=files), indent=1, sort_keys=True))
     for name in files:
-      _fsync_file(os.path.join(tmp, name))
+      _fsync(os.path.join(tmp, name))
     _write_file(os.path.join(tmp, MARKER), "complete\n")
-    _fsync_dir(tmp)
+    _fsync(tmp)
     final = os.path.join(directory, f"ckpt-{step}")
     replaced = None
     if os.path.exists(final):  # the same step saved again: move the old one aside first
@@ -332,13 +332,13 @@ def write_checkpoint(directory: str, model, metadata: Dict[str, Any], keep: int 
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  _fsync_dir(directory)
+  _fsync(directory)
   if replaced is not None:
     _remove(replaced)
   pointer_tmp = os.path.join(directory, f"{_TMP_PREFIX}{POINTER}-{uuid.uuid4().hex[:8]}")
   _write_file(pointer_tmp, f"ckpt-{step}\n")
   os.replace(pointer_tmp, os.path.join(directory, POINTER))
-  _fsync_dir(directory)
+  _fsync(directory)
   _prune(directory, keep)
   return final
 
@@ -396,7 +396,7 @@ def _remove(path):
   if not name.startswith(_TMP_PREFIX):
     doomed = os.path.join(directory, f"{_TMP_PREFIX}delete-{uuid.uuid4().hex[:8]}-{name}")
     os.rename(path, doomed)
-    _fsync_dir(directory)
+    _fsync(directory)
     path = doomed
   if os.path.isdir(path):
     shutil.rmtree(path, ignore_errors=True)
@@ -414,15 +414,8 @@ def _write_file(path, text):
     os.fsync(f.fileno())
 
 
-def _fsync_file(path):
-  fd = os.open(path, os.O_RDONLY)
-  try:
-    os.fsync(fd)
-  finally:
-    os.close(fd)
-
-
-def _fsync_dir(path):
+def _fsync(path):
+  """Flushes a file's or a directory's entry to disk (a directory for its renames)."""
   fd = os.open(path, os.O_RDONLY)
   try:
     os.fsync(fd)
