@@ -6,19 +6,12 @@ as a plain Keras model or as TF Privacy's `DPSequential` / `DPModel`.
 
 import tf_keras as keras
 
+from tfdp_prune import models as tfdp_models
+
 
 def cnn_layers():
   """TF Privacy's MNIST tutorial CNN (tutorials/mnist_dpsgd_tutorial_keras.py)."""
-  return [
-      keras.layers.InputLayer(input_shape=(28, 28, 1)),
-      keras.layers.Conv2D(16, 8, strides=2, padding="same", activation="relu"),
-      keras.layers.MaxPool2D(2, 1),
-      keras.layers.Conv2D(32, 4, strides=2, padding="valid", activation="relu"),
-      keras.layers.MaxPool2D(2, 1),
-      keras.layers.Flatten(),
-      keras.layers.Dense(32, activation="relu"),
-      keras.layers.Dense(10),
-  ]
+  return [keras.layers.InputLayer(input_shape=(28, 28, 1))] + tfdp_models.mnist_cnn_layers()
 
 
 def build_cnn(sequential_cls=keras.Sequential, **kwargs):

@@ -104,10 +104,10 @@ def wide_resnet(depth: int = 16, width: int = 4, num_classes: int = 10,
   return keras.Model(inputs, outputs, name=name or f"wrn_{depth}_{width}")
 
 
-def mnist_cnn(input_shape=(28, 28, 1), num_classes: int = 10) -> keras.Sequential:
-  """TF Privacy's MNIST tutorial CNN: 26,010 parameters for 28x28x1 inputs and 10 classes."""
-  return keras.Sequential([
-      keras.Input(shape=tuple(input_shape)),
+def mnist_cnn_layers(num_classes: int = 10) -> list:
+  """The layers of TF Privacy's MNIST tutorial CNN, without the input (fresh each call), for
+  building it as another Sequential class (e.g. TF Privacy's DPSequential in the benchmarks)."""
+  return [
       keras.layers.Conv2D(16, 8, strides=2, padding="same", activation="relu"),
       keras.layers.MaxPool2D(2, 1),
       keras.layers.Conv2D(32, 4, strides=2, padding="valid", activation="relu"),
@@ -115,7 +115,13 @@ def mnist_cnn(input_shape=(28, 28, 1), num_classes: int = 10) -> keras.Sequentia
       keras.layers.Flatten(),
       keras.layers.Dense(32, activation="relu"),
       keras.layers.Dense(num_classes),
-  ], name="mnist_cnn")
+  ]
+
+
+def mnist_cnn(input_shape=(28, 28, 1), num_classes: int = 10) -> keras.Sequential:
+  """TF Privacy's MNIST tutorial CNN: 26,010 parameters for 28x28x1 inputs and 10 classes."""
+  return keras.Sequential([keras.Input(shape=tuple(input_shape))] + mnist_cnn_layers(num_classes),
+                          name="mnist_cnn")
 
 
 def mlp(input_dim: int, hidden: Sequence[int] = (128,), num_classes: int = 10) -> keras.Sequential:
