@@ -21,6 +21,8 @@ INSTALL_REQUIRES = [
     "tensorflow-datasets>=4.9,<4.10",
     # TF 2.21 no longer installs it; the mask and budget logs go to TensorBoard.
     "tensorboard==2.21.*",
+    # PredictionLog records for TF Serving's warmup file; its 2.21 release pins tensorflow 2.21.
+    "tensorflow-serving-api==2.21.*",
     "absl-py>=1.0",
     "numpy>=1.23,<2",
     # Its bundled `load_digits` is the embedded default data set (no download needed).
@@ -36,6 +38,12 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["tfdp_prune", "tfdp_prune.*"]),
     python_requires=">=3.9,<3.12",
     install_requires=INSTALL_REQUIRES,
+    entry_points={
+        "console_scripts": [
+            "tfdp-train = tfdp_prune.trainers.train:run_main",
+            "tfdp-export = tfdp_prune.export.main:run_main",
+        ],
+    },
     extras_require={
         "test": ["pytest>=7", "scipy>=1.10", "psutil>=5"],
     },

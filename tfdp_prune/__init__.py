@@ -20,6 +20,7 @@ from tfdp_prune.masks import MagnitudeRule
 from tfdp_prune.masks import MaskRule
 from tfdp_prune.masks import PublicGradientRule
 from tfdp_prune.masks import RandomRule
+from tfdp_prune.metadata import PrivacyMetadata
 from tfdp_prune.models import WSConv2D
 from tfdp_prune.models import mlp
 from tfdp_prune.models import mnist_cnn
@@ -36,7 +37,9 @@ from tfdp_prune.sampling import PoissonSampler
 from tfdp_prune.sampling import ShuffleSampler
 from tfdp_prune.sampling import make_sampler
 from tfdp_prune.selection import ParameterSelection
+from tfdp_prune.train_config import TrainConfig
 from tfdp_prune.train_step import make_private
+from tfdp_prune.training import train
 from tfdp_prune.version import __version__
 
 __all__ = [
@@ -56,11 +59,13 @@ __all__ = [
     "PrivacyBudget",
     "PrivacyBudgetExhaustedError",
     "PrivacyLedger",
+    "PrivacyMetadata",
     "PrivacySpec",
     "PublicDataFingerprint",
     "PublicGradientRule",
     "RandomRule",
     "ShuffleSampler",
+    "TrainConfig",
     "VectorizedEngine",
     "WSConv2D",
     "augment_views",
@@ -76,5 +81,6 @@ __all__ = [
     "mlp",
     "mnist_cnn",
     "restore_latest",
+    "train",
     "wide_resnet",
 ]

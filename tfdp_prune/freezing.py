@@ -57,16 +57,25 @@ class ParameterFreezing(_mask_callback.MaskCallback):
 
 
 def pretrain_on_public_data(model, public_data, epochs, learning_rate, batch_size):
-  """Non-private SGD on public data with the model's (per-example) loss, averaged."""
+  """Non-private SGD on public data with the model's (per-example) loss, averaged.
+
+  Under the model's tf.distribute strategy every replica takes the whole public batch and the
+  optimizer sums the replicas' gradients, so each replica's loss is divided by their number."""
   loss_fn = model.loss
-  optimizer = keras.optimizers.SGD(learning_rate=learning_rate)
+  strategy = model.distribute_strategy
+  with strategy.scope():
+    optimizer = keras.optimizers.SGD(learning_rate=learning_rate)
   variables = model.trainable_variables
+
+  def replica_step(x, y):
+    with tf.GradientTape() as tape:
+      loss = (tf.reduce_mean(loss_fn(y, model(x, training=True)))
+              / strategy.num_replicas_in_sync)
+    optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
 
   @tf.function
   def step(x, y):
-    with tf.GradientTape() as tape:
-      loss = tf.reduce_mean(loss_fn(y, model(x, training=True)))
-    optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+    strategy.run(replica_step, (x, y))
 
   if isinstance(public_data, tf.data.Dataset):
     batches = public_data

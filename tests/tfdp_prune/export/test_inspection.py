@@ -1,0 +1,185 @@
+"""inspect_export / format_report / read_metadata: an export checked the way TF Serving reads it.
+
+The claims: a good export (base directory or one version) reports its signatures with their
+inputs and outputs, its metadata, its warmup records; the summary starts with the guarantee
+(NON-PRIVATE for a non-private model); every broken piece (missing or corrupted metadata, a
+missing signature or file, a bad warmup file, a non-integer version name) is an ExportError that
+names the file and the problem.
+"""
+
+import os
+import shutil
+
+import pytest
+
+from tfdp_prune.export import ExportError
+from tfdp_prune.export import export_saved_model
+from tfdp_prune.export import format_report
+from tfdp_prune.export import inspect_export
+from tfdp_prune.export import read_metadata
+from tests.tfdp_prune.export import _export_testing as E
+
+_METADATA = os.path.join("assets.extra", "privacy_metadata.json")
+_WARMUP = os.path.join("assets.extra", "tf_serving_warmup_requests")
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+  """Version 1 non-private, version 2 private (the latest)."""
+  path = str(tmp_path_factory.mktemp("inspect") / "models")
+  export_saved_model(E.tiny_model(seed=0), path)
+  export_saved_model(E.tiny_model(seed=1), path, E.private_metadata(), input_name=E.INPUT_NAME)
+  return path
+
+
+@pytest.fixture
+def broken(export_dir, tmp_path):
+  """A copy of version 2 to break: (base directory, version directory)."""
+  base = tmp_path / "models"
+  shutil.copytree(os.path.join(export_dir, "2"), base / "2")
+  return str(base), str(base / "2")
+
+
+def test_a_base_directory_reports_every_version(export_dir):
+  report = inspect_export(export_dir)
+  assert [v.version for v in report.versions] == [1, 2]
+  assert report.latest.path == os.path.join(export_dir, "2")
+  assert report.latest.metadata == E.private_metadata()
+  assert report.versions[0].metadata.private is False
+  assert report.latest.warmup_records == 3 and report.latest.model_card
+  serving = report.latest.signature("serving_default")
+  assert [(i.name, i.dtype, i.shape) for i in serving.inputs] == [(E.INPUT_NAME, "float32",
+                                                                   (None, E.INPUTS))]
+  assert [(o.name, o.dtype, o.shape) for o in serving.outputs] == [
+      ("class_id", "int64", (None,)), ("probabilities", "float32", (None, E.CLASSES))]
+  lookup = report.latest.signature("privacy_metadata")
+  assert [(i.name, i.dtype) for i in lookup.inputs] == [("field", "string")]
+  assert [(o.name, o.dtype) for o in lookup.outputs] == [("value", "string")]
+  assert [s.name for s in report.latest.signatures] == ["serving_default", "privacy_metadata"]
+
+
+def test_a_version_directory_reports_itself(export_dir):
+  report = inspect_export(os.path.join(export_dir, "1"))
+  assert [v.version for v in report.versions] == [1]
+  assert report.latest.signature("serving_default").inputs[0].name == "inputs"
+
+
+def test_the_report_starts_with_the_guarantee(export_dir):
+  text = format_report(inspect_export(export_dir))
+  lines = text.splitlines()
+  assert lines[0] == E.private_metadata().guarantee
+  assert lines[0].startswith("(7.42, 1e-05)-DP.")
+  assert "version 2 (latest" in lines[1]
+  assert any("signature serving_default(pixels: float32 [None, 8])" in line for line in lines)
+  assert "noise multiplier 1.1" in text and "300 steps" in text
+  older = text.split("\n\n")[1].splitlines()
+  assert older[0].startswith("NON-PRIVATE")
+
+
+def test_a_non_private_export_is_reported_non_private(export_dir):
+  text = format_report(inspect_export(os.path.join(export_dir, "1")))
+  assert text.splitlines()[0] == "NON-PRIVATE (epsilon = inf): trained without differential privacy."
+
+
+def test_read_metadata_of_a_base_directory_names_the_version_to_pass(export_dir):
+  with pytest.raises(ExportError, match=r"pass a version directory, e.g. .*models/2"):
+    read_metadata(export_dir)
+
+
+def test_a_deleted_metadata_file_is_named(broken):
+  base, version = broken
+  os.remove(os.path.join(version, _METADATA))
+  with pytest.raises(ExportError, match=r"privacy metadata file .*privacy_metadata.json"):
+    inspect_export(base)
+
+
+@pytest.mark.parametrize("text, match", [
+    ("{not json", "Expecting property name"),
+    ('{"schema": "other"}', "Expected a dict with schema"),
+    ('{"schema": "tfdp_prune.PrivacyMetadata", "schema_version": 2}', "schema_version=1"),
+    ('{"schema": "tfdp_prune.PrivacyMetadata", "schema_version": 1}', "Incomplete"),
+])
+def test_corrupted_metadata_is_named(broken, text, match):
+  base, version = broken
+  with open(os.path.join(version, _METADATA), "w", encoding="utf-8") as f:
+    f.write(text)
+  with pytest.raises(ExportError, match=f"privacy_metadata.json is not valid privacy metadata: "
+                                        f".*{match}"):
+    inspect_export(base)
+
+
+def test_a_missing_signature_is_named(broken):
+  from tensorflow.core.protobuf import saved_model_pb2  # pylint: disable=g-import-not-at-top
+  base, version = broken
+  filename = os.path.join(version, "saved_model.pb")
+  proto = saved_model_pb2.SavedModel()
+  with open(filename, "rb") as f:
+    proto.ParseFromString(f.read())
+  del proto.meta_graphs[0].signature_def["privacy_metadata"]
+  with open(filename, "wb") as f:
+    f.write(proto.SerializeToString())
+  with pytest.raises(ExportError, match=r"Expected the signature 'privacy_metadata' in "
+                                        r".*saved_model.pb"):
+    inspect_export(base)
+
+
+@pytest.mark.parametrize("missing, match", [
+    ("saved_model.pb", "saved_model.pb of a SavedModel"),
+    (os.path.join("variables", "variables.index"), "variables.index of a SavedModel"),
+])
+def test_a_missing_savedmodel_file_is_named(broken, missing, match):
+  base, version = broken
+  os.remove(os.path.join(version, missing))
+  with pytest.raises(ExportError, match=match):
+    inspect_export(base)
+
+
+def test_a_corrupted_savedmodel_is_named(broken):
+  base, version = broken
+  with open(os.path.join(version, "saved_model.pb"), "wb") as f:
+    f.write(b"\xff\xff\xff not a protobuf")
+  with pytest.raises(ExportError, match="saved_model.pb is not a readable SavedModel"):
+    inspect_export(base)
+
+
+def test_a_corrupted_warmup_file_is_named(broken):
+  base, version = broken
+  with open(os.path.join(version, _WARMUP), "wb") as f:
+    f.write(b"\x01" * 30)
+  with pytest.raises(ExportError, match="tf_serving_warmup_requests is not a valid TFRecord"):
+    inspect_export(base)
+
+
+def test_a_warmup_request_for_a_missing_input_is_named(broken):
+  from tfdp_prune.export import serving_files  # pylint: disable=g-import-not-at-top
+  base, version = broken
+  logs = serving_files.warmup_logs("inputs", serving_files.warmup_batches((E.INPUTS,)))
+  serving_files.write_warmup_file(os.path.join(version, _WARMUP), logs)
+  with pytest.raises(ExportError, match=r"Record 0 .* calls signature 'serving_default' with "
+                                        r"inputs \['inputs'\]"):
+    inspect_export(base)
+
+
+def test_a_version_without_warmup_file_is_valid(broken):
+  base, version = broken
+  os.remove(os.path.join(version, _WARMUP))
+  report = inspect_export(base)
+  assert report.latest.warmup_records is None
+  assert "warmup records: none" in format_report(report)
+
+
+@pytest.mark.parametrize("layout, match", [
+    ("missing", "which is missing"),
+    ("empty", "to hold integer-named version directories"),
+    ("named", "only version directories whose names are integers"),
+])
+def test_not_an_export_is_named(broken, layout, match):
+  base, version = broken
+  path = {"missing": os.path.join(base, "nothing"), "empty": os.path.join(base, "empty"),
+          "named": os.path.join(base, "latest")}[layout]
+  if layout == "empty":
+    os.mkdir(path)
+  if layout == "named":
+    os.rename(version, path)
+  with pytest.raises(ExportError, match=match):
+    inspect_export(path)

@@ -1,0 +1,55 @@
+"""`tfdp-export`: a checkpoint of `tfdp-train` becomes a served-ready export; --inspect checks it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tfdp_prune import training
+from tfdp_prune.train_config import TrainConfig
+
+_ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+
+
+def _tfdp_export(*argv):
+  binary = os.path.join(os.path.dirname(sys.executable), "tfdp-export")
+  if not os.path.exists(binary):
+    pytest.fail(f"{binary} is missing: install the package with `pip install -e .`.")
+  return subprocess.run([binary, *argv], capture_output=True, text=True, timeout=600, env=_ENV)
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(tmp_path_factory):
+  directory = str(tmp_path_factory.mktemp("run") / "ckpt")
+  training.train(TrainConfig(steps=4, epochs=None, public_epochs=1, verbose=0, export_dir=None,
+                             epsilon=None, noise_multiplier=1.0, checkpoint_dir=directory))
+  return directory
+
+
+def test_export_from_checkpoint_then_inspect(checkpoint_dir, tmp_path):
+  export_dir = str(tmp_path / "models")
+  result = _tfdp_export(f"--checkpoint_dir={checkpoint_dir}", f"--export_dir={export_dir}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(os.path.join(export_dir, "1", "assets.extra", "privacy_metadata.json")) as f:
+    metadata = json.load(f)
+  assert metadata["steps"] == 4 and metadata["private"] is True
+  inspected = _tfdp_export(f"--inspect={export_dir}")
+  assert inspected.returncode == 0, inspected.stderr[-3000:]
+  assert f"{metadata['epsilon']:.4g}" in inspected.stdout
+  assert "serving_default" in inspected.stdout and "privacy_metadata" in inspected.stdout
+  # The same version again is refused without --overwrite, and replaced with it.
+  again = _tfdp_export(f"--checkpoint_dir={checkpoint_dir}", f"--export_dir={export_dir}",
+                       "--version=1")
+  assert again.returncode != 0 and "overwrite" in again.stderr
+  assert "Traceback" not in again.stderr
+  replaced = _tfdp_export(f"--checkpoint_dir={checkpoint_dir}", f"--export_dir={export_dir}",
+                          "--version=1", "--overwrite")
+  assert replaced.returncode == 0, replaced.stderr[-3000:]
+
+
+def test_inspect_of_a_directory_that_is_no_export_fails_clearly(tmp_path):
+  result = _tfdp_export(f"--inspect={tmp_path}")
+  assert result.returncode != 0 and "Traceback" not in result.stderr
+  assert str(tmp_path) in result.stderr

@@ -1,0 +1,81 @@
+"""The privacy metadata schema: a round trip that loses nothing, strict JSON, and no record that
+could label a non-private model private (or the reverse)."""
+
+import dataclasses
+import json
+import math
+
+import pytest
+
+from tfdp_prune import metadata as metadata_lib
+from tfdp_prune.metadata import PrivacyMetadata
+from tests.tfdp_prune.export import _export_testing as E
+
+
+def _strict_loads(text):
+  """json.loads that refuses Infinity, -Infinity and NaN (RFC 8259 has none of them)."""
+  def refuse(token):
+    raise ValueError(f"non-standard JSON constant {token}")
+  return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("record", [
+    E.private_metadata(),
+    E.private_metadata().with_empirical({"audit_epsilon_lower_bound": 0.8}),
+    metadata_lib.non_private(dataset="digits", num_private_examples=1597, steps=10, epochs=2.5,
+                             seed=3),
+], ids=["private", "empirical", "non-private"])
+def test_to_json_from_json_round_trips_exactly(record):
+  assert PrivacyMetadata.from_json(record.to_json()) == record
+  assert PrivacyMetadata.from_dict(record.to_dict()) == record
+  assert PrivacyMetadata.from_json(record.to_json()).to_json() == record.to_json()
+
+
+def test_the_json_is_strict_and_writes_infinity_as_a_string():
+  text = metadata_lib.non_private().to_json()
+  document = _strict_loads(text)
+  assert document["epsilon"] == "inf" and document["private"] is False
+  assert document["schema"] == metadata_lib.SCHEMA
+  assert document["schema_version"] == metadata_lib.SCHEMA_VERSION
+  assert _strict_loads(E.private_metadata().to_json())["epsilon"] == 7.42
+  with pytest.raises(ValueError, match="non-standard"):
+    _strict_loads('{"epsilon": Infinity}')  # the check itself can fail
+
+
+def test_a_private_record_with_infinite_epsilon_is_refused():
+  with pytest.raises(ValueError, match="private model needs a finite epsilon"):
+    E.private_metadata(epsilon=math.inf)
+
+
+def test_a_non_private_record_with_finite_epsilon_is_refused():
+  with pytest.raises(ValueError, match="non-private model has epsilon=inf"):
+    dataclasses.replace(metadata_lib.non_private(), epsilon=3.0)
+
+
+def test_a_private_record_without_noise_is_refused():
+  with pytest.raises(ValueError, match="noise_multiplier > 0"):
+    E.private_metadata(noise_multiplier=0.0)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"surprise": 1}, r"Unknown privacy metadata fields: \['surprise'\]"),
+    ({"schema": "someone.else"}, "Expected a dict with schema"),
+    ({"schema_version": 2}, "Expected schema_version=1"),
+])
+def test_unknown_fields_and_other_schemas_are_refused(change, match):
+  document = E.private_metadata().to_dict()
+  document.update(change)
+  with pytest.raises(ValueError, match=match):
+    PrivacyMetadata.from_dict(document)
+
+
+def test_a_missing_field_is_refused():
+  document = E.private_metadata().to_dict()
+  del document["delta"]
+  with pytest.raises(ValueError, match="Incomplete privacy metadata"):
+    PrivacyMetadata.from_dict(document)
+
+
+def test_the_guarantee_line():
+  assert E.private_metadata().guarantee.startswith("(7.42, 1e-05)-DP. ")
+  assert metadata_lib.non_private().guarantee.startswith("NON-PRIVATE")

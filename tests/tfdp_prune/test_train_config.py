@@ -1,0 +1,91 @@
+"""TrainConfig: every setting is checked before training, and each error names its flag."""
+
+import pytest
+
+from tfdp_prune import train_config
+from tfdp_prune.train_config import ConfigError
+from tfdp_prune.train_config import TrainConfig
+
+
+@pytest.mark.parametrize("name", sorted(train_config.CONFIGS))
+def test_named_configs_are_valid(name):
+  config = train_config.named_config(name)
+  assert config.to_dict() == TrainConfig.from_dict(config.to_dict()).to_dict()
+
+
+def test_paper_config_has_de_et_al_hyperparameters():
+  config = train_config.named_config("cifar10_wrn16_4_eps8")
+  assert (config.batch_size, config.augmult, config.l2_norm_clip, config.learning_rate,
+          config.steps, config.ema_decay, config.epsilon, config.model) == (
+              4096, 16, 1.0, 2.0, 875, 0.9999, 8.0, "wrn16_4")
+  assert config.gradient_accumulation_steps == 16
+
+
+def test_default_config_is_dp_with_pruning_on_digits():
+  config = train_config.resolve()
+  assert config.dataset == "digits" and config.private
+  assert config.mode == "freeze" and config.effective_sparsity == 0.8
+  assert config.effective_rule == "magnitude"
+
+
+@pytest.mark.parametrize("settings, flag", [
+    (dict(epsilon=2.0, noise_multiplier=1.0), "--noise_multiplier"),
+    (dict(mode="none", sparsity=0.5), "--sparsity"),
+    (dict(mode="none", rule="random"), "--rule"),
+    (dict(mode="freeze", select_every=3), "--select_every"),
+    (dict(batch_size=100, physical_batch_size=30), "--physical_batch_size"),
+    (dict(epochs=2.0, steps=10), "--steps"),
+    (dict(epochs=None, steps=None), "--epochs"),
+    (dict(epsilon=None, noise_multiplier=None), "--noise_multiplier"),
+    (dict(model="resnet50"), "--model"),
+    (dict(mode="prune"), "--mode"),
+    (dict(rule="largest"), "--rule"),
+    (dict(sparsity=1.0), "--sparsity"),
+    (dict(epsilon=-1.0), "--epsilon"),
+    (dict(delta=1.0), "--delta"),
+    (dict(batch_size=0), "--batch_size"),
+    (dict(strategy="horovod"), "--strategy"),
+    (dict(ema_decay=1.0), "--ema_decay"),
+    (dict(steps=2.5, epochs=None), "--steps"),
+])
+def test_invalid_settings_name_the_flag(settings, flag):
+  with pytest.raises(ConfigError, match=flag):
+    TrainConfig(**settings)
+
+
+def test_override_of_one_exclusive_setting_clears_the_other():
+  config = train_config.resolve("default", {"noise_multiplier": 1.1})
+  assert config.epsilon is None and config.noise_multiplier == 1.1
+  config = train_config.resolve("cifar10_wrn16_4_eps8", {"epochs": 2.0})
+  assert config.steps is None and config.epochs == 2.0
+
+
+def test_overriding_both_exclusive_settings_is_an_error():
+  with pytest.raises(ConfigError, match="--epsilon.*--noise_multiplier"):
+    train_config.resolve("default", {"epsilon": 2.0, "noise_multiplier": 1.0})
+  with pytest.raises(ConfigError, match="--epochs.*--steps"):
+    train_config.resolve("default", {"epochs": 2.0, "steps": 4})
+
+
+def test_mode_none_drops_the_config_mask_settings_but_refuses_given_ones():
+  base = dict(train_config.CONFIGS)
+  assert train_config.resolve("default", {"mode": "none"}).effective_sparsity == 0.0
+  with pytest.raises(ConfigError, match="--sparsity"):
+    train_config.resolve("default", {"mode": "none", "sparsity": 0.9})
+  assert train_config.CONFIGS == base  # resolving never edits the named configs
+
+
+def test_unknown_config_and_settings_are_refused():
+  with pytest.raises(ConfigError, match="--config"):
+    train_config.resolve("cifar100_paper")
+  with pytest.raises(ConfigError, match="bogus"):
+    train_config.resolve("default", {"bogus": 1})
+  with pytest.raises(ConfigError, match="bogus"):
+    TrainConfig.from_dict({"bogus": 1})
+
+
+def test_select_defaults_and_accumulation():
+  config = TrainConfig(mode="select", batch_size=256, physical_batch_size=64)
+  assert config.effective_select_every == train_config.DEFAULT_SELECT_EVERY
+  assert config.gradient_accumulation_steps == 4
+  assert TrainConfig(noise_multiplier=0.0, epsilon=None).private is False

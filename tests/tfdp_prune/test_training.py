@@ -1,0 +1,173 @@
+"""The training entry point: config -> data -> DP fit -> checkpoint -> metadata -> export."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tfdp_prune import accounting
+from tfdp_prune import training
+from tfdp_prune.compat import keras
+from tfdp_prune.compat import tf
+from tfdp_prune import export as export_lib
+from tfdp_prune.train_config import ConfigError
+from tfdp_prune.train_config import TrainConfig
+
+# A short run of the default path: digits, public pre-training, freeze 80%, Poisson, PLD.
+SHORT = dict(steps=6, epochs=None, public_epochs=1, verbose=0)
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+  export_dir = str(tmp_path_factory.mktemp("export"))
+  return training.train(TrainConfig(**SHORT, epsilon=4.0, export_dir=export_dir))
+
+
+def test_short_run_spends_what_it_reports(short_run):
+  metadata = short_run.metadata
+  model = short_run.model
+  assert int(model.optimizer.iterations.numpy()) == 6 == metadata.steps
+  assert metadata.private and metadata.epsilon <= 4.0
+  # The epsilon is dp_accounting's for the sampling actually done (Poisson, q = 100 / n).
+  spec = accounting.PrivacySpec(noise_multiplier=model.optimizer.noise_multiplier, steps=6,
+                                delta=1e-5, sampling_probability=100 / 1258)
+  assert metadata.epsilon == pytest.approx(spec.epsilon(), abs=1e-9)
+  assert metadata.sampling_probability == pytest.approx(100 / 1258)
+  assert metadata.noise_multiplier == model.optimizer.noise_multiplier
+  assert metadata.num_private_examples == 1258 and metadata.num_public_examples == 180
+
+
+def test_short_run_freezes_eighty_percent_and_keeps_them_zero(short_run):
+  model = short_run.model
+  per_variable = short_run.metadata.mask_sparsity_per_variable
+  assert sorted(per_variable) == sorted(v.name.split(":")[0] for v in model.trainable_variables
+                                         if "kernel" in v.name)
+  for variable in model.trainable_variables:
+    if "kernel" in variable.name:
+      mask = model.optimizer.update_masks([variable])[0].numpy()
+      assert per_variable[variable.name.split(":")[0]] == pytest.approx(0.8, abs=1e-3)
+      assert np.all(variable.numpy()[mask == 0] == 0)  # frozen at zero through every step
+
+
+def test_short_run_exports_its_metadata(short_run):
+  assert short_run.export_path.endswith(os.sep + "1")
+  assert export_lib.read_metadata(short_run.export_path) == short_run.metadata
+  assert short_run.test_accuracy is not None and 0 <= short_run.test_accuracy <= 1
+
+
+def test_noise_multiplier_zero_is_labelled_non_private(tmp_path):
+  result = training.train(TrainConfig(**dict(SHORT, steps=2), epsilon=None, noise_multiplier=0.0,
+                                      mode="none", export_dir=str(tmp_path)))
+  assert not result.metadata.private and math.isinf(result.metadata.epsilon)
+  stored = json.load(open(os.path.join(result.export_path, "assets.extra",
+                                       "privacy_metadata.json")))
+  assert stored["private"] is False and stored["epsilon"] == "inf"
+
+
+def test_calibrated_sigma_meets_the_target_for_the_planned_steps():
+  config = TrainConfig(steps=40, epochs=None, epsilon=2.0, delta=1e-5, accountant="rdp")
+  sampler = training.make_sampler(config, (np.zeros((1000, 4), "float32"), np.zeros(1000, int)))
+  plan = training.plan_privacy(config, sampler)
+  assert plan.steps == 40 and plan.spec.steps == 0
+  assert plan.spec.with_steps(40).epsilon() <= 2.0
+  assert plan.spec.with_steps(40).epsilon() > 1.9  # calibrated, not merely safe
+
+
+def test_shuffle_sampling_is_accounted_as_shuffle():
+  config = TrainConfig(sampling="shuffle", noise_multiplier=1.0, epsilon=None, epochs=2.0)
+  sampler = training.make_sampler(config, (np.zeros((1000, 4), "float32"), np.zeros(1000, int)))
+  plan = training.plan_privacy(config, sampler)
+  assert plan.spec.sampling == "shuffle" and plan.spec.sampling_probability is None
+  assert plan.steps == 20
+
+
+@pytest.mark.parametrize("settings, flag", [
+    (dict(dataset="no_such_dataset_xyz"), "--dataset"),
+    (dict(model="mnist_cnn"), "--model"),           # digits are vectors
+    (dict(augmult=4), "--augmult"),
+    (dict(batch_size=5000), "--batch_size"),
+])
+def test_bad_settings_fail_before_any_training(settings, flag, monkeypatch):
+  def no_fit(*args, **kwargs):
+    raise AssertionError("fit must not run")
+  monkeypatch.setattr(keras.Model, "fit", no_fit)
+  with pytest.raises(ConfigError, match=flag):
+    training.train(TrainConfig(**SHORT, **settings, export_dir=None))
+
+
+def test_existing_export_version_is_refused_before_training(tmp_path, monkeypatch):
+  os.makedirs(tmp_path / "1")
+  monkeypatch.setattr(keras.Model, "fit", lambda *a, **k: pytest.fail("fit must not run"))
+  with pytest.raises(ConfigError, match="--overwrite"):
+    training.train(TrainConfig(**SHORT, export_dir=str(tmp_path), export_version=1))
+
+
+def _weights(model):
+  return [v.numpy() for v in model.trainable_variables]
+
+
+def test_resume_continues_steps_epsilon_and_weights(tmp_path):
+  common = dict(SHORT, epsilon=None, noise_multiplier=1.0, export_dir=None)
+  straight = training.train(TrainConfig(**dict(common, steps=8)))
+  checkpoints = str(tmp_path / "ckpt")
+  first = training.train(TrainConfig(**dict(common, steps=4), checkpoint_dir=checkpoints))
+  assert first.resumed_from is None
+  resumed = training.train(TrainConfig(**dict(common, steps=8), checkpoint_dir=checkpoints))
+  assert resumed.resumed_from == 4
+  assert resumed.metadata.steps == 8
+  assert resumed.metadata.epsilon == straight.metadata.epsilon
+  for a, b in zip(_weights(resumed.model), _weights(straight.model)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_resume_under_other_settings_is_refused(tmp_path):
+  checkpoints = str(tmp_path / "ckpt")
+  common = dict(SHORT, epsilon=None, noise_multiplier=1.0, export_dir=None, steps=2,
+                checkpoint_dir=checkpoints)
+  training.train(TrainConfig(**common))
+  with pytest.raises(ConfigError, match="--l2_norm_clip"):
+    training.train(TrainConfig(**dict(common, l2_norm_clip=2.0)))
+  with pytest.raises(ConfigError, match="privacy_spec"):
+    training.train(TrainConfig(**dict(common, noise_multiplier=2.0)))
+
+
+def test_export_checkpoint_matches_the_trained_model(tmp_path):
+  checkpoints = str(tmp_path / "ckpt")
+  result = training.train(TrainConfig(**SHORT, epsilon=None, noise_multiplier=1.0,
+                                      export_dir=None, checkpoint_dir=checkpoints))
+  path = training.export_checkpoint(checkpoints, str(tmp_path / "export"))
+  exported = export_lib.read_metadata(path)
+  for field in ("epsilon", "steps", "noise_multiplier", "mask_sparsity_per_variable",
+                "public_fingerprint", "privacy_spec"):
+    assert getattr(exported, field) == getattr(result.metadata, field), field
+  x = np.random.default_rng(0).random((5, 64)).astype("float32")
+  probabilities = tf.saved_model.load(path).signatures["serving_default"](
+      inputs=tf.constant(x))["probabilities"].numpy()
+  np.testing.assert_allclose(probabilities, tf.nn.softmax(result.model(x)).numpy(), atol=1e-6)
+
+
+def test_export_checkpoint_without_a_run_record_says_so(tmp_path):
+  with pytest.raises(ValueError, match="run.json"):
+    training.export_checkpoint(str(tmp_path), str(tmp_path / "export"))
+
+
+def test_mirrored_two_replicas_train_like_one_device(tmp_path):
+  """--strategy=mirrored: public pre-training, the DP steps and the export work with two
+  replicas; without noise the weights equal a single-device run's."""
+  worker = os.path.join(os.path.dirname(__file__), "_train_worker.py")
+  weights = {}
+  for strategy in ("default", "mirrored"):
+    out = tmp_path / strategy
+    out.mkdir()
+    result = subprocess.run([sys.executable, worker, strategy, str(out)], capture_output=True,
+                            text=True, timeout=600, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert os.path.isdir(out / "export" / "1")
+    with np.load(out / "weights.npz") as arrays:
+      weights[strategy] = [arrays[k] for k in sorted(arrays.files, key=lambda k: int(k[4:]))]
+  for single, mirrored in zip(weights["default"], weights["mirrored"]):
+    np.testing.assert_allclose(mirrored, single, atol=1e-5)

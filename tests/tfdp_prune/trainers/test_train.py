@@ -1,0 +1,88 @@
+"""`tfdp-train`: flags map onto the config, bad flags fail before training, the job runs."""
+
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from absl import flags
+
+from tfdp_prune import train_config
+from tfdp_prune.trainers import train
+
+_ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+
+
+def _binary(name):
+  """The installed console script (`pip install -e .` puts it beside the interpreter)."""
+  path = os.path.join(os.path.dirname(sys.executable), name)
+  if not os.path.exists(path):
+    pytest.fail(f"{path} is missing: install the package with `pip install -e .`.")
+  return path
+
+
+@pytest.fixture
+def parsed_flags():
+  def parse(*argv):
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["tfdp-train", *argv])
+    return train.given_overrides()
+  yield parse
+  flags.FLAGS.unparse_flags()
+
+
+def test_only_given_flags_override_the_config(parsed_flags):
+  assert parsed_flags() == {}
+  assert parsed_flags("--sparsity=0.5", "--mode=select", "--export_dir=") == {
+      "sparsity": 0.5, "mode": "select", "export_dir": None}
+
+
+def test_every_config_setting_has_a_flag():
+  settings = {f.name for f in dataclasses.fields(train_config.TrainConfig)}
+  assert settings == {name for name, _, _ in train._FLAG_SPECS}
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--mode=none", "--sparsity=0.5"], "--sparsity"),
+    (["--epsilon=2", "--noise_multiplier=1"], "--noise_multiplier"),
+    (["--batch_size=100", "--physical_batch_size=30"], "--physical_batch_size"),
+    (["--dataset=no_such_dataset_xyz"], "--dataset"),
+    (["--rule=largest"], "--rule"),
+])
+def test_invalid_flags_fail_before_training_and_name_the_flag(argv, flag, tmp_path):
+  result = subprocess.run([_binary("tfdp-train"), *argv], capture_output=True, text=True,
+                          timeout=300, env=_ENV, cwd=tmp_path)
+  assert result.returncode != 0
+  assert flag in result.stderr, result.stderr[-2000:]
+  assert "Epoch" not in result.stdout and not os.path.exists(tmp_path / "tfdp_export")
+
+
+def _run_and_check(argv, cwd, export_dir):
+  result = subprocess.run([_binary("tfdp-train"), *argv], capture_output=True, text=True,
+                          timeout=900, env=_ENV, cwd=cwd)
+  assert result.returncode == 0, result.stderr[-3000:]
+  epsilon = float(re.search(r"epsilon = ([0-9.]+), delta = 1e-05", result.stdout).group(1))
+  accuracy = float(re.search(r"test accuracy: ([0-9.]+)", result.stdout).group(1))
+  assert re.search(r"exported: .*1$", result.stdout, re.M)
+  with open(os.path.join(export_dir, "1", "assets.extra", "privacy_metadata.json")) as f:
+    metadata = json.load(f)
+  assert metadata["private"] is True and metadata["epsilon"] == pytest.approx(epsilon, abs=1e-3)
+  assert metadata["mask_mode"] == "freeze"
+  return epsilon, accuracy
+
+
+def test_tfdp_train_shortened_default_job(tmp_path):
+  """The no-flag path (digits, pre-training, freezing, Poisson, epsilon 8, export), shortened."""
+  epsilon, accuracy = _run_and_check(["--steps=20", "--public_epochs=2"], tmp_path,
+                                     tmp_path / "tfdp_export")
+  assert epsilon <= 8.0 and accuracy > 0.2
+
+
+@pytest.mark.slow
+def test_tfdp_train_without_flags(tmp_path):
+  """The README's main job, exactly: no flags."""
+  epsilon, accuracy = _run_and_check([], tmp_path, tmp_path / "tfdp_export")
+  assert 7.0 < epsilon <= 8.0 and accuracy > 0.85

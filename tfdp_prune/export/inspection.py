@@ -1,0 +1,268 @@
+"""Checks an export directory the way TF Serving reads it, and summarizes what it serves.
+
+`inspect_export(path)` reads only files, never loads the model (cheap enough for a CI step or a
+deployment gate): `saved_model.pb` is parsed as a protobuf for its signatures, the privacy
+metadata with `PrivacyMetadata.from_json` (strict: another schema, version or field is refused),
+and the warmup file as `PredictionLog` records. A problem raises `ExportError` naming the file and
+what is wrong with it. `format_report` prints the result, each version's guarantee first.
+"""
+
+import dataclasses
+import os
+import re
+from typing import Dict, Optional, Tuple
+
+from tfdp_prune import metadata as metadata_lib
+from tfdp_prune.compat import tf
+from tfdp_prune.export import serving_files as files
+
+SAVED_MODEL_FILENAME = "saved_model.pb"
+VARIABLES_INDEX = os.path.join("variables", "variables.index")
+# The meta graph TF Serving loads (tf.saved_model.SERVING).
+SERVING_TAG = "serve"
+# TF Serving loads only version directories whose names are integers.
+_VERSION_RE = re.compile(r"^[0-9]+$")
+
+
+class ExportError(ValueError):
+  """An export directory, or a request to write one, that does not fit the TF Serving layout: a
+  missing or unreadable file, a missing signature, a version that exists already."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VersionReport:
+  """One version directory: its signatures, privacy metadata and serving files.
+
+  `warmup_records` is None when there is no warmup file (TF Serving then loads the version
+  without warm-up); `model_card` says whether model_card.md is present."""
+  path: str
+  version: int
+  signatures: Tuple[files.SignatureInfo, ...]
+  metadata: metadata_lib.PrivacyMetadata
+  warmup_records: Optional[int]
+  model_card: bool
+
+  def signature(self, name: str) -> files.SignatureInfo:
+    for signature in self.signatures:
+      if signature.name == name:
+        return signature
+    raise KeyError(f"No signature {name!r} in {self.path}; it has "
+                   f"{[s.name for s in self.signatures]}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportReport:
+  """The inspected path and its versions, ascending (TF Serving serves the latest by default)."""
+  path: str
+  versions: Tuple[VersionReport, ...]
+
+  @property
+  def latest(self) -> VersionReport:
+    return self.versions[-1]
+
+
+def version_dirs(export_dir: str) -> Dict[int, Tuple[str, ...]]:
+  """The version directories of `export_dir`: version -> directory names ("7"; "07" would be
+  version 7 too, for TF Serving). Files, and `.tmp-*` directories, are no versions."""
+  result = {}
+  for name in sorted(os.listdir(export_dir)):
+    if _VERSION_RE.match(name) and os.path.isdir(os.path.join(export_dir, name)):
+      result.setdefault(int(name), []).append(name)
+  return {version: tuple(names) for version, names in result.items()}
+
+
+def read_metadata(path: str) -> metadata_lib.PrivacyMetadata:
+  """The `PrivacyMetadata` of the version directory `path` (from
+  assets.extra/privacy_metadata.json)."""
+  filename = os.path.join(path, files.ASSETS_EXTRA, files.METADATA_FILENAME)
+  if not os.path.isfile(filename):
+    hint = ""
+    if os.path.isdir(path) and version_dirs(path):
+      latest = max(version_dirs(path))
+      hint = (f" {path} looks like an export base directory with versions "
+              f"{sorted(version_dirs(path))}: pass a version directory, e.g. "
+              f"{os.path.join(path, str(latest))}.")
+    raise ExportError(f"Expected the privacy metadata file {filename}. Received: no such file."
+                      + hint)
+  try:
+    with open(filename, encoding="utf-8") as f:
+      return metadata_lib.PrivacyMetadata.from_json(f.read())
+  except (ValueError, UnicodeDecodeError) as error:
+    raise ExportError(f"{filename} is not valid privacy metadata: {error}") from None
+
+
+def read_signatures(path: str) -> Tuple[files.SignatureInfo, ...]:
+  """The signatures of the serving meta graph of the SavedModel in `path`, from saved_model.pb
+  alone (no loading): serving_default first, then by name. Internal signatures
+  (`__saved_model_init_op`) are left out."""
+  from tensorflow.core.protobuf import saved_model_pb2  # pylint: disable=g-import-not-at-top
+  from google.protobuf import message  # pylint: disable=g-import-not-at-top
+  filename = os.path.join(path, SAVED_MODEL_FILENAME)
+  saved_model = saved_model_pb2.SavedModel()
+  try:
+    with open(filename, "rb") as f:
+      saved_model.ParseFromString(f.read())
+  except (OSError, message.DecodeError) as error:
+    raise ExportError(f"{filename} is not a readable SavedModel protobuf ({error}).") from None
+  graphs = [g for g in saved_model.meta_graphs if SERVING_TAG in g.meta_info_def.tags]
+  if not graphs:
+    raise ExportError(f"{filename} has no meta graph tagged {SERVING_TAG!r}, the one TF Serving "
+                      "loads. Re-export with tfdp_prune.export.export_saved_model.")
+  return tuple(
+      files.SignatureInfo(name=name, inputs=_tensor_infos(definition.inputs),
+                          outputs=_tensor_infos(definition.outputs))
+      for name, definition in sorted(graphs[0].signature_def.items(), key=_serving_first)
+      if not name.startswith("__"))
+
+
+def inspect_export(path: str) -> ExportReport:
+  """Checks the export at `path`: a base directory (every integer-named version in it) or one
+  version directory. Raises ExportError at the first problem; returns the report otherwise."""
+  path = os.fspath(path)
+  if not os.path.isdir(path):
+    raise ExportError(f"Expected an export directory (a base directory or a version directory). "
+                      f"Received: {path}, which is {_what(path)}.")
+  if os.path.exists(os.path.join(path, SAVED_MODEL_FILENAME)):
+    name = os.path.basename(os.path.normpath(path))
+    if not _VERSION_RE.match(name):
+      raise ExportError(f"TF Serving loads only version directories whose names are integers. "
+                        f"Received: {path}. Rename it (e.g. to .../1) or pass its parent.")
+    return ExportReport(path=path, versions=(inspect_version(path, int(name)),))
+  versions = version_dirs(path)
+  if not versions:
+    raise ExportError(f"Expected {path} to hold integer-named version directories (the TF "
+                      f"Serving layout <base>/<version>/saved_model.pb). Received: "
+                      f"{sorted(os.listdir(path))[:20]}.")
+  reports = []
+  for version, names in sorted(versions.items()):
+    if len(names) > 1:
+      raise ExportError(f"{path} holds several directories for version {version}: "
+                        f"{list(names)}. TF Serving would read both as version {version}; "
+                        "keep one.")
+    reports.append(inspect_version(os.path.join(path, names[0]), version))
+  return ExportReport(path=path, versions=tuple(reports))
+
+
+def inspect_version(path: str, version: int) -> VersionReport:
+  """Checks one version directory (whatever its name: the writer checks its temporary
+  directory with this before renaming it into place)."""
+  for required, kind in ((SAVED_MODEL_FILENAME, "file"), (VARIABLES_INDEX, "file")):
+    if not os.path.isfile(os.path.join(path, required)):
+      raise ExportError(f"Expected the {kind} {os.path.join(path, required)} of a SavedModel. "
+                        "Received: it is missing; the export is incomplete. Re-export it.")
+  signatures = read_signatures(path)
+  _check_signatures(path, signatures)
+  metadata = read_metadata(path)
+  warmup_path = os.path.join(path, files.ASSETS_EXTRA, files.WARMUP_FILENAME)
+  warmup_records = None
+  if os.path.exists(warmup_path):
+    try:
+      logs = files.read_warmup_file(warmup_path)
+    except ValueError as error:
+      raise ExportError(str(error)) from None
+    _check_warmup(warmup_path, logs, signatures)
+    warmup_records = len(logs)
+  return VersionReport(
+      path=path, version=version, signatures=signatures, metadata=metadata,
+      warmup_records=warmup_records,
+      model_card=os.path.isfile(os.path.join(path, files.MODEL_CARD_FILENAME)))
+
+
+def format_report(report: ExportReport) -> str:
+  """A readable summary, newest version first, each starting with its guarantee line."""
+  blocks = []
+  for version in reversed(report.versions):
+    metadata = version.metadata
+    latest = " (latest: what TF Serving serves by default)" if version is report.latest else ""
+    lines = [metadata.guarantee, f"  version {version.version}{latest}: {version.path}"]
+    lines += [f"  signature {signature.describe()}" for signature in version.signatures]
+    if metadata.private:
+      lines.append(
+          f"  training: noise multiplier {metadata.noise_multiplier:g}, clip "
+          f"{_fmt(metadata.l2_norm_clip)}, sampling {metadata.sampling} (rate "
+          f"{_fmt(metadata.sampling_probability)}, batch {_fmt(metadata.batch_size)}), "
+          f"{metadata.steps} steps, {metadata.epochs:.3g} epochs")
+    lines.append(f"  data: {metadata.dataset or 'n/a'}: {metadata.num_private_examples} private, "
+                 f"{metadata.num_public_examples} public, {metadata.num_test_examples} test "
+                 "examples")
+    lines.append(f"  masks: {metadata.mask_mode}, overall sparsity "
+                 f"{100 * metadata.mask_sparsity:.2f}%")
+    if metadata.empirical:
+      lines.append(f"  empirical (not proven): {sorted(metadata.empirical)}")
+    warmup = ("none (no warmup file)" if version.warmup_records is None
+              else str(version.warmup_records))
+    lines.append(f"  warmup records: {warmup}; model card: "
+                 f"{files.MODEL_CARD_FILENAME if version.model_card else 'none'}")
+    lines.append(f"  created {metadata.created} with tfdp_prune "
+                 f"{metadata.library_versions.get('tfdp_prune', 'unknown')}")
+    blocks.append("\n".join(lines))
+  return "\n\n".join(blocks)
+
+
+# ---- internals ----------------------------------------------------------------------------------
+
+def _tensor_infos(tensor_info_map) -> Tuple[files.TensorSpecInfo, ...]:
+  return tuple(files.TensorSpecInfo(name=name, dtype=tf.dtypes.as_dtype(info.dtype).name,
+                                    shape=_shape(info.tensor_shape))
+               for name, info in sorted(tensor_info_map.items()))
+
+
+def _serving_first(item):
+  return item[0] != files.SERVING_SIGNATURE, item[0]
+
+
+def _shape(shape_proto):
+  if shape_proto.unknown_rank:
+    return None
+  return tuple(None if d.size < 0 else int(d.size) for d in shape_proto.dim)
+
+
+def _check_signatures(path, signatures):
+  """The serving contract: `serving_default` takes one input and returns probabilities and
+  class ids; `privacy_metadata` maps string field names to string values."""
+  by_name = {s.name: s for s in signatures}
+  filename = os.path.join(path, SAVED_MODEL_FILENAME)
+  for name in (files.SERVING_SIGNATURE, files.METADATA_SIGNATURE):
+    if name not in by_name:
+      raise ExportError(f"Expected the signature {name!r} in {filename}. Received: signatures "
+                        f"{sorted(by_name)}. Re-export with tfdp_prune.export.export_saved_model.")
+  serving = by_name[files.SERVING_SIGNATURE]
+  outputs = {o.name: o.dtype for o in serving.outputs}
+  if (len(serving.inputs) != 1
+      or outputs != {files.PROBABILITIES: "float32", files.CLASS_ID: "int64"}):
+    raise ExportError(f"Expected {files.SERVING_SIGNATURE!r} in {filename} to take one input and "
+                      f"return {files.PROBABILITIES} (float32) and {files.CLASS_ID} (int64). "
+                      f"Received: {serving.describe()}.")
+  lookup = by_name[files.METADATA_SIGNATURE]
+  expected = ((files.METADATA_INPUT, "string"),), ((files.METADATA_OUTPUT, "string"),)
+  if ((tuple((i.name, i.dtype) for i in lookup.inputs),
+       tuple((o.name, o.dtype) for o in lookup.outputs)) != expected):
+    raise ExportError(f"Expected {files.METADATA_SIGNATURE!r} in {filename} to map "
+                      f"{files.METADATA_INPUT} (string) to {files.METADATA_OUTPUT} (string). "
+                      f"Received: {lookup.describe()}.")
+
+
+def _check_warmup(filename, logs, signatures):
+  """Every record must be a Predict request for an existing signature with its inputs."""
+  inputs = {s.name: sorted(i.name for i in s.inputs) for s in signatures}
+  for index, log in enumerate(logs):
+    if log.WhichOneof("log_type") != "predict_log":
+      raise ExportError(f"Record {index} of {filename} is a {log.WhichOneof('log_type')}; "
+                        "tfdp_prune exports write predict_log records only.")
+    request = log.predict_log.request
+    name = request.model_spec.signature_name or files.SERVING_SIGNATURE
+    if name not in inputs or sorted(request.inputs) != inputs[name]:
+      raise ExportError(f"Record {index} of {filename} calls signature {name!r} with inputs "
+                        f"{sorted(request.inputs)}, which the SavedModel does not have "
+                        f"(signatures and inputs: {inputs}). TF Serving would fail to load "
+                        "this version.")
+
+
+def _fmt(value) -> str:
+  return "n/a" if value is None else f"{value:g}"
+
+
+def _what(path) -> str:
+  if not os.path.exists(path):
+    return "missing"
+  return "a file, not a directory"

@@ -1,0 +1,386 @@
+"""Writes a trained classifier as a TF Serving SavedModel with its privacy guarantee attached.
+
+  path = export_saved_model(model, "/models/digits", metadata)   # -> "/models/digits/3"
+
+The layout TF Serving loads (`tensorflow_model_server --model_base_path=/models/digits`):
+
+  <export_dir>/<version>/saved_model.pb, variables/     the model's weights and two signatures
+  <export_dir>/<version>/assets.extra/privacy_metadata.json
+  <export_dir>/<version>/assets.extra/tf_serving_warmup_requests
+  <export_dir>/<version>/model_card.md
+
+Signatures (the serving contract, names in `serving_files`):
+  serving_default(<input_name>: float32 [None, *input_shape])
+      -> probabilities: float32 [None, classes], class_id: int64 [None]
+  privacy_metadata(field: string [None]) -> value: string [None]
+      For each requested field name, the JSON text of that top-level field of
+      `metadata.to_dict()` ("epsilon" -> "7.42", "private" -> "true", "delta" -> "1e-05");
+      "all" -> the whole JSON document; a name that is no field -> "" (the empty string, never an
+      error, so one request may ask for fields that only newer schemas have). It takes an input
+      because TF Serving cannot serve a signature without one (tensorflow/serving#1676).
+And, for Python users without TF Serving nor tfdp_prune, a function without inputs:
+  tf.saved_model.load(path).privacy_metadata_json() -> the whole JSON document (scalar string).
+
+What is exported is exactly the model's variables: the SavedModel tracks them, not the Keras
+model object, whose optimizer (tfdp_prune's update masks, the noise generator, the optimizer's
+slots) would otherwise be saved with it. A model wrapped with tfmot's `prune_low_magnitude` is
+exported as `strip_pruning(model)`: without the wrappers' mask, threshold and step variables.
+
+Atomicity (a kill at any instant leaves either no new version or a complete one; TF Serving,
+which polls the base directory, never sees a half-written version): everything is written into
+`<export_dir>/.tmp-<version>-<uuid>`, a name TF Serving ignores (not an integer), checked with
+`inspect_version`, every file and directory is fsync'ed, then ONE rename makes it
+`<export_dir>/<version>` and the parent is fsync'ed. Replacing a version (overwrite=True) renames
+the old one aside to `.tmp-replaced-<version>-<uuid>`, renames the new one in, then deletes the
+old. Leftovers of a killed writer are cleaned at the start of the next export into the same
+directory (one writer per export_dir): `.tmp-*` directories are deleted, except that a
+`.tmp-replaced-<version>-*` whose version is missing (the writer died between its two renames)
+is renamed back, so that the old version survives. TF Serving may see a replaced version missing
+for the instant between the two renames (it then reloads it).
+"""
+
+import json
+import os
+import re
+import shutil
+import sys
+import uuid
+from typing import Dict, Optional, Tuple
+
+from absl import logging
+
+from tfdp_prune import _validate
+from tfdp_prune import compat
+from tfdp_prune import metadata as metadata_lib
+from tfdp_prune.compat import keras
+from tfdp_prune.compat import tf
+from tfdp_prune.export import inspection
+from tfdp_prune.export import serving_files as files
+from tfdp_prune.export.inspection import ExportError
+
+OUTPUTS = ("logits", "probabilities")
+_TMP_PREFIX = ".tmp-"
+_REPLACED_RE = re.compile(r"^\.tmp-replaced-([0-9]+)-[0-9a-f]+$")
+_INPUT_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+_MAX_VERSION = 2**63 - 1  # TF Serving's versions are int64
+_TFMOT_PACKAGE = "tensorflow_model_optimization"
+
+
+def export_saved_model(model, export_dir: str,
+                       metadata: Optional[metadata_lib.PrivacyMetadata] = None, *,
+                       version: Optional[int] = None, overwrite: bool = False,
+                       output: str = "logits", input_name: str = "inputs", warmup_inputs=None,
+                       model_card: bool = True) -> str:
+  """Exports `model` with its privacy metadata as `<export_dir>/<version>` (see the module
+  docstring for the layout, the signatures and the atomicity).
+
+  Args:
+    model: a built tf_keras model (Sequential or functional) with one input [batch, ...] and one
+      output [batch, classes]. tfmot pruning wrappers are stripped.
+    export_dir: the TF Serving base directory; created if missing (its parent must exist).
+    metadata: the run's `PrivacyMetadata`; None labels the model non-private
+      (`metadata.non_private()`: epsilon = inf), as is every model that did not come out of DP
+      training.
+    version: the version number (>= 1); None: 1 + the largest existing version (1 if none).
+    overwrite: replace an existing `<version>`; without it an existing version is an error
+      raised before anything is written.
+    output: what the model outputs: "logits" (probabilities = softmax) or "probabilities".
+    input_name: the name of the serving_default input (a letter, then letters, digits, _).
+    warmup_inputs: None (zeros) or a few representative examples [n, *input_shape] for the warmup
+      requests, stored in clear: never private data.
+    model_card: write model_card.md into the version directory.
+
+  Returns:
+    The version directory's path.
+  """
+  metadata = _check_metadata(metadata)
+  _validate.one_of("output", output, OUTPUTS)
+  if not isinstance(input_name, str) or not _INPUT_NAME_RE.match(input_name):
+    raise ValueError(f"Expected input_name to be a letter followed by letters, digits or _ (a "
+                     f"name REST clients can use as a JSON key). Received: "
+                     f"input_name={input_name!r}.")
+  for name, value in (("overwrite", overwrite), ("model_card", model_card)):
+    if not isinstance(value, bool):
+      raise ValueError(f"Expected {name} to be True or False. Received: {name}={value!r}.")
+  if version is not None:
+    _validate.positive_int("version", version)
+    if version > _MAX_VERSION:
+      raise ValueError(f"Expected version <= {_MAX_VERSION} (TF Serving versions are int64). "
+                       f"Received: version={version}.")
+  export_dir = _check_export_dir(export_dir)
+  if version is not None and not overwrite:  # before any work, the existing version untouched
+    _refuse_existing(export_dir, version)
+
+  model = _plain_model(model)
+  input_shape = _input_shape(model)
+  batches = files.warmup_batches(input_shape, warmup_inputs)
+
+  if not os.path.isdir(export_dir):
+    os.mkdir(export_dir)
+    _fsync(os.path.dirname(os.path.abspath(export_dir)))
+  clean_leftovers(export_dir)
+  if version is None:
+    version = next_version(export_dir)
+  elif not overwrite:
+    _refuse_existing(export_dir, version)  # a leftover may have been restored
+  final = os.path.join(export_dir, str(version))
+  tmp = os.path.join(export_dir, f"{_TMP_PREFIX}{version}-{uuid.uuid4().hex}")
+  os.mkdir(tmp)
+  try:
+    _write_version(tmp, model, metadata, input_shape=input_shape, output=output,
+                   input_name=input_name, batches=batches, model_card=model_card,
+                   version=version)
+    moved = _move_aside(export_dir, version)
+    try:
+      os.rename(tmp, final)
+    except BaseException:
+      _move_back(moved)
+      raise
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  _fsync(export_dir)
+  for _, aside in moved:
+    shutil.rmtree(aside, ignore_errors=True)
+  logging.info("export_saved_model: wrote %s (%s).", final, metadata.guarantee)
+  return final
+
+
+def next_version(export_dir: str) -> int:
+  """1 + the largest version in `export_dir`, or 1 when it has none."""
+  versions = inspection.version_dirs(export_dir) if os.path.isdir(export_dir) else {}
+  return max(versions, default=0) + 1
+
+
+def metadata_fields(metadata: metadata_lib.PrivacyMetadata) -> Dict[str, str]:
+  """What the `privacy_metadata` signature answers: field name -> JSON text of the field, and
+  "all" -> the whole document (`metadata.to_json()`)."""
+  fields = {name: json.dumps(value, sort_keys=True, allow_nan=False)
+            for name, value in metadata.to_dict().items()}
+  fields[files.ALL_FIELDS] = metadata.to_json()
+  return fields
+
+
+def clean_leftovers(export_dir: str) -> None:
+  """Deletes the `.tmp-*` directories a killed writer left in `export_dir`, except that an old
+  version moved aside for a replacement that never landed is renamed back. Only the directory's
+  one writer may call this: it would delete a write in progress."""
+  if not os.path.isdir(export_dir):
+    return
+  changed = False
+  for name in sorted(os.listdir(export_dir)):
+    if not name.startswith(_TMP_PREFIX):
+      continue
+    path = os.path.join(export_dir, name)
+    replaced = _REPLACED_RE.match(name)
+    if replaced and int(replaced.group(1)) not in inspection.version_dirs(export_dir):
+      logging.warning("export_saved_model: restoring version %s from %s (its replacement was "
+                      "interrupted).", replaced.group(1), path)
+      os.rename(path, os.path.join(export_dir, replaced.group(1)))
+    else:
+      logging.info("export_saved_model: deleting the leftover %s.", path)
+      if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+      else:
+        os.remove(path)
+    changed = True
+  if changed:
+    _fsync(export_dir)
+
+
+# ---- checks ---------------------------------------------------------------------------------
+
+def _check_metadata(metadata) -> metadata_lib.PrivacyMetadata:
+  if metadata is None:
+    return metadata_lib.non_private()
+  if not isinstance(metadata, metadata_lib.PrivacyMetadata):
+    hint = (" It is a dict: pass PrivacyMetadata.from_dict(it)." if isinstance(metadata, dict)
+            else "")
+    raise TypeError(f"Expected metadata to be a tfdp_prune.metadata.PrivacyMetadata or None (a "
+                    f"non-private model). Received: {type(metadata).__name__}.{hint}")
+  return metadata
+
+
+def _check_export_dir(export_dir) -> str:
+  export_dir = os.fspath(export_dir)
+  if os.path.exists(export_dir):
+    if not os.path.isdir(export_dir):
+      raise ExportError(f"Expected export_dir to be a directory (the TF Serving base directory). "
+                        f"Received: {export_dir}, which is a file.")
+    return export_dir
+  parent = os.path.dirname(os.path.abspath(export_dir))
+  if not os.path.isdir(parent):
+    raise ExportError(f"Expected the parent of export_dir to be an existing directory (only "
+                      f"export_dir itself is created). Received: {export_dir}, whose parent "
+                      f"{parent} is {'a file' if os.path.exists(parent) else 'missing'}. "
+                      "Create it first, or fix the path.")
+  return export_dir
+
+
+def _refuse_existing(export_dir, version):
+  names = inspection.version_dirs(export_dir).get(version) if os.path.isdir(export_dir) else None
+  if names:
+    raise ExportError(f"Version {version} exists already: {os.path.join(export_dir, names[0])}. "
+                      "Pass overwrite=True (--overwrite) to replace it, or version=None for the "
+                      "next version number.")
+
+
+def _plain_model(model) -> keras.Model:
+  """The model to export: `model`, or `strip_pruning(model)` when it holds tfmot wrappers."""
+  compat.ensure_tf_keras_model(model)
+  if not model.built:
+    raise ExportError("Expected a built model (its weights must exist). Received: an unbuilt "
+                      f"{type(model).__name__}. Build it with keras.Input(shape) first.")
+  model = _undistributed(model)
+  if _TFMOT_PACKAGE not in sys.modules:  # no wrappers without tfmot; never import it here
+    return model
+  tfmot = compat.tfmot()
+  wrapper = tfmot.pruning_wrapper.PruneLowMagnitude
+  if not any(isinstance(layer, wrapper) for layer in model.submodules):
+    return model
+  stripped = tfmot.sparsity.strip_pruning(model)
+  left = [layer.name for layer in stripped.submodules if isinstance(layer, wrapper)]
+  if left:
+    raise ExportError(f"strip_pruning left pruning wrappers in the model: {left} (nested "
+                      "models?). Strip them, e.g. strip_pruning on each nested model, then "
+                      "export.")
+  return stripped
+
+
+def _undistributed(model) -> keras.Model:
+  """A model trained under a tf.distribute strategy holds per-replica (mirrored) variables;
+  the export is a copy with plain variables and the same weights (a SavedModel is served
+  without the training strategy)."""
+  if not _is_distributed(model):
+    return model
+  copy = keras.models.clone_model(model)
+  if _is_distributed(copy):
+    raise ExportError("Expected export_saved_model to be called outside strategy.scope() (the "
+                      "export is served without a tf.distribute strategy). Received a call "
+                      "inside one; call it after the `with strategy.scope():` block.")
+  copy.set_weights(model.get_weights())
+  return copy
+
+
+def _is_distributed(model) -> bool:
+  return any(isinstance(v, tf.distribute.DistributedValues) for v in model.variables)
+
+
+def _input_shape(model) -> Tuple[Optional[int], ...]:
+  """The input shape (without the batch) of a one-input classifier [batch, classes]."""
+  inputs, outputs = model.inputs, model.outputs
+  if not inputs or not outputs:
+    raise ExportError(f"Expected a model with known inputs and outputs (Sequential or "
+                      f"functional, built with keras.Input). Received: a "
+                      f"{type(model).__name__} without them. Wrap it: "
+                      "keras.Sequential([keras.Input(shape), model]).")
+  if len(inputs) != 1:
+    raise ExportError(f"Expected a model with one input [batch, ...]. Received: {len(inputs)} "
+                      f"inputs {[tuple(i.shape) for i in inputs]}. Export a model with one "
+                      "input tensor.")
+  if len(outputs) != 1 or outputs[0].shape.rank != 2 or outputs[0].shape[-1] is None:
+    raise ExportError(f"Expected a classifier with one output [batch, classes]. Received: "
+                      f"outputs {[tuple(o.shape) for o in outputs]}.")
+  return tuple(inputs[0].shape[1:])
+
+
+# ---- writing --------------------------------------------------------------------------------
+
+def _write_version(path, model, metadata, *, input_shape, output, input_name, batches,
+                   model_card, version):
+  module, signatures = _export_module(model, metadata, input_shape=input_shape, output=output,
+                                      input_name=input_name)
+  tf.saved_model.save(module, path, signatures=signatures)
+  extra = os.path.join(path, files.ASSETS_EXTRA)
+  os.makedirs(extra, exist_ok=True)
+  with open(os.path.join(extra, files.METADATA_FILENAME), "w", encoding="utf-8") as f:
+    f.write(metadata.to_json())
+  files.write_warmup_file(os.path.join(extra, files.WARMUP_FILENAME),
+                          files.warmup_logs(input_name, batches))
+  report = inspection.inspect_version(path, version)  # what TF Serving will read, before commit
+  if model_card:
+    with open(os.path.join(path, files.MODEL_CARD_FILENAME), "w", encoding="utf-8") as f:
+      f.write(files.render_model_card(metadata, report.signatures))
+  _fsync_tree(path)
+
+
+def _export_module(model, metadata, *, input_shape, output, input_name):
+  """The tf.Module to save, and its signatures. The module tracks the model's variables (so
+  exactly they are saved), never the model object (which would bring its optimizer along)."""
+  module = tf.Module(name="tfdp_prune_export")
+  module.model_variables = list(model.variables)
+  spec = tf.TensorSpec((None,) + tuple(input_shape), tf.float32, name=input_name)
+
+  @tf.function(input_signature=[spec])
+  def serve(inputs):
+    result = tf.cast(model(inputs, training=False), tf.float32)
+    probabilities = tf.nn.softmax(result, axis=-1) if output == "logits" else result
+    return {files.PROBABILITIES: probabilities,
+            files.CLASS_ID: tf.argmax(result, axis=-1, output_type=tf.int64)}
+
+  fields = metadata_fields(metadata)
+  names, texts = sorted(fields), [fields[name] for name in sorted(fields)]
+
+  @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=files.METADATA_INPUT)])
+  def privacy_metadata(field):
+    # A constant lookup: field [n] against the names [k]; no table resource to initialize.
+    matches = tf.equal(tf.expand_dims(field, 1), tf.expand_dims(tf.constant(names), 0))
+    found = tf.reduce_any(matches, axis=1)
+    index = tf.argmax(tf.cast(matches, tf.int32), axis=1)
+    value = tf.where(found, tf.gather(tf.constant(texts), index), tf.constant(""))
+    return {files.METADATA_OUTPUT: value}
+
+  document = metadata.to_json()
+
+  @tf.function(input_signature=[])
+  def privacy_metadata_json():
+    return tf.constant(document)
+
+  module.privacy_metadata_json = privacy_metadata_json
+  serving = serve.get_concrete_function()
+  _check_captures(serving, model)
+  return module, {files.SERVING_SIGNATURE: serving,
+                  files.METADATA_SIGNATURE: privacy_metadata.get_concrete_function()}
+
+
+def _check_captures(concrete_function, model):
+  """Every variable the serving function reads is one of the model's: nothing else (an
+  optimizer's or a wrapper's variable) can reach the SavedModel through the graph."""
+  own = {v.ref() for v in model.variables}
+  foreign = [v.name for v in concrete_function.variables if v.ref() not in own]
+  if foreign:
+    raise ExportError(f"The model's forward pass reads variables that are not the model's own: "
+                      f"{foreign}. Export a model whose call uses only its weights.")
+
+
+def _move_aside(export_dir, version) -> list:
+  """Renames the existing directories of `version` to `.tmp-replaced-*` names; returns the
+  (original, aside) paths."""
+  moved = []
+  for name in inspection.version_dirs(export_dir).get(version, ()):
+    aside = os.path.join(export_dir, f"{_TMP_PREFIX}replaced-{version}-{uuid.uuid4().hex[:12]}")
+    os.rename(os.path.join(export_dir, name), aside)
+    moved.append((os.path.join(export_dir, name), aside))
+  return moved
+
+
+def _move_back(moved):
+  for original, aside in moved:
+    os.rename(aside, original)
+
+
+def _fsync_tree(root: str) -> None:
+  """Flushes every file and directory under `root` (and `root`) to disk, deepest first."""
+  for directory, _, names in os.walk(root, topdown=False):
+    for name in names:
+      _fsync(os.path.join(directory, name))
+    _fsync(directory)
+
+
+def _fsync(path: str) -> None:
+  """Flushes a file's contents or a directory's entries (its renames) to disk."""
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)

@@ -1,0 +1,308 @@
+"""The files TF Serving reads beside a SavedModel, and the serving contract they describe.
+
+A version directory `<export_dir>/<version>/` holds, besides `saved_model.pb` and `variables/`:
+
+  assets.extra/privacy_metadata.json     `PrivacyMetadata.to_json()`: the guarantee, readable by
+                                         any JSON client (see tfdp_prune/metadata.py);
+  assets.extra/tf_serving_warmup_requests  a TFRecord file of `PredictionLog` records that TF
+                                         Serving replays when it loads the version, before it
+                                         reports the version AVAILABLE (so the first real request
+                                         does not pay for graph warm-up); TF Serving refuses a
+                                         file with more than 1000 records;
+  model_card.md                          a human-readable summary (`render_model_card`).
+
+This module defines that contract (file and signature names), writes and reads the warmup file,
+and renders the model card. Every function is pure except the two that touch one file.
+"""
+
+import dataclasses
+import json
+import math
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from tfdp_prune import metadata as metadata_lib
+from tfdp_prune.compat import tf
+
+# ---- the layout and the serving contract --------------------------------------------------------
+
+ASSETS_EXTRA = "assets.extra"
+METADATA_FILENAME = metadata_lib.FILENAME
+WARMUP_FILENAME = "tf_serving_warmup_requests"
+MODEL_CARD_FILENAME = "model_card.md"
+# TF Serving's saved_model_warmup_util refuses a warmup file with more records than this.
+MAX_WARMUP_RECORDS = 1000
+
+SERVING_SIGNATURE = "serving_default"
+PROBABILITIES = "probabilities"
+CLASS_ID = "class_id"
+METADATA_SIGNATURE = "privacy_metadata"
+METADATA_INPUT = "field"
+METADATA_OUTPUT = "value"
+# The `privacy_metadata` signature's field name for the whole JSON document.
+ALL_FIELDS = "all"
+# Default warmup: zeros, one request per batch size.
+WARMUP_BATCH_SIZES = (1, 8)
+WARMUP_METADATA_FIELDS = (ALL_FIELDS, "epsilon")
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpecInfo:
+  """One named input or output of a signature: dtype name ("float32") and shape (None for a
+  dimension of unknown size, e.g. the batch)."""
+  name: str
+  dtype: str
+  shape: Tuple[Optional[int], ...]
+
+  def describe(self) -> str:
+    dims = ", ".join("None" if d is None else str(d) for d in self.shape)
+    return f"{self.name}: {self.dtype} [{dims}]"
+
+
+@dataclasses.dataclass(frozen=True)
+class SignatureInfo:
+  """One signature of the SavedModel (sorted inputs and outputs)."""
+  name: str
+  inputs: Tuple[TensorSpecInfo, ...]
+  outputs: Tuple[TensorSpecInfo, ...]
+
+  def describe(self) -> str:
+    return (f"{self.name}({', '.join(i.describe() for i in self.inputs)}) -> "
+            f"{', '.join(o.describe() for o in self.outputs)}")
+
+
+# ---- warmup requests ----------------------------------------------------------------------------
+
+def warmup_batches(input_shape: Sequence[Optional[int]], warmup_inputs=None) -> List[np.ndarray]:
+  """The float32 batches the `serving_default` warmup requests carry.
+
+  Args:
+    input_shape: the model's input shape without the batch dimension.
+    warmup_inputs: None, or examples shaped [n, *input_shape] (n >= 1): representative inputs,
+      e.g. a few (public!) test examples. The warmup file is stored in clear beside the model,
+      so never pass private training data here.
+
+  Returns:
+    None -> zeros, one batch per size in WARMUP_BATCH_SIZES (the input shape must be fully
+    known); else the first example alone and, when n > 1, all n examples.
+  """
+  input_shape = tuple(input_shape)
+  if warmup_inputs is None:
+    if any(d is None for d in input_shape):
+      raise ValueError(
+          f"Expected warmup_inputs for a model whose input shape {list(input_shape)} has "
+          "dimensions of unknown size (zeros cannot be made for them). Received: "
+          "warmup_inputs=None. Pass a few representative examples shaped [n, ...].")
+    return [np.zeros((n,) + input_shape, np.float32) for n in WARMUP_BATCH_SIZES]
+  try:
+    inputs = np.asarray(warmup_inputs, dtype=np.float32)
+  except (TypeError, ValueError) as error:
+    raise ValueError(f"Expected warmup_inputs to be a float array [n, *{list(input_shape)}]. "
+                     f"Received: a value that is not convertible to float32 ({error}).") from None
+  compatible = (inputs.ndim == len(input_shape) + 1 and inputs.shape[0] >= 1 and all(
+      d is None or d == s for d, s in zip(input_shape, inputs.shape[1:])))
+  if not compatible:
+    raise ValueError(f"Expected warmup_inputs shaped [n >= 1, *{list(input_shape)}] (the "
+                     f"model's input with a batch dimension). Received: shape "
+                     f"{list(inputs.shape)}.")
+  if not np.all(np.isfinite(inputs)):
+    raise ValueError("Expected finite warmup_inputs. Received: NaN or infinite values.")
+  return [inputs[:1]] if len(inputs) == 1 else [inputs[:1], inputs]
+
+
+def predict_log(signature_name: str, inputs: Dict[str, Any]):
+  """A `PredictionLog` whose `predict_log.request` calls `signature_name` with `inputs`."""
+  from tensorflow_serving.apis import prediction_log_pb2  # pylint: disable=g-import-not-at-top
+  log = prediction_log_pb2.PredictionLog()
+  request = log.predict_log.request
+  request.model_spec.signature_name = signature_name
+  for name, value in inputs.items():
+    request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
+  return log
+
+
+def warmup_logs(input_name: str, batches: Sequence[np.ndarray],
+                metadata_fields: Sequence[str] = WARMUP_METADATA_FIELDS) -> list:
+  """The warmup records: one `serving_default` request per batch, then one `privacy_metadata`
+  request (that signature is a separate function in the graph; it warms up on its own)."""
+  logs = [predict_log(SERVING_SIGNATURE, {input_name: batch}) for batch in batches]
+  logs.append(predict_log(METADATA_SIGNATURE,
+                          {METADATA_INPUT: np.array(list(metadata_fields), dtype=object)}))
+  if len(logs) > MAX_WARMUP_RECORDS:
+    raise ValueError(f"Expected at most {MAX_WARMUP_RECORDS} warmup records (TF Serving refuses "
+                     f"more). Received: {len(logs)}.")
+  return logs
+
+
+def write_warmup_file(path: str, logs: Sequence) -> None:
+  """Writes `logs` as a TFRecord file at `path` (the caller fsyncs it)."""
+  with tf.io.TFRecordWriter(path) as writer:
+    for log in logs:
+      writer.write(log.SerializeToString())
+
+
+def read_warmup_file(path: str) -> list:
+  """The `PredictionLog` records of a warmup file; a ValueError naming the file and the record
+  when it is not a TFRecord file of PredictionLogs, or holds more than TF Serving accepts."""
+  from google.protobuf import message  # pylint: disable=g-import-not-at-top
+  from tensorflow_serving.apis import prediction_log_pb2  # pylint: disable=g-import-not-at-top
+  logs = []
+  try:
+    for record in tf.data.TFRecordDataset(path):
+      try:
+        logs.append(prediction_log_pb2.PredictionLog.FromString(record.numpy()))
+      except message.DecodeError as error:
+        raise ValueError(f"Record {len(logs)} of the warmup file {path} is not a serialized "
+                         f"tensorflow_serving PredictionLog ({error}).") from None
+  except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as error:
+    raise ValueError(f"The warmup file {path} is not a valid TFRecord file "
+                     f"({error.message.splitlines()[0]}).") from None
+  if len(logs) > MAX_WARMUP_RECORDS:
+    raise ValueError(f"The warmup file {path} holds {len(logs)} records; TF Serving refuses "
+                     f"more than {MAX_WARMUP_RECORDS}.")
+  return logs
+
+
+# ---- the model card -----------------------------------------------------------------------------
+
+def render_model_card(metadata: metadata_lib.PrivacyMetadata,
+                      signature_info: Sequence[SignatureInfo]) -> str:
+  """The model card (markdown) of an export: the guarantee first, in a banner that cannot be
+  missed, then how the model was trained, on what, with which masks, how to call it, and with
+  what software. Measured (empirical) results, when there are any, get their own section, apart
+  from the proven guarantee."""
+  sections = [
+      _title(metadata), _banner(metadata), _guarantee(metadata), _training(metadata),
+      _data(metadata), _masks(metadata), _signatures(signature_info), _provenance(metadata)]
+  if metadata.empirical:
+    sections.append(_empirical(metadata.empirical))
+  return "\n\n".join(sections) + "\n"
+
+
+def _title(metadata) -> str:
+  subject = f" trained on {metadata.dataset}" if metadata.dataset else ""
+  return f"# Model card: classifier{_escape(subject)}"
+
+
+def _banner(metadata) -> str:
+  if not metadata.private:
+    return ("> **NON-PRIVATE: trained without differential privacy (epsilon = infinity).**\n"
+            "> This model carries no privacy guarantee for its training data.")
+  return (f"> **Differentially private: ({_number(metadata.epsilon)}, "
+          f"{_number(metadata.delta)})-DP** ({metadata.accountant} accountant).")
+
+
+def _guarantee(metadata) -> str:
+  lines = ["## Privacy guarantee", "", _escape(metadata.statement)]
+  if metadata.private:
+    lines += ["", _table([("epsilon", _number(metadata.epsilon)),
+                          ("delta", _number(metadata.delta)),
+                          ("accountant", metadata.accountant)])]
+    event = (metadata.privacy_spec or {}).get("dp_event")
+    if event is not None:
+      lines += ["", "The dp_accounting event of the whole run:", "",
+                "```json", json.dumps(event, indent=1, sort_keys=True), "```"]
+  return "\n".join(lines)
+
+
+def _training(metadata) -> str:
+  rows = [("noise multiplier", _number(metadata.noise_multiplier)),
+          ("L2 clip norm", _number(metadata.l2_norm_clip)),
+          ("sampling", metadata.sampling),
+          ("sampling rate", _number(metadata.sampling_probability)),
+          ("(expected) logical batch size", _number(metadata.batch_size)),
+          ("logical steps", metadata.steps),
+          ("epochs", _number(metadata.epochs))]
+  return "## Training setup\n\n" + _table(rows)
+
+
+def _data(metadata) -> str:
+  fingerprint = metadata.public_fingerprint
+  if fingerprint:
+    fingerprint_text = (f"sha256 {fingerprint.get('sha256')} over "
+                        f"{fingerprint.get('num_examples')} examples "
+                        f"(version {fingerprint.get('version')})")
+  else:
+    fingerprint_text = None
+  rows = [("dataset", metadata.dataset), ("private split", metadata.private_split),
+          ("private examples", metadata.num_private_examples),
+          ("public dataset", metadata.public_dataset), ("public split", metadata.public_split),
+          ("public examples", metadata.num_public_examples),
+          ("public data fingerprint", fingerprint_text),
+          ("test examples", metadata.num_test_examples)]
+  return "## Data\n\n" + _table(rows)
+
+
+def _masks(metadata) -> str:
+  rule = json.dumps(metadata.mask_rule, sort_keys=True) if metadata.mask_rule else None
+  lines = ["## Masks", "",
+           _table([("mode", metadata.mask_mode), ("rule", rule),
+                   ("overall sparsity (frozen fraction)", _percent(metadata.mask_sparsity))])]
+  if metadata.mask_sparsity_per_variable:
+    per_variable = sorted(metadata.mask_sparsity_per_variable.items())
+    lines += ["", "| variable | sparsity |", "| --- | --- |"]
+    lines += [f"| {_escape(name)} | {_percent(value)} |" for name, value in per_variable]
+  lines += ["", "The masks are not part of the export: it holds the plain model's weights "
+            "(frozen coordinates at their final values)."]
+  return "\n".join(lines)
+
+
+def _signatures(signature_info) -> str:
+  lines = ["## Signatures", ""]
+  for signature in signature_info:
+    lines += [f"### `{signature.name}`", "", "| | name | dtype | shape |", "| --- | --- | --- | --- |"]
+    for kind, specs in (("input", signature.inputs), ("output", signature.outputs)):
+      for spec in specs:
+        dims = ", ".join("None" if d is None else str(d) for d in spec.shape)
+        lines.append(f"| {kind} | `{spec.name}` | {spec.dtype} | [{dims}] |")
+    lines.append("")
+  lines += [
+      f"`{METADATA_SIGNATURE}` maps each requested field name of the privacy metadata to the "
+      f"JSON text of that field (`\"{ALL_FIELDS}\"`: the whole document; an unknown name: the "
+      "empty string). The REST body "
+      f"`{{\"signature_name\": \"{METADATA_SIGNATURE}\", \"instances\": [\"epsilon\"]}}` asks "
+      "for epsilon. Without TF Serving: "
+      "`tf.saved_model.load(path).privacy_metadata_json()`."]
+  return "\n".join(lines)
+
+
+def _provenance(metadata) -> str:
+  rows = sorted(metadata.library_versions.items())
+  rows += [("seed", metadata.seed), ("created (UTC)", metadata.created)]
+  return "## Provenance\n\n" + _table(rows, header=("library / setting", "value"))
+
+
+def _empirical(empirical: Dict[str, Any]) -> str:
+  rows = [(name, json.dumps(value, sort_keys=True)) for name, value in sorted(empirical.items())]
+  return ("## Empirical (not proven)\n\nMeasured results, e.g. an audit's lower bound on "
+          "epsilon. They are NOT a privacy guarantee; the guarantee is the one above.\n\n"
+          + _table(rows, header=("measurement", "value")))
+
+
+def _table(rows, header=("setting", "value")) -> str:
+  lines = [f"| {header[0]} | {header[1]} |", "| --- | --- |"]
+  lines += [f"| {_escape(str(k))} | {_escape(_text(v))} |" for k, v in rows]
+  return "\n".join(lines)
+
+
+def _text(value) -> str:
+  return "n/a" if value is None else str(value)
+
+
+def _number(value) -> Optional[str]:
+  if value is None:
+    return None
+  if isinstance(value, float) and math.isinf(value):
+    return "infinity"
+  return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _percent(value) -> str:
+  return f"{100 * value:.2f}%"
+
+
+def _escape(text: str) -> str:
+  """Markdown table cells and headings: a `|` or a newline would break the table."""
+  return text.replace("|", "\\|").replace("\n", " ")
+

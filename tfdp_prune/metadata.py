@@ -1,0 +1,199 @@
+"""The privacy metadata schema: one record of a run's guarantee, written by training and export.
+
+`PrivacyMetadata` is what a deployed model says about itself: the proven guarantee (epsilon,
+delta, accountant, the dp_accounting event and its statement), the mechanism's settings (noise
+multiplier, clip norm, sampling and rate, steps, epochs), the data (sizes, dataset names, the
+public data's identity and fingerprint), the masks (mode, rule, sparsity overall and per
+variable), and the provenance (library versions, seed, creation time).
+
+A run without DP noise (noise multiplier 0, or a model trained outside the DP optimizer) has
+epsilon = infinity and `private=False`; the schema refuses any other combination, so a
+non-private model can never be labelled private.
+
+The JSON form (`to_json`) is strict RFC 8259 JSON, readable by any client: an infinite epsilon is
+written as the string "inf" (JSON has no infinity), every other number as a number.
+`empirical` is reserved for measured, NOT proven, quantities (e.g. an audit's epsilon lower
+bound); it is kept apart from the guarantee on purpose.
+
+This module sits at the bottom: it imports nothing of tfdp_prune's but the version, so that the
+export stage can depend on it alone.
+"""
+
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import math
+import numbers
+from typing import Any, Dict, Optional
+
+from tfdp_prune import version
+
+SCHEMA = "tfdp_prune.PrivacyMetadata"
+SCHEMA_VERSION = 1
+FILENAME = "privacy_metadata.json"
+MASK_MODES = ("none", "freeze", "select")
+# The distributions whose versions decide what the guarantee and the model mean.
+_VERSIONED_PACKAGES = ("tensorflow", "tf-keras", "dp-accounting", "tensorflow-privacy",
+                       "tensorflow-model-optimization")
+_INFINITY = "inf"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PrivacyMetadata:
+  """The privacy record of one trained model (see the module docstring).
+
+  Attributes:
+    private: True when the model was trained with DP noise (finite epsilon); False otherwise.
+    epsilon, delta: the proven (epsilon, delta)-DP guarantee; epsilon is inf when not private.
+    accountant: "pld" or "rdp" (dp_accounting), None when not private.
+    statement: one sentence saying what the guarantee covers (sampling, adjacency, accountant).
+    privacy_spec: `PrivacySpec.to_dict()` of the run (incl. the serialized dp_accounting event).
+    noise_multiplier, l2_norm_clip: sigma and the clip norm C.
+    sampling: "poisson", "shuffle" or None; sampling_probability: q (Poisson only).
+    batch_size: the (expected) logical batch size; steps: logical steps; epochs: steps * batch /
+      number of private examples.
+    dataset, public_dataset, public_split, private_split: where the data came from.
+    num_private_examples, num_public_examples, num_test_examples: the sizes of the parts.
+    public_fingerprint: `PublicDataFingerprint.to_dict()` of the public part, or None.
+    mask_mode: "none", "freeze" or "select"; mask_rule: the rule's config, or None;
+    mask_sparsity: the fraction of maskable coordinates frozen (0 without masks);
+    mask_sparsity_per_variable: the same, per variable name.
+    seed: the run's seed; library_versions: distribution -> version; created: ISO 8601 UTC time.
+    empirical: measured (not proven) results such as an audit, or None.
+  """
+
+  private: bool
+  epsilon: float
+  delta: Optional[float]
+  accountant: Optional[str]
+  statement: str
+  privacy_spec: Optional[Dict[str, Any]]
+  noise_multiplier: float
+  l2_norm_clip: Optional[float]
+  sampling: Optional[str]
+  sampling_probability: Optional[float]
+  batch_size: Optional[float]
+  steps: int
+  epochs: float
+  dataset: Optional[str]
+  public_dataset: Optional[str]
+  public_split: Optional[str]
+  private_split: Optional[str]
+  num_private_examples: int
+  num_public_examples: int
+  num_test_examples: int
+  public_fingerprint: Optional[Dict[str, Any]]
+  mask_mode: str
+  mask_rule: Optional[Dict[str, Any]]
+  mask_sparsity: float
+  mask_sparsity_per_variable: Dict[str, float]
+  seed: Optional[int]
+  library_versions: Dict[str, str]
+  created: str
+  empirical: Optional[Dict[str, Any]] = None
+
+  def __post_init__(self):
+    if not isinstance(self.private, bool):
+      raise ValueError(f"Expected private to be True or False. Received: private={self.private!r}.")
+    if not isinstance(self.epsilon, numbers.Real) or math.isnan(self.epsilon) or self.epsilon < 0:
+      raise ValueError(f"Expected epsilon >= 0 or inf. Received: epsilon={self.epsilon!r}.")
+    if self.private:
+      if not math.isfinite(self.epsilon):
+        raise ValueError("A private model needs a finite epsilon. Received: epsilon=inf with "
+                         "private=True; a model without a finite guarantee has private=False.")
+      if not (isinstance(self.noise_multiplier, numbers.Real) and self.noise_multiplier > 0):
+        raise ValueError(f"A private model needs noise_multiplier > 0. Received: "
+                         f"noise_multiplier={self.noise_multiplier!r}.")
+      if self.privacy_spec is None or self.delta is None or self.accountant is None:
+        raise ValueError("A private model needs privacy_spec, delta and accountant (the "
+                         "guarantee is stated by them). Received None.")
+    elif math.isfinite(self.epsilon):
+      raise ValueError(f"A non-private model has epsilon=inf. Received: "
+                       f"epsilon={self.epsilon!r} with private=False.")
+    if self.mask_mode not in MASK_MODES:
+      raise ValueError(f"Expected mask_mode in {list(MASK_MODES)}. Received: "
+                       f"mask_mode={self.mask_mode!r}.")
+    for name in ("steps", "num_private_examples", "num_public_examples", "num_test_examples"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"Expected {name} to be an integer >= 0. Received: {name}={value!r}.")
+    object.__setattr__(self, "epsilon", float(self.epsilon))
+
+  @property
+  def guarantee(self) -> str:
+    """A one-line label: "(epsilon, delta)-DP" or "NON-PRIVATE"."""
+    if not self.private:
+      return "NON-PRIVATE (epsilon = inf): trained without differential privacy."
+    return f"({self.epsilon:.4g}, {self.delta:.3g})-DP. {self.statement}"
+
+  def with_empirical(self, results: Dict[str, Any]) -> "PrivacyMetadata":
+    """A copy with measured results (e.g. an audit) under `empirical`, apart from the proof."""
+    return dataclasses.replace(self, empirical=dict(results))
+
+  def to_dict(self) -> Dict[str, Any]:
+    """A strict-JSON-compatible dict (epsilon inf -> "inf"), with the schema name and version."""
+    result = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION}
+    result.update(dataclasses.asdict(self))
+    result["epsilon"] = _INFINITY if math.isinf(self.epsilon) else self.epsilon
+    return result
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=1, sort_keys=True, allow_nan=False)
+
+  @classmethod
+  def from_dict(cls, data: Dict[str, Any]) -> "PrivacyMetadata":
+    """Inverse of `to_dict`; refuses another schema, version, unknown or missing fields."""
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+      raise ValueError(f"Expected a dict with schema={SCHEMA!r}. Received: "
+                       f"{data.get('schema') if isinstance(data, dict) else type(data).__name__!r}.")
+    if data.get("schema_version") != SCHEMA_VERSION:
+      raise ValueError(f"Expected schema_version={SCHEMA_VERSION}. Received: "
+                       f"schema_version={data.get('schema_version')!r}.")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - fields - {"schema", "schema_version"}
+    if unknown:
+      raise ValueError(f"Unknown privacy metadata fields: {sorted(unknown)}.")
+    values = {name: data[name] for name in fields if name in data}
+    if values.get("epsilon") == _INFINITY:
+      values["epsilon"] = math.inf
+    try:
+      return cls(**values)
+    except TypeError as error:  # a required field is missing
+      raise ValueError(f"Incomplete privacy metadata: {error}.") from None
+
+  @classmethod
+  def from_json(cls, text: str) -> "PrivacyMetadata":
+    return cls.from_dict(json.loads(text))
+
+
+def library_versions() -> Dict[str, str]:
+  """The installed versions of tfdp_prune and the packages the guarantee depends on."""
+  result = {"tfdp_prune": version.__version__}
+  for name in _VERSIONED_PACKAGES:
+    try:
+      result[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      result[name] = "not installed"
+  return result
+
+
+def utc_now() -> str:
+  """The current time as ISO 8601 UTC, to the second (the `created` field)."""
+  return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def non_private(*, dataset: Optional[str] = None, num_private_examples: int = 0,
+                num_test_examples: int = 0, steps: int = 0, epochs: float = 0.0,
+                seed: Optional[int] = None) -> PrivacyMetadata:
+  """The record of a model trained without DP (e.g. a plain Keras model being exported)."""
+  return PrivacyMetadata(
+      private=False, epsilon=math.inf, delta=None, accountant=None,
+      statement="Trained without differential privacy: no privacy guarantee.",
+      privacy_spec=None, noise_multiplier=0.0, l2_norm_clip=None, sampling=None,
+      sampling_probability=None, batch_size=None, steps=steps, epochs=epochs, dataset=dataset,
+      public_dataset=None, public_split=None, private_split=None,
+      num_private_examples=num_private_examples, num_public_examples=0,
+      num_test_examples=num_test_examples, public_fingerprint=None, mask_mode="none",
+      mask_rule=None, mask_sparsity=0.0, mask_sparsity_per_variable={}, seed=seed,
+      library_versions=library_versions(), created=utc_now())

@@ -1,0 +1,296 @@
+"""The settings of one training run (`TrainConfig`), the named configs, and flag-style overrides.
+
+A `TrainConfig` holds every setting of `tfdp_prune.training.train`; its field names ARE the flag
+names of `tfdp-train` (`--sparsity` sets `sparsity`), so every error names the flag to fix.
+Everything is checked in `__post_init__`, before any data is read or any step is taken.
+
+Named configs (`CONFIGS`, `named_config(name)`):
+  default                the no-flag run: scikit-learn's digits (embedded), an MLP, 20 epochs of
+                         public pre-training, then 80% of each kernel frozen by magnitude and
+                         DP-SGD on the rest at epsilon 8, delta 1e-5 (Poisson, PLD); a few minutes
+                         on 2 CPUs.
+  mnist_tfp_tutorial     TF Privacy's MNIST tutorial (classification_privacy.ipynb): its CNN,
+                         batch 250, clip 1.5, noise multiplier 1.3, SGD lr 0.25, 3 epochs; dense
+                         (no masks), Poisson sampling instead of its shuffled batches.
+  cifar10_wrn16_4_eps8   De et al. (2022), CIFAR-10 WRN-16-4 at epsilon 8, delta 1e-5: batch
+                         4096, augmult 16, clip 1, SGD lr 2 (no momentum), 875 steps, EMA 0.9999,
+                         dense; physical batch 256 here (16 accumulated batches per step).
+                         Needs CIFAR-10 prepared for TFDS and an accelerator (hours on a CPU).
+
+`resolve(name, overrides)` applies flag values to a named config. Overrides replace the
+config's settings; a few settings exclude one another, and an override of one clears the
+config's value of the other, so that `--noise_multiplier` on a config with a target epsilon
+means "this sigma, no target", and `--mode none` drops the config's mask settings. Giving BOTH
+members of such a pair (e.g. `--epsilon` and `--noise_multiplier`) is an error.
+"""
+
+import dataclasses
+import math
+import re
+from typing import Any, Dict, Optional
+
+MODES = ("none", "freeze", "select")
+RULES = ("magnitude", "random", "public_gradient")
+SAMPLINGS = ("poisson", "shuffle")
+STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+OPTIMIZERS = ("sgd", "adam")
+ACCOUNTANTS = ("pld", "rdp")
+MODEL_PATTERN = re.compile(r"^(mlp|mnist_cnn|wrn(\d+)_(\d+))$")
+# Used when the mode needs them and the config leaves them unset.
+DEFAULT_RULE = "magnitude"
+DEFAULT_SPARSITY = 0.8
+DEFAULT_SELECT_EVERY = 10
+# Pairs where setting one (as an override) clears the other, and setting both is an error.
+EXCLUSIVE = (("epsilon", "noise_multiplier"), ("epochs", "steps"))
+_MASK_SETTINGS = ("rule", "sparsity", "select_every")
+
+
+class ConfigError(ValueError):
+  """A setting (a `tfdp-train` flag) is invalid or conflicts with another; raised before any
+  training."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+  """One training run; see `tfdp-train --helpfull` or the README for each setting."""
+
+  # data
+  dataset: str = "digits"
+  public_dataset: Optional[str] = None
+  public_split: Optional[str] = None
+  private_split: Optional[str] = None
+  test_split: Optional[str] = "default"
+  data_dir: Optional[str] = None
+  # model
+  model: str = "mlp"
+  # masks from public data
+  mode: str = "freeze"
+  rule: Optional[str] = None
+  sparsity: Optional[float] = None
+  select_every: Optional[int] = None
+  public_epochs: int = 20
+  public_learning_rate: float = 0.1
+  # privacy
+  epsilon: Optional[float] = 8.0
+  delta: float = 1e-5
+  noise_multiplier: Optional[float] = None
+  accountant: str = "pld"
+  l2_norm_clip: float = 1.0
+  sampling: str = "poisson"
+  # optimization
+  batch_size: int = 100
+  physical_batch_size: Optional[int] = None
+  augmult: int = 0
+  epochs: Optional[float] = 15.0
+  steps: Optional[int] = None
+  optimizer: str = "sgd"
+  learning_rate: float = 0.5
+  momentum: float = 0.9  # SGD only; Adam uses its default betas
+  ema_decay: Optional[float] = None
+  # running and output
+  strategy: str = "default"
+  checkpoint_dir: Optional[str] = None
+  export_dir: Optional[str] = "tfdp_export"
+  export_version: Optional[int] = None
+  overwrite: bool = False
+  seed: int = 0
+  verbose: int = 1
+
+  def __post_init__(self):
+    _check_choice("mode", self.mode, MODES)
+    _check_choice("sampling", self.sampling, SAMPLINGS)
+    _check_choice("strategy", self.strategy, STRATEGIES)
+    _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+    _check_choice("accountant", self.accountant, ACCOUNTANTS)
+    if not isinstance(self.model, str) or not MODEL_PATTERN.match(self.model):
+      raise ConfigError(f"Expected --model to be mlp, mnist_cnn or wrn<depth>_<width> (e.g. "
+                        f"wrn16_4). Received: --model={self.model!r}.")
+    if not isinstance(self.dataset, str) or not self.dataset:
+      raise ConfigError(f"Expected --dataset to name a dataset (digits or a TFDS name). "
+                        f"Received: --dataset={self.dataset!r}.")
+    self._check_masks()
+    self._check_privacy()
+    self._check_batches()
+    _check_number("public_epochs", self.public_epochs, integer=True, minimum=0)
+    _check_number("public_learning_rate", self.public_learning_rate, minimum=0, strict=True)
+    _check_number("learning_rate", self.learning_rate, minimum=0, strict=True)
+    _check_number("momentum", self.momentum, minimum=0)
+    if self.momentum >= 1:
+      raise ConfigError(f"Expected --momentum in [0, 1). Received: --momentum={self.momentum}.")
+    if self.ema_decay is not None:
+      _check_number("ema_decay", self.ema_decay, minimum=0)
+      if self.ema_decay >= 1:
+        raise ConfigError(f"Expected --ema_decay in [0, 1). Received: "
+                          f"--ema_decay={self.ema_decay}.")
+    if self.export_version is not None:
+      _check_number("export_version", self.export_version, integer=True, minimum=1)
+    _check_number("seed", self.seed, integer=True, minimum=0)
+    _check_number("verbose", self.verbose, integer=True, minimum=0)
+    for name in ("overwrite",):
+      if not isinstance(getattr(self, name), bool):
+        raise ConfigError(f"Expected --{name} to be true or false. Received: "
+                          f"--{name}={getattr(self, name)!r}.")
+
+  # ---- groups of checks -------------------------------------------------------------------
+
+  def _check_masks(self):
+    if self.mode == "none":
+      given = [name for name in _MASK_SETTINGS if getattr(self, name) is not None]
+      if given:
+        raise ConfigError(
+            f"--{given[0]} has no effect with --mode=none (no masks). Received: "
+            f"--{given[0]}={getattr(self, given[0])!r}. Use --mode=freeze or --mode=select, or "
+            f"drop --{given[0]}.")
+      return
+    if self.rule is not None:
+      _check_choice("rule", self.rule, RULES)
+    if self.sparsity is not None:
+      _check_number("sparsity", self.sparsity, minimum=0)
+      if self.sparsity >= 1:
+        raise ConfigError(f"Expected --sparsity in [0, 1) (the fraction of coordinates frozen). "
+                          f"Received: --sparsity={self.sparsity}.")
+    if self.mode == "freeze" and self.select_every is not None:
+      raise ConfigError(f"--select_every applies to --mode=select only. Received: "
+                        f"--select_every={self.select_every} with --mode=freeze.")
+    if self.select_every is not None:
+      _check_number("select_every", self.select_every, integer=True, minimum=1)
+
+  def _check_privacy(self):
+    if self.epsilon is not None and self.noise_multiplier is not None:
+      raise ConfigError(
+          f"Give --epsilon (the noise multiplier is calibrated to it) OR --noise_multiplier, "
+          f"not both. Received: --epsilon={self.epsilon}, "
+          f"--noise_multiplier={self.noise_multiplier}.")
+    if self.epsilon is None and self.noise_multiplier is None:
+      raise ConfigError("Expected --epsilon (a target) or --noise_multiplier (0 trains without "
+                        "privacy). Received neither.")
+    if self.epsilon is not None:
+      _check_number("epsilon", self.epsilon, minimum=0, strict=True)
+    if self.noise_multiplier is not None:
+      _check_number("noise_multiplier", self.noise_multiplier, minimum=0)
+    _check_number("delta", self.delta, minimum=0, strict=True)
+    if self.delta >= 1:
+      raise ConfigError(f"Expected --delta in (0, 1). Received: --delta={self.delta}.")
+    _check_number("l2_norm_clip", self.l2_norm_clip, minimum=0, strict=True)
+
+  def _check_batches(self):
+    _check_number("batch_size", self.batch_size, integer=True, minimum=1)
+    if self.physical_batch_size is not None:
+      _check_number("physical_batch_size", self.physical_batch_size, integer=True, minimum=1)
+      if self.batch_size % self.physical_batch_size:
+        raise ConfigError(
+            f"Expected --physical_batch_size to divide --batch_size (a logical batch is a whole "
+            f"number of physical ones). Received: --batch_size={self.batch_size}, "
+            f"--physical_batch_size={self.physical_batch_size}.")
+    _check_number("augmult", self.augmult, integer=True, minimum=0)
+    if self.epochs is not None and self.steps is not None:
+      raise ConfigError(f"Give --epochs OR --steps, not both. Received: --epochs={self.epochs}, "
+                        f"--steps={self.steps}.")
+    if self.epochs is None and self.steps is None:
+      raise ConfigError("Expected --epochs or --steps (how long to train). Received neither.")
+    if self.epochs is not None:
+      _check_number("epochs", self.epochs, minimum=0, strict=True)
+    if self.steps is not None:
+      _check_number("steps", self.steps, integer=True, minimum=1)
+
+  # ---- derived settings -------------------------------------------------------------------
+
+  @property
+  def effective_rule(self) -> Optional[str]:
+    return None if self.mode == "none" else (self.rule or DEFAULT_RULE)
+
+  @property
+  def effective_sparsity(self) -> float:
+    if self.mode == "none":
+      return 0.0
+    return DEFAULT_SPARSITY if self.sparsity is None else float(self.sparsity)
+
+  @property
+  def effective_select_every(self) -> Optional[int]:
+    if self.mode != "select":
+      return None
+    return DEFAULT_SELECT_EVERY if self.select_every is None else self.select_every
+
+  @property
+  def gradient_accumulation_steps(self) -> int:
+    return self.batch_size // (self.physical_batch_size or self.batch_size)
+
+  @property
+  def private(self) -> bool:
+    """Whether the run adds DP noise (a target epsilon or a noise multiplier above 0)."""
+    return self.epsilon is not None or self.noise_multiplier > 0
+
+  def to_dict(self) -> Dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, data: Dict[str, Any]) -> "TrainConfig":
+    unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+      raise ConfigError(f"Unknown settings {sorted(unknown)}; known: "
+                        f"{sorted(f.name for f in dataclasses.fields(cls))}.")
+    return cls(**data)
+
+
+CONFIGS: Dict[str, Dict[str, Any]] = {
+    "default": {},
+    "mnist_tfp_tutorial": dict(
+        dataset="mnist", model="mnist_cnn", mode="none", public_epochs=0, epsilon=None,
+        noise_multiplier=1.3, l2_norm_clip=1.5, batch_size=250, epochs=3.0,
+        learning_rate=0.25, momentum=0.0, export_dir="tfdp_export/mnist_tfp_tutorial"),
+    "cifar10_wrn16_4_eps8": dict(
+        dataset="cifar10", model="wrn16_4", mode="none", public_epochs=0, epsilon=8.0,
+        delta=1e-5, l2_norm_clip=1.0, batch_size=4096, physical_batch_size=256, augmult=16,
+        epochs=None, steps=875, learning_rate=2.0, momentum=0.0, ema_decay=0.9999,
+        export_dir="tfdp_export/cifar10_wrn16_4_eps8"),
+}
+
+
+def named_config(name: str) -> TrainConfig:
+  """The named config (see the module docstring)."""
+  if name not in CONFIGS:
+    raise ConfigError(f"Expected --config in {sorted(CONFIGS)}. Received: --config={name!r}.")
+  return TrainConfig(**CONFIGS[name])
+
+
+def resolve(name: str = "default", overrides: Optional[Dict[str, Any]] = None) -> TrainConfig:
+  """The named config with `overrides` (flag values the user gave) applied; see the module
+  docstring for the settings that exclude one another."""
+  overrides = dict(overrides or {})
+  known = {f.name for f in dataclasses.fields(TrainConfig)}
+  unknown = set(overrides) - known
+  if unknown:
+    raise ConfigError(f"Unknown settings {sorted(unknown)}.")
+  base = named_config(name).to_dict()
+  for first, second in EXCLUSIVE:
+    if first in overrides and second in overrides:
+      if overrides[first] is not None and overrides[second] is not None:
+        raise ConfigError(f"Give --{first} OR --{second}, not both. Received: "
+                          f"--{first}={overrides[first]}, --{second}={overrides[second]}.")
+    elif first in overrides:
+      base[second] = None
+    elif second in overrides:
+      base[first] = None
+  if overrides.get("mode") == "none":
+    for setting in _MASK_SETTINGS:
+      base[setting] = None
+  if overrides.get("mode") == "freeze":
+    base["select_every"] = None
+  base.update(overrides)
+  return TrainConfig(**base)
+
+
+def _check_choice(name, value, choices):
+  if value not in choices:
+    raise ConfigError(f"Expected --{name} in {list(choices)}. Received: --{name}={value!r}.")
+
+
+def _check_number(name, value, *, minimum, integer=False, strict=False):
+  kind = "an integer" if integer else "a number"
+  valid = (not isinstance(value, bool)
+           and (isinstance(value, int) if integer else isinstance(value, (int, float)))
+           and math.isfinite(value) and (value > minimum if strict else value >= minimum))
+  if not valid:
+    relation = ">" if strict else ">="
+    raise ConfigError(f"Expected --{name} to be {kind} {relation} {minimum}. Received: "
+                      f"--{name}={value!r}.")
