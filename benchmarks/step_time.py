@@ -8,8 +8,10 @@ each arm spends about --budget_s seconds, clamped to [--min_steps, --steps].
 
 Arms:
   nonprivate      tf_keras SGD, mean loss.
-  tfdp            tfdp_prune.DPKerasSGDOptimizer + make_private, no mask.
+  tfdp            tfdp_prune.DPKerasSGDOptimizer + make_private (per-layer engine), no mask.
   tfdp_mask80     same, random masks with 20% True on every kernel (biases/GN params all True).
+  tfdp_vectorized, tfdp_vectorized_mask80
+                  the same two with per_example_engine="vectorized" (the reference engine).
   tfp_vectorized  TF Privacy VectorizedDPKerasSGDOptimizer (legacy SGD), per-example loss.
   tfp_dpmodel     TF Privacy DPSequential / DPModel with make_default_layer_registry() (fast
                   gradient clipping when every trainable layer is registered), use_xla=True
@@ -35,13 +37,16 @@ import traceback
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 
-ARMS = ("nonprivate", "tfdp", "tfdp_mask80", "tfp_vectorized", "tfp_dpmodel")
+ARMS = ("nonprivate", "tfdp", "tfdp_mask80", "tfdp_vectorized", "tfdp_vectorized_mask80",
+        "tfp_vectorized", "tfp_dpmodel")
 MODELS = {"cnn": {"batch": 250, "input_shape": (28, 28, 1)},
           "wrn": {"batch": 32, "input_shape": (32, 32, 3)}}
 ARM_LABELS = {
     "nonprivate": "non-private tf_keras SGD",
-    "tfdp": "tfdp_prune DPKerasSGDOptimizer, no mask",
-    "tfdp_mask80": "tfdp_prune, masks 80% sparse",
+    "tfdp": "tfdp_prune DPKerasSGDOptimizer (per-layer engine), no mask",
+    "tfdp_mask80": "tfdp_prune (per-layer engine), masks 80% sparse",
+    "tfdp_vectorized": "tfdp_prune, vectorized engine, no mask",
+    "tfdp_vectorized_mask80": "tfdp_prune, vectorized engine, masks 80% sparse",
     "tfp_vectorized": "TF Privacy VectorizedDPKerasSGDOptimizer",
     "tfp_dpmodel": "TF Privacy DPModel (registry, XLA)",
 }
@@ -101,13 +106,14 @@ def _build(model_name, arm, batch, input_shape, seed):
   model = models.build_cnn() if model_name == "cnn" else models.build_wrn()
   if arm == "nonprivate":
     model.compile(optimizer=keras.optimizers.SGD(LEARNING_RATE), loss=mean_loss)
-  elif arm in ("tfdp", "tfdp_mask80"):
+  elif arm.startswith("tfdp"):
     optimizer = tfdp_prune.DPKerasSGDOptimizer(
         l2_norm_clip=L2_NORM_CLIP, noise_multiplier=NOISE_MULTIPLIER,
-        learning_rate=LEARNING_RATE, seed=seed)
+        learning_rate=LEARNING_RATE, seed=seed,
+        per_example_engine="vectorized" if "vectorized" in arm else "per_layer")
     model.compile(optimizer=optimizer, loss=per_example_loss)
     tfdp_prune.make_private(model)
-    if arm == "tfdp_mask80":
+    if arm.endswith("mask80"):
       variables = model.trainable_variables
       model.optimizer.build(variables)
       rng = np.random.default_rng(seed)

@@ -33,6 +33,7 @@ from tfdp_prune.overlap import check_disjoint
 from tfdp_prune.overlap import fingerprint_examples
 from tfdp_prune.per_example import PerExampleEngine
 from tfdp_prune.per_example import VectorizedEngine
+from tfdp_prune.per_layer import PerLayerEngine
 from tfdp_prune.sampling import PoissonSampler
 from tfdp_prune.sampling import ShuffleSampler
 from tfdp_prune.sampling import make_sampler
@@ -55,6 +56,7 @@ __all__ = [
     "ParameterFreezing",
     "ParameterSelection",
     "PerExampleEngine",
+    "PerLayerEngine",
     "PoissonSampler",
     "PrivacyBudget",
     "PrivacyBudgetExhaustedError",

@@ -67,13 +67,14 @@ def clipped_sum(per_example_grads: Sequence[tf.Tensor], masks: Sequence[tf.Tenso
   finite = tf.math.is_finite(norms)
   kept = tf.logical_and(real, finite)
   factors = tf.where(kept, clip_factors(tf.where(finite, norms, 0.0), l2_norm_clip), 0.0)
-  sums = [_weighted_batch_sum(g, kept, factors) for g in masked]
+  sums = [weighted_batch_sum(g, kept, factors) for g in masked]
   count = lambda b: tf.reduce_sum(tf.cast(b, tf.int32))
   return ClippedSum(sums, tf.shape(sample_weight)[0],
                     count(tf.logical_and(real, tf.logical_not(finite))))
 
 
-def _weighted_batch_sum(g: tf.Tensor, kept: tf.Tensor, factors: tf.Tensor) -> tf.Tensor:
+def weighted_batch_sum(g: tf.Tensor, kept: tf.Tensor, factors: tf.Tensor) -> tf.Tensor:
+  """sum_i factors_i * g_i over the examples that are kept; the others contribute exactly 0."""
   # `where` first: 0 * NaN is NaN, so a dropped example must be replaced, not multiplied by 0.
   batch_shape = tf.concat([tf.shape(kept), tf.ones([tf.rank(g) - 1], tf.int32)], axis=0)
   g = tf.where(tf.reshape(kept, batch_shape), g, tf.zeros_like(g))

@@ -42,7 +42,9 @@ def make_dp_optimizer_class(cls):
       update and one accounting step.
     seed: seeds the noise generator (None: nondeterministic). The generator's state is
       checkpointed with the optimizer and advances at every draw.
-    per_example_engine: how per-example gradients are obtained ("vectorized").
+    per_example_engine: how per-example gradients are obtained: "per_layer" (default; one
+      forward/backward pass and per-layer norms, `per_layer.PerLayerEngine`) or "vectorized"
+      (the reference: every example's full gradient via tf.vectorized_map).
 
   The class is made once per `cls` and registered with Keras as "tfdp_prune>DP<cls name>", so
   models saved with it load without `custom_objects`.
@@ -59,7 +61,7 @@ def make_dp_optimizer_class(cls):
 
     def __init__(self, l2_norm_clip, noise_multiplier, num_microbatches=None, *args,
                  expected_batch_size=None, gradient_accumulation_steps=1, seed=None,
-                 per_example_engine="vectorized", **kwargs):
+                 per_example_engine="per_layer", **kwargs):
       _validate.positive("l2_norm_clip", l2_norm_clip)
       _validate.non_negative("noise_multiplier", noise_multiplier)
       if num_microbatches is not None:

@@ -70,24 +70,30 @@ class VectorizedEngine(PerExampleEngine):
     return EngineOutput(clipped, losses, predictions)
 
 
-_ENGINES = {"vectorized": VectorizedEngine}
+def _per_layer_engine():
+  # Imported on use: per_layer builds on this module (it falls back to VectorizedEngine).
+  from tfdp_prune import per_layer  # pylint: disable=g-import-not-at-top
+  return per_layer.PerLayerEngine
+
+
+_ENGINES = {"vectorized": lambda: VectorizedEngine, "per_layer": _per_layer_engine}
 
 
 def get(engine) -> PerExampleEngine:
   """An engine instance from an instance, a name, or a `get_config`-style dict."""
   if isinstance(engine, PerExampleEngine):
     return engine
-  if isinstance(engine, dict):
-    return _ENGINES[engine["name"]](**engine.get("config", {}))
-  if engine in _ENGINES:
-    return _ENGINES[engine]()
+  if isinstance(engine, dict) and engine.get("name") in _ENGINES:
+    return _ENGINES[engine["name"]]()(**engine.get("config", {}))
+  if isinstance(engine, str) and engine in _ENGINES:
+    return _ENGINES[engine]()()
   raise ValueError(f"Expected per_example_engine to be one of {sorted(_ENGINES)} or a "
                    f"PerExampleEngine. Received: per_example_engine={engine!r}.")
 
 
 def serialize(engine: PerExampleEngine) -> dict:
-  for name, cls in _ENGINES.items():
-    if type(engine) is cls:
+  for name, engine_class in _ENGINES.items():
+    if type(engine) is engine_class():
       return {"name": name, "config": engine.get_config()}
   raise ValueError(f"Cannot serialize per-example engine {type(engine).__name__}: expected one "
                    f"of {sorted(_ENGINES)}.")

@@ -1,5 +1,8 @@
 """Small models and helpers shared by the tests (not a test module)."""
 
+import types
+import zlib
+
 import numpy as np
 
 import tfdp_prune
@@ -88,3 +91,29 @@ class GuardedPrivateData:
       finally:
         self.forbidden = False
     return guarded
+
+
+# tfds.testing.mock_data's own generator ignores the split: every split and slice of every
+# dataset with the same features yields the same examples. This one honours the slice and makes
+# each (dataset, split, index) a different image, like real data; mock_data still supplies the
+# builders' metadata (features, class names) offline. CIFAR images are 32x32x3, others 28x28x1.
+FAKE_TFDS_SIZES = {"train": 200, "test": 50}
+
+
+def fake_tfds_as_dataset(self, split, decoders=None, read_config=None, shuffle_files=False):
+  """An `as_dataset_fn` for `tfds.testing.mock_data` (see above)."""
+  del decoders, read_config, shuffle_files
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  infos = {name: types.SimpleNamespace(num_examples=n, shard_lengths=[n])
+           for name, n in FAKE_TFDS_SIZES.items()}
+  shape = (32, 32, 3) if self.name.startswith("cifar") else (28, 28, 1)
+  images, labels = [], []
+  for part in tfds.core.ReadInstruction.from_spec(split).to_absolute(infos):
+    end = FAKE_TFDS_SIZES[part.splitname] if part.to is None else part.to
+    for index in range(part.from_ or 0, end):
+      rng = np.random.default_rng([zlib.crc32(self.name.encode()),
+                                   zlib.crc32(part.splitname.encode()), index])
+      images.append(rng.integers(0, 256, shape, dtype=np.uint8))
+      labels.append(index % 10)
+  return tf.data.Dataset.from_tensor_slices({"image": np.stack(images),
+                                             "label": np.array(labels, np.int64)})

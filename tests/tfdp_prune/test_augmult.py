@@ -145,14 +145,15 @@ def _norm(grads):
   return float(np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2) for g in grads)))
 
 
-def _engine(model, x, y, masks, clip, weight=None):
+def _engine(model, x, y, masks, clip, weight=None, engine=tfdp_prune.VectorizedEngine):
   weight = tf.ones([len(x)]) if weight is None else tf.constant(weight, tf.float32)
-  return tfdp_prune.VectorizedEngine().clipped_sum(
+  return engine().clipped_sum(
       model, T.per_example_loss(), x, y, weight, model.trainable_variables,
       [tf.constant(m, tf.float32) for m in masks], clip)
 
 
-def test_clipped_sum_with_views_equals_a_loop_that_clips_the_mean_of_each_examples_views():
+@pytest.mark.parametrize("engine", [tfdp_prune.VectorizedEngine, tfdp_prune.PerLayerEngine])
+def test_clipped_sum_with_views_equals_a_loop_that_clips_the_mean_of_each_examples_views(engine):
   k, n = 4, 6
   model = _ws_model()
   rng = np.random.default_rng(1)
@@ -165,7 +166,7 @@ def test_clipped_sum_with_views_equals_a_loop_that_clips_the_mean_of_each_exampl
   norms = sorted(_norm(g) for g in mean_grads)
   clip = (norms[2] + norms[3]) / 2  # some examples are clipped, some are not
 
-  output = _engine(model, x, y, masks, clip, weight)
+  output = _engine(model, x, y, masks, clip, weight, engine)
 
   expected = [np.zeros(v.shape) for v in model.trainable_variables]
   for i in range(n):
@@ -182,7 +183,8 @@ def test_clipped_sum_with_views_equals_a_loop_that_clips_the_mean_of_each_exampl
   np.testing.assert_allclose(output.losses.numpy(), np.array(mean_losses) * weight, atol=1e-5)
 
 
-def test_views_are_averaged_before_clipping_not_clipped_one_by_one():
+@pytest.mark.parametrize("engine", [tfdp_prune.VectorizedEngine, tfdp_prune.PerLayerEngine])
+def test_views_are_averaged_before_clipping_not_clipped_one_by_one(engine):
   # One example, 4 views, a clip below every view's gradient norm: the example's clipped
   # gradient has norm exactly C. Clipping each view and averaging gives a norm < C (the views'
   # gradients point in different directions); clipping each view as an example sums to > C.
@@ -194,7 +196,7 @@ def test_views_are_averaged_before_clipping_not_clipped_one_by_one():
   per_view, mean_grad = _view_grads(model, T.per_example_loss(), x[0], y[0], masks)
   assert min(_norm(g) for g in per_view) > 2 * clip
 
-  got = _engine(model, x, y, masks, clip).clipped.grads
+  got = _engine(model, x, y, masks, clip, engine=engine).clipped.grads
   assert _norm(got) == pytest.approx(clip, rel=1e-5)
   for g, m in zip(got, mean_grad):  # the mean-loss gradient, scaled to norm C
     np.testing.assert_allclose(g, m * clip / _norm(mean_grad), atol=1e-6)

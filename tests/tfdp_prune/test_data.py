@@ -1,6 +1,3 @@
-import types
-import zlib
-
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -8,29 +5,7 @@ import tensorflow_datasets as tfds
 import tfdp_prune
 from tfdp_prune import data
 from tfdp_prune.compat import tf
-
-# tfds.testing.mock_data's own generator ignores the split: every split and slice of every
-# dataset with the same features yields the same examples. This one honours the slice and makes
-# each (dataset, split, index) a different image, like real data; mock_data still supplies the
-# builders' metadata (features, class names) offline.
-_SIZES = {"train": 200, "test": 50}
-
-
-def _fake_as_dataset(self, split, decoders=None, read_config=None, shuffle_files=False):
-  del decoders, read_config, shuffle_files
-  infos = {name: types.SimpleNamespace(num_examples=n, shard_lengths=[n])
-           for name, n in _SIZES.items()}
-  images, labels = [], []
-  for part in tfds.core.ReadInstruction.from_spec(split).to_absolute(infos):
-    end = _SIZES[part.splitname] if part.to is None else part.to
-    for index in range(part.from_ or 0, end):
-      rng = np.random.default_rng([zlib.crc32(self.name.encode()),
-                                   zlib.crc32(part.splitname.encode()), index])
-      images.append(rng.integers(0, 256, (28, 28, 1), dtype=np.uint8))
-      labels.append(index % 10)
-  return tf.data.Dataset.from_tensor_slices({"image": np.stack(images),
-                                             "label": np.array(labels, np.int64)})
-
+from tests.tfdp_prune._testing import fake_tfds_as_dataset
 
 def _rows(x):
   return {row.tobytes() for row in x.reshape(len(x), -1)}
@@ -82,7 +57,7 @@ def test_digits_overlapping_slices_raise_with_the_count():
 
 
 def test_tfds_splits_of_one_dataset_are_disjoint_and_scaled():
-  with tfds.testing.mock_data(as_dataset_fn=_fake_as_dataset):
+  with tfds.testing.mock_data(as_dataset_fn=fake_tfds_as_dataset):
     splits = data.load("mnist", public_split="train[:10%]", private_split="train[10%:]")
   assert splits.public[0].shape == (20, 28, 28, 1)
   assert splits.private[0].shape == (180, 28, 28, 1)
@@ -100,7 +75,7 @@ def test_tfds_splits_of_one_dataset_are_disjoint_and_scaled():
 
 
 def test_tfds_public_part_from_another_dataset():
-  with tfds.testing.mock_data(as_dataset_fn=_fake_as_dataset):
+  with tfds.testing.mock_data(as_dataset_fn=fake_tfds_as_dataset):
     splits = data.load("mnist", public_dataset="fashion_mnist", public_split="train[:30]",
                        private_split="train", test_split=None)
     own = data.load("mnist", public_split="train[:30]", private_split="train[30:]",
@@ -112,7 +87,7 @@ def test_tfds_public_part_from_another_dataset():
 
 
 def test_tfds_overlapping_splits_raise_with_the_count():
-  with tfds.testing.mock_data(as_dataset_fn=_fake_as_dataset):
+  with tfds.testing.mock_data(as_dataset_fn=fake_tfds_as_dataset):
     with pytest.raises(ValueError, match=r"10 private example\(s\) \(10 distinct\)"):
       data.load("mnist", public_split="train[:10%]", private_split="train[5%:]")
   # mock_data's own generator gives every split the same examples: all of them overlap.

@@ -43,8 +43,9 @@ def _dense_model():
   return T.dense_model(), T.dense_data(n=12)[0]
 
 
+@pytest.mark.parametrize("engine", [tfdp_prune.VectorizedEngine, tfdp_prune.PerLayerEngine])
 @pytest.mark.parametrize("build", [_dense_model, _conv_model, _group_norm_model, _embedding_model])
-def test_clipped_sum_equals_a_loop_over_single_examples(build):
+def test_clipped_sum_equals_a_loop_over_single_examples(build, engine):
   keras.utils.set_random_seed(0)
   model, x = build()
   y = np.random.default_rng(0).integers(0, 3, size=len(x)).astype("int32")
@@ -52,7 +53,7 @@ def test_clipped_sum_equals_a_loop_over_single_examples(build):
   masks = T.random_masks(variables, keep=0.6)
   loss_fn = T.per_example_loss()
   clip = 0.05  # small enough that every example is clipped
-  output = tfdp_prune.VectorizedEngine().clipped_sum(
+  output = engine().clipped_sum(
       model, loss_fn, x, y, tf.ones([len(x)]), variables,
       [tf.constant(m, tf.float32) for m in masks], clip)
   expected = T.single_example_reference(model, loss_fn, x, y, masks, clip)
@@ -257,7 +258,7 @@ def test_get_config_round_trips():
   restored = tfdp_prune.DPKerasAdamOptimizer.from_config(config)
   assert restored.get_config() == config
   assert config["l2_norm_clip"] == 0.5 and config["gradient_accumulation_steps"] == 4
-  assert type(restored.per_example_engine) is tfdp_prune.VectorizedEngine
+  assert type(restored.per_example_engine) is tfdp_prune.PerLayerEngine  # the default
 
 
 def test_any_tf_keras_optimizer_class_can_be_made_private():

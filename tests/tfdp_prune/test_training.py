@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 from tfdp_prune import accounting
 from tfdp_prune import training
@@ -16,6 +17,7 @@ from tfdp_prune.compat import tf
 from tfdp_prune import export as export_lib
 from tfdp_prune.train_config import ConfigError
 from tfdp_prune.train_config import TrainConfig
+from tests.tfdp_prune._testing import fake_tfds_as_dataset
 
 # A short run of the default path: digits, public pre-training, freeze 80%, Poisson, PLD.
 SHORT = dict(steps=6, epochs=None, public_epochs=1, verbose=0)
@@ -171,3 +173,40 @@ def test_mirrored_two_replicas_train_like_one_device(tmp_path):
       weights[strategy] = [arrays[k] for k in sorted(arrays.files, key=lambda k: int(k[4:]))]
   for single, mirrored in zip(weights["default"], weights["mirrored"]):
     np.testing.assert_allclose(mirrored, single, atol=1e-5)
+
+
+def _run_named_config_on_mock_data(name, tmp_path, **overrides):
+  with tfds.testing.mock_data(as_dataset_fn=fake_tfds_as_dataset):
+    return training.run(name, verbose=0, export_dir=str(tmp_path), **overrides)
+
+
+def test_mnist_tutorial_config_pipeline_on_mock_data(tmp_path):
+  """The TF Privacy tutorial config: its MNIST data path, CNN, dense mode and fixed sigma (mock
+  MNIST has 196 private examples, so the batch is smaller than the tutorial's 250)."""
+  result = _run_named_config_on_mock_data("mnist_tfp_tutorial", tmp_path, batch_size=49)
+  metadata = result.metadata
+  assert (metadata.dataset, metadata.mask_mode, metadata.noise_multiplier) == ("mnist", "none",
+                                                                              1.3)
+  assert metadata.steps == 12 and metadata.epochs == pytest.approx(3.0)  # 3 epochs of q = 1/4
+  assert result.model.name == "mnist_cnn"
+  assert export_lib.read_metadata(result.export_path) == metadata
+
+
+def test_paper_config_pipeline_on_mock_data(tmp_path):
+  """De et al.'s config path: CIFAR-shaped data, WS-conv WRN, accumulation of physical batches,
+  augmult views, EMA, epsilon target. A narrow WRN-10-1 and tiny batches keep it fast here; the
+  slow test below runs WRN-16-4."""
+  result = _run_named_config_on_mock_data(
+      "cifar10_wrn16_4_eps8", tmp_path, model="wrn10_1", batch_size=16, physical_batch_size=8,
+      augmult=2, steps=2)
+  metadata = result.metadata
+  assert metadata.steps == 2 and metadata.private and metadata.epsilon <= 8.0
+  assert result.model.optimizer.gradient_accumulation_steps == 2
+  assert int(result.model.optimizer.iterations.numpy()) == 2
+
+
+@pytest.mark.slow
+def test_paper_config_wrn16_4_on_mock_data(tmp_path):
+  result = _run_named_config_on_mock_data(
+      "cifar10_wrn16_4_eps8", tmp_path, batch_size=32, physical_batch_size=16, steps=1)
+  assert result.model.count_params() == 2748890 and result.metadata.steps == 1

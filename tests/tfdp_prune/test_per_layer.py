@@ -1,0 +1,160 @@
+"""PerLayerEngine == VectorizedEngine (the reference) for every supported layer type: clipped
+sums, per-example losses and the non-finite count, with masks, padding weights, sequences,
+augmult views and a non-finite example."""
+
+import numpy as np
+import pytest
+
+from tfdp_prune import models
+from tfdp_prune import per_example
+from tfdp_prune import per_layer
+from tfdp_prune.compat import keras
+from tfdp_prune.compat import tf
+from tests.tfdp_prune import _testing as T
+
+CLIP = 0.7
+
+
+def _model(layers, input_shape, dtype="float32"):
+  keras.utils.set_random_seed(1)
+  return keras.Sequential([keras.Input(input_shape, dtype=dtype)] + layers)
+
+
+def _compare(model, x, y, weights=None, masks_keep=0.6, clip=CLIP):
+  loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
+  variables = model.trainable_variables
+  masks = T.random_masks(variables, keep=masks_keep, seed=3)
+  weights = np.ones(len(y), "float32") if weights is None else np.asarray(weights, "float32")
+  args = (model, loss_fn, tf.constant(x), tf.constant(y), tf.constant(weights), variables,
+          [tf.constant(m) for m in masks], clip)
+  reference = tf.function(per_example.VectorizedEngine().clipped_sum)(*args)
+  engine = per_layer.PerLayerEngine()
+  result = tf.function(engine.clipped_sum)(*args)
+  for variable, want, got in zip(variables, reference.clipped.grads, result.clipped.grads):
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5, err_msg=variable.name)
+  np.testing.assert_allclose(result.losses.numpy(), reference.losses.numpy(), atol=1e-5)
+  assert int(result.clipped.num_non_finite) == int(reference.clipped.num_non_finite)
+  assert int(result.clipped.num_units) == int(reference.clipped.num_units)
+  return result
+
+
+def _images(n, shape, seed=0):
+  rng = np.random.default_rng(seed)
+  return rng.normal(size=(n,) + shape).astype("float32"), rng.integers(0, 3, n).astype("int32")
+
+
+def test_dense_on_vectors_with_masks_and_padding():
+  model = _model([keras.layers.Dense(7, activation="relu"), keras.layers.Dense(3)], (5,))
+  x, y = _images(8, (5,))
+  _compare(model, x, y, weights=[1, 1, 0, 1, 2.5, 1, 0, 1])
+
+
+def test_dense_without_bias_and_a_tiny_clip_and_no_masks():
+  model = _model([keras.layers.Dense(4, use_bias=False, activation="tanh"),
+                  keras.layers.Dense(3)], (6,))
+  x, y = _images(6, (6,))
+  _compare(model, x, y, masks_keep=1.0, clip=1e-3)
+
+
+def test_dense_on_sequences():
+  model = _model([keras.layers.Dense(4, activation="relu"), keras.layers.Flatten(),
+                  keras.layers.Dense(3)], (5, 6))
+  x, y = _images(6, (5, 6))
+  _compare(model, x, y, weights=[1, 0, 1, 1, 1, 1])
+
+
+@pytest.mark.parametrize("conv", [
+    dict(filters=4, kernel_size=3, padding="same"),
+    dict(filters=4, kernel_size=3, strides=2, padding="same"),
+    dict(filters=3, kernel_size=(2, 3), strides=(2, 1), padding="valid"),
+    dict(filters=3, kernel_size=3, dilation_rate=2, padding="same"),
+    dict(filters=3, kernel_size=4, strides=2, padding="valid", use_bias=False),
+])
+def test_conv2d(conv):
+  model = _model([keras.layers.Conv2D(**conv, activation="relu"), keras.layers.MaxPool2D(2, 1),
+                  keras.layers.Flatten(), keras.layers.Dense(3)], (9, 9, 2))
+  x, y = _images(5, (9, 9, 2))
+  _compare(model, x, y, weights=[1, 1, 0, 1, 1])
+
+
+def test_weight_standardized_conv_and_group_norm():
+  model = _model([models.WSConv2D(8, 3, padding="same", use_bias=False),
+                  keras.layers.GroupNormalization(groups=4), keras.layers.Activation("relu"),
+                  keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(3)], (6, 6, 3))
+  x, y = _images(5, (6, 6, 3))
+  _compare(model, x, y)
+
+
+def test_layer_norm_and_depthwise_conv_use_the_per_layer_vectorized_path():
+  model = _model([keras.layers.DepthwiseConv2D(3, padding="same"),
+                  keras.layers.LayerNormalization(), keras.layers.Flatten(),
+                  keras.layers.Dense(3)], (5, 5, 2))
+  x, y = _images(4, (5, 5, 2))
+  _compare(model, x, y, weights=[1, 0, 1, 1])
+
+
+def test_embedding_with_repeated_tokens():
+  model = _model([keras.layers.Embedding(11, 4), keras.layers.Dense(5, activation="relu"),
+                  keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(3)], (6,),
+                 dtype="int32")
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, 11, (7, 6)).astype("int32")
+  x[0] = 3  # one token repeated: its row sums six output gradients
+  y = rng.integers(0, 3, 7).astype("int32")
+  _compare(model, x, y, weights=[1, 1, 1, 0, 1, 1, 1])
+
+
+def test_augmult_views_are_one_clipping_unit():
+  model = _model([keras.layers.Conv2D(3, 3, padding="same", activation="relu"),
+                  keras.layers.Flatten(), keras.layers.Dense(4, activation="relu"),
+                  keras.layers.Dense(3)], (6, 6, 1))
+  x, y = _images(4, (3, 6, 6, 1))  # 4 examples, 3 views each
+  _compare(model, x, y, weights=[1, 1, 0, 1])
+
+
+def test_non_finite_example_is_dropped_and_counted():
+  model = _model([keras.layers.Dense(4, activation="relu"), keras.layers.Dense(3)], (5,))
+  x, y = _images(5, (5,))
+  x[2, 1] = np.inf
+  result = _compare(model, x, y)
+  assert int(result.clipped.num_non_finite) == 1
+  assert all(np.all(np.isfinite(g.numpy())) for g in result.clipped.grads)
+
+
+def test_clipping_is_after_masking_in_the_norm():
+  """A coordinate that is frozen must not count in the norm: with a huge gradient only on a
+  frozen coordinate, the clipped sum of the trained ones is unchanged by the clip."""
+  model = _model([keras.layers.Dense(2, use_bias=False)], (3,))
+  x = np.array([[1.0, 0.0, 1000.0]], "float32")
+  y = np.array([0], "int32")
+  loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
+  kernel = model.trainable_variables[0]
+  mask = np.ones((3, 2), "float32")
+  mask[2] = 0  # the row that multiplies the huge input is frozen
+  out = per_layer.PerLayerEngine().clipped_sum(
+      model, loss_fn, tf.constant(x), tf.constant(y), tf.ones([1]), [kernel],
+      [tf.constant(mask)], 1e6)
+  with tf.GradientTape() as tape:
+    loss = loss_fn(y, model(x))
+  np.testing.assert_allclose(out.clipped.grads[0].numpy(),
+                             tape.gradient(loss, kernel).numpy() * mask, atol=1e-5)
+
+
+def test_microbatches_fall_back_to_the_vectorized_engine():
+  model = _model([keras.layers.Dense(3)], (4,))
+  x, y = _images(4, (4,))
+  loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
+  variables = model.trainable_variables
+  masks = [tf.ones_like(v) for v in variables]
+  args = (model, loss_fn, tf.constant(x), tf.constant(y), tf.ones([4]), variables, masks, CLIP, 2)
+  want = per_example.VectorizedEngine().clipped_sum(*args).clipped.grads
+  got = per_layer.PerLayerEngine().clipped_sum(*args).clipped.grads
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6)
+
+
+def test_engine_by_name_and_serialization():
+  engine = per_example.get("per_layer")
+  assert isinstance(engine, per_layer.PerLayerEngine)
+  assert per_example.serialize(engine) == {"name": "per_layer", "config": {}}
+  assert isinstance(per_example.get(per_example.serialize(engine)), per_layer.PerLayerEngine)

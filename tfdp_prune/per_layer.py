@@ -1,0 +1,404 @@
+"""The per-layer per-example engine: one forward and one backward pass, then each example's
+masked gradient norm and the clipped sum, layer by layer, from what the passes captured.
+
+During the forward pass every layer with trainable weights records its input `a` and its
+pre-activation output `z` (the layer's `call` is replaced for the duration of the pass). One
+backward pass of the weighted loss sum gives `g = dL/dz` for every record; since no layer mixes
+examples (`model_checks`), row i of `g` is example i's own output gradient. Per layer:
+
+  Dense on vectors   per-example kernel gradient a_i g_i^T (rank one, never materialized):
+                     masked squared norm (a_i^2)^T M (g_i^2); clipped sum A^T diag(c) G, one
+                     matmul (the "book-keeping" of Bu et al. 2023).
+  Dense on sequences, Conv2D (strides, padding, dilation), WSConv2D, augmult views
+                     per-example gradients materialized from input patches and output
+                     gradients (batch x kernel size), masked, normed, and summed with the clip
+                     factors. WSConv2D's gradient goes through the standardization by a per-
+                     example vector-Jacobian product.
+  Embedding          per-example rows summed per token id (segment sums), masked by row.
+  biases             per-example sums of g over positions.
+  anything else      (GroupNormalization, LayerNormalization, custom layers) the layer alone is
+                     re-run per example inside `tf.vectorized_map`, with its captured input and
+                     output gradient: the vectorized path for that layer only. Layer types
+                     other than the normalizations are logged once, so users know.
+
+Norms of all layers add up to each example's global squared norm; the clip factor
+c_i = min(1, C / norm_i) then weighs each example in every layer's sum. Examples with weight 0
+(padding) and examples whose norm is not finite are excluded exactly as in `clipping`: their
+rows are replaced by zeros before any product, so a NaN never reaches the sum.
+
+Falls back to `VectorizedEngine` for the whole batch (logged once) when it cannot cover the
+model: microbatches, regularization losses, a trainable variable no captured layer owns, or a
+layer called with several tensor inputs.
+"""
+
+import contextlib
+import dataclasses
+from typing import Any, Dict, List, Optional
+
+from absl import logging
+
+from tfdp_prune import augmult
+from tfdp_prune import clipping
+from tfdp_prune import models
+from tfdp_prune import per_example
+from tfdp_prune.compat import keras
+from tfdp_prune.compat import tf
+
+DENSE, CONV2D, EMBEDDING, GENERIC = "dense", "conv2d", "embedding", "generic"
+# Per-layer vectorized on purpose (their per-example gradients are cheap elementwise sums); not
+# reported as a fallback.
+_EXPECTED_GENERIC = (keras.layers.GroupNormalization, keras.layers.LayerNormalization)
+_reported = set()
+
+
+@dataclasses.dataclass
+class _Record:
+  """One call of one layer during the forward pass."""
+  layer: Any
+  kind: str
+  inputs: tf.Tensor
+  outputs: tf.Tensor  # z: what the output gradient is taken with respect to
+  call_kwargs: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class PerLayerEngine(per_example.PerExampleEngine):
+  """Per-example norms and clipped sums from per-layer pieces (see the module docstring)."""
+
+  def clipped_sum(self, model, loss_fn, x, y, sample_weight, variables, masks, l2_norm_clip,
+                  num_microbatches=None):
+    reason = _unsupported_reason(model, num_microbatches)
+    if reason is not None:
+      _report_once(f"model:{reason}", "PerLayerEngine: %s; using the vectorized engine for the "
+                   "whole batch.", reason)
+      return per_example.VectorizedEngine().clipped_sum(
+          model, loss_fn, x, y, sample_weight, variables, masks, l2_norm_clip, num_microbatches)
+    views = augmult.has_views(model, x)
+    batch = tf.shape(sample_weight)[0]
+    num_views = tf.shape(x)[1] if views else 1
+    rows_x, rows_y, row_weight = _rows(x, y, sample_weight, views)
+    records: List[_Record] = []
+    with tf.GradientTape() as tape:
+      with _capturing(model, records):
+        predictions = model(rows_x, training=True)
+      row_losses = loss_fn(rows_y, predictions) * tf.cast(row_weight, predictions.dtype)
+      total = tf.reduce_sum(row_losses)
+    covered = {v.ref() for r in records for v in _record_variables(r)}
+    missing = [v.name for v in variables if v.ref() not in covered]
+    if missing:
+      _report_once(f"missing:{missing}", "PerLayerEngine: variables %s belong to no captured "
+                   "layer call; using the vectorized engine for the whole batch.", missing)
+      return per_example.VectorizedEngine().clipped_sum(
+          model, loss_fn, x, y, sample_weight, variables, masks, l2_norm_clip, num_microbatches)
+    output_grads = tape.gradient(total, [r.outputs for r in records],
+                                 unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    mask_of = {v.ref(): m for v, m in zip(variables, masks)}
+    wanted = {v.ref() for v in variables}
+    pieces = [_layer_pieces(r, g, batch, views, mask_of, wanted)
+              for r, g in zip(records, output_grads)]
+    pieces = [p for p in pieces if p.variables]
+    squared = tf.add_n([p.squared_norms for p in pieces])
+    norms = tf.sqrt(squared)
+    real = tf.not_equal(sample_weight, 0)
+    finite = tf.math.is_finite(norms)
+    kept = tf.logical_and(real, finite)
+    factors = tf.where(kept, clipping.clip_factors(tf.where(finite, norms, 0.0), l2_norm_clip),
+                       0.0)
+    sums = {}
+    for piece in pieces:
+      for variable, summed in zip(piece.variables, piece.clipped_sum(factors, kept)):
+        key = variable.ref()
+        sums[key] = summed if key not in sums else sums[key] + summed
+    grads = [sums[v.ref()] for v in variables]
+    clipped = clipping.ClippedSum(grads, batch, tf.reduce_sum(
+        tf.cast(tf.logical_and(real, tf.logical_not(finite)), tf.int32)))
+    # Rows carry weight w / K: an example's loss, the mean over its views, is their sum.
+    losses = tf.reduce_sum(tf.reshape(row_losses, [batch, num_views]), axis=1)
+    if views:
+      predictions = tf.nest.map_structure(
+          lambda t: tf.reshape(t, tf.concat([[batch, num_views], tf.shape(t)[1:]], 0))[:, 0],
+          predictions)
+    return per_example.EngineOutput(clipped, losses, predictions)
+
+
+# ---- capture ------------------------------------------------------------------------------------
+
+def _unsupported_reason(model, num_microbatches) -> Optional[str]:
+  if num_microbatches:
+    return "num_microbatches is set (clipping units are groups of examples)"
+  if model.losses:
+    return "the model has regularization losses (added to every example's loss)"
+  return None
+
+
+def _rows(x, y, sample_weight, views):
+  """One row per view: x [B, K, ...] -> [B*K, ...], y and weights repeated, weights / K (the
+  loss of an example is the mean of its views' losses)."""
+  if not views:
+    return x, y, sample_weight
+  num_views = tf.shape(x)[1]
+  rows_x = tf.reshape(x, tf.concat([[-1], tf.shape(x)[2:]], 0))
+  rows_y = tf.nest.map_structure(lambda t: tf.repeat(t, num_views, axis=0), y)
+  weight = tf.repeat(sample_weight, num_views) / tf.cast(num_views, sample_weight.dtype)
+  return rows_x, rows_y, weight
+
+
+def _leaf_layers(model):
+  return [m for m in model.submodules
+          if isinstance(m, keras.layers.Layer) and not isinstance(m, keras.Model)
+          and m.trainable_weights and not _has_weighted_sublayers(m)]
+
+
+def _has_weighted_sublayers(layer):
+  return any(isinstance(m, keras.layers.Layer) and m.trainable_weights
+             for m in layer.submodules if m is not layer)
+
+
+@contextlib.contextmanager
+def _capturing(model, records):
+  """Replaces `call` of every leaf layer with trainable weights by a recording one."""
+  patched = []
+  try:
+    for layer in _leaf_layers(model):
+      patched.append((layer, layer.__dict__.get("call")))
+      layer.call = _recording_call(layer, records)
+    yield
+  finally:
+    for layer, original in patched:
+      if original is None:
+        del layer.call
+      else:
+        layer.call = original
+
+
+def _recording_call(layer, records):
+  original = type(layer).call.__get__(layer)
+  kind = _kind(layer)
+
+  def call(inputs, *args, **kwargs):
+    if kind != GENERIC and not args and not kwargs and isinstance(inputs, tf.Tensor):
+      return _specialized_call(layer, kind, inputs, records)
+    if args or not isinstance(inputs, tf.Tensor) or any(
+        isinstance(v, tf.Tensor) for v in kwargs.values()):
+      _report_once(f"args:{layer.name}", "PerLayerEngine: layer %s is called with more than "
+                   "one tensor; its variables are not captured.", layer.name)
+      return original(inputs, *args, **kwargs)
+    outputs = original(inputs, **kwargs)
+    if not isinstance(layer, _EXPECTED_GENERIC):
+      _report_once(f"generic:{type(layer).__name__}", "PerLayerEngine: no per-layer rule for "
+                   "%s; its per-example gradients use tf.vectorized_map over that layer only.",
+                   type(layer).__name__)
+    records.append(_Record(layer, GENERIC, inputs, outputs, kwargs))
+    return outputs
+
+  return call
+
+
+def _kind(layer) -> str:
+  if type(layer) is keras.layers.Dense:
+    return DENSE
+  if (type(layer) in (keras.layers.Conv2D, models.WSConv2D) and layer.groups == 1
+      and layer.data_format == "channels_last" and layer.padding in ("valid", "same")):
+    return CONV2D
+  if type(layer) is keras.layers.Embedding and not layer.sparse:
+    return EMBEDDING
+  return GENERIC
+
+
+def _specialized_call(layer, kind, inputs, records):
+  """The layer's own computation, with its pre-activation output recorded."""
+  if kind == EMBEDDING:
+    ids = tf.cast(inputs, tf.int32) if inputs.dtype not in (tf.int32, tf.int64) else inputs
+    outputs = tf.nn.embedding_lookup(layer.embeddings, ids)
+    if outputs.dtype != layer.compute_dtype:
+      outputs = tf.cast(outputs, layer.compute_dtype)
+    records.append(_Record(layer, kind, ids, outputs))
+    return outputs
+  a = tf.cast(inputs, layer.compute_dtype) if inputs.dtype != layer.compute_dtype else inputs
+  if kind == DENSE:
+    rank = a.shape.rank
+    z = (tf.matmul(a, layer.kernel) if rank == 2
+         else tf.tensordot(a, layer.kernel, [[rank - 1], [0]]))
+  else:
+    z = keras.layers.Conv2D.convolution_op(layer, a, _effective_kernel(layer))
+  if layer.use_bias:
+    z = tf.nn.bias_add(z, layer.bias)
+  records.append(_Record(layer, kind, a, z))
+  return layer.activation(z) if layer.activation is not None else z
+
+
+def _effective_kernel(layer, kernel=None):
+  kernel = layer.kernel if kernel is None else kernel
+  return layer.standardized_kernel(kernel) if isinstance(layer, models.WSConv2D) else kernel
+
+
+def _record_variables(record) -> list:
+  layer = record.layer
+  if record.kind == EMBEDDING:
+    return [layer.embeddings]
+  if record.kind in (DENSE, CONV2D):
+    return [layer.kernel] + ([layer.bias] if layer.use_bias else [])
+  return list(layer.trainable_weights)
+
+
+# ---- per-layer pieces ---------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _Pieces:
+  """One record's contribution: per-example squared norms [B] and a function giving the
+  clipped sums of its variables from the clip factors."""
+  variables: list
+  squared_norms: tf.Tensor
+  clipped_sum: Any  # (factors [B], kept [B] bool) -> list of sums, one per variable
+
+
+def _layer_pieces(record, g, batch, views, mask_of, wanted) -> _Pieces:
+  variables = [v for v in _record_variables(record) if v.ref() in wanted]
+  if not variables:
+    return _Pieces([], None, None)
+  masks = [tf.cast(mask_of[v.ref()], g.dtype) for v in variables]
+  if record.kind == DENSE and record.inputs.shape.rank == 2 and not views:
+    return _dense_rank_one(record, g, variables, masks)
+  if record.kind == EMBEDDING:
+    return _embedding(record, g, batch, variables, masks)
+  if record.kind in (DENSE, CONV2D):
+    grads = _materialized(record, g, batch)
+  else:
+    grads = _generic(record, g, batch)
+  by_ref = {v.ref(): grad for v, grad in zip(_record_variables(record), grads)}
+  grads = [by_ref[v.ref()] * m for v, m in zip(variables, masks)]
+  squared = tf.add_n([tf.reduce_sum(tf.reshape(tf.square(t), [batch, -1]), axis=1)
+                      for t in grads])
+  return _Pieces(variables, squared,
+                 lambda factors, kept: [clipping.weighted_batch_sum(t, kept, factors)
+                                        for t in grads])
+
+
+def _dense_rank_one(record, g, variables, masks) -> _Pieces:
+  """Dense on vectors: example i's kernel gradient is the outer product a_i g_i^T."""
+  a = record.inputs
+  layer = record.layer
+  mask_by_ref = {v.ref(): m for v, m in zip(variables, masks)}
+  squared = tf.zeros(tf.shape(g)[:1], g.dtype)
+  wants_kernel = layer.kernel.ref() in mask_by_ref
+  wants_bias = layer.use_bias and layer.bias.ref() in mask_by_ref
+  if wants_kernel:  # sum_jk M_jk a_ij^2 g_ik^2
+    squared += tf.reduce_sum(tf.matmul(tf.square(a), mask_by_ref[layer.kernel.ref()])
+                             * tf.square(g), axis=1)
+  if wants_bias:
+    squared += tf.reduce_sum(tf.square(g) * mask_by_ref[layer.bias.ref()], axis=1)
+
+  def clipped_sum(factors, kept):
+    rows = tf.expand_dims(kept, 1)
+    weighted_g = tf.where(rows, g, tf.zeros_like(g)) * tf.expand_dims(factors, 1)
+    sums = []
+    if wants_kernel:
+      clean_a = tf.where(rows, a, tf.zeros_like(a))
+      sums.append(tf.matmul(clean_a, weighted_g, transpose_a=True)
+                  * mask_by_ref[layer.kernel.ref()])
+    if wants_bias:
+      sums.append(tf.reduce_sum(weighted_g, axis=0) * mask_by_ref[layer.bias.ref()])
+    return sums
+
+  ordered = ([layer.kernel] if wants_kernel else []) + ([layer.bias] if wants_bias else [])
+  return _Pieces(ordered, squared, clipped_sum)
+
+
+def _per_example_rows(t, batch):
+  """[B*K, ..., d] -> [B, K*..., d]: every position of every view of an example in one axis."""
+  return tf.reshape(t, tf.stack([batch, -1, tf.shape(t)[-1]]))
+
+
+def _materialized(record, g, batch) -> list:
+  """Per-example kernel (and bias) gradients of Dense on sequences or views, and of Conv2D."""
+  layer = record.layer
+  if record.kind == DENSE:
+    a = _per_example_rows(record.inputs, batch)
+  else:
+    kh, kw = layer.kernel_size
+    a = _per_example_rows(tf.image.extract_patches(
+        record.inputs, sizes=[1, kh, kw, 1], strides=[1, *layer.strides, 1],
+        rates=[1, *layer.dilation_rate, 1], padding=layer.padding.upper()), batch)
+  g_rows = _per_example_rows(g, batch)
+  kernel_grads = tf.einsum("bpi,bpo->bio", a, g_rows)
+  kernel_grads = tf.reshape(kernel_grads, tf.concat([[batch], tf.shape(layer.kernel)], 0))
+  if isinstance(layer, models.WSConv2D):
+    kernel_grads = _through_standardization(layer, kernel_grads)
+  grads = [kernel_grads]
+  if layer.use_bias:
+    grads.append(tf.reduce_sum(g_rows, axis=1))
+  return grads
+
+
+def _through_standardization(layer, grads_wrt_standardized):
+  """Maps per-example gradients w.r.t. the standardized kernel to the raw kernel (VJP)."""
+  kernel = tf.convert_to_tensor(layer.kernel)
+
+  def vjp(cotangent):
+    with tf.GradientTape() as tape:
+      tape.watch(kernel)
+      standardized = layer.standardized_kernel(kernel)
+    return tape.gradient(standardized, kernel, output_gradients=cotangent)
+
+  return tf.vectorized_map(vjp, grads_wrt_standardized)
+
+
+def _embedding(record, g, batch, variables, masks) -> _Pieces:
+  """Per-example embedding gradients: for each example, the output gradients of its positions
+  summed per token id; only the (example, id) pairs that occur are formed."""
+  layer = record.layer
+  table = layer.embeddings
+  vocabulary = tf.shape(table, out_type=tf.int64)[0]
+  ids = tf.reshape(tf.cast(record.inputs, tf.int64), tf.stack([tf.cast(batch, tf.int64), -1]))
+  positions = tf.shape(ids, out_type=tf.int64)[1]
+  example = tf.repeat(tf.range(tf.cast(batch, tf.int64)), positions)
+  flat_ids = tf.reshape(ids, [-1])
+  pairs, pair_index = tf.unique(example * vocabulary + flat_ids)
+  num_pairs = tf.shape(pairs)[0]
+  grads = tf.math.unsorted_segment_sum(tf.reshape(g, [-1, tf.shape(g)[-1]]), pair_index,
+                                       num_pairs)  # [pairs, d]
+  pair_example = pairs // vocabulary
+  pair_row = pairs % vocabulary
+  mask = masks[0]
+  masked = grads * tf.gather(mask, pair_row)
+  squared = tf.math.unsorted_segment_sum(tf.reduce_sum(tf.square(masked), axis=1),
+                                         pair_example, batch)
+
+  def clipped_sum(factors, kept):
+    pair_kept = tf.gather(kept, pair_example)
+    weights = tf.where(pair_kept, tf.gather(factors, pair_example), 0.0)
+    clean = tf.where(tf.expand_dims(pair_kept, 1), masked, tf.zeros_like(masked))
+    return [tf.math.unsorted_segment_sum(clean * tf.expand_dims(weights, 1), pair_row,
+                                         vocabulary)]
+
+  return _Pieces(variables, squared, clipped_sum)
+
+
+def _generic(record, g, batch) -> list:
+  """The layer alone, re-run per example inside tf.vectorized_map, differentiated at its
+  captured input with its captured output gradient."""
+  layer = record.layer
+  weights = list(layer.trainable_weights)
+  original = type(layer).call.__get__(layer)
+  inputs = _per_example_rows_any(record.inputs, batch)
+  cotangents = _per_example_rows_any(g, batch)
+
+  def one_example(args):
+    a, cotangent = args
+    with tf.GradientTape() as tape:
+      outputs = original(a, **record.call_kwargs)
+    return [tf.convert_to_tensor(t) for t in tape.gradient(
+        outputs, weights, output_gradients=cotangent,
+        unconnected_gradients=tf.UnconnectedGradients.ZERO)]
+
+  return tf.vectorized_map(one_example, (inputs, cotangents))
+
+
+def _per_example_rows_any(t, batch):
+  """[B*K, ...] -> [B, K, ...] folded back to [B, K, ...] with K the views (1 without)."""
+  return tf.reshape(t, tf.concat([[batch, -1], tf.shape(t)[1:]], 0))
+
+
+def _report_once(key, message, *args):
+  if key not in _reported:
+    _reported.add(key)
+    logging.warning(message, *args)
