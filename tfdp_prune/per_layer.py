@@ -9,7 +9,8 @@ examples (`model_checks`), row i of `g` is example i's own output gradient. Per 
   Dense on vectors   per-example kernel gradient a_i g_i^T (rank one, never materialized):
                      masked squared norm (a_i^2)^T M (g_i^2); clipped sum A^T diag(c) G, one
                      matmul (the "book-keeping" of Bu et al. 2023).
-  Dense on sequences, Conv2D (strides, padding, dilation), WSConv2D, augmult views
+  Dense on sequences, Conv1D/Conv2D (strides, padding, dilation), WSConv2D,
+  DepthwiseConv2D, augmult views
                      per-example gradients materialized from input patches and output
                      gradients (batch x kernel size), masked, normed, and summed with the clip
                      factors. WSConv2D's gradient goes through the standardization by a per-
@@ -44,7 +45,7 @@ from tfdp_prune import per_example
 from tfdp_prune.compat import keras
 from tfdp_prune.compat import tf
 
-DENSE, CONV2D, EMBEDDING, GENERIC = "dense", "conv2d", "embedding", "generic"
+DENSE, CONV, DEPTHWISE, EMBEDDING, GENERIC = "dense", "conv", "depthwise", "embedding", "generic"
 # Per-layer vectorized on purpose (their per-example gradients are cheap elementwise sums); not
 # reported as a fallback.
 _EXPECTED_GENERIC = (keras.layers.GroupNormalization, keras.layers.LayerNormalization)
@@ -196,9 +197,13 @@ def _recording_call(layer, records):
 def _kind(layer) -> str:
   if type(layer) is keras.layers.Dense:
     return DENSE
-  if (type(layer) in (keras.layers.Conv2D, models.WSConv2D) and layer.groups == 1
-      and layer.data_format == "channels_last" and layer.padding in ("valid", "same")):
-    return CONV2D
+  windowed = (getattr(layer, "data_format", None) == "channels_last"
+              and getattr(layer, "padding", None) in ("valid", "same"))
+  if (type(layer) in (keras.layers.Conv1D, keras.layers.Conv2D, models.WSConv2D) and windowed
+      and layer.groups == 1):
+    return CONV
+  if type(layer) is keras.layers.DepthwiseConv2D and windowed:
+    return DEPTHWISE
   if type(layer) is keras.layers.Embedding and not layer.sparse:
     return EMBEDDING
   return GENERIC
@@ -218,7 +223,11 @@ def _specialized_call(layer, kind, inputs, records):
     rank = a.shape.rank
     z = (tf.matmul(a, layer.kernel) if rank == 2
          else tf.tensordot(a, layer.kernel, [[rank - 1], [0]]))
-  else:
+  elif kind == DEPTHWISE:
+    z = keras.backend.depthwise_conv2d(a, layer.depthwise_kernel, strides=layer.strides,
+                                       padding=layer.padding,
+                                       dilation_rate=layer.dilation_rate)
+  else:  # Conv1D/Conv2D's own op, given the (for WSConv2D: standardized) kernel
     z = keras.layers.Conv2D.convolution_op(layer, a, _effective_kernel(layer))
   if layer.use_bias:
     z = tf.nn.bias_add(z, layer.bias)
@@ -235,8 +244,10 @@ def _record_variables(record) -> list:
   layer = record.layer
   if record.kind == EMBEDDING:
     return [layer.embeddings]
-  if record.kind in (DENSE, CONV2D):
+  if record.kind in (DENSE, CONV):
     return [layer.kernel] + ([layer.bias] if layer.use_bias else [])
+  if record.kind == DEPTHWISE:
+    return [layer.depthwise_kernel] + ([layer.bias] if layer.use_bias else [])
   return list(layer.trainable_weights)
 
 
@@ -260,7 +271,7 @@ def _layer_pieces(record, g, batch, views, mask_of, wanted) -> _Pieces:
     return _dense_rank_one(record, g, variables, masks)
   if record.kind == EMBEDDING:
     return _embedding(record, g, batch, variables, masks)
-  if record.kind in (DENSE, CONV2D):
+  if record.kind in (DENSE, CONV, DEPTHWISE):
     grads = _materialized(record, g, batch)
   else:
     grads = _generic(record, g, batch)
@@ -309,24 +320,43 @@ def _per_example_rows(t, batch):
 
 
 def _materialized(record, g, batch) -> list:
-  """Per-example kernel (and bias) gradients of Dense on sequences or views, and of Conv2D."""
+  """Per-example kernel (and bias) gradients of Dense on sequences or views, of Conv1D/Conv2D
+  (input patches x output gradients) and of DepthwiseConv2D (the same, per channel)."""
   layer = record.layer
-  if record.kind == DENSE:
-    a = _per_example_rows(record.inputs, batch)
-  else:
-    kh, kw = layer.kernel_size
-    a = _per_example_rows(tf.image.extract_patches(
-        record.inputs, sizes=[1, kh, kw, 1], strides=[1, *layer.strides, 1],
-        rates=[1, *layer.dilation_rate, 1], padding=layer.padding.upper()), batch)
   g_rows = _per_example_rows(g, batch)
-  kernel_grads = tf.einsum("bpi,bpo->bio", a, g_rows)
-  kernel_grads = tf.reshape(kernel_grads, tf.concat([[batch], tf.shape(layer.kernel)], 0))
+  if record.kind == DENSE:
+    kernel = layer.kernel
+    kernel_grads = tf.einsum("bpi,bpo->bio", _per_example_rows(record.inputs, batch), g_rows)
+  elif record.kind == CONV:
+    kernel = layer.kernel
+    kernel_grads = tf.einsum("bpi,bpo->bio", _patches(layer, record.inputs, batch), g_rows)
+  else:  # depthwise: output channel c * multiplier + m reads input channel c only
+    kernel = layer.depthwise_kernel
+    channels = tf.shape(kernel)[2]
+    patches = _patches(layer, record.inputs, batch)
+    patches = tf.reshape(patches, tf.stack([batch, tf.shape(patches)[1], -1, channels]))
+    per_channel = tf.reshape(g_rows, tf.stack([batch, tf.shape(g_rows)[1], channels, -1]))
+    kernel_grads = tf.einsum("bpkc,bpcm->bkcm", patches, per_channel)
+  kernel_grads = tf.reshape(kernel_grads, tf.concat([[batch], tf.shape(kernel)], 0))
   if isinstance(layer, models.WSConv2D):
     kernel_grads = _through_standardization(layer, kernel_grads)
   grads = [kernel_grads]
   if layer.use_bias:
     grads.append(tf.reduce_sum(g_rows, axis=1))
   return grads
+
+
+def _patches(layer, inputs, batch):
+  """Input windows of a convolution, [B, positions of all views, window size * channels], in
+  the kernel's (spatial..., input channel) order; Conv1D as a 1 x L image."""
+  sizes, strides, rates = (list(layer.kernel_size), list(layer.strides),
+                           list(layer.dilation_rate))
+  if len(sizes) == 1:
+    inputs = tf.expand_dims(inputs, 1)
+    sizes, strides, rates = [1] + sizes, [1] + strides, [1] + rates
+  patches = tf.image.extract_patches(inputs, sizes=[1, *sizes, 1], strides=[1, *strides, 1],
+                                     rates=[1, *rates, 1], padding=layer.padding.upper())
+  return _per_example_rows(patches, batch)
 
 
 def _through_standardization(layer, grads_wrt_standardized):
