@@ -62,15 +62,24 @@ def clipped_sum(per_example_grads: Sequence[tf.Tensor], masks: Sequence[tf.Tenso
     per_example_grads, sample_weight = group_microbatches(
         per_example_grads, sample_weight, num_microbatches)
   masked = apply_masks(per_example_grads, masks)
-  norms = per_example_global_norms(masked)
+  factors, kept, num_non_finite = clip_weights(per_example_global_norms(masked), sample_weight,
+                                               l2_norm_clip)
+  sums = [weighted_batch_sum(g, kept, factors) for g in masked]
+  return ClippedSum(sums, tf.shape(sample_weight)[0], num_non_finite)
+
+
+def clip_weights(norms: tf.Tensor, sample_weight: tf.Tensor, l2_norm_clip):
+  """What each unit's gradient is multiplied by in the clipped sum, from its masked norm.
+
+  Returns (factors, kept, num_non_finite): `kept` excludes padding (weight 0) and non-finite
+  norms, `factors` is the clip factor where kept and 0 elsewhere, and `num_non_finite` counts
+  the real units that were dropped for a non-finite norm (int32)."""
   real = tf.not_equal(sample_weight, 0)
   finite = tf.math.is_finite(norms)
   kept = tf.logical_and(real, finite)
   factors = tf.where(kept, clip_factors(tf.where(finite, norms, 0.0), l2_norm_clip), 0.0)
-  sums = [weighted_batch_sum(g, kept, factors) for g in masked]
-  count = lambda b: tf.reduce_sum(tf.cast(b, tf.int32))
-  return ClippedSum(sums, tf.shape(sample_weight)[0],
-                    count(tf.logical_and(real, tf.logical_not(finite))))
+  num_non_finite = tf.reduce_sum(tf.cast(tf.logical_and(real, tf.logical_not(finite)), tf.int32))
+  return factors, kept, num_non_finite
 
 
 def weighted_batch_sum(g: tf.Tensor, kept: tf.Tensor, factors: tf.Tensor) -> tf.Tensor:

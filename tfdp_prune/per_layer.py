@@ -97,21 +97,15 @@ class PerLayerEngine(per_example.PerExampleEngine):
     pieces = [_layer_pieces(r, g, batch, views, mask_of, wanted)
               for r, g in zip(records, output_grads)]
     pieces = [p for p in pieces if p.variables]
-    squared = tf.add_n([p.squared_norms for p in pieces])
-    norms = tf.sqrt(squared)
-    real = tf.not_equal(sample_weight, 0)
-    finite = tf.math.is_finite(norms)
-    kept = tf.logical_and(real, finite)
-    factors = tf.where(kept, clipping.clip_factors(tf.where(finite, norms, 0.0), l2_norm_clip),
-                       0.0)
+    norms = tf.sqrt(tf.add_n([p.squared_norms for p in pieces]))
+    factors, kept, num_non_finite = clipping.clip_weights(norms, sample_weight, l2_norm_clip)
     sums = {}
     for piece in pieces:
       for variable, summed in zip(piece.variables, piece.clipped_sum(factors, kept)):
         key = variable.ref()
         sums[key] = summed if key not in sums else sums[key] + summed
     grads = [sums[v.ref()] for v in variables]
-    clipped = clipping.ClippedSum(grads, batch, tf.reduce_sum(
-        tf.cast(tf.logical_and(real, tf.logical_not(finite)), tf.int32)))
+    clipped = clipping.ClippedSum(grads, batch, num_non_finite)
     # Rows carry weight w / K: an example's loss, the mean over its views, is their sum.
     losses = tf.reduce_sum(tf.reshape(row_losses, [batch, num_views]), axis=1)
     if views:
