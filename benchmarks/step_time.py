@@ -69,7 +69,7 @@ def _max_rss_mb():
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def _build(model_name, arm, batch, input_shape, seed):
+def _build(model_name, arm, batch, input_shape, seed, wrn_width=4):
   """Returns (model, notes) compiled for `arm`."""
   sys.path.insert(0, HERE)
   import numpy as np  # pylint: disable=import-outside-toplevel
@@ -92,7 +92,8 @@ def _build(model_name, arm, batch, input_shape, seed):
     if model_name == "cnn":
       model = models.build_cnn(tfp.dp_keras_model.DPSequential, **dp_kwargs)
     else:
-      model = models.build_wrn(model_cls=tfp.dp_keras_model.DPModel, **dp_kwargs)
+      model = models.build_wrn(width_factor=wrn_width, model_cls=tfp.dp_keras_model.DPModel,
+                               **dp_kwargs)
     fast = bool(model._enable_fast_peg_computation)  # pylint: disable=protected-access
     notes["fast_gradient_clipping"] = fast
     if not fast:
@@ -103,7 +104,8 @@ def _build(model_name, arm, batch, input_shape, seed):
     model.compile(optimizer=keras.optimizers.SGD(LEARNING_RATE), loss=mean_loss)
     return model, notes
 
-  model = models.build_cnn() if model_name == "cnn" else models.build_wrn()
+  model = (models.build_cnn() if model_name == "cnn"
+           else models.build_wrn(width_factor=wrn_width))
   if arm == "nonprivate":
     model.compile(optimizer=keras.optimizers.SGD(LEARNING_RATE), loss=mean_loss)
   elif arm.startswith("tfdp"):
@@ -145,8 +147,9 @@ def run_child(args):
 
   rss_after_import = _rss_mb()
   spec = MODELS[args.model]
-  batch = spec["batch"]
-  model, notes = _build(args.model, args.arm, batch, spec["input_shape"], args.seed)
+  batch = args.batch or spec["batch"]
+  model, notes = _build(args.model, args.arm, batch, spec["input_shape"], args.seed,
+                        args.wrn_width)
   rng = np.random.default_rng(args.seed)
   x = tf.constant(rng.random((batch,) + spec["input_shape"], dtype=np.float32))
   y = tf.constant(rng.integers(0, 10, size=(batch,)), dtype=tf.int64)
@@ -169,7 +172,7 @@ def run_child(args):
     times.append(time.perf_counter() - t0)
   loss = float(logs["loss"]) if "loss" in logs else None
   result = {
-      "model": args.model, "arm": args.arm, "batch": batch,
+      "model": args.model, "arm": args.arm, "batch": batch, "wrn_width": args.wrn_width,
       "params": int(model.count_params()),
       "median_step_s": statistics.median(times),
       "min_step_s": min(times), "max_step_s": max(times),
@@ -255,7 +258,8 @@ def _snapshot_tfdp_prune(dest):
 def _run_arm(model, arm, args):
   cmd = [sys.executable, os.path.abspath(__file__), "--child", f"--model={model}", f"--arm={arm}",
          f"--steps={args.steps}", f"--min_steps={args.min_steps}", f"--warmup={args.warmup}",
-         f"--budget_s={args.budget_s}", f"--seed={args.seed}"]
+         f"--budget_s={args.budget_s}", f"--seed={args.seed}", f"--batch={args.batch}",
+         f"--wrn_width={args.wrn_width}"]
   env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2")
   env["PYTHONPATH"] = args.code_dir + (
       os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -264,7 +268,7 @@ def _run_arm(model, arm, args):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout_s,
                           cwd=REPO)
   except subprocess.TimeoutExpired as e:
-    return {"model": model, "arm": arm, "batch": MODELS[model]["batch"],
+    return {"model": model, "arm": arm, "batch": args.batch or MODELS[model]["batch"],
             "error": f"timed out after {args.timeout_s} s",
             "stderr_tail": (e.stderr or b"")[-3000:].decode(errors="replace")
                            if isinstance(e.stderr, bytes) else (e.stderr or "")[-3000:]}
@@ -274,7 +278,7 @@ def _run_arm(model, arm, args):
       result = json.loads(line[len("RESULT_JSON "):])
       result["wall_s"] = wall
       return result
-  return {"model": model, "arm": arm, "batch": MODELS[model]["batch"],
+  return {"model": model, "arm": arm, "batch": args.batch or MODELS[model]["batch"],
           "error": f"child exited with code {proc.returncode}", "wall_s": wall,
           "stderr_tail": proc.stderr[-6000:]}
 
@@ -387,6 +391,9 @@ def main():
                       help="untimed steps, the first (tracing) one included")
   parser.add_argument("--timeout_s", type=float, default=900.0, help="per-arm subprocess limit")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--batch", type=int, default=0,
+                      help="batch size for every model (0: each model's default, cnn 250, wrn 32)")
+  parser.add_argument("--wrn_width", type=int, default=4, help="WRN-16-k width factor k")
   parser.add_argument("--out", default=os.path.join(HERE, "results", "step_time.json"))
   parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--model", help=argparse.SUPPRESS)
