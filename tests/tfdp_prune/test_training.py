@@ -124,6 +124,10 @@ def test_resume_continues_steps_epsilon_and_weights(tmp_path):
   assert resumed.metadata.epsilon == straight.metadata.epsilon
   for a, b in zip(_weights(resumed.model), _weights(straight.model)):
     np.testing.assert_array_equal(a, b)
+  # Running the finished job again trains nothing and reports the same guarantee.
+  again = training.train(TrainConfig(**dict(common, steps=8), checkpoint_dir=checkpoints))
+  assert again.resumed_from == 8 and again.history == {}
+  assert again.metadata.steps == 8 and again.metadata.epsilon == straight.metadata.epsilon
 
 
 def test_resume_under_other_settings_is_refused(tmp_path):
