@@ -57,14 +57,10 @@ class MaskCallback(keras.callbacks.Callback):
     frozen fraction of each masked variable."""
     if self.masks is None:
       return {}
-    total = sum(int(np.prod(v.shape)) for v in self.model.trainable_variables)
-    logs = {}
-    frozen_total = 0
-    for variable, mask in zip(self.masked_variables, self.masks):
-      frozen = int(np.size(mask) - np.count_nonzero(mask))
-      frozen_total += frozen
-      logs[f"{SPARSITY_LOG}/{variable.name.split(':')[0]}"] = frozen / np.size(mask)
-    logs[SPARSITY_LOG] = frozen_total / total
+    overall, per_variable = masks_lib.frozen_fractions(self.model, self.masked_variables,
+                                                       self.masks)
+    logs = {f"{SPARSITY_LOG}/{name}": value for name, value in per_variable.items()}
+    logs[SPARSITY_LOG] = overall
     return logs
 
   def on_epoch_end(self, epoch, logs=None):

@@ -335,10 +335,7 @@ def write_checkpoint(directory: str, model, metadata: Dict[str, Any], keep: int 
   _fsync(directory)
   if replaced is not None:
     _remove(replaced)
-  pointer_tmp = os.path.join(directory, f"{_TMP_PREFIX}{POINTER}-{uuid.uuid4().hex[:8]}")
-  _write_file(pointer_tmp, f"ckpt-{step}\n")
-  os.replace(pointer_tmp, os.path.join(directory, POINTER))
-  _fsync(directory)
+  replace_file(os.path.join(directory, POINTER), f"ckpt-{step}\n")
   _prune(directory, keep)
   return final
 
@@ -405,6 +402,16 @@ def _remove(path):
       os.remove(path)
     except FileNotFoundError:
       pass
+
+
+def replace_file(path: str, text: str) -> None:
+  """Replaces the file `path` by `text` atomically and durably: a temporary `.tmp-*` file in
+  the same directory, fsync, one `os.replace`, fsync of the directory."""
+  directory, name = os.path.split(path)
+  tmp = os.path.join(directory, f"{_TMP_PREFIX}{name}-{uuid.uuid4().hex[:8]}")
+  _write_file(tmp, text)
+  os.replace(tmp, path)
+  _fsync(directory or ".")
 
 
 def _write_file(path, text):

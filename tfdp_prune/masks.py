@@ -189,3 +189,16 @@ def serialize(rule: MaskRule) -> dict:
 
 def deserialize(config: dict) -> MaskRule:
   return _RULES[config["name"]].from_config(config["config"])
+
+
+def frozen_fractions(model, variables, masks):
+  """(frozen fraction of ALL trainable coordinates of `model`, {variable name: frozen fraction
+  of that variable}) for `masks` (1/True = trained) of `variables`."""
+  total = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
+  per_variable = {}
+  frozen_total = 0
+  for variable, mask in zip(variables, masks):
+    frozen = int(np.size(mask) - np.count_nonzero(mask))
+    frozen_total += frozen
+    per_variable[variable.name.split(":")[0]] = frozen / np.size(mask)
+  return frozen_total / total, per_variable

@@ -67,12 +67,13 @@ class PerLayerEngine(per_example.PerExampleEngine):
 
   def clipped_sum(self, model, loss_fn, x, y, sample_weight, variables, masks, l2_norm_clip,
                   num_microbatches=None):
+    vectorized_args = (model, loss_fn, x, y, sample_weight, variables, masks, l2_norm_clip,
+                       num_microbatches)  # the whole-batch fallback's
     reason = _unsupported_reason(model, num_microbatches)
     if reason is not None:
       _report_once(f"model:{reason}", "PerLayerEngine: %s; using the vectorized engine for the "
                    "whole batch.", reason)
-      return per_example.VectorizedEngine().clipped_sum(
-          model, loss_fn, x, y, sample_weight, variables, masks, l2_norm_clip, num_microbatches)
+      return per_example.VectorizedEngine().clipped_sum(*vectorized_args)
     views = augmult.has_views(model, x)
     batch = tf.shape(sample_weight)[0]
     num_views = tf.shape(x)[1] if views else 1
@@ -88,8 +89,7 @@ class PerLayerEngine(per_example.PerExampleEngine):
     if missing:
       _report_once(f"missing:{missing}", "PerLayerEngine: variables %s belong to no captured "
                    "layer call; using the vectorized engine for the whole batch.", missing)
-      return per_example.VectorizedEngine().clipped_sum(
-          model, loss_fn, x, y, sample_weight, variables, masks, l2_norm_clip, num_microbatches)
+      return per_example.VectorizedEngine().clipped_sum(*vectorized_args)
     output_grads = tape.gradient(total, [r.outputs for r in records],
                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
     mask_of = {v.ref(): m for v, m in zip(variables, masks)}
@@ -418,7 +418,7 @@ def _generic(record, g, batch) -> list:
 
 
 def _per_example_rows_any(t, batch):
-  """[B*K, ...] -> [B, K, ...] folded back to [B, K, ...] with K the views (1 without)."""
+  """[B*K, ...] -> [B, K, ...], K the views (1 without), trailing axes kept as they are."""
   return tf.reshape(t, tf.concat([[batch, -1], tf.shape(t)[1:]], 0))
 
 

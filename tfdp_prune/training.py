@@ -18,11 +18,11 @@
 the same metadata, without the data. `run(config_name, **overrides)` is what `tfdp-train` calls.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
-import uuid
 from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
@@ -324,17 +324,12 @@ class StopAfterSteps(keras.callbacks.Callback):
 
 
 def mask_summary(model, optimizer) -> Dict[str, Any]:
-  """Frozen fraction of all trainable coordinates, and of each maskable variable."""
+  """Frozen fraction of all trainable coordinates, and of each maskable variable, from the
+  optimizer's current masks."""
   variables = MaskableSpec().variables(model)
-  per_variable = {}
-  frozen_total = 0
-  for variable, mask in zip(variables, optimizer.update_masks(variables)):
-    values = mask.numpy()
-    frozen = int(values.size - np.count_nonzero(values))
-    frozen_total += frozen
-    per_variable[variable.name.split(":")[0]] = frozen / values.size
-  total = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
-  return {"mask_sparsity": frozen_total / total, "mask_sparsity_per_variable": per_variable}
+  overall, per_variable = masks_lib.frozen_fractions(
+      model, variables, [m.numpy() for m in optimizer.update_masks(variables)])
+  return {"mask_sparsity": overall, "mask_sparsity_per_variable": per_variable}
 
 
 def build_metadata(config: TrainConfig, spec: accounting.PrivacySpec, info: data_lib.DataInfo,
@@ -400,12 +395,7 @@ def write_or_check_run_record(config: TrainConfig, info: data_lib.DataInfo, plan
           "--checkpoint_dir.")
     return
   os.makedirs(config.checkpoint_dir, exist_ok=True)
-  tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(record, f, indent=1, sort_keys=True)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  checkpointing.replace_file(path, json.dumps(record, indent=1, sort_keys=True))
 
 
 def read_run_record(checkpoint_dir: str) -> Dict[str, Any]:
@@ -478,10 +468,10 @@ def _fit(model, config, sampler, steps, start, callbacks):
 
 
 def _evaluate_and_export(config, model, ema, splits, metadata):
-  use_average = ema is not None and ema.num_updates > 0
-  if use_average:
-    ema.swap_in()
-  try:
+  """Test accuracy and the export, with the EMA weights when the run kept an average."""
+  averaged = (ema.averaged_weights() if ema is not None and ema.num_updates > 0
+              else contextlib.nullcontext())
+  with averaged:
     accuracy = None
     if splits.test is not None and len(splits.test[1]):
       results = model.evaluate(*splits.test, batch_size=256, verbose=0, return_dict=True)
@@ -492,7 +482,4 @@ def _evaluate_and_export(config, model, ema, splits, metadata):
       export_path = export_lib.export_saved_model(
           model, config.export_dir, metadata, version=config.export_version,
           overwrite=config.overwrite, warmup_inputs=warmup)
-  finally:
-    if use_average:
-      ema.swap_out()
   return accuracy, export_path
