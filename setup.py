@@ -42,9 +42,10 @@ setuptools.setup(
         "console_scripts": [
             "tfdp-train = tfdp_prune.trainers.train:run_main",
             "tfdp-export = tfdp_prune.export.main:run_main",
+            "tfdp-audit = tfdp_prune.trainers.audit:run_main",
         ],
     },
     extras_require={
-        "test": ["pytest>=7", "scipy>=1.10", "psutil>=5"],
+        "test": ["pytest>=7", "scipy>=1.10", "psutil>=5", "matplotlib>=3.7"],
     },
 )

@@ -3,6 +3,9 @@
 from tfdp_prune.accounting import PrivacyLedger
 from tfdp_prune.accounting import PrivacySpec
 from tfdp_prune.accounting import calibrate_noise_multiplier
+from tfdp_prune.audit import AuditConfig
+from tfdp_prune.audit import audit_training
+from tfdp_prune.audit_bounds import epsilon_lower_bound
 from tfdp_prune.augmult import augment_views
 from tfdp_prune.augmult import augmult_map
 from tfdp_prune.budget import PrivacyBudget
@@ -44,6 +47,7 @@ from tfdp_prune.training import train
 from tfdp_prune.version import __version__
 
 __all__ = [
+    "AuditConfig",
     "DPCheckpoint",
     "DPKerasAdamOptimizer",
     "DPKerasSGDOptimizer",
@@ -70,10 +74,12 @@ __all__ = [
     "TrainConfig",
     "VectorizedEngine",
     "WSConv2D",
+    "audit_training",
     "augment_views",
     "augmult_map",
     "calibrate_noise_multiplier",
     "check_disjoint",
+    "epsilon_lower_bound",
     "fingerprint_examples",
     "latest_checkpoint",
     "load_data",

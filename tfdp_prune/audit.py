@@ -1,0 +1,403 @@
+"""Empirical privacy audit of one training run: an epsilon lower bound and a membership AUC.
+
+  result = tfdp_prune.audit.audit_training(config, AuditConfig(canaries=200))
+  result.audit["epsilon_lower_bound"], result.audit["mia_auc"], result.metadata.epsilon
+
+What it does (one `training.train` call, nothing is trained twice):
+  1. Canaries (Steinke, Nasr, Jagielski 2023, "Privacy Auditing with One (1) Training Run",
+     arXiv 2305.08846): `canaries` examples are taken out of the PRIVATE part (so they are
+     neither public, which pre-training and masks see, nor test, nor among the private examples
+     trained on otherwise), each gets a random WRONG label, and each is put back into the
+     training data independently with probability 1/2 (`canary_seed`).
+  2. The run is trained as configured, on the private part with the included canaries.
+  3. Each canary is scored by the trained model's log-probability of its wrong label; the
+     auditor guesses "included" for the k+ highest scores and "excluded" for the k- lowest,
+     abstains on the rest, and counts the correct guesses: `audit_bounds.epsilon_lower_bound`
+     turns (m, guesses, correct, delta) into a lower bound on epsilon at `confidence`.
+  4. Membership inference by loss threshold: the AUC of minus the loss (the log-probability of
+     the TRUE label) between a sample of the non-canary private examples trained on (members)
+     and as many examples of the test part (non-members, never trained on).
+  5. Both go into the export's privacy metadata under `empirical["audit"]`, apart from the
+     proven guarantee, which is unchanged; the model is exported once, with them.
+
+Why input-space canaries (mislabelled real examples): the audit is black-box. It needs nothing
+but the trained model's outputs, so it covers everything that made the weights, exactly as
+deployed: Poisson sampling, per-example clipping, the masks, the noise, the parameter updates;
+and it works for any model and optimizer tfdp_prune trains. The price: it is far from tight. A
+mislabelled example's gradient is neither worst-case nor alone (it is clipped and averaged with a
+batch, and the model moves towards its correct class anyway), so at a moderate epsilon the bound
+is typically near 0, much below the proven epsilon. Gradient-space (Dirac) canaries, a
+per-example gradient of norm C along one coordinate, come much closer to the proven epsilon, but
+need a white-box hook inside the optimizer to insert them, and then audit only the steps after
+the per-example gradient (clipping, noise), not how the model's own gradients leak.
+
+The guess counts (k+, k-) are chosen honestly: either fixed a priori (`k_plus`, `k_minus`), or
+the best of a fixed grid (`guess_grid(m)`), each candidate tested at confidence
+1 - (1 - confidence) / len(grid) (Bonferroni), so the maximum over the grid holds at
+`confidence`. (Taking the best counts after seeing the scores, without a correction, would
+overstate the bound.)
+
+What the bound means: with probability >= `confidence` over the canaries' inclusion, training is
+NOT (epsilon, delta)-DP for any epsilon below it (delta is the run's delta). A bound above the
+proven epsilon would mean a bug; a bound below it proves nothing about the guarantee: the audit
+is a test that can fail, not a proof.
+
+Costs: the audited model is trained with mislabelled canaries and `canaries` fewer real private
+examples, so it is somewhat less accurate than a plain run; `tfdp-audit` therefore exports into
+its own directory by default. No EMA (`ema_decay`): `training.train` does not hand back its
+averaged weights, which are what it would export; auditing the raw weights would audit another
+model than the one exported.
+"""
+
+import dataclasses
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+
+from tfdp_prune import audit_bounds
+from tfdp_prune import data as data_lib
+from tfdp_prune import metadata as metadata_lib
+from tfdp_prune import train_config
+from tfdp_prune import training
+from tfdp_prune.export import saved_model as export_lib
+from tfdp_prune.train_config import ConfigError
+from tfdp_prune.train_config import TrainConfig
+
+METHOD = "one-run audit (Steinke, Nasr, Jagielski 2023, arXiv 2305.08846)"
+CANARY_TYPE = "input-space: held-out private examples with a random wrong label"
+# Total guesses (k+ + k-) of the default grid, as fractions of m, each split evenly.
+_GUESS_FRACTIONS = (0.1, 0.2, 0.4)
+# The default export directory of an audit is the config's with this suffix (the audited model
+# was trained with mislabelled canaries: it must not become the served version by accident).
+EXPORT_SUFFIX = "_audit"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AuditConfig:
+  """The audit's settings; the field names are `tfdp-audit`'s flag names.
+
+  Attributes:
+    canaries: m, the number of canaries taken out of the private part.
+    canary_seed: seed of the canaries' choice, wrong labels and inclusion.
+    confidence: the confidence of the epsilon lower bound.
+    k_plus, k_minus: fixed guess counts ("included" for the k+ highest scores, "excluded" for
+      the k- lowest); both None: the best of `guess_grid(m)`, Bonferroni-corrected.
+  """
+
+  canaries: int = 200
+  canary_seed: int = 0
+  confidence: float = 0.95
+  k_plus: Optional[int] = None
+  k_minus: Optional[int] = None
+
+  def __post_init__(self):
+    _check_int("canaries", self.canaries, minimum=1)
+    _check_int("canary_seed", self.canary_seed, minimum=0)
+    if (isinstance(self.confidence, bool) or not isinstance(self.confidence, (int, float))
+        or not 0 < self.confidence < 1):
+      raise ConfigError(f"Expected --confidence in (0, 1), e.g. 0.95. Received: "
+                        f"--confidence={self.confidence!r}.")
+    if (self.k_plus is None) != (self.k_minus is None):
+      raise ConfigError(f"Give both --k_plus and --k_minus (fixed guess counts) or neither (the "
+                        f"best of a fixed grid, Bonferroni-corrected). Received: "
+                        f"--k_plus={self.k_plus}, --k_minus={self.k_minus}.")
+    if self.k_plus is not None:
+      _check_int("k_plus", self.k_plus, minimum=0)
+      _check_int("k_minus", self.k_minus, minimum=0)
+      if not 1 <= self.k_plus + self.k_minus <= self.canaries:
+        raise ConfigError(f"Expected 1 <= --k_plus + --k_minus <= --canaries (each canary is "
+                          f"guessed at most once). Received: --k_plus={self.k_plus}, "
+                          f"--k_minus={self.k_minus}, --canaries={self.canaries}.")
+
+  def guess_counts(self) -> Tuple[Tuple[int, int], ...]:
+    """The (k+, k-) candidates: the fixed pair, or the default grid."""
+    if self.k_plus is not None:
+      return ((self.k_plus, self.k_minus),)
+    return guess_grid(self.canaries)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Canaries:
+  """The canaries: inputs, true labels, the wrong labels they are trained with when included,
+  and whether each was included (a bool per canary)."""
+
+  x: np.ndarray
+  true_labels: np.ndarray
+  labels: np.ndarray
+  included: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class AuditData:
+  """The splits to train on (private part: the non-canary private examples plus the included
+  canaries), the canaries, and the non-canary private examples (the MIA's members)."""
+
+  splits: data_lib.DataSplits
+  canaries: Canaries
+  members: Tuple[np.ndarray, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class OneRunAudit:
+  """The guesses of a one-run audit and the lower bound they prove (see the module docstring).
+
+  `candidates` is the number of (k+, k-) pairs tried; each was tested at `test_confidence`
+  = 1 - (1 - confidence) / candidates."""
+
+  m: int
+  k_plus: int
+  k_minus: int
+  guesses: int
+  correct: int
+  confidence: float
+  delta: float
+  candidates: int
+  test_confidence: float
+  epsilon_lower_bound: float
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class AuditResult:
+  """The audited run (`training.TrainResult`, trained without export), the audit record (what
+  went into `metadata.empirical["audit"]`), the metadata with it, and the export's path."""
+
+  train_result: training.TrainResult
+  audit: Dict[str, Any]
+  metadata: metadata_lib.PrivacyMetadata
+  export_path: Optional[str]
+
+
+# ---- the pieces (pure functions, tested on their own) -------------------------------------------
+
+def guess_grid(m: int) -> Tuple[Tuple[int, int], ...]:
+  """The default (k+, k-) candidates for m canaries: k+ = k- = fraction * m / 2 for each of
+  `_GUESS_FRACTIONS` (fixed before any score is seen), duplicates and empty guesses dropped."""
+  pairs = []
+  for fraction in _GUESS_FRACTIONS:
+    half = max(1, int(round(fraction * m / 2)))
+    if 2 * half <= m and (half, half) not in pairs:
+      pairs.append((half, half))
+  return tuple(pairs) or ((1, 0),)
+
+
+def add_canaries(splits: data_lib.DataSplits, count: int, seed: int) -> AuditData:
+  """Takes `count` canaries out of the private part, relabels each to a uniformly random wrong
+  class, and puts each back independently with probability 1/2 (all from `seed`).
+
+  The returned splits' `info.num_private` is the size of the new private part (the accountant
+  and the metadata use it); its `private_split` says what was done.
+  """
+  x, y = splits.private
+  info = splits.info
+  if count >= len(y):
+    raise ConfigError(f"Expected --canaries < the {len(y)} private examples (the canaries are "
+                      f"taken out of the private part). Received: --canaries={count}.")
+  rng = np.random.default_rng(seed)
+  order = rng.permutation(len(y))
+  pool, rest = order[:count], order[count:]
+  # A uniformly random wrong class: the true one shifted by 1..C-1 (mod C).
+  labels = ((y[pool] + rng.integers(1, info.num_classes, size=count)) % info.num_classes)
+  labels = labels.astype(y.dtype)
+  included = rng.random(count) < 0.5
+  train_x = np.concatenate([x[rest], x[pool][included]])
+  train_y = np.concatenate([y[rest], labels[included]])
+  shuffle = rng.permutation(len(train_y))
+  info = dataclasses.replace(
+      info, num_private=len(train_y),
+      private_split=(f"{info.private_split} without {count} audit canaries, plus the "
+                     f"{int(included.sum())} of them included, mislabelled"))
+  audited = data_lib.DataSplits(public=splits.public, private=(train_x[shuffle], train_y[shuffle]),
+                                test=splits.test, info=info)
+  canaries = Canaries(x=x[pool], true_labels=y[pool], labels=labels, included=included)
+  return AuditData(splits=audited, canaries=canaries, members=(x[rest], y[rest]))
+
+
+def log_probabilities(model, x: np.ndarray, labels: np.ndarray) -> np.ndarray:
+  """log p(label | x) under `model` (which outputs logits), float64: the attack's score."""
+  logits = np.asarray(model.predict(x, batch_size=256, verbose=0), np.float64)
+  shifted = logits - logits.max(axis=1, keepdims=True)
+  log_softmax = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+  return log_softmax[np.arange(len(labels)), labels]
+
+
+def count_correct(scores: np.ndarray, included: np.ndarray, k_plus: int, k_minus: int) -> int:
+  """Correct guesses when the k+ highest scores are guessed included and the k- lowest excluded.
+
+  Ties are broken by position (a stable sort); the canaries' order is random and independent of
+  their inclusion, so this uses nothing but the scores.
+  """
+  scores, included = np.asarray(scores), np.asarray(included, bool)
+  if k_plus + k_minus > len(scores):
+    raise ValueError(f"Expected k_plus + k_minus <= {len(scores)} canaries. Received: "
+                     f"k_plus={k_plus}, k_minus={k_minus}.")
+  order = np.argsort(-scores, kind="stable")
+  guessed_in, guessed_out = order[:k_plus], order[len(order) - k_minus:]
+  return int(included[guessed_in].sum() + (~included[guessed_out]).sum())
+
+
+def one_run_audit(scores: np.ndarray, included: np.ndarray, *, delta: float,
+                  confidence: float = 0.95, guess_counts=None) -> OneRunAudit:
+  """The best epsilon lower bound over the (k+, k-) candidates `guess_counts` (default
+  `guess_grid(m)`), each tested at confidence 1 - (1 - confidence) / len(candidates)."""
+  m = len(scores)
+  candidates = tuple(guess_counts) if guess_counts is not None else guess_grid(m)
+  test_confidence = 1.0 - (1.0 - confidence) / len(candidates)
+  best = None
+  for k_plus, k_minus in candidates:
+    correct = count_correct(scores, included, k_plus, k_minus)
+    bound = audit_bounds.epsilon_lower_bound(m, k_plus + k_minus, correct, delta, test_confidence)
+    if best is None or bound > best.epsilon_lower_bound:
+      best = OneRunAudit(m=m, k_plus=k_plus, k_minus=k_minus, guesses=k_plus + k_minus,
+                         correct=correct, confidence=confidence, delta=delta,
+                         candidates=len(candidates), test_confidence=test_confidence,
+                         epsilon_lower_bound=bound)
+  return best
+
+
+def membership_auc(member_scores: np.ndarray, nonmember_scores: np.ndarray) -> float:
+  """P[member score > non-member score] + P[equal] / 2 over all pairs (the ROC AUC, computed
+  exactly by the Mann-Whitney rank sum with average ranks for ties)."""
+  members = np.asarray(member_scores, np.float64).ravel()
+  nonmembers = np.asarray(nonmember_scores, np.float64).ravel()
+  if not len(members) or not len(nonmembers):
+    raise ValueError(f"Expected members and non-members. Received {len(members)} and "
+                     f"{len(nonmembers)} scores.")
+  pooled = np.concatenate([members, nonmembers])
+  _, inverse, counts = np.unique(pooled, return_inverse=True, return_counts=True)
+  # The average of ranks first..last (1-based) of each group of equal scores.
+  last = np.cumsum(counts)
+  average_rank = (last - (counts - 1) / 2.0)[inverse]
+  rank_sum = average_rank[:len(members)].sum()
+  return float((rank_sum - len(members) * (len(members) + 1) / 2.0)
+               / (len(members) * len(nonmembers)))
+
+
+# ---- the audited run ---------------------------------------------------------------------------
+
+def audit_training(config: TrainConfig, audit_config: Optional[AuditConfig] = None, *,
+                   splits: Optional[data_lib.DataSplits] = None) -> AuditResult:
+  """Trains `config` once with canaries, audits it, and exports it (with `config.export_dir`)
+  with the audit in its metadata; see the module docstring.
+
+  Args:
+    config: the run to audit (its export settings are used for the one export at the end).
+    audit_config: the audit's settings; None: `AuditConfig()`.
+    splits: data already loaded; None loads `config.dataset`.
+  """
+  audit_config = AuditConfig() if audit_config is None else audit_config
+  if not isinstance(config, TrainConfig):
+    raise TypeError(f"Expected a tfdp_prune.TrainConfig. Received: {type(config).__name__}.")
+  if not isinstance(audit_config, AuditConfig):
+    raise TypeError(f"Expected a tfdp_prune.audit.AuditConfig. Received: "
+                    f"{type(audit_config).__name__}.")
+  if config.ema_decay:
+    raise ConfigError(f"tfdp-audit cannot audit --ema_decay={config.ema_decay} runs yet: the "
+                      "exported model would be the EMA average, which training does not hand "
+                      "back to score. Drop --ema_decay.")
+  training._check_export_target(config)  # an existing version is refused before training
+  splits = splits if splits is not None else training.load_data(config)
+  if splits.test is None or not len(splits.test[1]):
+    raise ConfigError("Expected a test part (the membership-inference non-members: examples "
+                      "never trained on). Received --test_split= (none). Give a --test_split.")
+  data = add_canaries(splits, audit_config.canaries, audit_config.canary_seed)
+  train_result = training.train(dataclasses.replace(config, export_dir=None),
+                                splits=data.splits)
+  model, metadata = train_result.model, train_result.metadata
+
+  canaries = data.canaries
+  audit = one_run_audit(log_probabilities(model, canaries.x, canaries.labels),
+                        canaries.included, delta=config.delta,
+                        confidence=audit_config.confidence,
+                        guess_counts=audit_config.guess_counts())
+  members, nonmembers = _mia_examples(data.members, splits.test, audit_config.canary_seed)
+  auc = membership_auc(log_probabilities(model, *members), log_probabilities(model, *nonmembers))
+  record = audit_record(audit, audit_config, auc, len(members[1]), len(nonmembers[1]),
+                        int(canaries.included.sum()))
+  metadata = metadata.with_empirical({**(metadata.empirical or {}), "audit": record})
+  export_path = None
+  if config.export_dir:
+    export_path = export_lib.export_saved_model(
+        model, config.export_dir, metadata, version=config.export_version,
+        overwrite=config.overwrite, warmup_inputs=splits.test[0][:8])
+  if config.verbose:
+    print(summary(metadata, export_path))
+  return AuditResult(train_result=train_result, audit=record, metadata=metadata,
+                     export_path=export_path)
+
+
+def audit_record(audit: OneRunAudit, audit_config: AuditConfig, mia_auc: float,
+                 mia_members: int, mia_nonmembers: int, included: int) -> Dict[str, Any]:
+  """The JSON-compatible record stored as `metadata.empirical["audit"]`."""
+  return {
+      "method": METHOD,
+      "canary_type": CANARY_TYPE,
+      "score": "log-probability of the canary's (wrong) label",
+      "m": audit.m,
+      "included": included,
+      "canary_seed": audit_config.canary_seed,
+      "k_plus": audit.k_plus,
+      "k_minus": audit.k_minus,
+      "guesses": audit.guesses,
+      "correct": audit.correct,
+      "guess_selection": ("fixed a priori" if audit.candidates == 1 else
+                          f"best of {audit.candidates} fixed (k+, k-) pairs, Bonferroni"),
+      "candidates": audit.candidates,
+      "confidence": audit.confidence,
+      "test_confidence": audit.test_confidence,
+      "delta": audit.delta,
+      "epsilon_lower_bound": audit.epsilon_lower_bound,
+      "mia_auc": mia_auc,
+      "mia_score": "log-probability of the true label (minus the loss)",
+      "mia_members": mia_members,
+      "mia_nonmembers": mia_nonmembers,
+      "mia_nonmember_source": "test part (never trained on)",
+      "note": "measured, NOT proven: a lower bound on epsilon at the stated confidence",
+  }
+
+
+def summary(metadata: metadata_lib.PrivacyMetadata, export_path: Optional[str]) -> str:
+  """The lines `tfdp-audit` prints after training's own: the audit next to the proven epsilon."""
+  audit = metadata.empirical["audit"]
+  proven = (f"epsilon = {metadata.epsilon:.4g}, delta = {metadata.delta:g}" if metadata.private
+            else "NON-PRIVATE (epsilon = inf)")
+  lines = [
+      f"proven: {proven}",
+      f"audit (measured, not proven): epsilon >= {audit['epsilon_lower_bound']:.4f} at "
+      f"{audit['confidence']:g} confidence, delta = {audit['delta']:g} ({audit['correct']} of "
+      f"{audit['guesses']} guesses correct, k+ = {audit['k_plus']}, k- = {audit['k_minus']}, "
+      f"m = {audit['m']} canaries, {audit['guess_selection']})",
+      f"membership inference (loss threshold): AUC = {audit['mia_auc']:.4f} "
+      f"({audit['mia_members']} members, {audit['mia_nonmembers']} non-members)"]
+  if export_path:
+    lines.append(f"exported: {export_path}")
+  return "\n".join(lines)
+
+
+def run(config_name: str = "default", audit_settings: Optional[Dict[str, Any]] = None,
+        **overrides) -> AuditResult:
+  """`tfdp-audit`'s one call: the named config with the given training settings, audited with
+  `audit_settings` (AuditConfig fields). Without an `export_dir` override the export goes to
+  the config's export directory + "_audit"."""
+  audit_config = AuditConfig(**(audit_settings or {}))
+  if "export_dir" not in overrides:
+    default = train_config.named_config(config_name).export_dir
+    overrides["export_dir"] = default + EXPORT_SUFFIX if default else None
+  return audit_training(train_config.resolve(config_name, overrides), audit_config)
+
+
+# ---- internals ----------------------------------------------------------------------------------
+
+def _mia_examples(members, test, seed):
+  """As many members (a seeded sample of the non-canary private examples trained on) as
+  non-members (the test part, or a sample of it when it is the larger)."""
+  count = min(len(members[1]), len(test[1]))
+  rng = np.random.default_rng([seed, 1])  # a stream apart from the canaries'
+  chosen = np.sort(rng.choice(len(members[1]), count, replace=False))
+  held_out = np.sort(rng.choice(len(test[1]), count, replace=False))
+  return ((members[0][chosen], members[1][chosen]), (test[0][held_out], test[1][held_out]))
+
+
+def _check_int(name, value, *, minimum):
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+    raise ConfigError(f"Expected --{name} to be an integer >= {minimum}. Received: "
+                      f"--{name}={value!r}.")
