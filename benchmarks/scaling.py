@@ -40,6 +40,7 @@ def _row(label, results):
     r = results[arm]
     row[f"{arm}_x_time_median"] = r["median_step_s"] / base["median_step_s"]
     row[f"{arm}_x_time_min"] = r["min_step_s"] / base["min_step_s"]
+    row[f"{arm}_x_cpu"] = r["median_cpu_step_s"] / base["median_cpu_step_s"]
     row[f"{arm}_x_peak_rss"] = r["peak_rss_mb"] / base["peak_rss_mb"]
   return row
 
@@ -47,16 +48,17 @@ def _row(label, results):
 def _markdown(rows, command):
   lines = ["# Cost of the per-layer engine vs batch size and width", "",
            f"Command: `{command}`", "",
-           "Ratios to non-private tf_keras SGD on the same model and batch (median / min step "
-           "time; peak RSS of the arm's own process).", "",
-           "| setting | non-private step (s) | tfdp x time (median / min) | tfdp_mask80 x time "
-           "(median / min) | tfdp x peak RSS | tfdp_mask80 x peak RSS |",
+           "Ratios to non-private tf_keras SGD on the same model and batch (median / min wall "
+           "step time / median CPU seconds per step; peak RSS of the arm's own process).", "",
+           "| setting | non-private step (s) | tfdp x time (median / min / CPU) | tfdp_mask80 x "
+           "time (median / min / CPU) | tfdp x peak RSS | tfdp_mask80 x peak RSS |",
            "| --- | --- | --- | --- | --- | --- |"]
   for r in rows:
     lines.append(
         f"| {r['setting']} | {r['nonprivate_median_s']:.3f} | "
-        f"{r['tfdp_x_time_median']:.2f} / {r['tfdp_x_time_min']:.2f} | "
-        f"{r['tfdp_mask80_x_time_median']:.2f} / {r['tfdp_mask80_x_time_min']:.2f} | "
+        f"{r['tfdp_x_time_median']:.2f} / {r['tfdp_x_time_min']:.2f} / {r['tfdp_x_cpu']:.2f} | "
+        f"{r['tfdp_mask80_x_time_median']:.2f} / {r['tfdp_mask80_x_time_min']:.2f} / "
+        f"{r['tfdp_mask80_x_cpu']:.2f} | "
         f"{r['tfdp_x_peak_rss']:.2f} | {r['tfdp_mask80_x_peak_rss']:.2f} |")
   return "\n".join(lines) + "\n"
 

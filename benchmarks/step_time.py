@@ -165,17 +165,21 @@ def run_child(args):
     warmup.append(time.perf_counter() - t0)
   estimate = warmup[-1]
   timed_steps = int(min(args.steps, max(args.min_steps, round(args.budget_s / estimate))))
-  times = []
+  times, cpu_times = [], []
   for _ in range(timed_steps):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     logs = model.train_on_batch(x, y, return_dict=True)
     times.append(time.perf_counter() - t0)
+    cpu_times.append(time.process_time() - c0)
   loss = float(logs["loss"]) if "loss" in logs else None
   result = {
       "model": args.model, "arm": args.arm, "batch": batch, "wrn_width": args.wrn_width,
       "params": int(model.count_params()),
       "median_step_s": statistics.median(times),
       "min_step_s": min(times), "max_step_s": max(times),
+      # CPU seconds of all the process's threads: the work done, less sensitive than wall time
+      # to other processes competing for the cores.
+      "median_cpu_step_s": statistics.median(cpu_times),
       "timed_steps": timed_steps, "warmup_steps": 1 + len(warmup),
       "first_step_s": first_step,
       "peak_rss_mb": _max_rss_mb(),
@@ -302,23 +306,28 @@ def _markdown(report):
       "",
       "Median of the timed `train_on_batch` steps after warm-up (the first, tracing step is "
       "excluded and shown as 'first step'). Ratio = median / non-private median of the same "
-      "model; the min columns are less sensitive to other load on the machine. Peak RSS = ru_maxrss of the arm's own process; increase = peak minus RSS after "
-      "model build (before the first step).",
+      "model; the min columns are less sensitive to other load on the machine, and CPU = "
+      "median CPU seconds per step of all the process's threads (the work done; least "
+      "sensitive to other load). Peak RSS = ru_maxrss of the arm's own process; increase = "
+      "peak minus RSS after model build (before the first step).",
       "",
       "| model | batch | arm | median step (s) | x non-private | min step (s) | min x non-private "
-      "| timed steps | first step (s) | peak RSS (MB) | RSS increase (MB) | load avg | notes |",
-      "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+      "| CPU step (s) | CPU x non-private | timed steps | first step (s) | peak RSS (MB) "
+      "| RSS increase (MB) | load avg | notes |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for r in report["results"]:
     if "error" in r:
-      lines.append(f"| {r['model']} | {r['batch']} | {r['arm']} | FAILED | | | | | | | | "
-                   f"| {r['error']} |")
+      lines.append(f"| {r['model']} | {r['batch']} | {r['arm']} | FAILED | | | | | | | | | "
+                   f"| | {r['error']} |")
       continue
     notes = "; ".join(f"{k}={v}" for k, v in r.get("notes", {}).items())
     lines.append(
         f"| {r['model']} | {r['batch']} | {r['arm']} | {r['median_step_s']:.4f} | "
         f"{_fmt(r.get('ratio_to_nonprivate'), '.2f')} | {r['min_step_s']:.4f} | "
-        f"{_fmt(r.get('min_ratio_to_nonprivate'), '.2f')} | {r['timed_steps']} | "
+        f"{_fmt(r.get('min_ratio_to_nonprivate'), '.2f')} | "
+        f"{_fmt(r.get('median_cpu_step_s'), '.4f')} | "
+        f"{_fmt(r.get('cpu_ratio_to_nonprivate'), '.2f')} | {r['timed_steps']} | "
         f"{r['first_step_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['peak_rss_increase_mb']:.0f} | "
         f"{r['loadavg_1min_at_end']:.1f} | {notes} |")
   lines += ["", "Arms: " + "; ".join(f"`{k}` = {v}" for k, v in ARM_LABELS.items()) + "."]
@@ -357,6 +366,8 @@ def run_parent(args):
       if "error" not in r and r["model"] in base:
         r["ratio_to_nonprivate"] = r["median_step_s"] / base[r["model"]]["median_step_s"]
         r["min_ratio_to_nonprivate"] = r["min_step_s"] / base[r["model"]]["min_step_s"]
+        r["cpu_ratio_to_nonprivate"] = (r["median_cpu_step_s"]
+                                        / base[r["model"]]["median_cpu_step_s"])
     with open(out_json, "w") as f:
       json.dump(report, f, indent=2)
     with open(out_md, "w") as f:

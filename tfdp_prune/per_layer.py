@@ -11,16 +11,20 @@ examples (`model_checks`), row i of `g` is example i's own output gradient. Per 
                      matmul (the "book-keeping" of Bu et al. 2023).
   Dense on sequences, Conv1D/Conv2D (strides, padding, dilation), WSConv2D,
   DepthwiseConv2D, augmult views
-                     per-example gradients materialized from input patches and output
-                     gradients (batch x kernel size), masked, normed, and summed with the clip
-                     factors. WSConv2D's gradient goes through the standardization by a per-
-                     example vector-Jacobian product.
+                     norms: one example at a time (`tf.map_fn`), the layer's own weight-
+                     gradient op on that example's input and output gradient (through WSConv2D's
+                     standardization), masked and reduced to a number at once: memory holds a
+                     few kernels, never batch x kernel. Clipped sum: the same op once for the
+                     whole batch with each row's output gradient scaled by its clip factor.
   Embedding          per-example rows summed per token id (segment sums), masked by row.
+  GroupNormalization, LayerNormalization over the last axis
+                     y = xhat * gamma + beta per channel: per-example sums of g * xhat and of g
+                     over positions, xhat = dy/dgamma (one forward-mode product for the batch).
   biases             per-example sums of g over positions.
-  anything else      (GroupNormalization, LayerNormalization, custom layers) the layer alone is
-                     re-run per example inside `tf.vectorized_map`, with its captured input and
-                     output gradient: the vectorized path for that layer only. Layer types
-                     other than the normalizations are logged once, so users know.
+  anything else      (custom layers, normalizations over other axes) the layer alone is re-run
+                     per example inside `tf.vectorized_map`, with its captured input and output
+                     gradient: the vectorized path for that layer only, logged once so users
+                     know.
 
 Norms of all layers add up to each example's global squared norm; the clip factor
 c_i = min(1, C / norm_i) then weighs each example in every layer's sum. Examples with weight 0
@@ -45,10 +49,9 @@ from tfdp_prune import per_example
 from tfdp_prune.compat import keras
 from tfdp_prune.compat import tf
 
-DENSE, CONV, DEPTHWISE, EMBEDDING, GENERIC = "dense", "conv", "depthwise", "embedding", "generic"
-# Per-layer vectorized on purpose (their per-example gradients are cheap elementwise sums); not
-# reported as a fallback.
-_EXPECTED_GENERIC = (keras.layers.GroupNormalization, keras.layers.LayerNormalization)
+DENSE, CONV, DEPTHWISE, EMBEDDING, SCALE_SHIFT, GENERIC = (
+    "dense", "conv", "depthwise", "embedding", "scale_shift", "generic")
+_NORMALIZATIONS = (keras.layers.GroupNormalization, keras.layers.LayerNormalization)
 _reported = set()
 
 
@@ -170,7 +173,8 @@ def _recording_call(layer, records):
   kind = _kind(layer)
 
   def call(inputs, *args, **kwargs):
-    if kind != GENERIC and not args and not kwargs and isinstance(inputs, tf.Tensor):
+    if kind not in (SCALE_SHIFT, GENERIC) and not args and not kwargs and isinstance(
+        inputs, tf.Tensor):
       return _specialized_call(layer, kind, inputs, records)
     if args or not isinstance(inputs, tf.Tensor) or any(
         isinstance(v, tf.Tensor) for v in kwargs.values()):
@@ -178,11 +182,13 @@ def _recording_call(layer, records):
                    "one tensor; its variables are not captured.", layer.name)
       return original(inputs, *args, **kwargs)
     outputs = original(inputs, **kwargs)
-    if not isinstance(layer, _EXPECTED_GENERIC):
+    record_kind = (SCALE_SHIFT if kind == SCALE_SHIFT and _last_axis_only(layer, inputs.shape.rank)
+                   else GENERIC)
+    if record_kind == GENERIC:
       _report_once(f"generic:{type(layer).__name__}", "PerLayerEngine: no per-layer rule for "
-                   "%s; its per-example gradients use tf.vectorized_map over that layer only.",
-                   type(layer).__name__)
-    records.append(_Record(layer, GENERIC, inputs, outputs, kwargs))
+                   "%s (as configured); its per-example gradients use tf.vectorized_map over "
+                   "that layer only.", type(layer).__name__)
+    records.append(_Record(layer, record_kind, inputs, outputs, kwargs))
     return outputs
 
   return call
@@ -200,7 +206,17 @@ def _kind(layer) -> str:
     return DEPTHWISE
   if type(layer) is keras.layers.Embedding and not layer.sparse:
     return EMBEDDING
+  if type(layer) in _NORMALIZATIONS:
+    return SCALE_SHIFT
   return GENERIC
+
+
+def _last_axis_only(layer, rank) -> bool:
+  """Whether the normalization's gamma/beta index the last axis only (one entry per channel)."""
+  if isinstance(layer, keras.layers.GroupNormalization):
+    return layer.axis in (-1, rank - 1)
+  axes = [layer.axis] if isinstance(layer.axis, int) else list(layer.axis)
+  return [a % rank for a in axes] == [rank - 1]
 
 
 def _specialized_call(layer, kind, inputs, records):
@@ -213,6 +229,13 @@ def _specialized_call(layer, kind, inputs, records):
     records.append(_Record(layer, kind, ids, outputs))
     return outputs
   a = tf.cast(inputs, layer.compute_dtype) if inputs.dtype != layer.compute_dtype else inputs
+  z = _pre_activation(layer, kind, a)
+  records.append(_Record(layer, kind, a, z))
+  return layer.activation(z) if layer.activation is not None else z
+
+
+def _pre_activation(layer, kind, a):
+  """Dense, Conv and DepthwiseConv2D before their activation (WSConv2D: standardized kernel)."""
   if kind == DENSE:
     rank = a.shape.rank
     z = (tf.matmul(a, layer.kernel) if rank == 2
@@ -222,16 +245,11 @@ def _specialized_call(layer, kind, inputs, records):
                                        padding=layer.padding,
                                        dilation_rate=layer.dilation_rate)
   else:  # Conv1D/Conv2D's own op, given the (for WSConv2D: standardized) kernel
-    z = keras.layers.Conv2D.convolution_op(layer, a, _effective_kernel(layer))
-  if layer.use_bias:
-    z = tf.nn.bias_add(z, layer.bias)
-  records.append(_Record(layer, kind, a, z))
-  return layer.activation(z) if layer.activation is not None else z
-
-
-def _effective_kernel(layer, kernel=None):
-  kernel = layer.kernel if kernel is None else kernel
-  return layer.standardized_kernel(kernel) if isinstance(layer, models.WSConv2D) else kernel
+    kernel = layer.kernel
+    if isinstance(layer, models.WSConv2D):
+      kernel = layer.standardized_kernel(kernel)
+    z = keras.layers.Conv2D.convolution_op(layer, a, kernel)
+  return tf.nn.bias_add(z, layer.bias) if layer.use_bias else z
 
 
 def _record_variables(record) -> list:
@@ -266,16 +284,24 @@ def _layer_pieces(record, g, batch, views, mask_of, wanted) -> _Pieces:
   if record.kind == EMBEDDING:
     return _embedding(record, g, batch, variables, masks)
   if record.kind in (DENSE, CONV, DEPTHWISE):
-    grads = _materialized(record, g, batch)
-  else:
-    grads = _generic(record, g, batch)
-  by_ref = {v.ref(): grad for v, grad in zip(_record_variables(record), grads)}
-  grads = [by_ref[v.ref()] * m for v, m in zip(variables, masks)]
-  squared = tf.add_n([tf.reduce_sum(tf.reshape(tf.square(t), [batch, -1]), axis=1)
-                      for t in grads])
-  return _Pieces(variables, squared,
+    return _windowed(record, g, batch, variables, masks)
+  per_example = (_scale_and_shift(record, g, batch) if record.kind == SCALE_SHIFT
+                 else _generic(record, g, batch))
+  grads = _select(record, per_example, variables, masks)
+  return _Pieces(variables, _squared_norms(grads, batch),
                  lambda factors, kept: [clipping.weighted_batch_sum(t, kept, factors)
                                         for t in grads])
+
+
+def _select(record, grads, variables, masks):
+  """The masked per-example gradients of `variables`, from those of all the record's."""
+  by_ref = {v.ref(): grad for v, grad in zip(_record_variables(record), grads)}
+  return [by_ref[v.ref()] * m for v, m in zip(variables, masks)]
+
+
+def _squared_norms(grads, batch):
+  return tf.add_n([tf.reduce_sum(tf.reshape(tf.square(t), [batch, -1]), axis=1)
+                   for t in grads])
 
 
 def _dense_rank_one(record, g, variables, masks) -> _Pieces:
@@ -308,62 +334,52 @@ def _dense_rank_one(record, g, variables, masks) -> _Pieces:
   return _Pieces(ordered, squared, clipped_sum)
 
 
-def _per_example_rows(t, batch):
-  """[B*K, ..., d] -> [B, K*..., d]: every position of every view of an example in one axis."""
-  return tf.reshape(t, tf.stack([batch, -1, tf.shape(t)[-1]]))
+def _windowed(record, g, batch, variables, masks) -> _Pieces:
+  """Dense on sequences or views, Conv1D/Conv2D/WSConv2D, DepthwiseConv2D.
 
+  Norms: one example at a time (`tf.map_fn`), the layer's own weight-gradient op on that
+  example's input and output gradient (through WSConv2D's standardization), masked and reduced
+  to a number at once, so memory holds a few kernels, never batch x kernel. On CPU the
+  backprop-filter op is several times faster than a batched product of im2col patches.
+  Clipped sum: the same op once for the batch, each row's output gradient scaled by its clip
+  factor (the gradient is linear in g, and masks are elementwise, so they commute with it).
+  """
+  layer, kind = record.layer, record.kind
+  example_inputs = _per_example_rows_any(record.inputs, batch)
+  example_grads = _per_example_rows_any(g, batch)
 
-def _materialized(record, g, batch) -> list:
-  """Per-example kernel (and bias) gradients of Dense on sequences or views, of Conv1D/Conv2D
-  (input patches x output gradients) and of DepthwiseConv2D (the same, per channel)."""
-  layer = record.layer
-  g_rows = _per_example_rows(g, batch)
-  if record.kind == DENSE:
-    kernel = layer.kernel
-    kernel_grads = tf.einsum("bpi,bpo->bio", _per_example_rows(record.inputs, batch), g_rows)
-  elif record.kind == CONV:
-    kernel = layer.kernel
-    kernel_grads = tf.einsum("bpi,bpo->bio", _patches(layer, record.inputs, batch), g_rows)
-  else:  # depthwise: output channel c * multiplier + m reads input channel c only
-    kernel = layer.depthwise_kernel
-    channels = tf.shape(kernel)[2]
-    patches = _patches(layer, record.inputs, batch)
-    patches = tf.reshape(patches, tf.stack([batch, tf.shape(patches)[1], -1, channels]))
-    per_channel = tf.reshape(g_rows, tf.stack([batch, tf.shape(g_rows)[1], channels, -1]))
-    kernel_grads = tf.einsum("bpkc,bpcm->bkcm", patches, per_channel)
-  kernel_grads = tf.reshape(kernel_grads, tf.concat([[batch], tf.shape(kernel)], 0))
-  if isinstance(layer, models.WSConv2D):
-    kernel_grads = _through_standardization(layer, kernel_grads)
-  grads = [kernel_grads]
-  if layer.use_bias:
-    grads.append(tf.reduce_sum(g_rows, axis=1))
-  return grads
-
-
-def _patches(layer, inputs, batch):
-  """Input windows of a convolution, [B, positions of all views, window size * channels], in
-  the kernel's (spatial..., input channel) order; Conv1D as a 1 x L image."""
-  sizes, strides, rates = (list(layer.kernel_size), list(layer.strides),
-                           list(layer.dilation_rate))
-  if len(sizes) == 1:
-    inputs = tf.expand_dims(inputs, 1)
-    sizes, strides, rates = [1] + sizes, [1] + strides, [1] + rates
-  patches = tf.image.extract_patches(inputs, sizes=[1, *sizes, 1], strides=[1, *strides, 1],
-                                     rates=[1, *rates, 1], padding=layer.padding.upper())
-  return _per_example_rows(patches, batch)
-
-
-def _through_standardization(layer, grads_wrt_standardized):
-  """Maps per-example gradients w.r.t. the standardized kernel to the raw kernel (VJP)."""
-  kernel = tf.convert_to_tensor(layer.kernel)
-
-  def vjp(cotangent):
+  def masked_grads(inputs, output_grads):
     with tf.GradientTape() as tape:
-      tape.watch(kernel)
-      standardized = layer.standardized_kernel(kernel)
-    return tape.gradient(standardized, kernel, output_gradients=cotangent)
+      z = _pre_activation(layer, kind, inputs)
+    grads = tape.gradient(z, variables, output_gradients=output_grads,
+                          unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return [grad * m for grad, m in zip(grads, masks)]
 
-  return tf.vectorized_map(vjp, grads_wrt_standardized)
+  def squared_norm(example):
+    return tf.add_n([tf.reduce_sum(tf.square(t)) for t in masked_grads(*example)])
+
+  squared = tf.map_fn(squared_norm, (example_inputs, example_grads),
+                      fn_output_signature=g.dtype)
+
+  def clipped_sum(factors, kept):
+    rows_per_example = tf.shape(g)[0] // batch  # augmult views
+    row_kept = tf.repeat(kept, rows_per_example)
+    row_factors = tf.repeat(tf.cast(factors, g.dtype), rows_per_example)
+    # 0 * NaN is NaN: a dropped row is replaced by zeros, not multiplied by 0.
+    scaled_g = _scale_rows(_zero_rows(g, row_kept), row_factors)
+    return masked_grads(_zero_rows(record.inputs, row_kept), scaled_g)
+
+  return _Pieces(variables, squared, clipped_sum)
+
+
+def _zero_rows(t, row_kept):
+  shape = tf.concat([tf.shape(row_kept), tf.ones([tf.rank(t) - 1], tf.int32)], axis=0)
+  return tf.where(tf.reshape(row_kept, shape), t, tf.zeros_like(t))
+
+
+def _scale_rows(t, row_factors):
+  shape = tf.concat([tf.shape(row_factors), tf.ones([tf.rank(t) - 1], tf.int32)], axis=0)
+  return t * tf.reshape(row_factors, shape)
 
 
 def _embedding(record, g, batch, variables, masks) -> _Pieces:
@@ -395,6 +411,25 @@ def _embedding(record, g, batch, variables, masks) -> _Pieces:
                                          vocabulary)]
 
   return _Pieces(variables, squared, clipped_sum)
+
+
+def _scale_and_shift(record, g, batch) -> list:
+  """GroupNormalization/LayerNormalization over the last axis compute y = xhat * gamma + beta,
+  one gamma and beta per channel: example i's gradients are the sums over its positions of
+  g_i * xhat_i (gamma) and of g_i (beta). xhat = dy/dgamma along gamma = ones, one forward-mode
+  product over the whole batch (the normalization never mixes examples)."""
+  layer = record.layer
+  original = type(layer).call.__get__(layer)
+  channels = tf.shape(g)[-1]
+  per_position = {}
+  if layer.scale:
+    with tf.autodiff.ForwardAccumulator(layer.gamma, tf.ones_like(layer.gamma)) as accumulator:
+      outputs = original(record.inputs, **record.call_kwargs)
+    per_position[layer.gamma.ref()] = g * accumulator.jvp(outputs)
+  if layer.center:
+    per_position[layer.beta.ref()] = g
+  return [tf.reduce_sum(tf.reshape(per_position[v.ref()], tf.stack([batch, -1, channels])), axis=1)
+          for v in layer.trainable_weights]
 
 
 def _generic(record, g, batch) -> list:

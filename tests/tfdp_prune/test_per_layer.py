@@ -79,7 +79,12 @@ def test_conv2d(conv):
   _compare(model, x, y, weights=[1, 1, 0, 1, 1])
 
 
-def test_weight_standardized_conv_and_group_norm():
+def _must_not_run(*args, **kwargs):
+  raise AssertionError("the per-layer vectorized fallback ran")
+
+
+def test_weight_standardized_conv_and_group_norm(monkeypatch):
+  monkeypatch.setattr(per_layer, "_generic", _must_not_run)  # GroupNorm has its own rule
   model = _model([models.WSConv2D(8, 3, padding="same", use_bias=False),
                   keras.layers.GroupNormalization(groups=4), keras.layers.Activation("relu"),
                   keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(3)], (6, 6, 3))
@@ -111,11 +116,23 @@ def test_conv1d(conv):
   _compare(model, x, y, weights=[1, 1, 1, 0, 1])
 
 
-def test_layer_norm_uses_the_per_layer_vectorized_path():
+@pytest.mark.parametrize("input_shape", [(5,), (4, 5)])
+def test_layer_norm_on_vectors_and_sequences(monkeypatch, input_shape):
+  monkeypatch.setattr(per_layer, "_generic", _must_not_run)
   model = _model([keras.layers.Dense(6), keras.layers.LayerNormalization(),
-                  keras.layers.Dense(3)], (5,))
-  x, y = _images(4, (5,))
+                  keras.layers.Flatten(), keras.layers.Dense(3)], input_shape)
+  x, y = _images(4, input_shape)
   _compare(model, x, y, weights=[1, 0, 1, 1])
+
+
+def test_normalization_over_other_axes_uses_the_per_layer_vectorized_path(caplog):
+  model = _model([keras.layers.LayerNormalization(axis=1), keras.layers.Flatten(),
+                  keras.layers.Dense(3)], (4, 5))
+  x, y = _images(4, (4, 5))
+  per_layer._reported.clear()
+  with caplog.at_level("WARNING"):
+    _compare(model, x, y, weights=[1, 1, 0, 1])
+  assert any("LayerNormalization" in r.getMessage() for r in caplog.records)
 
 
 def test_other_layers_fall_back_per_layer_and_are_reported_once(caplog):
@@ -157,6 +174,36 @@ def test_non_finite_example_is_dropped_and_counted():
   result = _compare(model, x, y)
   assert int(result.clipped.num_non_finite) == 1
   assert all(np.all(np.isfinite(g.numpy())) for g in result.clipped.grads)
+
+
+_NON_FINITE_MODELS = {
+    "conv2d": ([keras.layers.Conv2D(3, 3, padding="same", activation="relu")], (5, 5, 2)),
+    "ws_conv_group_norm": ([models.WSConv2D(4, 3, padding="same"),
+                            keras.layers.GroupNormalization(groups=2)], (5, 5, 2)),
+    "depthwise": ([keras.layers.DepthwiseConv2D(3, padding="same")], (5, 5, 2)),
+    "conv1d_layer_norm": ([keras.layers.Conv1D(3, 2), keras.layers.LayerNormalization()],
+                          (6, 2)),
+    "dense_sequences": ([keras.layers.Dense(3, activation="tanh")], (4, 3)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_NON_FINITE_MODELS))
+def test_non_finite_example_in_every_layer_kind(name):
+  layers, input_shape = _NON_FINITE_MODELS[name]
+  model = _model(layers + [keras.layers.Flatten(), keras.layers.Dense(3)], input_shape)
+  x, y = _images(5, input_shape)
+  x[3].flat[0] = np.nan
+  result = _compare(model, x, y, weights=[1, 0, 1, 1, 1])
+  assert int(result.clipped.num_non_finite) == 1
+  assert all(np.all(np.isfinite(g.numpy())) for g in result.clipped.grads)
+
+
+def test_augmult_views_through_group_norm(monkeypatch):
+  monkeypatch.setattr(per_layer, "_generic", _must_not_run)
+  model = _model([models.WSConv2D(4, 3, padding="same"), keras.layers.GroupNormalization(2),
+                  keras.layers.Flatten(), keras.layers.Dense(3)], (5, 5, 1))
+  x, y = _images(3, (2, 5, 5, 1))  # 3 examples, 2 views each
+  _compare(model, x, y, weights=[1, 0, 1])
 
 
 def test_clipping_is_after_masking_in_the_norm():
