@@ -243,3 +243,58 @@ def test_engine_by_name_and_serialization():
   assert isinstance(engine, per_layer.PerLayerEngine)
   assert per_example.serialize(engine) == {"name": "per_layer", "config": {}}
   assert isinstance(per_example.get(per_example.serialize(engine)), per_layer.PerLayerEngine)
+
+
+_XLA_MODELS = {
+    "image": ([keras.layers.Conv2D(4, 3, padding="same", activation="relu"),
+               keras.layers.GroupNormalization(2), models.WSConv2D(3, 3, strides=2),
+               keras.layers.DepthwiseConv2D(2), keras.layers.Flatten(),
+               keras.layers.Dense(3)], (8, 8, 1), "float32"),
+    "text": ([keras.layers.Embedding(20, 4), keras.layers.Conv1D(3, 2),
+              keras.layers.LayerNormalization(), keras.layers.Dense(4),
+              keras.layers.Flatten(), keras.layers.Dense(3)], (5,), "int32"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_XLA_MODELS))
+def test_engine_compiles_with_xla(name):
+  """`jit_compile=True` must compile every rule (XLA raises on any op it cannot compile) and
+  give the reference's clipped sums."""
+  layers, input_shape, dtype = _XLA_MODELS[name]
+  model = _model(layers, input_shape, dtype)
+  rng = np.random.default_rng(0)
+  x = (rng.integers(0, 20, (6,) + input_shape) if dtype == "int32"
+       else rng.normal(size=(6,) + input_shape)).astype(dtype)
+  y = rng.integers(0, 3, 6).astype("int32")
+  loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
+  variables = model.trainable_variables
+  args = (model, loss_fn, tf.constant(x), tf.constant(y),
+          tf.constant([1, 1, 0, 1, 1, 1], tf.float32), variables,
+          [tf.constant(m) for m in T.random_masks(variables, keep=0.6, seed=3)], CLIP)
+  want = tf.function(per_example.VectorizedEngine().clipped_sum)(*args).clipped.grads
+  got = tf.function(per_layer.PerLayerEngine().clipped_sum, jit_compile=True)(*args)
+  for variable, a, b in zip(variables, got.clipped.grads, want):
+    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5, err_msg=variable.name)
+
+
+def test_fit_with_jit_compile_matches_the_graph_step():
+  """model.compile(jit_compile=True) trains the DP model under XLA (noise 0: the same steps)."""
+  import tfdp_prune  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(12, 6, 6, 1)).astype("float32")
+  y = rng.integers(0, 3, 12).astype("int32")
+  weights = []
+  for jit in (False, True):
+    model = _model([keras.layers.Conv2D(3, 3, activation="relu"),
+                    keras.layers.GroupNormalization(3), keras.layers.Flatten(),
+                    keras.layers.Dense(3)], (6, 6, 1))
+    optimizer = tfdp_prune.DPKerasSGDOptimizer(l2_norm_clip=CLIP, noise_multiplier=0.0,
+                                               learning_rate=0.5)
+    model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True, reduction="none"), jit_compile=jit)
+    tfdp_prune.make_private(model)
+    assert model._jit_compile is jit  # pylint: disable=protected-access
+    model.fit(x, y, batch_size=4, epochs=2, shuffle=False, verbose=0)
+    weights.append(model.get_weights())
+  for a, b in zip(*weights):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
