@@ -13,6 +13,15 @@ from tfdp_prune.compat import tf
 from tests.tfdp_prune import _testing as T
 
 CLIP = 0.7
+_BATCHED_IS_CHEAPER = per_layer._batched_is_cheaper  # pylint: disable=protected-access
+
+
+@pytest.fixture(autouse=True, params=["batched", "one_example_at_a_time"])
+def windowed_strategy(request, monkeypatch):
+  """Every test runs with both strategies for Dense on sequences, convolutions and views."""
+  monkeypatch.setattr(per_layer, "_batched_is_cheaper",
+                      lambda record: request.param == "batched")
+  return request.param
 
 
 def _model(layers, input_shape, dtype="float32"):
@@ -298,3 +307,16 @@ def test_fit_with_jit_compile_matches_the_graph_step():
     weights.append(model.get_weights())
   for a, b in zip(*weights):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_batched_strategy_only_for_small_kernels_over_few_positions():
+  def record(layer, input_shape):
+    layer.build(input_shape)
+    inputs = tf.zeros(input_shape)
+    return per_layer._Record(layer, per_layer.CONV, inputs, layer(inputs))  # pylint: disable=protected-access
+  mnist_cnn_second_conv = record(keras.layers.Conv2D(32, 4, strides=2), (1, 14, 14, 16))
+  wrn_first_conv = record(keras.layers.Conv2D(16, 3, padding="same"), (1, 32, 32, 3))
+  wrn_last_group_conv = record(keras.layers.Conv2D(256, 3, padding="same"), (1, 8, 8, 256))
+  assert _BATCHED_IS_CHEAPER(mnist_cnn_second_conv)
+  assert not _BATCHED_IS_CHEAPER(wrn_first_conv)  # 1024 positions
+  assert not _BATCHED_IS_CHEAPER(wrn_last_group_conv)  # a 590k-entry kernel
