@@ -69,7 +69,7 @@ def _max_rss_mb():
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def _build(model_name, arm, batch, input_shape, seed, wrn_width=4):
+def _build(model_name, arm, batch, input_shape, seed, wrn_width=4, accumulation_steps=1):
   """Returns (model, notes) compiled for `arm`."""
   sys.path.insert(0, HERE)
   import numpy as np  # pylint: disable=import-outside-toplevel
@@ -111,8 +111,10 @@ def _build(model_name, arm, batch, input_shape, seed, wrn_width=4):
   elif arm.startswith("tfdp"):
     optimizer = tfdp_prune.DPKerasSGDOptimizer(
         l2_norm_clip=L2_NORM_CLIP, noise_multiplier=NOISE_MULTIPLIER,
-        learning_rate=LEARNING_RATE, seed=seed,
+        learning_rate=LEARNING_RATE, seed=seed, gradient_accumulation_steps=accumulation_steps,
         per_example_engine="vectorized" if "vectorized" in arm else "per_layer")
+    if accumulation_steps > 1:
+      notes["logical_batch"] = batch * accumulation_steps
     model.compile(optimizer=optimizer, loss=per_example_loss)
     tfdp_prune.make_private(model)
     if arm.endswith("mask80"):
@@ -148,8 +150,10 @@ def run_child(args):
   rss_after_import = _rss_mb()
   spec = MODELS[args.model]
   batch = args.batch or spec["batch"]
+  if args.accumulation_steps > 1 and not args.arm.startswith("tfdp"):
+    raise ValueError(f"--accumulation_steps applies to the tfdp arms only; got {args.arm}")
   model, notes = _build(args.model, args.arm, batch, spec["input_shape"], args.seed,
-                        args.wrn_width)
+                        args.wrn_width, args.accumulation_steps)
   rng = np.random.default_rng(args.seed)
   x = tf.constant(rng.random((batch,) + spec["input_shape"], dtype=np.float32))
   y = tf.constant(rng.integers(0, 10, size=(batch,)), dtype=tf.int64)
@@ -263,7 +267,7 @@ def _run_arm(model, arm, args):
   cmd = [sys.executable, os.path.abspath(__file__), "--child", f"--model={model}", f"--arm={arm}",
          f"--steps={args.steps}", f"--min_steps={args.min_steps}", f"--warmup={args.warmup}",
          f"--budget_s={args.budget_s}", f"--seed={args.seed}", f"--batch={args.batch}",
-         f"--wrn_width={args.wrn_width}"]
+         f"--wrn_width={args.wrn_width}", f"--accumulation_steps={args.accumulation_steps}"]
   env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2")
   env["PYTHONPATH"] = args.code_dir + (
       os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -405,6 +409,9 @@ def main():
   parser.add_argument("--batch", type=int, default=0,
                       help="batch size for every model (0: each model's default, cnn 250, wrn 32)")
   parser.add_argument("--wrn_width", type=int, default=4, help="WRN-16-k width factor k")
+  parser.add_argument("--accumulation_steps", type=int, default=1,
+                      help="tfdp arms: physical batches per logical batch (a step is one "
+                           "physical batch; time at least this many to include an update)")
   parser.add_argument("--out", default=os.path.join(HERE, "results", "step_time.json"))
   parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--model", help=argparse.SUPPRESS)
