@@ -294,7 +294,7 @@ def audit_training(config: TrainConfig, audit_config: Optional[AuditConfig] = No
     raise ConfigError(f"tfdp-audit cannot audit --ema_decay={config.ema_decay} runs yet: the "
                       "exported model would be the EMA average, which training does not hand "
                       "back to score. Drop --ema_decay.")
-  training._check_export_target(config)  # an existing version is refused before training
+  training.check_export_target(config)  # an existing version is refused before training
   splits = splits if splits is not None else training.load_data(config)
   if splits.test is None or not len(splits.test[1]):
     raise ConfigError("Expected a test part (the membership-inference non-members: examples "

@@ -101,7 +101,7 @@ def train(config: TrainConfig, *, splits: Optional[data_lib.DataSplits] = None,
   """
   if not isinstance(config, TrainConfig):
     raise TypeError(f"Expected a tfdp_prune.TrainConfig. Received: {type(config).__name__}.")
-  _check_export_target(config)
+  check_export_target(config)
   splits = splits if splits is not None else load_data(config)
   info = splits.info
   _check_model_and_data(config, info.input_shape)
@@ -431,7 +431,7 @@ def _info_from_dict(data: Dict[str, Any]) -> data_lib.DataInfo:
 
 # ---- internals ----------------------------------------------------------------------------------
 
-def _check_export_target(config):
+def check_export_target(config):
   """An explicit export version that exists is refused now, not after hours of training."""
   if config.export_dir and config.export_version is not None and not config.overwrite:
     target = os.path.join(config.export_dir, str(config.export_version))
