@@ -313,12 +313,9 @@ def finish_report(report: Dict[str, Any], started: float) -> None:
 
 def write_report(report: Dict[str, Any], path: str) -> None:
   """Writes atomically: an interrupted write never leaves a truncated JSON to resume from."""
+  from tfdp_prune import checkpointing  # pylint: disable=import-outside-toplevel
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(os.path.abspath(path)),
-                                   delete=False, suffix=".tmp") as f:
-    json.dump(report, f, indent=1)
-  os.chmod(f.name, 0o644)  # NamedTemporaryFile creates 0600; the results are for everyone
-  os.replace(f.name, path)
+  checkpointing.replace_file(path, json.dumps(report, indent=1))
 
 
 def read_report(path: str) -> Dict[str, Any]:

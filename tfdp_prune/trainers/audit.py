@@ -12,13 +12,10 @@ trained with mislabelled canaries; it should not become the served model by acci
 only maps the given flags onto `tfdp_prune.audit.run`; see `tfdp_prune.audit` for the method.
 """
 
-import sys
-
 from absl import app
 from absl import flags
 
 from tfdp_prune import audit
-from tfdp_prune import train_config
 from tfdp_prune.trainers import train  # defines --config and the training flags
 
 _DEFAULTS = audit.AuditConfig()
@@ -55,10 +52,7 @@ def main(argv):
 
 def run_main():
   """The console-script entry point."""
-  try:
-    app.run(main)
-  except train_config.ConfigError as error:
-    sys.exit(f"tfdp-audit: {error}")
+  train.run_console(main, "tfdp-audit")
 
 
 if __name__ == "__main__":

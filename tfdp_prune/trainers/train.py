@@ -94,12 +94,18 @@ def main(argv):
   training.run(_CONFIG.value, **given_overrides())
 
 
+def run_console(main_function, program: str) -> None:
+  """Runs an absl `main`; a bad setting (ConfigError) exits non-zero with `program: message`,
+  no traceback. Shared by the binaries that take these flags."""
+  try:
+    app.run(main_function)
+  except train_config.ConfigError as error:
+    sys.exit(f"{program}: {error}")
+
+
 def run_main():
   """The console-script entry point."""
-  try:
-    app.run(main)
-  except train_config.ConfigError as error:
-    sys.exit(f"tfdp-train: {error}")
+  run_console(main, "tfdp-train")
 
 
 if __name__ == "__main__":
