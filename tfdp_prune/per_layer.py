@@ -290,10 +290,7 @@ def _layer_pieces(record, g, batch, views, mask_of, wanted) -> _Pieces:
     return _windowed(record, g, batch, variables, masks)
   per_example = (_scale_and_shift(record, g, batch) if record.kind == SCALE_SHIFT
                  else _generic(record, g, batch))
-  grads = _select(record, per_example, variables, masks)
-  return _Pieces(variables, _squared_norms(grads, batch),
-                 lambda factors, kept: [clipping.weighted_batch_sum(t, kept, factors)
-                                        for t in grads])
+  return _from_per_example(variables, _select(record, per_example, variables, masks), batch)
 
 
 def _select(record, grads, variables, masks):
@@ -302,9 +299,13 @@ def _select(record, grads, variables, masks):
   return [by_ref[v.ref()] * m for v, m in zip(variables, masks)]
 
 
-def _squared_norms(grads, batch):
-  return tf.add_n([tf.reduce_sum(tf.reshape(tf.square(t), [batch, -1]), axis=1)
-                   for t in grads])
+def _from_per_example(variables, grads, batch) -> _Pieces:
+  """Pieces from materialized masked per-example gradients [B, ...], one per variable."""
+  squared = tf.add_n([tf.reduce_sum(tf.reshape(tf.square(t), [batch, -1]), axis=1)
+                      for t in grads])
+  return _Pieces(variables, squared,
+                 lambda factors, kept: [clipping.weighted_batch_sum(t, kept, factors)
+                                        for t in grads])
 
 
 def _dense_rank_one(record, g, variables, masks) -> _Pieces:
@@ -342,10 +343,8 @@ def _windowed(record, g, batch, variables, masks) -> _Pieces:
   gradients of small kernels over few positions are formed for the whole batch at once;
   otherwise one example at a time (see the module docstring)."""
   if _batched_is_cheaper(record):
-    grads = _select(record, _materialized(record, g, batch), variables, masks)
-    return _Pieces(variables, _squared_norms(grads, batch),
-                   lambda factors, kept: [clipping.weighted_batch_sum(t, kept, factors)
-                                          for t in grads])
+    return _from_per_example(
+        variables, _select(record, _materialized(record, g, batch), variables, masks), batch)
   return _one_example_at_a_time(record, g, batch, variables, masks)
 
 
