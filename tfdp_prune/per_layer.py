@@ -29,14 +29,26 @@ examples (`model_checks`), row i of `g` is example i's own output gradient. Per 
                      gradient: the vectorized path for that layer only, logged once so users
                      know.
 
-Norms of all layers add up to each example's global squared norm; the clip factor
-c_i = min(1, C / norm_i) then weighs each example in every layer's sum. Examples with weight 0
-(padding) and examples whose norm is not finite are excluded exactly as in `clipping`: their
-rows are replaced by zeros before any product, so a NaN never reaches the sum.
+A variable reached by several captured calls (a layer called k times, a model nested twice,
+weights tied between layers) has, per example, the SUM of the gradients of its calls: those
+calls are one group, whose per-example gradients are formed for each call and added before the
+norm is taken (several calls of one Embedding: one segment sum over all their tokens). Summing
+per-call norms instead would let an example reach sqrt(k) * C.
 
-Falls back to `VectorizedEngine` for the whole batch (logged once) when it cannot cover the
-model: microbatches, regularization losses, a trainable variable no captured layer owns, or a
-layer called with several tensor inputs.
+Norms of all groups add up to each example's global squared norm (in float64: the rank-one
+shortcut squares inputs and output gradients, which underflow in float32 at extreme scales);
+the clip factor c_i = min(1, C / norm_i) then weighs each example in every layer's sum. Examples
+with weight 0 (padding), examples whose norm is not finite, and examples with an Embedding id
+outside [0, vocabulary) are excluded exactly as in `clipping`: their rows are replaced by zeros
+before any product, so a NaN never reaches the sum, and an id is never charged to another
+example.
+
+Variables are checked at trace time, from the variables each pass reads: a trainable variable
+read outside the calls that own it (a tied weight used directly by another layer, a layer
+called with several tensor inputs) makes the engine fall back to `VectorizedEngine` for the
+whole batch (logged once), as do microbatches and regularization losses. A trainable variable
+that the forward pass never reads gets an exact zero. Wrapper layers (`TimeDistributed`,
+`Bidirectional`) are captured as one layer, with the per-layer vectorized rule.
 """
 
 import contextlib
@@ -66,6 +78,7 @@ class _Record:
   inputs: tf.Tensor
   outputs: tf.Tensor  # z: what the output gradient is taken with respect to
   call_kwargs: Dict[str, Any] = dataclasses.field(default_factory=dict)
+  reads: frozenset = frozenset()  # keys of the trainable variables the call read
 
 
 class PerLayerEngine(per_example.PerExampleEngine):
@@ -77,40 +90,42 @@ class PerLayerEngine(per_example.PerExampleEngine):
                        num_microbatches)  # the whole-batch fallback's
     reason = _unsupported_reason(model, num_microbatches)
     if reason is not None:
-      _report_once(f"model:{reason}", "PerLayerEngine: %s; using the vectorized engine for the "
-                   "whole batch.", reason)
-      return per_example.VectorizedEngine().clipped_sum(*vectorized_args)
+      return _whole_batch_fallback(f"model:{reason}", reason, vectorized_args)
     views = augmult.has_views(model, x)
     batch = tf.shape(sample_weight)[0]
     num_views = tf.shape(x)[1] if views else 1
     rows_x, rows_y, row_weight = _rows(x, y, sample_weight, views)
     records: List[_Record] = []
     with tf.GradientTape() as tape:
-      with _capturing(model, records):
+      with _capturing(model, records) as outside:
         predictions = model(rows_x, training=True)
       row_losses = loss_fn(rows_y, predictions) * tf.cast(row_weight, predictions.dtype)
       total = tf.reduce_sum(row_losses)
-    covered = {v.ref() for r in records for v in _record_variables(r)}
-    missing = [v.name for v in variables if v.ref() not in covered]
-    if missing:
-      _report_once(f"missing:{missing}", "PerLayerEngine: variables %s belong to no captured "
-                   "layer call; using the vectorized engine for the whole batch.", missing)
-      return per_example.VectorizedEngine().clipped_sum(*vectorized_args)
+    reason = _uncovered_reason(records, variables, _keys(outside.watched_variables()),
+                               tf.nest.flatten(rows_x)[0].shape[0])
+    if reason is not None:
+      return _whole_batch_fallback(reason, reason, vectorized_args)
+    _check_record_rows(records, tf.shape(tf.nest.flatten(rows_x)[0])[0])
     output_grads = tape.gradient(total, [r.outputs for r in records],
                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    mask_of = {v.ref(): m for v, m in zip(variables, masks)}
-    wanted = {v.ref() for v in variables}
-    pieces = [_layer_pieces(r, g, batch, views, mask_of, wanted)
-              for r, g in zip(records, output_grads)]
+    mask_of = {_key(v): m for v, m in zip(variables, masks)}
+    wanted = {_key(v) for v in variables}
+    pieces = [_group_pieces([records[i] for i in group], [output_grads[i] for i in group],
+                            batch, views, mask_of, wanted)
+              for group in _groups_sharing_variables(records, wanted)]
     pieces = [p for p in pieces if p.variables]
-    norms = tf.sqrt(tf.add_n([p.squared_norms for p in pieces]))
+    # float64: a squared norm beyond float32's range is kept (a float32 norm above 3.4e38
+    # becomes inf and the example is dropped, never under-clipped).
+    squared = tf.add_n([tf.cast(p.squared_norms, tf.float64) for p in pieces]
+                       + [tf.zeros(tf.shape(sample_weight)[:1], tf.float64)])
+    norms = tf.cast(tf.sqrt(squared), tf.float32)
     factors, kept, num_non_finite = clipping.clip_weights(norms, sample_weight, l2_norm_clip)
     sums = {}
-    for piece in pieces:
+    for piece in pieces:  # every wanted variable is in one piece at most (one group)
       for variable, summed in zip(piece.variables, piece.clipped_sum(factors, kept)):
-        key = variable.ref()
-        sums[key] = summed if key not in sums else sums[key] + summed
-    grads = [sums[v.ref()] for v in variables]
+        sums[_key(variable)] = summed
+    # A variable the forward pass never reads has a zero gradient.
+    grads = [sums[_key(v)] if _key(v) in sums else tf.zeros_like(v) for v in variables]
     clipped = clipping.ClippedSum(grads, batch, num_non_finite)
     # Rows carry weight w / K: an example's loss, the mean over its views, is their sum.
     losses = tf.reduce_sum(tf.reshape(row_losses, [batch, num_views]), axis=1)
@@ -119,6 +134,76 @@ class PerLayerEngine(per_example.PerExampleEngine):
           lambda t: tf.reshape(t, tf.concat([[batch, num_views], tf.shape(t)[1:]], 0))[:, 0],
           predictions)
     return per_example.EngineOutput(clipped, losses, predictions)
+
+
+def _whole_batch_fallback(key, reason, vectorized_args):
+  _report_once(key, "PerLayerEngine: %s; using the vectorized engine for the whole batch.",
+               reason)
+  return per_example.VectorizedEngine().clipped_sum(*vectorized_args)
+
+
+# ---- variables: which calls reach them --------------------------------------------------------
+
+def _key(variable):
+  """A variable's identity (the variable under a mixed-precision AutoCastVariable)."""
+  return getattr(variable, "_variable", variable).ref()
+
+
+def _keys(variables) -> frozenset:
+  return frozenset(_key(v) for v in variables)
+
+
+def _uncovered_reason(records, variables, read_outside, static_rows) -> Optional[str]:
+  """Why the captured calls do not account for every use of the trainable variables, or None.
+
+  A variable read outside the captured calls (`read_outside`), or read by a captured call that
+  does not own it, has uses whose per-example gradients the records cannot give."""
+  escaped = set(read_outside)
+  for record in records:
+    escaped |= record.reads - _keys(_record_variables(record))
+  names = [v.name for v in variables if _key(v) in escaped]
+  if names:
+    return (f"variables {names} are used outside the layer calls that own them (tied weights, "
+            "or a layer called with several tensor inputs)")
+  for record in records:
+    rows = record.inputs.shape[0] if record.inputs.shape.rank else None
+    if static_rows is not None and rows is not None and rows != static_rows:
+      return (f"layer {record.layer.name} sees {rows} rows where the model sees {static_rows} "
+              "(a wrapper folds other axes into the batch)")
+  return None
+
+
+def _check_record_rows(records, rows):
+  """Every captured call must see one row per model row; a layer that folds other axes into
+  the batch would mix examples in its rows (static shapes are checked in _uncovered_reason)."""
+  for record in records:
+    tf.debugging.assert_equal(
+        tf.shape(record.inputs)[0], rows,
+        message=f"PerLayerEngine: layer {record.layer.name} is called on a batch with another "
+        "number of rows than the model's; use per_example_engine='vectorized'.")
+
+
+def _groups_sharing_variables(records, wanted) -> List[List[int]]:
+  """Record indices grouped so that records sharing a wanted variable are in one group."""
+  parent = list(range(len(records)))
+
+  def root(i):
+    while parent[i] != i:
+      parent[i] = parent[parent[i]]
+      i = parent[i]
+    return i
+
+  first_user = {}
+  for i, record in enumerate(records):
+    for key in _keys(_record_variables(record)) & wanted:
+      if key in first_user:
+        parent[root(i)] = root(first_user[key])
+      else:
+        first_user[key] = i
+  groups = {}
+  for i in range(len(records)):
+    groups.setdefault(root(i), []).append(i)
+  return list(groups.values())
 
 
 # ---- capture ------------------------------------------------------------------------------------
@@ -143,10 +228,15 @@ def _rows(x, y, sample_weight, views):
   return rows_x, rows_y, weight
 
 
-def _leaf_layers(model):
-  return [m for m in model.submodules
-          if isinstance(m, keras.layers.Layer) and not isinstance(m, keras.Model)
-          and m.trainable_weights and not _has_weighted_sublayers(m)]
+def _captured_layers(model):
+  """The layers whose calls are recorded: leaves with trainable weights, and wrappers
+  (TimeDistributed, Bidirectional) as a whole; never a layer inside another captured one."""
+  candidates = [m for m in model.submodules
+                if isinstance(m, keras.layers.Layer) and not isinstance(m, keras.Model)
+                and m.trainable_weights
+                and (isinstance(m, keras.layers.Wrapper) or not _has_weighted_sublayers(m))]
+  inside = {id(s) for c in candidates for s in c.submodules}
+  return [c for c in candidates if id(c) not in inside]
 
 
 def _has_weighted_sublayers(layer):
@@ -156,13 +246,17 @@ def _has_weighted_sublayers(layer):
 
 @contextlib.contextmanager
 def _capturing(model, records):
-  """Replaces `call` of every leaf layer with trainable weights by a recording one."""
+  """Replaces `call` of every captured layer by a recording one, for the forward pass. Yields a
+  tape that sees the trainable variables read OUTSIDE the recorded calls (each recorded call
+  pauses it and notes its own reads)."""
+  outside = tf.GradientTape(watch_accessed_variables=True)
   patched = []
   try:
-    for layer in _leaf_layers(model):
+    for layer in _captured_layers(model):
       patched.append((layer, layer.__dict__.get("call")))
-      layer.call = _recording_call(layer, records)
-    yield
+      layer.call = _recording_call(layer, records, outside)
+    with outside:
+      yield outside
   finally:
     for layer, original in patched:
       if original is None:
@@ -171,27 +265,29 @@ def _capturing(model, records):
         layer.call = original
 
 
-def _recording_call(layer, records):
+def _recording_call(layer, records, outside):
   original = type(layer).call.__get__(layer)
   kind = _kind(layer)
 
   def call(inputs, *args, **kwargs):
-    if kind not in (SCALE_SHIFT, GENERIC) and not args and not kwargs and isinstance(
-        inputs, tf.Tensor):
-      return _specialized_call(layer, kind, inputs, records)
     if args or not isinstance(inputs, tf.Tensor) or any(
         isinstance(v, tf.Tensor) for v in kwargs.values()):
       _report_once(f"args:{layer.name}", "PerLayerEngine: layer %s is called with more than "
                    "one tensor; its variables are not captured.", layer.name)
-      return original(inputs, *args, **kwargs)
-    outputs = original(inputs, **kwargs)
-    record_kind = (SCALE_SHIFT if kind == SCALE_SHIFT and _last_axis_only(layer, inputs.shape.rank)
-                   else GENERIC)
-    if record_kind == GENERIC:
-      _report_once(f"generic:{type(layer).__name__}", "PerLayerEngine: no per-layer rule for "
-                   "%s (as configured); its per-example gradients use tf.vectorized_map over "
-                   "that layer only.", type(layer).__name__)
-    records.append(_Record(layer, record_kind, inputs, outputs, kwargs))
+      return original(inputs, *args, **kwargs)  # its reads are seen by `outside`
+    with outside.stop_recording(), tf.GradientTape() as own:
+      if kind not in (SCALE_SHIFT, GENERIC):
+        outputs, record = _specialized_call(layer, kind, inputs)
+      else:
+        outputs = original(inputs, **kwargs)
+        record_kind = (SCALE_SHIFT if kind == SCALE_SHIFT
+                       and _last_axis_only(layer, inputs.shape.rank) else GENERIC)
+        if record_kind == GENERIC:
+          _report_once(f"generic:{type(layer).__name__}", "PerLayerEngine: no per-layer rule "
+                       "for %s (as configured); its per-example gradients use "
+                       "tf.vectorized_map over that layer only.", type(layer).__name__)
+        record = _Record(layer, record_kind, inputs, outputs, kwargs)
+    records.append(dataclasses.replace(record, reads=_keys(own.watched_variables())))
     return outputs
 
   return call
@@ -222,19 +318,18 @@ def _last_axis_only(layer, rank) -> bool:
   return [a % rank for a in axes] == [rank - 1]
 
 
-def _specialized_call(layer, kind, inputs, records):
-  """The layer's own computation, with its pre-activation output recorded."""
+def _specialized_call(layer, kind, inputs):
+  """The layer's own computation, and its record (with the pre-activation output)."""
   if kind == EMBEDDING:
     ids = tf.cast(inputs, tf.int32) if inputs.dtype not in (tf.int32, tf.int64) else inputs
     outputs = tf.nn.embedding_lookup(layer.embeddings, ids)
     if outputs.dtype != layer.compute_dtype:
       outputs = tf.cast(outputs, layer.compute_dtype)
-    records.append(_Record(layer, kind, ids, outputs))
-    return outputs
+    return outputs, _Record(layer, kind, ids, outputs)
   a = tf.cast(inputs, layer.compute_dtype) if inputs.dtype != layer.compute_dtype else inputs
   z = _pre_activation(layer, kind, a)
-  records.append(_Record(layer, kind, a, z))
-  return layer.activation(z) if layer.activation is not None else z
+  outputs = layer.activation(z) if layer.activation is not None else z
+  return outputs, _Record(layer, kind, a, z)
 
 
 def _pre_activation(layer, kind, a):
@@ -277,11 +372,54 @@ class _Pieces:
   clipped_sum: Any  # (factors [B], kept [B] bool) -> list of sums, one per variable
 
 
+def _group_pieces(records, output_grads, batch, views, mask_of, wanted) -> _Pieces:
+  """The pieces of records that share variables: per-example gradients of every call, added
+  per variable BEFORE the norm (an example's gradient is the sum over all its uses)."""
+  if len(records) == 1:
+    return _layer_pieces(records[0], output_grads[0], batch, views, mask_of, wanted)
+  if all(r.kind == EMBEDDING for r in records):  # one table: one segment sum over all tokens
+    merged, merged_g = _merged_embedding_calls(records, output_grads, batch)
+    return _layer_pieces(merged, merged_g, batch, views, mask_of, wanted)
+  order, summed = [], {}
+  for record, g in zip(records, output_grads):
+    variables = [v for v in _record_variables(record) if _key(v) in wanted]
+    masks = [tf.cast(mask_of[_key(v)], g.dtype) for v in variables]
+    grads = _select(record, _per_example_grads(record, g, batch), variables, masks)
+    for variable, grad in zip(variables, grads):
+      key = _key(variable)
+      if key not in summed:
+        order.append(variable)
+        summed[key] = grad
+      else:
+        summed[key] = summed[key] + grad
+  return _from_per_example(order, [summed[_key(v)] for v in order], batch)
+
+
+def _merged_embedding_calls(records, output_grads, batch):
+  """Several calls of one Embedding as one call on all their tokens, per example."""
+  ids = tf.concat([tf.reshape(r.inputs, tf.stack([batch, -1])) for r in records], axis=1)
+  grads = tf.concat([tf.reshape(g, tf.stack([batch, -1, tf.shape(g)[-1]]))
+                     for g in output_grads], axis=1)
+  return _Record(records[0].layer, EMBEDDING, ids, grads), grads
+
+
+def _per_example_grads(record, g, batch) -> list:
+  """Materialized per-example gradients [B, ...] of all the record's variables (the path of a
+  record whose variables other records also reach)."""
+  if record.kind in (DENSE, CONV, DEPTHWISE):
+    return _materialized(record, g, batch)
+  if record.kind == EMBEDDING:
+    return [_embedding_per_example(record, g, batch)]
+  if record.kind == SCALE_SHIFT:
+    return _scale_and_shift(record, g, batch)
+  return _generic(record, g, batch)
+
+
 def _layer_pieces(record, g, batch, views, mask_of, wanted) -> _Pieces:
-  variables = [v for v in _record_variables(record) if v.ref() in wanted]
+  variables = [v for v in _record_variables(record) if _key(v) in wanted]
   if not variables:
     return _Pieces([], None, None)
-  masks = [tf.cast(mask_of[v.ref()], g.dtype) for v in variables]
+  masks = [tf.cast(mask_of[_key(v)], g.dtype) for v in variables]
   if record.kind == DENSE and record.inputs.shape.rank == 2 and not views:
     return _dense_rank_one(record, g, variables, masks)
   if record.kind == EMBEDDING:
@@ -295,8 +433,8 @@ def _layer_pieces(record, g, batch, views, mask_of, wanted) -> _Pieces:
 
 def _select(record, grads, variables, masks):
   """The masked per-example gradients of `variables`, from those of all the record's."""
-  by_ref = {v.ref(): grad for v, grad in zip(_record_variables(record), grads)}
-  return [by_ref[v.ref()] * m for v, m in zip(variables, masks)]
+  by_key = {_key(v): grad for v, grad in zip(_record_variables(record), grads)}
+  return [by_key[_key(v)] * m for v, m in zip(variables, masks)]
 
 
 def _from_per_example(variables, grads, batch) -> _Pieces:
@@ -312,30 +450,43 @@ def _dense_rank_one(record, g, variables, masks) -> _Pieces:
   """Dense on vectors: example i's kernel gradient is the outer product a_i g_i^T."""
   a = record.inputs
   layer = record.layer
-  mask_by_ref = {v.ref(): m for v, m in zip(variables, masks)}
-  squared = tf.zeros(tf.shape(g)[:1], g.dtype)
-  wants_kernel = layer.kernel.ref() in mask_by_ref
-  wants_bias = layer.use_bias and layer.bias.ref() in mask_by_ref
-  if wants_kernel:  # sum_jk M_jk a_ij^2 g_ik^2
-    squared += tf.reduce_sum(tf.matmul(tf.square(a), mask_by_ref[layer.kernel.ref()])
-                             * tf.square(g), axis=1)
-  if wants_bias:
-    squared += tf.reduce_sum(tf.square(g) * mask_by_ref[layer.bias.ref()], axis=1)
+  mask_by_key = {_key(v): m for v, m in zip(variables, masks)}
+  wants_kernel = _key(layer.kernel) in mask_by_key
+  wants_bias = layer.use_bias and _key(layer.bias) in mask_by_key
+  squared = _rank_one_squared_norms(
+      a, g, mask_by_key[_key(layer.kernel)] if wants_kernel else None,
+      mask_by_key[_key(layer.bias)] if wants_bias else None)
 
   def clipped_sum(factors, kept):
     rows = tf.expand_dims(kept, 1)
-    weighted_g = tf.where(rows, g, tf.zeros_like(g)) * tf.expand_dims(factors, 1)
+    weighted_g = tf.where(rows, g, tf.zeros_like(g)) * tf.cast(tf.expand_dims(factors, 1),
+                                                               g.dtype)
     sums = []
     if wants_kernel:
       clean_a = tf.where(rows, a, tf.zeros_like(a))
       sums.append(tf.matmul(clean_a, weighted_g, transpose_a=True)
-                  * mask_by_ref[layer.kernel.ref()])
+                  * mask_by_key[_key(layer.kernel)])
     if wants_bias:
-      sums.append(tf.reduce_sum(weighted_g, axis=0) * mask_by_ref[layer.bias.ref()])
+      sums.append(tf.reduce_sum(weighted_g, axis=0) * mask_by_key[_key(layer.bias)])
     return sums
 
   ordered = ([layer.kernel] if wants_kernel else []) + ([layer.bias] if wants_bias else [])
   return _Pieces(ordered, squared, clipped_sum)
+
+
+def _rank_one_squared_norms(a, g, kernel_mask, bias_mask):
+  """sum_jk M_jk a_ij^2 g_ik^2 (+ sum_k m_k g_ik^2 for the bias), in float64: squares of
+  float32 values (inputs of 1e-19, output gradients of 1e19) underflow or overflow in float32,
+  and a norm that underflows to 0 would leave the example unclipped."""
+  a, g = tf.cast(a, tf.float64), tf.cast(g, tf.float64)
+  g_squared = tf.square(g)
+  squared = tf.zeros(tf.shape(g)[:1], tf.float64)
+  if kernel_mask is not None:
+    squared += tf.reduce_sum(
+        tf.matmul(tf.square(a), tf.cast(kernel_mask, tf.float64)) * g_squared, axis=1)
+  if bias_mask is not None:
+    squared += tf.reduce_sum(g_squared * tf.cast(bias_mask, tf.float64), axis=1)
+  return squared
 
 
 def _windowed(record, g, batch, variables, masks) -> _Pieces:
@@ -465,35 +616,53 @@ def _through_standardization(layer, grads_wrt_standardized):
   return tf.vectorized_map(vjp, grads_wrt_standardized)
 
 
-def _embedding(record, g, batch, variables, masks) -> _Pieces:
-  """Per-example embedding gradients: for each example, the output gradients of its positions
-  summed per token id; only the (example, id) pairs that occur are formed."""
-  layer = record.layer
-  table = layer.embeddings
+def _embedding_pairs(record, g, batch):
+  """Per (example, token id) pair that occurs: the summed output gradients [pairs, d], and the
+  pair's example and id. An id outside [0, vocabulary) is charged to its own example as NaN
+  (the example is then dropped and counted), never to another example's key."""
+  table = record.layer.embeddings
   vocabulary = tf.shape(table, out_type=tf.int64)[0]
   ids = tf.reshape(tf.cast(record.inputs, tf.int64), tf.stack([tf.cast(batch, tf.int64), -1]))
   positions = tf.shape(ids, out_type=tf.int64)[1]
   example = tf.repeat(tf.range(tf.cast(batch, tf.int64)), positions)
   flat_ids = tf.reshape(ids, [-1])
+  valid = tf.logical_and(flat_ids >= 0, flat_ids < vocabulary)
+  rows = tf.reshape(g, [-1, tf.shape(g)[-1]])
+  rows = tf.where(tf.expand_dims(valid, 1), rows, tf.fill(tf.shape(rows),
+                                                          tf.constant(float("nan"), g.dtype)))
+  flat_ids = tf.where(valid, flat_ids, tf.zeros_like(flat_ids))
   pairs, pair_index = tf.unique(example * vocabulary + flat_ids)
-  num_pairs = tf.shape(pairs)[0]
-  grads = tf.math.unsorted_segment_sum(tf.reshape(g, [-1, tf.shape(g)[-1]]), pair_index,
-                                       num_pairs)  # [pairs, d]
-  pair_example = pairs // vocabulary
-  pair_row = pairs % vocabulary
-  mask = masks[0]
-  masked = grads * tf.gather(mask, pair_row)
+  grads = tf.math.unsorted_segment_sum(rows, pair_index, tf.shape(pairs)[0])  # [pairs, d]
+  return grads, pairs // vocabulary, pairs % vocabulary
+
+
+def _embedding(record, g, batch, variables, masks) -> _Pieces:
+  """Per-example embedding gradients: for each example, the output gradients of its positions
+  summed per token id; only the (example, id) pairs that occur are formed."""
+  vocabulary = tf.shape(record.layer.embeddings)[0]
+  grads, pair_example, pair_row = _embedding_pairs(record, g, batch)
+  masked = grads * tf.gather(masks[0], pair_row)
   squared = tf.math.unsorted_segment_sum(tf.reduce_sum(tf.square(masked), axis=1),
                                          pair_example, batch)
 
   def clipped_sum(factors, kept):
     pair_kept = tf.gather(kept, pair_example)
-    weights = tf.where(pair_kept, tf.gather(factors, pair_example), 0.0)
+    weights = tf.where(pair_kept, tf.cast(tf.gather(factors, pair_example), g.dtype), 0.0)
     clean = tf.where(tf.expand_dims(pair_kept, 1), masked, tf.zeros_like(masked))
     return [tf.math.unsorted_segment_sum(clean * tf.expand_dims(weights, 1), pair_row,
                                          vocabulary)]
 
   return _Pieces(variables, squared, clipped_sum)
+
+
+def _embedding_per_example(record, g, batch):
+  """The embedding table's per-example gradients [B, vocabulary, d], materialized."""
+  table = record.layer.embeddings
+  grads, pair_example, pair_row = _embedding_pairs(record, g, batch)
+  vocabulary = tf.shape(table, out_type=tf.int64)[0]
+  dense = tf.math.unsorted_segment_sum(grads, pair_example * vocabulary + pair_row,
+                                       tf.cast(batch, tf.int64) * vocabulary)
+  return tf.reshape(dense, tf.concat([[batch], tf.shape(table)], 0))
 
 
 def _scale_and_shift(record, g, batch) -> list:
@@ -508,10 +677,10 @@ def _scale_and_shift(record, g, batch) -> list:
   if layer.scale:
     with tf.autodiff.ForwardAccumulator(layer.gamma, tf.ones_like(layer.gamma)) as accumulator:
       outputs = original(record.inputs, **record.call_kwargs)
-    per_position[layer.gamma.ref()] = g * accumulator.jvp(outputs)
+    per_position[_key(layer.gamma)] = g * accumulator.jvp(outputs)
   if layer.center:
-    per_position[layer.beta.ref()] = g
-  return [tf.reduce_sum(tf.reshape(per_position[v.ref()], tf.stack([batch, -1, channels])), axis=1)
+    per_position[_key(layer.beta)] = g
+  return [tf.reduce_sum(tf.reshape(per_position[_key(v)], tf.stack([batch, -1, channels])), axis=1)
           for v in layer.trainable_weights]
 
 
