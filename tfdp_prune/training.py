@@ -12,7 +12,8 @@
      fresh run (a resumed run has its masks and pre-trained weights in the checkpoint);
   6. `model.fit` with PrivacyBudget (stops before the target epsilon is exceeded), EMA,
      DPCheckpoint, and a stop after the planned number of logical steps;
-  7. test accuracy (with the EMA weights when EMA is on), the privacy metadata, the export.
+  7. test accuracy (with the EMA weights when EMA is on), the privacy metadata, the export
+     (its TF Serving warmup requests are synthetic: no row of any split leaves in them).
 
 `export_checkpoint(checkpoint_dir, export_dir)` exports the newest checkpoint of a run later, with
 the same metadata, without the data. `run(config_name, **overrides)` is what `tfdp-train` calls.
@@ -478,8 +479,8 @@ def _evaluate_and_export(config, model, ema, splits, metadata):
       accuracy = float(results["accuracy"])
     export_path = None
     if config.export_dir:
-      warmup = splits.test[0][:8] if splits.test is not None else None
+      # No rows of any split in the warmup requests: they are synthetic (zeros of the input).
       export_path = export_lib.export_saved_model(
           model, config.export_dir, metadata, version=config.export_version,
-          overwrite=config.overwrite, warmup_inputs=warmup)
+          overwrite=config.overwrite)
   return accuracy, export_path

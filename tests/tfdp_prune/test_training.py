@@ -15,6 +15,7 @@ from tfdp_prune import training
 from tfdp_prune.compat import keras
 from tfdp_prune.compat import tf
 from tfdp_prune import export as export_lib
+from tfdp_prune.export import serving_files
 from tfdp_prune.train_config import ConfigError
 from tfdp_prune.train_config import TrainConfig
 from tests.tfdp_prune._testing import fake_tfds_as_dataset
@@ -59,6 +60,28 @@ def test_short_run_exports_its_metadata(short_run):
   assert short_run.export_path.endswith(os.sep + "1")
   assert export_lib.read_metadata(short_run.export_path) == short_run.metadata
   assert short_run.test_accuracy is not None and 0 <= short_run.test_accuracy <= 1
+
+
+def test_short_run_exports_synthetic_warmup_requests_and_says_so(short_run):
+  """The export's TF Serving warmup requests hold no row of any split: synthetic zeros of the
+  input shape, as the model card says."""
+  logs = serving_files.read_warmup_file(
+      os.path.join(short_run.export_path, "assets.extra", "tf_serving_warmup_requests"))
+  requests = [log.predict_log.request for log in logs]
+  batches = [tf.make_ndarray(r.inputs["inputs"]) for r in requests
+             if r.model_spec.signature_name == "serving_default"]
+  synthetic = serving_files.synthetic_warmup_batches((64,))
+  assert len(batches) == len(synthetic)
+  for batch, expected in zip(batches, synthetic):
+    np.testing.assert_array_equal(batch, expected)
+  splits = training.load_data(TrainConfig(**SHORT))
+  data_rows = {row.tobytes() for part in (splits.private, splits.test, splits.public)
+               for row in part[0]}
+  assert not [row for batch in batches for row in batch if row.tobytes() in data_rows]
+  with open(os.path.join(short_run.export_path, "model_card.md"), encoding="utf-8") as f:
+    card = f.read()
+  assert "Warmup inputs: **synthetic**." in card
+  assert "training loss and metrics" in card and "not covered" in card
 
 
 def test_noise_multiplier_zero_is_labelled_non_private(tmp_path):
