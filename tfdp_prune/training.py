@@ -1,7 +1,8 @@
 """The training entry point: one `TrainConfig` -> data -> DP model -> fit -> checkpoint -> export.
 
 `train(config)` composes the library, in this order:
-  1. `data.load`: public, private and test parts (disjointness checked there);
+  1. `data.load`: public, private and test parts (disjointness checked there; splits passed in
+     are checked the same way by `data.check_splits`);
   2. the sampler (Poisson or shuffle) over the private part, the logical steps, and the noise
      multiplier (given, or calibrated to the target epsilon for those steps and that sampling);
   3. under the tf.distribute strategy: the model, the DP optimizer (expected batch size from the
@@ -97,13 +98,22 @@ def train(config: TrainConfig, *, splits: Optional[data_lib.DataSplits] = None,
 
   Args:
     config: the run's settings (validated when it was built).
-    splits: data already loaded (e.g. in tests); None loads `config.dataset`.
+    splits: data already loaded (e.g. in tests); None loads `config.dataset`. Given splits go
+      through the checks `load_data` runs (`data.check_splits`: public and private disjoint,
+      the recorded public fingerprint the public part's) before anything else.
     callbacks: more Keras callbacks for `fit`.
+
+  Raises:
+    ConfigError: an invalid setting, before any training.
+    ValueError: the public and private parts overlap (as `data.load` raises it).
   """
   if not isinstance(config, TrainConfig):
     raise TypeError(f"Expected a tfdp_prune.TrainConfig. Received: {type(config).__name__}.")
   check_export_target(config)
-  splits = splits if splits is not None else load_data(config)
+  if splits is None:
+    splits = load_data(config)  # checked there
+  else:
+    data_lib.check_splits(splits)  # as load_data checks: tfdp-train never allows an overlap
   info = splits.info
   _check_model_and_data(config, info.input_shape)
   sampler = make_sampler(config, splits.private)

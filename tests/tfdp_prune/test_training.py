@@ -11,6 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from tfdp_prune import accounting
+from tfdp_prune import data as data_lib
 from tfdp_prune import training
 from tfdp_prune.compat import keras
 from tfdp_prune.compat import tf
@@ -82,6 +83,19 @@ def test_short_run_exports_synthetic_warmup_requests_and_says_so(short_run):
     card = f.read()
   assert "Warmup inputs: **synthetic**." in card
   assert "training loss and metrics" in card and "not covered" in card
+
+
+def test_splits_passed_in_are_refused_when_they_overlap_as_the_load_path_refuses_them(
+    monkeypatch):
+  overlapping = dict(public_split="train[:10%]", private_split="train[9%:]")
+  monkeypatch.setattr(keras.Model, "fit", lambda *a, **k: pytest.fail("fit must not run"))
+  config = TrainConfig(**SHORT, **overlapping, export_dir=None)
+  with pytest.raises(ValueError, match=r"18 private example\(s\)") as loaded:
+    training.train(config)  # the load path
+  splits = data_lib.load(**overlapping, allow_overlap=True)  # loaded elsewhere, allowed there
+  with pytest.raises(ValueError) as passed:
+    training.train(config, splits=splits)
+  assert str(passed.value) == str(loaded.value)
 
 
 def test_noise_multiplier_zero_is_labelled_non_private(tmp_path):
