@@ -16,6 +16,11 @@
   7. test accuracy (with the EMA weights when EMA is on), the privacy metadata, the export
      (its TF Serving warmup requests are synthetic: no row of any split leaves in them).
 
+The training loss and metrics in fit's logs and History are computed on private batches without
+noise, and the test accuracy on the test split: neither is covered by the guarantee. No callback
+installed here reads them (the budget, EMA, checkpoints, the stop and the masks act on the
+optimizer's step count, the weights and public data only).
+
 `export_checkpoint(checkpoint_dir, export_dir)` exports the newest checkpoint of a run later, with
 the same metadata, without the data. `run(config_name, **overrides)` is what `tfdp-train` calls.
 """
@@ -101,7 +106,9 @@ def train(config: TrainConfig, *, splits: Optional[data_lib.DataSplits] = None,
     splits: data already loaded (e.g. in tests); None loads `config.dataset`. Given splits go
       through the checks `load_data` runs (`data.check_splits`: public and private disjoint,
       the recorded public fingerprint the public part's) before anything else.
-    callbacks: more Keras callbacks for `fit`.
+    callbacks: more Keras callbacks for `fit`. The training loss and metrics they see are
+      computed on private batches without noise: a decision made from them (early stopping,
+      keeping the best checkpoint) is not covered by the guarantee.
 
   Raises:
     ConfigError: an invalid setting, before any training.
