@@ -44,6 +44,7 @@ import math
 import numbers
 from typing import Any, Dict, Optional
 
+from absl import logging
 from dp_accounting import dp_event
 from dp_accounting import mechanism_calibration
 from dp_accounting import privacy_accountant
@@ -57,6 +58,9 @@ ACCOUNTANTS = ("pld", "rdp")
 ADD_OR_REMOVE_ONE = "add_or_remove_one"
 REPLACE_ONE = "replace_one"
 DEFAULT_PLD_DISCRETIZATION = 1e-4  # dp_accounting's own default.
+# Calibration's search range: below _MIN_NOISE it stops ((almost) no noise meets the target).
+_MIN_NOISE = 2.0**-19
+_MAX_NOISE = 2.0**30
 
 _FORMAT = "tfdp_prune.PrivacySpec"
 _FORMAT_VERSION = 1
@@ -223,10 +227,26 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float,
                                tol: float = 1e-4) -> float:
   """The smallest noise multiplier (to within `tol`) whose epsilon is <= target_epsilon.
 
-  Uses dp_accounting's `calibrate_dp_mechanism` on the same event and accountant as
-  `PrivacySpec.epsilon()`, so `PrivacySpec(noise_multiplier=<result>, ...).epsilon()` never
-  exceeds the target (checked before returning). For sampling="shuffle" pass batch_size and
-  num_examples instead of sampling_probability.
+  The returned sigma is always one whose epsilon this function computed, with
+  `PrivacySpec(noise_multiplier=sigma, ...).epsilon()` (the accountant, sampling and settings
+  the ledger uses), and found <= target_epsilon: never a neighbour of a checked value.
+
+  How: a bracket [low, high] of checked powers of two (epsilon(low) > target >= epsilon(high)),
+  then dp_accounting's `calibrate_dp_mechanism` (Brent's method) on the same event and
+  accountant; its root is checked once more before it is returned. Should that check fail, the
+  bracket's checked `high` is returned (safe, at most twice the optimum) with a warning. When
+  even sigma = 2**-19 meets the target, that (checked) value is returned.
+
+  Args:
+    target_epsilon: the epsilon not to exceed (> 0).
+    delta: the delta of the guarantee.
+    sampling_probability, steps, accountant, sampling, batch_size, num_examples,
+      pld_discretization: as in `PrivacySpec` (for sampling="shuffle" pass batch_size and
+      num_examples instead of sampling_probability).
+    tol: the tolerance of the search, in sigma.
+
+  Raises:
+    ValueError: an invalid setting, or no sigma <= 2**30 meets the target.
   """
   _validate.positive("target_epsilon", target_epsilon)
   _validate.positive_int("steps", steps)
@@ -236,29 +256,45 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float,
                          num_examples=num_examples, accountant=accountant,
                          pld_discretization=pld_discretization)
   spec_for = lambda sigma: dataclasses.replace(template, noise_multiplier=float(sigma))
-  gap = lambda sigma: spec_for(sigma).epsilon() - target_epsilon
-  # Explicit bracket [low, high] with epsilon(low) > target >= epsilon(high); epsilon decreases
-  # in sigma. sigma = 0 (epsilon inf) is never evaluated.
-  low = high = 1.0
-  while gap(low) <= 0:
-    low /= 2
-    if low < 1e-6:
-      return low  # Even (almost) no noise meets the target.
-  while gap(high) > 0:
-    high *= 2
-    if high > 2.0**30:
-      raise ValueError(f"No noise multiplier <= 2**30 reaches target_epsilon={target_epsilon} "
-                       f"at delta={delta} with {steps} steps.")
-  sigma = mechanism_calibration.calibrate_dp_mechanism(
+
+  def fits(sigma: float) -> bool:
+    """Whether sigma's epsilon, computed as the ledger computes it, is within the target."""
+    return spec_for(sigma).epsilon() <= target_epsilon  # False for NaN, too.
+
+  low, high = _checked_bracket(fits, target_epsilon, delta, steps)
+  if low is None:
+    return high  # Even (almost) no noise meets the target; high was checked.
+  root = float(mechanism_calibration.calibrate_dp_mechanism(
       make_fresh_accountant=template.make_accountant,
       make_event_from_param=lambda s: spec_for(s).dp_event(),
       target_epsilon=target_epsilon, target_delta=delta,
-      bracket_interval=mechanism_calibration.ExplicitBracketInterval(low, high), tol=tol)
-  sigma = float(sigma)
-  if not spec_for(sigma).epsilon() <= target_epsilon:  # A privacy guard: never an assert.
-    raise RuntimeError(f"Calibration returned noise_multiplier={sigma} whose epsilon "
-                       f"{spec_for(sigma).epsilon()} exceeds target_epsilon={target_epsilon}.")
-  return sigma
+      bracket_interval=mechanism_calibration.ExplicitBracketInterval(low, high), tol=tol))
+  if fits(root):  # A privacy guard: the value returned is the value checked.
+    return root
+  logging.warning("calibrate_noise_multiplier: dp_accounting's root %r has epsilon %r > "
+                  "target %r; returning the checked upper bracket %r instead.", root,
+                  spec_for(root).epsilon(), target_epsilon, high)
+  return high
+
+
+def _checked_bracket(fits, target_epsilon, delta, steps):
+  """(low, high), powers of two with fits(high) and not fits(low), both evaluated; epsilon
+  decreases in sigma. (None, high) when even high = _MIN_NOISE fits. sigma = 0 (epsilon inf)
+  is never evaluated."""
+  if fits(1.0):
+    high = 1.0
+    while high / 2 >= _MIN_NOISE:
+      if not fits(high / 2):
+        return high / 2, high
+      high /= 2
+    return None, high
+  low = 1.0
+  while low * 2 <= _MAX_NOISE:
+    if fits(low * 2):
+      return low, low * 2
+    low *= 2
+  raise ValueError(f"No noise multiplier <= 2**30 reaches target_epsilon={target_epsilon} at "
+                   f"delta={delta} with {steps} steps.")
 
 
 def steps_for_epochs(epochs: float, num_examples: int, expected_batch_size: float) -> int:

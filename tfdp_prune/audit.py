@@ -318,7 +318,7 @@ def audit_training(config: TrainConfig, audit_config: Optional[AuditConfig] = No
   if config.export_dir:
     export_path = export_lib.export_saved_model(
         model, config.export_dir, metadata, version=config.export_version,
-        overwrite=config.overwrite, warmup_inputs=splits.test[0][:8])
+        overwrite=config.overwrite)  # synthetic warmup requests: no test or canary rows
   if config.verbose:
     print(summary(metadata, export_path))
   return AuditResult(train_result=train_result, audit=record, metadata=metadata,

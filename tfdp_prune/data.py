@@ -38,6 +38,9 @@ Privacy checks (DESIGN.md rule 4), always run:
   - `info.public_fingerprint`: `overlap.PublicDataFingerprint` of the public part as returned
     (after scaling), for the privacy metadata.
 The test part is not checked against the others (it is used for evaluation, not for masks).
+`check_splits(splits)` runs the same checks on splits built or changed elsewhere (the training
+entry point runs it on splits passed to it), and checks that `info.public_fingerprint` is the
+public part's.
 
 A public part from another dataset (`public_dataset=`) must have the same input shape and the
 same number of classes as the private dataset (one model, one output layer); otherwise a
@@ -161,8 +164,7 @@ def load(dataset: str = DIGITS, public_split: Optional[str] = None,
   public, public_classes = read(public_dataset, public_split)
   if public_dataset != dataset:
     _check_compatible(dataset, private, num_classes, public_dataset, public, public_classes)
-  public_counts = overlap.fingerprint_examples(public)
-  overlap_count = overlap.check_disjoint(public_counts, private, allow_overlap=allow_overlap)
+  public_counts, overlap_count = _check_disjoint(public, private, allow_overlap)
   test = read(dataset, test_split)[0] if test_split is not None else None
   info = DataInfo(
       dataset=dataset, public_dataset=public_dataset, public_split=str(public_split),
@@ -173,6 +175,39 @@ def load(dataset: str = DIGITS, public_split: Optional[str] = None,
       public_fingerprint=overlap.PublicDataFingerprint.from_fingerprints(public_counts),
       overlap_count=overlap_count, seed=seed)
   return DataSplits(public=public, private=private, test=test, info=info)
+
+
+def check_splits(splits: DataSplits, allow_overlap: bool = False) -> int:
+  """Runs `load`'s privacy checks on splits that did not come from `load` as they are.
+
+  The public and private parts must be disjoint (`overlap.check_disjoint`: the same check and
+  the same error as `load`), and `splits.info.public_fingerprint` must be the public part's (the
+  privacy metadata publishes it as the identity of the data the masks were chosen from).
+
+  Args:
+    splits: the parts to check, e.g. built by hand or changed after `load`.
+    allow_overlap: passed to `overlap.check_disjoint`, as by `load`.
+
+  Returns:
+    The number of private examples found in the public part (0 unless allow_overlap).
+
+  Raises:
+    ValueError: the parts overlap (without allow_overlap), or the fingerprint in `splits.info`
+      is not that of `splits.public`.
+  """
+  if not isinstance(splits, DataSplits):
+    raise TypeError(f"Expected a tfdp_prune.data.DataSplits. Received: {type(splits).__name__}.")
+  public_counts, overlap_count = _check_disjoint(splits.public, splits.private, allow_overlap)
+  fingerprint = overlap.PublicDataFingerprint.from_fingerprints(public_counts)
+  if splits.info.public_fingerprint != fingerprint:
+    recorded = splits.info.public_fingerprint
+    raise ValueError(
+        f"Expected splits.info.public_fingerprint to be the fingerprint of splits.public (the "
+        f"privacy metadata records it). Received: sha256 {recorded.sha256[:12]}... over "
+        f"{recorded.num_examples} examples in info, but the public part has sha256 "
+        f"{fingerprint.sha256[:12]}... over {fingerprint.num_examples}. After changing the "
+        "public part, set info.public_fingerprint=PublicDataFingerprint.from_data(public).")
+  return overlap_count
 
 
 def digits_order(labels: np.ndarray, seed: int) -> np.ndarray:
@@ -187,6 +222,14 @@ def digits_order(labels: np.ndarray, seed: int) -> np.ndarray:
 
 
 # ---- internals ---------------------------------------------------------------------------------
+
+
+def _check_disjoint(public, private, allow_overlap):
+  """(the public part's fingerprint counts, the overlap count); raises on an overlap unless
+  allow_overlap. One code path for `load` and `check_splits`."""
+  public_counts = overlap.fingerprint_examples(public)
+  return public_counts, overlap.check_disjoint(public_counts, private,
+                                               allow_overlap=allow_overlap)
 
 
 def _check_name(name, value):

@@ -1,7 +1,8 @@
 """The training entry point: one `TrainConfig` -> data -> DP model -> fit -> checkpoint -> export.
 
 `train(config)` composes the library, in this order:
-  1. `data.load`: public, private and test parts (disjointness checked there);
+  1. `data.load`: public, private and test parts (disjointness checked there; splits passed in
+     are checked the same way by `data.check_splits`);
   2. the sampler (Poisson or shuffle) over the private part, the logical steps, and the noise
      multiplier (given, or calibrated to the target epsilon for those steps and that sampling);
   3. under the tf.distribute strategy: the model, the DP optimizer (expected batch size from the
@@ -12,7 +13,13 @@
      fresh run (a resumed run has its masks and pre-trained weights in the checkpoint);
   6. `model.fit` with PrivacyBudget (stops before the target epsilon is exceeded), EMA,
      DPCheckpoint, and a stop after the planned number of logical steps;
-  7. test accuracy (with the EMA weights when EMA is on), the privacy metadata, the export.
+  7. test accuracy (with the EMA weights when EMA is on), the privacy metadata, the export
+     (its TF Serving warmup requests are synthetic: no row of any split leaves in them).
+
+The training loss and metrics in fit's logs and History are computed on private batches without
+noise, and the test accuracy on the test split: neither is covered by the guarantee. No callback
+installed here reads them (the budget, EMA, checkpoints, the stop and the masks act on the
+optimizer's step count, the weights and public data only).
 
 `export_checkpoint(checkpoint_dir, export_dir)` exports the newest checkpoint of a run later, with
 the same metadata, without the data. `run(config_name, **overrides)` is what `tfdp-train` calls.
@@ -96,13 +103,24 @@ def train(config: TrainConfig, *, splits: Optional[data_lib.DataSplits] = None,
 
   Args:
     config: the run's settings (validated when it was built).
-    splits: data already loaded (e.g. in tests); None loads `config.dataset`.
-    callbacks: more Keras callbacks for `fit`.
+    splits: data already loaded (e.g. in tests); None loads `config.dataset`. Given splits go
+      through the checks `load_data` runs (`data.check_splits`: public and private disjoint,
+      the recorded public fingerprint the public part's) before anything else.
+    callbacks: more Keras callbacks for `fit`. The training loss and metrics they see are
+      computed on private batches without noise: a decision made from them (early stopping,
+      keeping the best checkpoint) is not covered by the guarantee.
+
+  Raises:
+    ConfigError: an invalid setting, before any training.
+    ValueError: the public and private parts overlap (as `data.load` raises it).
   """
   if not isinstance(config, TrainConfig):
     raise TypeError(f"Expected a tfdp_prune.TrainConfig. Received: {type(config).__name__}.")
   check_export_target(config)
-  splits = splits if splits is not None else load_data(config)
+  if splits is None:
+    splits = load_data(config)  # checked there
+  else:
+    data_lib.check_splits(splits)  # as load_data checks: tfdp-train never allows an overlap
   info = splits.info
   _check_model_and_data(config, info.input_shape)
   sampler = make_sampler(config, splits.private)
@@ -478,8 +496,8 @@ def _evaluate_and_export(config, model, ema, splits, metadata):
       accuracy = float(results["accuracy"])
     export_path = None
     if config.export_dir:
-      warmup = splits.test[0][:8] if splits.test is not None else None
+      # No rows of any split in the warmup requests: they are synthetic (zeros of the input).
       export_path = export_lib.export_saved_model(
           model, config.export_dir, metadata, version=config.export_version,
-          overwrite=config.overwrite, warmup_inputs=warmup)
+          overwrite=config.overwrite)
   return accuracy, export_path

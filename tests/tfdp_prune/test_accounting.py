@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 
@@ -133,6 +134,67 @@ def test_calibrated_noise_never_overshoots_the_target_and_is_tight(accountant):
     assert spec.epsilon() <= target, (target, q, steps, sigma)
     less_noise = poisson(accountant, sigma - 2 * tol, q, steps, pld_discretization=FAST_PLD)
     assert less_noise.epsilon() > target, (target, q, steps, sigma)
+
+
+# Calibration cases: (accountant, target epsilon, q, steps). The last reaches the bottom of the
+# search: epsilon(2**-19) = 1.5e12 <= 3e12 < epsilon(2**-20) = 6.0e12.
+_CALIBRATION_CASES = [("rdp", 0.3, 0.02, 50), ("rdp", 2.0, 0.1, 5), ("rdp", 8.0, 0.004, 3000),
+                      ("rdp", 50.0, 1.0, 1), ("pld", 1.0, 0.05, 20), ("pld", 6.0, 0.01, 200),
+                      ("rdp", 3e12, 0.01, 10)]
+
+
+@pytest.mark.parametrize("accountant, target, q, steps", _CALIBRATION_CASES)
+def test_calibrated_epsilon_computed_independently_is_within_the_target(accountant, target, q,
+                                                                        steps):
+  sigma = accounting.calibrate_noise_multiplier(target, 1e-5, q, steps, accountant,
+                                                pld_discretization=FAST_PLD, tol=1e-3)
+  event = dp_accounting.SelfComposedDpEvent(
+      dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
+  assert direct_epsilon(accountant, event, 1e-5, pld_discretization=FAST_PLD) <= target, sigma
+
+
+def _record_epsilons(monkeypatch):
+  """Every (spec, epsilon) `PrivacySpec.epsilon()` computes from now on."""
+  computed = []
+  epsilon = accounting._epsilon
+
+  def recording(spec):
+    computed.append((spec, epsilon(spec)))
+    return computed[-1][1]
+
+  monkeypatch.setattr(accounting, "_epsilon", recording)
+  return computed
+
+
+def _assert_checked(computed, sigma, target, template):
+  checked = [e for spec, e in computed
+             if spec == dataclasses.replace(template, noise_multiplier=sigma)]
+  assert checked and checked[-1] <= target, (sigma, computed)
+
+
+@pytest.mark.parametrize("accountant, target, q, steps", [
+    _CALIBRATION_CASES[0], _CALIBRATION_CASES[4], _CALIBRATION_CASES[-1]])
+def test_calibration_returns_a_sigma_whose_epsilon_it_checked(accountant, target, q, steps,
+                                                              monkeypatch):
+  computed = _record_epsilons(monkeypatch)
+  sigma = accounting.calibrate_noise_multiplier(target, 1e-5, q, steps, accountant,
+                                                pld_discretization=FAST_PLD, tol=1e-3)
+  _assert_checked(computed, sigma, target,
+                  poisson(accountant, 1.0, q, steps, pld_discretization=FAST_PLD))
+
+
+@pytest.mark.parametrize("error", [-0.05, -1e-6])
+def test_a_root_that_overshoots_is_never_returned(error, monkeypatch):
+  """dp_accounting's root is checked again: a root just below the optimum (its epsilon above
+  the target) is replaced by a checked value, never returned."""
+  optimum = accounting.calibrate_noise_multiplier(2.0, 1e-5, 0.05, 100, "rdp", tol=1e-9)
+  monkeypatch.setattr(accounting.mechanism_calibration, "calibrate_dp_mechanism",
+                      lambda **kwargs: optimum + error)
+  computed = _record_epsilons(monkeypatch)
+  sigma = accounting.calibrate_noise_multiplier(2.0, 1e-5, 0.05, 100, "rdp", tol=1e-9)
+  assert sigma != optimum + error
+  assert poisson("rdp", optimum + error, 0.05, 100).epsilon() > 2.0  # the root did overshoot
+  _assert_checked(computed, sigma, 2.0, poisson("rdp", 1.0, 0.05, 100))
 
 
 def test_calibration_for_shuffle_uses_the_shuffle_guarantee():

@@ -16,7 +16,9 @@ from sklearn import metrics
 from tfdp_prune import audit
 from tfdp_prune import audit_bounds
 from tfdp_prune import data as data_lib
+from tfdp_prune.compat import tf
 from tfdp_prune.export import inspection
+from tfdp_prune.export import serving_files
 from tfdp_prune.train_config import ConfigError
 from tfdp_prune.train_config import TrainConfig
 
@@ -258,3 +260,9 @@ def test_export_carries_the_audit_apart_from_the_unchanged_proven_epsilon(epsilo
   assert record["m"] == 200 and record["delta"] == 1e-5 and record["confidence"] == 0.95
   assert record["mia_members"] == record["mia_nonmembers"] == 359  # the whole test part
   assert exported.num_private_examples == 1258 - 200 + record["included"]
+  # The warmup requests hold no canary, member or test row: synthetic zeros only.
+  logs = serving_files.read_warmup_file(
+      os.path.join(result.export_path, "assets.extra", "tf_serving_warmup_requests"))
+  batches = [tf.make_ndarray(log.predict_log.request.inputs["inputs"]) for log in logs
+             if log.predict_log.request.model_spec.signature_name == "serving_default"]
+  assert [b.shape for b in batches] == [(1, 64), (8, 64)] and not any(b.any() for b in batches)

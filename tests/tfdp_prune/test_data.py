@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -54,6 +56,26 @@ def test_digits_overlapping_slices_raise_with_the_count():
   assert splits.info.overlap_count == 18
   with pytest.raises(ValueError, match="one split, 'train'"):
     data.load(test_split="test")
+
+
+def test_check_splits_runs_the_checks_of_load_on_splits_from_elsewhere():
+  assert data.check_splits(data.load()) == 0
+  overlapping = dict(public_split="train[:10%]", private_split="train[9%:]")
+  with pytest.raises(ValueError) as loaded:
+    data.load(**overlapping)
+  splits = data.load(**overlapping, allow_overlap=True)
+  with pytest.raises(ValueError) as checked:
+    data.check_splits(splits)
+  assert str(checked.value) == str(loaded.value)
+  assert data.check_splits(splits, allow_overlap=True) == 18
+  # The public part changed after load: the fingerprint the metadata would publish is stale.
+  fewer = dataclasses.replace(splits, public=(splits.public[0][:50], splits.public[1][:50]),
+                              private=(splits.private[0][50:], splits.private[1][50:]))
+  with pytest.raises(ValueError, match="info.public_fingerprint to be the fingerprint of "
+                     "splits.public.*over 180 examples in info.*over 50"):
+    data.check_splits(fewer)
+  with pytest.raises(TypeError, match="DataSplits"):
+    data.check_splits((splits.public, splits.private))
 
 
 def test_tfds_splits_of_one_dataset_are_disjoint_and_scaled():

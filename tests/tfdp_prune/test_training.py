@@ -11,10 +11,12 @@ import pytest
 import tensorflow_datasets as tfds
 
 from tfdp_prune import accounting
+from tfdp_prune import data as data_lib
 from tfdp_prune import training
 from tfdp_prune.compat import keras
 from tfdp_prune.compat import tf
 from tfdp_prune import export as export_lib
+from tfdp_prune.export import serving_files
 from tfdp_prune.train_config import ConfigError
 from tfdp_prune.train_config import TrainConfig
 from tests.tfdp_prune._testing import fake_tfds_as_dataset
@@ -59,6 +61,150 @@ def test_short_run_exports_its_metadata(short_run):
   assert short_run.export_path.endswith(os.sep + "1")
   assert export_lib.read_metadata(short_run.export_path) == short_run.metadata
   assert short_run.test_accuracy is not None and 0 <= short_run.test_accuracy <= 1
+
+
+def test_short_run_exports_synthetic_warmup_requests_and_says_so(short_run):
+  """The export's TF Serving warmup requests hold no row of any split: synthetic zeros of the
+  input shape, as the model card says."""
+  logs = serving_files.read_warmup_file(
+      os.path.join(short_run.export_path, "assets.extra", "tf_serving_warmup_requests"))
+  requests = [log.predict_log.request for log in logs]
+  batches = [tf.make_ndarray(r.inputs["inputs"]) for r in requests
+             if r.model_spec.signature_name == "serving_default"]
+  synthetic = serving_files.synthetic_warmup_batches((64,))
+  assert len(batches) == len(synthetic)
+  for batch, expected in zip(batches, synthetic):
+    np.testing.assert_array_equal(batch, expected)
+  splits = training.load_data(TrainConfig(**SHORT))
+  data_rows = {row.tobytes() for part in (splits.private, splits.test, splits.public)
+               for row in part[0]}
+  assert not [row for batch in batches for row in batch if row.tobytes() in data_rows]
+  with open(os.path.join(short_run.export_path, "model_card.md"), encoding="utf-8") as f:
+    card = f.read()
+  assert "Warmup inputs: **synthetic**." in card
+  assert "training loss and metrics" in card and "not covered" in card
+
+
+def test_splits_passed_in_are_refused_when_they_overlap_as_the_load_path_refuses_them(
+    monkeypatch):
+  overlapping = dict(public_split="train[:10%]", private_split="train[9%:]")
+  monkeypatch.setattr(keras.Model, "fit", lambda *a, **k: pytest.fail("fit must not run"))
+  config = TrainConfig(**SHORT, **overlapping, export_dir=None)
+  with pytest.raises(ValueError, match=r"18 private example\(s\)") as loaded:
+    training.train(config)  # the load path
+  splits = data_lib.load(**overlapping, allow_overlap=True)  # loaded elsewhere, allowed there
+  with pytest.raises(ValueError) as passed:
+    training.train(config, splits=splits)
+  assert str(passed.value) == str(loaded.value)
+
+
+class _ReadRecordingLogs(dict):
+  """Logs that record every key a callback reads (iterating reads them all); writes are free."""
+
+  def __init__(self, logs, reads):
+    super().__init__(logs)
+    self._reads = reads
+
+  def _all(self):
+    self._reads.update(dict.keys(self))
+
+  def __getitem__(self, key):
+    self._reads.add(key)
+    return super().__getitem__(key)
+
+  def get(self, key, default=None):
+    self._reads.add(key)
+    return super().get(key, default)
+
+  def __contains__(self, key):
+    self._reads.add(key)
+    return super().__contains__(key)
+
+  def pop(self, key, *default):
+    self._reads.add(key)
+    return super().pop(key, *default)
+
+  def setdefault(self, key, default=None):
+    self._reads.add(key)
+    return super().setdefault(key, default)
+
+  def __iter__(self):
+    self._all()
+    return super().__iter__()
+
+  def keys(self):
+    self._all()
+    return super().keys()
+
+  def values(self):
+    self._all()
+    return super().values()
+
+  def items(self):
+    self._all()
+    return super().items()
+
+  def copy(self):
+    self._all()
+    return dict(dict.items(self))
+
+
+# Keras' training hooks, and whether they take an index (epoch or batch) before the logs.
+_HOOKS = {"on_train_begin": False, "on_train_end": False, "on_epoch_begin": True,
+          "on_epoch_end": True, "on_train_batch_begin": True, "on_train_batch_end": True}
+
+
+def _record_log_reads(callback, reads):
+  """Makes every training hook of `callback` see recording logs; what it writes goes through."""
+  for name, indexed in _HOOKS.items():
+    original = getattr(callback, name)
+
+    def hook(*args, logs=None, _original=original, _positional=1 + indexed):
+      if len(args) == _positional:  # Keras passes the logs positionally
+        *args, logs = args
+      recording = None if logs is None else _ReadRecordingLogs(logs, reads)
+      _original(*args, logs=recording)
+      if recording is not None:
+        logs.update(dict.items(recording))
+
+    setattr(callback, name, hook)
+
+
+@pytest.mark.parametrize("settings", [
+    dict(mode="select", ema_decay=0.9),  # ParameterSelection, EMA
+    dict(mode="freeze"),                 # ParameterFreezing
+])
+def test_no_callback_tfdp_train_installs_reads_the_training_loss_or_metrics(
+    settings, tmp_path, monkeypatch):
+  """The training loss and metrics are computed on private batches without noise: no callback
+  that train() installs may act on them. Each installed callback's hooks get logs that record
+  every key read; a Keras EarlyStopping on the loss, passed as a user callback, shows that the
+  recording sees such a read."""
+  reads, installed = {}, []
+  fit = training._fit
+
+  def recording_fit(model, config, sampler, steps, start, callbacks):
+    for callback in callbacks:
+      reads[id(callback)] = set()
+      _record_log_reads(callback, reads[id(callback)])
+      installed.append(callback)
+    return fit(model, config, sampler, steps, start, callbacks)
+
+  monkeypatch.setattr(training, "_fit", recording_fit)
+  user = keras.callbacks.EarlyStopping(monitor="loss", patience=1000)
+  config = TrainConfig(**dict(SHORT, steps=4), **settings, accountant="rdp", export_dir=None,
+                       checkpoint_dir=str(tmp_path / "ckpt"))  # RDP: a cheap budget check
+  result = training.train(config, callbacks=[user])
+  metrics = set(result.model.metrics_names) | {"loss"}
+  assert "loss" in reads[id(user)]  # the recording sees a callback that reads the loss
+  ours = [callback for callback in installed if callback is not user]
+  names = {type(callback).__name__ for callback in ours}
+  assert names >= {"PrivacyBudget", "StopAfterSteps", "DPCheckpoint",
+                   "ParameterSelection" if settings["mode"] == "select" else "ParameterFreezing"}
+  if "ema_decay" in settings:
+    assert "ExponentialMovingAverage" in names
+  for callback in ours:
+    assert not reads[id(callback)] & metrics, (type(callback).__name__, reads[id(callback)])
 
 
 def test_noise_multiplier_zero_is_labelled_non_private(tmp_path):

@@ -6,7 +6,7 @@ The layout TF Serving loads (`tensorflow_model_server --model_base_path=/models/
 
   <export_dir>/<version>/saved_model.pb, variables/     the model's weights and two signatures
   <export_dir>/<version>/assets.extra/privacy_metadata.json
-  <export_dir>/<version>/assets.extra/tf_serving_warmup_requests
+  <export_dir>/<version>/assets.extra/tf_serving_warmup_requests   (synthetic inputs by default)
   <export_dir>/<version>/model_card.md
 
 Signatures (the serving contract, names in `serving_files`):
@@ -69,8 +69,9 @@ _TFMOT_PACKAGE = "tensorflow_model_optimization"
 def export_saved_model(model, export_dir: str,
                        metadata: Optional[metadata_lib.PrivacyMetadata] = None, *,
                        version: Optional[int] = None, overwrite: bool = False,
-                       output: str = "logits", input_name: str = "inputs", warmup_inputs=None,
-                       model_card: bool = True) -> str:
+                       output: str = "logits", input_name: str = "inputs",
+                       public_warmup_inputs=None, model_card: bool = True,
+                       warmup_inputs=None) -> str:
   """Exports `model` with its privacy metadata as `<export_dir>/<version>` (see the module
   docstring for the layout, the signatures and the atomicity).
 
@@ -86,13 +87,23 @@ def export_saved_model(model, export_dir: str,
       raised before anything is written.
     output: what the model outputs: "logits" (probabilities = softmax) or "probabilities".
     input_name: the name of the serving_default input (a letter, then letters, digits, _).
-    warmup_inputs: None (zeros) or a few representative examples [n, *input_shape] for the warmup
-      requests, stored in clear: never private data.
+    public_warmup_inputs: None: the warmup requests hold synthetic inputs (zeros of the input
+      shape, derived from no dataset); or a few PUBLIC examples [n, *input_shape]. The warmup
+      file is stored in clear beside the model, outside the privacy guarantee: never pass
+      private training data, nor test data that is not itself public. The model card says
+      which kind the export holds.
     model_card: write model_card.md into the version directory.
+    warmup_inputs: removed; passing it raises TypeError (it took any rows, and callers passed
+      rows of the test or private data). Use public_warmup_inputs, or nothing.
 
   Returns:
     The version directory's path.
+
+  Raises:
+    TypeError: warmup_inputs is given, or metadata is not a PrivacyMetadata.
+    ValueError, ExportError: another argument is invalid (nothing is written).
   """
+  _refuse_old_warmup_argument(warmup_inputs)
   metadata = _check_metadata(metadata)
   _validate.one_of("output", output, OUTPUTS)
   if not isinstance(input_name, str) or not _INPUT_NAME_RE.match(input_name):
@@ -113,7 +124,8 @@ def export_saved_model(model, export_dir: str,
 
   model = _plain_model(model)
   input_shape = _input_shape(model)
-  batches = files.warmup_batches(input_shape, warmup_inputs)
+  batches = files.warmup_batches(input_shape, public_warmup_inputs)
+  warmup = files.warmup_kind(public_warmup_inputs)
 
   if not os.path.isdir(export_dir):
     os.mkdir(export_dir)
@@ -128,8 +140,8 @@ def export_saved_model(model, export_dir: str,
   os.mkdir(tmp)
   try:
     _write_version(tmp, model, metadata, input_shape=input_shape, output=output,
-                   input_name=input_name, batches=batches, model_card=model_card,
-                   version=version)
+                   input_name=input_name, batches=batches, warmup=warmup,
+                   model_card=model_card, version=version)
     moved = _move_aside(export_dir, version)
     try:
       os.rename(tmp, final)
@@ -189,6 +201,22 @@ def clean_leftovers(export_dir: str) -> None:
 
 
 # ---- checks ---------------------------------------------------------------------------------
+
+def _refuse_old_warmup_argument(warmup_inputs) -> None:
+  """`warmup_inputs=` took any rows; callers passed test or private rows, which the warmup file
+  then published in clear. It is refused, so that no caller keeps doing so unnoticed."""
+  if warmup_inputs is None:
+    return
+  shape = getattr(warmup_inputs, "shape", None)
+  received = (f"an array of shape {list(shape)}" if shape is not None
+              else f"a {type(warmup_inputs).__name__}")
+  raise TypeError(
+      "export_saved_model no longer takes warmup_inputs: the warmup requests are stored in "
+      "clear beside the model, so rows of the training or test data there are published "
+      "without noise, outside the privacy guarantee. Expected public_warmup_inputs=<examples "
+      "that are PUBLIC> or no warmup argument (synthetic inputs: zeros of the input shape). "
+      f"Received: warmup_inputs={received}.")
+
 
 def _check_metadata(metadata) -> metadata_lib.PrivacyMetadata:
   if metadata is None:
@@ -286,7 +314,7 @@ def _input_shape(model) -> Tuple[Optional[int], ...]:
 
 # ---- writing --------------------------------------------------------------------------------
 
-def _write_version(path, model, metadata, *, input_shape, output, input_name, batches,
+def _write_version(path, model, metadata, *, input_shape, output, input_name, batches, warmup,
                    model_card, version):
   module, signatures = _export_module(model, metadata, input_shape=input_shape, output=output,
                                       input_name=input_name)
@@ -300,7 +328,7 @@ def _write_version(path, model, metadata, *, input_shape, output, input_name, ba
   report = inspection.inspect_version(path, version)  # what TF Serving will read, before commit
   if model_card:
     with open(os.path.join(path, files.MODEL_CARD_FILENAME), "w", encoding="utf-8") as f:
-      f.write(files.render_model_card(metadata, report.signatures))
+      f.write(files.render_model_card(metadata, report.signatures, warmup=warmup))
   _fsync_tree(path)
 
 

@@ -8,7 +8,9 @@ A version directory `<export_dir>/<version>/` holds, besides `saved_model.pb` an
                                          Serving replays when it loads the version, before it
                                          reports the version AVAILABLE (so the first real request
                                          does not pay for graph warm-up); TF Serving refuses a
-                                         file with more than 1000 records;
+                                         file with more than 1000 records. It is stored in
+                                         clear, so its inputs are synthetic (zeros) unless the
+                                         caller passes examples explicitly as public;
   model_card.md                          a human-readable summary (`render_model_card`).
 
 This module defines that contract (file and signature names), writes and reads the warmup file,
@@ -42,8 +44,12 @@ METADATA_INPUT = "field"
 METADATA_OUTPUT = "value"
 # The `privacy_metadata` signature's field name for the whole JSON document.
 ALL_FIELDS = "all"
-# Default warmup: zeros, one request per batch size.
+# Synthetic warmup (the default): zeros, one request per batch size.
 WARMUP_BATCH_SIZES = (1, 8)
+# What the serving_default warmup requests hold (the model card says which).
+WARMUP_SYNTHETIC = "synthetic"
+WARMUP_PUBLIC = "public"
+WARMUP_KINDS = (WARMUP_SYNTHETIC, WARMUP_PUBLIC)
 WARMUP_METADATA_FIELDS = (ALL_FIELDS, "epsilon")
 
 
@@ -74,41 +80,59 @@ class SignatureInfo:
 
 # ---- warmup requests ----------------------------------------------------------------------------
 
-def warmup_batches(input_shape: Sequence[Optional[int]], warmup_inputs=None) -> List[np.ndarray]:
+def warmup_batches(input_shape: Sequence[Optional[int]],
+                   public_inputs=None) -> List[np.ndarray]:
   """The float32 batches the `serving_default` warmup requests carry.
+
+  The warmup file is stored in clear beside the model: whatever it holds is published without
+  noise. So by default it holds synthetic inputs that depend on no dataset.
 
   Args:
     input_shape: the model's input shape without the batch dimension.
-    warmup_inputs: None, or examples shaped [n, *input_shape] (n >= 1): representative inputs,
-      e.g. a few (public!) test examples. The warmup file is stored in clear beside the model,
-      so never pass private training data here.
+    public_inputs: None, or examples shaped [n, *input_shape] (n >= 1) that are PUBLIC (e.g. a
+      few rows of the public data): never private training data, nor test data that is not
+      itself public.
 
   Returns:
-    None -> zeros, one batch per size in WARMUP_BATCH_SIZES (the input shape must be fully
-    known); else the first example alone and, when n > 1, all n examples.
+    None -> synthetic: zeros, one batch per size in WARMUP_BATCH_SIZES (the input shape must be
+    fully known); else the first example alone and, when n > 1, all n examples.
   """
   input_shape = tuple(input_shape)
-  if warmup_inputs is None:
-    if any(d is None for d in input_shape):
-      raise ValueError(
-          f"Expected warmup_inputs for a model whose input shape {list(input_shape)} has "
-          "dimensions of unknown size (zeros cannot be made for them). Received: "
-          "warmup_inputs=None. Pass a few representative examples shaped [n, ...].")
-    return [np.zeros((n,) + input_shape, np.float32) for n in WARMUP_BATCH_SIZES]
+  if public_inputs is None:
+    return synthetic_warmup_batches(input_shape)
   try:
-    inputs = np.asarray(warmup_inputs, dtype=np.float32)
+    inputs = np.asarray(public_inputs, dtype=np.float32)
   except (TypeError, ValueError) as error:
-    raise ValueError(f"Expected warmup_inputs to be a float array [n, *{list(input_shape)}]. "
-                     f"Received: a value that is not convertible to float32 ({error}).") from None
+    raise ValueError(f"Expected public_warmup_inputs to be a float array "
+                     f"[n, *{list(input_shape)}]. Received: a value that is not convertible to "
+                     f"float32 ({error}).") from None
   compatible = (inputs.ndim == len(input_shape) + 1 and inputs.shape[0] >= 1 and all(
       d is None or d == s for d, s in zip(input_shape, inputs.shape[1:])))
   if not compatible:
-    raise ValueError(f"Expected warmup_inputs shaped [n >= 1, *{list(input_shape)}] (the "
+    raise ValueError(f"Expected public_warmup_inputs shaped [n >= 1, *{list(input_shape)}] (the "
                      f"model's input with a batch dimension). Received: shape "
                      f"{list(inputs.shape)}.")
   if not np.all(np.isfinite(inputs)):
-    raise ValueError("Expected finite warmup_inputs. Received: NaN or infinite values.")
+    raise ValueError("Expected finite public_warmup_inputs. Received: NaN or infinite values.")
   return [inputs[:1]] if len(inputs) == 1 else [inputs[:1], inputs]
+
+
+def synthetic_warmup_batches(input_shape: Sequence[Optional[int]]) -> List[np.ndarray]:
+  """The default warmup batches: zeros of the input shape, one per size in WARMUP_BATCH_SIZES.
+
+  They depend on the shape alone, never on a dataset."""
+  input_shape = tuple(input_shape)
+  if any(d is None for d in input_shape):
+    raise ValueError(
+        f"Expected a fully known input shape for the synthetic warmup requests (zeros cannot be "
+        f"made for dimensions of unknown size). Received: input shape {list(input_shape)}. "
+        "Pass public_warmup_inputs=[a few PUBLIC examples shaped [n, ...]].")
+  return [np.zeros((n,) + input_shape, np.float32) for n in WARMUP_BATCH_SIZES]
+
+
+def warmup_kind(public_inputs) -> str:
+  """WARMUP_PUBLIC when public inputs are given, else WARMUP_SYNTHETIC."""
+  return WARMUP_SYNTHETIC if public_inputs is None else WARMUP_PUBLIC
 
 
 def predict_log(signature_name: str, inputs: Dict[str, Any]):
@@ -167,14 +191,29 @@ def read_warmup_file(path: str) -> list:
 # ---- the model card -----------------------------------------------------------------------------
 
 def render_model_card(metadata: metadata_lib.PrivacyMetadata,
-                      signature_info: Sequence[SignatureInfo]) -> str:
+                      signature_info: Sequence[SignatureInfo], *,
+                      warmup: Optional[str] = None) -> str:
   """The model card (markdown) of an export: the guarantee first, in a banner that cannot be
-  missed, then how the model was trained, on what, with which masks, how to call it, and with
-  what software. Measured (empirical) results, when there are any, get their own section, apart
-  from the proven guarantee."""
+  missed, with what it does not cover, then how the model was trained, on what, with which
+  masks, how to call it, what the warmup requests hold, and with what software. Measured
+  (empirical) results, when there are any, get their own section, apart from the proven
+  guarantee.
+
+  Args:
+    metadata: the export's privacy metadata.
+    signature_info: the export's signatures.
+    warmup: what the `serving_default` warmup requests hold: WARMUP_SYNTHETIC or WARMUP_PUBLIC;
+      None (a card rendered without an export) leaves the section out.
+  """
+  if warmup is not None and warmup not in WARMUP_KINDS:
+    raise ValueError(f"Expected warmup in {list(WARMUP_KINDS)} or None. Received: "
+                     f"warmup={warmup!r}.")
   sections = [
       _title(metadata), _banner(metadata), _guarantee(metadata), _training(metadata),
-      _data(metadata), _masks(metadata), _signatures(signature_info), _provenance(metadata)]
+      _data(metadata), _masks(metadata), _signatures(signature_info)]
+  if warmup is not None:
+    sections.append(_warmup(warmup))
+  sections.append(_provenance(metadata))
   if metadata.empirical:
     sections.append(_empirical(metadata.empirical))
   return "\n\n".join(sections) + "\n"
@@ -203,7 +242,17 @@ def _guarantee(metadata) -> str:
     if event is not None:
       lines += ["", "The dp_accounting event of the whole run:", "",
                 "```json", json.dumps(event, indent=1, sort_keys=True), "```"]
+    lines += ["", _not_covered()]
   return "\n".join(lines)
+
+
+def _not_covered() -> str:
+  return ("### Not covered by this guarantee\n\n"
+          "- The training loss and metrics in the training logs (progress bar, History, "
+          "TensorBoard) are computed on private batches WITHOUT noise: they are not covered by "
+          "the guarantee, and publishing them spends privacy that epsilon does not count.\n"
+          "- An evaluation on the test split (e.g. the test accuracy `tfdp-train` prints) is not "
+          "covered either, unless the test split is itself public.")
 
 
 def _training(metadata) -> str:
@@ -265,6 +314,20 @@ def _signatures(signature_info) -> str:
       "for epsilon. Without TF Serving: "
       "`tf.saved_model.load(path).privacy_metadata_json()`."]
   return "\n".join(lines)
+
+
+def _warmup(warmup: str) -> str:
+  path = f"`{ASSETS_EXTRA}/{WARMUP_FILENAME}`"
+  if warmup == WARMUP_SYNTHETIC:
+    held = ("synthetic inputs: zeros of the `serving_default` input's shape, at batch sizes "
+            f"{', '.join(str(n) for n in WARMUP_BATCH_SIZES)}. They are derived from no dataset.")
+  else:
+    held = ("examples that the exporter passed explicitly as PUBLIC "
+            "(`public_warmup_inputs`), in clear. The guarantee above assumes them public; it "
+            "does not cover them.")
+  return (f"## Warmup requests\n\nWarmup inputs: **{warmup}**. {path} (read by TF Serving at "
+          f"load, stored in clear) holds {held} It also holds one `{METADATA_SIGNATURE}` "
+          "request.")
 
 
 def _provenance(metadata) -> str:

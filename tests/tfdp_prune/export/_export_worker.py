@@ -21,8 +21,8 @@ from tfdp_prune.export import serving_files  # pylint: disable=g-import-not-at-t
 
 def main(export_dir, signal_file):
 
-  def render_and_hang(metadata, signature_info):
-    del metadata, signature_info
+  def render_and_hang(metadata, signature_info, **kwargs):
+    del metadata, signature_info, kwargs
     with open(signal_file + ".tmp", "w", encoding="utf-8") as f:
       f.write(str(os.getpid()))
     os.replace(signal_file + ".tmp", signal_file)

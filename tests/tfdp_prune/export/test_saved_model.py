@@ -5,7 +5,9 @@ The claims:
     probabilities are softmax(model(x)) to 1e-6, the class ids argmax; the privacy metadata reads
     back exactly, through the file, the `privacy_metadata` signature and `privacy_metadata_json()`;
   - saved_model_cli and TF Serving's REST request formats (row and columnar) see the signatures
-    with the named input; the warmup requests replay through their signatures;
+    with the named input; the warmup requests replay through their signatures, and hold
+    synthetic inputs (zeros) unless examples are passed explicitly as public, as the model card
+    says; the old `warmup_inputs=` argument is refused;
   - exactly the model's weights are exported: no optimizer slots, update masks or tfmot pruning
     variables;
   - a model without DP metadata is labelled non-private;
@@ -182,16 +184,50 @@ def test_the_warmup_requests_replay_through_their_signatures(exported, loaded):
   assert called == [("serving_default", 1), ("serving_default", 8), ("privacy_metadata", 2)]
 
 
-def test_the_warmup_carries_the_given_inputs(tmp_path):
-  x = E.examples(n=3)
-  path = export_saved_model(E.tiny_model(), str(tmp_path / "m"), warmup_inputs=x,
-                            model_card=False)
+def _warmup_batches(path, input_name="inputs"):
+  """The serving_default inputs of an export's warmup file, parsed."""
   logs = serving_files.read_warmup_file(
       os.path.join(path, "assets.extra", "tf_serving_warmup_requests"))
-  batches = [tf.make_ndarray(log.predict_log.request.inputs["inputs"]) for log in logs[:-1]]
+  requests = [log.predict_log.request for log in logs]
+  return [tf.make_ndarray(r.inputs[input_name]) for r in requests
+          if r.model_spec.signature_name == "serving_default"]
+
+
+def _model_card(path):
+  with open(os.path.join(path, "model_card.md"), encoding="utf-8") as f:
+    return f.read()
+
+
+def test_the_default_warmup_is_synthetic_and_the_model_card_says_so(exported):
+  batches = _warmup_batches(exported.path, E.INPUT_NAME)
+  synthetic = serving_files.synthetic_warmup_batches((E.INPUTS,))
+  assert len(batches) == len(synthetic) == 2
+  for batch, expected in zip(batches, synthetic):
+    assert batch.dtype == np.float32
+    np.testing.assert_array_equal(batch, expected)  # zeros: no row of any data
+  card = _model_card(exported.path)
+  assert "Warmup inputs: **synthetic**." in card and "derived from no dataset" in card
+
+
+def test_the_warmup_carries_the_inputs_given_as_public(tmp_path):
+  x = E.examples(n=3)
+  path = export_saved_model(E.tiny_model(), str(tmp_path / "m"), public_warmup_inputs=x)
+  batches = _warmup_batches(path)
   np.testing.assert_array_equal(batches[0], x[:1])
   np.testing.assert_array_equal(batches[1], x)
+  card = _model_card(path)
+  assert "Warmup inputs: **public**." in card and "passed explicitly as PUBLIC" in card
+  assert "synthetic" not in card
+  path = export_saved_model(E.tiny_model(), str(tmp_path / "m"), public_warmup_inputs=x,
+                            model_card=False)
   assert not os.path.exists(os.path.join(path, "model_card.md"))
+
+
+@pytest.mark.parametrize("rows", [E.examples(n=8), E.examples(n=8).tolist()])
+def test_the_old_warmup_inputs_argument_is_refused_before_anything_is_written(tmp_path, rows):
+  with pytest.raises(TypeError, match=r"no longer takes warmup_inputs.*public_warmup_inputs="):
+    export_saved_model(E.tiny_model(), str(tmp_path / "m"), warmup_inputs=rows)
+  assert not os.path.exists(tmp_path / "m")
 
 
 def test_the_metadata_reads_back_exactly(exported, loaded):
@@ -422,7 +458,9 @@ def _rank3_output():
     (dict(model=_two_inputs), ExportError, "one input.*Received: 2 inputs"),
     (dict(model=_rank3_output), ExportError, r"one output \[batch, classes\]"),
     (dict(model=lambda: "a model"), TypeError, "Expected a tf_keras.Model"),
-    (dict(warmup_inputs=np.zeros((2, 3))), ValueError, r"warmup_inputs shaped \[n >= 1, \*\[8\]"),
+    (dict(public_warmup_inputs=np.zeros((2, 3))), ValueError,
+     r"public_warmup_inputs shaped \[n >= 1, \*\[8\]"),
+    (dict(warmup_inputs=np.zeros((2, 8))), TypeError, "no longer takes warmup_inputs"),
     (dict(export_dir="missing/m"), ExportError, "parent of export_dir"),
     (dict(export_dir="file"), ExportError, "which is a file"),
 ])

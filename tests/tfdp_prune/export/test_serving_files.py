@@ -1,10 +1,12 @@
 """serving_files: the warmup requests and the model card (pure functions, no export needed).
 
-The claims: the default warmup is zeros of the input shape at batch sizes 1 and 8, given inputs
-are carried as they are, bad ones are refused; the warmup file holds PredictionLog records that
-read back equal, a corrupted file is refused naming it; the model card states the guarantee
-first (private or, loudly, NON-PRIVATE), then the setup, data, masks, signatures and provenance,
-and shows empirical results only when there are any, apart from the guarantee.
+The claims: the default warmup is synthetic, zeros of the input shape at batch sizes 1 and 8
+(no dataset involved), inputs given as public are carried as they are, bad ones are refused; the
+warmup file holds PredictionLog records that read back equal, a corrupted file is refused naming
+it; the model card states the guarantee first (private or, loudly, NON-PRIVATE) with what it does
+not cover (training metrics, the test split), then the setup, data, masks, signatures, which
+kind of warmup inputs the export holds, and provenance, and shows empirical results only when
+there are any, apart from the guarantee.
 """
 
 import numpy as np
@@ -30,27 +32,31 @@ SIGNATURES = (
 
 # ---- warmup ---------------------------------------------------------------------------------
 
-def test_the_default_warmup_is_zeros_at_batch_sizes_1_and_8():
+def test_the_default_warmup_is_synthetic_zeros_at_batch_sizes_1_and_8():
   batches = serving_files.warmup_batches((8,))
   assert [b.shape for b in batches] == [(1, 8), (8, 8)]
   assert all(b.dtype == np.float32 and not b.any() for b in batches)
+  assert serving_files.warmup_kind(None) == serving_files.WARMUP_SYNTHETIC
+  for made, synthetic in zip(batches, serving_files.synthetic_warmup_batches((8,))):
+    np.testing.assert_array_equal(made, synthetic)
 
 
-def test_given_warmup_inputs_are_sent_first_alone_then_together():
+def test_public_warmup_inputs_are_sent_first_alone_then_together():
   x = E.examples(n=3)
   first, whole = serving_files.warmup_batches((None,), x)
   np.testing.assert_array_equal(first, x[:1])
   np.testing.assert_array_equal(whole, x)
-  (single,) = serving_files.warmup_batches((8,), x[:1])
+  (single,) = serving_files.warmup_batches((8,), public_inputs=x[:1])
   np.testing.assert_array_equal(single, x[:1])
+  assert serving_files.warmup_kind(x) == serving_files.WARMUP_PUBLIC
 
 
 @pytest.mark.parametrize("shape, inputs, match", [
-    ((8,), np.zeros((2, 7)), r"shaped \[n >= 1, \*\[8\]\]"),
+    ((8,), np.zeros((2, 7)), r"public_warmup_inputs shaped \[n >= 1, \*\[8\]\]"),
     ((8,), np.zeros((0, 8)), r"Received: shape \[0, 8\]"),
     ((8,), np.full((1, 8), np.nan), "finite"),
     ((8,), [["a"] * 8], "convertible to float32"),
-    ((None, 3), None, "unknown size"),
+    ((None, 3), None, "unknown size.*public_warmup_inputs"),
 ])
 def test_bad_warmup_inputs_are_refused(shape, inputs, match):
   with pytest.raises(ValueError, match=match):
@@ -132,6 +138,38 @@ def test_the_model_card_of_a_non_private_model_says_so_first():
   assert banner.startswith(
       "> **NON-PRIVATE: trained without differential privacy (epsilon = infinity).**")
   assert "Differentially private" not in card
+  assert "Not covered by this guarantee" not in card  # there is no guarantee
+
+
+def _section(card, heading):
+  """The text of one section of the card, from its heading to the next heading."""
+  start = card.index(heading + "\n")
+  ends = [i for i in (card.find("\n## ", start + 1), card.find("\n### ", start + 1)) if i > 0]
+  return card[start:min(ends, default=len(card))]
+
+
+def test_the_model_card_says_training_metrics_and_the_test_split_are_not_covered():
+  card = render_model_card(E.private_metadata(), SIGNATURES)
+  section = _section(card, "### Not covered by this guarantee")
+  assert card.index("## Privacy guarantee") < card.index(section) < card.index("## Training setup")
+  assert "training loss and metrics" in section and "private batches WITHOUT noise" in section
+  assert "test split" in section and "not covered" in section
+
+
+@pytest.mark.parametrize("kind, says", [
+    ("synthetic", "holds synthetic inputs: zeros of the `serving_default` input's shape, at "
+                  "batch sizes 1, 8. They are derived from no dataset."),
+    ("public", "holds examples that the exporter passed explicitly as PUBLIC "
+               "(`public_warmup_inputs`)"),
+])
+def test_the_model_card_says_which_warmup_inputs_the_export_holds(kind, says):
+  card = render_model_card(E.private_metadata(), SIGNATURES, warmup=kind)
+  section = _section(card, "## Warmup requests")
+  assert f"Warmup inputs: **{kind}**." in section and says in section
+  assert card.index("## Signatures") < card.index(section) < card.index("## Provenance")
+  assert "## Warmup requests" not in render_model_card(E.private_metadata(), SIGNATURES)
+  with pytest.raises(ValueError, match=r"warmup in \['synthetic', 'public'\]"):
+    render_model_card(E.private_metadata(), SIGNATURES, warmup="test rows")
 
 
 def test_empirical_results_get_their_own_section_after_the_guarantee():
