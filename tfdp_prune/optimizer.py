@@ -136,11 +136,23 @@ def make_dp_optimizer_class(cls):
       not listed keep their mask (all True until set). The optimizer must be built first
       (`optimizer.build(model.trainable_variables)`). Masks are optimizer variables, so they are
       saved and restored with the optimizer's checkpoint.
+
+      Raises:
+        RuntimeError: before `build`, or inside a logical batch (some of its physical batches
+          already accumulated): one logical batch is clipped and noised under one mask.
       """
       if not getattr(self, "_built", False):
         raise RuntimeError(
             "set_update_masks needs the optimizer's variables: call "
             "`optimizer.build(model.trainable_variables)` first.")
+      if not self.at_logical_batch_start():
+        done = int(self._micro_steps.numpy()) % self.gradient_accumulation_steps
+        raise RuntimeError(
+            "Expected set_update_masks between logical batches: one logical batch is clipped "
+            "and noised under one mask. Received it after "
+            f"{done} of the {self.gradient_accumulation_steps} physical batches of a logical "
+            "batch were accumulated. Set masks when `optimizer.at_logical_batch_start()` is "
+            "True (the mask callbacks wait for it), e.g. after the logical batch completes.")
       variables, masks = list(variables), list(masks)
       if len(variables) != len(masks):
         raise ValueError(f"Expected one mask per variable. Received {len(masks)} masks for "

@@ -155,6 +155,21 @@ def test_masks_are_validated():
                                [np.ones((8, 16), bool)])
 
 
+def test_masks_cannot_change_inside_a_logical_batch():
+  x, y = T.dense_data(n=16)
+  model = T.dp_model(T.dense_model(), gradient_accumulation_steps=2)
+  variables = model.trainable_variables
+  masks = T.random_masks(variables)
+  model.fit(x[:8], y[:8], batch_size=8, verbose=0)  # one of two physical batches
+  assert not model.optimizer.at_logical_batch_start()
+  with pytest.raises(RuntimeError, match="between logical batches.*1 of the 2 physical"):
+    model.optimizer.set_update_masks(variables, masks)
+  model.fit(x[8:], y[8:], batch_size=8, verbose=0)
+  model.optimizer.set_update_masks(variables, masks)  # at the boundary: accepted
+  for got, want in zip(model.optimizer.update_masks(variables), masks):
+    np.testing.assert_array_equal(got.numpy(), want.astype("float32"))
+
+
 # ---- padding, empty batches, non-finite gradients --------------------------------------------
 
 def test_weight_zero_examples_change_nothing():
