@@ -2,6 +2,7 @@
 
 import types
 
+from tfdp_prune import augmult
 from tfdp_prune import model_checks
 from tfdp_prune.compat import keras
 from tfdp_prune.compat import tf
@@ -14,7 +15,9 @@ def make_private(model: keras.Model) -> keras.Model:
   """Makes `model.fit` (and `train_on_batch`) train `model` with its DP optimizer.
 
   Call it once, before or after `model.compile(optimizer=<tfdp_prune DP optimizer>,
-  loss=<loss with reduction="none">)`. It checks the model (tf_keras, no BatchNormalization),
+  loss=<loss with reduction="none">)`. It checks the model (tf_keras, no batch normalization,
+  no state written from the batch in training mode: `model_checks`; models without declared
+  inputs get that last check when the train step is traced, before their first step),
   replaces the model's train step with one that computes per-example gradients and hands their
   clipped sum to the optimizer, and adds the metric `dp_non_finite_examples` (examples whose
   gradient was not finite and was therefore dropped). Returns the same model.
@@ -32,6 +35,7 @@ def dp_train_step(model: keras.Model, data) -> dict:
   optimizer = _dp_optimizer(model)
   loss_fn = _per_example_loss(model)
   x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+  _check_no_state_written_from_batch(model, x)
   rows = tf.shape(tf.nest.flatten(x)[0])[0]
   sample_weight = (tf.ones([rows]) if sample_weight is None
                    else tf.reshape(tf.cast(sample_weight, tf.float32), [rows]))
@@ -49,6 +53,32 @@ def dp_train_step(model: keras.Model, data) -> dict:
       lambda t: tf.boolean_mask(t, real), (x, y, engine_output.predictions, sample_weight))
   model.compute_loss(x, y, predictions, sample_weight)  # updates the loss metric
   return model.compute_metrics(x, y, predictions, sample_weight)
+
+
+def _check_no_state_written_from_batch(model, x) -> None:
+  """At trace time, before the first step: the model's training forward pass writes no state
+  from batches like `x` (`model_checks.check_no_state_written_from_batch`). Runs eagerly, once,
+  in cross-replica context (under tf.distribute, not once per replica)."""
+  spec = tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape, t.dtype), x)
+  if augmult.has_views(model, x):  # [batch, K, ...]: the model sees [rows, ...]
+    spec = tf.nest.map_structure(
+        lambda s: tf.TensorSpec(s.shape[:1].concatenate(s.shape[2:]), s.dtype), spec)
+  fixed_batch_size = all(s.shape.rank and s.shape[0] is not None
+                         for s in tf.nest.flatten(spec))
+
+  def check(*_):
+    with tf.init_scope():
+      try:
+        model_checks.check_no_state_written_from_batch(model, spec, fixed_batch_size)
+      except ValueError:
+        model.train_function = None  # its trace failed: the next fit must trace afresh
+        raise
+
+  context = tf.distribute.get_replica_context()
+  if context is None:  # already in cross-replica context
+    check()
+  else:
+    context.merge_call(check)
 
 
 def _dp_optimizer(model):
