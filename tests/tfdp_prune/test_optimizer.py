@@ -403,6 +403,48 @@ def test_num_microbatches_that_does_not_divide_the_batch_is_an_error():
     model.fit(x, y, batch_size=10, verbose=0)
 
 
+class _RecordingEngine(tfdp_prune.PerLayerEngine):
+  """Records the clipping unit each traced step asked for."""
+
+  def __init__(self):
+    super().__init__()
+    self.microbatches = []
+
+  def clipped_sum(self, *args, **kwargs):
+    self.microbatches.append(args[8] if len(args) > 8 else kwargs.get("num_microbatches"))
+    return super().clipped_sum(*args, **kwargs)
+
+
+@pytest.mark.parametrize("static_batch", [True, False])
+def test_num_microbatches_equal_to_the_batch_size_is_per_example_clipping(static_batch):
+  x, y = T.dense_data(n=16)
+  data = tf.data.Dataset.from_tensor_slices((x, y)).batch(8, drop_remainder=static_batch)
+  engine = _RecordingEngine()
+  ported = T.dp_model(T.dense_model(seed=3), num_microbatches=8, per_example_engine=engine,
+                      l2_norm_clip=0.1)
+  reference = T.dp_model(T.dense_model(seed=3), l2_norm_clip=0.1)
+  ported.fit(data, verbose=0)
+  reference.fit(data, verbose=0)
+  # The per-example (fast) path is traced; a batch of unknown size also traces the grouped one.
+  assert set(engine.microbatches) == ({None} if static_batch else {None, 8})
+  for got, want in zip(T.weights(ported), T.weights(reference)):
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_num_microbatches_with_padding_rows_is_refused_before_the_update():
+  x, y = T.dense_data(n=8)
+  model = T.dp_model(T.dense_model(), num_microbatches=4)
+  before = T.weights(model)
+  weight = np.array([1, 1, 1, 1, 1, 1, 0, 0], "float32")  # padded, as Poisson batches are
+  with pytest.raises(tf.errors.InvalidArgumentError, match="padding rows"):
+    model.fit(x, y, sample_weight=weight, batch_size=8, verbose=0)
+  assert int(model.optimizer.iterations.numpy()) == 0
+  for got, want in zip(T.weights(model), before):
+    np.testing.assert_array_equal(got, want)
+  model.fit(x, y, batch_size=8, verbose=0)  # fixed-size batches without padding: accepted
+  assert int(model.optimizer.iterations.numpy()) == 1
+
+
 def test_batch_normalization_is_rejected_with_the_fix():
   model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4),
                             keras.layers.BatchNormalization(name="bn"), keras.layers.Dense(2)])
