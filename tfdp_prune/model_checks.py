@@ -20,7 +20,7 @@ _CROSS_EXAMPLE_LAYERS = (keras.layers.BatchNormalization,
 _FIX = ("Replace it with a per-example normalization, e.g. `keras.layers.GroupNormalization("
         "groups=...)` or `keras.layers.LayerNormalization()`, or remove it. No opt-out is "
         "offered: the guarantee would not hold.")
-_PROBE_ROWS = 2  # rows of the probe batches (the model's own static batch size if it has one)
+_PROBE_ROWS = 2  # rows of a probe batch (unless the model declares a static batch size)
 _FREE_DIM = 4  # probe size of a non-batch dimension the input leaves open (None)
 # Input signatures already checked, per model (weakly held: models come and go).
 _CHECKED = weakref.WeakKeyDictionary()
@@ -104,7 +104,7 @@ def check_no_state_written_from_batch(model, input_spec, fixed_batch_size: bool,
     return
   try:
     writes = _writes_from_batch(model, input_spec, fixed_batch_size)
-  except (tf.errors.OpError, ValueError, TypeError) as error:
+  except Exception as error:  # pylint: disable=broad-except  (any failure of the user's model)
     if defer_failures:
       logging.info("tfdp_prune: the state check of %s is deferred to the train step: %s",
                    model.name, error)
@@ -122,7 +122,7 @@ def _writes_from_batch(model, input_spec, fixed_batch_size) -> List[_Write]:
   _build(model, input_spec)
   variables = _unique(model.variables)
   before = [_value(v) for v in variables]
-  rows = _static_rows(input_spec) or _PROBE_ROWS
+  rows = _probe_rows(model, input_spec)
   try:
     first = _after_probe(model, variables, before, _probe(input_spec, rows, variant=0))
     second = _after_probe(model, variables, before, _probe(input_spec, rows, variant=1))
@@ -201,6 +201,15 @@ def _owner(model, variable):
              if isinstance(layer, keras.layers.Layer)
              and any(w is variable for w in layer.weights)]
   return min(holders, key=lambda layer: len(layer.weights)) if holders else model
+
+
+def _probe_rows(model, input_spec) -> int:
+  """The model's own static batch size if it declares one, else a small batch (at most the
+  data's): the probes cost a few forward passes, not a few physical batches."""
+  declared = declared_input_spec(model)
+  if declared is not None and _static_rows(declared) is not None:
+    return _static_rows(declared)
+  return min(_PROBE_ROWS, _static_rows(input_spec) or _PROBE_ROWS)
 
 
 def _static_rows(input_spec) -> Optional[int]:
