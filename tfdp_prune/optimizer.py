@@ -175,6 +175,11 @@ def make_dp_optimizer_class(cls):
       """The current update masks (1 = trained) of `variables`, in the variable dtype."""
       return [self._update_masks[i] for i in self.state_positions(variables)]
 
+    def state_variables(self) -> list:
+      """The variables the DP state was built for, in build order: the order of the mask and
+      accumulator lists, hence of their keys in a checkpoint."""
+      return self._registry.variables()
+
     def accumulator(self, variable):
       """The replica-local sum of `variable`'s clipped gradients in the current logical batch."""
       return self._accumulators[self.state_positions([variable])[0]]
@@ -345,6 +350,7 @@ class _VariableRegistry:
   does not try to save these mappings."""
 
   def __init__(self):
+    self._order = []
     self._index = {}
     self._slots = {}
     self._traced_positions = None
@@ -356,7 +362,11 @@ class _VariableRegistry:
     return previous
 
   def set_order(self, variables):
+    self._order = list(variables)
     self._index = {v.ref(): i for i, v in enumerate(variables)}
+
+  def variables(self) -> list:
+    return list(self._order)
 
   @property
   def size(self) -> int:
