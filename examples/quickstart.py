@@ -34,9 +34,11 @@ tfdp_prune.make_private(model)  # model.fit now runs the DP train step
 # kernel with the smallest weights at zero. DP-SGD then trains and noises only the rest.
 freezing = tfdp_prune.ParameterFreezing(
     tfdp_prune.MagnitudeRule(sparsity=0.8), public_data=public, public_epochs=20)
-# Epsilon of the sampling actually done, in the logs of every epoch.
+# Epsilon of the sampling actually done, in the logs of every epoch. Built with the sampler,
+# it refuses to start a fit whose optimizer disagrees with it on the logical batch.
 budget = tfdp_prune.PrivacyBudget(
-    sampler.privacy_spec(noise_multiplier=1.0, steps=0, delta=1e-5), target_epsilon=8.0)
+    sampler.privacy_spec(noise_multiplier=1.0, steps=0, delta=1e-5), target_epsilon=8.0,
+    sampler=sampler)
 
 model.fit(sampler.dataset(), steps_per_epoch=sampler.physical_steps_per_epoch, epochs=15,
           callbacks=[freezing, budget], verbose=2)

@@ -3,6 +3,7 @@
 from tfdp_prune.accounting import PrivacyLedger
 from tfdp_prune.accounting import PrivacySpec
 from tfdp_prune.accounting import calibrate_noise_multiplier
+from tfdp_prune.agreement import check_agreement
 from tfdp_prune.audit import AuditConfig
 from tfdp_prune.audit import audit_training
 from tfdp_prune.audit_bounds import epsilon_lower_bound
@@ -78,6 +79,7 @@ __all__ = [
     "augment_views",
     "augmult_map",
     "calibrate_noise_multiplier",
+    "check_agreement",
     "check_disjoint",
     "epsilon_lower_bound",
     "fingerprint_examples",

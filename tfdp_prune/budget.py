@@ -1,8 +1,12 @@
 """The privacy budget callback: epsilon in the fit logs, and a stop BEFORE the target is exceeded.
 
-`PrivacyBudget(spec, target_epsilon=None, num_examples=None)` counts LOGICAL steps (the DP
-optimizer's `iterations`: one per logical batch, so gradient accumulation counts once, DESIGN.md
-rule 10) in an `accounting.PrivacyLedger`, and
+`PrivacyBudget(spec, target_epsilon=None, num_examples=None, sampler=None)` counts LOGICAL
+steps (the DP optimizer's `iterations`: one per logical batch, so gradient accumulation counts
+once, DESIGN.md rule 10) in an `accounting.PrivacyLedger`, and
+
+- refuses to start training when its spec, the model's DP optimizer and (if given) the sampler
+  describe different logical batches (`agreement.check_agreement`): without the sampler, the
+  physical batches per draw cannot be checked, so pass it;
 
 - writes `epsilon` and `delta` into the epoch logs, so History and TensorBoard (listed AFTER
   this callback) record them (TensorBoard as `epoch_epsilon`); `epsilon()` gives it on demand;
@@ -27,6 +31,7 @@ from absl import logging
 
 from tfdp_prune import _validate
 from tfdp_prune import accounting
+from tfdp_prune import agreement
 from tfdp_prune.compat import keras
 from tfdp_prune.optimizer import DPOptimizerMixin
 
@@ -49,9 +54,15 @@ class PrivacyBudget(keras.callbacks.Callback):
       must be the DP optimizer's, and the sampling must describe the LOGICAL batches (with
       accumulation: q = expected logical batch / n, or batch_size = the logical batch).
     target_epsilon: None (only report epsilon) or the epsilon never to exceed.
-    num_examples: the private dataset size n, to check delta < 1/n (a warning otherwise).
-      Defaults to `spec.num_examples` (sampling="shuffle").
+    num_examples: the private dataset size n, to check delta < 1/n (a warning otherwise) and
+      the optimizer's Poisson `expected_batch_size` = q n. Defaults to `spec.num_examples`
+      (sampling="shuffle"), else the sampler's.
     log_every_epoch: write `epsilon` and `delta` into the epoch logs.
+    sampler: the `PoissonSampler`/`ShuffleSampler` whose dataset feeds `fit`. When training
+      begins, the spec, the optimizer and the sampler must agree on the logical batch
+      (`agreement.check_agreement`): sampling and its parameters, gradient accumulation steps,
+      expected batch size, microbatches. Without it, only the spec and the optimizer are
+      compared (a warning says so). Not part of `get_config()`: pass it to `from_config`.
 
   Computing `max_steps` costs a few dozen epsilon evaluations, once per (settings, target) in a
   process (about 1 s each with the PLD accountant, milliseconds with RDP); epoch logs cost one
@@ -59,7 +70,8 @@ class PrivacyBudget(keras.callbacks.Callback):
   """
 
   def __init__(self, spec: accounting.PrivacySpec, target_epsilon: Optional[float] = None,
-               num_examples: Optional[int] = None, log_every_epoch: bool = True):
+               num_examples: Optional[int] = None, log_every_epoch: bool = True, *,
+               sampler=None):
     super().__init__()
     if not isinstance(spec, accounting.PrivacySpec):
       raise ValueError("Expected spec to be a tfdp_prune.PrivacySpec (with steps=0). "
@@ -79,6 +91,15 @@ class PrivacyBudget(keras.callbacks.Callback):
                          f"{spec.num_examples}, or None.")
     else:
       num_examples = spec.num_examples
+    if sampler is not None:
+      if not hasattr(sampler, "privacy_spec"):
+        raise ValueError("Expected sampler to be a tfdp_prune PoissonSampler or ShuffleSampler "
+                         f"(or None). Received: sampler={sampler!r}.")
+      if num_examples is None:
+        num_examples = sampler.num_examples
+      elif num_examples != sampler.num_examples:
+        raise ValueError(f"Expected num_examples={num_examples} to equal the sampler's "
+                         f"num_examples={sampler.num_examples}, or None.")
     if not isinstance(log_every_epoch, bool):
       raise ValueError(f"Expected log_every_epoch to be a bool. Received: "
                        f"log_every_epoch={log_every_epoch!r}.")
@@ -86,6 +107,7 @@ class PrivacyBudget(keras.callbacks.Callback):
     self.target_epsilon = target_epsilon
     self.num_examples = num_examples
     self.log_every_epoch = log_every_epoch
+    self.sampler = sampler
     self._ledger = accounting.PrivacyLedger(spec)
     self._synced_iterations = None  # the optimizer iterations already in the ledger
     if num_examples is not None and spec.delta >= 1.0 / num_examples:
@@ -202,10 +224,11 @@ class PrivacyBudget(keras.callbacks.Callback):
             "num_examples": self.num_examples, "log_every_epoch": self.log_every_epoch}
 
   @classmethod
-  def from_config(cls, config: Dict[str, Any]) -> "PrivacyBudget":
+  def from_config(cls, config: Dict[str, Any], sampler=None) -> "PrivacyBudget":
+    """The sampler (which holds data) is not part of the config: pass it again."""
     config = dict(config)
     config["spec"] = accounting.PrivacySpec.from_dict(config["spec"])
-    return cls(**config)
+    return cls(**config, sampler=sampler)
 
   # ---- internals --------------------------------------------------------------------------
 
@@ -214,11 +237,14 @@ class PrivacyBudget(keras.callbacks.Callback):
     if not isinstance(optimizer, DPOptimizerMixin):
       raise ValueError("PrivacyBudget counts the logical steps of a tfdp_prune DP optimizer; the "
                        f"model is compiled with {optimizer!r}.")
-    if float(optimizer.noise_multiplier) != self.spec.noise_multiplier:
-      raise ValueError(
-          f"The optimizer's noise_multiplier={optimizer.noise_multiplier} differs from the "
-          f"spec's noise_multiplier={self.spec.noise_multiplier}: the epsilon would not describe "
-          "the noise actually added.")
+    agreement.check_agreement(optimizer, sampler=self.sampler, spec=self.spec,
+                              num_examples=self.num_examples)
+    if self.sampler is None:
+      logging.warning(
+          "PrivacyBudget without sampler=: it cannot check that each of the optimizer's updates "
+          "(%d physical batches) holds exactly one draw of the %s sampling it accounts for. "
+          "Pass the sampler whose dataset feeds fit: PrivacyBudget(spec, sampler=sampler).",
+          optimizer.gradient_accumulation_steps, self.spec.sampling)
     return optimizer
 
   def _sync(self) -> None:

@@ -156,6 +156,8 @@ def restore_latest(directory: str, model, budget=None, sampler=None,
     raise ValueError(f"Checkpoint {info.path} holds no {missing}; it holds "
                      f"{metadata.get('trackables', [])} besides the model and optimizer.")
   optimizer.build(model.trainable_variables)
+  _check_state_layout(metadata.get("optimizer_state_layout"), _state_layout(model, optimizer),
+                      info.path)
   status = tf.train.Checkpoint(model=model, optimizer=optimizer, **trackables).read(
       info.state_prefix)
   status.assert_existing_objects_matched()
@@ -292,6 +294,7 @@ class DPCheckpoint(keras.callbacks.Callback):
         "tfdp_prune_version": _library_version(),
         "step": step,
         "optimizer": _dp_settings(optimizer),
+        "optimizer_state_layout": _state_layout(self.model, optimizer),
         "budget": ledger,
         "sampler": _sampler_record(self.sampler) if self.sampler is not None else None,
         "trackables": sorted(self.trackables),
@@ -447,6 +450,26 @@ def _check_trackables(trackables) -> Dict[str, Any]:
                        "'optimizer') to trackable objects (tf.Module, tf.Variable, ...). "
                        f"Received: {name!r}: {value!r}.")
   return trackables
+
+
+def _state_layout(model, optimizer) -> list:
+  """For each variable the optimizer's state was built for (in build order: the positions of its
+  masks, accumulators and slots in the checkpoint), its position in `model.weights`: the same
+  in every process that builds the same architecture, whatever the layer names."""
+  position = {w.ref(): i for i, w in enumerate(model.weights)}
+  return [position.get(v.ref(), -1) for v in optimizer.state_variables()]
+
+
+def _check_state_layout(saved, current, path) -> None:
+  """The optimizer's per-variable state is checkpointed by position: restoring it into an
+  optimizer built for another trainable set would give one variable another's mask."""
+  if saved is not None and list(saved) != list(current):
+    raise ValueError(
+        f"Checkpoint {path} holds DP optimizer state (update masks, accumulators, slots) for "
+        f"the model weights at positions {saved} of `model.weights`, in that order; this "
+        f"model's optimizer is built for {current}. Restoring would give variables each "
+        "other's masks. Expected the same trainable layers as the run that wrote it: restore "
+        "first, then change `trainable` and recompile with the same optimizer.")
 
 
 def _dp_settings(optimizer) -> Dict[str, Any]:

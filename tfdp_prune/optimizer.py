@@ -46,6 +46,12 @@ def make_dp_optimizer_class(cls):
       forward/backward pass and per-layer norms, `per_layer.PerLayerEngine`) or "vectorized"
       (the reference: every example's full gradient via tf.vectorized_map).
 
+  Per-variable DP state (update mask, accumulator, the base optimizer's slots) is found by the
+  variable's identity, never by its position in `model.trainable_variables`: after
+  `layer.trainable = False` and a recompile with the same optimizer, the remaining variables
+  keep their own state, and the others get no update and no noise. A trainable variable the
+  optimizer was not built for is refused before the step (see `state_positions`).
+
   The class is made once per `cls` and registered with Keras as "tfdp_prune>DP<cls name>", so
   models saved with it load without `custom_objects`.
   """
@@ -130,11 +136,23 @@ def make_dp_optimizer_class(cls):
       not listed keep their mask (all True until set). The optimizer must be built first
       (`optimizer.build(model.trainable_variables)`). Masks are optimizer variables, so they are
       saved and restored with the optimizer's checkpoint.
+
+      Raises:
+        RuntimeError: before `build`, or inside a logical batch (some of its physical batches
+          already accumulated): one logical batch is clipped and noised under one mask.
       """
       if not getattr(self, "_built", False):
         raise RuntimeError(
             "set_update_masks needs the optimizer's variables: call "
             "`optimizer.build(model.trainable_variables)` first.")
+      if not self.at_logical_batch_start():
+        done = int(self._micro_steps.numpy()) % self.gradient_accumulation_steps
+        raise RuntimeError(
+            "Expected set_update_masks between logical batches: one logical batch is clipped "
+            "and noised under one mask. Received it after "
+            f"{done} of the {self.gradient_accumulation_steps} physical batches of a logical "
+            "batch were accumulated. Set masks when `optimizer.at_logical_batch_start()` is "
+            "True (the mask callbacks wait for it), e.g. after the logical batch completes.")
       variables, masks = list(variables), list(masks)
       if len(variables) != len(masks):
         raise ValueError(f"Expected one mask per variable. Received {len(masks)} masks for "
@@ -155,7 +173,45 @@ def make_dp_optimizer_class(cls):
 
     def update_masks(self, variables):
       """The current update masks (1 = trained) of `variables`, in the variable dtype."""
-      return [self._update_masks[self._registry.index(v)] for v in variables]
+      return [self._update_masks[i] for i in self.state_positions(variables)]
+
+    def state_variables(self) -> list:
+      """The variables the DP state was built for, in build order: the order of the mask and
+      accumulator lists, hence of their keys in a checkpoint."""
+      return self._registry.variables()
+
+    def accumulator(self, variable):
+      """The replica-local sum of `variable`'s clipped gradients in the current logical batch."""
+      return self._accumulators[self.state_positions([variable])[0]]
+
+    def state_positions(self, variables) -> list:
+      """Where each of `variables` keeps its DP state (mask, accumulator), found by identity.
+
+      The state lists are in build order (their positions are the checkpoint's keys); a model
+      whose trainable set changed since (`layer.trainable = False` and a recompile) trains a
+      subset, and each variable must still meet its OWN mask, accumulator and noise.
+
+      Raises:
+        ValueError: for a variable the optimizer was not built for (tf_keras optimizers cannot
+          add variables after `build`).
+      """
+      if not getattr(self, "_built", False):
+        raise RuntimeError("The optimizer has no DP state yet: call "
+                           "`optimizer.build(model.trainable_variables)` first.")
+      variables = list(variables)
+      positions = [self._registry.index(v) for v in variables]
+      unknown = [v.name for v, i in zip(variables, positions) if i is None]
+      if unknown:
+        raise ValueError(
+            f"Expected trainable variables this DP optimizer was built for ({self._registry.size} "
+            f"variables, at its first step or `build`). Received {len(unknown)} it was not built "
+            f"for: {unknown} (e.g. a layer made trainable, or added, after the optimizer was "
+            "built). A tf_keras optimizer cannot add variables after build, and a variable "
+            "without its own update mask and accumulator cannot be trained privately. Fix: "
+            "compile with a new optimizer (`model.compile(optimizer=<a new DP optimizer>, ...)`, "
+            "whose masks start all True: set them again), or make the layer trainable before the "
+            "optimizer is built.")
+      return positions
 
     def get_config(self):
       config = super().get_config()
@@ -183,16 +239,34 @@ def make_dp_optimizer_class(cls):
       batch, applies the noisy average. Call in replica context (inside a train step)."""
       with tf.init_scope():
         self.build(variables)
-      for accumulator, grad in zip(self._accumulators, clipped.grads):
-        accumulator.assign_add(grad)
-      self._accumulated_units.assign_add(tf.cast(clipped.num_units, tf.float32))
+      positions = self.state_positions(variables)
+      with tf.control_dependencies(self._same_variables_within_logical_batch(positions)):
+        for position, grad in zip(positions, clipped.grads):
+          self._accumulators[position].assign_add(grad)
+        self._accumulated_units.assign_add(tf.cast(clipped.num_units, tf.float32))
       at_end = tf.equal((self._micro_steps + 1) % self.gradient_accumulation_steps, 0)
-      update = self._noisy_average(at_end)
+      update = self._noisy_average(at_end, positions)
       tf.distribute.get_replica_context().merge_call(
           functools.partial(self._advance, variables=variables), args=(update,))
 
-    def _noisy_average(self, at_end):
-      """The noisy average gradient over all replicas at the end of a logical batch, else zeros.
+    def _same_variables_within_logical_batch(self, positions) -> list:
+      """Runtime guard (as control dependencies) for a step traced with another variable set
+      than the previous trace: it may only start a logical batch, never continue one."""
+      previous = self._registry.swap_traced_positions(positions)
+      if previous is None or previous == tuple(positions):
+        return []
+      return [tf.debugging.assert_equal(
+          self._micro_steps % self.gradient_accumulation_steps, tf.constant(0, tf.int64),
+          message=("The trainable variables changed while a logical batch was partly "
+                   f"accumulated (gradient_accumulation_steps={self.gradient_accumulation_steps}"
+                   "): one logical batch must train one set of variables. Change `trainable` "
+                   "and recompile between logical batches (`optimizer.at_logical_batch_start()`)."
+                  ))]
+
+    def _noisy_average(self, at_end, positions):
+      """The noisy average gradient over all replicas at the end of a logical batch, else zeros:
+      one tensor per variable at `positions` (the variables being trained), each from its own
+      accumulator with noise on its own mask. Variables not trained get no update and no noise.
 
       The all-reduce runs at every physical step, outside any `cond`: collectives inside a
       `cond` branch are not reliable under tf.distribute.
@@ -201,11 +275,12 @@ def make_dp_optimizer_class(cls):
       # Independent noise on each of R replicas with std sigma*C/sqrt(R) sums to std sigma*C.
       stddev = self.noise_multiplier * self.l2_norm_clip / math.sqrt(
           context.num_replicas_in_sync)
-      accumulated = [a.read_value() for a in self._accumulators]
+      accumulators = [self._accumulators[i] for i in positions]
+      accumulated = [a.read_value() for a in accumulators]
       local = tf.cond(
           at_end,
-          lambda: noise.add_gaussian_noise(accumulated, [m.read_value() for m in
-                                                         self._update_masks],
+          lambda: noise.add_gaussian_noise(accumulated, [self._update_masks[i].read_value()
+                                                         for i in positions],
                                            stddev, self._noise_generator),
           lambda: [tf.zeros_like(a) for a in accumulated])
       divisor = (tf.constant(self.expected_batch_size, tf.float32)
@@ -213,11 +288,32 @@ def make_dp_optimizer_class(cls):
                  # max(., 1): a logical batch of zero rows is a valid (pure-noise) step.
                  else tf.maximum(1.0, context.all_reduce(tf.distribute.ReduceOp.SUM,
                                                          self._accumulated_units.read_value())))
-      for accumulator, value in zip(self._accumulators, accumulated):
+      for accumulator, value in zip(accumulators, accumulated):
         accumulator.assign(tf.where(at_end, tf.zeros_like(value), value))
+      self._clear_other_accumulators(at_end, positions)
       self._accumulated_units.assign(tf.where(at_end, 0.0, self._accumulated_units))
       return context.all_reduce(tf.distribute.ReduceOp.SUM,
                                 [g / tf.cast(divisor, g.dtype) for g in local])
+
+    def _clear_other_accumulators(self, at_end, positions) -> None:
+      """Zeroes, at a logical batch's end, the accumulators of variables not trained now.
+
+      They are zero unless the variable set changed inside a logical batch unnoticed (e.g. a
+      mid-batch checkpoint resumed with other trainable layers); a partial sum left there would
+      be released with a later logical batch, whose examples it does not belong to. Without
+      accumulation every step ends a logical batch and they stay zero.
+      """
+      trained = set(positions)
+      others = [a for i, a in enumerate(self._accumulators) if i not in trained]
+      if self.gradient_accumulation_steps == 1 or not others:
+        return
+
+      def clear():
+        for accumulator in others:
+          accumulator.assign(tf.zeros(accumulator.shape, accumulator.dtype))
+        return tf.constant(True)
+
+      tf.cond(at_end, clear, lambda: tf.constant(False))
 
     def _advance(self, strategy, update, variables):
       """Cross-replica: count the physical step; at a logical batch's end, apply `update`."""
@@ -248,16 +344,33 @@ def make_dp_optimizer_class(cls):
 
 
 class _VariableRegistry:
-  """Per model variable: its position in the built variable list and the base optimizer's slots.
+  """Per model variable: its position in the built variable list (where its mask and accumulator
+  are) and the base optimizer's slots; and the variable set of the last traced step.
   A plain object, so that checkpointing (which tracks the optimizer's dict and list attributes)
   does not try to save these mappings."""
 
   def __init__(self):
+    self._order = []
     self._index = {}
     self._slots = {}
+    self._traced_positions = None
+
+  def swap_traced_positions(self, positions):
+    """Records the positions of the variables a step was traced with; returns the previous
+    trace's (None before the first)."""
+    previous, self._traced_positions = self._traced_positions, tuple(positions)
+    return previous
 
   def set_order(self, variables):
+    self._order = list(variables)
     self._index = {v.ref(): i for i, v in enumerate(variables)}
+
+  def variables(self) -> list:
+    return list(self._order)
+
+  @property
+  def size(self) -> int:
+    return len(self._index)
 
   def index(self, variable):
     """The variable's position in the built list, or None for a variable not built for."""

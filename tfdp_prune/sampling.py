@@ -56,8 +56,17 @@ Use
                                                gradient_accumulation_steps=K)
   optimizer = tfdp_prune.DPKerasSGDOptimizer(..., expected_batch_size=sampler.expected_batch_size,
                                              gradient_accumulation_steps=K)
-  model.fit(sampler.dataset(), steps_per_epoch=sampler.physical_steps_per_epoch, epochs=E)
-  spec = sampler.privacy_spec(noise_multiplier=..., steps=E * sampler.steps_per_epoch, delta=...)
+  budget = tfdp_prune.PrivacyBudget(sampler.privacy_spec(noise_multiplier=..., steps=0,
+                                                        delta=...), sampler=sampler)
+  model.fit(sampler.dataset(), steps_per_epoch=sampler.physical_steps_per_epoch, epochs=E,
+            callbacks=[budget])
+
+What is checked (DESIGN.md rule 10): the budget built with `sampler=` refuses to start a fit
+whose optimizer disagrees with the sampler (accumulation steps, expected batch size,
+microbatches) or whose spec is not the sampler's (`agreement.check_agreement`). Nothing else ties
+`sampler.dataset()` to the optimizer: training with a sampler but without a budget, call
+`tfdp_prune.check_agreement(optimizer, sampler=sampler)` yourself; a budget without `sampler=`
+compares only its spec with the optimizer (and logs a warning).
 
 Data: a tuple (x, y) of arrays (or nests of arrays, e.g. a dict of inputs) with the same first
 dimension N, or a finite `tf.data.Dataset` of single (x, y) examples, which is read once into

@@ -2,6 +2,7 @@
 
 import types
 
+from tfdp_prune import augmult
 from tfdp_prune import model_checks
 from tfdp_prune.compat import keras
 from tfdp_prune.compat import tf
@@ -14,7 +15,9 @@ def make_private(model: keras.Model) -> keras.Model:
   """Makes `model.fit` (and `train_on_batch`) train `model` with its DP optimizer.
 
   Call it once, before or after `model.compile(optimizer=<tfdp_prune DP optimizer>,
-  loss=<loss with reduction="none">)`. It checks the model (tf_keras, no BatchNormalization),
+  loss=<loss with reduction="none">)`. It checks the model (tf_keras, no batch normalization,
+  no state written from the batch in training mode: `model_checks`; models without declared
+  inputs get that last check when the train step is traced, before their first step),
   replaces the model's train step with one that computes per-example gradients and hands their
   clipped sum to the optimizer, and adds the metric `dp_non_finite_examples` (examples whose
   gradient was not finite and was therefore dropped). Returns the same model.
@@ -32,15 +35,14 @@ def dp_train_step(model: keras.Model, data) -> dict:
   optimizer = _dp_optimizer(model)
   loss_fn = _per_example_loss(model)
   x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+  _check_no_state_written_from_batch(model, x)
   rows = tf.shape(tf.nest.flatten(x)[0])[0]
   sample_weight = (tf.ones([rows]) if sample_weight is None
                    else tf.reshape(tf.cast(sample_weight, tf.float32), [rows]))
   variables = model.trainable_variables
   with tf.init_scope():
     optimizer.build(variables)
-  engine_output = optimizer.per_example_engine.clipped_sum(
-      model, loss_fn, x, y, sample_weight, variables, optimizer.update_masks(variables),
-      optimizer.l2_norm_clip, optimizer.num_microbatches)
+  engine_output = _clipped_sum(model, optimizer, loss_fn, x, y, sample_weight, variables)
   optimizer.apply_clipped_sum(engine_output.clipped, variables)
   model.dp_non_finite_examples.update_state(engine_output.clipped.num_non_finite)
   # Loss and metrics over the real rows only: Keras' unweighted metrics would count padding.
@@ -49,6 +51,70 @@ def dp_train_step(model: keras.Model, data) -> dict:
       lambda t: tf.boolean_mask(t, real), (x, y, engine_output.predictions, sample_weight))
   model.compute_loss(x, y, predictions, sample_weight)  # updates the loss metric
   return model.compute_metrics(x, y, predictions, sample_weight)
+
+
+def _clipped_sum(model, optimizer, loss_fn, x, y, sample_weight, variables):
+  """The engine's clipped sum with the optimizer's clipping unit.
+
+  `num_microbatches` equal to the batch's number of rows is per-example clipping, and gets the
+  engine's per-example path (the fast one): decided at trace time for a static batch size, by a
+  `cond` on the rows otherwise. Real microbatches (several rows each) group consecutive rows,
+  which only keeps examples apart in fixed-size batches without padding: a batch with padding
+  rows (sample weight 0, e.g. Poisson-sampled) is refused when it runs, before any update.
+  """
+  masks = optimizer.update_masks(variables)
+  microbatches = optimizer.num_microbatches
+
+  def run(num_microbatches, weights=sample_weight):
+    return optimizer.per_example_engine.clipped_sum(
+        model, loss_fn, x, y, weights, variables, masks, optimizer.l2_norm_clip,
+        num_microbatches)
+
+  def grouped():
+    no_padding = tf.debugging.Assert(tf.reduce_all(tf.not_equal(sample_weight, 0)), [
+        f"num_microbatches={microbatches} groups consecutive rows into clipping units, and this "
+        "batch has padding rows (sample weight 0), as Poisson-sampled batches do: one more "
+        "example would shift every later row into another microbatch, which per-microbatch "
+        "clipping does not bound. Use num_microbatches=None (per-example clipping), or feed "
+        "fixed-size batches without padding."])
+    with tf.control_dependencies([no_padding]):
+      return run(microbatches, tf.identity(sample_weight))
+
+  if not microbatches:
+    return run(None)
+  rows = tf.compat.dimension_value(tf.nest.flatten(x)[0].shape[0])
+  if rows == microbatches:
+    return run(None)  # one row per microbatch: per-example clipping
+  if rows is None:
+    return tf.cond(tf.equal(tf.shape(sample_weight)[0], microbatches), lambda: run(None),
+                   grouped)
+  return grouped()
+
+
+def _check_no_state_written_from_batch(model, x) -> None:
+  """At trace time, before the first step: the model's training forward pass writes no state
+  from batches like `x` (`model_checks.check_no_state_written_from_batch`). Runs eagerly, once,
+  in cross-replica context (under tf.distribute, not once per replica)."""
+  spec = tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape, t.dtype), x)
+  if augmult.has_views(model, x):  # [batch, K, ...]: the model sees [rows, ...]
+    spec = tf.nest.map_structure(
+        lambda s: tf.TensorSpec(s.shape[:1].concatenate(s.shape[2:]), s.dtype), spec)
+  fixed_batch_size = all(s.shape.rank and s.shape[0] is not None
+                         for s in tf.nest.flatten(spec))
+
+  def check(*_):
+    with tf.init_scope():
+      try:
+        model_checks.check_no_state_written_from_batch(model, spec, fixed_batch_size)
+      except ValueError:
+        model.train_function = None  # its trace failed: the next fit must trace afresh
+        raise
+
+  context = tf.distribute.get_replica_context()
+  if context is None:  # already in cross-replica context
+    check()
+  else:
+    context.merge_call(check)
 
 
 def _dp_optimizer(model):

@@ -11,8 +11,9 @@
      the config, and the newest checkpoint is restored (weights, optimizer, masks, RNG, ledger);
   5. public pre-training (non-private, public part only) and the mask callback, both only for a
      fresh run (a resumed run has its masks and pre-trained weights in the checkpoint);
-  6. `model.fit` with PrivacyBudget (stops before the target epsilon is exceeded), EMA,
-     DPCheckpoint, and a stop after the planned number of logical steps;
+  6. `model.fit` with PrivacyBudget (built with the sampler: sampler, optimizer and budget must
+     agree on the logical batch, checked before fit too; it stops before the target epsilon is
+     exceeded), EMA, DPCheckpoint, and a stop after the planned number of logical steps;
   7. test accuracy (with the EMA weights when EMA is on), the privacy metadata, the export
      (its TF Serving warmup requests are synthetic: no row of any split leaves in them).
 
@@ -36,6 +37,7 @@ import numpy as np
 from absl import logging
 
 from tfdp_prune import accounting
+from tfdp_prune import agreement
 from tfdp_prune import augmult
 from tfdp_prune import budget as budget_lib
 from tfdp_prune import checkpointing
@@ -129,8 +131,11 @@ def train(config: TrainConfig, *, splits: Optional[data_lib.DataSplits] = None,
   with strategy.scope():
     model = compile_model(config, info.input_shape, info.num_classes, plan.noise_multiplier,
                           sampler.expected_batch_size)
+  # The sampler, the optimizer and the budget agree on the logical batch, or nothing starts
+  # (the budget checks again when fit begins).
+  agreement.check_agreement(model.optimizer, sampler=sampler, spec=plan.spec)
   budget = budget_lib.PrivacyBudget(plan.spec, target_epsilon=config.epsilon,
-                                    num_examples=info.num_private)
+                                    num_examples=info.num_private, sampler=sampler)
   ema = ema_lib.ExponentialMovingAverage(config.ema_decay) if config.ema_decay else None
   if ema is not None:
     ema.build(model)

@@ -117,3 +117,30 @@ def fake_tfds_as_dataset(self, split, decoders=None, read_config=None, shuffle_f
       labels.append(index % 10)
   return tf.data.Dataset.from_tensor_slices({"image": np.stack(images),
                                              "label": np.array(labels, np.int64)})
+
+
+class RunningCenter(keras.layers.Layer):
+  """Subtracts a running mean of its inputs, which it updates in training: batch-norm's moving
+  mean under another name, written from the batch."""
+
+  def build(self, input_shape):
+    self.running = self.add_weight("running", shape=input_shape[-1:], initializer="zeros",
+                                   trainable=False)
+
+  def call(self, inputs, training=None):
+    if training:
+      self.running.assign(0.9 * self.running + 0.1 * tf.reduce_mean(inputs, axis=0))
+    return inputs - self.running
+
+
+class SubclassedWithRunningCenter(keras.Model):
+  """No declared inputs: the check can only run when the train step is traced."""
+
+  def __init__(self):
+    super().__init__()
+    self.dense = keras.layers.Dense(4)
+    self.center = RunningCenter(name="center")
+    self.out = keras.layers.Dense(3)
+
+  def call(self, inputs, training=None):
+    return self.out(self.center(self.dense(inputs), training=training))

@@ -1,7 +1,9 @@
 import dataclasses
 import json
+import logging
 import warnings
 
+import numpy as np
 import pytest
 
 import tfdp_prune
@@ -13,7 +15,8 @@ from tests.tfdp_prune import _testing as T
 
 SIGMA = 1.0
 # RDP (fast) wherever the accountant is not the point. The Poisson rate is nominal: these tests
-# check the callback's counting and stopping, not the sampling of model.fit's batches.
+# check the callback's counting and stopping, not the sampling of model.fit's batches (the
+# optimizer divides by q * 32 = 8, the logical batch of the 32-example data below).
 SPEC = accounting.PrivacySpec(noise_multiplier=SIGMA, steps=0, delta=1e-5,
                               sampling_probability=0.25, accountant="rdp")
 TARGET = 6.1  # between epsilon(7 steps) = 5.95 and epsilon(8 steps) = 6.25
@@ -33,6 +36,7 @@ def _expected_max_steps(target, spec=SPEC):
 
 
 def _model(**kwargs):
+  kwargs.setdefault("expected_batch_size", 8.0)
   return T.dp_model(T.dense_model(seed=1), noise_multiplier=SIGMA, seed=0, **kwargs)
 
 
@@ -214,6 +218,58 @@ def test_config_round_trip():
   restored = budget_lib.PrivacyBudget.from_config(config)
   assert restored.get_config() == budget.get_config()
   assert restored.spec == SPEC and restored.target_epsilon == 3.0
+  sampler = tfdp_prune.PoissonSampler(T.dense_data(n=32), sampling_probability=0.25, seed=0)
+  with_sampler = budget_lib.PrivacyBudget.from_config(
+      budget_lib.PrivacyBudget(SPEC, sampler=sampler).get_config(), sampler=sampler)
+  assert with_sampler.sampler is sampler and with_sampler.num_examples == 32
+
+
+# ---- the sampler, the optimizer and the budget agree (DESIGN.md rule 10) ------------------------
+
+def test_a_sampler_that_the_optimizer_accumulates_differently_is_refused_before_any_step():
+  # The case: one Poisson draw per physical batch, the optimizer sums 4 per update, so
+  # each update would hold 4 draws while the ledger records one.
+  x, y = T.dense_data(n=320)
+  sampler = tfdp_prune.PoissonSampler((x, y), sampling_probability=0.1, seed=0)
+  model = _model(gradient_accumulation_steps=4, expected_batch_size=sampler.expected_batch_size)
+  budget = budget_lib.PrivacyBudget(
+      sampler.privacy_spec(noise_multiplier=SIGMA, steps=0, delta=1e-5, accountant="rdp"),
+      sampler=sampler)
+  before = T.weights(model)
+  with pytest.raises(ValueError, match=r"the optimizer sums 4 into one noisy update"):
+    model.fit(sampler.dataset(), steps_per_epoch=8, callbacks=[budget], verbose=0)
+  assert int(model.optimizer.iterations.numpy()) == 0
+  for got, want in zip(T.weights(model), before):
+    np.testing.assert_array_equal(got, want)
+  agreeing = _model(gradient_accumulation_steps=1, expected_batch_size=sampler.expected_batch_size)
+  agreeing.fit(sampler.dataset(), steps_per_epoch=4, callbacks=[budget], verbose=0)
+  assert budget.steps == 4
+
+
+def test_a_poisson_spec_and_an_optimizer_dividing_by_the_rows_are_refused():
+  x, y = T.dense_data(n=32)
+  with pytest.raises(ValueError, match="accounts for Poisson sampling.*expected_batch_size=None"):
+    _model(expected_batch_size=None).fit(x, y, batch_size=8, verbose=0,
+                                         callbacks=[budget_lib.PrivacyBudget(SPEC)])
+  with pytest.raises(ValueError, match="q=0.25 over N=32 examples gives 8"):
+    _model(expected_batch_size=16.0).fit(
+        x, y, batch_size=8, verbose=0,
+        callbacks=[budget_lib.PrivacyBudget(SPEC, num_examples=32)])
+
+
+def test_without_a_sampler_a_warning_says_what_cannot_be_checked(caplog):
+  x, y = T.dense_data(n=16)
+  with caplog.at_level(logging.WARNING):
+    _model().fit(x, y, batch_size=8, callbacks=[budget_lib.PrivacyBudget(SPEC)], verbose=0)
+  assert "PrivacyBudget without sampler=" in caplog.text
+
+
+def test_num_examples_that_is_not_the_samplers_is_refused():
+  sampler = tfdp_prune.PoissonSampler(T.dense_data(n=32), sampling_probability=0.25, seed=0)
+  with pytest.raises(ValueError, match="to equal the sampler's num_examples=32"):
+    budget_lib.PrivacyBudget(SPEC, num_examples=40, sampler=sampler)
+  with pytest.raises(ValueError, match="Expected sampler to be"):
+    budget_lib.PrivacyBudget(SPEC, sampler=object())
 
 
 def test_log_every_epoch_false_keeps_the_logs_clean():
@@ -249,7 +305,8 @@ def test_mismatched_optimizer_or_steps_per_execution_are_clear_errors():
   with pytest.raises(ValueError, match="tfdp_prune DP optimizer"):
     plain.fit(x, y, batch_size=8, callbacks=[budget_lib.PrivacyBudget(SPEC)], verbose=0)
   model = T.dense_model()
-  model.compile(optimizer=tfdp_prune.DPKerasSGDOptimizer(1.0, SIGMA, learning_rate=0.1),
+  model.compile(optimizer=tfdp_prune.DPKerasSGDOptimizer(1.0, SIGMA, learning_rate=0.1,
+                                                         expected_batch_size=8.0),
                 loss=T.per_example_loss(), steps_per_execution=2)
   tfdp_prune.make_private(model)
   with pytest.raises(ValueError, match="steps_per_execution=1"):

@@ -207,6 +207,31 @@ def test_refuses_another_sampler_other_dp_settings_and_a_stale_ledger(tmp_path):
         tmp_path / "other", every_steps=1, budget=_budget(sampler))])
 
 
+def test_refuses_optimizer_state_built_for_another_trainable_set(tmp_path):
+  # Masks and accumulators are checkpointed by their position in the optimizer's build order;
+  # with equal shapes, a restore into an optimizer built for fewer variables would silently
+  # give the second layer the first one's (all frozen) mask.
+  sampler = _sampler()
+
+  def build(first_trainable):
+    model = T.dp_model(T.dense_model(seed=4, hidden=8, classes=8), noise_multiplier=SIGMA,
+                       gradient_accumulation_steps=K,
+                       expected_batch_size=sampler.expected_batch_size)
+    model.layers[0].trainable = first_trainable
+    model.optimizer.build(model.trainable_variables)
+    return model
+
+  model = build(first_trainable=True)
+  variables = model.trainable_variables
+  model.optimizer.set_update_masks(variables[:2], [np.zeros((8, 8), bool), np.zeros(8, bool)])
+  budget = _budget(sampler)
+  _train(model, sampler, 0, 1, [budget, checkpointing.DPCheckpoint(
+      tmp_path, every_steps=1, budget=budget, sampler=sampler)])
+  with pytest.raises(ValueError, match=r"positions \[0, 1, 2, 3\].*built for \[2, 3\]"):
+    checkpointing.restore_latest(tmp_path, build(first_trainable=False))
+  assert checkpointing.restore_latest(tmp_path, build(first_trainable=True)) == 1
+
+
 def test_more_trackable_state_is_saved_and_restored_by_name(tmp_path):
   # What `ExponentialMovingAverage.state` is: a tf.Module of variables outside model/optimizer.
   sampler = _sampler()

@@ -69,3 +69,30 @@ def test_replicas_draw_independent_noise():
   update = _train(2, x, np.zeros(batch, "int32"), np.zeros(batch), noise_multiplier=sigma,
                   seed=2, learning_rate=1.0)[0]
   np.testing.assert_allclose(np.std(update), sigma / batch, rtol=0.05)
+
+
+def test_a_recompiled_trainable_subset_gives_the_one_replica_update():
+  x, y = T.dense_data(n=32, inputs=8)
+  updates = {}
+  for replicas in (1, 2):
+    with _strategy(replicas).scope():
+      model = T.dp_model(T.dense_model(seed=3, hidden=8, classes=8), noise_multiplier=0.0,
+                         l2_norm_clip=0.1)
+      model.optimizer.build(model.trainable_variables)
+      model.layers[0].trainable = False  # the state of the rest must follow its variables
+      model.compile(optimizer=model.optimizer, loss=T.per_example_loss())
+    before = [v.numpy().copy() for v in model.variables]
+    model.fit(x, y, batch_size=32, shuffle=False, verbose=0)
+    updates[replicas] = [v.numpy() - b for v, b in zip(model.variables, before)]
+    np.testing.assert_array_equal(updates[replicas][0], 0.0)  # the frozen layer's kernel
+  for got, want in zip(updates[2], updates[1]):
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_state_written_from_the_batch_is_refused_under_two_replicas():
+  x, y = T.dense_data(n=16, inputs=8)
+  with _strategy(2).scope():
+    model = T.dp_model(T.SubclassedWithRunningCenter())
+  with pytest.raises(ValueError, match="layer 'center'.*from the values of the batch"):
+    model.fit(x, y, batch_size=16, verbose=0)
+  assert int(model.optimizer.iterations.numpy()) == 0

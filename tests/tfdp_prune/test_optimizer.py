@@ -155,6 +155,21 @@ def test_masks_are_validated():
                                [np.ones((8, 16), bool)])
 
 
+def test_masks_cannot_change_inside_a_logical_batch():
+  x, y = T.dense_data(n=16)
+  model = T.dp_model(T.dense_model(), gradient_accumulation_steps=2)
+  variables = model.trainable_variables
+  masks = T.random_masks(variables)
+  model.fit(x[:8], y[:8], batch_size=8, verbose=0)  # one of two physical batches
+  assert not model.optimizer.at_logical_batch_start()
+  with pytest.raises(RuntimeError, match="between logical batches.*1 of the 2 physical"):
+    model.optimizer.set_update_masks(variables, masks)
+  model.fit(x[8:], y[8:], batch_size=8, verbose=0)
+  model.optimizer.set_update_masks(variables, masks)  # at the boundary: accepted
+  for got, want in zip(model.optimizer.update_masks(variables), masks):
+    np.testing.assert_array_equal(got.numpy(), want.astype("float32"))
+
+
 # ---- padding, empty batches, non-finite gradients --------------------------------------------
 
 def test_weight_zero_examples_change_nothing():
@@ -218,6 +233,99 @@ def test_accumulated_physical_batches_are_one_logical_step():
   assert one.optimizer.iterations.numpy() == four.optimizer.iterations.numpy() == 1
   for got, want in zip(T.weights(four), T.weights(one)):
     np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+# ---- per-variable state follows the variable, not its position --------------------------------
+
+def _three_equal_layers(seed=0):
+  """Three Dense layers with variables of equal shapes: a positional mix-up raises no error."""
+  keras.utils.set_random_seed(seed)
+  return keras.Sequential([keras.Input((4,)), keras.layers.Dense(4, name="first"),
+                           keras.layers.Dense(4, name="second"), keras.layers.Dense(4, name="third")])
+
+
+def _freeze_first_layer_and_recompile(**optimizer_kwargs):
+  """The issue's reproduction: masks set for all variables, then `first.trainable = False` and a
+  recompile with the SAME optimizer."""
+  model = T.dp_model(_three_equal_layers(), **optimizer_kwargs)
+  optimizer = model.optimizer
+  variables = model.trainable_variables
+  optimizer.build(variables)
+  first, second, third = model.layers
+  masks = [np.zeros((4, 4), bool), np.zeros(4, bool),  # first: frozen by its mask
+           T.random_masks([second.kernel], keep=0.5, seed=1)[0], np.ones(4, bool),
+           np.ones((4, 4), bool), np.ones(4, bool)]
+  optimizer.set_update_masks(variables, masks)
+  first.trainable = False
+  model.compile(optimizer=optimizer, loss=T.per_example_loss())
+  return model, dict(zip([v.ref() for v in variables], masks))
+
+
+def test_recompiled_trainable_subset_gets_its_own_masks_and_noise():
+  x, y = T.dense_data(n=8, inputs=4, classes=4)
+  model, mask_of = _freeze_first_layer_and_recompile(noise_multiplier=1e6, learning_rate=1.0)
+  first, second, third = model.layers
+  before = {v.ref(): v.numpy().copy() for v in first.weights + second.weights + third.weights}
+  model.fit(x, y, batch_size=8, verbose=0)
+  # Noise std on the update: 1e6 * C / 8 * lr = 1.25e5; a gradient alone moves by < 1.
+  for variable in first.weights:  # no longer trainable: no update, no noise
+    np.testing.assert_array_equal(variable.numpy(), before[variable.ref()])
+  for variable in second.weights + third.weights:
+    moved = np.abs(variable.numpy() - before[variable.ref()])
+    mask = mask_of[variable.ref()]
+    np.testing.assert_array_equal(moved[~mask], 0.0)  # its own mask: frozen coordinates stay
+    assert np.all(moved[mask] > 1e2), (variable.name, moved)  # its own noise on the others
+
+
+def test_each_variable_accumulates_its_own_clipped_gradient():
+  x, y = T.dense_data(n=8, inputs=4, classes=4)
+  model, mask_of = _freeze_first_layer_and_recompile(gradient_accumulation_steps=2)
+  optimizer = model.optimizer
+  variables = model.trainable_variables
+  masks = [mask_of[v.ref()].astype("float32") for v in variables]
+  expected = T.single_example_reference(model, T.per_example_loss(), x, y, masks, 1.0)
+  model.fit(x, y, batch_size=8, verbose=0)  # one physical batch of two: accumulated only
+  for variable, want in zip(variables, expected):
+    np.testing.assert_allclose(optimizer.accumulator(variable).numpy(), want, atol=1e-5)
+  for variable in model.layers[0].weights:
+    np.testing.assert_array_equal(optimizer.accumulator(variable).numpy(), 0.0)
+
+
+def test_a_trainable_variable_the_optimizer_was_not_built_for_is_refused():
+  x, y = T.dense_data(n=8, inputs=4, classes=4)
+  model = _three_equal_layers()
+  model.layers[0].trainable = False
+  T.dp_model(model)
+  model.fit(x, y, batch_size=8, verbose=0)  # builds the optimizer for second and third only
+  model.layers[0].trainable = True
+  model.compile(optimizer=model.optimizer, loss=T.per_example_loss())
+  before = T.weights(model)
+  with pytest.raises(ValueError, match=r"not built for: \['first/kernel.*new optimizer"):
+    model.fit(x, y, batch_size=8, verbose=0)
+  for got, want in zip(T.weights(model), before):
+    np.testing.assert_array_equal(got, want)
+
+
+def test_changing_the_trainable_set_inside_a_logical_batch_is_refused():
+  x, y = T.dense_data(n=8, inputs=4, classes=4)
+  model = T.dp_model(_three_equal_layers(), gradient_accumulation_steps=2)
+  model.fit(x, y, batch_size=8, verbose=0)  # half a logical batch
+  model.layers[0].trainable = False
+  model.compile(optimizer=model.optimizer, loss=T.per_example_loss())
+  with pytest.raises(tf.errors.InvalidArgumentError, match="partly accumulated"):
+    model.fit(x, y, batch_size=8, verbose=0)
+
+
+def test_a_stale_partial_sum_of_an_untrained_variable_is_dropped_at_the_logical_batch_end():
+  x, y = T.dense_data(n=16, inputs=4, classes=4)
+  model, _ = _freeze_first_layer_and_recompile(gradient_accumulation_steps=2)
+  first = model.layers[0]
+  stale = model.optimizer.accumulator(first.kernel)
+  stale.assign(np.ones((4, 4), "float32"))  # as if left by a trainable `first` mid-batch
+  model.fit(x[:8], y[:8], batch_size=8, verbose=0)
+  np.testing.assert_array_equal(stale.numpy(), 1.0)  # inside the logical batch: untouched
+  model.fit(x[8:], y[8:], batch_size=8, verbose=0)
+  np.testing.assert_array_equal(stale.numpy(), 0.0)  # its end: never released later
 
 
 # ---- checkpointed state ------------------------------------------------------------------------
@@ -293,6 +401,48 @@ def test_num_microbatches_that_does_not_divide_the_batch_is_an_error():
   model = T.dp_model(T.dense_model(), num_microbatches=4)
   with pytest.raises(ValueError, match="num_microbatches=4 must divide"):
     model.fit(x, y, batch_size=10, verbose=0)
+
+
+class _RecordingEngine(tfdp_prune.PerLayerEngine):
+  """Records the clipping unit each traced step asked for."""
+
+  def __init__(self):
+    super().__init__()
+    self.microbatches = []
+
+  def clipped_sum(self, *args, **kwargs):
+    self.microbatches.append(args[8] if len(args) > 8 else kwargs.get("num_microbatches"))
+    return super().clipped_sum(*args, **kwargs)
+
+
+@pytest.mark.parametrize("static_batch", [True, False])
+def test_num_microbatches_equal_to_the_batch_size_is_per_example_clipping(static_batch):
+  x, y = T.dense_data(n=16)
+  data = tf.data.Dataset.from_tensor_slices((x, y)).batch(8, drop_remainder=static_batch)
+  engine = _RecordingEngine()
+  ported = T.dp_model(T.dense_model(seed=3), num_microbatches=8, per_example_engine=engine,
+                      l2_norm_clip=0.1)
+  reference = T.dp_model(T.dense_model(seed=3), l2_norm_clip=0.1)
+  ported.fit(data, verbose=0)
+  reference.fit(data, verbose=0)
+  # The per-example (fast) path is traced; a batch of unknown size also traces the grouped one.
+  assert set(engine.microbatches) == ({None} if static_batch else {None, 8})
+  for got, want in zip(T.weights(ported), T.weights(reference)):
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_num_microbatches_with_padding_rows_is_refused_before_the_update():
+  x, y = T.dense_data(n=8)
+  model = T.dp_model(T.dense_model(), num_microbatches=4)
+  before = T.weights(model)
+  weight = np.array([1, 1, 1, 1, 1, 1, 0, 0], "float32")  # padded, as Poisson batches are
+  with pytest.raises(tf.errors.InvalidArgumentError, match="padding rows"):
+    model.fit(x, y, sample_weight=weight, batch_size=8, verbose=0)
+  assert int(model.optimizer.iterations.numpy()) == 0
+  for got, want in zip(T.weights(model), before):
+    np.testing.assert_array_equal(got, want)
+  model.fit(x, y, batch_size=8, verbose=0)  # fixed-size batches without padding: accepted
+  assert int(model.optimizer.iterations.numpy()) == 1
 
 
 def test_batch_normalization_is_rejected_with_the_fix():

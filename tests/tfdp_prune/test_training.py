@@ -254,6 +254,18 @@ def test_existing_export_version_is_refused_before_training(tmp_path, monkeypatc
     training.train(TrainConfig(**SHORT, export_dir=str(tmp_path), export_version=1))
 
 
+def test_a_sampler_that_disagrees_with_the_optimizer_fails_before_any_training(monkeypatch):
+  # As if the sampler were built for one physical batch per draw while the optimizer
+  # accumulates two: each update would sum two draws that the ledger counts as one.
+  make_sampler = training.make_sampler
+  monkeypatch.setattr(training, "make_sampler", lambda config, private: make_sampler(
+      TrainConfig(**dict(config.to_dict(), physical_batch_size=None)), private))
+  monkeypatch.setattr(keras.Model, "fit", lambda *a, **k: pytest.fail("fit must not run"))
+  with pytest.raises(ValueError, match=r"cuts each draw into 1 physical batch\(es\), the "
+                                       "optimizer sums 2"):
+    training.train(TrainConfig(**SHORT, physical_batch_size=50, export_dir=None))
+
+
 def _weights(model):
   return [v.numpy() for v in model.trainable_variables]
 

@@ -1,0 +1,202 @@
+"""The sampler, the DP optimizer and the privacy budget agree on what a logical batch is, or
+training does not start (DESIGN.md rule 10).
+
+Each of the three describes the logical batch on its own: the sampler draws it (Poisson rate q,
+or a fixed batch size) and cuts it into `gradient_accumulation_steps` physical batches; the
+optimizer sums that many physical batches into one noisy update, divided by its
+`expected_batch_size`; the budget's `PrivacySpec` accounts one draw per update. If they differ,
+the epsilon reported is not the epsilon of the training done: e.g. a sampler with one physical
+batch per draw feeding an optimizer that accumulates 4 puts 4 independent draws into every
+update the ledger counts once. `check_agreement` compares what it is given; `PrivacyBudget`
+calls it when training begins (with its spec, and its sampler if it has one), and so does
+`tfdp-train`.
+
+What is checked depends on what is given:
+  sampler + optimizer   accumulation steps, the divisor (q N for Poisson, the batch size for
+                        shuffling when there is padding), microbatches (refused with Poisson or
+                        padded batches, and must divide the physical batch);
+  spec + optimizer      noise multiplier; Poisson needs `expected_batch_size` (q N when N is
+                        known) and no microbatches; shuffling divides by the batch size;
+  sampler + spec        the sampling kind and its parameters (q, or batch size and N).
+Nothing ties a `tf.data` pipeline to the optimizer by itself: without a sampler, the number of
+physical batches per draw cannot be checked, so build the budget with `sampler=`, or call
+`check_agreement(optimizer, sampler=...)` yourself when training without a budget.
+"""
+
+import math
+from typing import List, Optional
+
+from tfdp_prune.accounting import PrivacySpec
+
+_FIX = ("Build the optimizer and the budget from the sampler: "
+        "`DPKeras...Optimizer(..., expected_batch_size=sampler.expected_batch_size, "
+        "gradient_accumulation_steps=sampler.gradient_accumulation_steps)` and "
+        "`PrivacyBudget(sampler.privacy_spec(noise_multiplier=<the optimizer's>, steps=0, "
+        "delta=...), sampler=sampler)`.")
+
+
+def check_agreement(optimizer, *, sampler=None, spec: Optional[PrivacySpec] = None,
+                    num_examples: Optional[int] = None) -> None:
+  """Raises if the optimizer, the sampler and the spec describe different logical batches.
+
+  Args:
+    optimizer: a tfdp_prune DP optimizer.
+    sampler: the `PoissonSampler` or `ShuffleSampler` whose `dataset()` feeds `fit`, or None.
+    spec: the budget's `PrivacySpec`, or None.
+    num_examples: the private dataset size N (defaults to the sampler's, then the spec's), to
+      check a Poisson `expected_batch_size` = q N without a sampler.
+
+  Raises:
+    ValueError: listing each disagreement, what each of the three says, and the fix.
+  """
+  if num_examples is None:
+    num_examples = sampler.num_examples if sampler is not None else (
+        spec.num_examples if spec is not None else None)
+  problems = []
+  if sampler is not None:
+    problems += _sampler_and_optimizer(sampler, optimizer)
+  if spec is not None:
+    problems += _spec_and_optimizer(spec, optimizer, num_examples, check_microbatches=(
+        sampler is None))
+  if sampler is not None and spec is not None:
+    problems += _sampler_and_spec(sampler, spec)
+  if problems:
+    said = [f"the optimizer: {_describe_optimizer(optimizer)}"]
+    if sampler is not None:
+      said.append(f"the sampler: {_describe_sampler(sampler)}")
+    if spec is not None:
+      said.append(f"the budget: {_describe_spec(spec)}")
+    raise ValueError(
+        "The sampler, the DP optimizer and the privacy budget must agree on what one logical "
+        "batch is, or the reported epsilon does not describe the training done. Received: "
+        + "; ".join(said) + ". Disagreements: " + " ".join(f"({i + 1}) {p}"
+                                                             for i, p in enumerate(problems))
+        + " " + _FIX)
+
+
+def _sampler_and_optimizer(sampler, optimizer) -> List[str]:
+  problems = []
+  steps = sampler.gradient_accumulation_steps
+  if steps != optimizer.gradient_accumulation_steps:
+    problems.append(
+        f"the sampler cuts each draw into {steps} physical batch(es), the optimizer sums "
+        f"{optimizer.gradient_accumulation_steps} into one noisy update: each update would hold "
+        f"{optimizer.gradient_accumulation_steps / steps:g} draws while the budget counts one. "
+        "Pass the same gradient_accumulation_steps to both.")
+  # Padding rows per logical batch: Poisson batches always may have some; shuffled ones only
+  # when the accumulation steps do not divide the batch size.
+  padding = (sampler.physical_batch_size * steps - sampler.batch_size
+             if sampler.sampling == "shuffle" else None)
+  expected = optimizer.expected_batch_size
+  if padding is None or padding > 0:
+    if expected is None:
+      problems.append(
+          "the optimizer divides the noisy sum by the rows of each logical batch, padding "
+          f"included ({sampler.physical_batch_size * steps}), not by the expected batch size "
+          f"{sampler.expected_batch_size:g}. Pass expected_batch_size=sampler.expected_batch_size.")
+  if expected is not None and not math.isclose(expected, sampler.expected_batch_size,
+                                               rel_tol=1e-9):
+    problems.append(
+        f"the optimizer divides by expected_batch_size={expected:g}, the sampler's expected "
+        f"logical batch is {sampler.expected_batch_size:g}. Pass "
+        "expected_batch_size=sampler.expected_batch_size.")
+  problems += _microbatch_problems(optimizer.num_microbatches, sampler, padding)
+  return problems
+
+
+def _microbatch_problems(num_microbatches, sampler, padding) -> List[str]:
+  """Microbatches group consecutive rows: only fixed-size batches without padding keep each
+  group made of the same examples whatever one example does (issue: with Poisson batches one
+  more example shifts every later row into another group)."""
+  if not num_microbatches or num_microbatches == sampler.physical_batch_size:
+    return []  # None, or one row per microbatch: per-example clipping
+  if sampler.sampling == "poisson":
+    return [f"num_microbatches={num_microbatches} groups rows of Poisson-sampled batches, "
+            "whose number of examples varies (padding fills the rest): one more example shifts "
+            "every later row into another microbatch, which per-microbatch clipping does not "
+            "bound. Use num_microbatches=None (per-example clipping)."]
+  if padding:
+    return [f"num_microbatches={num_microbatches} groups rows of batches with {padding} padding "
+            f"row(s) per logical batch (batch_size={sampler.batch_size} is not a multiple of "
+            f"gradient_accumulation_steps={sampler.gradient_accumulation_steps}). Use "
+            "num_microbatches=None, or a batch size that the accumulation steps divide."]
+  if sampler.physical_batch_size % num_microbatches:
+    return [f"num_microbatches={num_microbatches} does not divide the physical batch size "
+            f"{sampler.physical_batch_size}. Use num_microbatches=None (per-example clipping) "
+            "or a divisor of the physical batch size."]
+  return []
+
+
+def _spec_and_optimizer(spec, optimizer, num_examples, check_microbatches) -> List[str]:
+  problems = []
+  if float(optimizer.noise_multiplier) != spec.noise_multiplier:
+    problems.append(
+        f"the optimizer's noise_multiplier={optimizer.noise_multiplier} differs from the "
+        f"spec's noise_multiplier={spec.noise_multiplier}: the epsilon would not describe the "
+        "noise actually added.")
+  expected = optimizer.expected_batch_size
+  if spec.sampling == "poisson":
+    if expected is None:
+      problems.append(
+          "the budget accounts for Poisson sampling, whose batches vary in size, but the "
+          "optimizer divides by the rows of each batch (expected_batch_size=None). Pass "
+          "expected_batch_size = q * N (`sampler.expected_batch_size`).")
+    elif num_examples is not None and not math.isclose(
+        expected, spec.sampling_probability * num_examples, rel_tol=1e-9):
+      problems.append(
+          f"the optimizer divides by expected_batch_size={expected:g}, the budget's Poisson "
+          f"rate q={spec.sampling_probability:g} over N={num_examples} examples gives "
+          f"{spec.sampling_probability * num_examples:g}.")
+    if check_microbatches and optimizer.num_microbatches:
+      problems.append(
+          f"num_microbatches={optimizer.num_microbatches} with Poisson sampling: the number of "
+          "examples in a batch varies, so microbatches do not keep one example's rows apart. Use "
+          "num_microbatches=None (per-example clipping).")
+  elif expected is not None and not math.isclose(expected, spec.batch_size, rel_tol=1e-9):
+    problems.append(
+        f"the optimizer divides by expected_batch_size={expected:g}, the budget accounts for "
+        f"shuffled batches of {spec.batch_size}. Pass expected_batch_size={spec.batch_size}.")
+  return problems
+
+
+def _sampler_and_spec(sampler, spec) -> List[str]:
+  if sampler.sampling != spec.sampling:
+    return [f"the sampler draws {sampler.sampling} batches, the budget accounts for "
+            f"{spec.sampling} sampling. Build the spec with `sampler.privacy_spec(...)`."]
+  if sampler.sampling == "poisson":
+    if not math.isclose(sampler.sampling_probability, spec.sampling_probability, rel_tol=1e-12):
+      return [f"the sampler draws with q={sampler.sampling_probability:g}, the budget accounts "
+              f"for q={spec.sampling_probability:g}. Build the spec with "
+              "`sampler.privacy_spec(...)`."]
+    return []
+  if (sampler.batch_size, sampler.num_examples) != (spec.batch_size, spec.num_examples):
+    return [f"the sampler draws batches of {sampler.batch_size} from {sampler.num_examples} "
+            f"examples, the budget accounts for {spec.batch_size} from {spec.num_examples}. "
+            "Build the spec with `sampler.privacy_spec(...)`."]
+  return []
+
+
+def _describe_optimizer(optimizer) -> str:
+  return (f"gradient_accumulation_steps={optimizer.gradient_accumulation_steps}, "
+          f"expected_batch_size={optimizer.expected_batch_size}, "
+          f"num_microbatches={optimizer.num_microbatches}, "
+          f"noise_multiplier={optimizer.noise_multiplier}")
+
+
+def _describe_sampler(sampler) -> str:
+  if sampler.sampling == "poisson":
+    draw = (f"Poisson q={sampler.sampling_probability:g} over N={sampler.num_examples} "
+            f"(expected logical batch {sampler.expected_batch_size:g})")
+  else:
+    draw = f"shuffled batches of {sampler.batch_size} from N={sampler.num_examples}"
+  return (f"{draw}, {sampler.gradient_accumulation_steps} physical batch(es) of "
+          f"{sampler.physical_batch_size} rows per logical batch")
+
+
+def _describe_spec(spec) -> str:
+  if spec.sampling == "poisson":
+    draw = f"Poisson q={spec.sampling_probability:g}"
+  else:
+    draw = f"shuffled batches of {spec.batch_size} from N={spec.num_examples}"
+  return (f"{draw}, noise_multiplier={spec.noise_multiplier}, one accounting step per "
+          "optimizer update")
