@@ -5,7 +5,9 @@ optimizer's `iterations`: one per logical batch, so gradient accumulation counts
 rule 10) in an `accounting.PrivacyLedger`, and
 
 - writes `epsilon` and `delta` into the epoch logs, so History and TensorBoard (listed AFTER
-  this callback) record them (TensorBoard as `epoch_epsilon`); `epsilon()` gives it on demand;
+  this callback) record them (TensorBoard as `epoch_epsilon`); `epsilon()` gives it on demand.
+  `delta` is the delta of the guarantee: the spec's, plus the Poisson sampler's overflow term
+  when its cap can be exceeded (`PrivacySpec.total_delta()`);
 - with `target_epsilon`: computes once the largest number of logical steps `max_steps` whose
   epsilon is <= target (epsilon never decreases with steps), and sets `model.stop_training`
   at the end of the batch that completes logical step `max_steps`. Keras checks stop_training
@@ -109,7 +111,10 @@ class PrivacyBudget(keras.callbacks.Callback):
 
   @property
   def delta(self) -> float:
-    return self.spec.delta
+    """The delta of the guarantee after the logical steps taken so far: the spec's delta plus
+    the sampler's overflow term, if any (`PrivacySpec.total_delta()`)."""
+    self._sync()
+    return self._ledger.spec.total_delta()
 
   @property
   def max_steps(self) -> Optional[int]:
