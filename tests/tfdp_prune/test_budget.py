@@ -33,7 +33,7 @@ def _expected_max_steps(target, spec=SPEC):
 
 
 def _model(**kwargs):
-  return T.dp_model(T.dense_model(seed=1), noise_multiplier=SIGMA, seed=0, **kwargs)
+  return T.dp_model(T.dense_model(seed=1), noise_multiplier=SIGMA, **kwargs)
 
 
 class _CountBatches(keras.callbacks.Callback):
