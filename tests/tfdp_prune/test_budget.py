@@ -85,6 +85,19 @@ def test_epsilon_and_delta_in_history_every_epoch_and_on_demand():
   assert budget.epsilon() == _epsilon(int(model.optimizer.iterations.numpy())) == _epsilon(13)
 
 
+def test_the_logged_delta_includes_the_sampler_overflow_term():
+  """A sampler whose cap can be exceeded (p per step) adds (1 + e^eps) * T * p to delta: the
+  logged delta is that of the guarantee, growing with the steps."""
+  x, y = T.dense_data(n=32)
+  model = _model()
+  spec = dataclasses.replace(SPEC, overflow_probability=1e-6)
+  budget = budget_lib.PrivacyBudget(spec)
+  history = model.fit(x, y, batch_size=8, epochs=2, callbacks=[budget], verbose=0)
+  want = [spec.with_steps(s).total_delta() for s in (4, 8)]
+  assert history.history["delta"] == want
+  assert 1e-5 < want[0] < want[1] and budget.delta == want[1]
+
+
 def test_a_second_fit_continues_the_budget_and_a_spent_budget_takes_no_step():
   x, y = T.dense_data(n=32)
   model = _model()
