@@ -40,6 +40,12 @@ def test_short_run_spends_what_it_reports(short_run):
   spec = accounting.PrivacySpec(noise_multiplier=model.optimizer.noise_multiplier, steps=6,
                                 delta=1e-5, sampling_probability=100 / 1258)
   assert metadata.epsilon == pytest.approx(spec.epsilon(), abs=1e-9)
+  # delta is that of the guarantee: the sampler's overflow term (its cap) included.
+  p = metadata.privacy_spec["overflow_probability"]
+  assert 0 < p < 1e-15
+  assert metadata.delta == pytest.approx(1e-5 + (1 + math.exp(metadata.epsilon)) * 6 * p,
+                                         rel=1e-12, abs=0)
+  assert metadata.delta > 1e-5
   assert metadata.sampling_probability == pytest.approx(100 / 1258)
   assert metadata.noise_multiplier == model.optimizer.noise_multiplier
   assert metadata.num_private_examples == 1258 and metadata.num_public_examples == 180
