@@ -30,8 +30,8 @@ def make_noise_generator(insecure_seed: Optional[int] = None) -> tf.random.Gener
   (reproducible, hence INSECURE: the caller warns and labels).
 
   Not `tf.random.Generator.from_non_deterministic_state()`: its state comes from TensorFlow's
-  process-wide std::mt19937_64, seeded with ONE 32-bit value of std::random_device
-  (tsl/platform/random.cc, `New64`), i.e. at most 2**32 possible noise streams per process.
+  process-wide std::mt19937_64, seeded with ONE 32-bit value of std::random_device (`New64` in
+  TSL's platform/random.cc), i.e. at most 2**32 possible noise streams per process.
 
   Create it where the optimizer's variables are created (under a tf.distribute strategy's scope):
   its state is then a mirrored variable, under MultiWorkerMirroredStrategy broadcast from the
