@@ -204,9 +204,10 @@ class PrivacySpec:
     if self.sampling == "poisson":
       overflow = ""
       if self.overflow_probability > 0:
-        overflow = (f" The reported delta {self.total_delta():.6g} adds (1 + e^epsilon) * steps "
-                    f"* {self.overflow_probability:.3g} to {self.delta}: the bound on the "
-                    "sampler's fixed-shape cap being exceeded (the run would then stop).")
+        overflow = (f" The delta of this guarantee is {self.delta} + {self.overflow_delta():.3g} "
+                    f"= {self.total_delta():.10g}: the second term, (1 + e^epsilon) * steps * "
+                    f"{self.overflow_probability:.3g}, covers a draw exceeding the sampler's "
+                    "fixed-shape cap (the run would then stop).")
       return (f"Example-level DP under add-or-remove-one adjacency for Poisson sampling with "
               f"rate {self.sampling_probability}, {common}.{overflow}")
     return (f"NOT a Poisson guarantee: tfdp_prune's ShuffleSampler (each pass a permutation cut "

@@ -161,7 +161,8 @@ def test_the_sampler_overflow_term_is_added_to_delta():
   assert spec.overflow_delta() == pytest.approx((1 + math.exp(epsilon)) * 100 * p, rel=1e-12)
   assert spec.total_delta() == pytest.approx(1e-5 + (1 + math.exp(epsilon)) * 100 * p,
                                              rel=1e-12)
-  assert "adds (1 + e^epsilon) * steps * 1e-07" in spec.statement()
+  assert f"1e-05 + {spec.overflow_delta():.3g} = {spec.total_delta():.10g}" in spec.statement()
+  assert "(1 + e^epsilon) * steps * 1e-07" in spec.statement()
   assert poisson("rdp", steps=100).total_delta() == 1e-5  # no overflow possible: delta itself
   assert spec.with_steps(0).total_delta() == 1e-5
   huge = dataclasses.replace(spec, overflow_probability=0.5)

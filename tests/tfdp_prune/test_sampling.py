@@ -325,7 +325,7 @@ def test_a_user_cap_is_paid_for_in_the_reported_delta():
   epsilon = spec.epsilon()
   assert spec.total_delta() == pytest.approx(1e-5 + (1 + math.exp(epsilon)) * 20 * p, rel=1e-12)
   assert 100 * spec.delta < spec.total_delta() < 1
-  assert f"{spec.total_delta():.6g}" in spec.statement()
+  assert f"= {spec.total_delta():.10g}" in spec.statement()
   # Without a cap that can be reached (here: capacity >= N + 1) the delta is the accountant's.
   uncapped = sampling.PoissonSampler(T.dense_data(n=20), 0.9)
   assert uncapped.overflow_probability == 0.0

@@ -165,6 +165,18 @@ def test_the_seed_flag_seeds_only_what_is_not_the_mechanism(monkeypatch):
                                ).get_config()["insecure_sampling_seed"] == 9
 
 
+def test_the_summary_shows_the_overflow_term_and_an_insecure_run():
+  from tests.tfdp_prune.export import _export_testing as E  # pylint: disable=g-import-not-at-top
+  plain = E.private_metadata()
+  assert "delta = 1e-05 after 300 logical steps" in training.summary(plain, 0.9, None)
+  assert "mechanism randomness: os_entropy\n" in training.summary(plain, 0.9, None)
+  capped = E.private_metadata(delta=1e-5 + 4.8e-10)
+  assert "delta = 1e-05 + 4.8e-10 (sampler overflow)" in training.summary(capped, 0.9, None)
+  insecure = E.private_metadata(mechanism_randomness="insecure_seed",
+                                statement=training.INSECURE_STATEMENT + plain.statement)
+  assert "insecure_seed (INSECURE" in training.summary(insecure, 0.9, None)
+
+
 def test_noise_multiplier_zero_is_labelled_non_private(tmp_path):
   result = training.train(TrainConfig(**dict(SHORT, steps=2), epsilon=None, noise_multiplier=0.0,
                                       mode="none", export_dir=str(tmp_path)))
