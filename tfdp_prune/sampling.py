@@ -50,8 +50,9 @@ Epochs, steps and resuming
   `DPCheckpoint` saves and `restore_latest` restores; the settings are `get_config()`.
 
 The secret (DESIGN.md rule 11: the sampling must not be reproducible from anything published)
-  128 bits from `os.urandom`, drawn when the sampler is built, kept in memory and in checkpoints
-  only (never in `get_config()`, logs, metadata or exports). Step s draws its N uniforms with
+  128 bits from `os.urandom`, drawn when the sampler is built, kept in memory (a variable, and a
+  constant of the data pipeline's graph) and in checkpoints only: never in `get_config()`, logs,
+  metadata or exports. Step s draws its N uniforms with
   Philox keyed per step: (key_s, c_s) = Philox4x32-10 with key = secret[0] at counter
   (s, secret[1]), one block of 128 bits; then the uniforms are Philox with key key_s at counters
   (0, c_s), (1, c_s), ... (`tf.raw_ops.StatelessRandomUniformV2`). Every step's stream thus
