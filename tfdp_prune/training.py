@@ -402,7 +402,7 @@ def summary(metadata: metadata_lib.PrivacyMetadata, test_accuracy: Optional[floa
             export_path: Optional[str]) -> str:
   """The lines `tfdp-train` prints at the end."""
   if metadata.private:
-    privacy = f"epsilon = {metadata.epsilon:.4g}, delta = {_delta_text(metadata)}"
+    privacy = f"epsilon = {metadata.epsilon:.4g}, delta = {delta_text(metadata)}"
   else:
     privacy = "NON-PRIVATE (epsilon = inf)"
   lines = [f"privacy: {privacy} after {metadata.steps} logical steps ({metadata.accountant}, "
@@ -416,7 +416,7 @@ def summary(metadata: metadata_lib.PrivacyMetadata, test_accuracy: Optional[floa
   return "\n".join(lines)
 
 
-def _delta_text(metadata: metadata_lib.PrivacyMetadata) -> str:
+def delta_text(metadata: metadata_lib.PrivacyMetadata) -> str:
   """The delta, with the sampler's overflow term shown apart (rounding would hide it)."""
   base = (metadata.privacy_spec or {}).get("delta", metadata.delta)
   extra = metadata.delta - base
