@@ -680,8 +680,9 @@ def render_markdown(report, links: Dict[str, str], existing: Optional[str] = Non
       "`train` does) and passed as `noise_multiplier`; every run's ε is recomputed by the "
       "library from the steps taken (table below).",
       "- Statistics: mean ± sample standard deviation (n - 1) over seeds, n in parentheses, "
-      "test accuracy in %. A seed fixes the data split, the initialization, the sampling, the "
-      "noise and the random masks, so arms on the same seed are paired.", ""]
+      "test accuracy in %. A seed fixes the data split, the initialization and the random "
+      "masks (the DP noise and the sampling draw from OS entropy, never from the seed), so arms "
+      "on the same seed are paired in data and initialization.", ""]
   lines += ["## Accuracy vs ε", "", "References (no ε):", ""] + reference_lines(cells) + [""]
   lines += [f"Masked arms at sparsity {grid['main_sparsity']:g}. Bold: best mean in the column; "
             "↓: mean not above public only (the DP training adds nothing over the public data "

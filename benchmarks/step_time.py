@@ -111,7 +111,7 @@ def _build(model_name, arm, batch, input_shape, seed, wrn_width=4, accumulation_
   elif arm.startswith("tfdp"):
     optimizer = tfdp_prune.DPKerasSGDOptimizer(
         l2_norm_clip=L2_NORM_CLIP, noise_multiplier=NOISE_MULTIPLIER,
-        learning_rate=LEARNING_RATE, seed=seed, gradient_accumulation_steps=accumulation_steps,
+        learning_rate=LEARNING_RATE, gradient_accumulation_steps=accumulation_steps,
         per_example_engine="vectorized" if "vectorized" in arm else "per_layer")
     if accumulation_steps > 1:
       notes["logical_batch"] = batch * accumulation_steps

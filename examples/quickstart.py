@@ -11,10 +11,11 @@ x = (x / 16.0).astype("float32")
 # A small public part (no privacy needed), the private part, and a test set.
 public, private, test = (x[:200], y[:200]), (x[200:1500], y[200:1500]), (x[1500:], y[1500:])
 
-# Poisson sampling: each private example joins each step with probability q.
-sampler = tfdp_prune.PoissonSampler(private, sampling_probability=100 / 1300, seed=0)
+# Poisson sampling: each private example joins each step with probability q. The draws (and
+# the optimizer's noise) come from OS entropy: no seed of the DP mechanism exists to publish.
+sampler = tfdp_prune.PoissonSampler(private, sampling_probability=100 / 1300)
 
-keras.utils.set_random_seed(0)
+keras.utils.set_random_seed(0)  # the initialization only: not part of the DP mechanism
 model = keras.Sequential([
     keras.Input((64,)),
     keras.layers.Dense(128, activation="relu"),
@@ -22,7 +23,7 @@ model = keras.Sequential([
 ])
 model.compile(
     optimizer=tfdp_prune.DPKerasSGDOptimizer(
-        l2_norm_clip=1.0, noise_multiplier=1.0, learning_rate=0.5, momentum=0.9, seed=0,
+        l2_norm_clip=1.0, noise_multiplier=1.0, learning_rate=0.5, momentum=0.9,
         expected_batch_size=sampler.expected_batch_size),
     # DP needs one loss per example: reduction="none".
     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none"),
@@ -43,4 +44,5 @@ budget = tfdp_prune.PrivacyBudget(
 model.fit(sampler.dataset(), steps_per_epoch=sampler.physical_steps_per_epoch, epochs=15,
           callbacks=[freezing, budget], verbose=2)
 print("test accuracy:", model.evaluate(*test, verbose=0)[1])
-print(f"epsilon: {budget.epsilon():.2f} at delta 1e-5 ({budget.ledger.spec.statement()})")
+print(f"epsilon: {budget.epsilon():.2f} at delta {budget.delta:.3g} "
+      f"({budget.ledger.spec.statement()})")

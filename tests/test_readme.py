@@ -26,6 +26,6 @@ def test_quickstart_runs_and_learns():
   assert result.returncode == 0, result.stderr[-3000:]
   accuracy = float(re.search(r"test accuracy: ([0-9.]+)", result.stdout).group(1))
   assert accuracy > 0.5, result.stdout[-2000:]  # 10 classes: chance is 0.1
-  epsilon = float(re.search(r"epsilon: ([0-9.]+) at delta 1e-5 \(.*Poisson sampling",
+  epsilon = float(re.search(r"epsilon: ([0-9.]+) at delta 1e-05 \(.*Poisson sampling",
                             result.stdout).group(1))
   assert 0 < epsilon <= 8.0  # the budget's target

@@ -7,7 +7,10 @@ Poisson sampling (`sampling="poisson"`)
   Every example joins each logical batch independently with probability q. The run is
   `SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(sigma)), steps)`, accounted
   under ADD-OR-REMOVE-ONE-EXAMPLE adjacency. The guarantee covers every intermediate model, not
-  only the final one.
+  only the final one. A sampler with a fixed-shape cap stops (raises) when a draw exceeds the
+  cap, which happens with probability at most p per step (`overflow_probability`, from
+  `sampling.PoissonSampler`); that adds (1 + e^epsilon) * steps * p to delta, and
+  `PrivacySpec.total_delta()` is the delta of the guarantee with that term included.
 
 Shuffled fixed-size batches (`sampling="shuffle"`): NOT a Poisson guarantee.
   dp_accounting 0.4.3 has no event for shuffling (each pass is a random permutation cut into
@@ -18,19 +21,23 @@ Shuffled fixed-size batches (`sampling="shuffle"`): NOT a Poisson guarantee.
   - `SampledWithoutReplacementDpEvent` (RDP accountant only, replace-one adjacency): every batch
     drawn afresh, independently of the previous ones. Shuffled batches within a pass are
     disjoint, so not independent: this event does not describe them either.
-  What can be claimed honestly, and is: the guarantee WITHOUT any amplification by sampling.
-  It holds for any data order (shuffled or not), provided each example is in at most one batch
-  per pass over the data. Adjacency is REPLACE-ONE (the dataset size n is public, as it must be
-  for fixed-size batches; add-or-remove would shift the batch boundaries). Under replace-one the
-  clipped-gradient sum has sensitivity 2C, so each pass is at most one Gaussian mechanism with
-  noise multiplier sigma / 2 (for any fixed permutation the other batches of that pass do not
-  depend on the replaced example; a mixture over data-independent permutations is no less
-  private). The number of passes counted is ceil(steps / floor(n / b)), an upper bound on how
-  often one example can be used both with drop-remainder epochs and with batches that straddle
-  pass boundaries (`repeat()` before `batch()`). The event is therefore
+  What can be claimed honestly, and is: the guarantee WITHOUT any amplification by sampling,
+  for the batches of tfdp_prune's own `sampling.ShuffleSampler` and nothing else: each pass is a
+  permutation (any data-independent one) cut into floor(n / b) disjoint batches of exactly b
+  examples, the remainder left out of that pass, so each example is in at most one batch per
+  pass and no batch belongs to two passes. Adjacency is REPLACE-ONE (the dataset size n is
+  public, as it must be for fixed-size batches; add-or-remove would shift the batch
+  boundaries). Under replace-one the clipped-gradient sum has sensitivity 2C, so each pass is at
+  most one Gaussian mechanism with noise multiplier sigma / 2 (for any fixed permutation the
+  other batches of that pass do not depend on the replaced example; a mixture over
+  data-independent permutations is no less private). The number of passes counted is
+  ceil(steps / floor(n / b)). The event is therefore
   `SelfComposedDpEvent(GaussianDpEvent(sigma / 2), passes)` with a replace-one accountant, and
   `PrivacySpec.adjacency` / `statement()` say so. This epsilon is much larger than a Poisson
   one: that is the price of not sampling the way the analysis needs.
+  NOT covered: a pipeline of one's own such as `dataset.repeat().shuffle(...).batch(b)`.
+  `repeat()` before `batch()` lets a batch straddle two passes and hold one example twice
+  (sensitivity 4C in one step), which this event does not describe.
 
 Everything a checkpoint or an export needs is a plain dict: `PrivacySpec.to_dict()` (the
 settings, the serialized DpEvent, the adjacency and a one-line statement) and
@@ -83,6 +90,9 @@ class PrivacySpec:
       "shuffle" (b <= n), must be None for "poisson" (pass q = b / n instead).
     accountant: "pld" (default) or "rdp".
     pld_discretization: value_discretization_interval of the PLD accountant (ignored by RDP).
+    overflow_probability: "poisson" only: p, a bound on the probability that one step's draw
+      exceeds the sampler's fixed-shape cap (the run then stops); 0 when no draw can. It adds
+      (1 + e^epsilon) * steps * p to the delta of the guarantee (`total_delta()`).
   """
 
   noise_multiplier: float
@@ -94,6 +104,7 @@ class PrivacySpec:
   num_examples: Optional[int] = None
   accountant: str = "pld"
   pld_discretization: float = DEFAULT_PLD_DISCRETIZATION
+  overflow_probability: float = 0.0
 
   def __post_init__(self):
     _validate.non_negative("noise_multiplier", self.noise_multiplier)
@@ -102,6 +113,10 @@ class PrivacySpec:
     _validate.one_of("sampling", self.sampling, SAMPLINGS)
     _validate.one_of("accountant", self.accountant, ACCOUNTANTS)
     _validate.positive("pld_discretization", self.pld_discretization)
+    _validate.non_negative("overflow_probability", self.overflow_probability)
+    if self.overflow_probability >= 1:
+      raise ValueError(f"Expected overflow_probability in [0, 1). Received: "
+                       f"overflow_probability={self.overflow_probability!r}.")
     if self.sampling == "poisson":
       _validate.probability("sampling_probability", self.sampling_probability)
       for name in ("batch_size", "num_examples"):
@@ -110,6 +125,10 @@ class PrivacySpec:
               f"Expected {name}=None with sampling='poisson' (pass sampling_probability="
               f"batch_size / num_examples instead). Received: {name}={getattr(self, name)!r}.")
     else:
+      if self.overflow_probability != 0:
+        raise ValueError(
+            "Expected overflow_probability=0 with sampling='shuffle' (fixed batches never "
+            f"overflow). Received: overflow_probability={self.overflow_probability!r}.")
       if self.sampling_probability is not None:
         raise ValueError(
             "Expected sampling_probability=None with sampling='shuffle': shuffled fixed-size "
@@ -122,7 +141,8 @@ class PrivacySpec:
         raise ValueError(
             f"Expected batch_size <= num_examples. Received: batch_size={self.batch_size}, "
             f"num_examples={self.num_examples}.")
-    for name in ("noise_multiplier", "delta", "sampling_probability", "pld_discretization"):
+    for name in ("noise_multiplier", "delta", "sampling_probability", "pld_discretization",
+                 "overflow_probability"):
       if getattr(self, name) is not None:  # Canonical floats: equal specs serialize alike.
         object.__setattr__(self, name, float(getattr(self, name)))
 
@@ -166,18 +186,40 @@ class PrivacySpec:
     """Epsilon at `delta` for the run so far, computed by dp_accounting (inf if sigma is 0)."""
     return _epsilon(self)
 
+  def overflow_delta(self) -> float:
+    """(1 + e^epsilon) * steps * overflow_probability: what the sampler's cap adds to delta."""
+    if self.overflow_probability == 0 or self.steps == 0:
+      return 0.0
+    epsilon = self.epsilon()
+    if epsilon > 700:  # e^epsilon overflows a float; the term is then at least 1 anyway
+      return math.inf
+    return (1.0 + math.exp(epsilon)) * self.steps * self.overflow_probability
+
+  def total_delta(self) -> float:
+    """The delta of the guarantee (epsilon(), total_delta()): `delta` plus `overflow_delta()`,
+    at most 1. Equal to `delta` when the sampler cannot overflow (and for shuffle)."""
+    return min(1.0, self.delta + self.overflow_delta())
+
   def statement(self) -> str:
     """One sentence saying what the epsilon means, with its sampling and adjacency."""
     common = (f"noise multiplier {self.noise_multiplier}, {self.steps} steps, delta {self.delta}, "
               f"{self.accountant.upper()} accountant (dp_accounting); covers every intermediate "
               "model")
     if self.sampling == "poisson":
+      overflow = ""
+      if self.overflow_probability > 0:
+        overflow = (f" The delta of this guarantee is {self.delta} + {self.overflow_delta():.3g} "
+                    f"= {self.total_delta():.10g}: the second term, (1 + e^epsilon) * steps * "
+                    f"{self.overflow_probability:.3g}, covers a draw exceeding the sampler's "
+                    "fixed-shape cap (the run would then stop).")
       return (f"Example-level DP under add-or-remove-one adjacency for Poisson sampling with "
-              f"rate {self.sampling_probability}, {common}.")
-    return (f"NOT a Poisson guarantee: shuffled fixed-size batches (batch {self.batch_size} of "
-            f"{self.num_examples} examples), no amplification by sampling claimed. Example-level "
-            f"DP under replace-one adjacency, valid for any data order with each example in at "
-            f"most one batch per pass, counting {self.passes} passes; {common}.")
+              f"rate {self.sampling_probability}, {common}.{overflow}")
+    return (f"NOT a Poisson guarantee: tfdp_prune's ShuffleSampler (each pass a permutation cut "
+            f"into disjoint batches of {self.batch_size} of the {self.num_examples} examples, "
+            f"the remainder left out), no amplification by sampling claimed. Example-level DP "
+            f"under replace-one adjacency, counting {self.passes} passes; {common}. Not valid for "
+            "other batching (e.g. repeat() before batch(), which can put one example twice in "
+            "a batch).")
 
   def to_dict(self) -> Dict[str, Any]:
     """A JSON-compatible dict: the settings, the serialized DpEvent, adjacency and statement."""

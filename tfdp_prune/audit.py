@@ -358,8 +358,8 @@ def audit_record(audit: OneRunAudit, audit_config: AuditConfig, mia_auc: float,
 def summary(metadata: metadata_lib.PrivacyMetadata, export_path: Optional[str]) -> str:
   """The lines `tfdp-audit` prints after training's own: the audit next to the proven epsilon."""
   audit = metadata.empirical["audit"]
-  proven = (f"epsilon = {metadata.epsilon:.4g}, delta = {metadata.delta:g}" if metadata.private
-            else "NON-PRIVATE (epsilon = inf)")
+  proven = (f"epsilon = {metadata.epsilon:.4g}, delta = {training.delta_text(metadata)}"
+            if metadata.private else "NON-PRIVATE (epsilon = inf)")
   lines = [
       f"proven: {proven}",
       f"audit (measured, not proven): epsilon >= {audit['epsilon_lower_bound']:.4f} at "

@@ -9,7 +9,9 @@ once, DESIGN.md rule 10) in an `accounting.PrivacyLedger`, and
   physical batches per draw cannot be checked, so pass it;
 
 - writes `epsilon` and `delta` into the epoch logs, so History and TensorBoard (listed AFTER
-  this callback) record them (TensorBoard as `epoch_epsilon`); `epsilon()` gives it on demand;
+  this callback) record them (TensorBoard as `epoch_epsilon`); `epsilon()` gives it on demand.
+  `delta` is the delta of the guarantee: the spec's, plus the Poisson sampler's overflow term
+  when its cap can be exceeded (`PrivacySpec.total_delta()`);
 - with `target_epsilon`: computes once the largest number of logical steps `max_steps` whose
   epsilon is <= target (epsilon never decreases with steps), and sets `model.stop_training`
   at the end of the batch that completes logical step `max_steps`. Keras checks stop_training
@@ -131,7 +133,10 @@ class PrivacyBudget(keras.callbacks.Callback):
 
   @property
   def delta(self) -> float:
-    return self.spec.delta
+    """The delta of the guarantee after the logical steps taken so far: the spec's delta plus
+    the sampler's overflow term, if any (`PrivacySpec.total_delta()`)."""
+    self._sync()
+    return self._ledger.spec.total_delta()
 
   @property
   def max_steps(self) -> Optional[int]:

@@ -1,16 +1,21 @@
 """One checkpoint for a DP run: model, optimizer, privacy ledger and sampler, written atomically.
 
 A checkpoint directory holds, per saved logical step s, a directory `ckpt-<s>` with
-  state.index, state.data-*   `tf.train.Checkpoint(model=..., optimizer=...)`: the weights and
-                              every optimizer variable: `iterations` (logical steps), the update
-                              masks, the noise generator's state (DESIGN.md rule 8), the
-                              gradient accumulators and the micro-step counter, the base
-                              optimizer's slots;
+  state.index, state.data-*   `tf.train.Checkpoint(model=..., optimizer=..., sampler=...)`: the
+                              weights and every optimizer variable: `iterations` (logical steps),
+                              the update masks, the noise generator's state (DESIGN.md rule 8),
+                              the gradient accumulators and the micro-step counter, the base
+                              optimizer's slots; and the sampler's secret (`sampler.state`);
   checkpoint.json             the sidecar: the logical step, the `PrivacyBudget` ledger (rule 9),
-                              the sampler's class and `get_config()`, the optimizer's DP settings,
-                              the tfdp_prune version, and the size of every file above;
+                              the sampler's class and `get_config()` (its settings, not its
+                              secret), the optimizer's DP settings, the tfdp_prune version, and
+                              the size of every file above;
   COMPLETE                    the completion marker, written last;
 and a pointer file `latest` naming the newest committed checkpoint (for people and tools).
+
+A checkpoint holds the mechanism's secrets (the noise generator's state, the sampler's secret),
+so that a resumed run continues the same noise and the same draws: keep checkpoints private,
+like the data. Nothing of them goes into an export.
 
 Atomic writes (a kill at any instant leaves either the old or the new checkpoint, never a torn
 one): everything is written into a temporary directory `.tmp-*` inside the checkpoint directory,
@@ -31,7 +36,7 @@ the accumulators are zero and a resumed run restarts its sampler exactly at a lo
 
   model = build_and_compile()                       # the same architecture and DP optimizer
   budget = tfdp_prune.PrivacyBudget(spec, target_epsilon=...)
-  sampler = tfdp_prune.PoissonSampler(data, q, seed=SEED, gradient_accumulation_steps=K)
+  sampler = tfdp_prune.PoissonSampler(data, q, gradient_accumulation_steps=K)
   step = restore_latest(directory, model, budget=budget, sampler=sampler) or 0
   model.fit(sampler.dataset(start_step=step), steps_per_epoch=K * (total_steps - step),
             callbacks=[budget, DPCheckpoint(directory, every_steps=10, budget=budget,
@@ -66,6 +71,7 @@ MARKER = "COMPLETE"
 STATE_PREFIX = "state"
 _TMP_PREFIX = ".tmp-"
 _CKPT_RE = re.compile(r"^ckpt-(\d+)$")
+_RESERVED = ("model", "optimizer", "sampler")  # the names of checkpoint objects of our own
 # The optimizer settings that decide what a logical step means for privacy: a resumed run must
 # use the same ones, or the checkpointed ledger would describe another mechanism.
 _DP_SETTINGS = ("l2_norm_clip", "noise_multiplier", "num_microbatches", "expected_batch_size",
@@ -118,9 +124,10 @@ def restore_latest(directory: str, model, budget=None, sampler=None,
     budget: a `PrivacyBudget` with the run's spec, or None. Its ledger continues from the
       checkpoint's; it is never lowered (a budget that already counted more steps keeps them).
     sampler: the sampler the run continues with, or None. Its class and `get_config()` must equal
-      the checkpointed ones (same seed, rate, accumulation and number of examples), else a
-      ValueError: another sampler would not continue the same Poisson draws. To rebuild it from
-      the checkpoint: `PoissonSampler.from_config(
+      the checkpointed ones (same rate, cap, accumulation, number of examples and randomness
+      switch), else a ValueError: another sampler would not continue the same Poisson draws.
+      Its secret is replaced by the checkpointed one, so that `sampler.dataset(start_step=s)`
+      continues the run's draws. To rebuild it from the checkpoint: `PoissonSampler.from_config(
       latest_checkpoint(directory).metadata["sampler"]["config"], data)`.
     trackables: more state saved by `DPCheckpoint(trackables=...)` under the same names, e.g.
       {"ema": ema.state} (build it first); a name the checkpoint lacks is a ValueError.
@@ -158,7 +165,7 @@ def restore_latest(directory: str, model, budget=None, sampler=None,
   optimizer.build(model.trainable_variables)
   _check_state_layout(metadata.get("optimizer_state_layout"), _state_layout(model, optimizer),
                       info.path)
-  status = tf.train.Checkpoint(model=model, optimizer=optimizer, **trackables).read(
+  status = tf.train.Checkpoint(**_checkpoint_objects(model, trackables, sampler)).read(
       info.state_prefix)
   status.assert_existing_objects_matched()
   step = int(optimizer.iterations.numpy())
@@ -191,8 +198,9 @@ class DPCheckpoint(keras.callbacks.Callback):
       ends inside a logical batch).
     budget: the run's `PrivacyBudget` (also in fit's callbacks), or None. Its ledger goes into
       every checkpoint; a ledger behind the optimizer's steps is refused.
-    sampler: the `PoissonSampler`/`ShuffleSampler` feeding fit, or None. Its settings go into
-      every checkpoint, so that a resumed run is checked to continue the same draws.
+    sampler: the `PoissonSampler`/`ShuffleSampler` feeding fit, or None. Its settings (sidecar)
+      and its secret (`sampler.state`, in the TF checkpoint) go into every checkpoint, so that a
+      resumed run is checked to continue, and continues, the same draws.
     keep: the number of newest checkpoints kept (older ones are deleted).
     trackables: more state to save in the same checkpoint, by name: e.g. {"ema": ema.state}
       for `ExponentialMovingAverage` (Keras callbacks are not trackable; their state is).
@@ -216,7 +224,7 @@ class DPCheckpoint(keras.callbacks.Callback):
     if budget is not None and not (hasattr(budget, "get_state") and hasattr(budget, "restore")):
       raise ValueError(f"Expected budget to be a tfdp_prune.PrivacyBudget or None. Received: "
                        f"budget={budget!r}.")
-    if sampler is not None and not hasattr(sampler, "get_config"):
+    if sampler is not None and not (hasattr(sampler, "get_config") and hasattr(sampler, "state")):
       raise ValueError(f"Expected sampler to be a tfdp_prune sampler or None. Received: "
                        f"sampler={sampler!r}.")
     self.directory = os.fspath(directory)
@@ -300,25 +308,25 @@ class DPCheckpoint(keras.callbacks.Callback):
         "trackables": sorted(self.trackables),
     }
     path = write_checkpoint(self.directory, self.model, metadata, keep=self.keep,
-                            trackables=self.trackables)
+                            trackables=self.trackables, sampler=self.sampler)
     self._last_saved = step
     self._pending = False
     return path
 
 
 def write_checkpoint(directory: str, model, metadata: Dict[str, Any], keep: int = 3,
-                     trackables: Optional[Dict[str, Any]] = None) -> str:
+                     trackables: Optional[Dict[str, Any]] = None, sampler=None) -> str:
   """Writes `ckpt-<metadata["step"]>` atomically (see the module docstring): the model, its
-  optimizer and `trackables` (by name), with `metadata` as the sidecar; points `latest` at it and
-  keeps the `keep` newest complete checkpoints. Returns the checkpoint's directory."""
+  optimizer, `trackables` (by name) and the sampler's secret (`sampler.state`, if a sampler is
+  given), with `metadata` as the sidecar; points `latest` at it and keeps the `keep` newest
+  complete checkpoints. Returns the checkpoint's directory."""
   step = int(metadata["step"])
   os.makedirs(directory, exist_ok=True)
   tmp = os.path.join(directory, f"{_TMP_PREFIX}ckpt-{step}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
   os.mkdir(tmp)
   try:
-    tf.train.Checkpoint(model=model, optimizer=model.optimizer,
-                        **_check_trackables(trackables)).write(
-        os.path.join(tmp, STATE_PREFIX))
+    tf.train.Checkpoint(**_checkpoint_objects(model, _check_trackables(trackables),
+                                              sampler)).write(os.path.join(tmp, STATE_PREFIX))
     files = {name: os.path.getsize(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
     _write_file(os.path.join(tmp, SIDECAR),
                 json.dumps(dict(metadata, files=files), indent=1, sort_keys=True))
@@ -444,11 +452,11 @@ def _dp_optimizer(model, who):
 def _check_trackables(trackables) -> Dict[str, Any]:
   trackables = dict(trackables or {})
   for name, value in trackables.items():
-    if (not isinstance(name, str) or not name.isidentifier() or name in ("model", "optimizer")
+    if (not isinstance(name, str) or not name.isidentifier() or name in _RESERVED
         or not isinstance(value, tf.__internal__.tracking.Trackable)):
-      raise ValueError("Expected trackables to map names (identifiers other than 'model' and "
-                       "'optimizer') to trackable objects (tf.Module, tf.Variable, ...). "
-                       f"Received: {name!r}: {value!r}.")
+      raise ValueError(f"Expected trackables to map names (identifiers other than "
+                       f"{', '.join(repr(r) for r in _RESERVED)}) to trackable objects "
+                       f"(tf.Module, tf.Variable, ...). Received: {name!r}: {value!r}.")
   return trackables
 
 
@@ -470,6 +478,14 @@ def _check_state_layout(saved, current, path) -> None:
         f"model's optimizer is built for {current}. Restoring would give variables each "
         "other's masks. Expected the same trainable layers as the run that wrote it: restore "
         "first, then change `trainable` and recompile with the same optimizer.")
+
+
+def _checkpoint_objects(model, trackables, sampler) -> Dict[str, Any]:
+  """What `tf.train.Checkpoint` saves and restores: model, optimizer, the sampler's secret."""
+  objects = dict(trackables, model=model, optimizer=model.optimizer)
+  if sampler is not None:
+    objects["sampler"] = sampler.state
+  return objects
 
 
 def _dp_settings(optimizer) -> Dict[str, Any]:

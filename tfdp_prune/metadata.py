@@ -4,19 +4,23 @@
 delta, accountant, the dp_accounting event and its statement), the mechanism's settings (noise
 multiplier, clip norm, sampling and rate, steps, epochs), the data (sizes, dataset names, the
 public data's identity and fingerprint), the masks (mode, rule, sparsity overall and per
-variable), and the provenance (library versions, seed, creation time).
+variable), where the mechanism's randomness came from (`mechanism_randomness`), and the
+provenance (library versions, seed of what is not the mechanism, creation time). No seed or
+secret of the mechanism (noise, sampling) is ever part of it (DESIGN.md rules 11 and 14).
 
 A run without DP noise (noise multiplier 0, or a model trained outside the DP optimizer) has
 epsilon = infinity and `private=False`; the schema refuses any other combination, so a
-non-private model can never be labelled private.
+non-private model can never be labelled private. Likewise a private record whose noise and
+sampling were seeded (`mechanism_randomness="insecure_seed"`) must say so: its statement starts
+with "INSECURE", and so does `guarantee`.
 
 The JSON form (`to_json`) is strict RFC 8259 JSON, readable by any client: an infinite epsilon is
 written as the string "inf" (JSON has no infinity), every other number as a number.
 `empirical` is reserved for measured, NOT proven, quantities (e.g. an audit's epsilon lower
 bound); it is kept apart from the guarantee on purpose.
 
-This module sits at the bottom: it imports nothing of tfdp_prune's but the version, so that the
-export stage can depend on it alone.
+This module sits at the bottom: it imports nothing of tfdp_prune's but the version and
+`randomness` (pure Python, for the labels), so that the export stage can depend on it alone.
 """
 
 import dataclasses
@@ -27,10 +31,16 @@ import math
 import numbers
 from typing import Any, Dict, Optional
 
+from tfdp_prune import randomness
 from tfdp_prune import version
 
 SCHEMA = "tfdp_prune.PrivacyMetadata"
-SCHEMA_VERSION = 1
+# 2: `mechanism_randomness` added; `seed` no longer seeds the noise or the sampling.
+SCHEMA_VERSION = 2
+INSECURE_PREFIX = "INSECURE"
+# Where the mechanism's randomness came from (the values of `mechanism_randomness`).
+OS_ENTROPY = randomness.OS_ENTROPY
+INSECURE_SEED = randomness.INSECURE_SEED
 FILENAME = "privacy_metadata.json"
 MASK_MODES = ("none", "freeze", "select")
 # The distributions whose versions decide what the guarantee and the model mean.
@@ -59,7 +69,15 @@ class PrivacyMetadata:
     mask_mode: "none", "freeze" or "select"; mask_rule: the rule's config, or None;
     mask_sparsity: the fraction of maskable coordinates frozen (0 without masks);
     mask_sparsity_per_variable: the same, per variable name.
-    seed: the run's seed; library_versions: distribution -> version; created: ISO 8601 UTC time.
+    mechanism_randomness: where the DP noise and sampling drew their randomness: "os_entropy"
+      (the default: os.urandom, recorded in no published file) or "insecure_seed" (derived from
+      a seed: reproducible by whoever knows it; the statement then starts with "INSECURE");
+      None for a model that did not come out of DP training.
+    seed: the run's seed of what is NOT the mechanism: initialization, the data split, random
+      masks, augmentation. Publishing it costs no privacy: the guarantee holds for every fixed
+      value of these (they do not depend on the private data), and the noise and the sampling
+      do not depend on it.
+    library_versions: distribution -> version; created: ISO 8601 UTC time.
     empirical: measured (not proven) results such as an audit, or None.
   """
 
@@ -88,6 +106,7 @@ class PrivacyMetadata:
   mask_rule: Optional[Dict[str, Any]]
   mask_sparsity: float
   mask_sparsity_per_variable: Dict[str, float]
+  mechanism_randomness: Optional[str]
   seed: Optional[int]
   library_versions: Dict[str, str]
   created: str
@@ -111,6 +130,17 @@ class PrivacyMetadata:
     elif math.isfinite(self.epsilon):
       raise ValueError(f"A non-private model has epsilon=inf. Received: "
                        f"epsilon={self.epsilon!r} with private=False.")
+    if self.mechanism_randomness is not None or self.private:
+      if self.mechanism_randomness not in randomness.SOURCES:
+        raise ValueError(f"Expected mechanism_randomness in {list(randomness.SOURCES)}"
+                         f"{' (a private model needs one)' if self.private else ' or None'}. "
+                         f"Received: mechanism_randomness={self.mechanism_randomness!r}.")
+    if (self.private and self.mechanism_randomness == randomness.INSECURE_SEED
+        and not self.statement.startswith(INSECURE_PREFIX)):
+      raise ValueError(
+          f"A private model trained with seeded noise and sampling (mechanism_randomness="
+          f"{randomness.INSECURE_SEED!r}) must say so: expected a statement starting with "
+          f"{INSECURE_PREFIX!r}. Received: statement={self.statement!r}.")
     if self.mask_mode not in MASK_MODES:
       raise ValueError(f"Expected mask_mode in {list(MASK_MODES)}. Received: "
                        f"mask_mode={self.mask_mode!r}.")
@@ -121,10 +151,18 @@ class PrivacyMetadata:
     object.__setattr__(self, "epsilon", float(self.epsilon))
 
   @property
+  def insecure(self) -> bool:
+    """True when the noise and sampling were seeded (reproducible): see `guarantee`."""
+    return self.mechanism_randomness == INSECURE_SEED
+
+  @property
   def guarantee(self) -> str:
     """A one-line label: "(epsilon, delta)-DP" or "NON-PRIVATE"."""
     if not self.private:
       return "NON-PRIVATE (epsilon = inf): trained without differential privacy."
+    if self.insecure:
+      return (f"{INSECURE_PREFIX}: ({self.epsilon:.4g}, {self.delta:.3g})-DP only against an "
+              f"adversary who cannot reproduce the seeded noise and sampling. {self.statement}")
     return f"({self.epsilon:.4g}, {self.delta:.3g})-DP. {self.statement}"
 
   def with_empirical(self, results: Dict[str, Any]) -> "PrivacyMetadata":
@@ -148,8 +186,12 @@ class PrivacyMetadata:
       raise ValueError(f"Expected a dict with schema={SCHEMA!r}. Received: "
                        f"{data.get('schema') if isinstance(data, dict) else type(data).__name__!r}.")
     if data.get("schema_version") != SCHEMA_VERSION:
+      hint = ""
+      if data.get("schema_version") == 1:
+        hint = (" Version 1 records come from tfdp_prune releases whose published `seed` also "
+                "seeded the DP noise and sampling, which makes their guarantee void: re-train.")
       raise ValueError(f"Expected schema_version={SCHEMA_VERSION}. Received: "
-                       f"schema_version={data.get('schema_version')!r}.")
+                       f"schema_version={data.get('schema_version')!r}.{hint}")
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - fields - {"schema", "schema_version"}
     if unknown:
@@ -195,5 +237,6 @@ def non_private(*, dataset: Optional[str] = None, num_private_examples: int = 0,
       public_dataset=None, public_split=None, private_split=None,
       num_private_examples=num_private_examples, num_public_examples=0,
       num_test_examples=num_test_examples, public_fingerprint=None, mask_mode="none",
-      mask_rule=None, mask_sparsity=0.0, mask_sparsity_per_variable={}, seed=seed,
+      mask_rule=None, mask_sparsity=0.0, mask_sparsity_per_variable={},
+      mechanism_randomness=None, seed=seed,
       library_versions=library_versions(), created=utc_now())

@@ -1,7 +1,10 @@
-"""Gaussian noise for the clipped sum: the privacy mechanism itself."""
+"""Gaussian noise for the clipped sum, and the generator it is drawn from: the mechanism itself."""
 
-from typing import Sequence
+from typing import Optional, Sequence
 
+import numpy as np
+
+from tfdp_prune import randomness
 from tfdp_prune.compat import tf
 
 
@@ -19,3 +22,24 @@ def add_gaussian_noise(grads: Sequence[tf.Tensor], masks: Sequence[tf.Tensor], s
     noise = generator.normal(tf.shape(g), stddev=tf.cast(stddev, g.dtype), dtype=g.dtype)
     noisy.append(g + tf.where(tf.cast(m, tf.bool), noise, tf.zeros_like(noise)))
   return noisy
+
+
+def make_noise_generator(insecure_seed: Optional[int] = None) -> tf.random.Generator:
+  """The noise generator: Philox with its whole 192-bit state (128-bit counter, 64-bit key) from
+  `os.urandom`; only when `insecure_seed` is given, `Generator.from_seed(insecure_seed)`
+  (reproducible, hence INSECURE: the caller warns and labels).
+
+  Not `tf.random.Generator.from_non_deterministic_state()`: its state comes from TensorFlow's
+  process-wide std::mt19937_64, seeded with ONE 32-bit value of std::random_device (`New64` in
+  TSL's platform/random.cc), i.e. at most 2**32 possible noise streams per process.
+
+  Create it where the optimizer's variables are created (under a tf.distribute strategy's scope):
+  its state is then a mirrored variable, under MultiWorkerMirroredStrategy broadcast from the
+  chief when it is created, and each replica draws with its own key, derived by
+  tf.random.Generator from the shared key and the replica id, so replicas add independent noise.
+  The state is checkpointed with the optimizer and never published.
+  """
+  if insecure_seed is None:
+    state = np.array(randomness.os_entropy_words(3), dtype=np.uint64).view(np.int64)
+    return tf.random.Generator.from_state(state, alg="philox")
+  return tf.random.Generator.from_seed(insecure_seed, alg="philox")

@@ -18,11 +18,12 @@ from tfdp_prune import _validate
 from tfdp_prune import clipping
 from tfdp_prune import noise
 from tfdp_prune import per_example
+from tfdp_prune import randomness
 from tfdp_prune.compat import keras
 from tfdp_prune.compat import tf
 
 _DP_ARGS = ("l2_norm_clip", "noise_multiplier", "num_microbatches", "expected_batch_size",
-            "gradient_accumulation_steps", "seed", "per_example_engine")
+            "gradient_accumulation_steps", "insecure_noise_seed", "per_example_engine")
 
 
 class DPOptimizerMixin:
@@ -40,8 +41,12 @@ def make_dp_optimizer_class(cls):
       number of rows (padding included), for fixed-size batches.
     gradient_accumulation_steps: physical batches summed into one logical batch, i.e. one noisy
       update and one accounting step.
-    seed: seeds the noise generator (None: nondeterministic). The generator's state is
-      checkpointed with the optimizer and advances at every draw.
+    insecure_noise_seed: None (default): the noise generator's state is 192 bits of OS entropy
+      (`noise.make_noise_generator`), never derivable from anything published. An integer makes
+      the noise reproducible from it, which is INSECURE (whoever knows the seed can subtract
+      the noise): tests and debugging only; it logs a warning and `mechanism_randomness` says
+      "insecure_seed". Either way the generator's state is checkpointed with the optimizer and
+      advances at every draw. (The former `seed=` argument raises a TypeError.)
     per_example_engine: how per-example gradients are obtained: "per_layer" (default; one
       forward/backward pass and per-layer norms, `per_layer.PerLayerEngine`) or "vectorized"
       (the reference: every example's full gradient via tf.vectorized_map).
@@ -66,8 +71,11 @@ def make_dp_optimizer_class(cls):
         make_dp_optimizer_class.__doc__)
 
     def __init__(self, l2_norm_clip, noise_multiplier, num_microbatches=None, *args,
-                 expected_batch_size=None, gradient_accumulation_steps=1, seed=None,
-                 per_example_engine="per_layer", **kwargs):
+                 expected_batch_size=None, gradient_accumulation_steps=1,
+                 insecure_noise_seed=None, per_example_engine="per_layer", **kwargs):
+      if "seed" in kwargs:
+        raise randomness.removed_seed_error(f"The DP optimizer DP{cls.__name__}",
+                                            "insecure_noise_seed")
       _validate.positive("l2_norm_clip", l2_norm_clip)
       _validate.non_negative("noise_multiplier", noise_multiplier)
       if num_microbatches is not None:
@@ -80,6 +88,10 @@ def make_dp_optimizer_class(cls):
               f"num_microbatches={num_microbatches} (fixed groups of the batch). Received both; "
               "drop num_microbatches to clip per example.")
       _validate.positive_int("gradient_accumulation_steps", gradient_accumulation_steps)
+      insecure_noise_seed = randomness.check_insecure_seed("insecure_noise_seed",
+                                                           insecure_noise_seed)
+      if insecure_noise_seed is not None:
+        randomness.warn_insecure("the DP noise", "insecure_noise_seed")
       kwargs.setdefault("name", f"DP{cls.__name__}")
       # XLA would compile the base update rule per variable; the masked restore and the noise
       # are plain TF ops, so keep the whole step in one graph.
@@ -90,7 +102,7 @@ def make_dp_optimizer_class(cls):
       self.num_microbatches = num_microbatches
       self.expected_batch_size = expected_batch_size
       self.gradient_accumulation_steps = gradient_accumulation_steps
-      self.seed = seed
+      self.insecure_noise_seed = insecure_noise_seed
       self.per_example_engine = per_example.get(per_example_engine)
       self._registry = _VariableRegistry()
       self._creating_dp_state = False
@@ -125,8 +137,7 @@ def make_dp_optimizer_class(cls):
         self._creating_dp_state = False
       self._accumulated_units = _replica_local(tf.constant(0.0), None, "dp_accumulated_units")
       self._micro_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="dp_micro_steps")
-      self._noise_generator = (tf.random.Generator.from_seed(self.seed) if self.seed is not None
-                               else tf.random.Generator.from_non_deterministic_state())
+      self._noise_generator = noise.make_noise_generator(self.insecure_noise_seed)
       self._registry.set_order(var_list)
 
     def set_update_masks(self, variables, masks):
@@ -213,13 +224,18 @@ def make_dp_optimizer_class(cls):
             "optimizer is built.")
       return positions
 
+    @property
+    def mechanism_randomness(self) -> str:
+      """Where the noise comes from: "os_entropy", or "insecure_seed" (reproducible)."""
+      return randomness.source(self.insecure_noise_seed)
+
     def get_config(self):
       config = super().get_config()
       config.update(l2_norm_clip=self.l2_norm_clip, noise_multiplier=self.noise_multiplier,
                     num_microbatches=self.num_microbatches,
                     expected_batch_size=self.expected_batch_size,
                     gradient_accumulation_steps=self.gradient_accumulation_steps,
-                    seed=self.seed,
+                    insecure_noise_seed=self.insecure_noise_seed,
                     per_example_engine=per_example.serialize(self.per_example_engine))
       return config
 

@@ -24,11 +24,14 @@ The cap, and what happens above it (never a silent truncation)
   multiple of K. If a draw ever exceeds the capacity, reading the dataset raises
   `tf.errors.InvalidArgumentError` naming the step: no example is ever dropped, the batches are
   exactly Poisson for every step that ran. Stopping on that event still depends on the data
-  (through the batch size), so strictly the guarantee of a run of T steps is
-  (epsilon, delta + (1 + e^epsilon) * T * p), p = `sampler.overflow_probability` (at most the
-  requested `overflow_probability`; it bounds the overflow for this data and for a neighbour):
-  with the default, T = 10^4 and epsilon = 8, the extra term is below 3e-8. When the capacity
-  exceeds N (small N or large q) no overflow is possible and `overflow_probability` is 0.
+  (through the batch size), so the guarantee of a run of T steps is
+  (epsilon, delta + (1 + e^epsilon) * T * p), p = `sampler.overflow_probability` (a bound for
+  this data and for a neighbour). That term is never left out: `privacy_spec()` carries p, and
+  the delta that `PrivacySpec.total_delta()`, the `PrivacyBudget` logs and the privacy metadata
+  report includes it (with the default, T = 10^4 and epsilon = 8: below 3e-8). A user-set
+  `max_batch_size` is therefore allowed at any size: a small cap makes p, and the reported
+  delta, large instead of making the report false. When the capacity exceeds N (small N or
+  large q) no overflow is possible and `overflow_probability` is 0.
   The draw costs O(N) per logical step (one uniform number per example).
 
 Epochs, steps and resuming
@@ -38,21 +41,43 @@ Epochs, steps and resuming
   infinite on purpose: with `steps_per_epoch` Keras keeps one iterator across epochs. (A finite
   dataset of exactly one epoch would be re-iterated from its start every epoch, replaying the
   same draws, which the accounting assumes are fresh.)
-  Every random choice is a stateless op keyed by (seed, logical step), so the sampler has no state
-  but the step counter: `sampler.dataset(start_step=s)` yields exactly what the uninterrupted
-  stream yields from logical step s on. To resume from a checkpoint taken between logical batches
-  (e.g. at an epoch end), use `start_step=int(model.optimizer.iterations)`, which counts logical
-  steps; from a checkpoint taken after p physical batches, `sampler.dataset(start_step=p //
-  K).skip(p % K)`. Keep the seed, N and the settings (`get_config()`) with the checkpoint.
+  Every random choice is a stateless function of (secret, logical step), so the sampler has no
+  state but the step counter: `sampler.dataset(start_step=s)` yields exactly what the
+  uninterrupted stream yields from logical step s on. To resume from a checkpoint taken between
+  logical batches (e.g. at an epoch end), use `start_step=int(model.optimizer.iterations)`, which
+  counts logical steps; from a checkpoint taken after p physical batches,
+  `sampler.dataset(start_step=p // K).skip(p % K)`. The secret is in `sampler.state`, which
+  `DPCheckpoint` saves and `restore_latest` restores; the settings are `get_config()`.
+
+The secret (DESIGN.md rule 11: the sampling must not be reproducible from anything published)
+  128 bits from `os.urandom`, drawn when the sampler is built, kept in memory (a variable, and a
+  constant of the data pipeline's graph) and in checkpoints only: never in `get_config()`, logs,
+  metadata or exports. Step s draws its N uniforms with
+  Philox keyed per step: (key_s, c_s) = Philox4x32-10 with key = secret[0] at counter
+  (s, secret[1]), one block of 128 bits; then the uniforms are Philox with key key_s at counters
+  (0, c_s), (1, c_s), ... (`tf.raw_ops.StatelessRandomUniformV2`). Every step's stream thus
+  depends on all 128 secret bits, distinct steps use distinct per-step keys, and one step's
+  draws are a pure function of (secret, s), whatever ran before. (`tf.random.stateless_uniform`
+  with a [2] seed would not do: it keys Philox with 64 bits and puts the other 64 in the
+  counter, leaving no room for the step.) Under MultiWorkerMirroredStrategy every worker must
+  draw the SAME batches (each reads its shard of the same global batch, and the accounting
+  counts one draw per step): build the sampler with `strategy=` (or inside `strategy.scope()`);
+  the secret is then a variable created in the strategy's scope, which the strategy broadcasts
+  from the chief at creation, so all workers hold the chief's OS entropy.
+  `insecure_sampling_seed=<int>` derives the secret from the seed instead (SHA-256): reproducible,
+  hence INSECURE (a warning is logged, `mechanism_randomness` says "insecure_seed"); for tests.
 
 Shuffling (`ShuffleSampler`, `sampling="shuffle"`): an explicit choice, accounted as what it is
-  Each pass over the data is a fresh permutation keyed by (seed, pass), cut into
-  `N // batch_size` disjoint batches of exactly `batch_size` examples (the remainder of the pass is
-  left out of that pass). Its `privacy_spec` is `sampling="shuffle"`: no amplification by
-  sampling is claimed (see `accounting`).
+  Each pass over the data is a fresh permutation drawn from (secret, pass), cut into
+  `N // batch_size` disjoint batches of exactly `batch_size` examples (the remainder of the pass
+  is left out of that pass), so every example is in at most one batch per pass and no batch
+  spans two passes. Its `privacy_spec` is `sampling="shuffle"`: no amplification by sampling is
+  claimed (see `accounting`), and the guarantee is stated for THIS sampler only: a pipeline of
+  one's own (e.g. `dataset.repeat().shuffle(...).batch(b)`, where `repeat()` before `batch()`
+  lets a batch straddle two passes and hold one example twice) is not covered by it.
 
 Use
-  sampler = tfdp_prune.sampling.PoissonSampler((x, y), sampling_probability=q, seed=0,
+  sampler = tfdp_prune.sampling.PoissonSampler((x, y), sampling_probability=q,
                                                gradient_accumulation_steps=K)
   optimizer = tfdp_prune.DPKerasSGDOptimizer(..., expected_batch_size=sampler.expected_batch_size,
                                              gradient_accumulation_steps=K)
@@ -70,21 +95,27 @@ compares only its spec with the optimizer (and logs a warning).
 
 Data: a tuple (x, y) of arrays (or nests of arrays, e.g. a dict of inputs) with the same first
 dimension N, or a finite `tf.data.Dataset` of single (x, y) examples, which is read once into
-memory. This module imports nothing of tfdp_prune but `_validate`, `accounting` and `compat`.
+memory. This module imports nothing of tfdp_prune but `_validate`, `accounting`, `randomness` and
+`compat`.
 """
 
+import contextlib
+import hashlib
 import math
-import os
 from typing import Any, Dict, Optional
 
 import numpy as np
 
 from tfdp_prune import _validate
 from tfdp_prune import accounting
+from tfdp_prune import randomness
 from tfdp_prune.compat import tf
 
 SAMPLINGS = accounting.SAMPLINGS
 DEFAULT_OVERFLOW_PROBABILITY = 1e-15
+SECRET_WORDS = 2  # the sampler's secret: 2 x 64 = 128 bits
+_PHILOX = 1  # tf.random.Algorithm.PHILOX.value, for the raw stateless ops
+_REMOVED = object()  # the default of the removed `seed` argument
 
 
 def binomial_tail_bound(num_examples: int, sampling_probability: float, size: int) -> float:
@@ -128,15 +159,15 @@ class _Sampler:
 
   sampling = None  # "poisson" or "shuffle", as in accounting.PrivacySpec
 
-  def __init__(self, data, seed, gradient_accumulation_steps):
+  def __init__(self, data, gradient_accumulation_steps, insecure_sampling_seed, strategy, seed):
+    if seed is not _REMOVED:
+      raise randomness.removed_seed_error(type(self).__name__, "insecure_sampling_seed")
     _validate.positive_int("gradient_accumulation_steps", gradient_accumulation_steps)
-    if seed is None:  # Drawn once and kept: the run stays reproducible from `get_config()`.
-      seed = int.from_bytes(os.urandom(7), "little")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not (
-        0 <= seed < 2**63):
-      raise ValueError(f"Expected seed to be an integer in [0, 2**63) or None. Received: "
-                       f"seed={seed!r}.")
-    self._seed = int(seed)
+    self._insecure_seed = randomness.check_insecure_seed("insecure_sampling_seed",
+                                                         insecure_sampling_seed)
+    if self._insecure_seed is not None:
+      randomness.warn_insecure("the sampling of the batches", "insecure_sampling_seed",
+                               stacklevel=4)
     self._accumulation = gradient_accumulation_steps
     self._data = _to_tensors(data)
     self._num_examples = int(tf.shape(tf.nest.flatten(self._data)[0])[0])
@@ -146,10 +177,19 @@ class _Sampler:
     self._padded_data = tf.nest.map_structure(
         lambda t: tf.concat([t, tf.zeros([1] + t.shape[1:].as_list(), t.dtype)], axis=0),
         self._data)
+    self._state = SamplerState(_initial_secret(self._insecure_seed), strategy)
 
   @property
-  def seed(self) -> int:
-    return self._seed
+  def mechanism_randomness(self) -> str:
+    """Where the draws come from: "os_entropy", or "insecure_seed" (reproducible)."""
+    return randomness.source(self._insecure_seed)
+
+  @property
+  def state(self) -> "SamplerState":
+    """The trackable that holds the secret: checkpoint it with the run (`DPCheckpoint` does,
+    `restore_latest` restores it) so that a resumed run continues the same draws. Never
+    publish it."""
+    return self._state
 
   @property
   def num_examples(self) -> int:
@@ -172,7 +212,7 @@ class _Sampler:
   def indices(self, step: int) -> np.ndarray:
     """The example indices (int64, ascending for Poisson) of logical step `step`."""
     _validate.non_negative_int("step", step)
-    padded = self._padded_indices(tf.constant(step, tf.int64)).numpy()
+    padded = self._padded_indices(tf.constant(step, tf.int64), self._state.secret_tensor()).numpy()
     return padded[padded < self._num_examples]
 
   def dataset(self, start_step: int = 0) -> tf.data.Dataset:
@@ -181,6 +221,7 @@ class _Sampler:
     batch size `physical_batch_size`; real rows have weight 1, padding rows weight 0."""
     _validate.non_negative_int("start_step", start_step)
     batch, accumulation = self.physical_batch_size, self._accumulation
+    secret = self._state.secret_tensor()  # read now: a restored secret is in place by then
 
     def physical_batches(indices):
       sample_weight = tf.cast(indices < self._num_examples, tf.float32)
@@ -188,15 +229,17 @@ class _Sampler:
       split = lambda t: tf.reshape(t, [accumulation, batch] + t.shape[1:].as_list())
       return tf.nest.map_structure(split, (x, y, sample_weight))
 
-    dataset = self._logical_indices_dataset(start_step).map(physical_batches).unbatch()
+    dataset = self._logical_indices_dataset(start_step, secret).map(physical_batches).unbatch()
     return dataset.prefetch(2)
 
   @classmethod
-  def from_config(cls, config: Dict[str, Any], data):
-    """Rebuilds a sampler from `get_config()` (the settings) and the same data."""
+  def from_config(cls, config: Dict[str, Any], data, strategy=None):
+    """Rebuilds a sampler from `get_config()` (the settings) and the same data. The secret is
+    not part of the settings: a new one is drawn; `restore_latest` puts a checkpointed one
+    back."""
     config = dict(config)
     num_examples = config.pop("num_examples", None)
-    sampler = cls(data, **config)
+    sampler = cls(data, **config, strategy=strategy)
     if num_examples is not None and num_examples != sampler.num_examples:
       raise ValueError(f"Expected data with num_examples={num_examples} (the configured run). "
                        f"Received {sampler.num_examples} examples.")
@@ -209,12 +252,13 @@ class _Sampler:
     return accounting.PrivacySpec(noise_multiplier=noise_multiplier, steps=steps, delta=delta,
                                   accountant=accountant, **self._spec_kwargs(), **kwargs)
 
-  def _padded_indices(self, step):
+  def _padded_indices(self, step, secret):
     """Logical step -> int64 indices of length K * B; index N is the padding row."""
     raise NotImplementedError
 
-  def _logical_indices_dataset(self, start_step):
-    return tf.data.Dataset.counter(start_step, dtype=tf.int64).map(self._padded_indices)
+  def _logical_indices_dataset(self, start_step, secret):
+    return tf.data.Dataset.counter(start_step, dtype=tf.int64).map(
+        lambda step: self._padded_indices(step, secret))
 
   def _logical_capacity(self) -> int:
     raise NotImplementedError
@@ -222,8 +266,55 @@ class _Sampler:
   def _spec_kwargs(self) -> Dict[str, Any]:
     raise NotImplementedError
 
-  def _step_seed(self, step):
-    return tf.stack([tf.constant(self._seed, tf.int64), tf.cast(step, tf.int64)])
+  def _randomness_config(self) -> Dict[str, Any]:
+    return {"insecure_sampling_seed": self._insecure_seed}
+
+
+class SamplerState(tf.Module):
+  """A sampler's secret: 128 bits as a tf.Variable of two int64 words (`secret`).
+
+  Created under `strategy.scope()` when a strategy is given (else in the current scope), so
+  that under MultiWorkerMirroredStrategy the variable's initial value, hence the secret, is the
+  chief's on every worker (the strategy broadcasts initial values at creation). Checkpointed as
+  any trackable; `secret_tensor()` reads the current value (a restored one after a restore).
+  """
+
+  def __init__(self, words, strategy=None):
+    super().__init__(name="sampler_state")
+    scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
+    with scope:
+      self.secret = tf.Variable(np.array(words, dtype=np.uint64).view(np.int64),
+                                trainable=False, name="sampler_secret")
+
+  def secret_tensor(self) -> tf.Tensor:
+    """The secret's current value as a constant int64 [2] tensor."""
+    return tf.constant(self.secret.numpy())
+
+
+def step_uniform(secret, step, size) -> tf.Tensor:
+  """`size` float64 uniforms in [0, 1) for `step`, a pure function of (secret, step).
+
+  Philox4x32-10 keyed by all 128 secret bits derives the step's own key and counter, which then
+  key the draws (see the module docstring): (key_s, c_s) = Philox_{secret[0]}(s, secret[1]);
+  uniforms = Philox_{key_s}(0.., c_s).
+  """
+  secret = tf.bitcast(tf.convert_to_tensor(secret, tf.int64), tf.uint64)
+  step = tf.bitcast(tf.cast(step, tf.int64), tf.uint64)
+  derived = tf.raw_ops.StatelessRandomUniformFullIntV2(
+      shape=[2], key=secret[:1], counter=tf.stack([step, secret[1]]),
+      alg=tf.constant(_PHILOX, tf.int32), dtype=tf.uint64)
+  return tf.raw_ops.StatelessRandomUniformV2(
+      shape=tf.reshape(tf.cast(size, tf.int64), [1]), key=derived[:1],
+      counter=tf.stack([tf.constant(0, tf.uint64), derived[1]]),
+      alg=tf.constant(_PHILOX, tf.int32), dtype=tf.float64)
+
+
+def _initial_secret(insecure_seed):
+  """Two 64-bit words: OS entropy, or (INSECURE) a SHA-256 of the seed."""
+  if insecure_seed is None:
+    return randomness.os_entropy_words(SECRET_WORDS)
+  digest = hashlib.sha256(f"tfdp_prune.sampling:{insecure_seed}".encode()).digest()
+  return [int.from_bytes(digest[8 * i:8 * i + 8], "little") for i in range(SECRET_WORDS)]
 
 
 class PoissonSampler(_Sampler):
@@ -232,24 +323,31 @@ class PoissonSampler(_Sampler):
   Args:
     data: (x, y) arrays or nests of arrays with N rows, or a finite tf.data.Dataset of (x, y).
     sampling_probability: q in (0, 1].
-    seed: an integer in [0, 2**63); None draws one (kept in `seed` and `get_config()`).
     gradient_accumulation_steps: K, physical batches per logical batch (the optimizer's own).
     max_batch_size: the logical cap; None (default) derives it from `overflow_probability`. It
-      is rounded up to a multiple of K (the capacity K * physical_batch_size).
+      is rounded up to a multiple of K (the capacity K * physical_batch_size). Any cap is
+      allowed: its overflow bound goes into the reported delta (see the module docstring).
     overflow_probability: the per-step probability bound for a draw above the cap, in (0, 1).
       A draw above the capacity raises; examples are never dropped.
+    insecure_sampling_seed: None (default): a 128-bit secret from OS entropy keys the draws.
+      An integer derives it from that seed instead: reproducible, INSECURE; tests only.
+    strategy: the tf.distribute strategy the run uses (None: the current one). Under
+      MultiWorkerMirroredStrategy, pass it (or build the sampler in its scope), so that every
+      worker draws the same batches.
+    seed: removed (raises a TypeError that says what to use).
   """
 
   sampling = "poisson"
 
-  def __init__(self, data, sampling_probability: float, *, seed: Optional[int],
-               gradient_accumulation_steps: int = 1, max_batch_size: Optional[int] = None,
-               overflow_probability: float = DEFAULT_OVERFLOW_PROBABILITY):
+  def __init__(self, data, sampling_probability: float, *, gradient_accumulation_steps: int = 1,
+               max_batch_size: Optional[int] = None,
+               overflow_probability: float = DEFAULT_OVERFLOW_PROBABILITY,
+               insecure_sampling_seed: Optional[int] = None, strategy=None, seed=_REMOVED):
     _validate.probability("sampling_probability", sampling_probability)
     _validate.open_unit_interval("overflow_probability", overflow_probability)
     if max_batch_size is not None:
       _validate.positive_int("max_batch_size", max_batch_size)
-    super().__init__(data, seed, gradient_accumulation_steps)
+    super().__init__(data, gradient_accumulation_steps, insecure_sampling_seed, strategy, seed)
     self._q = float(sampling_probability)
     self._requested_overflow = float(overflow_probability)
     self._max_batch_size = max_batch_size
@@ -284,21 +382,22 @@ class PoissonSampler(_Sampler):
 
   def get_config(self) -> Dict[str, Any]:
     """The settings (not the data): `PoissonSampler.from_config(config, data)` rebuilds it."""
-    return dict(sampling_probability=self._q, seed=self._seed,
+    return dict(sampling_probability=self._q,
                 gradient_accumulation_steps=self._accumulation,
                 max_batch_size=self._max_batch_size,
                 overflow_probability=self._requested_overflow,
-                num_examples=self._num_examples)
+                num_examples=self._num_examples, **self._randomness_config())
 
   def _logical_capacity(self) -> int:
     return self._capacity
 
   def _spec_kwargs(self):
-    return dict(sampling="poisson", sampling_probability=self._q)
+    return dict(sampling="poisson", sampling_probability=self._q,
+                overflow_probability=self.overflow_probability)
 
-  def _padded_indices(self, step):
+  def _padded_indices(self, step, secret):
     n, capacity = self._num_examples, self._capacity
-    uniform = tf.random.stateless_uniform([n], seed=self._step_seed(step), dtype=tf.float64)
+    uniform = step_uniform(secret, step, n)
     chosen = tf.where(uniform < self._q)[:, 0]  # int64, ascending
     size = tf.shape(chosen, out_type=tf.int64)[0]
     message = (f"tfdp_prune Poisson sampler: a draw exceeds the capacity max_batch_size="
@@ -314,18 +413,20 @@ class PoissonSampler(_Sampler):
 
 
 class ShuffleSampler(_Sampler):
-  """Shuffled fixed-size batches: each pass a fresh permutation keyed by (seed, pass), cut into
-  `N // batch_size` disjoint batches (the remainder is left out of that pass). Accounted as
-  shuffling (no Poisson amplification). A logical batch of `batch_size` examples is split into K
-  physical batches of ceil(batch_size / K) rows; only when K does not divide batch_size is there
-  padding (weight 0), at the end of the last physical batch."""
+  """Shuffled fixed-size batches: each pass a fresh permutation drawn from (secret, pass), cut
+  into `N // batch_size` disjoint batches (the remainder is left out of that pass). Accounted as
+  shuffling (no Poisson amplification), for exactly this sampler (see the module docstring). A
+  logical batch of `batch_size` examples is split into K physical batches of
+  ceil(batch_size / K) rows; only when K does not divide batch_size is there padding (weight 0),
+  at the end of the last physical batch. `insecure_sampling_seed`, `strategy` and the removed
+  `seed` are as in `PoissonSampler`."""
 
   sampling = "shuffle"
 
-  def __init__(self, data, batch_size: int, *, seed: Optional[int],
-               gradient_accumulation_steps: int = 1):
+  def __init__(self, data, batch_size: int, *, gradient_accumulation_steps: int = 1,
+               insecure_sampling_seed: Optional[int] = None, strategy=None, seed=_REMOVED):
     _validate.positive_int("batch_size", batch_size)
-    super().__init__(data, seed, gradient_accumulation_steps)
+    super().__init__(data, gradient_accumulation_steps, insecure_sampling_seed, strategy, seed)
     if batch_size > self._num_examples:
       raise ValueError(f"Expected batch_size <= num_examples. Received: batch_size={batch_size}, "
                        f"num_examples={self._num_examples}.")
@@ -346,9 +447,8 @@ class ShuffleSampler(_Sampler):
     return self._num_examples // self._batch_size
 
   def get_config(self) -> Dict[str, Any]:
-    return dict(batch_size=self._batch_size, seed=self._seed,
-                gradient_accumulation_steps=self._accumulation,
-                num_examples=self._num_examples)
+    return dict(batch_size=self._batch_size, gradient_accumulation_steps=self._accumulation,
+                num_examples=self._num_examples, **self._randomness_config())
 
   def _logical_capacity(self) -> int:
     return self._batch_size
@@ -356,10 +456,9 @@ class ShuffleSampler(_Sampler):
   def _spec_kwargs(self):
     return dict(sampling="shuffle", batch_size=self._batch_size, num_examples=self._num_examples)
 
-  def _pass_batches(self, epoch):
+  def _pass_batches(self, epoch, secret):
     """The permutation of pass `epoch`, as [steps_per_epoch, batch_size] example indices."""
-    uniform = tf.random.stateless_uniform([self._num_examples], seed=self._step_seed(epoch),
-                                          dtype=tf.float64)
+    uniform = step_uniform(secret, epoch, self._num_examples)
     permutation = tf.argsort(uniform, stable=True)
     used = self.steps_per_epoch * self._batch_size
     return tf.reshape(tf.cast(permutation[:used], tf.int64),
@@ -369,37 +468,40 @@ class ShuffleSampler(_Sampler):
     extra = self.physical_batch_size * self._accumulation - self._batch_size
     return tf.concat([batch, tf.fill([extra], tf.constant(self._num_examples, tf.int64))], 0)
 
-  def _padded_indices(self, step):
+  def _padded_indices(self, step, secret):
     per_pass = self.steps_per_epoch
-    return self._pad(self._pass_batches(step // per_pass)[step % per_pass])
+    return self._pad(self._pass_batches(step // per_pass, secret)[step % per_pass])
 
-  def _logical_indices_dataset(self, start_step):
+  def _logical_indices_dataset(self, start_step, secret):
     per_pass = self.steps_per_epoch
     passes = tf.data.Dataset.counter(start_step // per_pass, dtype=tf.int64)
     batches = passes.flat_map(
-        lambda epoch: tf.data.Dataset.from_tensor_slices(self._pass_batches(epoch)))
+        lambda epoch: tf.data.Dataset.from_tensor_slices(self._pass_batches(epoch, secret)))
     return batches.skip(start_step % per_pass).map(self._pad)
 
 
-def make_sampler(data, *, sampling: str, seed: Optional[int],
-                 sampling_probability: Optional[float] = None, batch_size: Optional[int] = None,
-                 gradient_accumulation_steps: int = 1, **poisson_kwargs) -> _Sampler:
+def make_sampler(data, *, sampling: str, sampling_probability: Optional[float] = None,
+                 batch_size: Optional[int] = None, gradient_accumulation_steps: int = 1,
+                 insecure_sampling_seed: Optional[int] = None, strategy=None, seed=_REMOVED,
+                 **poisson_kwargs) -> _Sampler:
   """`PoissonSampler` for sampling="poisson" (needs sampling_probability), `ShuffleSampler` for
-  sampling="shuffle" (needs batch_size): the one switch between them, e.g. for a flag."""
+  sampling="shuffle" (needs batch_size): the one switch between them, e.g. for a flag.
+  `insecure_sampling_seed` and `strategy` are passed on (see `PoissonSampler`)."""
+  if seed is not _REMOVED:
+    raise randomness.removed_seed_error("make_sampler", "insecure_sampling_seed")
+  common = dict(gradient_accumulation_steps=gradient_accumulation_steps,
+                insecure_sampling_seed=insecure_sampling_seed, strategy=strategy)
   if sampling not in SAMPLINGS:
     raise ValueError(f"Expected sampling in {list(SAMPLINGS)}. Received: sampling={sampling!r}.")
   if sampling == "poisson":
     if batch_size is not None:
       raise ValueError("Expected batch_size=None with sampling='poisson' (pass "
                        f"sampling_probability=batch_size / N). Received: batch_size={batch_size}.")
-    return PoissonSampler(data, sampling_probability, seed=seed,
-                          gradient_accumulation_steps=gradient_accumulation_steps,
-                          **poisson_kwargs)
+    return PoissonSampler(data, sampling_probability, **common, **poisson_kwargs)
   if sampling_probability is not None or poisson_kwargs:
     raise ValueError("Expected only batch_size with sampling='shuffle'. Received: "
                      f"sampling_probability={sampling_probability!r}, {poisson_kwargs}.")
-  return ShuffleSampler(data, batch_size, seed=seed,
-                        gradient_accumulation_steps=gradient_accumulation_steps)
+  return ShuffleSampler(data, batch_size, **common)
 
 
 def _to_tensors(data):

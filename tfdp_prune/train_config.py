@@ -29,6 +29,8 @@ import math
 import re
 from typing import Any, Dict, Optional
 
+from tfdp_prune import randomness
+
 MODES = ("none", "freeze", "select")
 RULES = ("magnitude", "random", "public_gradient")
 SAMPLINGS = ("poisson", "shuffle")
@@ -52,7 +54,13 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-  """One training run; see `tfdp-train --helpfull` or the README for each setting."""
+  """One training run; see `tfdp-train --helpfull` or the README for each setting.
+
+  `seed` seeds what is not the DP mechanism: the initialization, the data split, random masks
+  and augmentation. The mechanism (the DP noise and the batch sampling) draws from OS entropy;
+  only `insecure_mechanism_seed` makes it reproducible, which is INSECURE (whoever knows the seed
+  can remove the noise): the run logs a warning and its export is labelled INSECURE.
+  """
 
   # data
   dataset: str = "digits"
@@ -94,6 +102,7 @@ class TrainConfig:
   export_version: Optional[int] = None
   overwrite: bool = False
   seed: int = 0
+  insecure_mechanism_seed: Optional[int] = None
   verbose: int = 1
 
   def __post_init__(self):
@@ -125,6 +134,12 @@ class TrainConfig:
     if self.export_version is not None:
       _check_number("export_version", self.export_version, integer=True, minimum=1)
     _check_number("seed", self.seed, integer=True, minimum=0)
+    if self.insecure_mechanism_seed is not None:
+      _check_number("insecure_mechanism_seed", self.insecure_mechanism_seed, integer=True,
+                    minimum=0)
+      if self.insecure_mechanism_seed >= 2**63:
+        raise ConfigError(f"Expected --insecure_mechanism_seed < 2**63. Received: "
+                          f"--insecure_mechanism_seed={self.insecure_mechanism_seed}.")
     _check_number("verbose", self.verbose, integer=True, minimum=0)
     for name in ("overwrite",):
       if not isinstance(getattr(self, name), bool):
@@ -214,6 +229,11 @@ class TrainConfig:
   @property
   def gradient_accumulation_steps(self) -> int:
     return self.batch_size // (self.physical_batch_size or self.batch_size)
+
+  @property
+  def mechanism_randomness(self) -> str:
+    """`randomness.OS_ENTROPY`, or `randomness.INSECURE_SEED` with --insecure_mechanism_seed."""
+    return randomness.source(self.insecure_mechanism_seed)
 
   @property
   def private(self) -> bool:

@@ -1,14 +1,17 @@
 """The training entry point: one `TrainConfig` -> data -> DP model -> fit -> checkpoint -> export.
 
 `train(config)` composes the library, in this order:
+  0. the tf.distribute strategy (first: MultiWorkerMirroredStrategy must exist before other ops);
   1. `data.load`: public, private and test parts (disjointness checked there; splits passed in
      are checked the same way by `data.check_splits`);
-  2. the sampler (Poisson or shuffle) over the private part, the logical steps, and the noise
-     multiplier (given, or calibrated to the target epsilon for those steps and that sampling);
+  2. the sampler (Poisson or shuffle) over the private part, its secret agreed on by every
+     worker of the strategy, the logical steps, and the noise multiplier (given, or calibrated
+     to the target epsilon for those steps and that sampling);
   3. under the tf.distribute strategy: the model, the DP optimizer (expected batch size from the
      sampler, accumulation = batch_size / physical_batch_size), `make_private`;
   4. resume: with `checkpoint_dir`, the run's record (`run.json`) is written or checked against
-     the config, and the newest checkpoint is restored (weights, optimizer, masks, RNG, ledger);
+     the config, and the newest checkpoint is restored (weights, optimizer, masks, noise
+     generator, sampler secret, ledger);
   5. public pre-training (non-private, public part only) and the mask callback, both only for a
      fresh run (a resumed run has its masks and pre-trained weights in the checkpoint);
   6. `model.fit` with PrivacyBudget (built with the sampler: sampler, optimizer and budget must
@@ -24,6 +27,12 @@ optimizer's step count, the weights and public data only).
 
 `export_checkpoint(checkpoint_dir, export_dir)` exports the newest checkpoint of a run later, with
 the same metadata, without the data. `run(config_name, **overrides)` is what `tfdp-train` calls.
+
+Randomness: `config.seed` seeds what is not the DP mechanism (initialization, data split, random
+masks, augmentation) and is recorded in the metadata. The noise and the sampling draw from OS
+entropy (`tfdp_prune.randomness`), whose state is kept in memory and in checkpoints only: never
+in an export, the metadata, `run.json` or the logs. `config.insecure_mechanism_seed` seeds them
+instead (it is then in `run.json`, never in the export), and the export says INSECURE.
 """
 
 import contextlib
@@ -49,6 +58,7 @@ from tfdp_prune import metadata as metadata_lib
 from tfdp_prune import models
 from tfdp_prune import optimizer as optimizer_lib
 from tfdp_prune import overlap
+from tfdp_prune import randomness
 from tfdp_prune import sampling
 from tfdp_prune import selection
 from tfdp_prune import train_config
@@ -69,6 +79,10 @@ _RESUMABLE_CHANGES = ("checkpoint_dir", "export_dir", "export_version", "overwri
                       "strategy", "data_dir", "steps", "epochs")
 _RULES = {"magnitude": masks_lib.MagnitudeRule, "random": masks_lib.RandomRule,
           "public_gradient": masks_lib.PublicGradientRule}
+INSECURE_STATEMENT = (
+    f"{metadata_lib.INSECURE_PREFIX}: the DP noise and the batch sampling were derived from "
+    "--insecure_mechanism_seed, so whoever knows or guesses that seed can reproduce and remove "
+    "the noise; the guarantee that follows holds only against an adversary who cannot. ")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -119,15 +133,15 @@ def train(config: TrainConfig, *, splits: Optional[data_lib.DataSplits] = None,
   if not isinstance(config, TrainConfig):
     raise TypeError(f"Expected a tfdp_prune.TrainConfig. Received: {type(config).__name__}.")
   check_export_target(config)
+  strategy = make_strategy(config.strategy)
   if splits is None:
     splits = load_data(config)  # checked there
   else:
     data_lib.check_splits(splits)  # as load_data checks: tfdp-train never allows an overlap
   info = splits.info
   _check_model_and_data(config, info.input_shape)
-  sampler = make_sampler(config, splits.private)
+  sampler = make_sampler(config, splits.private, strategy)
   plan = plan_privacy(config, sampler)
-  strategy = make_strategy(config.strategy)
   with strategy.scope():
     model = compile_model(config, info.input_shape, info.num_classes, plan.noise_multiplier,
                           sampler.expected_batch_size)
@@ -230,17 +244,21 @@ def load_data(config: TrainConfig) -> data_lib.DataSplits:
     raise ConfigError(f"{flags}: {error}") from None
 
 
-def make_sampler(config: TrainConfig, private) -> sampling._Sampler:
-  """Poisson (q = batch_size / n) or shuffled batches over the private part."""
+def make_sampler(config: TrainConfig, private, strategy=None) -> sampling._Sampler:
+  """Poisson (q = batch_size / n) or shuffled batches over the private part.
+
+  The draws come from a secret of OS entropy (never from --seed), which every worker of
+  `strategy` shares (see `sampling`); only --insecure_mechanism_seed makes them reproducible.
+  """
   num_examples = len(private[1])
   if config.batch_size > num_examples:
     raise ConfigError(f"Expected --batch_size <= the {num_examples} private examples. Received: "
                       f"--batch_size={config.batch_size}.")
+  common = dict(gradient_accumulation_steps=config.gradient_accumulation_steps,
+                insecure_sampling_seed=config.insecure_mechanism_seed, strategy=strategy)
   if config.sampling == "poisson":
-    return sampling.PoissonSampler(private, config.batch_size / num_examples, seed=config.seed,
-                                   gradient_accumulation_steps=config.gradient_accumulation_steps)
-  return sampling.ShuffleSampler(private, config.batch_size, seed=config.seed,
-                                 gradient_accumulation_steps=config.gradient_accumulation_steps)
+    return sampling.PoissonSampler(private, config.batch_size / num_examples, **common)
+  return sampling.ShuffleSampler(private, config.batch_size, **common)
 
 
 def plan_privacy(config: TrainConfig, sampler) -> _Plan:
@@ -300,11 +318,15 @@ def build_model(config: TrainConfig, input_shape, num_classes: int) -> keras.Mod
 
 def compile_model(config: TrainConfig, input_shape, num_classes: int, noise_multiplier: float,
                   expected_batch_size: float) -> keras.Model:
-  """The model with its DP optimizer, compiled and made private (call under the strategy)."""
+  """The model with its DP optimizer, compiled and made private (call under the strategy).
+
+  `config.seed` seeds the initialization only; the optimizer's noise comes from OS entropy
+  (or, INSECURE, from --insecure_mechanism_seed)."""
   keras.utils.set_random_seed(config.seed)
   model = build_model(config, input_shape, num_classes)
   common = dict(l2_norm_clip=config.l2_norm_clip, noise_multiplier=noise_multiplier,
-                learning_rate=config.learning_rate, seed=config.seed,
+                learning_rate=config.learning_rate,
+                insecure_noise_seed=config.insecure_mechanism_seed,
                 expected_batch_size=expected_batch_size,
                 gradient_accumulation_steps=config.gradient_accumulation_steps)
   if config.optimizer == "sgd":
@@ -357,7 +379,11 @@ def mask_summary(model, optimizer) -> Dict[str, Any]:
 
 def build_metadata(config: TrainConfig, spec: accounting.PrivacySpec, info: data_lib.DataInfo,
                    model, expected_batch_size: float) -> metadata_lib.PrivacyMetadata:
-  """The run's `PrivacyMetadata` (one schema for training and export)."""
+  """The run's `PrivacyMetadata` (one schema for training and export).
+
+  delta is the delta of the guarantee (`spec.total_delta()`: the sampler's overflow term
+  included); `mechanism_randomness` says where the noise and sampling came from, and a seeded
+  (insecure) run's statement starts with INSECURE. No seed of the mechanism is recorded."""
   epsilon = spec.epsilon()
   private = spec.noise_multiplier > 0 and math.isfinite(epsilon)
   masks = mask_summary(model, model.optimizer)
@@ -365,11 +391,14 @@ def build_metadata(config: TrainConfig, spec: accounting.PrivacySpec, info: data
   if config.mode != "none":
     rule = {"name": config.effective_rule, "sparsity": config.effective_sparsity,
             "select_every": config.effective_select_every}
+  source = mechanism_randomness(config, model.optimizer)
+  statement = (spec.statement() if private else
+               f"NON-PRIVATE: noise multiplier {spec.noise_multiplier}, no privacy guarantee.")
+  if private and source == randomness.INSECURE_SEED:
+    statement = INSECURE_STATEMENT + statement
   return metadata_lib.PrivacyMetadata(
-      private=private, epsilon=epsilon if private else math.inf, delta=spec.delta,
-      accountant=spec.accountant,
-      statement=spec.statement() if private else
-      f"NON-PRIVATE: noise multiplier {spec.noise_multiplier}, no privacy guarantee.",
+      private=private, epsilon=epsilon if private else math.inf, delta=spec.total_delta(),
+      accountant=spec.accountant, statement=statement,
       privacy_spec=spec.to_dict(), noise_multiplier=spec.noise_multiplier,
       l2_norm_clip=config.l2_norm_clip, sampling=spec.sampling,
       sampling_probability=spec.sampling_probability, batch_size=float(expected_batch_size),
@@ -379,23 +408,42 @@ def build_metadata(config: TrainConfig, spec: accounting.PrivacySpec, info: data
       num_public_examples=info.num_public, num_test_examples=info.num_test,
       public_fingerprint=info.public_fingerprint.to_dict(), mask_mode=config.mode,
       mask_rule=rule, mask_sparsity=masks["mask_sparsity"],
-      mask_sparsity_per_variable=masks["mask_sparsity_per_variable"], seed=config.seed,
+      mask_sparsity_per_variable=masks["mask_sparsity_per_variable"],
+      mechanism_randomness=source, seed=config.seed,
       library_versions=metadata_lib.library_versions(), created=metadata_lib.utc_now())
+
+
+def mechanism_randomness(config: TrainConfig, optimizer) -> str:
+  """INSECURE_SEED if the config or the optimizer seeds the mechanism, else OS_ENTROPY."""
+  sources = {config.mechanism_randomness,
+             getattr(optimizer, "mechanism_randomness", randomness.OS_ENTROPY)}
+  return (randomness.INSECURE_SEED if randomness.INSECURE_SEED in sources
+          else randomness.OS_ENTROPY)
 
 
 def summary(metadata: metadata_lib.PrivacyMetadata, test_accuracy: Optional[float],
             export_path: Optional[str]) -> str:
   """The lines `tfdp-train` prints at the end."""
   if metadata.private:
-    privacy = f"epsilon = {metadata.epsilon:.4g}, delta = {metadata.delta:g}"
+    privacy = f"epsilon = {metadata.epsilon:.4g}, delta = {delta_text(metadata)}"
   else:
     privacy = "NON-PRIVATE (epsilon = inf)"
   lines = [f"privacy: {privacy} after {metadata.steps} logical steps ({metadata.accountant}, "
            f"{metadata.sampling} sampling)",
+           f"mechanism randomness: {metadata.mechanism_randomness}"
+           + (" (INSECURE: reproducible from --insecure_mechanism_seed; do not release)"
+              if metadata.insecure else ""),
            f"test accuracy: {'n/a' if test_accuracy is None else f'{test_accuracy:.4f}'}"]
   if export_path:
     lines.append(f"exported: {export_path}")
   return "\n".join(lines)
+
+
+def delta_text(metadata: metadata_lib.PrivacyMetadata) -> str:
+  """The delta, with the sampler's overflow term shown apart (rounding would hide it)."""
+  base = (metadata.privacy_spec or {}).get("delta", metadata.delta)
+  extra = metadata.delta - base
+  return f"{base:g} + {extra:.2g} (sampler overflow)" if extra > 0 else f"{metadata.delta:g}"
 
 
 # ---- run record (checkpoint_dir/run.json) ------------------------------------------------------

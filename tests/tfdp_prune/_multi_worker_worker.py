@@ -7,6 +7,9 @@ each run on the global batches of DATA.npz sharded across the workers by tf.data
   exact:      noise_multiplier=0, l2_norm_clip=1e9 (no clipping), several steps;
   clip:       noise_multiplier=0, l2_norm_clip=CLIP, one step;
   noisy:      noise_multiplier=SIGMA, l2_norm_clip=CLIP, one step (same start as `clip`).
+The noise comes from OS entropy (the default). It also builds two Poisson samplers over the data
+and writes their secrets and first draws: `shared_*` built with strategy= (every worker must hold
+the chief's secret), `local_*` without (each worker's own entropy: the check has power).
 """
 
 import json
@@ -72,14 +75,20 @@ def main(data_path, out_path):
 
   _log("strategy ready")
   results = {}
+  shared = tfdp_prune.PoissonSampler((x, y), 0.25, strategy=strategy)
+  local = tfdp_prune.PoissonSampler((x, y), 0.25)
+  for name, sampler in (("shared", shared), ("local", local)):
+    results[f"{name}_secret"] = sampler.state.secret.numpy()
+    results[f"{name}_draws"] = np.concatenate([sampler.indices(s) for s in range(5)])
+  _log("samplers ready")
 
-  def run(name, l2_norm_clip, noise_multiplier, steps, seed):
+  def run(name, l2_norm_clip, noise_multiplier, steps):
     with strategy.scope():
       model = build_model(init_seed, x.shape[1], int(y.max()) + 1)
       model.compile(
           optimizer=tfdp_prune.DPKerasSGDOptimizer(
               l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier, learning_rate=lr,
-              seed=seed, expected_batch_size=None),
+              expected_batch_size=None),
           loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none"))
     results[f"{name}_init"] = np.concatenate([w.ravel() for w in model.get_weights()])
     tfdp_prune.make_private(model)
@@ -88,9 +97,9 @@ def main(data_path, out_path):
     results[name] = np.concatenate([w.ravel() for w in model.get_weights()])
     results[f"{name}_iterations"] = np.array(int(model.optimizer.iterations.numpy()))
 
-  run("exact", 1e9, 0.0, exact_steps, seed=1)
-  run("clip", clip, 0.0, 1, seed=1)
-  run("noisy", clip, sigma, 1, seed=1234)
+  run("exact", 1e9, 0.0, exact_steps)
+  run("clip", clip, 0.0, 1)
+  run("noisy", clip, sigma, 1)
   results["task_index"] = np.array(task_index)
   np.savez(out_path, **results)
   _log(f"worker {task_index} done")

@@ -9,8 +9,11 @@ MODE "train": restores the newest complete checkpoint of CKPT_DIR if there is on
 Both write OUT.npz at the end: the final weights, iterations, epsilon, budget steps and the
 logical step the run started from.
 
-The run: a small Dense model, DP SGD with momentum, noise on (seeded), gradient accumulation 2,
-random update masks set at the start, Poisson sampling, a PrivacyBudget (RDP).
+The run: a small Dense model, DP SGD with momentum, noise on, gradient accumulation 2, random
+update masks set at the start, Poisson sampling, a PrivacyBudget (RDP). The noise and the sampling
+are seeded with the INSECURE switches: the reference runs in another process than the resumed
+run, and only seeded randomness can be the same in both (the in-process resume test covers the
+default, OS entropy).
 """
 
 import os
@@ -48,14 +51,16 @@ def main(mode, ckpt_dir, out_path, total_steps, step_sleep):
   rng = np.random.default_rng(0)
   x = rng.normal(size=(64, 8)).astype("float32")
   y = rng.integers(0, 3, size=64).astype("int32")
-  sampler = tfdp_prune.PoissonSampler((x, y), sampling_probability=0.25, seed=11,
-                                      gradient_accumulation_steps=ACCUMULATION)
+  sampler = tfdp_prune.PoissonSampler((x, y), sampling_probability=0.25,
+                                      gradient_accumulation_steps=ACCUMULATION,
+                                      insecure_sampling_seed=11)
   keras.utils.set_random_seed(4)
   model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="tanh"),
                             keras.layers.Dense(3)])
   model.compile(
       optimizer=tfdp_prune.DPKerasSGDOptimizer(
-          l2_norm_clip=1.0, noise_multiplier=SIGMA, learning_rate=0.2, momentum=0.9, seed=5,
+          l2_norm_clip=1.0, noise_multiplier=SIGMA, learning_rate=0.2, momentum=0.9,
+          insecure_noise_seed=5,
           expected_batch_size=sampler.expected_batch_size,
           gradient_accumulation_steps=ACCUMULATION),
       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none"))

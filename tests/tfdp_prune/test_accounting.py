@@ -100,6 +100,14 @@ def test_shuffle_epsilon_is_the_unamplified_replace_one_gaussian_per_pass(accoun
   assert abs(spec.epsilon() - want) <= 1e-6
 
 
+def test_the_shuffle_statement_covers_the_library_sampler_only():
+  statement = shuffle().statement()
+  assert "tfdp_prune's ShuffleSampler" in statement and "disjoint batches" in statement
+  assert "Not valid for other batching" in statement and "repeat() before batch()" in statement
+  assert "any data order" not in statement  # the former, too wide, claim
+  assert "straddle" not in accounting.__doc__.split("NOT covered")[0]  # only as not covered
+
+
 def test_shuffle_counts_every_started_pass_with_the_remainder_dropped():
   # 1000 // 300 = 3 full batches per pass.
   passes = [shuffle(steps=s, batch_size=300, num_examples=1000).passes for s in (1, 3, 4, 6, 7)]
@@ -206,7 +214,32 @@ def test_calibration_for_shuffle_uses_the_shuffle_guarantee():
   assert sigma > accounting.calibrate_noise_multiplier(8.0, 1e-5, 0.1, 100, "rdp")
 
 
-@pytest.mark.parametrize("spec", [poisson(), poisson("rdp", steps=0), shuffle(), shuffle("rdp")])
+def test_the_sampler_overflow_term_is_added_to_delta():
+  p = 1e-7
+  spec = dataclasses.replace(poisson("rdp", steps=100), overflow_probability=p)
+  epsilon = spec.epsilon()
+  assert epsilon == poisson("rdp", steps=100).epsilon()  # epsilon is the accountant's
+  assert spec.overflow_delta() == pytest.approx((1 + math.exp(epsilon)) * 100 * p, rel=1e-12)
+  assert spec.total_delta() == pytest.approx(1e-5 + (1 + math.exp(epsilon)) * 100 * p,
+                                             rel=1e-12)
+  assert f"1e-05 + {spec.overflow_delta():.3g} = {spec.total_delta():.10g}" in spec.statement()
+  assert "(1 + e^epsilon) * steps * 1e-07" in spec.statement()
+  assert poisson("rdp", steps=100).total_delta() == 1e-5  # no overflow possible: delta itself
+  assert spec.with_steps(0).total_delta() == 1e-5
+  huge = dataclasses.replace(spec, overflow_probability=0.5)
+  assert huge.total_delta() == 1.0  # capped: a vacuous but true delta
+  with pytest.raises(ValueError, match="overflow_probability=0 with sampling='shuffle'"):
+    dataclasses.replace(shuffle(), overflow_probability=1e-9)
+  with pytest.raises(ValueError, match="overflow_probability"):
+    dataclasses.replace(spec, overflow_probability=1.0)
+  with pytest.raises(ValueError, match="Cannot resume"):  # another cap is another mechanism
+    accounting.PrivacyLedger(poisson("rdp", steps=0)).restore(spec.to_dict())
+
+
+@pytest.mark.parametrize("spec", [
+    poisson(), poisson("rdp", steps=0), shuffle(), shuffle("rdp"),
+    PrivacySpec(noise_multiplier=1.5, steps=10, delta=1e-5, sampling_probability=0.04,
+                overflow_probability=3e-16)])
 def test_to_dict_round_trips_through_json(spec):
   data = json.loads(json.dumps(spec.to_dict()))
   assert PrivacySpec.from_dict(data) == spec

@@ -253,7 +253,8 @@ def test_export_carries_the_audit_apart_from_the_unchanged_proven_epsilon(epsilo
   proven = result.train_result.metadata
   exported = inspection.inspect_export(os.path.dirname(result.export_path)).latest.metadata
   assert exported == result.metadata
-  assert exported.epsilon == proven.epsilon and exported.private and exported.delta == 1e-5
+  assert exported.epsilon == proven.epsilon and exported.private and exported.delta == proven.delta
+  assert exported.delta == pytest.approx(1e-5, rel=1e-6)  # plus the sampler's overflow term
   assert dataclasses.replace(exported, empirical=None) == proven
   record = exported.empirical["audit"]
   assert record == result.audit

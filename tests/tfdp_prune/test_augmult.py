@@ -231,7 +231,7 @@ def test_views_are_recognized_by_the_rank_of_the_data():
 def _fit_on_views(model, input_shape, k=2):
   model.compile(
       optimizer=tfdp_prune.DPKerasSGDOptimizer(l2_norm_clip=1.0, noise_multiplier=0.5,
-                                                learning_rate=0.1, seed=0),
+                                                learning_rate=0.1),
       loss=T.per_example_loss(), metrics=["accuracy"])
   tfdp_prune.make_private(model)
   x = _images(8, *input_shape)

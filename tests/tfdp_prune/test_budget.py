@@ -37,7 +37,7 @@ def _expected_max_steps(target, spec=SPEC):
 
 def _model(**kwargs):
   kwargs.setdefault("expected_batch_size", 8.0)
-  return T.dp_model(T.dense_model(seed=1), noise_multiplier=SIGMA, seed=0, **kwargs)
+  return T.dp_model(T.dense_model(seed=1), noise_multiplier=SIGMA, **kwargs)
 
 
 class _CountBatches(keras.callbacks.Callback):
@@ -87,6 +87,19 @@ def test_epsilon_and_delta_in_history_every_epoch_and_on_demand():
   assert history.history["delta"] == [1e-5] * 3
   model.train_on_batch(x[:8], y[:8])  # on demand, after steps taken outside fit
   assert budget.epsilon() == _epsilon(int(model.optimizer.iterations.numpy())) == _epsilon(13)
+
+
+def test_the_logged_delta_includes_the_sampler_overflow_term():
+  """A sampler whose cap can be exceeded (p per step) adds (1 + e^eps) * T * p to delta: the
+  logged delta is that of the guarantee, growing with the steps."""
+  x, y = T.dense_data(n=32)
+  model = _model()
+  spec = dataclasses.replace(SPEC, overflow_probability=1e-6)
+  budget = budget_lib.PrivacyBudget(spec)
+  history = model.fit(x, y, batch_size=8, epochs=2, callbacks=[budget], verbose=0)
+  want = [spec.with_steps(s).total_delta() for s in (4, 8)]
+  assert history.history["delta"] == want
+  assert 1e-5 < want[0] < want[1] and budget.delta == want[1]
 
 
 def test_a_second_fit_continues_the_budget_and_a_spent_budget_takes_no_step():

@@ -2,7 +2,9 @@
 
 The claims (DESIGN.md rules 8, 9, 10):
   - a resumed run ends bit-identical to an uninterrupted one, with the same logical steps and
-    epsilon, in process and across processes after a SIGKILL in the middle of training;
+    epsilon, in process (noise and sampling from OS entropy: the checkpoint brings back the
+    noise generator's state and the sampler's secret) and across processes after a SIGKILL in
+    the middle of training (seeded, insecure, so that a separate reference process can match);
   - checkpoints are taken between logical batches only;
   - a kill leaves no checkpoint that a reader trusts unless it is complete: temporary and
     incomplete directories are ignored, then deleted by the next writer;
@@ -33,13 +35,13 @@ SIGMA = 1.0
 K = 2  # gradient accumulation: one logical step is two physical batches
 
 
-def _sampler(seed=11):
-  return tfdp_prune.PoissonSampler(T.dense_data(n=64), sampling_probability=0.25, seed=seed,
+def _sampler(q=0.25):
+  return tfdp_prune.PoissonSampler(T.dense_data(n=64), sampling_probability=q,
                                    gradient_accumulation_steps=K)
 
 
 def _model(sampler, init_seed=4, noise_multiplier=SIGMA):
-  return T.dp_model(T.dense_model(seed=init_seed), noise_multiplier=noise_multiplier, seed=5,
+  return T.dp_model(T.dense_model(seed=init_seed), noise_multiplier=noise_multiplier,
                     momentum=0.9, learning_rate=0.2, gradient_accumulation_steps=K,
                     expected_batch_size=sampler.expected_batch_size)
 
@@ -73,26 +75,29 @@ def _is_complete(path):
 # ---- in process -------------------------------------------------------------------------------
 
 def test_resume_in_process_is_bit_identical_to_an_uninterrupted_run(tmp_path):
+  # The noise and the sampling come from OS entropy: the run that writes the checkpoints is the
+  # reference, and goes on uninterrupted to step 7.
   sampler = _sampler()
   reference, reference_budget = _model(sampler), _budget(sampler)
   masks = _set_masks(reference)
-  _train(reference, sampler, 0, 7, [reference_budget])
-
-  interrupted, budget = _model(sampler), _budget(sampler)
-  _set_masks(interrupted)
-  _train(interrupted, sampler, 0, 5, [budget, checkpointing.DPCheckpoint(
-      tmp_path, every_steps=2, budget=budget, sampler=sampler)])
+  _train(reference, sampler, 0, 5, [reference_budget, checkpointing.DPCheckpoint(
+      tmp_path, every_steps=2, budget=reference_budget, sampler=sampler)])
   assert sorted(os.listdir(tmp_path)) == ["ckpt-2", "ckpt-4", "latest"]  # step 5: lost
+  _train(reference, sampler, 5, 7, [reference_budget])
 
-  # Other initial weights, optimizer not built, all-ones masks: everything must come back.
-  resumed, resumed_budget = _model(sampler, init_seed=99), _budget(sampler)
-  step = checkpointing.restore_latest(tmp_path, resumed, budget=resumed_budget, sampler=sampler)
+  # Other initial weights, optimizer not built, all-ones masks, a new noise generator and a new
+  # sampler secret (fresh entropy): everything must come back from the checkpoint.
+  resumed_sampler = _sampler()
+  assert not all(np.array_equal(resumed_sampler.indices(s), sampler.indices(s)) for s in range(4))
+  resumed, resumed_budget = _model(resumed_sampler, init_seed=99), _budget(resumed_sampler)
+  step = checkpointing.restore_latest(tmp_path, resumed, budget=resumed_budget,
+                                      sampler=resumed_sampler)
   assert step == 4 == int(resumed.optimizer.iterations.numpy()) == resumed_budget.ledger.steps
   for got, want in zip(resumed.optimizer.update_masks(resumed.trainable_variables), masks):
     np.testing.assert_array_equal(got.numpy(), want.astype("float32"))
   assert int(resumed.optimizer._micro_steps.numpy()) == K * 4  # pylint: disable=protected-access
-  _train(resumed, sampler, step, 7, [resumed_budget, checkpointing.DPCheckpoint(
-      tmp_path, every_steps=2, budget=resumed_budget, sampler=sampler)])
+  _train(resumed, resumed_sampler, step, 7, [resumed_budget, checkpointing.DPCheckpoint(
+      tmp_path, every_steps=2, budget=resumed_budget, sampler=resumed_sampler)])
 
   assert int(resumed.optimizer.iterations.numpy()) == 7 == resumed_budget.steps
   assert resumed_budget.epsilon() == reference_budget.epsilon() == (
@@ -105,8 +110,7 @@ def test_resume_in_process_is_bit_identical_to_an_uninterrupted_run(tmp_path):
 
 def test_saves_only_between_logical_batches_and_epoch_ends_wait_for_one(tmp_path):
   x, y = T.dense_data(n=48)  # 3 physical batches of 16 per epoch: an epoch ends mid-logical-batch
-  model = T.dp_model(T.dense_model(), noise_multiplier=SIGMA, seed=0,
-                     gradient_accumulation_steps=K)
+  model = T.dp_model(T.dense_model(), noise_multiplier=SIGMA, gradient_accumulation_steps=K)
   saved = []
 
   class _Record(checkpointing.DPCheckpoint):
@@ -193,7 +197,7 @@ def test_refuses_another_sampler_other_dp_settings_and_a_stale_ledger(tmp_path):
   _train(model, sampler, 0, 1, [budget, checkpointing.DPCheckpoint(
       tmp_path, every_steps=1, budget=budget, sampler=sampler)])
   with pytest.raises(ValueError, match="sampler differs"):
-    checkpointing.restore_latest(tmp_path, _model(sampler), sampler=_sampler(seed=12))
+    checkpointing.restore_latest(tmp_path, _model(sampler), sampler=_sampler(q=0.5))
   with pytest.raises(ValueError, match="noise_multiplier: checkpointed 1.0, now 2.0"):
     checkpointing.restore_latest(tmp_path, _model(sampler, noise_multiplier=2.0))
   plain = T.dense_model()

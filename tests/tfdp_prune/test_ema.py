@@ -40,8 +40,7 @@ def _assert_close(actual, expected):
 
 
 def _dp_model(seed=1, **kwargs):
-  return T.dp_model(T.dense_model(seed=seed), noise_multiplier=0.5, seed=0, learning_rate=0.5,
-                    **kwargs)
+  return T.dp_model(T.dense_model(seed=seed), noise_multiplier=0.5, learning_rate=0.5, **kwargs)
 
 
 def test_average_matches_a_numpy_recomputation_through_warmup_and_decay():
@@ -154,7 +153,7 @@ def test_reused_across_fits_continues_unless_reset_is_requested():
     assert fresh.num_updates == 4
     _assert_close(fresh.averages(), _reference(record.start, record.after_batch, decay=0.9))
 
-  other = T.dp_model(T.dense_model(seed=1, hidden=5), noise_multiplier=0.5, seed=0)
+  other = T.dp_model(T.dense_model(seed=1, hidden=5), noise_multiplier=0.5)
   with pytest.raises(ValueError, match="match the average"):
     other.fit(x, y, batch_size=8, callbacks=[ema], verbose=0)
   other.fit(x, y, batch_size=8, callbacks=[fresh], verbose=0)  # reset: a new average

@@ -16,7 +16,7 @@ class _RecordWeights(keras.callbacks.Callback):
 
 
 def _model(**kwargs):
-  return T.dp_model(T.dense_model(seed=1), noise_multiplier=1.0, seed=0, momentum=0.9,
+  return T.dp_model(T.dense_model(seed=1), noise_multiplier=1.0, momentum=0.9,
                     **kwargs)
 
 
@@ -79,12 +79,12 @@ def test_reused_across_fits_and_driven_by_a_hand_written_loop():
   x, y = T.dense_data(n=32)
   freezing = tfdp_prune.ParameterFreezing(tfdp_prune.MagnitudeRule(0.5))
   for seed in (1, 2):  # the same instance on two models, one fit each
-    model = T.dp_model(T.dense_model(seed=seed), noise_multiplier=0.5, seed=0)
+    model = T.dp_model(T.dense_model(seed=seed), noise_multiplier=0.5)
     model.fit(x, y, batch_size=8, callbacks=[freezing], verbose=0)
     assert freezing.masked_variables[0] is model.trainable_variables[0]
     assert np.all(model.trainable_variables[0].numpy()[~freezing.masks[0]] == 0)
 
-  model = T.dp_model(T.dense_model(seed=3), noise_multiplier=0.5, seed=0)
+  model = T.dp_model(T.dense_model(seed=3), noise_multiplier=0.5)
   freezing.set_model(model)
   freezing.on_train_begin()
   for start in range(0, 32, 8):

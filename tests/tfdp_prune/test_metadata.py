@@ -24,7 +24,9 @@ def _strict_loads(text):
     E.private_metadata().with_empirical({"audit_epsilon_lower_bound": 0.8}),
     metadata_lib.non_private(dataset="digits", num_private_examples=1597, steps=10, epochs=2.5,
                              seed=3),
-], ids=["private", "empirical", "non-private"])
+    E.private_metadata(mechanism_randomness="insecure_seed",
+                       statement="INSECURE: seeded. " + E.private_metadata().statement),
+], ids=["private", "empirical", "non-private", "insecure"])
 def test_to_json_from_json_round_trips_exactly(record):
   assert PrivacyMetadata.from_json(record.to_json()) == record
   assert PrivacyMetadata.from_dict(record.to_dict()) == record
@@ -60,7 +62,8 @@ def test_a_private_record_without_noise_is_refused():
 @pytest.mark.parametrize("change, match", [
     ({"surprise": 1}, r"Unknown privacy metadata fields: \['surprise'\]"),
     ({"schema": "someone.else"}, "Expected a dict with schema"),
-    ({"schema_version": 2}, "Expected schema_version=1"),
+    ({"schema_version": 3}, "Expected schema_version=2"),
+    ({"schema_version": 1}, "seeded the DP noise and sampling"),
 ])
 def test_unknown_fields_and_other_schemas_are_refused(change, match):
   document = E.private_metadata().to_dict()
@@ -79,3 +82,23 @@ def test_a_missing_field_is_refused():
 def test_the_guarantee_line():
   assert E.private_metadata().guarantee.startswith("(7.42, 1e-05)-DP. ")
   assert metadata_lib.non_private().guarantee.startswith("NON-PRIVATE")
+  insecure = E.private_metadata(mechanism_randomness="insecure_seed",
+                                statement="INSECURE: seeded. " + E.private_metadata().statement)
+  assert insecure.insecure and not E.private_metadata().insecure
+  assert insecure.guarantee.startswith("INSECURE: (7.42, 1e-05)-DP only against an adversary "
+                                       "who cannot reproduce the seeded noise and sampling.")
+
+
+def test_where_the_randomness_came_from_is_required_and_an_insecure_run_is_labelled():
+  with pytest.raises(ValueError, match="a private model needs one"):
+    E.private_metadata(mechanism_randomness=None)
+  with pytest.raises(ValueError, match="mechanism_randomness in"):
+    E.private_metadata(mechanism_randomness="seed")
+  with pytest.raises(ValueError, match="must say so.*INSECURE"):
+    E.private_metadata(mechanism_randomness="insecure_seed")  # the statement does not say it
+  assert metadata_lib.non_private().mechanism_randomness is None
+  document = E.private_metadata().to_dict()
+  assert document["mechanism_randomness"] == "os_entropy"
+  del document["mechanism_randomness"]
+  with pytest.raises(ValueError, match="Incomplete privacy metadata"):
+    PrivacyMetadata.from_dict(document)

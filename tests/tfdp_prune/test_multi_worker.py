@@ -8,7 +8,10 @@ on its autosharded half. Checked here, against single-process references:
   - noise 0 with clipping equals the mean of the clipped per-example gradients of the global
     batch;
   - the noise of one step has std noise_multiplier * l2_norm_clip over the global batch in total
-    (each replica sigma*C/sqrt(2), independent across replicas).
+    (each replica sigma*C/sqrt(2), independent across replicas), with noise from OS entropy;
+  - a sampler built with `strategy=` holds the same secret, hence draws the same batches, on
+    every worker (else each worker would read its shard of another batch, and the accounting
+    of one draw per step would be wrong), while samplers built apart draw apart.
 """
 
 import json
@@ -173,6 +176,12 @@ def test_multi_worker_dp_sgd_matches_single_process(tmp_path):
   assert int(w0["exact_iterations"]) == _EXACT_STEPS
   assert int(w0["clip_iterations"]) == int(w0["noisy_iterations"]) == 1
   np.testing.assert_array_equal(w0["clip_init"], w0["noisy_init"])
+
+  # The sampler's secret: the chief's OS entropy on every worker, not derivable from anything.
+  np.testing.assert_array_equal(w0["shared_secret"], w1["shared_secret"])
+  np.testing.assert_array_equal(w0["shared_draws"], w1["shared_draws"])
+  assert not np.array_equal(w0["local_secret"], w1["local_secret"])  # each worker's own entropy
+  assert not np.array_equal(w0["shared_secret"], w0["local_secret"])
 
   # (b) noise 0, no clipping: plain SGD on the mean loss of the same global batches.
   expected = _plain_sgd(w0["exact_init"], x, y)

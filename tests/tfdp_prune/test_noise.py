@@ -35,3 +35,22 @@ def test_each_call_draws_fresh_noise_and_a_seed_reproduces_the_sequence():
   assert not np.any(first == second)
   replay = tf.random.Generator.from_seed(3)
   np.testing.assert_array_equal(noise.add_gaussian_noise(*args, replay)[0], first)
+
+
+def test_the_default_generator_takes_its_whole_state_from_os_entropy(monkeypatch):
+  from tfdp_prune import randomness  # pylint: disable=g-import-not-at-top
+  words = [7, 2**64 - 2, 2**63]
+  monkeypatch.setattr(randomness, "os_entropy_words", lambda count: list(words)[:count])
+  generator = noise.make_noise_generator()
+  assert generator.state.numpy().view(np.uint64).tolist() == words
+  assert generator.algorithm == tf.random.Algorithm.PHILOX.value
+
+
+def test_default_generators_differ_and_the_insecure_seed_replays_from_seed():
+  args = ([tf.zeros([100])], [tf.ones([100])], 1.0)
+  first, second = (noise.add_gaussian_noise(*args, noise.make_noise_generator())[0].numpy()
+                   for _ in range(2))
+  assert not np.any(first == second)
+  seeded = noise.add_gaussian_noise(*args, noise.make_noise_generator(insecure_seed=4))[0]
+  np.testing.assert_array_equal(
+      seeded, noise.add_gaussian_noise(*args, tf.random.Generator.from_seed(4))[0])

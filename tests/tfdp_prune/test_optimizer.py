@@ -1,8 +1,14 @@
+import os
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 from scipy import stats
 
 import tfdp_prune
+from tfdp_prune import randomness
 from tfdp_prune.compat import keras
 from tfdp_prune.compat import tf
 from tests.tfdp_prune import _testing as T
@@ -88,7 +94,7 @@ def test_without_noise_clip_or_mask_it_is_plain_sgd(steps):
 def test_frozen_coordinates_and_their_slots_stay_bit_exact(optimizer_class, kwargs):
   x, y = T.dense_data(n=20 * 8)
   model = T.dp_model(T.dense_model(), optimizer_class=optimizer_class, noise_multiplier=1.0,
-                     seed=0, learning_rate=0.05, **kwargs)
+                     learning_rate=0.05, **kwargs)
   optimizer = model.optimizer
   variables = model.trainable_variables
   model.fit(x[:16], y[:16], batch_size=8, verbose=0)  # dense steps: every slot is non-zero now
@@ -116,7 +122,9 @@ def test_noise_std_is_sigma_clip_over_batch_on_updated_coordinates_only():
   sigma, clip, batch, lr = 1.3, 0.8, 8, 1.0
   keras.utils.set_random_seed(0)
   model = keras.Sequential([keras.Input((100,)), keras.layers.Dense(100, use_bias=False)])
-  T.dp_model(model, l2_norm_clip=clip, noise_multiplier=sigma, learning_rate=lr, seed=7)
+  # Seeded (insecure) so that the KS test's outcome is deterministic.
+  T.dp_model(model, l2_norm_clip=clip, noise_multiplier=sigma, learning_rate=lr,
+             insecure_noise_seed=7)
   variables = model.trainable_variables
   model.optimizer.build(variables)
   mask = T.random_masks(variables, keep=0.5)[0]
@@ -221,7 +229,8 @@ def test_non_finite_gradients_are_zeroed_and_counted():
 
 def test_accumulated_physical_batches_are_one_logical_step():
   x, y = T.dense_data(n=256)
-  kwargs = dict(noise_multiplier=1.0, l2_norm_clip=0.3, seed=11)
+  # The same (seeded, insecure) noise in both, to compare them.
+  kwargs = dict(noise_multiplier=1.0, l2_norm_clip=0.3, insecure_noise_seed=11)
   one = T.dp_model(T.dense_model(seed=2), **kwargs)
   four = T.dp_model(T.dense_model(seed=2), gradient_accumulation_steps=4, **kwargs)
   one.fit(x, y, batch_size=256, shuffle=False, verbose=0)
@@ -331,8 +340,10 @@ def test_a_stale_partial_sum_of_an_untrained_variable_is_dropped_at_the_logical_
 # ---- checkpointed state ------------------------------------------------------------------------
 
 def test_masks_noise_state_and_accumulators_are_checkpointed(tmp_path):
+  """Noise from OS entropy: the resumed optimizer (another entropy draw) continues the original
+  noise stream only because the generator's state comes back with the checkpoint."""
   x, y = T.dense_data(n=96)
-  kwargs = dict(noise_multiplier=1.0, seed=3, gradient_accumulation_steps=2)
+  kwargs = dict(noise_multiplier=1.0, gradient_accumulation_steps=2)
 
   def build():
     model = T.dp_model(T.dense_model(seed=4), **kwargs)
@@ -361,11 +372,12 @@ def test_masks_noise_state_and_accumulators_are_checkpointed(tmp_path):
 def test_get_config_round_trips():
   optimizer = tfdp_prune.DPKerasAdamOptimizer(
       l2_norm_clip=0.5, noise_multiplier=1.2, learning_rate=0.01, expected_batch_size=64.0,
-      gradient_accumulation_steps=4, seed=5)
+      gradient_accumulation_steps=4)
   config = optimizer.get_config()
   restored = tfdp_prune.DPKerasAdamOptimizer.from_config(config)
   assert restored.get_config() == config
   assert config["l2_norm_clip"] == 0.5 and config["gradient_accumulation_steps"] == 4
+  assert config["insecure_noise_seed"] is None and "seed" not in config
   assert type(restored.per_example_engine) is tfdp_prune.PerLayerEngine  # the default
 
 
@@ -485,7 +497,7 @@ def test_a_non_dp_optimizer_is_refused_by_the_dp_step():
 def test_one_class_per_base_class_and_saved_models_load_without_custom_objects(tmp_path):
   assert tfdp_prune.make_dp_optimizer_class(keras.optimizers.SGD) is tfdp_prune.DPKerasSGDOptimizer
   model = T.dense_model()
-  model.compile(optimizer=tfdp_prune.DPKerasAdamOptimizer(0.7, 1.1, learning_rate=0.01, seed=4),
+  model.compile(optimizer=tfdp_prune.DPKerasAdamOptimizer(0.7, 1.1, learning_rate=0.01),
                 loss=T.per_example_loss())
   path = str(tmp_path / "model.keras")
   model.save(path)
@@ -507,3 +519,94 @@ def test_training_metrics_ignore_padding_rows():
   assert history.history["accuracy"] == [1.0]
   expected_loss = float(np.mean(T.per_example_loss()(predicted, model(x)).numpy()))
   assert history.history["loss"][0] == pytest.approx(expected_loss, rel=1e-5)
+
+
+# ---- where the noise comes from (DESIGN.md rule 11) ---------------------------------------------
+
+def _noise_state(optimizer, variables):
+  optimizer.build(variables)
+  return optimizer._noise_generator.state.numpy().view(np.uint64).tolist()  # pylint: disable=protected-access
+
+
+def test_the_noise_generator_state_is_192_bits_of_os_entropy(monkeypatch):
+  words = [3, 2**63 + 5, 2**64 - 1]
+  calls = []
+  monkeypatch.setattr(randomness, "os_entropy_words",
+                      lambda count: calls.append(count) or list(words))
+  model = T.dp_model(T.dense_model(), noise_multiplier=1.0)
+  assert _noise_state(model.optimizer, model.trainable_variables) == words and calls == [3]
+  assert model.optimizer.mechanism_randomness == "os_entropy"
+
+
+def _pure_noise_update(model):
+  """One step on an all-padding batch: the update is the noise alone."""
+  before = T.weights(model)
+  x, y = T.dense_data(n=8)
+  model.fit(x, y, sample_weight=np.zeros(8), batch_size=8, verbose=0)
+  return np.concatenate([(a - b).ravel() for a, b in zip(T.weights(model), before)])
+
+
+def test_default_noise_differs_between_optimizers_built_alike():
+  updates, states = [], []
+  for _ in range(2):
+    keras.utils.set_random_seed(0)  # the same global seeds: they must not matter
+    model = T.dp_model(T.dense_model(), noise_multiplier=1.0, learning_rate=1.0)
+    states.append(_noise_state(model.optimizer, model.trainable_variables))
+    updates.append(_pure_noise_update(model))
+  assert states[0] != states[1]
+  assert np.all(updates[0] != 0) and not np.any(updates[0] == updates[1])
+
+
+_STATE_SCRIPT = textwrap.dedent("""
+    import numpy as np
+    import tfdp_prune
+    from tests.tfdp_prune import _testing as T
+    from tfdp_prune.compat import keras
+    keras.utils.set_random_seed(0)
+    model = T.dp_model(T.dense_model(), noise_multiplier=1.0, learning_rate=1.0)
+    model.optimizer.build(model.trainable_variables)
+    print("STATE", model.optimizer._noise_generator.state.numpy().view(np.uint64).tolist())
+""")
+
+
+def test_default_noise_state_is_not_a_function_of_the_arguments_across_processes():
+  """Another process, the same arguments and the same global seeds: another noise state."""
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
+             PYTHONPATH=os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p))
+  result = subprocess.run([sys.executable, "-c", _STATE_SCRIPT], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=repo)
+  assert result.returncode == 0, result.stderr[-3000:]
+  other = eval(result.stdout.split("STATE", 1)[1])  # pylint: disable=eval-used
+  keras.utils.set_random_seed(0)
+  model = T.dp_model(T.dense_model(), noise_multiplier=1.0, learning_rate=1.0)
+  mine = _noise_state(model.optimizer, model.trainable_variables)
+  assert len(other) == len(mine) == 3
+  assert all(a != b for a, b in zip(other, mine))  # every one of the 3 words differs
+
+
+def test_the_insecure_noise_seed_reproduces_the_noise_and_warns():
+  updates = []
+  for _ in range(2):
+    with pytest.warns(randomness.InsecureRandomnessWarning, match="insecure_noise_seed"):
+      model = T.dp_model(T.dense_model(), noise_multiplier=1.0, learning_rate=1.0,
+                         insecure_noise_seed=12)
+    assert model.optimizer.mechanism_randomness == "insecure_seed"
+    assert model.optimizer.get_config()["insecure_noise_seed"] == 12
+    updates.append(_pure_noise_update(model))
+  np.testing.assert_array_equal(updates[0], updates[1])
+  with pytest.raises(ValueError, match="insecure_noise_seed"):
+    tfdp_prune.DPKerasSGDOptimizer(1.0, 1.0, insecure_noise_seed=-1)
+
+
+@pytest.mark.parametrize("optimizer_class", [tfdp_prune.DPKerasSGDOptimizer,
+                                             tfdp_prune.DPKerasAdamOptimizer])
+def test_the_removed_seed_argument_says_what_to_use(optimizer_class):
+  message = "no longer takes `seed=`.*OS entropy.*insecure_noise_seed"
+  with pytest.raises(TypeError, match=message):
+    optimizer_class(1.0, 1.0, seed=0)
+  with pytest.raises(TypeError, match=message):
+    optimizer_class(1.0, 1.0, seed=None)
+  old_config = dict(optimizer_class(1.0, 1.0).get_config(), seed=5)  # a config saved before
+  with pytest.raises(TypeError, match=message):
+    optimizer_class.from_config(old_config)

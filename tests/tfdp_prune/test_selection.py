@@ -29,7 +29,7 @@ class _RecordSteps(keras.callbacks.Callback):
                                   tfdp_prune.RandomRule(0.7, seed=4)])
 def test_each_step_moves_only_the_coordinates_selected_for_it(select_every, rule):
   x, y = T.dense_data(n=80)
-  model = T.dp_model(T.dense_model(seed=1), noise_multiplier=1.0, seed=0, momentum=0.9)
+  model = T.dp_model(T.dense_model(seed=1), noise_multiplier=1.0, momentum=0.9)
   selection = tfdp_prune.ParameterSelection(rule, select_every=select_every)
   record = _RecordSteps(selection)  # after `selection`: it sees the mask chosen for the step
   model.fit(x, y, batch_size=8, callbacks=[selection, record], verbose=0)
@@ -47,7 +47,7 @@ def test_each_step_moves_only_the_coordinates_selected_for_it(select_every, rule
 
 def test_selection_waits_for_the_end_of_a_logical_batch():
   x, y = T.dense_data(n=64)
-  model = T.dp_model(T.dense_model(seed=1), noise_multiplier=1.0, seed=0,
+  model = T.dp_model(T.dense_model(seed=1), noise_multiplier=1.0,
                      gradient_accumulation_steps=4)
   selection = tfdp_prune.ParameterSelection(tfdp_prune.RandomRule(0.5, seed=1))
   chosen = []
@@ -61,7 +61,7 @@ def test_selection_waits_for_the_end_of_a_logical_batch():
 def test_public_gradient_selection_never_reads_private_data():
   x, y = T.dense_data(n=48)
   private = T.GuardedPrivateData(x, y, batch_size=8)
-  model = T.dp_model(T.dense_model(), noise_multiplier=1.0, seed=0)
+  model = T.dp_model(T.dense_model(), noise_multiplier=1.0)
   selection = tfdp_prune.ParameterSelection(tfdp_prune.PublicGradientRule(0.5), select_every=2,
                                             public_data=T.dense_data(n=16, seed=3))
   selection.on_train_batch_begin = private.forbid(selection.on_train_batch_begin)
@@ -72,7 +72,7 @@ def test_public_gradient_selection_never_reads_private_data():
 def test_reused_across_fits_and_driven_by_a_hand_written_loop():
   x, y = T.dense_data(n=32)
   selection = tfdp_prune.ParameterSelection(tfdp_prune.RandomRule(0.5, seed=1), select_every=2)
-  model = T.dp_model(T.dense_model(), noise_multiplier=0.5, seed=0)
+  model = T.dp_model(T.dense_model(), noise_multiplier=0.5)
   for _ in range(2):
     model.fit(x, y, batch_size=8, callbacks=[selection], verbose=0)
     assert selection._round == 2  # reset at train begin: rounds 0 and 1 in each fit

@@ -21,7 +21,7 @@ def _wrapped_model(frequency=1, **optimizer_kwargs):
   model = tfmot_sparsity.prune_low_magnitude(
       T.dense_model(seed=1),
       pruning_schedule=tfmot_sparsity.ConstantSparsity(0.5, begin_step=0, frequency=frequency))
-  kwargs = dict(noise_multiplier=1.0, seed=0, momentum=0.9)
+  kwargs = dict(noise_multiplier=1.0, momentum=0.9)
   kwargs.update(optimizer_kwargs)
   return T.dp_model(model, **kwargs)
 

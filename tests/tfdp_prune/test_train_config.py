@@ -47,6 +47,9 @@ def test_default_config_is_dp_with_pruning_on_digits():
     (dict(strategy="horovod"), "--strategy"),
     (dict(ema_decay=1.0), "--ema_decay"),
     (dict(steps=2.5, epochs=None), "--steps"),
+    (dict(insecure_mechanism_seed=-1), "--insecure_mechanism_seed"),
+    (dict(insecure_mechanism_seed=2**63), "--insecure_mechanism_seed"),
+    (dict(insecure_mechanism_seed=1.5), "--insecure_mechanism_seed"),
 ])
 def test_invalid_settings_name_the_flag(settings, flag):
   with pytest.raises(ConfigError, match=flag):
@@ -89,3 +92,10 @@ def test_select_defaults_and_accumulation():
   assert config.effective_select_every == train_config.DEFAULT_SELECT_EVERY
   assert config.gradient_accumulation_steps == 4
   assert TrainConfig(noise_multiplier=0.0, epsilon=None).private is False
+
+
+def test_the_mechanism_is_seeded_only_by_the_insecure_setting():
+  assert TrainConfig().insecure_mechanism_seed is None
+  assert TrainConfig().mechanism_randomness == "os_entropy"
+  assert TrainConfig(seed=7).mechanism_randomness == "os_entropy"  # --seed is not the mechanism's
+  assert TrainConfig(insecure_mechanism_seed=0).mechanism_randomness == "insecure_seed"

@@ -12,6 +12,8 @@ import tensorflow_datasets as tfds
 
 from tfdp_prune import accounting
 from tfdp_prune import data as data_lib
+from tfdp_prune import randomness
+from tfdp_prune import sampling
 from tfdp_prune import training
 from tfdp_prune.compat import keras
 from tfdp_prune.compat import tf
@@ -40,6 +42,12 @@ def test_short_run_spends_what_it_reports(short_run):
   spec = accounting.PrivacySpec(noise_multiplier=model.optimizer.noise_multiplier, steps=6,
                                 delta=1e-5, sampling_probability=100 / 1258)
   assert metadata.epsilon == pytest.approx(spec.epsilon(), abs=1e-9)
+  # delta is that of the guarantee: the sampler's overflow term (its cap) included.
+  p = metadata.privacy_spec["overflow_probability"]
+  assert 0 < p < 1e-15
+  assert metadata.delta == pytest.approx(1e-5 + (1 + math.exp(metadata.epsilon)) * 6 * p,
+                                         rel=1e-12, abs=0)
+  assert metadata.delta > 1e-5
   assert metadata.sampling_probability == pytest.approx(100 / 1258)
   assert metadata.noise_multiplier == model.optimizer.noise_multiplier
   assert metadata.num_private_examples == 1258 and metadata.num_public_examples == 180
@@ -207,6 +215,114 @@ def test_no_callback_tfdp_train_installs_reads_the_training_loss_or_metrics(
     assert not reads[id(callback)] & metrics, (type(callback).__name__, reads[id(callback)])
 
 
+# ---- where the mechanism's randomness comes from (DESIGN.md rules 11 and 14) -------------------
+
+# A tiny run: digits, the MLP, no pre-training, no masks, 3 noisy steps, exported.
+_TINY = dict(steps=3, epochs=None, public_epochs=0, mode="none", epsilon=None,
+             noise_multiplier=1.0, verbose=0, seed=0)
+_INSECURE_SEED = 8675309
+
+
+def _export_files(path):
+  """{relative name: bytes} of every file of an export version."""
+  files = {}
+  for directory, _, names in os.walk(path):
+    for name in names:
+      with open(os.path.join(directory, name), "rb") as f:
+        files[os.path.relpath(os.path.join(directory, name), path)] = f.read()
+  return files
+
+
+def _encodings(word):
+  """How a 64-bit secret word could be written into a file."""
+  signed = word - 2**64 if word >= 2**63 else word
+  return [str(word).encode(), str(signed).encode(), f"{word:x}".encode(),
+          f"{word:016x}".encode(), word.to_bytes(8, "little"), word.to_bytes(8, "big")]
+
+
+def test_two_runs_with_identical_settings_draw_other_noise_and_publish_no_secret(tmp_path,
+                                                                              monkeypatch):
+  drawn = []
+  real = randomness.os_entropy_words
+  monkeypatch.setattr(randomness, "os_entropy_words",
+                      lambda count: drawn.extend(real(count)) or drawn[-count:])
+  results = [training.train(TrainConfig(**_TINY, export_dir=str(tmp_path / f"export{i}"),
+                                        checkpoint_dir=str(tmp_path / f"ckpt{i}")))
+             for i in range(2)]
+  # The same seed, data, settings and initialization; other noise and other batches.
+  for a, b in zip(results[0].model.get_weights(), results[1].model.get_weights()):
+    assert a.shape == b.shape and not np.any(a == b)
+  assert len(drawn) >= 2 * (3 + 2)  # per run: the noise state (3 words), the sampler's (2)
+  for result in results:
+    metadata = result.metadata
+    assert metadata.mechanism_randomness == "os_entropy" and not metadata.insecure
+    assert metadata.seed == 0 and not metadata.statement.startswith("INSECURE")
+    files = _export_files(result.export_path)
+    assert {"assets.extra/privacy_metadata.json", "model_card.md"} <= set(files)
+    for name, content in files.items():
+      for word in drawn:
+        for encoding in _encodings(word):
+          assert encoding not in content, (name, word)
+  # Nor in the checkpoints' JSON files (run.json, the sidecars): only the TF checkpoint holds
+  # the secrets (so that a resumed run continues them).
+  for i in range(2):
+    for directory, _, names in os.walk(tmp_path / f"ckpt{i}"):
+      for name in (n for n in names if n.endswith(".json")):
+        with open(os.path.join(directory, name), "rb") as f:
+          content = f.read()
+        assert not any(e in content for w in drawn for e in _encodings(w)), name
+
+
+def test_the_insecure_switch_reproduces_a_run_and_labels_its_export(tmp_path):
+  config = dict(_TINY, insecure_mechanism_seed=_INSECURE_SEED)
+  with pytest.warns(randomness.InsecureRandomnessWarning):
+    results = [training.train(TrainConfig(**config, export_dir=str(tmp_path / f"export{i}")))
+               for i in range(2)]
+  for a, b in zip(results[0].model.get_weights(), results[1].model.get_weights()):
+    np.testing.assert_array_equal(a, b)
+  metadata = export_lib.read_metadata(results[0].export_path)
+  assert metadata == results[0].metadata
+  assert metadata.mechanism_randomness == "insecure_seed" and metadata.insecure
+  assert metadata.statement.startswith("INSECURE") and metadata.guarantee.startswith("INSECURE")
+  files = _export_files(results[0].export_path)
+  card = files["model_card.md"].decode()
+  assert card.split("\n\n")[1].startswith("> **INSECURE: reproducible noise and sampling.**")
+  # The seed itself (and what it derives) is published nowhere in the export.
+  derived = sampling._initial_secret(_INSECURE_SEED)  # pylint: disable=protected-access
+  for name, content in files.items():
+    assert str(_INSECURE_SEED).encode() not in content, name
+    for word in [_INSECURE_SEED] + derived:
+      assert not any(e in content for e in _encodings(word)), (name, word)
+
+
+def test_the_seed_flag_seeds_only_what_is_not_the_mechanism(monkeypatch):
+  """--seed reaches the data split, the initialization, the random masks and augmentation;
+  the optimizer and the sampler get OS entropy (or --insecure_mechanism_seed) only."""
+  config = TrainConfig(**dict(_TINY, seed=5, mode="freeze", rule="random"), export_dir=None)
+  optimizer = training.compile_model(config, (64,), 10, 1.0, 10.0).optimizer
+  assert optimizer.mechanism_randomness == "os_entropy" and optimizer.insecure_noise_seed is None
+  sampler = training.make_sampler(config, (np.zeros((100, 4), "float32"), np.zeros(100, int)))
+  assert sampler.mechanism_randomness == "os_entropy"
+  assert sampler.get_config()["insecure_sampling_seed"] is None
+  assert training.make_mask_callback(config, None).rule.seed == 5
+  seeded = TrainConfig(**dict(_TINY, seed=5, insecure_mechanism_seed=9), export_dir=None)
+  assert training.compile_model(seeded, (64,), 10, 1.0, 10.0).optimizer.insecure_noise_seed == 9
+  assert training.make_sampler(seeded, (np.zeros((100, 4), "float32"), np.zeros(100, int))
+                               ).get_config()["insecure_sampling_seed"] == 9
+
+
+def test_the_summary_shows_the_overflow_term_and_an_insecure_run():
+  from tests.tfdp_prune.export import _export_testing as E  # pylint: disable=g-import-not-at-top
+  plain = E.private_metadata()
+  assert "delta = 1e-05 after 300 logical steps" in training.summary(plain, 0.9, None)
+  assert "mechanism randomness: os_entropy\n" in training.summary(plain, 0.9, None)
+  capped = E.private_metadata(delta=1e-5 + 4.8e-10)
+  assert "delta = 1e-05 + 4.8e-10 (sampler overflow)" in training.summary(capped, 0.9, None)
+  insecure = E.private_metadata(mechanism_randomness="insecure_seed",
+                                statement=training.INSECURE_STATEMENT + plain.statement)
+  assert "insecure_seed (INSECURE" in training.summary(insecure, 0.9, None)
+
+
 def test_noise_multiplier_zero_is_labelled_non_private(tmp_path):
   result = training.train(TrainConfig(**dict(SHORT, steps=2), epsilon=None, noise_multiplier=0.0,
                                       mode="none", export_dir=str(tmp_path)))
@@ -271,7 +387,9 @@ def _weights(model):
 
 
 def test_resume_continues_steps_epsilon_and_weights(tmp_path):
-  common = dict(SHORT, epsilon=None, noise_multiplier=1.0, export_dir=None)
+  # Seeded (insecure): the uninterrupted run is another train() call, with its own randomness.
+  common = dict(SHORT, epsilon=None, noise_multiplier=1.0, export_dir=None,
+                insecure_mechanism_seed=3)
   straight = training.train(TrainConfig(**dict(common, steps=8)))
   checkpoints = str(tmp_path / "ckpt")
   first = training.train(TrainConfig(**dict(common, steps=4), checkpoint_dir=checkpoints))

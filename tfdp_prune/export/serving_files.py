@@ -50,6 +50,12 @@ WARMUP_BATCH_SIZES = (1, 8)
 WARMUP_SYNTHETIC = "synthetic"
 WARMUP_PUBLIC = "public"
 WARMUP_KINDS = (WARMUP_SYNTHETIC, WARMUP_PUBLIC)
+_RANDOMNESS_TEXT = {
+    metadata_lib.OS_ENTROPY: "os_entropy: drawn from the operating system (os.urandom), "
+                             "recorded in no published file",
+    metadata_lib.INSECURE_SEED: "insecure_seed: derived from a seed, REPRODUCIBLE (insecure)",
+    None: "n/a (not trained with DP)",
+}
 WARMUP_METADATA_FIELDS = (ALL_FIELDS, "epsilon")
 
 
@@ -228,8 +234,15 @@ def _banner(metadata) -> str:
   if not metadata.private:
     return ("> **NON-PRIVATE: trained without differential privacy (epsilon = infinity).**\n"
             "> This model carries no privacy guarantee for its training data.")
-  return (f"> **Differentially private: ({_number(metadata.epsilon)}, "
-          f"{_number(metadata.delta)})-DP** ({metadata.accountant} accountant).")
+  banner = (f"> **Differentially private: ({_number(metadata.epsilon)}, "
+            f"{_number(metadata.delta)})-DP** ({metadata.accountant} accountant).")
+  if metadata.insecure:
+    banner = ("> **INSECURE: reproducible noise and sampling.** This model was trained with "
+              "DP noise and batch sampling derived from a seed (an `insecure_*` switch, for "
+              "tests and debugging). Whoever knows or guesses the seed can reproduce the noise "
+              "and remove it, so the guarantee below holds only against an adversary who "
+              "cannot. Do not release this model.\n>\n" + banner)
+  return banner
 
 
 def _guarantee(metadata) -> str:
@@ -332,7 +345,10 @@ def _warmup(warmup: str) -> str:
 
 def _provenance(metadata) -> str:
   rows = sorted(metadata.library_versions.items())
-  rows += [("seed", metadata.seed), ("created (UTC)", metadata.created)]
+  rows += [("mechanism randomness (DP noise, sampling)",
+            _RANDOMNESS_TEXT.get(metadata.mechanism_randomness, metadata.mechanism_randomness)),
+           ("seed (initialization, data split, masks; not the DP noise)", metadata.seed),
+           ("created (UTC)", metadata.created)]
   return "## Provenance\n\n" + _table(rows, header=("library / setting", "value"))
 
 

@@ -62,7 +62,13 @@ _FLAG_SPECS = (
      "empty: no export."),
     ("export_version", "integer", "Version directory; default: one more than the newest."),
     ("overwrite", "bool", "Replace an existing export version."),
-    ("seed", "integer", "Seed of the model, sampling, noise and masks."),
+    ("seed", "integer", "Seed of the initialization, the data split, random masks and "
+     "augmentation. NOT of the DP noise nor the sampling, which draw from OS entropy (see "
+     "--insecure_mechanism_seed)."),
+    ("insecure_mechanism_seed", "integer", "INSECURE: seeds the DP noise and the sampling, so "
+     "that a run can be reproduced; whoever knows the seed can remove the noise. For tests and "
+     "debugging only: the run logs a warning and its export is labelled INSECURE. Unset (the "
+     "default): OS entropy."),
     ("verbose", "integer", "Keras fit verbosity (1: progress bar)."),
 )
 

@@ -48,7 +48,8 @@ def private_metadata(**overrides) -> metadata_lib.PrivacyMetadata:
       public_fingerprint=fingerprint.to_dict(), mask_mode="freeze",
       mask_rule={"class_name": "MagnitudeRule", "config": {"sparsity": 0.9, "scope": "layer"}},
       mask_sparsity=0.9, mask_sparsity_per_variable={"dense/kernel:0": 0.9, "dense/bias:0": 0.0},
-      seed=1234, library_versions=metadata_lib.library_versions(),
+      mechanism_randomness="os_entropy", seed=1234,
+      library_versions=metadata_lib.library_versions(),
       created="2026-01-02T03:04:05+00:00")
   values.update(overrides)
   return metadata_lib.PrivacyMetadata(**values)

@@ -96,8 +96,9 @@ def test_a_deleted_metadata_file_is_named(broken):
 @pytest.mark.parametrize("text, match", [
     ("{not json", "Expecting property name"),
     ('{"schema": "other"}', "Expected a dict with schema"),
-    ('{"schema": "tfdp_prune.PrivacyMetadata", "schema_version": 2}', "schema_version=1"),
-    ('{"schema": "tfdp_prune.PrivacyMetadata", "schema_version": 1}', "Incomplete"),
+    ('{"schema": "tfdp_prune.PrivacyMetadata", "schema_version": 3}', "schema_version=2"),
+    ('{"schema": "tfdp_prune.PrivacyMetadata", "schema_version": 1}', "seeded the DP noise"),
+    ('{"schema": "tfdp_prune.PrivacyMetadata", "schema_version": 2}', "Incomplete"),
 ])
 def test_corrupted_metadata_is_named(broken, text, match):
   base, version = broken

@@ -295,7 +295,7 @@ def _assert_exactly(path, variables):
 
 
 def test_a_dp_trained_model_exports_its_weights_without_the_optimizer_state(tmp_path):
-  model = T.dp_model(E.tiny_model(), noise_multiplier=1.0, momentum=0.9, seed=0)
+  model = T.dp_model(E.tiny_model(), noise_multiplier=1.0, momentum=0.9)
   model.optimizer.build(model.trainable_variables)
   model.optimizer.set_update_masks(model.trainable_variables,
                                    T.random_masks(model.trainable_variables, keep=0.5))

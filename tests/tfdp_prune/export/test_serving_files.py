@@ -119,7 +119,10 @@ def test_the_model_card_of_a_private_model():
               "| input | `pixels` | float32 | [None, 8] |",
               "| output | `probabilities` | float32 | [None, 4] |",
               "| output | `class_id` | int64 | [None] |", "| input | `field` | string | [None] |",
-              "| seed | 1234 |", "| created (UTC) | 2026-01-02T03:04:05+00:00 |",
+              "| seed (initialization, data split, masks; not the DP noise) | 1234 |",
+              "| mechanism randomness (DP noise, sampling) | os_entropy: drawn from the "
+              "operating system (os.urandom), recorded in no published file |",
+              "| created (UTC) | 2026-01-02T03:04:05+00:00 |",
               f"| tensorflow | {metadata.library_versions['tensorflow']} |"):
     assert row in lines, row
   assert metadata.public_fingerprint["sha256"] in card
@@ -129,6 +132,18 @@ def test_the_model_card_of_a_private_model():
   order = [card.index(h) for h in ("## Privacy guarantee", "## Training setup", "## Data",
                                    "## Masks", "## Signatures", "## Provenance")]
   assert order == sorted(order) and card.index("Differentially private") < order[0]
+
+
+def test_the_model_card_of_an_insecure_run_says_so_first():
+  statement = "INSECURE: seeded noise. " + E.private_metadata().statement
+  card = render_model_card(
+      E.private_metadata(mechanism_randomness="insecure_seed", statement=statement), SIGNATURES)
+  title, banner = card.split("\n\n")[:2]
+  assert banner.startswith("> **INSECURE: reproducible noise and sampling.**")
+  assert "> **Differentially private: (7.42, 1e-05)-DP**" in banner  # the numbers, after
+  assert "insecure_seed: derived from a seed, REPRODUCIBLE" in card
+  secure = render_model_card(E.private_metadata(), SIGNATURES)
+  assert "INSECURE" not in secure and "REPRODUCIBLE" not in secure
 
 
 def test_the_model_card_of_a_non_private_model_says_so_first():
