@@ -10,12 +10,12 @@ DATA = T.dense_data(n=N)
 
 
 def _poisson(q=0.1, steps=1):
-  return tfdp_prune.PoissonSampler(DATA, sampling_probability=q, seed=0,
+  return tfdp_prune.PoissonSampler(DATA, sampling_probability=q,
                                    gradient_accumulation_steps=steps)
 
 
 def _shuffle(batch_size=20, steps=1):
-  return tfdp_prune.ShuffleSampler(DATA, batch_size=batch_size, seed=0,
+  return tfdp_prune.ShuffleSampler(DATA, batch_size=batch_size,
                                    gradient_accumulation_steps=steps)
 
 

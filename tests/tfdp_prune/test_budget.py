@@ -243,7 +243,7 @@ def test_a_sampler_that_the_optimizer_accumulates_differently_is_refused_before_
   # The case: one Poisson draw per physical batch, the optimizer sums 4 per update, so
   # each update would hold 4 draws while the ledger records one.
   x, y = T.dense_data(n=320)
-  sampler = tfdp_prune.PoissonSampler((x, y), sampling_probability=0.1, seed=0)
+  sampler = tfdp_prune.PoissonSampler((x, y), sampling_probability=0.1)
   model = _model(gradient_accumulation_steps=4, expected_batch_size=sampler.expected_batch_size)
   budget = budget_lib.PrivacyBudget(
       sampler.privacy_spec(noise_multiplier=SIGMA, steps=0, delta=1e-5, accountant="rdp"),
