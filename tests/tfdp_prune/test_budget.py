@@ -231,7 +231,7 @@ def test_config_round_trip():
   restored = budget_lib.PrivacyBudget.from_config(config)
   assert restored.get_config() == budget.get_config()
   assert restored.spec == SPEC and restored.target_epsilon == 3.0
-  sampler = tfdp_prune.PoissonSampler(T.dense_data(n=32), sampling_probability=0.25, seed=0)
+  sampler = tfdp_prune.PoissonSampler(T.dense_data(n=32), sampling_probability=0.25)
   with_sampler = budget_lib.PrivacyBudget.from_config(
       budget_lib.PrivacyBudget(SPEC, sampler=sampler).get_config(), sampler=sampler)
   assert with_sampler.sampler is sampler and with_sampler.num_examples == 32
@@ -278,7 +278,7 @@ def test_without_a_sampler_a_warning_says_what_cannot_be_checked(caplog):
 
 
 def test_num_examples_that_is_not_the_samplers_is_refused():
-  sampler = tfdp_prune.PoissonSampler(T.dense_data(n=32), sampling_probability=0.25, seed=0)
+  sampler = tfdp_prune.PoissonSampler(T.dense_data(n=32), sampling_probability=0.25)
   with pytest.raises(ValueError, match="to equal the sampler's num_examples=32"):
     budget_lib.PrivacyBudget(SPEC, num_examples=40, sampler=sampler)
   with pytest.raises(ValueError, match="Expected sampler to be"):
