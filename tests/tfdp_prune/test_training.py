@@ -374,8 +374,8 @@ def test_a_sampler_that_disagrees_with_the_optimizer_fails_before_any_training(m
   # As if the sampler were built for one physical batch per draw while the optimizer
   # accumulates two: each update would sum two draws that the ledger counts as one.
   make_sampler = training.make_sampler
-  monkeypatch.setattr(training, "make_sampler", lambda config, private: make_sampler(
-      TrainConfig(**dict(config.to_dict(), physical_batch_size=None)), private))
+  monkeypatch.setattr(training, "make_sampler", lambda config, private, strategy=None: make_sampler(
+      TrainConfig(**dict(config.to_dict(), physical_batch_size=None)), private, strategy))
   monkeypatch.setattr(keras.Model, "fit", lambda *a, **k: pytest.fail("fit must not run"))
   with pytest.raises(ValueError, match=r"cuts each draw into 1 physical batch\(es\), the "
                                        "optimizer sums 2"):
