@@ -96,9 +96,10 @@ def test_a_deleted_metadata_file_is_named(broken):
 @pytest.mark.parametrize("text, match", [
     ("{not json", "Expecting property name"),
     ('{"schema": "other"}', "Expected a dict with schema"),
-    ('{"schema": "tfdp_prune.PrivacyMetadata", "schema_version": 3}', "schema_version=2"),
+    ('{"schema": "tfdp_prune.PrivacyMetadata", "schema_version": 4}', "schema_version=3"),
     ('{"schema": "tfdp_prune.PrivacyMetadata", "schema_version": 1}', "seeded the DP noise"),
-    ('{"schema": "tfdp_prune.PrivacyMetadata", "schema_version": 2}', "Incomplete"),
+    ('{"schema": "tfdp_prune.PrivacyMetadata", "schema_version": 2}', "carry no digest"),
+    ('{"schema": "tfdp_prune.PrivacyMetadata", "schema_version": 3}', "Incomplete"),
 ])
 def test_corrupted_metadata_is_named(broken, text, match):
   base, version = broken
