@@ -39,7 +39,6 @@ is renamed back, so that the old version survives. TF Serving may see a replaced
 for the instant between the two renames (it then reloads it).
 """
 
-import json
 import os
 import re
 import shutil
@@ -162,15 +161,6 @@ def next_version(export_dir: str) -> int:
   """1 + the largest version in `export_dir`, or 1 when it has none."""
   versions = inspection.version_dirs(export_dir) if os.path.isdir(export_dir) else {}
   return max(versions, default=0) + 1
-
-
-def metadata_fields(metadata: metadata_lib.PrivacyMetadata) -> Dict[str, str]:
-  """What the `privacy_metadata` signature answers: field name -> JSON text of the field, and
-  "all" -> the whole document (`metadata.to_json()`)."""
-  fields = {name: json.dumps(value, sort_keys=True, allow_nan=False)
-            for name, value in metadata.to_dict().items()}
-  fields[files.ALL_FIELDS] = metadata.to_json()
-  return fields
 
 
 def clean_leftovers(export_dir: str) -> None:
@@ -346,7 +336,7 @@ def _export_module(model, metadata, *, input_shape, output, input_name):
     return {files.PROBABILITIES: probabilities,
             files.CLASS_ID: tf.argmax(result, axis=-1, output_type=tf.int64)}
 
-  fields = metadata_fields(metadata)
+  fields = files.metadata_fields(metadata)
   names, texts = sorted(fields), [fields[name] for name in sorted(fields)]
 
   @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=files.METADATA_INPUT)])

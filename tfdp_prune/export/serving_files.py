@@ -84,6 +84,15 @@ class SignatureInfo:
             f"{', '.join(o.describe() for o in self.outputs)}")
 
 
+def metadata_fields(metadata: metadata_lib.PrivacyMetadata) -> Dict[str, str]:
+  """What the `privacy_metadata` signature answers: field name -> JSON text of the field, and
+  "all" -> the whole document (`metadata.to_json()`)."""
+  fields = {name: json.dumps(value, sort_keys=True, allow_nan=False)
+            for name, value in metadata.to_dict().items()}
+  fields[ALL_FIELDS] = metadata.to_json()
+  return fields
+
+
 # ---- warmup requests ----------------------------------------------------------------------------
 
 def warmup_batches(input_shape: Sequence[Optional[int]],
