@@ -72,6 +72,7 @@ def test_the_report_starts_with_the_guarantee(export_dir):
   assert lines[0].startswith("(7.42, 1e-05)-DP.")
   assert "version 2 (latest" in lines[1]
   assert any("signature serving_default(pixels: float32 [None, 8])" in line for line in lines)
+  assert "  signature privacy_metadata(field: string [] or [None]) -> value: string" in text
   assert "noise multiplier 1.1" in text and "300 steps" in text
   older = text.split("\n\n")[1].splitlines()
   assert older[0].startswith("NON-PRIVATE")
