@@ -140,13 +140,20 @@ def read_served_metadata(path: str) -> Dict[str, Dict[str, Any]]:
   node_name = signature.outputs[files.METADATA_OUTPUT].name.split(":")[0]
   calls = [attr.func.name for node in graph.graph_def.node if node.name == node_name
            for attr in node.attr.values() if attr.HasField("func")]
-  vectors = [c for c in _string_constants(graph, calls) if c.ndim == 1 and len(c) > 1]
+  constants = _string_constants(graph, calls)
+  vectors = [c for c in constants if c.ndim == 1 and len(c) > 1]
   names = [c for c in vectors if {files.ALL_FIELDS.encode(), b"schema_version"} <= set(c)]
   texts = [c for c in vectors if names and c is not names[0] and len(c) == len(names[0])]
-  if len(names) != 1 or len(texts) != 1:
+  # Exactly what the exporter writes: the names, the texts, and "" (the answer to an unknown
+  # name). Another string constant could be an answer that the cross-check would not see.
+  others = [c for c in constants if not any(c is v for v in names + texts)]
+  if (len(names) != 1 or len(texts) != 1 or len(others) != 1 or others[0].ndim != 0
+      or others[0].item() != b""):
     raise ExportError(f"Expected the {files.METADATA_SIGNATURE!r} signature in {filename} to be "
-                      "a lookup in two constants (the field names and their JSON texts), as "
-                      "tfdp_prune exports it. Received: a graph without them. Re-export with "
+                      "a lookup in two constants (the field names and their JSON texts) with "
+                      "\"\" for an unknown name, as tfdp_prune exports it. Received: "
+                      f"{len(constants)} string constants that do not fit; the graph was "
+                      "changed after the export. Re-export with "
                       "tfdp_prune.export.export_saved_model.")
   fields = {n.decode("utf-8"): t.decode("utf-8") for n, t in zip(names[0], texts[0])}
   copies = {}
@@ -371,7 +378,7 @@ def _serving_meta_graph(path):
 
 def _string_constants(graph, function_names) -> list:
   """The string constants (numpy arrays of bytes) of the named functions of `graph` and of every
-  function they call."""
+  function they call, but those read by no op or by Assert ops alone (error messages)."""
   library = {f.signature.name: f for f in graph.graph_def.library.function}
   stack, seen, constants = list(function_names), set(), []
   while stack:
@@ -379,8 +386,16 @@ def _string_constants(graph, function_names) -> list:
     if name in seen or name not in library:
       continue
     seen.add(name)
-    for node in library[name].node_def:
-      if node.op == "Const" and node.attr["dtype"].type == tf.string.as_datatype_enum:
+    nodes = library[name].node_def
+    consumers = {}
+    for node in nodes:
+      for source in node.input:
+        consumers.setdefault(source.lstrip("^").split(":")[0], set()).add(node.op)
+    for node in nodes:
+      # Read by no op, or by Assert ops alone (an error message): no answer.
+      answers = consumers.get(node.name, set()) - {"Assert"}
+      if (node.op == "Const" and node.attr["dtype"].type == tf.string.as_datatype_enum
+          and answers):
         constants.append(tf.make_ndarray(node.attr["value"].tensor))
       stack += [attr.func.name for attr in node.attr.values() if attr.HasField("func")]
   return constants

@@ -292,3 +292,29 @@ def test_an_older_version_directory_is_not_called_latest(export_dir):
           "serves version 2 by default)") in older
   newest = format_report(inspect_export(os.path.join(export_dir, "2")))
   assert "version 2 (latest: what TF Serving serves by default)" in newest
+
+
+def test_an_extra_string_constant_in_the_served_lookup_fails_the_check(broken):
+  """A forger who keeps the constants the cross-check compares but wires in another answer."""
+  from tensorflow.core.protobuf import saved_model_pb2  # pylint: disable=g-import-not-at-top
+  base, version = broken
+  filename = os.path.join(version, "saved_model.pb")
+  proto = saved_model_pb2.SavedModel()
+  with open(filename, "rb") as f:
+    proto.ParseFromString(f.read())
+  (function,) = [f for f in proto.meta_graphs[0].graph_def.library.function
+                 if f.signature.name.startswith("__inference_privacy_metadata_")
+                 and not f.signature.name.startswith("__inference_privacy_metadata_json")]
+  (empty,) = [n for n in function.node_def if n.op == "Const"
+              and n.attr["value"].tensor.string_val == [b""]]
+  forged = function.node_def.add()
+  forged.CopyFrom(empty)
+  forged.name = "forged_answer"
+  forged.attr["value"].tensor.string_val[0] = b"0.5"
+  (select,) = [n for n in function.node_def if n.op == "SelectV2"]
+  select.input[2] = "forged_answer:output:0"  # what an unknown name is now answered
+  with open(filename, "wb") as f:
+    f.write(proto.SerializeToString())
+  with pytest.raises(ExportError, match=r"3 string constants that do not fit; the graph was "
+                                        r"changed after the export"):
+    inspect_export(base)

@@ -97,6 +97,7 @@ def test_a_fresh_process_with_tensorflow_alone_serves_the_model_and_its_metadata
   assert served["privacy_metadata_json"] == exported.metadata.to_json()
   assert served["fields"] == {"epsilon": "7.42", "private": "true",
                               "all": exported.metadata.to_json(), "no_such_field": ""}
+  assert served["one_field"] == "7.42"
 
 
 def test_saved_model_cli_shows_both_signatures_with_the_named_input(exported):
@@ -165,6 +166,12 @@ def test_rest_privacy_metadata_request(exported, loaded):
 ], ids=["columnar, named scalar", "columnar, scalar"])
 def test_rest_privacy_metadata_request_with_one_field_name(loaded, body):
   assert E.rest_predict(loaded, json.dumps(body))["outputs"] == "7.42"
+
+
+def test_rest_privacy_metadata_request_in_row_objects(loaded):
+  body = {"signature_name": "privacy_metadata",
+          "instances": [{"field": "epsilon"}, {"field": "private"}]}
+  assert E.rest_predict(loaded, json.dumps(body))["predictions"] == ["7.42", "true"]
 
 
 def _session_run(path, signature, inputs):
