@@ -16,6 +16,10 @@ with "INSECURE", and so does `guarantee`.
 
 The JSON form (`to_json`) is strict RFC 8259 JSON, readable by any client: an infinite epsilon is
 written as the string "inf" (JSON has no infinity), every other number as a number.
+The JSON form carries `digest`, the sha256 of the rest of the document (`document_digest`),
+and `from_dict` refuses a record whose digest does not match: that catches an edit of a field
+that did not also recompute the digest. It is a consistency check, NOT a proof of authorship:
+anyone who edits the file can recompute it. See `document_digest`.
 `empirical` is reserved for measured, NOT proven, quantities (e.g. an audit's epsilon lower
 bound); it is kept apart from the guarantee on purpose.
 
@@ -25,6 +29,7 @@ This module sits at the bottom: it imports nothing of tfdp_prune's but the versi
 
 import dataclasses
 import datetime
+import hashlib
 import importlib.metadata
 import json
 import math
@@ -36,7 +41,10 @@ from tfdp_prune import version
 
 SCHEMA = "tfdp_prune.PrivacyMetadata"
 # 2: `mechanism_randomness` added; `seed` no longer seeds the noise or the sampling.
-SCHEMA_VERSION = 2
+# 3: `digest` added (sha256 of the rest of the document), checked on every read.
+SCHEMA_VERSION = 3
+DIGEST_KEY = "digest"
+_DIGEST_PREFIX = "sha256:"
 INSECURE_PREFIX = "INSECURE"
 # Where the mechanism's randomness came from (the values of `mechanism_randomness`).
 OS_ENTROPY = randomness.OS_ENTROPY
@@ -170,18 +178,26 @@ class PrivacyMetadata:
     return dataclasses.replace(self, empirical=dict(results))
 
   def to_dict(self) -> Dict[str, Any]:
-    """A strict-JSON-compatible dict (epsilon inf -> "inf"), with the schema name and version."""
+    """A strict-JSON-compatible dict (epsilon inf -> "inf"), with the schema name and version,
+    and `digest`: `document_digest` of the rest (consistency, not authenticity: see there)."""
     result = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION}
     result.update(dataclasses.asdict(self))
     result["epsilon"] = _INFINITY if math.isinf(self.epsilon) else self.epsilon
+    result[DIGEST_KEY] = document_digest(result)
     return result
+
+  @property
+  def digest(self) -> str:
+    """The "sha256:<hex>" this record carries in its JSON form (see `document_digest`)."""
+    return self.to_dict()[DIGEST_KEY]
 
   def to_json(self) -> str:
     return json.dumps(self.to_dict(), indent=1, sort_keys=True, allow_nan=False)
 
   @classmethod
   def from_dict(cls, data: Dict[str, Any]) -> "PrivacyMetadata":
-    """Inverse of `to_dict`; refuses another schema, version, unknown or missing fields."""
+    """Inverse of `to_dict`; refuses another schema, version, unknown or missing fields, and a
+    `digest` that does not match the rest (consistency only: see `document_digest`)."""
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
       raise ValueError(f"Expected a dict with schema={SCHEMA!r}. Received: "
                        f"{data.get('schema') if isinstance(data, dict) else type(data).__name__!r}.")
@@ -190,23 +206,55 @@ class PrivacyMetadata:
       if data.get("schema_version") == 1:
         hint = (" Version 1 records come from tfdp_prune releases whose published `seed` also "
                 "seeded the DP noise and sampling, which makes their guarantee void: re-train.")
+      if data.get("schema_version") == 2:
+        hint = (" Version 2 records carry no digest, so an edit of one field cannot be told "
+                "apart from the record training wrote: re-export the model from its checkpoint "
+                "(tfdp-export --checkpoint_dir=... --export_dir=...) with this release.")
       raise ValueError(f"Expected schema_version={SCHEMA_VERSION}. Received: "
                        f"schema_version={data.get('schema_version')!r}.{hint}")
     fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - fields - {"schema", "schema_version"}
+    unknown = set(data) - fields - {"schema", "schema_version", DIGEST_KEY}
     if unknown:
       raise ValueError(f"Unknown privacy metadata fields: {sorted(unknown)}.")
     values = {name: data[name] for name in fields if name in data}
     if values.get("epsilon") == _INFINITY:
       values["epsilon"] = math.inf
     try:
-      return cls(**values)
+      record = cls(**values)
     except TypeError as error:  # a required field is missing
       raise ValueError(f"Incomplete privacy metadata: {error}.") from None
+    received = data.get(DIGEST_KEY)
+    expected = document_digest(data)
+    if received != expected:
+      raise ValueError(
+          f"The privacy metadata does not match its digest: expected {DIGEST_KEY}={expected!r} "
+          f"(sha256 of the other fields), received {DIGEST_KEY}={received!r}. A field was "
+          "edited (or the digest removed) after the record was written; do not trust this "
+          "record.")
+    return record
 
   @classmethod
   def from_json(cls, text: str) -> "PrivacyMetadata":
     return cls.from_dict(json.loads(text))
+
+
+def document_digest(document: Dict[str, Any]) -> str:
+  """"sha256:<hex>" of `document` without its `digest` key, as canonical JSON (sorted keys, no
+  spaces).
+
+  What it proves: CONSISTENCY only. A record whose digest matches was not edited by someone who
+  did not also recompute the digest (a hand edit, a partial copy, a bit flip). It proves nothing
+  about who wrote the record: anyone who can edit the file can recompute the digest (the
+  function is public and takes no key). Authenticity needs a signature over the export, kept
+  or verified outside the files an attacker can edit.
+  """
+  rest = {key: value for key, value in document.items() if key != DIGEST_KEY}
+  try:
+    canonical = json.dumps(rest, sort_keys=True, separators=(",", ":"), allow_nan=False)
+  except (TypeError, ValueError) as error:
+    raise ValueError(f"Expected privacy metadata made of strict JSON values. Received: a value "
+                     f"JSON cannot hold ({error}).") from None
+  return _DIGEST_PREFIX + hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 def library_versions() -> Dict[str, str]:

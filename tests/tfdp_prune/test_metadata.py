@@ -2,6 +2,7 @@
 could label a non-private model private (or the reverse)."""
 
 import dataclasses
+import hashlib
 import json
 import math
 
@@ -62,8 +63,9 @@ def test_a_private_record_without_noise_is_refused():
 @pytest.mark.parametrize("change, match", [
     ({"surprise": 1}, r"Unknown privacy metadata fields: \['surprise'\]"),
     ({"schema": "someone.else"}, "Expected a dict with schema"),
-    ({"schema_version": 3}, "Expected schema_version=2"),
+    ({"schema_version": 4}, "Expected schema_version=3"),
     ({"schema_version": 1}, "seeded the DP noise and sampling"),
+    ({"schema_version": 2}, "carry no digest.*re-export the model from its checkpoint"),
 ])
 def test_unknown_fields_and_other_schemas_are_refused(change, match):
   document = E.private_metadata().to_dict()
@@ -102,3 +104,37 @@ def test_where_the_randomness_came_from_is_required_and_an_insecure_run_is_label
   del document["mechanism_randomness"]
   with pytest.raises(ValueError, match="Incomplete privacy metadata"):
     PrivacyMetadata.from_dict(document)
+
+
+def test_the_json_carries_the_digest_of_the_rest_of_the_document():
+  document = _strict_loads(E.private_metadata().to_json())
+  rest = {k: v for k, v in document.items() if k != "digest"}
+  canonical = json.dumps(rest, sort_keys=True, separators=(",", ":"))
+  assert document["digest"] == "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+  assert E.private_metadata().digest == document["digest"]
+  assert E.private_metadata(epsilon=1.0).digest != document["digest"]
+
+
+@pytest.mark.parametrize("change", [{"epsilon": 0.5}, {"private": False, "epsilon": "inf"},
+                                    {"delta": 1e-9}, {"digest": None}])
+def test_an_edited_field_that_does_not_recompute_the_digest_is_refused(change):
+  document = E.private_metadata().to_dict()
+  document.update(change)
+  with pytest.raises(ValueError, match="does not match its digest.*edited"):
+    PrivacyMetadata.from_dict(document)
+
+
+def test_a_removed_digest_is_refused():
+  document = E.private_metadata().to_dict()
+  del document["digest"]
+  with pytest.raises(ValueError, match="does not match its digest"):
+    PrivacyMetadata.from_dict(document)
+
+
+def test_the_digest_proves_consistency_only_whoever_recomputes_it_passes():
+  """The limit, stated as a test: the digest takes no key, so an editor who recomputes it is
+  accepted by from_dict. The protection against editing one copy is inspect's cross-check."""
+  document = E.private_metadata().to_dict()
+  document["epsilon"] = 0.5
+  document["digest"] = metadata_lib.document_digest(document)
+  assert PrivacyMetadata.from_dict(document).epsilon == 0.5

@@ -12,8 +12,13 @@ The layout TF Serving loads (`tensorflow_model_server --model_base_path=/models/
 Signatures (the serving contract, names in `serving_files`):
   serving_default(<input_name>: float32 [None, *input_shape])
       -> probabilities: float32 [None, classes], class_id: int64 [None]
-  privacy_metadata(field: string [None]) -> value: string [None]
-      For each requested field name, the JSON text of that top-level field of
+      Another shape (TF Serving feeds a request's tensor without checking it against the
+      signature) is refused by an in-graph check whose error names the expected and received
+      shapes, before the model runs.
+  privacy_metadata(field: string [] or [None]) -> value: string, the field's shape
+      One field name (a scalar: TF Serving's {"inputs": {"field": "epsilon"}}) or a list of
+      names; any other rank is refused with a readable error. For each name, the JSON text of
+      that top-level field of
       `metadata.to_dict()` ("epsilon" -> "7.42", "private" -> "true", "delta" -> "1e-05");
       "all" -> the whole JSON document; a name that is no field -> "" (the empty string, never an
       error, so one request may ask for fields that only newer schemas have). It takes an input
@@ -39,7 +44,6 @@ is renamed back, so that the old version survives. TF Serving may see a replaced
 for the instant between the two renames (it then reloads it).
 """
 
-import json
 import os
 import re
 import shutil
@@ -162,15 +166,6 @@ def next_version(export_dir: str) -> int:
   """1 + the largest version in `export_dir`, or 1 when it has none."""
   versions = inspection.version_dirs(export_dir) if os.path.isdir(export_dir) else {}
   return max(versions, default=0) + 1
-
-
-def metadata_fields(metadata: metadata_lib.PrivacyMetadata) -> Dict[str, str]:
-  """What the `privacy_metadata` signature answers: field name -> JSON text of the field, and
-  "all" -> the whole document (`metadata.to_json()`)."""
-  fields = {name: json.dumps(value, sort_keys=True, allow_nan=False)
-            for name, value in metadata.to_dict().items()}
-  fields[files.ALL_FIELDS] = metadata.to_json()
-  return fields
 
 
 def clean_leftovers(export_dir: str) -> None:
@@ -341,22 +336,33 @@ def _export_module(model, metadata, *, input_shape, output, input_name):
 
   @tf.function(input_signature=[spec])
   def serve(inputs):
+    inputs = _checked_shape(inputs, input_name, input_shape)
     result = tf.cast(model(inputs, training=False), tf.float32)
     probabilities = tf.nn.softmax(result, axis=-1) if output == "logits" else result
     return {files.PROBABILITIES: probabilities,
             files.CLASS_ID: tf.argmax(result, axis=-1, output_type=tf.int64)}
 
-  fields = metadata_fields(metadata)
+  fields = files.metadata_fields(metadata)
   names, texts = sorted(fields), [fields[name] for name in sorted(fields)]
 
-  @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=files.METADATA_INPUT)])
+  # The field is a scalar (one name: TF Serving's columnar {"inputs": {"field": "epsilon"}}) or a
+  # vector of names (row format, or a list); the value has the field's shape. Declared with an
+  # unknown rank because a TensorSpec cannot say "rank 0 or 1"; any other rank is refused.
+  @tf.function(input_signature=[tf.TensorSpec(None, tf.string, name=files.METADATA_INPUT)])
   def privacy_metadata(field):
-    # A constant lookup: field [n] against the names [k]; no table resource to initialize.
-    matches = tf.equal(tf.expand_dims(field, 1), tf.expand_dims(tf.constant(names), 0))
+    check = tf.debugging.Assert(
+        tf.less_equal(tf.raw_ops.Rank(input=field), 1),
+        [f"{files.METADATA_SIGNATURE}: expected `{files.METADATA_INPUT}` to be one field name "
+         "(a string, e.g. epsilon) or a list of names (e.g. [epsilon, delta]). Received a "
+         "string tensor of shape", tf.raw_ops.Shape(input=field)])
+    with tf.control_dependencies([check]):
+      flat = tf.reshape(field, [-1])
+    # A constant lookup: flat [n] against the names [k]; no table resource to initialize.
+    matches = tf.equal(tf.expand_dims(flat, 1), tf.expand_dims(tf.constant(names), 0))
     found = tf.reduce_any(matches, axis=1)
     index = tf.argmax(tf.cast(matches, tf.int32), axis=1)
     value = tf.where(found, tf.gather(tf.constant(texts), index), tf.constant(""))
-    return {files.METADATA_OUTPUT: value}
+    return {files.METADATA_OUTPUT: tf.reshape(value, tf.raw_ops.Shape(input=field))}
 
   document = metadata.to_json()
 
@@ -369,6 +375,26 @@ def _export_module(model, metadata, *, input_shape, output, input_name):
   _check_captures(serving, model)
   return module, {files.SERVING_SIGNATURE: serving,
                   files.METADATA_SIGNATURE: privacy_metadata.get_concrete_function()}
+
+
+def _checked_shape(inputs, input_name, input_shape):
+  """`inputs` after a check that its shape is [batch, *input_shape], with a readable error
+  otherwise (TF Serving feeds a request's tensor without checking it against the signature; the
+  model's first layer would fail with a graph error such as "Matrix size-incompatible").
+
+  The check compares the text of the whole runtime shape with a pattern: the declared shape
+  [None, ...] is not fully known, so no graph optimization can fold the check away, as it could
+  a check on the known dimensions alone."""
+  expected = ",".join("[0-9]+" if d is None else str(d) for d in (None,) + tuple(input_shape))
+  wanted = ", ".join("n" if d is None else str(d) for d in input_shape)
+  shape = tf.raw_ops.Shape(input=inputs)
+  text = tf.strings.reduce_join(tf.strings.as_string(shape), separator=",")
+  check = tf.debugging.Assert(
+      tf.strings.regex_full_match(text, expected),
+      [f"{files.SERVING_SIGNATURE}: expected `{input_name}` shaped [batch, {wanted}] (float32, "
+       f"one row per example: a single example is a batch of 1, [[...]]). Received shape", shape])
+  with tf.control_dependencies([check]):
+    return tf.identity(inputs)
 
 
 def _check_captures(concrete_function, model):

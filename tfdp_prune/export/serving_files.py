@@ -65,11 +65,10 @@ class TensorSpecInfo:
   dimension of unknown size, e.g. the batch)."""
   name: str
   dtype: str
-  shape: Tuple[Optional[int], ...]
+  shape: Optional[Tuple[Optional[int], ...]]
 
   def describe(self) -> str:
-    dims = ", ".join("None" if d is None else str(d) for d in self.shape)
-    return f"{self.name}: {self.dtype} [{dims}]"
+    return f"{self.name}: {self.dtype} {_dims(self.shape)}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +81,15 @@ class SignatureInfo:
   def describe(self) -> str:
     return (f"{self.name}({', '.join(i.describe() for i in self.inputs)}) -> "
             f"{', '.join(o.describe() for o in self.outputs)}")
+
+
+def metadata_fields(metadata: metadata_lib.PrivacyMetadata) -> Dict[str, str]:
+  """What the `privacy_metadata` signature answers: field name -> JSON text of the field, and
+  "all" -> the whole document (`metadata.to_json()`)."""
+  fields = {name: json.dumps(value, sort_keys=True, allow_nan=False)
+            for name, value in metadata.to_dict().items()}
+  fields[ALL_FIELDS] = metadata.to_json()
+  return fields
 
 
 # ---- warmup requests ----------------------------------------------------------------------------
@@ -316,8 +324,7 @@ def _signatures(signature_info) -> str:
     lines += [f"### `{signature.name}`", "", "| | name | dtype | shape |", "| --- | --- | --- | --- |"]
     for kind, specs in (("input", signature.inputs), ("output", signature.outputs)):
       for spec in specs:
-        dims = ", ".join("None" if d is None else str(d) for d in spec.shape)
-        lines.append(f"| {kind} | `{spec.name}` | {spec.dtype} | [{dims}] |")
+        lines.append(f"| {kind} | `{spec.name}` | {spec.dtype} | {_dims(spec.shape)} |")
     lines.append("")
   lines += [
       f"`{METADATA_SIGNATURE}` maps each requested field name of the privacy metadata to the "
@@ -363,6 +370,14 @@ def _table(rows, header=("setting", "value")) -> str:
   lines = [f"| {header[0]} | {header[1]} |", "| --- | --- |"]
   lines += [f"| {_escape(str(k))} | {_escape(_text(v))} |" for k, v in rows]
   return "\n".join(lines)
+
+
+def _dims(shape) -> str:
+  """"[None, 8]"; a shape of unknown rank (None: the privacy_metadata field, a scalar or a
+  vector) is "[] or [None]"."""
+  if shape is None:
+    return "[] or [None]"
+  return "[" + ", ".join("None" if d is None else str(d) for d in shape) + "]"
 
 
 def _text(value) -> str:

@@ -97,7 +97,8 @@ def rest_predict(loaded, body: str) -> dict:
     tensors = _from_instances(request["instances"], specs)
   else:
     tensors = _from_inputs(request["inputs"], specs)
-  outputs = {k: v.numpy() for k, v in signature(**tensors).items()}
+  outputs = {k: np.array(v.numpy(), dtype=object if v.dtype.name == "string" else None)
+             for k, v in signature(**tensors).items()}
   if "instances" in request:
     return json.loads(json.dumps({"predictions": _rows(outputs)}))
   return json.loads(json.dumps({"outputs": _columns(outputs)}))

@@ -3,8 +3,8 @@
 Run as a script, without the repository on the path:
   python _serving_client.py VERSION_DIR INPUTS.npy INPUT_NAME OUT.json
 It loads the export with plain `tf.saved_model.load`, runs `serving_default` on the inputs, asks
-the `privacy_metadata` signature for a few fields and calls `privacy_metadata_json()`, and writes
-what it got to OUT.json. It exits with an error if tfdp_prune (or Keras) was imported: the export
+the `privacy_metadata` signature for a few fields and for one (a scalar name), calls
+`privacy_metadata_json()`, and writes what it got to OUT.json. It exits with an error if tfdp_prune (or Keras) was imported: the export
 must be usable by TensorFlow alone.
 """
 
@@ -26,6 +26,7 @@ def main(version_dir, inputs_path, input_name, out_path):
   x = np.load(inputs_path)
   outputs = loaded.signatures["serving_default"](**{input_name: tf.constant(x)})
   values = loaded.signatures["privacy_metadata"](field=tf.constant(FIELDS))["value"]
+  one = loaded.signatures["privacy_metadata"](field=tf.constant("epsilon"))["value"]
   imported = sorted(m for m in ("tfdp_prune", "tf_keras") if m in sys.modules)
   if imported:
     sys.exit(f"The export needed {imported}: it must load with TensorFlow alone.")
@@ -36,6 +37,7 @@ def main(version_dir, inputs_path, input_name, out_path):
       "class_id_dtype": outputs["class_id"].dtype.name,
       "fields": dict(zip(FIELDS, (v.decode("utf-8") for v in values.numpy()))),
       "privacy_metadata_json": loaded.privacy_metadata_json().numpy().decode("utf-8"),
+      "one_field": one.numpy().decode("utf-8"),
       "imported": imported,
   }
   with open(out_path, "w", encoding="utf-8") as f:

@@ -7,6 +7,7 @@ missing signature or file, a bad warmup file, a non-integer version name) is an 
 names the file and the problem.
 """
 
+import json
 import os
 import shutil
 
@@ -71,6 +72,7 @@ def test_the_report_starts_with_the_guarantee(export_dir):
   assert lines[0].startswith("(7.42, 1e-05)-DP.")
   assert "version 2 (latest" in lines[1]
   assert any("signature serving_default(pixels: float32 [None, 8])" in line for line in lines)
+  assert "  signature privacy_metadata(field: string [] or [None]) -> value: string" in text
   assert "noise multiplier 1.1" in text and "300 steps" in text
   older = text.split("\n\n")[1].splitlines()
   assert older[0].startswith("NON-PRIVATE")
@@ -96,9 +98,10 @@ def test_a_deleted_metadata_file_is_named(broken):
 @pytest.mark.parametrize("text, match", [
     ("{not json", "Expecting property name"),
     ('{"schema": "other"}', "Expected a dict with schema"),
-    ('{"schema": "tfdp_prune.PrivacyMetadata", "schema_version": 3}', "schema_version=2"),
+    ('{"schema": "tfdp_prune.PrivacyMetadata", "schema_version": 4}', "schema_version=3"),
     ('{"schema": "tfdp_prune.PrivacyMetadata", "schema_version": 1}', "seeded the DP noise"),
-    ('{"schema": "tfdp_prune.PrivacyMetadata", "schema_version": 2}', "Incomplete"),
+    ('{"schema": "tfdp_prune.PrivacyMetadata", "schema_version": 2}', "carry no digest"),
+    ('{"schema": "tfdp_prune.PrivacyMetadata", "schema_version": 3}', "Incomplete"),
 ])
 def test_corrupted_metadata_is_named(broken, text, match):
   base, version = broken
@@ -184,3 +187,134 @@ def test_not_an_export_is_named(broken, layout, match):
     os.rename(version, path)
   with pytest.raises(ExportError, match=match):
     inspect_export(path)
+
+
+# ---- forged metadata: every copy is cross-checked -------------------------------------------
+
+def _edit_file(version, **changes):
+  """Edits fields of assets.extra/privacy_metadata.json; `recompute_digest=True` recomputes the digest
+  (what a careful forger does: the digest takes no key)."""
+  from tfdp_prune import metadata as metadata_lib  # pylint: disable=g-import-not-at-top
+  recompute = changes.pop("recompute_digest", False)
+  filename = os.path.join(version, _METADATA)
+  with open(filename, encoding="utf-8") as f:
+    document = json.load(f)
+  document.update(changes)
+  if recompute:
+    document["digest"] = metadata_lib.document_digest(document)
+  with open(filename, "w", encoding="utf-8") as f:
+    json.dump(document, f, indent=1, sort_keys=True)
+
+
+def _edit_graph_constant(version, old: bytes, new: bytes, *, function_prefix: str,
+                         whole=False):
+  """Replaces `old` by `new` (`whole`: only constants equal to `old`) in the string constants of the functions of saved_model.pb whose
+  names start with `function_prefix` (a forger editing the served copy)."""
+  from tensorflow.core.protobuf import saved_model_pb2  # pylint: disable=g-import-not-at-top
+  filename = os.path.join(version, "saved_model.pb")
+  proto = saved_model_pb2.SavedModel()
+  with open(filename, "rb") as f:
+    proto.ParseFromString(f.read())
+  edited = 0
+  for function in proto.meta_graphs[0].graph_def.library.function:
+    if not function.signature.name.startswith(function_prefix):
+      continue
+    for node in function.node_def:
+      if node.op != "Const":
+        continue
+      values = node.attr["value"].tensor.string_val
+      for i, value in enumerate(values):
+        if (value == old) if whole else (old in value):
+          values[i] = value.replace(old, new)
+          edited += 1
+  assert edited, f"{old!r} is in no constant of {function_prefix}*"
+  with open(filename, "wb") as f:
+    f.write(proto.SerializeToString())
+
+
+def test_an_edited_epsilon_in_the_file_fails_the_digest(broken):
+  base, version = broken
+  _edit_file(version, epsilon=0.5)
+  with pytest.raises(ExportError, match=r"privacy_metadata.json is not valid privacy metadata: "
+                                        r"The privacy metadata does not match its digest"):
+    inspect_export(base)
+
+
+def test_an_edited_epsilon_with_a_recomputed_digest_fails_the_cross_check(broken):
+  base, version = broken
+  _edit_file(version, epsilon=0.5, recompute_digest=True)
+  with pytest.raises(ExportError) as raised:
+    inspect_export(base)
+  message = str(raised.value)
+  assert "differs between its copies" in message
+  assert ("epsilon: assets.extra/privacy_metadata.json says 0.5, the 'privacy_metadata' "
+          "signature's fields, in saved_model.pb (the graph) says 7.42") in message
+  assert "Do not serve this version" in message
+
+
+def test_an_edited_served_field_fails_the_cross_check(broken):
+  base, version = broken
+  # Only the signature's per-field constant "7.42" (the "all" text holds '"epsilon": 7.42').
+  _edit_graph_constant(version, b"7.42", b"0.5", function_prefix="__inference_privacy_metadata_",
+                       whole=True)
+  with pytest.raises(ExportError, match=r"differs between its copies.*epsilon: "
+                                        r"assets.extra/privacy_metadata.json says 7.42, the "
+                                        r"'privacy_metadata' signature"):
+    inspect_export(base)
+
+
+def test_an_edited_privacy_metadata_json_function_fails_the_cross_check(broken):
+  base, version = broken
+  _edit_graph_constant(version, b'"epsilon": 7.42', b'"epsilon": 0.5',
+                       function_prefix="__inference_privacy_metadata_json")
+  with pytest.raises(ExportError, match=r"epsilon: assets.extra/privacy_metadata.json says "
+                                        r"7.42, privacy_metadata_json\(\), in saved_model.pb"):
+    inspect_export(base)
+
+
+def test_the_graph_holds_three_copies_equal_to_the_file(export_dir):
+  from tfdp_prune.export import inspection  # pylint: disable=g-import-not-at-top
+  copies = inspection.read_served_metadata(os.path.join(export_dir, "2"))
+  assert len(copies) == 3
+  assert all(document == E.private_metadata().to_dict() for document in copies.values())
+
+
+def test_the_report_states_what_the_digest_proves(export_dir):
+  text = format_report(inspect_export(export_dir))
+  assert f"metadata {E.private_metadata().digest}: the file's digest matches" in text
+  assert "consistency, not authenticity" in text and "recompute the digest" in text
+
+
+def test_an_older_version_directory_is_not_called_latest(export_dir):
+  older = format_report(inspect_export(os.path.join(export_dir, "1")))
+  assert "(latest:" not in older
+  assert ("version 1 (NOT the latest: its base directory also holds version 2; TF Serving "
+          "serves version 2 by default)") in older
+  newest = format_report(inspect_export(os.path.join(export_dir, "2")))
+  assert "version 2 (latest: what TF Serving serves by default)" in newest
+
+
+def test_an_extra_string_constant_in_the_served_lookup_fails_the_check(broken):
+  """A forger who keeps the constants the cross-check compares but wires in another answer."""
+  from tensorflow.core.protobuf import saved_model_pb2  # pylint: disable=g-import-not-at-top
+  base, version = broken
+  filename = os.path.join(version, "saved_model.pb")
+  proto = saved_model_pb2.SavedModel()
+  with open(filename, "rb") as f:
+    proto.ParseFromString(f.read())
+  (function,) = [f for f in proto.meta_graphs[0].graph_def.library.function
+                 if f.signature.name.startswith("__inference_privacy_metadata_")
+                 and not f.signature.name.startswith("__inference_privacy_metadata_json")]
+  (empty,) = [n for n in function.node_def if n.op == "Const"
+              and n.attr["value"].tensor.string_val == [b""]]
+  forged = function.node_def.add()
+  forged.CopyFrom(empty)
+  forged.name = "forged_answer"
+  forged.attr["value"].tensor.string_val[0] = b"0.5"
+  (select,) = [n for n in function.node_def if n.op == "SelectV2"]
+  select.input[2] = "forged_answer:output:0"  # what an unknown name is now answered
+  with open(filename, "wb") as f:
+    f.write(proto.SerializeToString())
+  with pytest.raises(ExportError, match=r"3 string constants that do not fit; the graph was "
+                                        r"changed after the export"):
+    inspect_export(base)

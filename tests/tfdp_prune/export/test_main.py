@@ -53,3 +53,23 @@ def test_inspect_of_a_directory_that_is_no_export_fails_clearly(tmp_path):
   result = _tfdp_export(f"--inspect={tmp_path}")
   assert result.returncode != 0 and "Traceback" not in result.stderr
   assert str(tmp_path) in result.stderr
+
+
+def test_inspect_of_a_forged_epsilon_fails_and_prints_no_label(tmp_path):
+  """The operator's view of issue 14: epsilon edited in the JSON file, digest recomputed."""
+  from tfdp_prune import metadata as metadata_lib  # pylint: disable=g-import-not-at-top
+  from tfdp_prune.export import export_saved_model  # pylint: disable=g-import-not-at-top
+  from tests.tfdp_prune.export import _export_testing as E  # pylint: disable=g-import-not-at-top
+  path = export_saved_model(E.tiny_model(), str(tmp_path / "models"), E.private_metadata())
+  filename = os.path.join(path, "assets.extra", "privacy_metadata.json")
+  with open(filename) as f:
+    document = json.load(f)
+  document["epsilon"] = 0.5
+  document["digest"] = metadata_lib.document_digest(document)
+  with open(filename, "w") as f:
+    json.dump(document, f)
+  result = _tfdp_export(f"--inspect={tmp_path / 'models'}")
+  assert result.returncode != 0 and "Traceback" not in result.stderr
+  assert "differs between its copies" in result.stderr
+  assert "epsilon: assets.extra/privacy_metadata.json says 0.5" in result.stderr
+  assert "0.5, " not in result.stdout and "-DP" not in result.stdout

@@ -97,6 +97,7 @@ def test_a_fresh_process_with_tensorflow_alone_serves_the_model_and_its_metadata
   assert served["privacy_metadata_json"] == exported.metadata.to_json()
   assert served["fields"] == {"epsilon": "7.42", "private": "true",
                               "all": exported.metadata.to_json(), "no_such_field": ""}
+  assert served["one_field"] == "7.42"
 
 
 def test_saved_model_cli_shows_both_signatures_with_the_named_input(exported):
@@ -157,6 +158,84 @@ def test_rest_privacy_metadata_request(exported, loaded):
   assert json.loads(predictions[2]) == 1e-5
   columnar = {"signature_name": "privacy_metadata", "inputs": {"field": ["private"]}}
   assert E.rest_predict(loaded, json.dumps(columnar))["outputs"] == ["true"]
+
+
+@pytest.mark.parametrize("body", [
+    {"signature_name": "privacy_metadata", "inputs": {"field": "epsilon"}},
+    {"signature_name": "privacy_metadata", "inputs": "epsilon"},
+], ids=["columnar, named scalar", "columnar, scalar"])
+def test_rest_privacy_metadata_request_with_one_field_name(loaded, body):
+  assert E.rest_predict(loaded, json.dumps(body))["outputs"] == "7.42"
+
+
+def test_rest_privacy_metadata_request_in_row_objects(loaded):
+  body = {"signature_name": "privacy_metadata",
+          "instances": [{"field": "epsilon"}, {"field": "private"}]}
+  assert E.rest_predict(loaded, json.dumps(body))["predictions"] == ["7.42", "true"]
+
+
+def _session_run(path, signature, inputs):
+  """Runs `signature` of the SavedModel at `path` the way TF Serving does: a C++ session fed the
+  request's tensor as is (no Python-side check of its shape against the signature)."""
+  from tensorflow.core.protobuf import config_pb2  # pylint: disable=g-import-not-at-top
+  with tf.compat.v1.Session(graph=tf.Graph()) as session:
+    meta_graph = tf.compat.v1.saved_model.loader.load(session, ["serve"], path)
+    definition = meta_graph.signature_def[signature]
+    (name, value), = inputs.items()
+    options = config_pb2.CallableOptions()
+    options.feed.append(definition.inputs[name].name)
+    names = sorted(definition.outputs)
+    options.fetch.extend(definition.outputs[n].name for n in names)
+    run = session._make_callable_from_options(options)  # pylint: disable=protected-access
+    return {n: np.asarray(v, dtype=object if isinstance(v, bytes) else None)
+            for n, v in zip(names, run(value))}
+
+
+def test_tf_servings_session_answers_one_field_name_with_one_value(exported):
+  value = _session_run(exported.path, "privacy_metadata",
+                       {"field": np.array("epsilon", dtype=object)})["value"]
+  assert value.shape == () and value == b"7.42"
+  values = _session_run(exported.path, "privacy_metadata",
+                        {"field": np.array(["delta", "nothing"], dtype=object)})["value"]
+  assert values.tolist() == [b"1e-05", b""]
+
+
+_FIELD_ERROR = (r"privacy_metadata: expected `field` to be one field name \(a string, e.g. "
+                r"epsilon\) or a list of names .*Received a string tensor of shape\] \[1 2\]")
+
+
+def test_a_field_of_rank_2_is_refused_readably(exported, loaded):
+  field = np.array([["epsilon", "delta"]], dtype=object)
+  with pytest.raises(tf.errors.InvalidArgumentError, match=_FIELD_ERROR):
+    loaded.signatures["privacy_metadata"](field=tf.constant(field))
+  with pytest.raises(tf.errors.InvalidArgumentError, match=_FIELD_ERROR):
+    _session_run(exported.path, "privacy_metadata", {"field": field})
+
+
+@pytest.mark.parametrize("shape, received", [
+    ((2, 5), r"\[2 5\]"),  # another model's input
+    ((8,), r"\[8\]"),  # one example without its batch dimension
+    ((1, 8, 1), r"\[1 8 1\]"),
+    ((0, 3), r"\[0 3\]"),
+])
+def test_a_wrong_input_shape_is_refused_readably(exported, loaded, shape, received):
+  x = np.zeros(shape, np.float32)
+  match = (r"serving_default: expected `pixels` shaped \[batch, 8\] \(float32, one row per "
+           r"example.*Received shape\] " + received)
+  with pytest.raises(tf.errors.InvalidArgumentError, match=match):
+    loaded.signatures["serving_default"](pixels=tf.constant(x))
+  with pytest.raises(tf.errors.InvalidArgumentError, match=match):
+    _session_run(exported.path, "serving_default", {E.INPUT_NAME: x})
+
+
+def test_tf_servings_session_serves_the_right_shape(exported):
+  x = E.examples(n=3)
+  outputs = _session_run(exported.path, "serving_default", {E.INPUT_NAME: x})
+  logits = exported.model(x).numpy()
+  np.testing.assert_allclose(outputs["probabilities"], E.softmax(logits), rtol=0, atol=1e-6)
+  empty = _session_run(exported.path, "serving_default", {E.INPUT_NAME: np.zeros((0, 8),
+                                                                                np.float32)})
+  assert empty["probabilities"].shape == (0, E.CLASSES)
 
 
 def test_the_rest_emulator_refuses_what_tf_serving_refuses(loaded):
