@@ -8,6 +8,7 @@ binary to prove the console-script path prints the message without a traceback.
 
 import errno
 import os
+import re
 import subprocess
 import sys
 
@@ -57,7 +58,7 @@ ROWS = [
     ("unknown_flag", None, ["--epsilom=2"], 1, "epsilom"),
 ]
 # Phrases that would point at a fix that does not exist for tfdp-train.
-_NO_SUCH_FIX = ("allow_overlap", "--batch_size", "Traceback")
+_NO_SUCH_FIX = ("allow_overlap", "--batch_size")
 
 
 def _tree(root):
@@ -110,8 +111,12 @@ def test_bad_input_exits_with_a_message_before_training(state, argv, code, phras
     message, exit_code = message + exit_code, 1
   assert exit_code == code, message
   assert phrase in message, message
+  assert "Traceback" not in message, message
+  # A usage error prints the help first, whose indented lines name every flag.
+  unindented = "\n".join(line for line in message.splitlines() if not line[:1].isspace())
+  assert phrase in unindented, message
   for wrong in _NO_SUCH_FIX:
-    assert wrong not in message, message
+    assert wrong not in unindented, message
   assert _tree(tmp_path) == before  # nothing written, nothing deleted
 
 
@@ -124,3 +129,37 @@ def test_binary_prints_the_message_without_a_traceback(tmp_path):
   assert "tfdp-train: Expected --export_dir to be a directory" in result.stderr, result.stderr
   assert "Traceback" not in result.stderr
   assert sorted(os.listdir(tmp_path)) == ["models"]
+
+
+@pytest.mark.parametrize("program, main_module", [("tfdp-train", "train"), ("tfdp-audit", "audit")])
+def test_help_lists_every_flag_of_the_binary(program, main_module, monkeypatch, capsys):
+  from tfdp_prune.trainers import audit  # pylint: disable=g-import-not-at-top
+  module = {"train": train, "audit": audit}[main_module]
+  monkeypatch.setattr(sys, "argv", [program, "--help"])
+  flags.FLAGS.unparse_flags()
+  try:
+    with pytest.raises(SystemExit):
+      module.run_main()
+  finally:
+    flags.FLAGS.unparse_flags()
+  listed = set(re.findall(r"^  --(?:\[no\])?(\w+):", capsys.readouterr().out, re.M))
+  expected = {"config"} | {name for name, _, _ in train._FLAG_SPECS}
+  if module is audit:
+    expected |= set(audit._AUDIT_FLAGS)
+  assert expected <= listed, sorted(expected - listed)
+
+
+def test_tfdp_export_help_lists_its_flags_and_the_old_version_flag_names_the_new_one(tmp_path):
+  binary = os.path.join(os.path.dirname(sys.executable), "tfdp-export")
+  result = subprocess.run([binary, "--help"], capture_output=True, text=True, timeout=300,
+                          env=_ENV, cwd=tmp_path)
+  listed = set(re.findall(r"^  --(?:\[no\])?(\w+):", result.stdout, re.M))
+  assert {"checkpoint_dir", "export_dir", "export_version", "overwrite", "ema",
+          "inspect"} <= listed, result.stdout
+  result = subprocess.run([binary, f"--checkpoint_dir={tmp_path}", f"--export_dir={tmp_path}/m",
+                           "--version=3"], capture_output=True, text=True, timeout=300,
+                          env=_ENV, cwd=tmp_path)
+  assert result.returncode == 1
+  assert "--version was renamed --export_version" in result.stderr, result.stderr[-2000:]
+  assert "pass --export_version=3" in result.stderr and "Traceback" not in result.stderr
+  assert os.listdir(tmp_path) == []
