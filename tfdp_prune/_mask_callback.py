@@ -24,7 +24,8 @@ class MaskCallback(keras.callbacks.Callback):
     if isinstance(rule, masks_lib.PublicGradientRule) and public_data is None:
       raise ValueError("The public_gradient rule needs public_data=(x, y) or a tf.data.Dataset "
                        "of (x, y) batches of PUBLIC examples. Received: public_data=None.")
-    if isinstance(public_data, tuple) and len(public_data) == 2:  # a Dataset is read later
+    if (isinstance(public_data, tuple) and len(public_data) == 2
+        and isinstance(public_data[0], np.ndarray)):  # a Dataset or dict inputs: read later
       data_lib.check_part("public", public_data, source=f"{type(self).__name__}(public_data=...)")
     self.rule = rule
     self.public_data = public_data

@@ -242,8 +242,8 @@ def check_part(name: str, part, input_shape=None, *, source: str = "") -> None:
   if len(y) == 0:
     raise DataError(f"Expected a non-empty {name} part. Received: {where} has 0 examples. Select "
                     f"a split with examples (e.g. 'train[:10%]').")
-  if np.ndim(y) != 1 or len(x) != len(y):
-    raise DataError(f"Expected {where} to be (x, y) with one class id per example. Received: x "
+  if np.ndim(y) < 1 or len(x) != len(y):
+    raise DataError(f"Expected {where} to be (x, y) with one label per example. Received: x "
                     f"of shape {np.shape(x)}, y of shape {np.shape(y)}.")
   if input_shape is not None and tuple(np.shape(x)[1:]) != tuple(input_shape):
     raise DataError(f"Expected the inputs of {where} to have the private inputs' shape "

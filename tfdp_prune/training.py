@@ -204,8 +204,10 @@ def export_checkpoint(checkpoint_dir: str, export_dir: str, *, version: Optional
 
   The model is rebuilt from the run's record (`run.json`), its weights, masks and ledger are
   restored, and the metadata says what that checkpoint's steps cost. `use_ema` exports the EMA
-  weights when the run kept them. Returns the export's version directory.
+  weights when the run kept them. Returns the export's version directory. `export_dir` is
+  checked first (`check_output_dir`), before the checkpoint is read.
   """
+  check_output_dir("--export_dir", export_dir)
   record = read_run_record(checkpoint_dir)
   config = TrainConfig.from_dict(record["config"])
   info = _info_from_dict(record["data_info"])
@@ -576,7 +578,8 @@ def _check_callback_public_data(callbacks, private):
     if not isinstance(callback, _mask_callback.MaskCallback) or public is None:
       continue
     name = f"{type(callback).__name__}(public_data=...)"
-    if isinstance(public, (tuple, list)) and len(public) == 2:
+    if (isinstance(public, (tuple, list)) and len(public) == 2
+        and isinstance(public[0], np.ndarray)):
       data_lib.check_part("public", tuple(public), np.shape(private[0])[1:], source=name)
     try:
       overlap.check_disjoint(public, private)

@@ -471,6 +471,12 @@ def test_export_checkpoint_matches_the_trained_model(tmp_path):
   np.testing.assert_allclose(probabilities, tf.nn.softmax(result.model(x)).numpy(), atol=1e-6)
 
 
+def test_export_checkpoint_checks_the_export_dir_before_reading_the_checkpoint(tmp_path):
+  (tmp_path / "models").write_text("a file")
+  with pytest.raises(ConfigError, match="--export_dir to be a directory"):
+    training.export_checkpoint(str(tmp_path / "no_run"), str(tmp_path / "models"))
+
+
 def test_export_checkpoint_without_a_run_record_says_so(tmp_path):
   with pytest.raises(ValueError, match="run.json"):
     training.export_checkpoint(str(tmp_path), str(tmp_path / "export"))
