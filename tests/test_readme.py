@@ -29,3 +29,30 @@ def test_quickstart_runs_and_learns():
   epsilon = float(re.search(r"epsilon: ([0-9.]+) at delta 1e-05 \(.*Poisson sampling",
                             result.stdout).group(1))
   assert 0 < epsilon <= 8.0  # the budget's target
+
+
+def _defined_flags(path):
+  """The flag names a binary's module defines (absl DEFINE_* calls with a literal name)."""
+  import ast  # pylint: disable=g-import-not-at-top
+  names = set()
+  for node in ast.walk(ast.parse(_read(path))):
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+        and node.func.attr.startswith("DEFINE_") and node.args
+        and isinstance(node.args[0], ast.Constant)):
+      names.add(node.args[0].value)
+  return names
+
+
+def test_readme_documents_every_flag_of_every_binary():
+  from tfdp_prune.trainers import train  # pylint: disable=g-import-not-at-top
+  readme = _read("README.md")
+  binaries = {
+      "tfdp-train": _defined_flags("tfdp_prune/trainers/train.py")
+                    | {name for name, _, _ in train._FLAG_SPECS},
+      "tfdp-audit": _defined_flags("tfdp_prune/trainers/audit.py"),
+      "tfdp-export": _defined_flags("tfdp_prune/export/main.py"),
+  }
+  for binary, names in binaries.items():
+    assert len(names) > 3, (binary, names)  # the scan found the flags
+    missing = sorted(n for n in names if not re.search(rf"`--(\[no\])?{n}[`=,]", readme))
+    assert not missing, f"{binary}: flags missing from the README: {missing}"

@@ -4,7 +4,7 @@ A per-example gradient is a list with one tensor per variable, each with a leadi
 Masks are one tensor per variable (1 = trained, 0 = frozen) without a batch axis.
 """
 
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 from tfdp_prune.compat import tf
 
@@ -14,6 +14,8 @@ class ClippedSum(NamedTuple):
   grads: list  # one tensor per variable, shaped like the variable
   num_units: tf.Tensor  # clipping units in the batch, padding included: examples or microbatches
   num_non_finite: tf.Tensor  # units with a non-zero weight whose gradient was not finite (int32)
+  # [num_units] bool: the units counted in num_non_finite (dropped); None if not tracked.
+  non_finite: Optional[tf.Tensor] = None
 
 
 def apply_masks(per_example_grads: Sequence[tf.Tensor], masks: Sequence[tf.Tensor]) -> list:
@@ -65,7 +67,8 @@ def clipped_sum(per_example_grads: Sequence[tf.Tensor], masks: Sequence[tf.Tenso
   factors, kept, num_non_finite = clip_weights(per_example_global_norms(masked), sample_weight,
                                                l2_norm_clip)
   sums = [weighted_batch_sum(g, kept, factors) for g in masked]
-  return ClippedSum(sums, tf.shape(sample_weight)[0], num_non_finite)
+  return ClippedSum(sums, tf.shape(sample_weight)[0], num_non_finite,
+                    dropped_units(kept, sample_weight))
 
 
 def clip_weights(norms: tf.Tensor, sample_weight: tf.Tensor, l2_norm_clip):
@@ -80,6 +83,11 @@ def clip_weights(norms: tf.Tensor, sample_weight: tf.Tensor, l2_norm_clip):
   factors = tf.where(kept, clip_factors(tf.where(finite, norms, 0.0), l2_norm_clip), 0.0)
   num_non_finite = tf.reduce_sum(tf.cast(tf.logical_and(real, tf.logical_not(finite)), tf.int32))
   return factors, kept, num_non_finite
+
+
+def dropped_units(kept: tf.Tensor, sample_weight: tf.Tensor) -> tf.Tensor:
+  """The real units (non-zero weight) that `clip_weights` did not keep: non-finite ones."""
+  return tf.logical_and(tf.not_equal(sample_weight, 0), tf.logical_not(kept))
 
 
 def weighted_batch_sum(g: tf.Tensor, kept: tf.Tensor, factors: tf.Tensor) -> tf.Tensor:

@@ -78,7 +78,15 @@ DEFAULT_SPLITS = {
 }
 
 
-class DatasetNotAvailableError(ValueError):
+class DataError(ValueError):
+  """The data given or selected is unusable: an empty part, non-finite public inputs, parts of
+  different shapes (overlapping parts raise `OverlapError`)."""
+
+
+OverlapError = overlap.OverlapError
+
+
+class DatasetNotAvailableError(DataError):
   """The dataset is unknown, or known to TFDS but not prepared on this machine."""
 
 
@@ -161,9 +169,12 @@ def load(dataset: str = DIGITS, public_split: Optional[str] = None,
   read = lambda name, split: _read(name, split, seed, data_dir, download)
 
   private, num_classes = read(dataset, private_split)
+  check_part("private", private, source=f"split {private_split!r} of {dataset!r}")
   public, public_classes = read(public_dataset, public_split)
   if public_dataset != dataset:
     _check_compatible(dataset, private, num_classes, public_dataset, public, public_classes)
+  check_part("public", public, private[0].shape[1:],
+             source=f"split {public_split!r} of {public_dataset!r}")
   public_counts, overlap_count = _check_disjoint(public, private, allow_overlap)
   test = read(dataset, test_split)[0] if test_split is not None else None
   info = DataInfo(
@@ -192,11 +203,15 @@ def check_splits(splits: DataSplits, allow_overlap: bool = False) -> int:
     The number of private examples found in the public part (0 unless allow_overlap).
 
   Raises:
-    ValueError: the parts overlap (without allow_overlap), or the fingerprint in `splits.info`
-      is not that of `splits.public`.
+    DataError: a part is empty, the public inputs are not finite or not of the private
+      inputs' shape (`check_part`).
+    OverlapError: the parts overlap (without allow_overlap).
+    ValueError: the fingerprint in `splits.info` is not that of `splits.public`.
   """
   if not isinstance(splits, DataSplits):
     raise TypeError(f"Expected a tfdp_prune.data.DataSplits. Received: {type(splits).__name__}.")
+  check_part("private", splits.private, source="splits.private")
+  check_part("public", splits.public, np.shape(splits.private[0])[1:], source="splits.public")
   public_counts, overlap_count = _check_disjoint(splits.public, splits.private, allow_overlap)
   fingerprint = overlap.PublicDataFingerprint.from_fingerprints(public_counts)
   if splits.info.public_fingerprint != fingerprint:
@@ -208,6 +223,37 @@ def check_splits(splits: DataSplits, allow_overlap: bool = False) -> int:
         f"{fingerprint.sha256[:12]}... over {fingerprint.num_examples}. After changing the "
         "public part, set info.public_fingerprint=PublicDataFingerprint.from_data(public).")
   return overlap_count
+
+
+def check_part(name: str, part, input_shape=None, *, source: str = "") -> None:
+  """Checks one (x, y) part: non-empty, one label per example, inputs of `input_shape` (when
+  given) and, for the public part, finite inputs.
+
+  Non-finite PRIVATE inputs are left to the DP optimizer, which drops and counts such examples
+  (their gradient is not finite); public data has no such guard (public pre-training and the
+  mask rules read it without clipping), so a NaN or inf there would silently spread to the
+  weights or the masks.
+
+  Raises:
+    DataError: naming the part (`name`, and `source`: where it came from) and the fix.
+  """
+  where = f"the {name} part" + (f" ({source})" if source else "")
+  x, y = part
+  if len(y) == 0:
+    raise DataError(f"Expected a non-empty {name} part. Received: {where} has 0 examples. Select "
+                    f"a split with examples (e.g. 'train[:10%]').")
+  if np.ndim(y) < 1 or len(x) != len(y):
+    raise DataError(f"Expected {where} to be (x, y) with one label per example. Received: x "
+                    f"of shape {np.shape(x)}, y of shape {np.shape(y)}.")
+  if input_shape is not None and tuple(np.shape(x)[1:]) != tuple(input_shape):
+    raise DataError(f"Expected the inputs of {where} to have the private inputs' shape "
+                    f"{tuple(input_shape)}. Received: {tuple(np.shape(x)[1:])}.")
+  if name == "public" and np.issubdtype(np.asarray(x).dtype, np.floating):
+    bad = int(np.count_nonzero(~np.isfinite(x).reshape(len(y), -1).all(axis=1)))
+    if bad:
+      raise DataError(f"Expected finite public inputs. Received: {bad} of the {len(y)} examples "
+                      f"of {where} hold NaN or inf. Remove or repair them: public pre-training "
+                      "and the mask rules would turn them into NaN weights or masks.")
 
 
 def digits_order(labels: np.ndarray, seed: int) -> np.ndarray:

@@ -41,6 +41,15 @@ _EXACT_INT = 2 ** 53  # integers up to this magnitude are exact in float64
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
+class OverlapError(ValueError):
+  """Private examples were found in the public data. `found` says how many, without the fix
+  (a caller that has no allow_overlap switch names the fix that exists for it)."""
+
+  def __init__(self, message: str, found: str):
+    super().__init__(message)
+    self.found = found
+
+
 def fingerprint_examples(data, batch_size: int = DEFAULT_BATCH_SIZE) -> collections.Counter:
   """Counts of the examples' fingerprints (hex sha256 digests of their features).
 
@@ -55,7 +64,8 @@ def fingerprint_examples(data, batch_size: int = DEFAULT_BATCH_SIZE) -> collecti
 
 def check_disjoint(public_data, private_data, allow_overlap: bool = False,
                    batch_size: int = DEFAULT_BATCH_SIZE) -> int:
-  """Raises ValueError when private examples are in the public data; returns their count.
+  """Raises OverlapError (a ValueError) when private examples are in the public data; returns
+  their count.
 
   The count includes repeats: a private example present twice in the private data counts twice.
   With `allow_overlap=True` the overlap is logged as a warning instead of raised. Either data may
@@ -76,12 +86,12 @@ def check_disjoint(public_data, private_data, allow_overlap: bool = False,
     logging.warning("%s Continuing because allow_overlap=True: the masks are chosen from data "
                     "that contains these private examples.", found)
     return count
-  raise ValueError(
+  raise OverlapError(
       f"{found} Expected the public and private examples to be disjoint: masks are chosen from "
       "public data at no privacy cost, so a private example in the public data reaches them "
       "without noise. Remove these examples from the public data, or pass allow_overlap=True "
       "only if the overlap is itself public (e.g. the same public-domain images are in both "
-      "sets).")
+      "sets).", found)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -126,7 +126,8 @@ class PerLayerEngine(per_example.PerExampleEngine):
         sums[_key(variable)] = summed
     # A variable the forward pass never reads has a zero gradient.
     grads = [sums[_key(v)] if _key(v) in sums else tf.zeros_like(v) for v in variables]
-    clipped = clipping.ClippedSum(grads, batch, num_non_finite)
+    clipped = clipping.ClippedSum(grads, batch, num_non_finite,
+                                  clipping.dropped_units(kept, sample_weight))
     # Rows carry weight w / K: an example's loss, the mean over its views, is their sum.
     losses = tf.reduce_sum(tf.reshape(row_losses, [batch, num_views]), axis=1)
     if views:

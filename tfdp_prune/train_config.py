@@ -180,6 +180,10 @@ class TrainConfig:
       raise ConfigError("Expected --epsilon (a target) or --noise_multiplier (0 trains without "
                         "privacy). Received neither.")
     if self.epsilon is not None:
+      if isinstance(self.epsilon, float) and math.isinf(self.epsilon) and self.epsilon > 0:
+        raise ConfigError("Expected --epsilon to be a finite target (the noise multiplier is "
+                          "calibrated to it). Received: --epsilon=inf. To train without "
+                          "privacy, pass --noise_multiplier=0 instead.")
       _check_number("epsilon", self.epsilon, minimum=0, strict=True)
     if self.noise_multiplier is not None:
       _check_number("noise_multiplier", self.noise_multiplier, minimum=0)

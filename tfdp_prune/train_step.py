@@ -45,12 +45,22 @@ def dp_train_step(model: keras.Model, data) -> dict:
   engine_output = _clipped_sum(model, optimizer, loss_fn, x, y, sample_weight, variables)
   optimizer.apply_clipped_sum(engine_output.clipped, variables)
   model.dp_non_finite_examples.update_state(engine_output.clipped.num_non_finite)
-  # Loss and metrics over the real rows only: Keras' unweighted metrics would count padding.
-  real = tf.not_equal(sample_weight, 0)
+  # Loss and metrics over the rows that were trained on: Keras' unweighted metrics would count
+  # padding, and a row dropped for a non-finite gradient would log loss: nan.
+  real = tf.logical_and(tf.not_equal(sample_weight, 0),
+                        tf.logical_not(_dropped_rows(engine_output.clipped, rows)))
   x, y, predictions, sample_weight = tf.nest.map_structure(
       lambda t: tf.boolean_mask(t, real), (x, y, engine_output.predictions, sample_weight))
   model.compute_loss(x, y, predictions, sample_weight)  # updates the loss metric
   return model.compute_metrics(x, y, predictions, sample_weight)
+
+
+def _dropped_rows(clipped, rows):
+  """[rows] bool: the rows of a clipping unit dropped for a non-finite gradient (a microbatch
+  is `rows / num_units` consecutive rows)."""
+  if clipped.non_finite is None:
+    return tf.zeros([rows], tf.bool)
+  return tf.repeat(clipped.non_finite, rows // tf.shape(clipped.non_finite)[0])
 
 
 def _clipped_sum(model, optimizer, loss_fn, x, y, sample_weight, variables):

@@ -40,11 +40,13 @@ import dataclasses
 import json
 import math
 import os
+import tempfile
 from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 from absl import logging
 
+from tfdp_prune import _mask_callback
 from tfdp_prune import accounting
 from tfdp_prune import agreement
 from tfdp_prune import augmult
@@ -137,7 +139,8 @@ def train(config: TrainConfig, *, splits: Optional[data_lib.DataSplits] = None,
   if splits is None:
     splits = load_data(config)  # checked there
   else:
-    data_lib.check_splits(splits)  # as load_data checks: tfdp-train never allows an overlap
+    _check_given_splits(splits)
+  _check_callback_public_data(callbacks, splits.private)
   info = splits.info
   _check_model_and_data(config, info.input_shape)
   sampler = make_sampler(config, splits.private, strategy)
@@ -201,8 +204,10 @@ def export_checkpoint(checkpoint_dir: str, export_dir: str, *, version: Optional
 
   The model is rebuilt from the run's record (`run.json`), its weights, masks and ledger are
   restored, and the metadata says what that checkpoint's steps cost. `use_ema` exports the EMA
-  weights when the run kept them. Returns the export's version directory.
+  weights when the run kept them. Returns the export's version directory. `export_dir` is
+  checked first (`check_output_dir`), before the checkpoint is read.
   """
+  check_output_dir("--export_dir", export_dir)
   record = read_run_record(checkpoint_dir)
   config = TrainConfig.from_dict(record["config"])
   info = _info_from_dict(record["data_info"])
@@ -242,6 +247,17 @@ def load_data(config: TrainConfig) -> data_lib.DataSplits:
     if config.public_dataset is not None:
       flags += f" / --public_dataset={config.public_dataset!r}"
     raise ConfigError(f"{flags}: {error}") from None
+  except data_lib.OverlapError as error:
+    raise ConfigError(
+        f"{error.found} The public and private parts must be disjoint: the masks are chosen from "
+        "the public part at no privacy cost. Choose a --public_split and --private_split that do "
+        f"not overlap (received --public_split={config.public_split!r}, "
+        f"--private_split={config.private_split!r}; None is the dataset's default), or a "
+        "--public_dataset without the private examples.") from None
+  except data_lib.DataError as error:
+    raise ConfigError(f"{error} (--dataset={config.dataset!r}, --public_split="
+                      f"{config.public_split!r}, --private_split={config.private_split!r}; "
+                      "None is the dataset's default)") from None
 
 
 def make_sampler(config: TrainConfig, private, strategy=None) -> sampling._Sampler:
@@ -503,13 +519,75 @@ def _info_from_dict(data: Dict[str, Any]) -> data_lib.DataInfo:
 # ---- internals ----------------------------------------------------------------------------------
 
 def check_export_target(config):
-  """An explicit export version that exists is refused now, not after hours of training."""
+  """Every output path is usable, checked before any data is read (an unusable one found after
+  training would lose the model): `--export_dir` and `--checkpoint_dir` are directories, or can
+  be created, and can be written to; an explicit export version that exists is refused unless
+  `--overwrite`. Nothing is created here (the probe that tests writability removes itself)."""
+  for flag in ("checkpoint_dir", "export_dir"):
+    path = getattr(config, flag)
+    if path:
+      check_output_dir(f"--{flag}", path)
   if config.export_dir and config.export_version is not None and not config.overwrite:
     target = os.path.join(config.export_dir, str(config.export_version))
     if os.path.exists(target):
       raise ConfigError(f"--export_dir={config.export_dir} already holds version "
                         f"{config.export_version}. Pass --overwrite to replace it, or another "
                         "--export_version.")
+
+
+def check_output_dir(flag: str, path: str) -> None:
+  """Raises ConfigError unless `path` is a writable directory or can be created as one (its
+  nearest existing ancestor is a writable directory). `flag` names the setting in the error."""
+  path = os.path.abspath(path)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ConfigError(f"Expected {flag} to be a directory. Received: {flag}={path}, which is a "
+                      "file. Pass a directory path (it is created if missing).")
+  existing = path
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise ConfigError(f"Expected {flag} to be a directory that can be created. Received: "
+                      f"{flag}={path}, under {existing}, which is a file. Pass a path under a "
+                      "directory.")
+  try:  # os.access is not enough: root ignores modes, and a read-only mount is not a mode
+    os.rmdir(tempfile.mkdtemp(prefix=".tfdp_write_probe_", dir=existing))
+  except OSError as error:
+    where = "" if existing == path else f" (its nearest existing parent {existing})"
+    raise ConfigError(f"Expected {flag} to be writable. Received: {flag}={path}{where}, which "
+                      f"cannot be written to ({error.strerror}). Pass a writable path, or fix "
+                      "its permissions.") from None
+
+
+def _check_given_splits(splits):
+  """`data.check_splits` (as load_data checks); train() has no allow_overlap switch."""
+  try:
+    data_lib.check_splits(splits)
+  except data_lib.OverlapError as error:
+    raise data_lib.OverlapError(
+        f"{error.found} Expected splits.public and splits.private to be disjoint (masks are "
+        "chosen from public data at no privacy cost); train() never allows an overlap. Remove "
+        "these examples from splits.public.", error.found) from None
+
+
+def _check_callback_public_data(callbacks, private):
+  """A mask callback given to train() with its own public data (e.g. ParameterFreezing(
+  public_data=...)) gets the public part's checks: finite, non-empty, the private inputs'
+  shape, and disjoint from the private part."""
+  for callback in callbacks:
+    public = getattr(callback, "public_data", None)
+    if not isinstance(callback, _mask_callback.MaskCallback) or public is None:
+      continue
+    name = f"{type(callback).__name__}(public_data=...)"
+    if (isinstance(public, (tuple, list)) and len(public) == 2
+        and isinstance(public[0], np.ndarray)):
+      data_lib.check_part("public", tuple(public), np.shape(private[0])[1:], source=name)
+    try:
+      overlap.check_disjoint(public, private)
+    except overlap.OverlapError as error:
+      raise overlap.OverlapError(
+          f"{error.found} Expected the public_data of {name} to be disjoint from the private "
+          "part (masks are chosen from public data at no privacy cost); train() never allows "
+          "an overlap. Remove these examples from its public_data.", error.found) from None
 
 
 def _check_model_and_data(config, input_shape):

@@ -58,6 +58,23 @@ def test_digits_overlapping_slices_raise_with_the_count():
     data.load(test_split="test")
 
 
+def test_empty_or_non_finite_parts_are_refused_and_named():
+  with pytest.raises(data.DataError, match="non-empty public part.*'train\\[:0%\\]'"):
+    data.load(public_split="train[:0%]")
+  with pytest.raises(data.DataError, match="non-empty private part"):
+    data.load(private_split="train[:0%]")
+  splits = data.load()
+  x = splits.public[0].copy()
+  x[0, 0] = np.inf
+  bad = dataclasses.replace(splits, public=(x, splits.public[1]))
+  with pytest.raises(data.DataError, match="1 of the 180 examples of the public part"):
+    data.check_splits(bad)
+  # Private inputs may be non-finite: the DP optimizer drops and counts such examples.
+  data.check_part("private", (x, splits.public[1]))
+  with pytest.raises(data.DataError, match="private inputs' shape"):
+    data.check_part("public", splits.public, (8, 8))
+
+
 def test_check_splits_runs_the_checks_of_load_on_splits_from_elsewhere():
   assert data.check_splits(data.load()) == 0
   overlapping = dict(public_split="train[:10%]", private_split="train[9%:]")

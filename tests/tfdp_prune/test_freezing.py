@@ -20,6 +20,17 @@ def _model(**kwargs):
                     **kwargs)
 
 
+def test_public_data_with_nan_or_no_examples_is_refused():
+  x = np.ones((8, 4), np.float32)
+  y = np.zeros(8, np.int32)
+  x[2, 1] = np.nan
+  with pytest.raises(ValueError, match="finite public inputs.*1 of the 8.*ParameterFreezing"):
+    tfdp_prune.ParameterFreezing(tfdp_prune.MagnitudeRule(0.5), public_data=(x, y))
+  with pytest.raises(ValueError, match="non-empty public part"):
+    tfdp_prune.ParameterSelection(tfdp_prune.MagnitudeRule(0.5), select_every=1,
+                                  public_data=(x[:0], y[:0]))
+
+
 def test_freeze_zero_prunes_and_pruned_coordinates_stay_exactly_zero():
   x, y = T.dense_data(n=80)
   model = _model()

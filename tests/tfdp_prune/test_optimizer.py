@@ -225,6 +225,21 @@ def test_non_finite_gradients_are_zeroed_and_counted():
     np.testing.assert_allclose(got - start, (want - start) * 7 / 8, atol=1e-6)
 
 
+@pytest.mark.parametrize("engine", ["per_layer", "vectorized"])
+def test_logged_loss_and_metrics_exclude_dropped_non_finite_examples(engine):
+  x, y = T.dense_data(n=8)
+  x[3] = np.nan  # its loss and its gradient are NaN: the example is dropped
+  model = T.dp_model(T.dense_model(), noise_multiplier=0.0, per_example_engine=engine)
+  history = model.fit(x, y, batch_size=8, verbose=0)
+  assert history.history["dp_non_finite_examples"] == [1]
+  reference = T.dp_model(T.dense_model(), noise_multiplier=0.0, per_example_engine=engine)
+  expected = reference.fit(np.delete(x, 3, 0), np.delete(y, 3), batch_size=7, verbose=0)
+  # The mean loss over the 7 examples trained on, at the same (initial) weights.
+  assert np.isfinite(history.history["loss"][0])
+  np.testing.assert_allclose(history.history["loss"], expected.history["loss"], rtol=1e-6)
+  assert all(np.all(np.isfinite(w)) for w in T.weights(model))
+
+
 # ---- accumulation -----------------------------------------------------------------------------
 
 def test_accumulated_physical_batches_are_one_logical_step():

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+import tfdp_prune
 from tfdp_prune import accounting
 from tfdp_prune import data as data_lib
 from tfdp_prune import randomness
@@ -98,12 +99,50 @@ def test_splits_passed_in_are_refused_when_they_overlap_as_the_load_path_refuses
   overlapping = dict(public_split="train[:10%]", private_split="train[9%:]")
   monkeypatch.setattr(keras.Model, "fit", lambda *a, **k: pytest.fail("fit must not run"))
   config = TrainConfig(**SHORT, **overlapping, export_dir=None)
-  with pytest.raises(ValueError, match=r"18 private example\(s\)") as loaded:
-    training.train(config)  # the load path
+  with pytest.raises(ConfigError, match=r"18 private example\(s\)") as loaded:
+    training.train(config)  # the load path: the fix is a flag
+  assert "--public_split" in str(loaded.value)
   splits = data_lib.load(**overlapping, allow_overlap=True)  # loaded elsewhere, allowed there
-  with pytest.raises(ValueError) as passed:
+  with pytest.raises(data_lib.OverlapError, match=r"18 private example\(s\)") as passed:
     training.train(config, splits=splits)
-  assert str(passed.value) == str(loaded.value)
+  assert "splits.public" in str(passed.value)
+  # train() has no allow_overlap: neither message may suggest it.
+  assert "allow_overlap" not in str(loaded.value) + str(passed.value)
+
+
+def test_non_finite_or_empty_public_data_is_refused_before_any_training(monkeypatch):
+  monkeypatch.setattr(keras.Model, "fit", lambda *a, **k: pytest.fail("fit must not run"))
+  config = TrainConfig(**SHORT, export_dir=None)
+  splits = data_lib.load()
+  x = splits.public[0].copy()
+  x[3, 5] = np.nan
+  x[7, 0] = np.inf
+  nan_public = data_lib.DataSplits(public=(x, splits.public[1]), private=splits.private,
+                                   test=splits.test, info=splits.info)
+  with pytest.raises(data_lib.DataError, match="2 of the 180 examples.*NaN or inf"):
+    training.train(config, splits=nan_public)
+  with pytest.raises(ConfigError, match="non-empty public part.*--public_split"):
+    training.train(TrainConfig(**SHORT, export_dir=None, public_split="train[:0%]"))
+  with pytest.raises(ConfigError, match="non-empty private part.*--private_split"):
+    training.train(TrainConfig(**SHORT, export_dir=None, private_split="train[:0%]"))
+
+
+def test_a_mask_callback_with_its_own_public_data_gets_the_public_checks(monkeypatch):
+  monkeypatch.setattr(keras.Model, "fit", lambda *a, **k: pytest.fail("fit must not run"))
+  monkeypatch.setattr(training.freezing, "pretrain_on_public_data",
+                      lambda *a, **k: pytest.fail("pre-training must not run"))
+  config = TrainConfig(**dict(SHORT, public_epochs=0), export_dir=None, mode="none")
+  splits = data_lib.load()
+  leaked = (np.concatenate([splits.public[0], splits.private[0][:4]]),
+            np.concatenate([splits.public[1], splits.private[1][:4]]))
+  callback = tfdp_prune.ParameterFreezing(tfdp_prune.PublicGradientRule(0.5), public_data=leaked)
+  with pytest.raises(data_lib.OverlapError, match=r"4 private example\(s\).*ParameterFreezing"):
+    training.train(config, splits=splits, callbacks=[callback])
+  wrong_shape = (splits.public[0][:, :10], splits.public[1])
+  callback = tfdp_prune.ParameterFreezing(tfdp_prune.PublicGradientRule(0.5),
+                                          public_data=wrong_shape)
+  with pytest.raises(data_lib.DataError, match="private inputs' shape"):
+    training.train(config, splits=splits, callbacks=[callback])
 
 
 class _ReadRecordingLogs(dict):
@@ -430,6 +469,12 @@ def test_export_checkpoint_matches_the_trained_model(tmp_path):
   probabilities = tf.saved_model.load(path).signatures["serving_default"](
       inputs=tf.constant(x))["probabilities"].numpy()
   np.testing.assert_allclose(probabilities, tf.nn.softmax(result.model(x)).numpy(), atol=1e-6)
+
+
+def test_export_checkpoint_checks_the_export_dir_before_reading_the_checkpoint(tmp_path):
+  (tmp_path / "models").write_text("a file")
+  with pytest.raises(ConfigError, match="--export_dir to be a directory"):
+    training.export_checkpoint(str(tmp_path / "no_run"), str(tmp_path / "models"))
 
 
 def test_export_checkpoint_without_a_run_record_says_so(tmp_path):

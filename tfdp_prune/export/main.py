@@ -1,7 +1,8 @@
 """`tfdp-export`: export a `tfdp-train` checkpoint for TF Serving, or inspect an export.
 
   tfdp-export --checkpoint_dir=/runs/digits --export_dir=/models/digits     # -> /models/digits/<v>/
-  tfdp-export --checkpoint_dir=/runs/digits --export_dir=/models/digits --version=3 --overwrite
+  tfdp-export --checkpoint_dir=/runs/digits --export_dir=/models/digits --export_version=3 \
+      --overwrite
   tfdp-export --inspect=/models/digits          # validate the layout, print the privacy metadata
 
 `main` maps the flags onto `tfdp_prune.training.export_checkpoint` (which rebuilds the model from
@@ -14,6 +15,7 @@ from absl import app
 from absl import flags
 
 from tfdp_prune import training
+from tfdp_prune.trainers import _console
 from tfdp_prune.export import inspection
 
 _CHECKPOINT_DIR = flags.DEFINE_string(
@@ -21,8 +23,12 @@ _CHECKPOINT_DIR = flags.DEFINE_string(
     "checkpoint is exported.")
 _EXPORT_DIR = flags.DEFINE_string(
     "export_dir", None, "TF Serving base path; the model goes to <export_dir>/<version>/.")
-_VERSION = flags.DEFINE_integer(
-    "version", None, "Version directory; default: one more than the newest.", lower_bound=1)
+_EXPORT_VERSION = flags.DEFINE_integer(
+    "export_version", None, "Version directory; default: one more than the newest.",
+    lower_bound=1)
+_RENAMED_VERSION = flags.DEFINE_integer(
+    "version", None, "Renamed --export_version (tfdp-train's spelling); given, it is an error "
+    "that names the new flag.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing version.")
 _EMA = flags.DEFINE_bool("ema", True, "Export the EMA weights when the run kept them.")
 _INSPECT = flags.DEFINE_string(
@@ -33,6 +39,10 @@ _INSPECT = flags.DEFINE_string(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]} (settings are --flags).")
+  if _RENAMED_VERSION.present:
+    raise app.UsageError(f"--version was renamed --export_version (the spelling tfdp-train "
+                         f"uses). Received: --version={_RENAMED_VERSION.value}; pass "
+                         f"--export_version={_RENAMED_VERSION.value}.")
   if _INSPECT.value:
     if _CHECKPOINT_DIR.value or _EXPORT_DIR.value:
       raise app.UsageError("--inspect reads an export; it takes no --checkpoint_dir or "
@@ -43,13 +53,14 @@ def main(argv):
     raise app.UsageError("Expected --checkpoint_dir and --export_dir (to export), or --inspect "
                          "(to check an export).")
   path = training.export_checkpoint(_CHECKPOINT_DIR.value, _EXPORT_DIR.value,
-                                    version=_VERSION.value, overwrite=_OVERWRITE.value,
+                                    version=_EXPORT_VERSION.value, overwrite=_OVERWRITE.value,
                                     use_ema=_EMA.value)
   print(inspection.format_report(inspection.inspect_export(path)))
 
 
 def run_main():
   """The console-script entry point: bad input ends with its message, not a traceback."""
+  _console.adopt_key_flags(sys.modules[__name__])  # --help lists them
   try:
     app.run(main)
   except ValueError as error:

@@ -12,10 +12,13 @@ trained with mislabelled canaries; it should not become the served model by acci
 only maps the given flags onto `tfdp_prune.audit.run`; see `tfdp_prune.audit` for the method.
 """
 
+import sys
+
 from absl import app
 from absl import flags
 
 from tfdp_prune import audit
+from tfdp_prune.trainers import _console
 from tfdp_prune.trainers import train  # defines --config and the training flags
 
 _DEFAULTS = audit.AuditConfig()
@@ -52,7 +55,7 @@ def main(argv):
 
 def run_main():
   """The console-script entry point."""
-  train.run_console(main, "tfdp-audit")
+  _console.run_console(main, "tfdp-audit", sys.modules[__name__], train)
 
 
 if __name__ == "__main__":

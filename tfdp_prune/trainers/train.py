@@ -19,6 +19,7 @@ from absl import flags
 
 from tfdp_prune import train_config
 from tfdp_prune import training
+from tfdp_prune.trainers import _console
 
 _DEFAULTS = train_config.TrainConfig()
 # (flag, kind, help). Every flag defaults to None: "not given, keep the config's value".
@@ -100,18 +101,9 @@ def main(argv):
   training.run(_CONFIG.value, **given_overrides())
 
 
-def run_console(main_function, program: str) -> None:
-  """Runs an absl `main`; a bad setting (ConfigError) exits non-zero with `program: message`,
-  no traceback. Shared by the binaries that take these flags."""
-  try:
-    app.run(main_function)
-  except train_config.ConfigError as error:
-    sys.exit(f"{program}: {error}")
-
-
 def run_main():
   """The console-script entry point."""
-  run_console(main, "tfdp-train")
+  _console.run_console(main, "tfdp-train", sys.modules[__name__])
 
 
 if __name__ == "__main__":

@@ -41,11 +41,11 @@ def test_export_from_checkpoint_then_inspect(checkpoint_dir, tmp_path):
   assert "serving_default" in inspected.stdout and "privacy_metadata" in inspected.stdout
   # The same version again is refused without --overwrite, and replaced with it.
   again = _tfdp_export(f"--checkpoint_dir={checkpoint_dir}", f"--export_dir={export_dir}",
-                       "--version=1")
+                       "--export_version=1")
   assert again.returncode != 0 and "overwrite" in again.stderr
   assert "Traceback" not in again.stderr
   replaced = _tfdp_export(f"--checkpoint_dir={checkpoint_dir}", f"--export_dir={export_dir}",
-                          "--version=1", "--overwrite")
+                          "--export_version=1", "--overwrite")
   assert replaced.returncode == 0, replaced.stderr[-3000:]
 
 

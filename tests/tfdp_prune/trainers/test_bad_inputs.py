@@ -1,0 +1,165 @@
+"""Bad input to the binaries: each row is a file system state and flags, the exit code, a phrase
+of the message; nothing was trained or exported, and no file was written or deleted.
+
+The rows run `tfdp-train`'s console runner in-process (`train.run_main`, as the console script
+does, with training, pre-training and export monkeypatched to fail); one row runs the installed
+binary to prove the console-script path prints the message without a traceback.
+"""
+
+import errno
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from absl import flags
+
+from tfdp_prune import freezing
+from tfdp_prune import training
+from tfdp_prune.trainers import train
+
+_ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+
+
+def _file(path):
+  path.write_text("not a directory")
+
+
+def _readonly_mount(path):
+  path.mkdir()
+  (path / "kept").write_text("an earlier run's file")  # must not be deleted
+
+
+def _version_1(path):
+  (path / "1").mkdir(parents=True)
+
+
+# (id, file system state under tmp_path or None, flags ({tmp} is tmp_path), exit code, phrase)
+ROWS = [
+    ("export_dir_is_a_file", ("models", _file), ["--export_dir={tmp}/models"], 1,
+     "--export_dir to be a directory"),
+    ("export_dir_under_a_file", ("models", _file), ["--export_dir={tmp}/models/digits"], 1,
+     "which is a file"),
+    ("export_dir_read_only", ("ro", _readonly_mount), ["--export_dir={tmp}/ro/digits"], 1,
+     "--export_dir to be writable"),
+    ("checkpoint_dir_is_a_file", ("runs", _file), ["--checkpoint_dir={tmp}/runs"], 1,
+     "--checkpoint_dir to be a directory"),
+    ("export_version_exists", ("models", _version_1),
+     ["--export_dir={tmp}/models", "--export_version=1"], 1, "--overwrite"),
+    ("empty_private_split", None, ["--private_split=train[:0%]"], 1,
+     "non-empty private part"),
+    ("empty_public_split", None, ["--public_split=train[:0%]"], 1, "non-empty public part"),
+    ("overlap", None, ["--public_split=train[:20%]"], 1,
+     "Choose a --public_split and --private_split that do not overlap"),
+    ("epsilon_inf", None, ["--epsilon=inf"], 1, "--noise_multiplier=0"),
+    ("mask_flag_without_masks", None, ["--mode=none", "--sparsity=0.5"], 1, "--sparsity"),
+    ("positional_argument", None, ["train"], 1, "Unexpected arguments"),
+    ("unknown_flag", None, ["--epsilom=2"], 1, "epsilom"),
+]
+# Phrases that would point at a fix that does not exist for tfdp-train.
+_NO_SUCH_FIX = ("allow_overlap", "--batch_size")
+
+
+def _tree(root):
+  """{path: None for a directory, (size, mtime) for a file} of everything under root (a
+  directory's mtime is left out: the writability probe creates and removes an entry)."""
+  tree = {}
+  for directory, subdirs, files in os.walk(root):
+    tree.update({os.path.join(directory, name): None for name in subdirs})
+    for name in files:
+      stat = os.stat(os.path.join(directory, name))
+      tree[os.path.join(directory, name)] = (stat.st_size, stat.st_mtime_ns)
+  return tree
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+  def fail(*args, **kwargs):
+    raise AssertionError("a bad input reached training or export")
+  monkeypatch.setattr(training, "_fit", fail)
+  monkeypatch.setattr(freezing, "pretrain_on_public_data", fail)
+  monkeypatch.setattr(training.export_lib, "export_saved_model", fail)
+
+
+@pytest.mark.parametrize("state, argv, code, phrase", [row[1:] for row in ROWS],
+                         ids=[row[0] for row in ROWS])
+def test_bad_input_exits_with_a_message_before_training(state, argv, code, phrase, tmp_path,
+                                                        monkeypatch, capsys, no_training):
+  if state is not None:
+    state[1](tmp_path / state[0])
+  if state is not None and state[1] is _readonly_mount:  # root ignores modes: fail like EROFS
+    readonly, mkdtemp = str(tmp_path / state[0]), training.tempfile.mkdtemp
+    def read_only_mkdtemp(*args, dir=None, **kwargs):  # pylint: disable=redefined-builtin
+      if dir is not None and os.path.abspath(dir).startswith(readonly):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+      return mkdtemp(*args, dir=dir, **kwargs)
+    monkeypatch.setattr(training.tempfile, "mkdtemp", read_only_mkdtemp)
+  monkeypatch.chdir(tmp_path)  # the default --export_dir is relative
+  before = _tree(tmp_path)
+  argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+  monkeypatch.setattr(sys, "argv", ["tfdp-train", *argv])
+  flags.FLAGS.unparse_flags()
+  try:
+    with pytest.raises(SystemExit) as exit_info:
+      train.run_main()
+  finally:
+    flags.FLAGS.unparse_flags()
+  exit_code = exit_info.value.code
+  message = capsys.readouterr().err
+  if isinstance(exit_code, str):  # sys.exit(message): Python prints it and exits 1
+    message, exit_code = message + exit_code, 1
+  assert exit_code == code, message
+  assert phrase in message, message
+  assert "Traceback" not in message, message
+  # A usage error prints the help first, whose indented lines name every flag.
+  unindented = "\n".join(line for line in message.splitlines() if not line[:1].isspace())
+  assert phrase in unindented, message
+  for wrong in _NO_SUCH_FIX:
+    assert wrong not in unindented, message
+  assert _tree(tmp_path) == before  # nothing written, nothing deleted
+
+
+def test_binary_prints_the_message_without_a_traceback(tmp_path):
+  (tmp_path / "models").write_text("not a directory")
+  binary = os.path.join(os.path.dirname(sys.executable), "tfdp-train")
+  result = subprocess.run([binary, f"--export_dir={tmp_path}/models"], capture_output=True,
+                          text=True, timeout=300, env=_ENV, cwd=tmp_path)
+  assert result.returncode == 1
+  assert "tfdp-train: Expected --export_dir to be a directory" in result.stderr, result.stderr
+  assert "Traceback" not in result.stderr
+  assert sorted(os.listdir(tmp_path)) == ["models"]
+
+
+@pytest.mark.parametrize("program, main_module", [("tfdp-train", "train"), ("tfdp-audit", "audit")])
+def test_help_lists_every_flag_of_the_binary(program, main_module, monkeypatch, capsys):
+  from tfdp_prune.trainers import audit  # pylint: disable=g-import-not-at-top
+  module = {"train": train, "audit": audit}[main_module]
+  monkeypatch.setattr(sys, "argv", [program, "--help"])
+  flags.FLAGS.unparse_flags()
+  try:
+    with pytest.raises(SystemExit):
+      module.run_main()
+  finally:
+    flags.FLAGS.unparse_flags()
+  listed = set(re.findall(r"^  --(?:\[no\])?(\w+):", capsys.readouterr().out, re.M))
+  expected = {"config"} | {name for name, _, _ in train._FLAG_SPECS}
+  if module is audit:
+    expected |= set(audit._AUDIT_FLAGS)
+  assert expected <= listed, sorted(expected - listed)
+
+
+def test_tfdp_export_help_lists_its_flags_and_the_old_version_flag_names_the_new_one(tmp_path):
+  binary = os.path.join(os.path.dirname(sys.executable), "tfdp-export")
+  result = subprocess.run([binary, "--help"], capture_output=True, text=True, timeout=300,
+                          env=_ENV, cwd=tmp_path)
+  listed = set(re.findall(r"^  --(?:\[no\])?(\w+):", result.stdout, re.M))
+  assert {"checkpoint_dir", "export_dir", "export_version", "overwrite", "ema",
+          "inspect"} <= listed, result.stdout
+  result = subprocess.run([binary, f"--checkpoint_dir={tmp_path}", f"--export_dir={tmp_path}/m",
+                           "--version=3"], capture_output=True, text=True, timeout=300,
+                          env=_ENV, cwd=tmp_path)
+  assert result.returncode == 1
+  assert "--version was renamed --export_version" in result.stderr, result.stderr[-2000:]
+  assert "pass --export_version=3" in result.stderr and "Traceback" not in result.stderr
+  assert os.listdir(tmp_path) == []

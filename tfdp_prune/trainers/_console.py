@@ -1,0 +1,29 @@
+"""What the binaries share: their flags listed by --help, and user errors without a traceback."""
+
+import sys
+
+from absl import app
+from absl import flags
+
+from tfdp_prune import train_config
+
+
+def adopt_key_flags(*modules) -> None:
+  """Makes the flags of `modules` key flags of the program, so that `--help` lists them.
+
+  absl's --help lists the key flags of the main module, which it names by `sys.argv[0]`; a
+  console script (`tfdp-train`) defines none itself, so its --help listed no flag at all."""
+  for module in modules:
+    for flag in flags.FLAGS.get_key_flags_for_module(module):
+      flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+
+
+def run_console(main_function, program: str, *flag_modules) -> None:
+  """Runs an absl `main` whose flags are defined in `flag_modules`: --help lists them, and a bad
+  setting (ConfigError) exits with status 1 and `program: message`, without a traceback. Any
+  other exception is a bug and keeps its traceback."""
+  adopt_key_flags(*flag_modules)
+  try:
+    app.run(main_function)
+  except train_config.ConfigError as error:
+    sys.exit(f"{program}: {error}")
