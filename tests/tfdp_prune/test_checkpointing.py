@@ -362,3 +362,143 @@ def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path,
   assert checkpointing.read_ledger(ckpt_dir)["state"]["steps"] == _TOTAL_STEPS
   assert all(_is_complete(os.path.join(ckpt_dir, n)) for n in names if n.startswith("ckpt-"))
   assert _pointer_step(ckpt_dir) == _TOTAL_STEPS
+
+
+# ---- faults: damaged checkpoints and ledger, another model, a full disk (DESIGN.md rule 15) ---
+
+def _listing(directory):
+  """Every file under `directory` with its bytes: what a fault must not lose."""
+  found = {}
+  for root, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        found[os.path.relpath(path, directory)] = f.read()
+  return found
+
+
+def _ledger_steps(directory):
+  return checkpointing.read_ledger(directory)["state"]["steps"]
+
+
+def _three_checkpoints(tmp_path):
+  sampler = _sampler()
+  model, budget = _model(sampler), _budget(sampler)
+  _set_masks(model)
+  _train(model, sampler, 0, 3, [budget, checkpointing.DPCheckpoint(
+      tmp_path, every_steps=1, budget=budget, sampler=sampler, keep=5)])
+  return sampler
+
+
+def _truncate_all(path):
+  for root, _, files in os.walk(path):
+    for name in files:
+      with open(os.path.join(root, name), "r+b") as f:
+        f.truncate(os.path.getsize(os.path.join(root, name)) // 2)
+
+
+def _flip_a_bit(path):
+  data = next(p for p in path.iterdir() if p.name.startswith("state.data"))
+  raw = bytearray(data.read_bytes())
+  raw[len(raw) // 2] ^= 0x10
+  data.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("damage, named", [
+    (lambda d: [_truncate_all(d / f"ckpt-{s}") for s in (1, 2, 3)], "ckpt-3"),
+    (lambda d: _truncate_all(d / "ckpt-3"), "ckpt-3"),
+    (lambda d: _flip_a_bit(d / "ckpt-3"), "ckpt-3/state.data"),
+    (lambda d: (d / "ckpt-3" / checkpointing.MARKER).unlink(), "ckpt-3"),
+])
+def test_a_damaged_checkpoint_is_an_error_naming_it_and_nothing_is_deleted(tmp_path, damage,
+                                                                           named):
+  sampler = _three_checkpoints(tmp_path)
+  damage(tmp_path)
+  before = _listing(tmp_path)
+  with pytest.raises(checkpointing.CheckpointError, match=f"(?s){named}.*backup.*new run"):
+    checkpointing.restore_latest(tmp_path, _model(sampler), budget=_budget(sampler),
+                                 sampler=sampler)
+  # Neither a fresh start over it nor the writer rolls the run back or deletes anything.
+  with pytest.raises(ValueError, match="records 3 logical steps"):
+    budget = _budget(sampler)
+    _train(_model(sampler), sampler, 0, 1, [budget, checkpointing.DPCheckpoint(
+        tmp_path, every_steps=1, budget=budget, sampler=sampler)])
+  assert _listing(tmp_path) == before
+  assert _ledger_steps(tmp_path) == 3
+
+
+def test_the_ledger_ahead_of_the_checkpoint_is_kept_and_a_rerun_step_counts_once(tmp_path):
+  sampler = _sampler()
+  model, budget = _model(sampler), _budget(sampler)
+  _train(model, sampler, 0, 5, [budget, checkpointing.DPCheckpoint(
+      tmp_path, every_steps=2, budget=budget, sampler=sampler)])
+  assert _ledger_steps(tmp_path) == 5  # step 5 ran after the last checkpoint (ckpt-4)
+  shutil.rmtree(tmp_path / "ckpt-4")  # ... and the newest checkpoint is lost as well
+  resumed, resumed_budget = _model(sampler), _budget(sampler)
+  assert checkpointing.restore_latest(tmp_path, resumed, budget=resumed_budget,
+                                      sampler=sampler) == 2
+  assert resumed_budget.steps == 5  # the ledger's, not the checkpoint's
+  _train(resumed, sampler, 2, 4, [resumed_budget, checkpointing.DPCheckpoint(
+      tmp_path, every_steps=2, budget=resumed_budget, sampler=sampler)])
+  assert resumed_budget.steps == 5 == _ledger_steps(tmp_path)  # steps 3, 4 re-ran, same draws
+  _train(resumed, sampler, 4, 7, [resumed_budget, checkpointing.DPCheckpoint(
+      tmp_path, every_steps=2, budget=resumed_budget, sampler=sampler)])
+  assert resumed_budget.steps == 7 == _ledger_steps(tmp_path)
+  newest = checkpointing.latest_checkpoint(tmp_path)
+  assert newest.step == 6 == newest.metadata["budget"]["steps"]
+  # No checkpoint at all, but a ledger: an error, not a fresh start at step 0.
+  for name in os.listdir(tmp_path):
+    if name.startswith("ckpt-"):
+      shutil.rmtree(tmp_path / name)
+  with pytest.raises(checkpointing.CheckpointError, match="records 7 logical steps"):
+    checkpointing.restore_latest(tmp_path, _model(sampler), budget=_budget(sampler))
+
+
+def test_a_damaged_ledger_line_is_an_error_and_an_interrupted_append_is_ignored(tmp_path):
+  _three_checkpoints(tmp_path)
+  path = tmp_path / checkpointing.LEDGER
+  lines = path.read_bytes().split(b"\n")
+  assert len(lines) == 4 and lines[-1] == b""  # steps 1, 2, 3
+  path.write_bytes(b"\n".join(lines[:-1]) + b"\n" + lines[0][:20])  # a torn append
+  assert _ledger_steps(tmp_path) == 3
+  path.write_bytes(b"\n".join([lines[0], lines[1].replace(b'"steps": 2', b'"steps": 1'),
+                               lines[2], b""]))
+  with pytest.raises(checkpointing.CheckpointError, match=f"(?s){checkpointing.LEDGER} is "
+                     "corrupt at line 2.*backup"):
+    checkpointing.read_ledger(tmp_path)
+
+
+def test_restoring_into_another_model_says_so(tmp_path):
+  sampler = _three_checkpoints(tmp_path)
+  wider = T.dp_model(T.dense_model(hidden=32), noise_multiplier=SIGMA, momentum=0.9,
+                     learning_rate=0.2, gradient_accumulation_steps=K,
+                     expected_batch_size=sampler.expected_batch_size)
+  with pytest.raises(ValueError, match="ckpt-3 belongs to another model.*shapes"):
+    checkpointing.restore_latest(tmp_path, wider, sampler=sampler)
+  adam = T.dp_model(T.dense_model(), noise_multiplier=SIGMA, learning_rate=0.2,
+                    gradient_accumulation_steps=K, expected_batch_size=sampler.expected_batch_size,
+                    optimizer_class=tfdp_prune.DPKerasAdamOptimizer)
+  with pytest.raises(ValueError, match="ckpt-3 belongs to another model.*Adam"):
+    checkpointing.restore_latest(tmp_path, adam, sampler=sampler)
+
+
+def test_a_full_disk_stops_training_before_a_step_the_ledger_does_not_cover(tmp_path,
+                                                                           monkeypatch):
+  sampler = _three_checkpoints(tmp_path)
+  before = _listing(tmp_path)
+  model, budget = _model(sampler), _budget(sampler)
+  checkpointing.restore_latest(tmp_path, model, budget=budget, sampler=sampler)
+
+  def full(fd):
+    raise OSError(28, "No space left on device")
+  monkeypatch.setattr(os, "fsync", full)
+  with pytest.raises(OSError, match="No space left"):
+    _train(model, sampler, 3, 6, [budget, checkpointing.DPCheckpoint(
+        tmp_path, every_steps=1, budget=budget, sampler=sampler, keep=5)])
+  monkeypatch.undo()
+  assert int(model.optimizer.iterations.numpy()) <= _ledger_steps(tmp_path)
+  after = _listing(tmp_path)
+  assert {k: v for k, v in after.items() if k in before and k != checkpointing.LEDGER} == {
+      k: v for k, v in before.items() if k != checkpointing.LEDGER}
+  assert after[checkpointing.LEDGER].startswith(before[checkpointing.LEDGER])
+  assert checkpointing.latest_checkpoint(tmp_path).step >= 3
