@@ -417,6 +417,29 @@ def test_resume_under_other_settings_is_refused(tmp_path):
     training.train(TrainConfig(**dict(common, noise_multiplier=2.0)))
 
 
+def test_resume_record_damaged_or_removed_run_json_and_spelled_out_defaults(tmp_path):
+  checkpoints = str(tmp_path / "ckpt")
+  common = dict(SHORT, epsilon=None, noise_multiplier=1.0, export_dir=None,
+                checkpoint_dir=checkpoints)
+  training.train(TrainConfig(**dict(common, steps=2)))
+  run_json = os.path.join(checkpoints, training.RUN_RECORD)
+  with open(run_json, encoding="utf-8") as f:
+    text = f.read()
+  with open(run_json, "w", encoding="utf-8") as f:
+    f.write(text[:len(text) // 2])  # truncated
+  with pytest.raises(ConfigError, match=f"(?s)run record {run_json} is unreadable.*backup"):
+    training.train(TrainConfig(**dict(common, steps=3)))
+  os.remove(run_json)
+  # The checkpoint carries the settings it was trained under: other masks are refused ...
+  with pytest.raises(ConfigError, match="checkpoint.json: --sparsity: 0.8 there, 0.5 now"):
+    training.train(TrainConfig(**dict(common, steps=3, sparsity=0.5)))
+  assert not os.path.exists(run_json)
+  # ... the default spelled out is the same setting; run.json is written again.
+  resumed = training.train(TrainConfig(**dict(common, steps=3, sparsity=0.8, rule="magnitude")))
+  assert resumed.resumed_from == 2 and resumed.metadata.steps == 3
+  assert training.read_run_record(checkpoints)["config"]["sparsity"] is None  # as first run
+
+
 def test_export_checkpoint_matches_the_trained_model(tmp_path):
   checkpoints = str(tmp_path / "ckpt")
   result = training.train(TrainConfig(**SHORT, epsilon=None, noise_multiplier=1.0,
