@@ -265,6 +265,9 @@ def restore_latest(directory: str, model, budget=None, sampler=None,
     status = tf.train.Checkpoint(**_checkpoint_objects(model, trackables, sampler)).read(
         info.state_prefix)
     status.assert_existing_objects_matched()
+  except tf.errors.DataLossError as e:  # TF's own checksums (sidecars before SHA-256)
+    raise CheckpointError(f"Checkpoint {info.path} is corrupt ({e}). "
+                          f"{_choices(directory)}") from e
   except (tf.errors.OpError, ValueError, AssertionError) as e:
     raise ValueError(f"Checkpoint {info.path} does not fit this model and optimizer: it belongs "
                      f"to another model ({type(e).__name__}: {e}).") from e
