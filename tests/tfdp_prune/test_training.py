@@ -440,6 +440,42 @@ def test_resume_record_damaged_or_removed_run_json_and_spelled_out_defaults(tmp_
   assert training.read_run_record(checkpoints)["config"]["sparsity"] is None  # as first run
 
 
+def _files(directory):
+  found = {}
+  for root, _, names in os.walk(directory):
+    for name in names:
+      with open(os.path.join(root, name), "rb") as f:
+        found[os.path.relpath(os.path.join(root, name), directory)] = f.read()
+  return found
+
+
+def test_export_checkpoint_killed_loses_no_checkpoint_ledger_or_earlier_export(tmp_path):
+  import signal  # pylint: disable=import-outside-toplevel
+  import time  # pylint: disable=import-outside-toplevel
+  checkpoints, exports = str(tmp_path / "ckpt"), str(tmp_path / "export")
+  training.train(TrainConfig(**SHORT, epsilon=None, noise_multiplier=1.0, export_dir=None,
+                             checkpoint_dir=checkpoints))
+  first = training.export_checkpoint(checkpoints, exports)
+  before, exported = _files(checkpoints), _files(first)
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  proc = subprocess.Popen(  # pylint: disable=consider-using-with
+      [sys.executable, "-c", "import sys; from tfdp_prune import training; "
+       "training.export_checkpoint(sys.argv[1], sys.argv[2])", checkpoints, exports],
+      cwd=repo, env=dict(os.environ, PYTHONPATH=repo, TF_CPP_MIN_LOG_LEVEL="2"),
+      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.monotonic() + 300
+  while set(os.listdir(exports)) == {os.path.basename(first)} and proc.poll() is None:
+    if time.monotonic() > deadline:
+      break
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait(timeout=60)
+  assert _files(checkpoints) == before  # the ledger, run.json and checkpoints: not a byte less
+  assert _files(first) == exported  # the earlier export is intact
+  second = training.export_checkpoint(checkpoints, exports)  # and exporting works again
+  assert export_lib.read_metadata(second).steps == export_lib.read_metadata(first).steps
+
+
 def test_export_checkpoint_matches_the_trained_model(tmp_path):
   checkpoints = str(tmp_path / "ckpt")
   result = training.train(TrainConfig(**SHORT, epsilon=None, noise_multiplier=1.0,
