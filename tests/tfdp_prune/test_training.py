@@ -469,7 +469,7 @@ def test_export_checkpoint_killed_loses_no_checkpoint_ledger_or_earlier_export(t
       break
     time.sleep(0.01)
   proc.send_signal(signal.SIGKILL)
-  proc.wait(timeout=60)
+  assert proc.wait(timeout=60) == -signal.SIGKILL  # killed while it was writing, not after
   assert _files(checkpoints) == before  # the ledger, run.json and checkpoints: not a byte less
   assert _files(first) == exported  # the earlier export is intact
   second = training.export_checkpoint(checkpoints, exports)  # and exporting works again
