@@ -8,10 +8,14 @@ A checkpoint directory holds, per saved logical step s, a directory `ckpt-<s>` w
                               optimizer's slots; and the sampler's secret (`sampler.state`);
   checkpoint.json             the sidecar: the logical step, the `PrivacyBudget` ledger (rule 9),
                               the sampler's class and `get_config()` (its settings, not its
-                              secret), the optimizer's DP settings, the tfdp_prune version, and
-                              the size of every file above;
+                              secret), the optimizer's DP settings, the model's weight shapes
+                              and optimizer class, the run's record (`run_record=`), the
+                              tfdp_prune version, and the size and SHA-256 of every file above;
   COMPLETE                    the completion marker, written last;
-and a pointer file `latest` naming the newest committed checkpoint (for people and tools).
+a pointer file `latest` naming the newest committed checkpoint (for people and tools), and the
+append-only privacy ledger `privacy_ledger.jsonl` (DESIGN.md rule 15): before each logical step
+runs, a line with the spent budget after it (and its SHA-256) is appended and fsync'ed, so that
+no crash, damaged or lost checkpoint rolls the spent privacy back.
 
 A checkpoint holds the mechanism's secrets (the noise generator's state, the sampler's secret),
 so that a resumed run continues the same noise and the same draws: keep checkpoints private,
@@ -21,15 +25,18 @@ Atomic writes (a kill at any instant leaves either the old or the new checkpoint
 one): everything is written into a temporary directory `.tmp-*` inside the checkpoint directory,
 every file and the directory are fsync'ed, the directory is renamed to `ckpt-<s>` (one rename,
 atomic on POSIX), the parent is fsync'ed, then `latest` is replaced the same way (temporary file,
-fsync, `os.replace`). Old checkpoints are first renamed to `.tmp-*` and only then deleted, so a
-kill during a deletion cannot leave a `ckpt-*` directory with missing files either.
+fsync, `os.replace`). Intact checkpoints older than the `keep` newest intact ones are first
+renamed to `.tmp-*` and only then deleted, so a kill during a deletion cannot leave a `ckpt-*`
+directory with missing files either; a damaged checkpoint is never deleted.
 
 Readers trust only COMPLETE checkpoints: a `ckpt-<s>` directory with the marker, a sidecar that
-parses and names step s, and every listed file present with its recorded size. `.tmp-*`
-directories and incomplete `ckpt-*` directories are never read; the writer (`DPCheckpoint`, one
-per directory) deletes them when training begins. `latest_checkpoint` picks the complete
-checkpoint with the most logical steps (`latest` may lag by one after a kill between the rename
-and the pointer update; that checkpoint is complete all the same).
+parses and names step s, and every listed file present with its recorded size and SHA-256.
+`.tmp-*` entries are never read; the writer (`DPCheckpoint`, one per directory) deletes them when
+training begins. `latest_checkpoint` picks the checkpoint with the most logical steps (`latest`
+may lag by one after a kill between the rename and the pointer update; that checkpoint is
+complete all the same); if that one is damaged, it is a `CheckpointError` naming it and the
+choices (restore from a backup, or a new run in another directory that keeps this one as the
+record of the spent privacy), never a silent fallback to an older checkpoint.
 
 Checkpoints are taken only between logical batches (`optimizer.at_logical_batch_start()`), so
 the accumulators are zero and a resumed run restarts its sampler exactly at a logical step:
@@ -42,8 +49,11 @@ the accumulators are zero and a resumed run restarts its sampler exactly at a lo
             callbacks=[budget, DPCheckpoint(directory, every_steps=10, budget=budget,
                                             sampler=sampler)])
 
-Resuming continues epsilon and the step count: the ledger comes back from the sidecar and is
-never lowered (`PrivacyBudget.restore`), `iterations` comes back with the optimizer.
+Resuming continues epsilon and the step count: the ledger comes back from the sidecar, or from
+`privacy_ledger.jsonl` when more steps ran after the checkpoint, and is never lowered
+(`PrivacyBudget.restore`); `iterations` comes back with the optimizer. Steps re-run after a
+resume from a checkpoint older than the ledger draw the same batches and noise (restored from
+the checkpoint) and count once; randomness outside the checkpoint (below) makes them differ.
 Randomness that lives outside the optimizer and the sampler (e.g. Dropout's) is not part of the
 checkpoint: a resumed run with such layers is valid but not bit-identical to an uninterrupted one.
 """
