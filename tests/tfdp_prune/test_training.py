@@ -438,6 +438,10 @@ def test_resume_record_damaged_or_removed_run_json_and_spelled_out_defaults(tmp_
   resumed = training.train(TrainConfig(**dict(common, steps=3, sparsity=0.8, rule="magnitude")))
   assert resumed.resumed_from == 2 and resumed.metadata.steps == 3
   assert training.read_run_record(checkpoints)["config"]["sparsity"] is None  # as first run
+  # Exporting reads the settings the checkpoint carries, run.json or not.
+  os.remove(run_json)
+  path = training.export_checkpoint(checkpoints, str(tmp_path / "export"))
+  assert export_lib.read_metadata(path).steps == 3
 
 
 def _files(directory):
