@@ -112,6 +112,7 @@ class PrivacyBudget(keras.callbacks.Callback):
     self.sampler = sampler
     self._ledger = accounting.PrivacyLedger(spec)
     self._synced_iterations = None  # the optimizer iterations already in the ledger
+    self._replayed_until = 0  # optimizer iterations up to which steps re-run ledgered ones
     if num_examples is not None and spec.delta >= 1.0 / num_examples:
       warnings.warn(
           f"delta={spec.delta} >= 1/num_examples={1.0 / num_examples:.3g}: at such a delta, "
@@ -171,9 +172,15 @@ class PrivacyBudget(keras.callbacks.Callback):
     self._sync()
     return self._ledger.get_state()
 
-  def restore(self, state: Dict[str, Any]) -> None:
+  def restore(self, state: Dict[str, Any], replayed_until: int = 0) -> None:
     """Continues from a saved ledger (same settings, else ValueError). Never lowers the spent
-    budget: a state with fewer steps than already accounted is ignored, with a warning."""
+    budget: a state with fewer steps than already accounted is ignored, with a warning.
+
+    `replayed_until`: the optimizer iterations up to which the coming steps re-run steps that
+    `state` already counts (a run restored from a checkpoint older than its privacy ledger: the
+    checkpoint brings back the noise generator's state and the sampler's secret, so the same
+    steps draw the same batches and noise); they are not counted twice."""
+    self._replayed_until = max(self._replayed_until, int(replayed_until))
     restored = accounting.PrivacyLedger(self.spec)
     restored.restore(state)
     self._sync()
@@ -257,8 +264,9 @@ class PrivacyBudget(keras.callbacks.Callback):
     if self._synced_iterations is None or self.model is None:
       return
     iterations = int(self.model.optimizer.iterations.numpy())
-    if iterations > self._synced_iterations:
-      self._ledger.record_steps(iterations - self._synced_iterations)
+    counted_from = max(self._synced_iterations, self._replayed_until)
+    if iterations > counted_from:
+      self._ledger.record_steps(iterations - counted_from)
     self._synced_iterations = iterations  # lower after a restored (older) optimizer: not a refund
 
   def _refuse_if_exhausted(self) -> None:

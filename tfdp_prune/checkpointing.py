@@ -8,10 +8,14 @@ A checkpoint directory holds, per saved logical step s, a directory `ckpt-<s>` w
                               optimizer's slots; and the sampler's secret (`sampler.state`);
   checkpoint.json             the sidecar: the logical step, the `PrivacyBudget` ledger (rule 9),
                               the sampler's class and `get_config()` (its settings, not its
-                              secret), the optimizer's DP settings, the tfdp_prune version, and
-                              the size of every file above;
+                              secret), the optimizer's DP settings, the model's weight shapes
+                              and optimizer class, the run's record (`run_record=`), the
+                              tfdp_prune version, and the size and SHA-256 of every file above;
   COMPLETE                    the completion marker, written last;
-and a pointer file `latest` naming the newest committed checkpoint (for people and tools).
+a pointer file `latest` naming the newest committed checkpoint (for people and tools), and the
+append-only privacy ledger `privacy_ledger.jsonl` (DESIGN.md rule 15): before each logical step
+runs, a line with the spent budget after it (and its SHA-256) is appended and fsync'ed, so that
+no crash, damaged or lost checkpoint rolls the spent privacy back.
 
 A checkpoint holds the mechanism's secrets (the noise generator's state, the sampler's secret),
 so that a resumed run continues the same noise and the same draws: keep checkpoints private,
@@ -21,15 +25,18 @@ Atomic writes (a kill at any instant leaves either the old or the new checkpoint
 one): everything is written into a temporary directory `.tmp-*` inside the checkpoint directory,
 every file and the directory are fsync'ed, the directory is renamed to `ckpt-<s>` (one rename,
 atomic on POSIX), the parent is fsync'ed, then `latest` is replaced the same way (temporary file,
-fsync, `os.replace`). Old checkpoints are first renamed to `.tmp-*` and only then deleted, so a
-kill during a deletion cannot leave a `ckpt-*` directory with missing files either.
+fsync, `os.replace`). Intact checkpoints older than the `keep` newest intact ones are first
+renamed to `.tmp-*` and only then deleted, so a kill during a deletion cannot leave a `ckpt-*`
+directory with missing files either; a damaged checkpoint is never deleted.
 
 Readers trust only COMPLETE checkpoints: a `ckpt-<s>` directory with the marker, a sidecar that
-parses and names step s, and every listed file present with its recorded size. `.tmp-*`
-directories and incomplete `ckpt-*` directories are never read; the writer (`DPCheckpoint`, one
-per directory) deletes them when training begins. `latest_checkpoint` picks the complete
-checkpoint with the most logical steps (`latest` may lag by one after a kill between the rename
-and the pointer update; that checkpoint is complete all the same).
+parses and names step s, and every listed file present with its recorded size and SHA-256.
+`.tmp-*` entries are never read; the writer (`DPCheckpoint`, one per directory) deletes them when
+training begins. `latest_checkpoint` picks the checkpoint with the most logical steps (`latest`
+may lag by one after a kill between the rename and the pointer update; that checkpoint is
+complete all the same); if that one is damaged, it is a `CheckpointError` naming it and the
+choices (restore from a backup, or a new run in another directory that keeps this one as the
+record of the spent privacy), never a silent fallback to an older checkpoint.
 
 Checkpoints are taken only between logical batches (`optimizer.at_logical_batch_start()`), so
 the accumulators are zero and a resumed run restarts its sampler exactly at a logical step:
@@ -42,13 +49,17 @@ the accumulators are zero and a resumed run restarts its sampler exactly at a lo
             callbacks=[budget, DPCheckpoint(directory, every_steps=10, budget=budget,
                                             sampler=sampler)])
 
-Resuming continues epsilon and the step count: the ledger comes back from the sidecar and is
-never lowered (`PrivacyBudget.restore`), `iterations` comes back with the optimizer.
+Resuming continues epsilon and the step count: the ledger comes back from the sidecar, or from
+`privacy_ledger.jsonl` when more steps ran after the checkpoint, and is never lowered
+(`PrivacyBudget.restore`); `iterations` comes back with the optimizer. Steps re-run after a
+resume from a checkpoint older than the ledger draw the same batches and noise (restored from
+the checkpoint) and count once; randomness outside the checkpoint (below) makes them differ.
 Randomness that lives outside the optimizer and the sampler (e.g. Dropout's) is not part of the
 checkpoint: a resumed run with such layers is valid but not bit-identical to an uninterrupted one.
 """
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -59,6 +70,7 @@ from typing import Any, Dict, Optional
 from absl import logging
 
 from tfdp_prune import _validate
+from tfdp_prune import accounting
 from tfdp_prune import version
 from tfdp_prune.compat import keras
 from tfdp_prune.compat import tf
@@ -69,6 +81,7 @@ POINTER = "latest"
 SIDECAR = "checkpoint.json"
 MARKER = "COMPLETE"
 STATE_PREFIX = "state"
+LEDGER = "privacy_ledger.jsonl"
 _TMP_PREFIX = ".tmp-"
 _CKPT_RE = re.compile(r"^ckpt-(\d+)$")
 _RESERVED = ("model", "optimizer", "sampler")  # the names of checkpoint objects of our own
@@ -76,6 +89,18 @@ _RESERVED = ("model", "optimizer", "sampler")  # the names of checkpoint objects
 # use the same ones, or the checkpointed ledger would describe another mechanism.
 _DP_SETTINGS = ("l2_norm_clip", "noise_multiplier", "num_microbatches", "expected_batch_size",
                 "gradient_accumulation_steps")
+
+
+class CheckpointError(ValueError):
+  """A checkpoint, or the privacy ledger, of a checkpoint directory is corrupt or unreadable.
+
+  Nothing is deleted or rolled back: the message names the file and the choices."""
+
+
+def _choices(directory) -> str:
+  return (f"Nothing was deleted. Either restore {directory} from a backup, or start a new run "
+          f"with another checkpoint directory and keep {directory}: its {LEDGER} is the record "
+          "of the privacy already spent on this data.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,19 +121,93 @@ class CheckpointInfo:
 def latest_checkpoint(directory: str) -> Optional[CheckpointInfo]:
   """The complete checkpoint with the most logical steps in `directory`, or None.
 
-  Temporary (`.tmp-*`) and incomplete `ckpt-*` directories are ignored (never deleted here: a
-  reader may run beside the writer)."""
+  Temporary (`.tmp-*`) directories are ignored. A `ckpt-*` directory newer than the newest
+  intact checkpoint that is not intact itself (no completion marker, a sidecar that does not
+  parse, a file of another size or SHA-256 than its sidecar records) raises `CheckpointError`
+  naming it: falling back to an older checkpoint would roll the run back silently (the writer
+  renames only complete checkpoints into place, so such a directory is damage, not a write in
+  progress). Nothing is deleted here."""
   if not os.path.isdir(directory):
     return None
-  best = None
+  found = []
   for name in os.listdir(directory):
     match = _CKPT_RE.match(name)
-    if not match or (best is not None and int(match.group(1)) <= best.step):
-      continue
-    info = _read_complete(os.path.join(directory, name), int(match.group(1)))
-    if info is not None:
-      best = info
+    if match:
+      found.append((int(match.group(1)), os.path.join(directory, name)))
+  for step, path in sorted(found, reverse=True):
+    info, problem = _inspect(path, step)
+    if info is None:
+      raise CheckpointError(
+          f"Checkpoint {path} is corrupt or unreadable ({problem}); resuming from an older one "
+          f"would roll the run back. {_choices(directory)}")
+    return info
+  return None
+
+
+def read_ledger(directory: str) -> Optional[Dict[str, Any]]:
+  """The record with the most logical steps in `directory/LEDGER`, `{"state": <PrivacyLedger
+  state>, "iterations": <the optimizer's iterations after those steps>}`, or None without a
+  ledger file.
+
+  The ledger is append-only: one line per record, the record and its SHA-256, fsync'ed before
+  the steps it covers run. A last line without its
+  newline is a write that a kill interrupted (its steps never ran) and is ignored; any other
+  line that does not parse or match its digest raises `CheckpointError`."""
+  path = os.path.join(directory, LEDGER)
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+  except FileNotFoundError:
+    return None
+  except OSError as e:
+    raise CheckpointError(f"Cannot read the privacy ledger {path} ({e}). "
+                          f"{_choices(directory)}") from e
+  lines = data.split(b"\n")
+  lines.pop()  # after the last newline: empty, or a write a kill interrupted
+  best = None
+  for number, line in enumerate(lines, 1):
+    try:
+      record = json.loads(line.decode("utf-8"))
+      state = record["state"]
+      body = {"state": state, "iterations": record["iterations"]}
+      if record["sha256"] != _digest_json(body) or not isinstance(state.get("steps"), int):
+        raise ValueError("its digest does not match")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+      raise CheckpointError(f"The privacy ledger {path} is corrupt at line {number} ({e}). "
+                            f"{_choices(directory)}") from e
+    if best is None or state["steps"] > best["state"]["steps"]:
+      best = body
   return best
+
+
+def append_ledger(directory: str, state: Dict[str, Any], iterations: int) -> None:
+  """Appends `state` (a `PrivacyLedger` state, the spent budget once the optimizer reaches
+  `iterations`) to `directory/LEDGER` and makes it durable (fsync of the file, and of the
+  directory when the file is new) before returning."""
+  path = os.path.join(directory, LEDGER)
+  new = not os.path.exists(path)
+  body = {"state": state, "iterations": int(iterations)}
+  line = json.dumps(dict(body, sha256=_digest_json(body)), sort_keys=True) + "\n"
+  fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+  try:
+    size = os.fstat(fd).st_size
+    if size:  # drop the tail of an append a kill interrupted (it covered no step that ran)
+      with open(path, "rb") as f:
+        f.seek(size - 1)
+        if f.read(1) != b"\n":
+          f.seek(0)
+          keep = f.read().rfind(b"\n") + 1
+          logging.warning("DPCheckpoint: %s ends in an interrupted write; truncating it to %d "
+                          "bytes.", path, keep)
+          os.ftruncate(fd, keep)
+    view = memoryview(line.encode("utf-8"))
+    while view:
+      view = view[os.write(fd, view):]
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+  if new:
+    _fsync(directory)
 
 
 def restore_latest(directory: str, model, budget=None, sampler=None,
@@ -138,10 +237,20 @@ def restore_latest(directory: str, model, budget=None, sampler=None,
     data: `sampler.dataset(start_step=s)`.
   """
   optimizer = _dp_optimizer(model, "restore_latest")
-  info = latest_checkpoint(directory)
+  info = latest_checkpoint(directory)  # CheckpointError if the newest checkpoint is damaged
+  ledger = read_ledger(directory)
   if info is None:
+    if ledger is not None and ledger["state"]["steps"] > 0:
+      raise CheckpointError(
+          f"{os.path.join(directory, LEDGER)} records {ledger['state']['steps']} logical "
+          f"steps already spent, but {directory} holds no checkpoint to continue from. "
+          f"{_choices(directory)}")
     return None
   metadata = info.metadata
+  if not model.built:
+    raise ValueError("restore_latest needs a built model (its variables must exist): build it "
+                     "(e.g. with keras.Input) before restoring.")
+  _check_model(metadata.get("model"), _model_record(model, optimizer), info.path)
   _check_settings(metadata["optimizer"], _dp_settings(optimizer), info.path)
   if sampler is not None:
     saved = metadata.get("sampler")
@@ -154,9 +263,6 @@ def restore_latest(directory: str, model, budget=None, sampler=None,
           f"The sampler differs from the checkpointed one, so it would not continue the same "
           f"draws. Checkpointed: {saved}. Received: {current}. Rebuild it with "
           f"{saved['class']}.from_config(<checkpointed config>, data).")
-  if not model.built:
-    raise ValueError("restore_latest needs a built model (its variables must exist): build it "
-                     "(e.g. with keras.Input) before restoring.")
   trackables = _check_trackables(trackables)
   missing = sorted(set(trackables) - set(metadata.get("trackables", [])))
   if missing:
@@ -165,9 +271,16 @@ def restore_latest(directory: str, model, budget=None, sampler=None,
   optimizer.build(model.trainable_variables)
   _check_state_layout(metadata.get("optimizer_state_layout"), _state_layout(model, optimizer),
                       info.path)
-  status = tf.train.Checkpoint(**_checkpoint_objects(model, trackables, sampler)).read(
-      info.state_prefix)
-  status.assert_existing_objects_matched()
+  try:
+    status = tf.train.Checkpoint(**_checkpoint_objects(model, trackables, sampler)).read(
+        info.state_prefix)
+    status.assert_existing_objects_matched()
+  except tf.errors.DataLossError as e:  # TF's own checksums (sidecars before SHA-256)
+    raise CheckpointError(f"Checkpoint {info.path} is corrupt ({e}). "
+                          f"{_choices(directory)}") from e
+  except (tf.errors.OpError, ValueError, AssertionError) as e:
+    raise ValueError(f"Checkpoint {info.path} does not fit this model and optimizer: it belongs "
+                     f"to another model ({type(e).__name__}: {e}).") from e
   step = int(optimizer.iterations.numpy())
   if step != info.step:
     raise RuntimeError(f"Checkpoint {info.path} restored iterations={step}, but its sidecar says "
@@ -181,6 +294,14 @@ def restore_latest(directory: str, model, budget=None, sampler=None,
                       "the restored optimizer's %d steps when training begins.", info.path, step)
     else:
       budget.restore(metadata["budget"])
+    if ledger is not None and ledger["state"]["steps"] > budget.get_state()["steps"]:
+      # Steps after this checkpoint ran before a crash (or after a checkpoint now lost): the
+      # run continues from this checkpoint, the spent budget does not go back. The re-run steps
+      # draw the same batches and noise (both restored from the checkpoint), so they count once.
+      logging.warning("restore_latest: %s records %d logical steps, more than checkpoint %s "
+                      "(%d); the budget keeps the %d.", LEDGER, ledger["state"]["steps"],
+                      info.path, step, ledger["state"]["steps"])
+      budget.restore(ledger["state"], replayed_until=ledger["iterations"])
   logging.info("restore_latest: resumed from %s (logical step %d).", info.path, step)
   return step
 
@@ -201,17 +322,27 @@ class DPCheckpoint(keras.callbacks.Callback):
     sampler: the `PoissonSampler`/`ShuffleSampler` feeding fit, or None. Its settings (sidecar)
       and its secret (`sampler.state`, in the TF checkpoint) go into every checkpoint, so that a
       resumed run is checked to continue, and continues, the same draws.
-    keep: the number of newest checkpoints kept (older ones are deleted).
+    keep: the number of newest intact checkpoints kept: older intact ones are deleted after a
+      new one is written; None keeps all. A damaged checkpoint is never deleted.
+    run_record: a JSON-compatible record of the run's settings (e.g. `tfdp-train`'s resolved
+      config), saved in every sidecar so that the checkpoint carries what it was trained under.
+
+  With a budget, the spent privacy is also recorded in the append-only ledger
+  `directory/privacy_ledger.jsonl` (`read_ledger`): before every logical step runs, a line with
+  the ledger's state after that step is appended and fsync'ed, so that a crash or a damaged
+  checkpoint never rolls the spent budget back (`restore_latest` continues from the ledger's
+  steps when they exceed the checkpoint's).
     trackables: more state to save in the same checkpoint, by name: e.g. {"ema": ema.state}
       for `ExponentialMovingAverage` (Keras callbacks are not trackable; their state is).
 
-  At train begin, leftovers of an interrupted writer (`.tmp-*` directories, incomplete `ckpt-*`)
-  are deleted. `save()` writes a checkpoint at once (between logical batches only).
+  At train begin, leftovers of an interrupted writer (`.tmp-*` entries) are deleted. `save()`
+  writes a checkpoint at once (between logical batches only).
   """
 
   def __init__(self, directory: str, every_steps: Optional[int] = None, every_epoch: bool = False,
-               budget=None, sampler=None, keep: int = 3,
-               trackables: Optional[Dict[str, Any]] = None):
+               budget=None, sampler=None, keep: Optional[int] = 3,
+               trackables: Optional[Dict[str, Any]] = None,
+               run_record: Optional[Dict[str, Any]] = None):
     super().__init__()
     if every_steps is not None:
       _validate.positive_int("every_steps", every_steps)
@@ -220,7 +351,8 @@ class DPCheckpoint(keras.callbacks.Callback):
     if every_steps is None and not every_epoch:
       raise ValueError("Expected every_steps=<int> or every_epoch=True (when to save). Received "
                        "neither.")
-    _validate.positive_int("keep", keep)
+    if keep is not None:
+      _validate.positive_int("keep", keep)
     if budget is not None and not (hasattr(budget, "get_state") and hasattr(budget, "restore")):
       raise ValueError(f"Expected budget to be a tfdp_prune.PrivacyBudget or None. Received: "
                        f"budget={budget!r}.")
@@ -234,13 +366,16 @@ class DPCheckpoint(keras.callbacks.Callback):
     self.sampler = sampler
     self.keep = keep
     self.trackables = _check_trackables(trackables)
+    self.run_record = None if run_record is None else json.loads(json.dumps(run_record))
     self._last_saved = None
+    self._ledger_iterations = 0
+    self._reserve = 1
     self._pending = False
 
   def get_config(self) -> Dict[str, Any]:
     """The settings (the budget and sampler objects are not part of it)."""
     return {"directory": self.directory, "every_steps": self.every_steps,
-            "every_epoch": self.every_epoch, "keep": self.keep}
+            "every_epoch": self.every_epoch, "keep": self.keep, "run_record": self.run_record}
 
   @classmethod
   def from_config(cls, config: Dict[str, Any], budget=None, sampler=None,
@@ -260,6 +395,45 @@ class DPCheckpoint(keras.callbacks.Callback):
     clean_incomplete(self.directory)
     self._last_saved = int(optimizer.iterations.numpy())  # nothing new to save yet
     self._pending = False
+    if self.budget is not None:
+      self._start_ledger(optimizer)
+
+  def on_train_batch_begin(self, batch, logs=None):
+    if self.budget is None:
+      return
+    # Before the batch runs: the logical steps it may complete are on record first.
+    current = int(self.model.optimizer.iterations.numpy())
+    iterations = current + self._reserve
+    if iterations > self._ledger_iterations:
+      state = self.budget.get_state()
+      # Iterations up to the ledger's re-run steps it already counts (see `restore_latest`).
+      steps = int(state["steps"]) + iterations - max(current, self._ledger_iterations)
+      append_ledger(self.directory,
+                    accounting.PrivacySpec.from_dict(state).with_steps(steps).to_dict(),
+                    iterations)
+      self._ledger_iterations = iterations
+
+  def _start_ledger(self, optimizer):
+    record = read_ledger(self.directory)
+    ledger = None if record is None else record["state"]
+    state = self.budget.get_state()
+    if ledger is not None:
+      recorded = accounting.PrivacySpec.from_dict(ledger)
+      if recorded.with_steps(0) != self.budget.spec.with_steps(0):
+        raise ValueError(
+            f"{os.path.join(self.directory, LEDGER)} records privacy spent under other settings "
+            f"({recorded}) than this budget's ({self.budget.spec}). Use another directory.")
+      if ledger["steps"] > state["steps"]:
+        raise ValueError(
+            f"{os.path.join(self.directory, LEDGER)} records {ledger['steps']} logical steps "
+            f"spent, but this run's budget counts {state['steps']}: resume with "
+            f"restore_latest({self.directory!r}, model, budget=budget) before fit, or use "
+            "another directory (the spent budget is never rolled back).")
+    self._ledger_iterations = record["iterations"] if record is not None else 0
+    # Physical batches per execution can complete up to ceil(n / K) logical steps.
+    per_execution = getattr(self.model, "steps_per_execution", None)
+    n = 1 if per_execution is None else int(per_execution.numpy())
+    self._reserve = -(-n // optimizer.gradient_accumulation_steps)
 
   def on_train_batch_end(self, batch, logs=None):
     optimizer = self.model.optimizer
@@ -306,6 +480,8 @@ class DPCheckpoint(keras.callbacks.Callback):
         "budget": ledger,
         "sampler": _sampler_record(self.sampler) if self.sampler is not None else None,
         "trackables": sorted(self.trackables),
+        "model": _model_record(self.model, optimizer),
+        "run_record": self.run_record,
     }
     path = write_checkpoint(self.directory, self.model, metadata, keep=self.keep,
                             trackables=self.trackables, sampler=self.sampler)
@@ -314,7 +490,8 @@ class DPCheckpoint(keras.callbacks.Callback):
     return path
 
 
-def write_checkpoint(directory: str, model, metadata: Dict[str, Any], keep: int = 3,
+def write_checkpoint(directory: str, model, metadata: Dict[str, Any],
+                     keep: Optional[int] = 3,
                      trackables: Optional[Dict[str, Any]] = None, sampler=None) -> str:
   """Writes `ckpt-<metadata["step"]>` atomically (see the module docstring): the model, its
   optimizer, `trackables` (by name) and the sampler's secret (`sampler.state`, if a sampler is
@@ -328,8 +505,9 @@ def write_checkpoint(directory: str, model, metadata: Dict[str, Any], keep: int 
     tf.train.Checkpoint(**_checkpoint_objects(model, _check_trackables(trackables),
                                               sampler)).write(os.path.join(tmp, STATE_PREFIX))
     files = {name: os.path.getsize(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
+    digests = {name: _digest_file(os.path.join(tmp, name)) for name in files}
     _write_file(os.path.join(tmp, SIDECAR),
-                json.dumps(dict(metadata, files=files), indent=1, sort_keys=True))
+                json.dumps(dict(metadata, files=files, sha256=digests), indent=1, sort_keys=True))
     for name in files:
       _fsync(os.path.join(tmp, name))
     _write_file(os.path.join(tmp, MARKER), "complete\n")
@@ -347,48 +525,62 @@ def write_checkpoint(directory: str, model, metadata: Dict[str, Any], keep: int 
   if replaced is not None:
     _remove(replaced)
   replace_file(os.path.join(directory, POINTER), f"ckpt-{step}\n")
-  _prune(directory, keep)
+  if keep is not None:
+    _prune(directory, keep)
   return final
 
 
 def clean_incomplete(directory: str) -> None:
-  """Deletes `.tmp-*` entries and incomplete `ckpt-*` directories (leftovers of a killed
-  writer). Only the directory's one writer may call this: it would delete a write in progress."""
+  """Deletes `.tmp-*` entries (leftovers of a killed writer, never read). `ckpt-*` directories
+  are never deleted here, damaged or not. Only the directory's one writer may call this: it
+  would delete a write in progress."""
   if not os.path.isdir(directory):
     return
   for name in os.listdir(directory):
-    path = os.path.join(directory, name)
-    match = _CKPT_RE.match(name)
     if name.startswith(_TMP_PREFIX):
+      path = os.path.join(directory, name)
       logging.info("DPCheckpoint: deleting the leftover %s.", path)
-      _remove(path)
-    elif match and _read_complete(path, int(match.group(1))) is None:
-      logging.warning("DPCheckpoint: deleting the incomplete checkpoint %s.", path)
       _remove(path)
 
 
 # ---- internals ----------------------------------------------------------------------------------
 
 def _read_complete(path, step) -> Optional[CheckpointInfo]:
-  """The checkpoint at `path` if it is complete (marker, sidecar for `step`, files intact)."""
+  """The checkpoint at `path` if it is intact, else None."""
+  return _inspect(path, step)[0]
+
+
+def _inspect(path, step):
+  """(the checkpoint at `path`, None) if it is intact (marker, sidecar for `step`, every file at
+  its recorded size and SHA-256), else (None, what is wrong, naming the file)."""
+  sidecar = os.path.join(path, SIDECAR)
+  if not os.path.isfile(os.path.join(path, MARKER)):
+    return None, f"no completion marker {os.path.join(path, MARKER)}"
   try:
-    if not os.path.isfile(os.path.join(path, MARKER)):
-      return None
-    with open(os.path.join(path, SIDECAR), encoding="utf-8") as f:
+    with open(sidecar, encoding="utf-8") as f:
       metadata = json.load(f)
-    if (not isinstance(metadata, dict) or metadata.get("format_version") != FORMAT_VERSION
-        or metadata.get("step") != step or not isinstance(metadata.get("files"), dict)
-        or not any(n.startswith(STATE_PREFIX + ".index") for n in metadata["files"])):
-      return None
-    for name, size in metadata["files"].items():
-      if os.path.getsize(os.path.join(path, name)) != size:
-        return None
-  except (OSError, ValueError):
-    return None
-  return CheckpointInfo(path=path, step=step, metadata=metadata)
+  except (OSError, ValueError) as e:
+    return None, f"{sidecar} is unreadable: {e}"
+  if (not isinstance(metadata, dict) or metadata.get("format_version") != FORMAT_VERSION
+      or metadata.get("step") != step or not isinstance(metadata.get("files"), dict)
+      or not any(n.startswith(STATE_PREFIX + ".index") for n in metadata["files"])):
+    return None, f"{sidecar} does not describe a format {FORMAT_VERSION} checkpoint of step {step}"
+  digests = metadata.get("sha256") or {}
+  for name, size in metadata["files"].items():
+    file = os.path.join(path, name)
+    try:
+      if os.path.getsize(file) != size:
+        return None, f"{file} has {os.path.getsize(file)} bytes, its sidecar records {size}"
+      if name in digests and _digest_file(file) != digests[name]:
+        return None, f"{file} does not match the SHA-256 its sidecar records"
+    except OSError as e:
+      return None, f"{file} is unreadable: {e}"
+  return CheckpointInfo(path=path, step=step, metadata=metadata), None
 
 
 def _prune(directory, keep):
+  """Deletes intact checkpoints older than the `keep` newest intact ones (never a damaged one,
+  never one newer than the newest intact one)."""
   complete = []
   for name in os.listdir(directory):
     match = _CKPT_RE.match(name)
@@ -396,6 +588,18 @@ def _prune(directory, keep):
       complete.append((int(match.group(1)), name))
   for _, name in sorted(complete)[:-keep]:
     _remove(os.path.join(directory, name))
+
+
+def _digest_file(path) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def _digest_json(value) -> str:
+  return hashlib.sha256(json.dumps(value, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 def _remove(path):
@@ -486,6 +690,26 @@ def _checkpoint_objects(model, trackables, sampler) -> Dict[str, Any]:
   if sampler is not None:
     objects["sampler"] = sampler.state
   return objects
+
+
+def _model_record(model, optimizer) -> Dict[str, Any]:
+  """What identifies the model a checkpoint belongs to: the optimizer's class and the shapes of
+  `model.weights`, in order."""
+  return {"optimizer": type(optimizer).__name__,
+          "weight_shapes": [[int(d) for d in w.shape] for w in model.weights]}
+
+
+def _check_model(saved, current, path) -> None:
+  if saved is None or saved == current:
+    return
+  if saved["optimizer"] != current["optimizer"]:
+    what = f"a {saved['optimizer']} optimizer, this model has a {current['optimizer']}"
+  else:
+    what = (f"{len(saved['weight_shapes'])} weights of shapes {saved['weight_shapes']}, this "
+            f"model has {len(current['weight_shapes'])} of shapes {current['weight_shapes']}")
+  raise ValueError(f"Checkpoint {path} belongs to another model: it holds {what}. Build and "
+                   "compile the same architecture and optimizer as the run that wrote it, or "
+                   "use another checkpoint directory.")
 
 
 def _dp_settings(optimizer) -> Dict[str, Any]:

@@ -158,8 +158,9 @@ def train(config: TrainConfig, *, splits: Optional[data_lib.DataSplits] = None,
     ema.build(model)
   trackables = {"ema": ema.state} if ema is not None else None
   resumed_from = None
+  run_record = None
   if config.checkpoint_dir:
-    write_or_check_run_record(config, info, plan, sampler)
+    run_record = write_or_check_run_record(config, info, plan, sampler)
     resumed_from = checkpointing.restore_latest(config.checkpoint_dir, model, budget=budget,
                                                 sampler=sampler, trackables=trackables)
   fit_callbacks = []
@@ -179,7 +180,7 @@ def train(config: TrainConfig, *, splits: Optional[data_lib.DataSplits] = None,
   if config.checkpoint_dir:
     fit_callbacks.append(checkpointing.DPCheckpoint(
         config.checkpoint_dir, every_epoch=True, budget=budget, sampler=sampler,
-        trackables=trackables))
+        trackables=trackables, run_record=run_record))
   fit_callbacks.extend(callbacks)
   start = resumed_from or 0
   history = {}
@@ -202,13 +203,16 @@ def export_checkpoint(checkpoint_dir: str, export_dir: str, *, version: Optional
                       overwrite: bool = False, use_ema: bool = True) -> str:
   """Exports the newest complete checkpoint of a `tfdp-train --checkpoint_dir` run.
 
-  The model is rebuilt from the run's record (`run.json`), its weights, masks and ledger are
-  restored, and the metadata says what that checkpoint's steps cost. `use_ema` exports the EMA
-  weights when the run kept them. Returns the export's version directory. `export_dir` is
-  checked first (`check_output_dir`), before the checkpoint is read.
+  The model is rebuilt from the run's record (the one the newest checkpoint carries, else
+  `run.json`), its weights, masks and ledger are restored, and the metadata says what the
+  spent privacy is (the checkpoint's steps, or the privacy ledger's if more steps ran). `use_ema`
+  exports the EMA weights when the run kept them. Returns the export's version directory.
+  `export_dir` is checked first (`check_output_dir`), before the checkpoint is read.
   """
   check_output_dir("--export_dir", export_dir)
-  record = read_run_record(checkpoint_dir)
+  newest = checkpointing.latest_checkpoint(checkpoint_dir)  # CheckpointError if damaged
+  record = (newest.metadata.get("run_record") if newest is not None else None) or (
+      read_run_record(checkpoint_dir))
   config = TrainConfig.from_dict(record["config"])
   info = _info_from_dict(record["data_info"])
   spec = accounting.PrivacySpec.from_dict(record["privacy_spec"])
@@ -465,49 +469,94 @@ def delta_text(metadata: metadata_lib.PrivacyMetadata) -> str:
 # ---- run record (checkpoint_dir/run.json) ------------------------------------------------------
 
 def write_or_check_run_record(config: TrainConfig, info: data_lib.DataInfo, plan: _Plan,
-                              sampler) -> None:
-  """Writes the run's record into the checkpoint directory, or checks that an existing one
-  describes the same run (a checkpoint resumed under other settings would misreport privacy)."""
+                              sampler) -> Dict[str, Any]:
+  """Writes the run's record into the checkpoint directory, or checks that the existing one
+  describes the same run (a checkpoint resumed under other settings would misreport privacy);
+  returns the record, for `DPCheckpoint(run_record=...)`.
+
+  The newest checkpoint carries the record it was trained under: a resume is checked against it
+  as well (and against it alone if `run.json` was removed; `run.json` is then written again).
+  Settings are compared as resolved: spelling out a default (`--sparsity=0.8`) is no change.
+
+  Raises:
+    ConfigError: other settings than the recorded ones; `run.json` unreadable; `run.json`
+      missing beside checkpoints that carry no record.
+    checkpointing.CheckpointError: the newest checkpoint is damaged.
+  """
   record = {"format_version": _RUN_RECORD_VERSION, "config": config.to_dict(),
             "data_info": info.to_dict(), "privacy_spec": plan.spec.to_dict(),
             "planned_steps": plan.steps, "expected_batch_size": sampler.expected_batch_size}
-  path = os.path.join(config.checkpoint_dir, RUN_RECORD)
+  record = json.loads(json.dumps(record))  # as it reads back
+  directory = config.checkpoint_dir
+  path = os.path.join(directory, RUN_RECORD)
+  newest = checkpointing.latest_checkpoint(directory)
+  recorded = [] if newest is None or newest.metadata.get("run_record") is None else [
+      (os.path.join(newest.path, checkpointing.SIDECAR), newest.metadata["run_record"])]
   if os.path.exists(path):
-    existing = read_run_record(config.checkpoint_dir)
+    recorded.insert(0, (path, read_run_record(directory)))
+  elif newest is not None and not recorded:
+    raise ConfigError(
+        f"Expected {path} beside the checkpoints in --checkpoint_dir={directory} (the settings "
+        f"they were trained under), and {newest.path} carries none. Received a directory without "
+        "it. Restore run.json from a backup, or use a new --checkpoint_dir.")
+  for source, existing in recorded:
     differences = _record_differences(existing, record)
     if differences:
       raise ConfigError(
-          f"--checkpoint_dir={config.checkpoint_dir} holds a run with other settings "
-          f"({'; '.join(differences)}). Resume with the same settings, or use a new "
+          f"--checkpoint_dir={directory} holds a run with other settings ({source}: "
+          f"{'; '.join(differences)}). Resume with the same settings, or use a new "
           "--checkpoint_dir.")
-    return
-  os.makedirs(config.checkpoint_dir, exist_ok=True)
-  checkpointing.replace_file(path, json.dumps(record, indent=1, sort_keys=True))
+  if not os.path.exists(path):
+    os.makedirs(directory, exist_ok=True)
+    kept = recorded[0][1] if recorded else record  # the settings the checkpoints were under
+    checkpointing.replace_file(path, json.dumps(kept, indent=1, sort_keys=True))
+  return recorded[0][1] if recorded else record
 
 
 def read_run_record(checkpoint_dir: str) -> Dict[str, Any]:
+  """The run's record, `checkpoint_dir/run.json` (ConfigError naming it if missing or
+  unreadable)."""
   path = os.path.join(checkpoint_dir, RUN_RECORD)
   if not os.path.isfile(path):
-    raise ValueError(f"Expected {path} (written by tfdp-train --checkpoint_dir). Received a "
-                     "directory without it: was this directory written by tfdp-train?")
-  with open(path, encoding="utf-8") as f:
-    record = json.load(f)
+    raise ConfigError(f"Expected {path} (written by tfdp-train --checkpoint_dir). Received a "
+                      "directory without it: was this directory written by tfdp-train?")
+  try:
+    with open(path, encoding="utf-8") as f:
+      record = json.load(f)
+    if not isinstance(record, dict):
+      raise ValueError(f"a JSON {type(record).__name__}, not an object")
+  except (OSError, ValueError) as e:
+    raise ConfigError(
+        f"The run record {path} is unreadable ({e}). Restore it from a backup (the newest "
+        f"checkpoint's {checkpointing.SIDECAR} holds a copy under \"run_record\"), or use a "
+        "new --checkpoint_dir. Nothing was changed.") from e
   if record.get("format_version") != _RUN_RECORD_VERSION:
-    raise ValueError(f"Expected {path} with format_version={_RUN_RECORD_VERSION}. Received: "
-                     f"{record.get('format_version')!r}.")
+    raise ConfigError(f"Expected {path} with format_version={_RUN_RECORD_VERSION}. Received: "
+                      f"{record.get('format_version')!r}.")
   return record
 
 
 def _record_differences(existing, new) -> list:
   differences = []
-  old_config, new_config = existing["config"], new["config"]
+  old_config, new_config = _resolved(existing["config"]), _resolved(new["config"])
   for name in sorted(set(old_config) | set(new_config)):
     if name not in _RESUMABLE_CHANGES and old_config.get(name) != new_config.get(name):
       differences.append(f"--{name}: {old_config.get(name)!r} there, {new_config.get(name)!r} now")
   for name in ("data_info", "privacy_spec", "expected_batch_size"):
-    if existing[name] != new[name]:
+    if existing.get(name) != new.get(name):
       differences.append(f"{name} differs")
   return differences
+
+
+def _resolved(config: Dict[str, Any]) -> Dict[str, Any]:
+  """A config's settings with the defaults that apply filled in, as training uses them."""
+  try:
+    resolved = TrainConfig.from_dict(config)
+  except (ConfigError, TypeError):
+    return dict(config)
+  return dict(config, rule=resolved.effective_rule, sparsity=resolved.effective_sparsity,
+              select_every=resolved.effective_select_every,
+              physical_batch_size=config.get("physical_batch_size") or config.get("batch_size"))
 
 
 def _info_from_dict(data: Dict[str, Any]) -> data_lib.DataInfo:

@@ -80,10 +80,10 @@ def test_resume_in_process_is_bit_identical_to_an_uninterrupted_run(tmp_path):
   sampler = _sampler()
   reference, reference_budget = _model(sampler), _budget(sampler)
   masks = _set_masks(reference)
-  _train(reference, sampler, 0, 5, [reference_budget, checkpointing.DPCheckpoint(
+  _train(reference, sampler, 0, 4, [reference_budget, checkpointing.DPCheckpoint(
       tmp_path, every_steps=2, budget=reference_budget, sampler=sampler)])
-  assert sorted(os.listdir(tmp_path)) == ["ckpt-2", "ckpt-4", "latest"]  # step 5: lost
-  _train(reference, sampler, 5, 7, [reference_budget])
+  assert sorted(os.listdir(tmp_path)) == ["ckpt-2", "ckpt-4", "latest", checkpointing.LEDGER]
+  _train(reference, sampler, 4, 7, [reference_budget])  # not checkpointed, nor in the ledger
 
   # Other initial weights, optimizer not built, all-ones masks, a new noise generator and a new
   # sampler secret (fresh entropy): everything must come back from the checkpoint.
@@ -132,7 +132,7 @@ def test_saves_only_between_logical_batches_and_epoch_ends_wait_for_one(tmp_path
     callback.save()
 
 
-def test_ignores_temporary_and_incomplete_checkpoints_and_the_writer_deletes_them(tmp_path):
+def test_ignores_temporary_directories_and_the_writer_deletes_them(tmp_path):
   sampler = _sampler()
   model, budget = _model(sampler), _budget(sampler)
   _set_masks(model)
@@ -143,23 +143,7 @@ def test_ignores_temporary_and_incomplete_checkpoints_and_the_writer_deletes_the
   half = tmp_path / ".tmp-ckpt-4-12345-abcdef01"
   half.mkdir()
   (half / "state.index").write_bytes(b"\x00\x01half")
-  # Newer directories: garbage without the completion marker, one with a truncated file, one
-  # intact but unmarked, and a pointer to the garbage: none of them is trusted.
-  garbage = tmp_path / "ckpt-9"
-  garbage.mkdir()
-  (garbage / "state.index").write_bytes(os.urandom(64))
-  (garbage / checkpointing.SIDECAR).write_text("{not json")
-  truncated = tmp_path / "ckpt-7"
-  shutil.copytree(tmp_path / "ckpt-3", truncated)
-  sidecar = json.loads((truncated / checkpointing.SIDECAR).read_text())
-  (truncated / checkpointing.SIDECAR).write_text(json.dumps(dict(sidecar, step=7)))
-  data = next(p for p in truncated.iterdir() if p.name.startswith("state.data"))
-  data.write_bytes(data.read_bytes()[:10])
-  (tmp_path / checkpointing.POINTER).write_text("ckpt-9\n")
-  unmarked = tmp_path / "ckpt-8"  # intact files and sidecar, but no completion marker
-  shutil.copytree(tmp_path / "ckpt-3", unmarked)
-  (unmarked / checkpointing.SIDECAR).write_text(json.dumps(dict(sidecar, step=8)))
-  (unmarked / checkpointing.MARKER).unlink()
+  (tmp_path / checkpointing.POINTER).write_text("ckpt-9\n")  # a pointer is not trusted either
 
   assert checkpointing.latest_checkpoint(tmp_path).step == 3
   resumed, resumed_budget = _model(sampler, init_seed=99), _budget(sampler)
@@ -167,12 +151,12 @@ def test_ignores_temporary_and_incomplete_checkpoints_and_the_writer_deletes_the
                                       sampler=sampler) == 3
   for got, want in zip(T.weights(resumed), at_step_3):
     np.testing.assert_array_equal(got, want)
-  # A reader deletes nothing (it may run beside the writer).
-  assert all(os.path.isdir(p) for p in (half, garbage, truncated, unmarked))
+  assert os.path.isdir(half)  # a reader deletes nothing (it may run beside the writer)
 
   _train(resumed, sampler, 3, 4, [resumed_budget, checkpointing.DPCheckpoint(
       tmp_path, every_steps=1, budget=resumed_budget, sampler=sampler, keep=3)])
-  assert sorted(os.listdir(tmp_path)) == ["ckpt-2", "ckpt-3", "ckpt-4", "latest"]
+  assert sorted(os.listdir(tmp_path)) == ["ckpt-2", "ckpt-3", "ckpt-4", "latest",
+                                         checkpointing.LEDGER]
   assert all(_is_complete(tmp_path / f"ckpt-{s}") for s in (2, 3, 4))
   assert (tmp_path / checkpointing.POINTER).read_text() == "ckpt-4\n"
 
@@ -283,7 +267,8 @@ def test_get_config_round_trips(tmp_path):
   callback = checkpointing.DPCheckpoint(tmp_path, every_steps=3, every_epoch=True, keep=2)
   config = callback.get_config()
   assert checkpointing.DPCheckpoint.from_config(config).get_config() == config
-  assert config == {"directory": str(tmp_path), "every_steps": 3, "every_epoch": True, "keep": 2}
+  assert config == {"directory": str(tmp_path), "every_steps": 3, "every_epoch": True, "keep": 2,
+                    "run_record": None}
 
 
 # ---- across processes: SIGKILL in the middle, then resume ---------------------------------------
@@ -356,6 +341,8 @@ def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path,
   killed_at = checkpointing.latest_checkpoint(ckpt_dir).step
   assert _KILL_AFTER <= killed_at < _TOTAL_STEPS  # killed in the middle, not after the end
   assert not os.path.exists(tmp_path / "victim.npz")
+  # The ledger is ahead of the newest checkpoint, or at it: never behind.
+  assert checkpointing.read_ledger(ckpt_dir)["state"]["steps"] >= killed_at
 
   want = wait(reference, "reference.npz")
   got = wait(start("train", "resumed.npz", 0.0), "resumed.npz")
@@ -370,7 +357,148 @@ def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path,
     np.testing.assert_array_equal(got[key], want[key])
   # Only complete checkpoints are left (keep=3), the newest named by the pointer.
   names = sorted(os.listdir(ckpt_dir))
-  assert names == sorted([checkpointing.POINTER] + [
+  assert names == sorted([checkpointing.POINTER, checkpointing.LEDGER] + [
       f"ckpt-{s}" for s in range(_TOTAL_STEPS - 2, _TOTAL_STEPS + 1)]), names
+  assert checkpointing.read_ledger(ckpt_dir)["state"]["steps"] == _TOTAL_STEPS
   assert all(_is_complete(os.path.join(ckpt_dir, n)) for n in names if n.startswith("ckpt-"))
   assert _pointer_step(ckpt_dir) == _TOTAL_STEPS
+
+
+# ---- faults: damaged checkpoints and ledger, another model, a full disk (DESIGN.md rule 15) ---
+
+def _listing(directory):
+  """Every file under `directory` with its bytes: what a fault must not lose."""
+  found = {}
+  for root, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        found[os.path.relpath(path, directory)] = f.read()
+  return found
+
+
+def _ledger_steps(directory):
+  return checkpointing.read_ledger(directory)["state"]["steps"]
+
+
+def _three_checkpoints(tmp_path):
+  sampler = _sampler()
+  model, budget = _model(sampler), _budget(sampler)
+  _set_masks(model)
+  _train(model, sampler, 0, 3, [budget, checkpointing.DPCheckpoint(
+      tmp_path, every_steps=1, budget=budget, sampler=sampler, keep=5)])
+  return sampler
+
+
+def _truncate_all(path):
+  for root, _, files in os.walk(path):
+    for name in files:
+      with open(os.path.join(root, name), "r+b") as f:
+        f.truncate(os.path.getsize(os.path.join(root, name)) // 2)
+
+
+def _flip_a_bit(path):
+  data = next(p for p in path.iterdir() if p.name.startswith("state.data"))
+  raw = bytearray(data.read_bytes())
+  raw[len(raw) // 2] ^= 0x10
+  data.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("damage, named", [
+    (lambda d: [_truncate_all(d / f"ckpt-{s}") for s in (1, 2, 3)], "ckpt-3"),
+    (lambda d: _truncate_all(d / "ckpt-3"), "ckpt-3"),
+    (lambda d: _flip_a_bit(d / "ckpt-3"), "ckpt-3/state.data"),
+    (lambda d: (d / "ckpt-3" / checkpointing.MARKER).unlink(), "ckpt-3"),
+])
+def test_a_damaged_checkpoint_is_an_error_naming_it_and_nothing_is_deleted(tmp_path, damage,
+                                                                           named):
+  sampler = _three_checkpoints(tmp_path)
+  damage(tmp_path)
+  before = _listing(tmp_path)
+  with pytest.raises(checkpointing.CheckpointError, match=f"(?s){named}.*backup.*new run"):
+    checkpointing.restore_latest(tmp_path, _model(sampler), budget=_budget(sampler),
+                                 sampler=sampler)
+  # Neither a fresh start over it nor the writer rolls the run back or deletes anything.
+  with pytest.raises(ValueError, match="records 3 logical steps"):
+    budget = _budget(sampler)
+    _train(_model(sampler), sampler, 0, 1, [budget, checkpointing.DPCheckpoint(
+        tmp_path, every_steps=1, budget=budget, sampler=sampler)])
+  assert _listing(tmp_path) == before
+  assert _ledger_steps(tmp_path) == 3
+
+
+def test_the_ledger_ahead_of_the_checkpoint_is_kept_and_a_rerun_step_counts_once(tmp_path):
+  sampler = _sampler()
+  model, budget = _model(sampler), _budget(sampler)
+  _train(model, sampler, 0, 5, [budget, checkpointing.DPCheckpoint(
+      tmp_path, every_steps=2, budget=budget, sampler=sampler)])
+  assert _ledger_steps(tmp_path) == 5  # step 5 ran after the last checkpoint (ckpt-4)
+  shutil.rmtree(tmp_path / "ckpt-4")  # ... and the newest checkpoint is lost as well
+  resumed, resumed_budget = _model(sampler), _budget(sampler)
+  assert checkpointing.restore_latest(tmp_path, resumed, budget=resumed_budget,
+                                      sampler=sampler) == 2
+  assert resumed_budget.steps == 5  # the ledger's, not the checkpoint's
+  _train(resumed, sampler, 2, 4, [resumed_budget, checkpointing.DPCheckpoint(
+      tmp_path, every_steps=2, budget=resumed_budget, sampler=sampler)])
+  assert resumed_budget.steps == 5 == _ledger_steps(tmp_path)  # steps 3, 4 re-ran, same draws
+  _train(resumed, sampler, 4, 7, [resumed_budget, checkpointing.DPCheckpoint(
+      tmp_path, every_steps=2, budget=resumed_budget, sampler=sampler)])
+  assert resumed_budget.steps == 7 == _ledger_steps(tmp_path)
+  newest = checkpointing.latest_checkpoint(tmp_path)
+  assert newest.step == 6 == newest.metadata["budget"]["steps"]
+  # No checkpoint at all, but a ledger: an error, not a fresh start at step 0.
+  for name in os.listdir(tmp_path):
+    if name.startswith("ckpt-"):
+      shutil.rmtree(tmp_path / name)
+  with pytest.raises(checkpointing.CheckpointError, match="records 7 logical steps"):
+    checkpointing.restore_latest(tmp_path, _model(sampler), budget=_budget(sampler))
+
+
+def test_a_damaged_ledger_line_is_an_error_and_an_interrupted_append_is_ignored(tmp_path):
+  _three_checkpoints(tmp_path)
+  path = tmp_path / checkpointing.LEDGER
+  lines = path.read_bytes().split(b"\n")
+  assert len(lines) == 4 and lines[-1] == b""  # steps 1, 2, 3
+  path.write_bytes(b"\n".join(lines[:-1]) + b"\n" + lines[0][:20])  # a torn append
+  assert _ledger_steps(tmp_path) == 3
+  path.write_bytes(b"\n".join([lines[0], lines[1].replace(b'"steps": 2', b'"steps": 1'),
+                               lines[2], b""]))
+  with pytest.raises(checkpointing.CheckpointError, match=f"(?s){checkpointing.LEDGER} is "
+                     "corrupt at line 2.*backup"):
+    checkpointing.read_ledger(tmp_path)
+
+
+def test_restoring_into_another_model_says_so(tmp_path):
+  sampler = _three_checkpoints(tmp_path)
+  wider = T.dp_model(T.dense_model(hidden=32), noise_multiplier=SIGMA, momentum=0.9,
+                     learning_rate=0.2, gradient_accumulation_steps=K,
+                     expected_batch_size=sampler.expected_batch_size)
+  with pytest.raises(ValueError, match="ckpt-3 belongs to another model.*shapes"):
+    checkpointing.restore_latest(tmp_path, wider, sampler=sampler)
+  adam = T.dp_model(T.dense_model(), noise_multiplier=SIGMA, learning_rate=0.2,
+                    gradient_accumulation_steps=K, expected_batch_size=sampler.expected_batch_size,
+                    optimizer_class=tfdp_prune.DPKerasAdamOptimizer)
+  with pytest.raises(ValueError, match="ckpt-3 belongs to another model.*Adam"):
+    checkpointing.restore_latest(tmp_path, adam, sampler=sampler)
+
+
+def test_a_full_disk_stops_training_before_a_step_the_ledger_does_not_cover(tmp_path,
+                                                                           monkeypatch):
+  sampler = _three_checkpoints(tmp_path)
+  before = _listing(tmp_path)
+  model, budget = _model(sampler), _budget(sampler)
+  checkpointing.restore_latest(tmp_path, model, budget=budget, sampler=sampler)
+
+  def full(fd):
+    raise OSError(28, "No space left on device")
+  monkeypatch.setattr(os, "fsync", full)
+  with pytest.raises(OSError, match="No space left"):
+    _train(model, sampler, 3, 6, [budget, checkpointing.DPCheckpoint(
+        tmp_path, every_steps=1, budget=budget, sampler=sampler, keep=5)])
+  monkeypatch.undo()
+  assert int(model.optimizer.iterations.numpy()) <= _ledger_steps(tmp_path)
+  after = _listing(tmp_path)
+  assert {k: v for k, v in after.items() if k in before and k != checkpointing.LEDGER} == {
+      k: v for k, v in before.items() if k != checkpointing.LEDGER}
+  assert after[checkpointing.LEDGER].startswith(before[checkpointing.LEDGER])
+  assert checkpointing.latest_checkpoint(tmp_path).step >= 3

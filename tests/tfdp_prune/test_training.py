@@ -456,6 +456,69 @@ def test_resume_under_other_settings_is_refused(tmp_path):
     training.train(TrainConfig(**dict(common, noise_multiplier=2.0)))
 
 
+def test_resume_record_damaged_or_removed_run_json_and_spelled_out_defaults(tmp_path):
+  checkpoints = str(tmp_path / "ckpt")
+  common = dict(SHORT, epsilon=None, noise_multiplier=1.0, export_dir=None,
+                checkpoint_dir=checkpoints)
+  training.train(TrainConfig(**dict(common, steps=2)))
+  run_json = os.path.join(checkpoints, training.RUN_RECORD)
+  with open(run_json, encoding="utf-8") as f:
+    text = f.read()
+  with open(run_json, "w", encoding="utf-8") as f:
+    f.write(text[:len(text) // 2])  # truncated
+  with pytest.raises(ConfigError, match=f"(?s)run record {run_json} is unreadable.*backup"):
+    training.train(TrainConfig(**dict(common, steps=3)))
+  os.remove(run_json)
+  # The checkpoint carries the settings it was trained under: other masks are refused ...
+  with pytest.raises(ConfigError, match="checkpoint.json: --sparsity: .* there, 0.5 now"):
+    training.train(TrainConfig(**dict(common, steps=3, sparsity=0.5)))
+  assert not os.path.exists(run_json)
+  # ... the default spelled out is the same setting; run.json is written again.
+  resumed = training.train(TrainConfig(**dict(common, steps=3, sparsity=0.8, rule="magnitude")))
+  assert resumed.resumed_from == 2 and resumed.metadata.steps == 3
+  assert training.read_run_record(checkpoints)["config"]["sparsity"] is None  # as first run
+  # Exporting reads the settings the checkpoint carries, run.json or not.
+  os.remove(run_json)
+  path = training.export_checkpoint(checkpoints, str(tmp_path / "export"))
+  assert export_lib.read_metadata(path).steps == 3
+
+
+def _files(directory):
+  found = {}
+  for root, _, names in os.walk(directory):
+    for name in names:
+      with open(os.path.join(root, name), "rb") as f:
+        found[os.path.relpath(os.path.join(root, name), directory)] = f.read()
+  return found
+
+
+def test_export_checkpoint_killed_loses_no_checkpoint_ledger_or_earlier_export(tmp_path):
+  import signal  # pylint: disable=import-outside-toplevel
+  import time  # pylint: disable=import-outside-toplevel
+  checkpoints, exports = str(tmp_path / "ckpt"), str(tmp_path / "export")
+  training.train(TrainConfig(**SHORT, epsilon=None, noise_multiplier=1.0, export_dir=None,
+                             checkpoint_dir=checkpoints))
+  first = training.export_checkpoint(checkpoints, exports)
+  before, exported = _files(checkpoints), _files(first)
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  proc = subprocess.Popen(  # pylint: disable=consider-using-with
+      [sys.executable, "-c", "import sys; from tfdp_prune import training; "
+       "training.export_checkpoint(sys.argv[1], sys.argv[2])", checkpoints, exports],
+      cwd=repo, env=dict(os.environ, PYTHONPATH=repo, TF_CPP_MIN_LOG_LEVEL="2"),
+      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.monotonic() + 300
+  while set(os.listdir(exports)) == {os.path.basename(first)} and proc.poll() is None:
+    if time.monotonic() > deadline:
+      break
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGKILL)
+  assert proc.wait(timeout=60) == -signal.SIGKILL  # killed while it was writing, not after
+  assert _files(checkpoints) == before  # the ledger, run.json and checkpoints: not a byte less
+  assert _files(first) == exported  # the earlier export is intact
+  second = training.export_checkpoint(checkpoints, exports)  # and exporting works again
+  assert export_lib.read_metadata(second).steps == export_lib.read_metadata(first).steps
+
+
 def test_export_checkpoint_matches_the_trained_model(tmp_path):
   checkpoints = str(tmp_path / "ckpt")
   result = training.train(TrainConfig(**SHORT, epsilon=None, noise_multiplier=1.0,
