@@ -5,6 +5,7 @@ import sys
 from absl import app
 from absl import flags
 
+from tfdp_prune import checkpointing
 from tfdp_prune import train_config
 
 
@@ -20,10 +21,11 @@ def adopt_key_flags(*modules) -> None:
 
 def run_console(main_function, program: str, *flag_modules) -> None:
   """Runs an absl `main` whose flags are defined in `flag_modules`: --help lists them, and a bad
-  setting (ConfigError) exits with status 1 and `program: message`, without a traceback. Any
+  setting (ConfigError) or a damaged checkpoint directory (CheckpointError: its message names the
+  file and the choices) exits with status 1 and `program: message`, without a traceback. Any
   other exception is a bug and keeps its traceback."""
   adopt_key_flags(*flag_modules)
   try:
     app.run(main_function)
-  except train_config.ConfigError as error:
+  except (train_config.ConfigError, checkpointing.CheckpointError) as error:
     sys.exit(f"{program}: {error}")

@@ -35,6 +35,11 @@ def _version_1(path):
   (path / "1").mkdir(parents=True)
 
 
+def _damaged_checkpoint(path):
+  (path / "ckpt-5").mkdir(parents=True)
+  (path / "ckpt-5" / "checkpoint.json").write_text('{"trunc')  # a crash mid-write
+
+
 # (id, file system state under tmp_path or None, flags ({tmp} is tmp_path), exit code, phrase)
 ROWS = [
     ("export_dir_is_a_file", ("models", _file), ["--export_dir={tmp}/models"], 1,
@@ -45,6 +50,8 @@ ROWS = [
      "--export_dir to be writable"),
     ("checkpoint_dir_is_a_file", ("runs", _file), ["--checkpoint_dir={tmp}/runs"], 1,
      "--checkpoint_dir to be a directory"),
+    ("damaged_checkpoint", ("runs", _damaged_checkpoint), ["--checkpoint_dir={tmp}/runs"], 1,
+     "is corrupt or unreadable"),
     ("export_version_exists", ("models", _version_1),
      ["--export_dir={tmp}/models", "--export_version=1"], 1, "--overwrite"),
     ("empty_private_split", None, ["--private_split=train[:0%]"], 1,
