@@ -235,19 +235,20 @@ def test_a_guess_that_overshoots_is_never_returned(error, monkeypatch):
 DIGITS_Q = 100 / 1258  # tfdp-train's default: batch 100 of the 1258 private digits
 
 
-@pytest.mark.parametrize("accountant, steps", [("pld", 2), ("rdp", 1), ("rdp", 2)])
-def test_calibration_at_delta_0_1_over_few_steps(accountant, steps):
-  """`--delta=0.1 --steps=2`: epsilon is exactly 0 at sigma >= 0.5 (and at sigma 1, where the
-  search starts); the answer is checked and tight all the same. (PLD over one step needs
-  sigma 0.066, where dp_accounting fails to build the PLD.)"""
+@pytest.mark.parametrize("accountant, steps, target", [
+    ("pld", 2, 8.0), ("pld", 2, 1.0), ("rdp", 1, 1.0), ("rdp", 2, 1.0)])
+def test_calibration_at_delta_0_1_over_few_steps(accountant, steps, target):
+  """`--delta=0.1 --steps=2`: the PLD epsilon is exactly 0 at sigma >= 0.5 (with target 1, the
+  search's bracket is [0.25, 0.5]); the answer is checked and tight all the same. (PLD over
+  one step to epsilon 8 needs sigma 0.066, where dp_accounting fails to build the PLD.)"""
   tol = 1e-3
-  sigma = accounting.calibrate_noise_multiplier(8.0, 0.1, DIGITS_Q, steps, accountant,
+  sigma = accounting.calibrate_noise_multiplier(target, 0.1, DIGITS_Q, steps, accountant,
                                                 pld_discretization=FAST_PLD, tol=tol)
   spec = poisson(accountant, sigma, DIGITS_Q, steps, delta=0.1, pld_discretization=FAST_PLD)
   less_noise = dataclasses.replace(spec, noise_multiplier=sigma - 2 * tol)
-  assert spec.epsilon() <= 8.0 < less_noise.epsilon()
+  assert spec.epsilon() <= target < less_noise.epsilon()
   if accountant == "pld":
-    assert dataclasses.replace(spec, noise_multiplier=1.0).epsilon() == 0.0
+    assert dataclasses.replace(spec, noise_multiplier=0.5).epsilon() == 0.0
 
 
 def test_calibration_on_the_default_grid_is_the_fine_grids_answer():
