@@ -90,13 +90,13 @@ def smallest_fitting(value: Callable[[float], float], target: float, tol: float,
 
 
 def _extrapolate_up(point_a, point_b, target) -> int:
-  """Next probe above point_b (both below target): where the power law through the two points
-  reaches the target, a quarter further, within (b, 16 b]; 2 b when no power law fits."""
+  """Next probe above point_b (both below target): just past where the power law through the
+  two points reaches the target, within (b, 16 b]; 2 b when no power law fits."""
   (s_a, e_a), (s_b, e_b) = point_a, point_b
   estimate = _power_law_root(point_a, point_b, target)
   if estimate is None:
     return max(s_b + 1, 2 * s_b)
-  step = math.ceil(1.25 * (estimate - s_b)) + 1
+  step = math.ceil(1.02 * (estimate - s_b)) + 1
   return int(min(16 * s_b, max(s_b + 1, s_b + step)))
 
 
@@ -107,7 +107,7 @@ def _extrapolate_down(point_a, point_b, target) -> int:
   estimate = None if point_b is None else _power_law_root(point_a, point_b, target)
   if estimate is None:
     return s_a // 2
-  step = math.ceil(1.25 * (s_a - estimate)) + 1
+  step = math.ceil(1.02 * (s_a - estimate)) + 1
   return int(max(s_a // 16, min(s_a - 1, s_a - step)))
 
 
@@ -159,7 +159,7 @@ def _narrow_real(value, target, tol, low, high):
     if estimate is None:
       probe, slow = lo + (hi - lo) / 2, 0
     else:  # just past the estimate, so that the end that has not moved lately moves
-      probe = estimate + (-0.49 * tol if kept_lo > kept_hi else 0.49 * tol)
+      probe = estimate + (-0.4 * tol if kept_lo > kept_hi else 0.4 * tol)
     probe = min(hi - 0.25 * tol, max(lo + 0.25 * tol, probe))
     e = value(probe)
     if e <= target:
@@ -207,25 +207,38 @@ def _powers_of_two_bracket(value, target, lowest, highest):
 
 
 def _bracket_near(value, target, tol, lowest, highest, guess):
-  """As `_powers_of_two_bracket`, starting at guess and stepping by tol, 4 tol, 16 tol, ..."""
+  """As `_powers_of_two_bracket`, from guess: steps of tol, 4 tol, 16 tol, ..., at most a
+  factor 2 a probe, or (once two points lie on the same side) just past where the power law
+  through them meets the target, at most a factor 4 down or 16 up a probe (epsilon at a
+  smaller x, a smaller noise multiplier, costs more)."""
   x = min(highest, max(lowest, guess))
   e = value(x)
-  step = tol
+  step, previous = tol, None
   if e <= target:
     hi, e_hi = x, e
     while hi > lowest:
-      x = max(lowest, hi - step)
+      estimate = None if previous is None else _power_law_root(previous, (hi, e_hi), target)
+      if estimate is not None and estimate < hi:
+        x = max(hi / 4, estimate - 0.4 * tol - 0.01 * (hi - estimate))
+      else:
+        x = max(hi / 2, hi - step)
+      x = max(lowest, x)
       e = value(x)
       if not e <= target:
         return x, e, hi, e_hi
-      hi, e_hi, step = x, e, 4 * step
+      previous, (hi, e_hi), step = (hi, e_hi), (x, e), 4 * step
     return None, None, hi, e_hi
   lo, e_lo = x, e
   while lo < highest:
-    x = min(highest, lo + step)
+    estimate = None if previous is None else _power_law_root(previous, (lo, e_lo), target)
+    if estimate is not None and estimate > lo:
+      x = min(16 * lo, estimate + 0.4 * tol + 0.01 * (estimate - lo))
+    else:
+      x = min(2 * lo, lo + step)
+    x = min(highest, x)
     e = value(x)
     if e <= target:
       return lo, e_lo, x, e
-    lo, e_lo, step = x, e, 4 * step
+    previous, (lo, e_lo), step = (lo, e_lo), (x, e), 4 * step
   raise NotFoundError(f"Expected some x <= {highest} with value(x) <= {target}. Received: "
                       f"value({highest}) = {e_lo}.")

@@ -251,13 +251,15 @@ def test_calibration_at_delta_0_1_over_few_steps(accountant, steps, target):
     assert dataclasses.replace(spec, noise_multiplier=0.5).epsilon() == 0.0
 
 
-def test_calibration_on_the_default_grid_is_the_fine_grids_answer():
-  """tfdp-train's default run. The coarser grids that guide the search answer 0.97189 (a
-  1e-2 grid) and 0.97160 (1e-3); the answer is the default grid's own, to within tol."""
+@pytest.mark.parametrize("target, q, steps", [(8.0, DIGITS_Q, 189), (1.0, 1e-4, 4510072)])
+def test_calibration_on_the_default_grid_is_the_default_grids_answer(target, q, steps):
+  """The searches are guided by coarser grids, whose answers may be far off (the second case,
+  where one step's privacy loss spans a few grid points: sigma 50.1 on a 1e-2 grid and 5.0
+  on 1e-3, for 1.066); the answer is the default grid's own, checked and tight."""
   tol = 1e-4
-  sigma = accounting.calibrate_noise_multiplier(8.0, 1e-5, DIGITS_Q, 189, "pld", tol=tol)
-  spec = poisson("pld", sigma, DIGITS_Q, 189)
-  assert spec.epsilon() <= 8.0 < dataclasses.replace(spec, noise_multiplier=sigma - tol).epsilon()
+  sigma = accounting.calibrate_noise_multiplier(target, 1e-5, q, steps, "pld", tol=tol)
+  spec = poisson("pld", sigma, q, steps)
+  assert spec.epsilon() <= target < dataclasses.replace(spec, noise_multiplier=sigma - tol).epsilon()
 
 
 def _fake_epsilon(monkeypatch, epsilon_of):

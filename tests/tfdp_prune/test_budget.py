@@ -193,8 +193,9 @@ def test_max_steps_at_delta_0_1_where_the_first_step_costs_zero_epsilon(sigma, t
 
 @pytest.mark.parametrize("sigma, q, target", [(0.9716, DIGITS_Q, 8.0), (5.0, 1e-4, 0.05)])
 def test_pld_max_steps_is_the_last_step_count_within_the_target(sigma, q, target):
-  """On the default PLD grid (the searches are guided by coarser grids, whose answers differ:
-  188 instead of 189 for the first case on a 1e-2 grid)."""
+  """On the default PLD grid. The search is guided by coarser grids, whose answers differ (188
+  instead of 189 on a 1e-2 grid for the first case; 1653 and 18781 on 1e-2 and 1e-3 grids
+  instead of 188031 for the second, where one step's privacy loss spans a few grid points)."""
   spec = accounting.PrivacySpec(noise_multiplier=sigma, steps=0, delta=1e-5,
                                 sampling_probability=q)
   got = budget_lib.max_steps_within(spec, target)
