@@ -17,8 +17,9 @@ the step limit for sigma 5, q 1e-4, target 1; the default tfdp-train run). Every
 checked in the child (the step limit s: epsilon(s) <= target < epsilon(s + 1); the calibrated
 sigma: epsilon <= target).
 
-Each case runs in its own subprocess (fresh caches, its own peak memory) with a time limit;
-`--code=DIR` imports tfdp_prune from DIR (e.g. a checkout of an older commit, to compare).
+Each case runs in its own subprocess (fresh caches, its own peak memory) with a time limit,
+importing a copy of tfdp_prune/ made at the start (edits during the run change nothing);
+`--code=DIR` copies DIR/tfdp_prune instead (e.g. a checkout of an older commit, to compare).
 
 Usage (from the repo root; about 10-15 minutes on 2 cores):
   /work/main/.venv/bin/python benchmarks/accounting.py --out=benchmarks/results/accounting.json
@@ -31,8 +32,10 @@ import math
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -155,6 +158,30 @@ def _child(settings):
 # Parent.
 
 
+def _git_commit(code):
+  try:
+    rev = subprocess.run(["git", "-C", code, "rev-parse", "HEAD"], capture_output=True,
+                         text=True, check=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", code, "status", "--porcelain", "--", "tfdp_prune"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    return rev + ("+dirty(tfdp_prune)" if dirty else "")
+  except (OSError, subprocess.CalledProcessError):
+    return None
+
+
+def _snapshot(code, dest):
+  """Copies code/tfdp_prune to dest; returns a content hash of the copy."""
+  import hashlib  # pylint: disable=import-outside-toplevel
+  shutil.copytree(os.path.join(code, "tfdp_prune"), os.path.join(dest, "tfdp_prune"),
+                  ignore=shutil.ignore_patterns("__pycache__"))
+  digest = hashlib.sha256()
+  for root, _, files in sorted(os.walk(os.path.join(dest, "tfdp_prune"))):
+    for name in sorted(files):
+      with open(os.path.join(root, name), "rb") as f:
+        digest.update(name.encode() + f.read())
+  return digest.hexdigest()[:12]
+
+
 def _run_case(name, settings, code, timeout):
   env = dict(os.environ, PYTHONPATH=code, TF_CPP_MIN_LOG_LEVEL="3")
   start = time.perf_counter()
@@ -217,7 +244,8 @@ def worst(rows):
 def _markdown(rows, meta):
   lines = ["# Accounting: seconds per call (PLD, default grid 1e-4)", "",
            f"Command: `{meta['command']}`", "",
-           f"Machine: {meta['machine']}; {meta['date']}; code: `{meta['code']}`.", "",
+           f"Machine: {meta['machine']}; {meta['date']}; tfdp_prune at {meta['git_commit']} "
+           f"(snapshot sha256 {meta['snapshot_sha256']}).", "",
            "Seconds per call (in brackets: epsilon evaluations that were not cached, one-step "
            "PLD builds). calibration: to the setting's own epsilon; step limit: right after "
            "the calibration (warm) and in a fresh process (cold). Errors are reported by "
@@ -254,19 +282,21 @@ def main():
   meta = {"command": " ".join([os.path.relpath(sys.executable, REPO)
                                if sys.executable.startswith(REPO) else sys.executable]
                               + sys.argv),
-          "code": args.code,
+          "code": args.code, "git_commit": _git_commit(args.code),
           "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python "
                      f"{platform.python_version()}, load average at start "
                      f"{os.getloadavg()[0]:.1f}",
           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
   rows = []
-  for name, settings in _cases():
-    if args.cases and args.cases not in name:
-      continue
-    print(name, flush=True)
-    rows.append(_run_case(name, settings, args.code, args.timeout))
-    print("  " + json.dumps({key: value for key, value in rows[-1].items()
-                             if key not in ("name", "settings")}), flush=True)
+  with tempfile.TemporaryDirectory() as snapshot:
+    meta["snapshot_sha256"] = _snapshot(args.code, snapshot)
+    for name, settings in _cases():
+      if args.cases and args.cases not in name:
+        continue
+      print(name, flush=True)
+      rows.append(_run_case(name, settings, snapshot, args.timeout))
+      print("  " + json.dumps({key: value for key, value in rows[-1].items()
+                               if key not in ("name", "settings")}), flush=True)
   meta["load_average_at_end"] = os.getloadavg()[0]
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:

@@ -74,7 +74,9 @@ def epsilon(sigma: float, q: float, steps: int, delta: float, d: float) -> float
     PLDTooLargeError: the one-step or the composed PLD exceeds the size limits.
   """
   check_one_step(sigma, q, d)
-  points = composed_points(sigma, q, steps, d)
+  points = steps * (one_step_points(sigma, q, d) - 1) + 1  # an upper bound, cheap
+  if points > MAX_COMPOSED_POINTS:
+    points = composed_points(sigma, q, steps, d)
   if points > MAX_COMPOSED_POINTS:
     raise PLDTooLargeError(
         f"Expected a PLD of at most {MAX_COMPOSED_POINTS} grid points. Received: {steps} steps "

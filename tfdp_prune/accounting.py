@@ -65,6 +65,9 @@ _MAX_NOISE = 2.0**30
 # Searches run first on PLD grids this many times coarser, up to this grid (see `_guides`).
 _GUIDE_FACTORS = (100, 10)
 _COARSEST_GUIDE = 0.02
+# Calibration with PLD tries no sigma whose one-step PLD has more points than this (about 20 s
+# to build, where the largest one epsilon() accepts takes minutes): 0.1-0.25 at the default grid.
+_CALIBRATION_MAX_POINTS = 2**20
 
 # dp_accounting cannot compute the PLD of the settings; too large (an epsilon far beyond any
 # useful one) is the subclass PLDTooLargeError.
@@ -172,7 +175,12 @@ class PrivacySpec:
         neighboring_relation=relation, value_discretization_interval=self.pld_discretization)
 
   def epsilon(self) -> float:
-    """Epsilon at `delta` for the run so far, computed by dp_accounting (inf if sigma is 0)."""
+    """Epsilon at `delta` for the run so far, computed by dp_accounting (inf if sigma is 0).
+
+    Raises:
+      PLDError: with PLD, dp_accounting cannot compute it (PLDTooLargeError: the PLD would be
+        too large, an epsilon far beyond any useful one; accountant='rdp' can).
+    """
     return _epsilon(self)
 
   def statement(self) -> str:
@@ -237,14 +245,16 @@ def max_steps(spec: PrivacySpec, target_epsilon: float, cap: int) -> int:
 
   Returns cap when even cap steps stay within the target, 0 when one step exceeds it.
   Otherwise the answer s is checked before it is returned: epsilon(s) <= target <
-  epsilon(s + 1), both computed by `PrivacySpec.epsilon()` itself (epsilon never decreases
-  with the steps, so every s' <= s is within the target and every s' > s is not).
+  epsilon(s + 1), both computed by `PrivacySpec.epsilon()` itself. The true epsilon never
+  decreases with the steps; dp_accounting's PLD value is not exactly monotone (FFT rounding:
+  at delta 1e-9 over 1e6 steps it moves by 1e-3 between step counts 5,000 apart), so s is
+  such a crossing found by the search, and a larger step count may be within the target again.
 
   How (only the speed depends on it): the same search on coarser PLD grids first (100x, 10x:
-  cheap, and their answers are usually the fine grid's answer or next to it), each answer the
-  next grid's first guess; then `_search.largest_within` on `spec` itself, which evaluates the
-  guess and its neighbour first. Epsilons of 0 (few steps, large delta) and inf are ordinary
-  values of the search.
+  cheap; their answers are often the fine grid's or close to it, far off where one step's
+  privacy loss spans few grid points), each answer the next grid's first guess; then
+  `_search.largest_within` on `spec` itself, which evaluates the guess and its neighbour first.
+  Epsilons of 0 (few steps, large delta) and inf are ordinary values of the search.
 
   Raises:
     PLDError: the PLD at the answer cannot be computed (PLDTooLargeError: a huge target).
@@ -272,8 +282,9 @@ def _value_of_steps(spec: PrivacySpec):
 
 
 def _guides(spec: PrivacySpec):
-  """Cheaper specs whose answers are close to spec's, coarsest first: for PLD, the same spec on
-  grids 100x and 10x coarser (a connect-the-dots PLD epsilon moves by O(d^2) with its grid d)."""
+  """Cheaper specs whose answers are usually close to spec's, coarsest first: for PLD, the same
+  spec on grids 100x and 10x coarser (where one step's privacy loss spans many grid points, a
+  connect-the-dots PLD epsilon moves by O(d^2) with its grid d)."""
   if spec.accountant != "pld":
     return []
   return [dataclasses.replace(spec, pld_discretization=spec.pld_discretization * factor)
@@ -302,18 +313,19 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float,
   The returned sigma is always one whose epsilon this function computed, with
   `PrivacySpec(noise_multiplier=sigma, ...).epsilon()` (the accountant, sampling and settings
   the ledger uses), and found <= target_epsilon: never a neighbour of a checked value. Its
-  tightness is checked the same way: sigma - tol or a larger sigma was computed and found
+  tightness is checked the same way: a sigma in [result - tol, result) was computed and found
   above the target. Epsilons of 0 (large delta, few steps) and inf are handled as values.
 
   How (only the speed depends on it): with PLD, the same calibration on grids 100x and 10x
-  coarser first (cheap; their sigma is usually within tol of the fine grid's), each answer the
+  coarser first (cheap; their sigma is often within tol of the fine grid's), each answer the
   next grid's first guess; then `_search.smallest_fitting` with `PrivacySpec.epsilon()`, which
   evaluates the guess and the guess - tol first. With RDP (or no usable guess) powers of two
   from 1 bracket sigma first.
 
   The search range is [2**-19, 2**30]; with PLD its bottom is raised to the least noise whose
-  one-step PLD is within `_pld.MAX_ONE_STEP_POINTS` (about 0.05 at the default grid). When the
-  bottom of the range already meets the target, that (checked) sigma is returned.
+  one-step PLD has at most 2**20 points (0.1-0.25 at the default grid: about 20 s to build).
+  When the bottom of the range already meets the target, that (checked) sigma is returned,
+  with a warning when it is such a raised bottom.
 
   Args:
     target_epsilon: the epsilon not to exceed (> 0).
@@ -347,9 +359,10 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float,
     raise RuntimeError(f"Calibration found sigma={sigma} with epsilon {checked.epsilon()} > "
                        f"target {target_epsilon}; not returned.")
   if low is None and lowest > _MIN_NOISE:
-    logging.warning("calibrate_noise_multiplier: even sigma=%r, the least noise whose PLD is "
-                    "within the size limit, meets target_epsilon=%r; returning it (less noise "
-                    "would do; accountant='rdp' can go lower).", sigma, target_epsilon)
+    logging.warning("calibrate_noise_multiplier: even sigma=%r, the least noise calibration "
+                    "tries with PLD (larger PLDs take minutes), meets target_epsilon=%r; "
+                    "returning it (less noise would do; accountant='rdp' can go lower).", sigma,
+                    target_epsilon)
   elif low is not None:  # was less noise above the target, or only impossible to account for?
     try:
       dataclasses.replace(template, noise_multiplier=low).epsilon()
@@ -383,11 +396,12 @@ def _pld_mechanism(spec: PrivacySpec):
 
 
 def _lowest_noise(template: PrivacySpec) -> float:
-  """_MIN_NOISE, or with PLD the least sigma (to 1%) whose PLD is within the size limit."""
+  """_MIN_NOISE, or with PLD the least sigma (to 1%) whose one-step PLD has at most
+  _CALIBRATION_MAX_POINTS points."""
   if template.accountant != "pld":
     return _MIN_NOISE
   too_large = lambda sigma: _pld.one_step_points(*_pld_mechanism(
-      dataclasses.replace(template, noise_multiplier=sigma))) > _pld.MAX_ONE_STEP_POINTS
+      dataclasses.replace(template, noise_multiplier=sigma))) > _CALIBRATION_MAX_POINTS
   if not too_large(_MIN_NOISE):
     return _MIN_NOISE
   low, high = _MIN_NOISE, 1.0
