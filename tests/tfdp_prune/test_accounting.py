@@ -262,6 +262,19 @@ def test_calibration_on_the_default_grid_is_the_default_grids_answer(target, q, 
   assert spec.epsilon() <= target < dataclasses.replace(spec, noise_multiplier=sigma - tol).epsilon()
 
 
+def test_calibration_stops_at_the_least_noise_it_tries_when_any_noise_meets_the_target(
+    monkeypatch):
+  """delta 0.1 >= q: one step is (0, 0.1)-DP whatever the noise (epsilon 0 everywhere). The
+  search stops at the least sigma whose one-step PLD is small enough to build in seconds
+  (2**20 points; 2**12 here), checked, instead of building ever larger PLDs."""
+  monkeypatch.setattr(accounting, "_CALIBRATION_MAX_POINTS", 2**12)
+  sigma = accounting.calibrate_noise_multiplier(8.0, 0.1, 0.01, 1, pld_discretization=FAST_PLD)
+  assert _pld.one_step_points(sigma, 0.01, FAST_PLD) <= 2**12
+  assert _pld.one_step_points(sigma / 1.02, 0.01, FAST_PLD) > 2**12
+  spec = poisson(noise_multiplier=sigma, q=0.01, steps=1, delta=0.1, pld_discretization=FAST_PLD)
+  assert spec.epsilon() == 0.0
+
+
 def _fake_epsilon(monkeypatch, epsilon_of):
   """PrivacySpec.epsilon() is epsilon_of(spec) from now on."""
   monkeypatch.setattr(accounting, "_epsilon", epsilon_of)
