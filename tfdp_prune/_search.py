@@ -10,6 +10,7 @@ is nearly linear for epsilon; where a log is undefined (a value of 0 or inf, x =
 import math
 from typing import Callable, Optional, Tuple
 
+
 class NotFoundError(ValueError):
   """No point of the range meets the target."""
 
@@ -92,7 +93,7 @@ def smallest_fitting(value: Callable[[float], float], target: float, tol: float,
 def _extrapolate_up(point_a, point_b, target) -> int:
   """Next probe above point_b (both below target): just past where the power law through the
   two points reaches the target, within (b, 16 b]; 2 b when no power law fits."""
-  (s_a, e_a), (s_b, e_b) = point_a, point_b
+  s_b = point_b[0]
   estimate = _power_law_root(point_a, point_b, target)
   if estimate is None:
     return max(s_b + 1, 2 * s_b)
@@ -207,13 +208,13 @@ def _powers_of_two_bracket(value, target, lowest, highest):
 
 
 def _bracket_near(value, target, tol, lowest, highest, guess):
-  """As `_powers_of_two_bracket`, from guess: steps of tol, 4 tol, 16 tol, ..., at most a
+  """As `_powers_of_two_bracket`, from guess: steps of about tol, 4 tol, 16 tol, ..., at most a
   factor 2 a probe, or (once two points lie on the same side) just past where the power law
   through them meets the target, at most a factor 4 down or 16 up a probe (epsilon at a
   smaller x, a smaller noise multiplier, costs more)."""
   x = min(highest, max(lowest, guess))
   e = value(x)
-  step, previous = tol, None
+  step, previous = 0.999 * tol, None  # a bracket of guess and guess -+ step is narrow enough
   if e <= target:
     hi, e_hi = x, e
     while hi > lowest:

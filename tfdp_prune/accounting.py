@@ -34,8 +34,13 @@ Shuffled fixed-size batches (`sampling="shuffle"`): NOT a Poisson guarantee.
 
 Everything a checkpoint or an export needs is a plain dict: `PrivacySpec.to_dict()` (the
 settings, the serialized DpEvent, the adjacency and a one-line statement) and
-`PrivacyLedger.get_state()`. This module imports nothing of tfdp_prune but `_validate`, and no
-TensorFlow.
+`PrivacyLedger.get_state()`.
+
+Speed: the PLD epsilon of Poisson steps is dp_accounting's PLDAccountant value, computed with
+the one-step PLD built once per (sigma, q, grid) (`_pld`); `max_steps` and
+`calibrate_noise_multiplier` search on coarser PLD grids first and check their answer on the
+spec's own (`_search`). README "Benchmarks / Accounting" has the seconds. This module imports
+nothing of tfdp_prune but `_validate`, `_pld` and `_search`, and no TensorFlow.
 """
 
 import dataclasses
