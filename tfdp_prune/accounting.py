@@ -41,8 +41,13 @@ Shuffled fixed-size batches (`sampling="shuffle"`): NOT a Poisson guarantee.
 
 Everything a checkpoint or an export needs is a plain dict: `PrivacySpec.to_dict()` (the
 settings, the serialized DpEvent, the adjacency and a one-line statement) and
-`PrivacyLedger.get_state()`. This module imports nothing of tfdp_prune but `_validate`, and no
-TensorFlow.
+`PrivacyLedger.get_state()`.
+
+Speed: the PLD epsilon of Poisson steps is dp_accounting's PLDAccountant value, computed with
+the one-step PLD built once per (sigma, q, grid) (`_pld`); `max_steps` and
+`calibrate_noise_multiplier` search on coarser PLD grids first and check their answer on the
+spec's own (`_search`). README "Benchmarks / Accounting" has the seconds. This module imports
+nothing of tfdp_prune but `_validate`, `_pld` and `_search`, and no TensorFlow.
 """
 
 import dataclasses
@@ -53,11 +58,12 @@ from typing import Any, Dict, Optional
 
 from absl import logging
 from dp_accounting import dp_event
-from dp_accounting import mechanism_calibration
 from dp_accounting import privacy_accountant
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 
+from tfdp_prune import _pld
+from tfdp_prune import _search
 from tfdp_prune import _validate
 
 SAMPLINGS = ("poisson", "shuffle")
@@ -68,6 +74,17 @@ DEFAULT_PLD_DISCRETIZATION = 1e-4  # dp_accounting's own default.
 # Calibration's search range: below _MIN_NOISE it stops ((almost) no noise meets the target).
 _MIN_NOISE = 2.0**-19
 _MAX_NOISE = 2.0**30
+# Searches run first on PLD grids this many times coarser, up to this grid (see `_guides`).
+_GUIDE_FACTORS = (100, 10)
+_COARSEST_GUIDE = 0.02
+# Calibration with PLD tries no sigma whose one-step PLD has more points than this (about 20 s
+# to build, where the largest one epsilon() accepts takes minutes): 0.1-0.25 at the default grid.
+_CALIBRATION_MAX_POINTS = 2**20
+
+# dp_accounting cannot compute the PLD of the settings; too large (an epsilon far beyond any
+# useful one) is the subclass PLDTooLargeError.
+PLDError = _pld.PLDError
+PLDTooLargeError = _pld.PLDTooLargeError
 
 _FORMAT = "tfdp_prune.PrivacySpec"
 _FORMAT_VERSION = 1
@@ -183,7 +200,12 @@ class PrivacySpec:
         neighboring_relation=relation, value_discretization_interval=self.pld_discretization)
 
   def epsilon(self) -> float:
-    """Epsilon at `delta` for the run so far, computed by dp_accounting (inf if sigma is 0)."""
+    """Epsilon at `delta` for the run so far, computed by dp_accounting (inf if sigma is 0).
+
+    Raises:
+      PLDError: with PLD, dp_accounting cannot compute it (PLDTooLargeError: the PLD would be
+        too large, an epsilon far beyond any useful one; accountant='rdp' can).
+    """
     return _epsilon(self)
 
   def overflow_delta(self) -> float:
@@ -257,7 +279,73 @@ class PrivacySpec:
 def _epsilon(spec: PrivacySpec) -> float:
   if spec.steps == 0:
     return 0.0
+  if spec.accountant == "pld" and spec.noise_multiplier > 0:
+    if spec.sampling == "poisson":  # as PLDAccountant computes it, and equal to it (see _pld)
+      return _pld.epsilon(spec.noise_multiplier, spec.sampling_probability, spec.steps,
+                          spec.delta, spec.pld_discretization)
+    _pld.check_one_step(*_pld_mechanism(spec))
   return float(spec.make_accountant().compose(spec.dp_event()).get_epsilon(spec.delta))
+
+
+def max_steps(spec: PrivacySpec, target_epsilon: float, cap: int) -> int:
+  """The largest s <= cap with `spec.with_steps(s).epsilon() <= target_epsilon`.
+
+  Returns cap when even cap steps stay within the target, 0 when one step exceeds it.
+  Otherwise the answer s is checked before it is returned: epsilon(s) <= target <
+  epsilon(s + 1), both computed by `PrivacySpec.epsilon()` itself. The true epsilon never
+  decreases with the steps; dp_accounting's PLD value is not exactly monotone (FFT rounding:
+  at delta 1e-9 over 1e6 steps it moves by 1e-3 between step counts 5,000 apart), so s is
+  such a crossing found by the search, and a larger step count may be within the target again.
+
+  How (only the speed depends on it): the same search on coarser PLD grids first (100x, 10x:
+  cheap; their answers are often the fine grid's or close to it, far off where one step's
+  privacy loss spans few grid points), each answer the next grid's first guess; then
+  `_search.largest_within` on `spec` itself, which evaluates the guess and its neighbour first.
+  Epsilons of 0 (few steps, large delta) and inf are ordinary values of the search.
+
+  Raises:
+    PLDError: the PLD at the answer cannot be computed (PLDTooLargeError: a huge target).
+    RuntimeError: epsilon is not monotone in the steps near the answer.
+  """
+  _validate.positive("target_epsilon", target_epsilon)
+  _validate.positive_int("cap", cap)
+  guess = _guess_max_steps(spec, target_epsilon, cap)
+  steps = _search.largest_within(_value_of_steps(spec), target_epsilon, cap, guess)
+  if steps < cap and not (spec.with_steps(steps).epsilon() <= target_epsilon
+                          < spec.with_steps(steps + 1).epsilon()):  # a guard: never an assert
+    raise RuntimeError(f"Epsilon is not monotone in the steps near {steps} for {spec}.")
+  return steps
+
+
+def _guess_max_steps(spec: PrivacySpec, target_epsilon: float, cap: int) -> Optional[int]:
+  guess = None
+  for guide in _guides(spec):
+    guess = _search.largest_within(_value_of_steps(guide), target_epsilon, cap, guess)
+  return guess
+
+
+def _value_of_steps(spec: PrivacySpec):
+  return lambda steps: _epsilon_or_inf(spec.with_steps(steps))
+
+
+def _guides(spec: PrivacySpec):
+  """Cheaper specs whose answers are usually close to spec's, coarsest first: for PLD, the same
+  spec on grids 100x and 10x coarser (where one step's privacy loss spans many grid points, a
+  connect-the-dots PLD epsilon moves by O(d^2) with its grid d)."""
+  if spec.accountant != "pld":
+    return []
+  return [dataclasses.replace(spec, pld_discretization=spec.pld_discretization * factor)
+          for factor in _GUIDE_FACTORS if spec.pld_discretization * factor <= _COARSEST_GUIDE]
+
+
+def _epsilon_or_inf(spec: PrivacySpec) -> float:
+  """For a search: a PLD that cannot be computed (too large: epsilons far beyond any useful
+  one; or dp_accounting fails on it) counts as above any target. Safe for both searches,
+  whose answers are always computed for real (`max_steps`, `calibrate_noise_multiplier`)."""
+  try:
+    return spec.epsilon()
+  except _pld.PLDError:
+    return math.inf
 
 
 def calibrate_noise_multiplier(target_epsilon: float, delta: float,
@@ -271,13 +359,20 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float,
 
   The returned sigma is always one whose epsilon this function computed, with
   `PrivacySpec(noise_multiplier=sigma, ...).epsilon()` (the accountant, sampling and settings
-  the ledger uses), and found <= target_epsilon: never a neighbour of a checked value.
+  the ledger uses), and found <= target_epsilon: never a neighbour of a checked value. Its
+  tightness is checked the same way: a sigma in [result - tol, result) was computed and found
+  above the target. Epsilons of 0 (large delta, few steps) and inf are handled as values.
 
-  How: a bracket [low, high] of checked powers of two (epsilon(low) > target >= epsilon(high)),
-  then dp_accounting's `calibrate_dp_mechanism` (Brent's method) on the same event and
-  accountant; its root is checked once more before it is returned. Should that check fail, the
-  bracket's checked `high` is returned (safe, at most twice the optimum) with a warning. When
-  even sigma = 2**-19 meets the target, that (checked) value is returned.
+  How (only the speed depends on it): with PLD, the same calibration on grids 100x and 10x
+  coarser first (cheap; their sigma is often within tol of the fine grid's), each answer the
+  next grid's first guess; then `_search.smallest_fitting` with `PrivacySpec.epsilon()`, which
+  evaluates the guess and the guess - tol first. With RDP (or no usable guess) powers of two
+  from 1 bracket sigma first.
+
+  The search range is [2**-19, 2**30]; with PLD its bottom is raised to the least noise whose
+  one-step PLD has at most 2**20 points (0.1-0.25 at the default grid: about 20 s to build).
+  When the bottom of the range already meets the target, that (checked) sigma is returned,
+  with a warning when it is such a raised bottom.
 
   Args:
     target_epsilon: the epsilon not to exceed (> 0).
@@ -289,6 +384,7 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float,
 
   Raises:
     ValueError: an invalid setting, or no sigma <= 2**30 meets the target.
+    PLDError: the PLD at the answer (or just below it) cannot be computed.
   """
   _validate.positive("target_epsilon", target_epsilon)
   _validate.positive_int("steps", steps)
@@ -297,46 +393,71 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float,
                          sampling_probability=sampling_probability, batch_size=batch_size,
                          num_examples=num_examples, accountant=accountant,
                          pld_discretization=pld_discretization)
-  spec_for = lambda sigma: dataclasses.replace(template, noise_multiplier=float(sigma))
+  lowest = _lowest_noise(template)
+  guess = _guess_noise_multiplier(template, target_epsilon, tol, lowest)
+  value = _value_of_noise(template)
+  try:
+    low, sigma = _search.smallest_fitting(value, target_epsilon, tol, lowest, _MAX_NOISE, guess)
+  except _search.NotFoundError:
+    raise ValueError(f"No noise multiplier <= 2**30 reaches target_epsilon={target_epsilon} at "
+                     f"delta={delta} with {steps} steps.") from None
+  checked = dataclasses.replace(template, noise_multiplier=sigma)
+  if not checked.epsilon() <= target_epsilon:  # a privacy guard: never an assert
+    raise RuntimeError(f"Calibration found sigma={sigma} with epsilon {checked.epsilon()} > "
+                       f"target {target_epsilon}; not returned.")
+  if low is None and lowest > _MIN_NOISE:
+    logging.warning("calibrate_noise_multiplier: even sigma=%r, the least noise calibration "
+                    "tries with PLD (larger PLDs take minutes), meets target_epsilon=%r; "
+                    "returning it (less noise would do; accountant='rdp' can go lower).", sigma,
+                    target_epsilon)
+  elif low is not None:  # was less noise above the target, or only impossible to account for?
+    try:
+      dataclasses.replace(template, noise_multiplier=low).epsilon()
+    except PLDError as error:
+      logging.warning("calibrate_noise_multiplier: returning sigma=%r (checked), but less noise "
+                      "could not be accounted for, so it may be more than tol=%r above the "
+                      "least noise that meets the target: %s", sigma, tol, error)
+  return sigma
 
-  def fits(sigma: float) -> bool:
-    """Whether sigma's epsilon, computed as the ledger computes it, is within the target."""
-    return spec_for(sigma).epsilon() <= target_epsilon  # False for NaN, too.
 
-  low, high = _checked_bracket(fits, target_epsilon, delta, steps)
-  if low is None:
-    return high  # Even (almost) no noise meets the target; high was checked.
-  root = float(mechanism_calibration.calibrate_dp_mechanism(
-      make_fresh_accountant=template.make_accountant,
-      make_event_from_param=lambda s: spec_for(s).dp_event(),
-      target_epsilon=target_epsilon, target_delta=delta,
-      bracket_interval=mechanism_calibration.ExplicitBracketInterval(low, high), tol=tol))
-  if fits(root):  # A privacy guard: the value returned is the value checked.
-    return root
-  logging.warning("calibrate_noise_multiplier: dp_accounting's root %r has epsilon %r > "
-                  "target %r; returning the checked upper bracket %r instead.", root,
-                  spec_for(root).epsilon(), target_epsilon, high)
+def _guess_noise_multiplier(template: PrivacySpec, target_epsilon: float, tol: float,
+                            lowest: float) -> Optional[float]:
+  guess = None
+  for guide in _guides(template):
+    low, guess = _search.smallest_fitting(_value_of_noise(guide), target_epsilon, tol, lowest,
+                                          _MAX_NOISE, guess)
+  return guess
+
+
+def _value_of_noise(template: PrivacySpec):
+  return lambda sigma: _epsilon_or_inf(dataclasses.replace(template,
+                                                           noise_multiplier=float(sigma)))
+
+
+def _pld_mechanism(spec: PrivacySpec):
+  """(std, q, d) of the Gaussian PLD the PLD accountant builds for spec: one Poisson step, or
+  (shuffle) one Gaussian of std sigma / 2 / sqrt(passes) for all the passes."""
+  if spec.sampling == "poisson":
+    return spec.noise_multiplier, spec.sampling_probability, spec.pld_discretization
+  return spec.noise_multiplier / 2 / math.sqrt(spec.passes), 1.0, spec.pld_discretization
+
+
+def _lowest_noise(template: PrivacySpec) -> float:
+  """_MIN_NOISE, or with PLD the least sigma (to 1%) whose one-step PLD has at most
+  _CALIBRATION_MAX_POINTS points."""
+  if template.accountant != "pld":
+    return _MIN_NOISE
+  too_large = lambda sigma: _pld.one_step_points(*_pld_mechanism(
+      dataclasses.replace(template, noise_multiplier=sigma))) > _CALIBRATION_MAX_POINTS
+  if not too_large(_MIN_NOISE):
+    return _MIN_NOISE
+  low, high = _MIN_NOISE, 1.0
+  while too_large(high):
+    low, high = high, 2 * high
+  while high > 1.01 * low:  # bisection on a cheap function: no PLD is built
+    middle = math.sqrt(low * high)
+    low, high = (middle, high) if too_large(middle) else (low, middle)
   return high
-
-
-def _checked_bracket(fits, target_epsilon, delta, steps):
-  """(low, high), powers of two with fits(high) and not fits(low), both evaluated; epsilon
-  decreases in sigma. (None, high) when even high = _MIN_NOISE fits. sigma = 0 (epsilon inf)
-  is never evaluated."""
-  if fits(1.0):
-    high = 1.0
-    while high / 2 >= _MIN_NOISE:
-      if not fits(high / 2):
-        return high / 2, high
-      high /= 2
-    return None, high
-  low = 1.0
-  while low * 2 <= _MAX_NOISE:
-    if fits(low * 2):
-      return low, low * 2
-    low *= 2
-  raise ValueError(f"No noise multiplier <= 2**30 reaches target_epsilon={target_epsilon} at "
-                   f"delta={delta} with {steps} steps.")
 
 
 def steps_for_epochs(epochs: float, num_examples: int, expected_batch_size: float) -> int:

@@ -25,7 +25,6 @@ once, DESIGN.md rule 10) in an `accounting.PrivacyLedger`, and
 """
 
 import functools
-import math
 import warnings
 from typing import Any, Dict, Optional
 
@@ -66,9 +65,8 @@ class PrivacyBudget(keras.callbacks.Callback):
       expected batch size, microbatches. Without it, only the spec and the optimizer are
       compared (a warning says so). Not part of `get_config()`: pass it to `from_config`.
 
-  Computing `max_steps` costs a few dozen epsilon evaluations, once per (settings, target) in a
-  process (about 1 s each with the PLD accountant, milliseconds with RDP); epoch logs cost one
-  evaluation per new step count.
+  `max_steps` is computed once per (settings, target) in a process (`accounting.max_steps`:
+  seconds with PLD, see README "Benchmarks"); epoch logs cost one evaluation per new step count.
   """
 
   def __init__(self, spec: accounting.PrivacySpec, target_epsilon: Optional[float] = None,
@@ -284,60 +282,8 @@ def max_steps_within(spec: accounting.PrivacySpec, target_epsilon: float) -> int
   """The largest s with `spec.with_steps(s).epsilon() <= target_epsilon` (STEPS_CAP if even
   that many steps stay within the target; 0 if one step already exceeds it).
 
-  Epsilon never decreases with the number of steps, so the answer is verified at the end:
-  epsilon(s) <= target < epsilon(s + 1), both computed by `PrivacySpec.epsilon()` itself.
-  The search brackets the answer by extrapolating epsilon ~ c * steps^a from the last two
-  points, then narrows the bracket by regula falsi (Illinois) in log-log space, with a
-  bisection after three steps that do not halve the bracket: about 10 evaluations (each up to
-  a few seconds with PLD) where bisection needs about 30.
+  `accounting.max_steps` checks the answer before returning it: epsilon(s) <= target <
+  epsilon(s + 1), both computed by `PrivacySpec.epsilon()` itself (epsilon never decreases
+  with the steps). Epsilons of 0 (few steps at a large delta) and inf are handled.
   """
-  _validate.positive("target_epsilon", target_epsilon)
-  eps = lambda steps: spec.with_steps(steps).epsilon()
-  lo, e_lo = 0, 0.0  # invariant: eps(lo) <= target
-  previous = None
-  probe = 1
-  while True:  # bracket: find hi with eps(hi) > target
-    e = eps(probe)
-    if e > target_epsilon:
-      hi, e_hi = probe, e
-      break
-    if probe >= STEPS_CAP:
-      return STEPS_CAP
-    previous, (lo, e_lo) = (lo, e_lo), (probe, e)
-    guess = _power_law_steps(previous, (lo, e_lo), target_epsilon)
-    probe = min(STEPS_CAP, max(2 * lo, min(16 * lo, int(math.ceil(1.1 * guess)))))
-  kept = {"lo": 0, "hi": 0}  # how often each end survived in a row (Illinois' weights)
-  slow = 0  # steps in a row that did not halve the bracket
-  while hi - lo > 1:  # narrow: eps(lo) <= target < eps(hi)
-    width = hi - lo
-    if lo > 0 and math.isfinite(e_hi) and slow < 3:
-      # Regula falsi on log(eps) - log(target) over log(steps), Illinois variant: an end kept
-      # twice in a row has its value halved, so the bracket closes from both sides.
-      f_lo = (math.log(e_lo) - math.log(target_epsilon)) * 0.5**max(0, kept["lo"] - 1)
-      f_hi = (math.log(e_hi) - math.log(target_epsilon)) * 0.5**max(0, kept["hi"] - 1)
-      x_lo, x_hi = math.log(lo), math.log(hi)
-      probe = int(round(math.exp(x_lo - f_lo * (x_hi - x_lo) / (f_hi - f_lo))))
-    else:
-      probe = (lo + hi) // 2
-      slow = 0
-    probe = min(hi - 1, max(lo + 1, probe))
-    e = eps(probe)
-    if e > target_epsilon:
-      hi, e_hi = probe, e
-      kept = {"lo": kept["lo"] + 1, "hi": 0}
-    else:
-      lo, e_lo = probe, e
-      kept = {"lo": 0, "hi": kept["hi"] + 1}
-    slow = 0 if hi - lo <= width / 2 else slow + 1
-  if not eps(lo) <= target_epsilon < eps(lo + 1):  # a privacy guard: never an assert
-    raise RuntimeError(f"Epsilon is not monotone in the steps near {lo} for {spec}.")
-  return lo
-
-
-def _power_law_steps(point_a, point_b, target_epsilon) -> float:
-  """Steps where the line through two (steps, epsilon) points in log-log space hits target."""
-  (s_a, e_a), (s_b, e_b) = point_a, point_b
-  if s_a <= 0 or e_a <= 0 or e_b <= e_a or not math.isfinite(e_b):
-    return 2.0 * s_b
-  slope = (math.log(e_b) - math.log(e_a)) / (math.log(s_b) - math.log(s_a))
-  return math.exp(math.log(s_a) + (math.log(target_epsilon) - math.log(e_a)) / slope)
+  return accounting.max_steps(spec, target_epsilon, STEPS_CAP)

@@ -288,13 +288,21 @@ def plan_privacy(config: TrainConfig, sampler) -> _Plan:
                                                       sampler.expected_batch_size)
   template = sampler.privacy_spec(noise_multiplier=1.0, steps=steps, delta=config.delta,
                                   accountant=config.accountant)
-  if config.noise_multiplier is not None:
-    sigma = float(config.noise_multiplier)
-  else:
-    sigma = accounting.calibrate_noise_multiplier(
-        config.epsilon, config.delta, template.sampling_probability, steps, config.accountant,
-        sampling=template.sampling, batch_size=template.batch_size,
-        num_examples=template.num_examples, pld_discretization=template.pld_discretization)
+  try:
+    if config.noise_multiplier is not None:
+      sigma = float(config.noise_multiplier)
+    else:
+      sigma = accounting.calibrate_noise_multiplier(
+          config.epsilon, config.delta, template.sampling_probability, steps, config.accountant,
+          sampling=template.sampling, batch_size=template.batch_size,
+          num_examples=template.num_examples, pld_discretization=template.pld_discretization)
+    # The run's final epsilon (cached for the budget and the metadata): a PLD that cannot be
+    # computed is found here, before training. Fewer steps never need a larger PLD.
+    dataclasses.replace(template, noise_multiplier=sigma).epsilon()
+  except accounting.PLDError as error:
+    raise ConfigError(f"--accountant={config.accountant} cannot account for {steps} steps of "
+                      f"this run: {error} (tfdp-train: --accountant=rdp, or fewer --steps or "
+                      "--epochs.)") from None
   spec = dataclasses.replace(template, noise_multiplier=sigma, steps=0)
   return _Plan(steps=steps, noise_multiplier=sigma, spec=spec)
 

@@ -8,6 +8,7 @@ import pytest
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 
+from tfdp_prune import _pld
 from tfdp_prune import accounting
 from tfdp_prune.accounting import PrivacySpec
 
@@ -59,7 +60,7 @@ def test_rdp_epsilon_matches_the_reference_value():
 
 def test_pld_epsilon_matches_the_reference_value_and_is_below_rdp():
   epsilon = poisson("pld").epsilon()
-  assert abs(epsilon - 6.78) < 0.05
+  assert abs(epsilon - 6.7688) < 1e-4
   assert epsilon < poisson("rdp").epsilon()
 
 
@@ -77,6 +78,40 @@ def test_epsilon_equals_dp_accounting_called_directly(accountant):
         dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
     want = direct_epsilon(accountant, event, 1e-6, pld_discretization=FAST_PLD)
     assert abs(spec.epsilon() - want) <= 1e-6, (sigma, q, steps)
+
+
+# (sigma, q, steps, delta, pld_discretization): the reference run; epsilon exactly 0 (delta 0.1,
+# one step); a sparse one-step PLD over many steps (dp_accounting decides sparse-or-dense by
+# computing size**steps); q = 1 (a symmetric PLD); a tiny delta.
+_PLD_CASES = [(1.5, 0.04, 2250, 1e-5, 1e-4), (0.97, 0.08, 1, 0.1, FAST_PLD),
+              (5.0, 1e-4, 458752, 1e-5, 1e-4), (2.0, 1.0, 50, 1e-5, FAST_PLD),
+              (20.0, 1e-5, 1000, 1e-9, FAST_PLD)]
+
+
+@pytest.mark.parametrize("sigma, q, steps, delta, discretization", _PLD_CASES)
+def test_pld_epsilon_is_exactly_the_pld_accountants(sigma, q, steps, delta, discretization):
+  """The one-step PLD is built once and reused for other step counts: the numbers stay
+  dp_accounting's, bit for bit."""
+  spec = poisson("pld", sigma, q, steps, delta=delta, pld_discretization=discretization)
+  for count in (steps, steps + 7):
+    event = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), count)
+    want = direct_epsilon("pld", event, delta, pld_discretization=discretization)
+    assert spec.with_steps(count).epsilon() == want, count
+
+
+def test_sparse_or_dense_is_decided_without_computing_the_power():
+  assert _pld._sparse_too_large(3, 10**12)  # 3**(10**12) would never finish
+  assert _pld._sparse_too_large(2, 10) and not _pld._sparse_too_large(2, 9)  # 1024 > 1000
+  assert not _pld._sparse_too_large(1, 10**12) and not _pld._sparse_too_large(31, 2)
+
+
+def test_a_pld_too_large_to_compute_is_a_clear_error_before_anything_is_built():
+  with pytest.raises(accounting.PLDTooLargeError, match="accountant='rdp'"):
+    poisson(noise_multiplier=0.01, q=1.0, steps=10).epsilon()  # 1.2e8 points for one step
+  with pytest.raises(accounting.PLDTooLargeError, match="pld_discretization >= "):
+    poisson(noise_multiplier=2.0, q=1.0, steps=10**7, pld_discretization=FAST_PLD).epsilon()
+  assert poisson("rdp", noise_multiplier=0.01, q=1.0, steps=10).epsilon() > 1e3
 
 
 @pytest.mark.parametrize("accountant", ["rdp", "pld"])
@@ -192,17 +227,112 @@ def test_calibration_returns_a_sigma_whose_epsilon_it_checked(accountant, target
 
 
 @pytest.mark.parametrize("error", [-0.05, -1e-6])
-def test_a_root_that_overshoots_is_never_returned(error, monkeypatch):
-  """dp_accounting's root is checked again: a root just below the optimum (its epsilon above
-  the target) is replaced by a checked value, never returned."""
+def test_a_guess_that_overshoots_is_never_returned(error, monkeypatch):
+  """The search's guess (from coarser grids) only steers it: a guess just below the optimum
+  (its epsilon above the target) is never returned; a checked, tight value is."""
   optimum = accounting.calibrate_noise_multiplier(2.0, 1e-5, 0.05, 100, "rdp", tol=1e-9)
-  monkeypatch.setattr(accounting.mechanism_calibration, "calibrate_dp_mechanism",
-                      lambda **kwargs: optimum + error)
+  monkeypatch.setattr(accounting, "_guess_noise_multiplier", lambda *args: optimum + error)
   computed = _record_epsilons(monkeypatch)
   sigma = accounting.calibrate_noise_multiplier(2.0, 1e-5, 0.05, 100, "rdp", tol=1e-9)
   assert sigma != optimum + error
-  assert poisson("rdp", optimum + error, 0.05, 100).epsilon() > 2.0  # the root did overshoot
+  assert poisson("rdp", optimum + error, 0.05, 100).epsilon() > 2.0  # the guess did overshoot
   _assert_checked(computed, sigma, 2.0, poisson("rdp", 1.0, 0.05, 100))
+  assert poisson("rdp", sigma - 2e-9, 0.05, 100).epsilon() > 2.0
+
+
+DIGITS_Q = 100 / 1258  # tfdp-train's default: batch 100 of the 1258 private digits
+
+
+@pytest.mark.parametrize("accountant, steps, target", [
+    ("pld", 2, 8.0), ("pld", 2, 1.0), ("rdp", 1, 1.0), ("rdp", 2, 1.0)])
+def test_calibration_at_delta_0_1_over_few_steps(accountant, steps, target):
+  """`--delta=0.1 --steps=2`: the PLD epsilon is exactly 0 at sigma >= 0.5 (with target 1, the
+  search's bracket is [0.25, 0.5]); the answer is checked and tight all the same. (PLD over
+  one step to epsilon 8 needs sigma 0.066, where dp_accounting fails to build the PLD.)"""
+  tol = 1e-3
+  sigma = accounting.calibrate_noise_multiplier(target, 0.1, DIGITS_Q, steps, accountant,
+                                                pld_discretization=FAST_PLD, tol=tol)
+  spec = poisson(accountant, sigma, DIGITS_Q, steps, delta=0.1, pld_discretization=FAST_PLD)
+  less_noise = dataclasses.replace(spec, noise_multiplier=sigma - 2 * tol)
+  assert spec.epsilon() <= target < less_noise.epsilon()
+  if accountant == "pld":
+    assert dataclasses.replace(spec, noise_multiplier=0.5).epsilon() == 0.0
+
+
+@pytest.mark.parametrize("target, q, steps", [(8.0, DIGITS_Q, 189), (1.0, 1e-4, 4510072)])
+def test_calibration_on_the_default_grid_is_the_default_grids_answer(target, q, steps):
+  """The searches are guided by coarser grids, whose answers may be far off (the second case,
+  where one step's privacy loss spans a few grid points: sigma 50.1 on a 1e-2 grid and 5.0
+  on 1e-3, for 1.066); the answer is the default grid's own, checked and tight."""
+  tol = 1e-4
+  sigma = accounting.calibrate_noise_multiplier(target, 1e-5, q, steps, "pld", tol=tol)
+  spec = poisson("pld", sigma, q, steps)
+  assert spec.epsilon() <= target < dataclasses.replace(spec, noise_multiplier=sigma - tol).epsilon()
+
+
+def test_calibration_stops_at_the_least_noise_it_tries_when_any_noise_meets_the_target(
+    monkeypatch):
+  """delta 0.1 >= q: one step is (0, 0.1)-DP whatever the noise (epsilon 0 everywhere). The
+  search stops at the least sigma whose one-step PLD is small enough to build in seconds
+  (2**20 points; 2**12 here), checked, instead of building ever larger PLDs."""
+  monkeypatch.setattr(accounting, "_CALIBRATION_MAX_POINTS", 2**12)
+  sigma = accounting.calibrate_noise_multiplier(8.0, 0.1, 0.01, 1, pld_discretization=FAST_PLD)
+  assert _pld.one_step_points(sigma, 0.01, FAST_PLD) <= 2**12
+  assert _pld.one_step_points(sigma / 1.02, 0.01, FAST_PLD) > 2**12
+  spec = poisson(noise_multiplier=sigma, q=0.01, steps=1, delta=0.1, pld_discretization=FAST_PLD)
+  assert spec.epsilon() == 0.0
+
+
+def _fake_epsilon(monkeypatch, epsilon_of):
+  """PrivacySpec.epsilon() is epsilon_of(spec) from now on."""
+  monkeypatch.setattr(accounting, "_epsilon", epsilon_of)
+
+
+def _zero_then_inf(spec):
+  """Nonincreasing in sigma: inf below 0.5, 4 / sigma**2 - 1 up to 2, 0 above; nondecreasing in
+  the steps: 0 up to 5, then steps / 40 up to 40, then inf. (At 40 steps: the sigma part.)"""
+  sigma, steps = spec.noise_multiplier, spec.steps
+  if sigma < 0.5 or steps > 40:
+    return math.inf
+  return 0.0 if sigma > 2.0 or steps <= 5 else (4 / sigma**2 - 1) * steps / 40
+
+
+def _zero_then_unavailable(spec):
+  """As `_zero_then_inf`, but dp_accounting fails where that is inf."""
+  epsilon = _zero_then_inf(spec)
+  if epsilon == math.inf:
+    raise accounting.PLDError("dp_accounting could not build the PLD (a test).")
+  return epsilon
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "pld"])
+@pytest.mark.parametrize("target, want", [(3.0, 1.0), (15.0, 0.5), (15.5, 0.5), (1e-3, 1.9990)])
+def test_calibration_with_zero_and_infinite_epsilons(accountant, target, want, monkeypatch):
+  _fake_epsilon(monkeypatch, _zero_then_inf)
+  sigma = accounting.calibrate_noise_multiplier(target, 1e-5, 0.01, 40, accountant, tol=1e-6)
+  epsilon = lambda sigma: _zero_then_inf(poisson(noise_multiplier=sigma, steps=40))
+  assert epsilon(sigma) <= target < epsilon(sigma - 2e-6)
+  assert abs(sigma - want) < 1e-4
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "pld"])
+@pytest.mark.parametrize("target, want", [(1e-9, 5), (0.5, 6), (1.0, 13), (3.0, 40), (50.0, 40)])
+def test_max_steps_with_zero_and_infinite_epsilons(accountant, target, want, monkeypatch):
+  _fake_epsilon(monkeypatch, _zero_then_inf)
+  assert accounting.max_steps(poisson(accountant, noise_multiplier=1.0, steps=0), target,
+                              cap=2**31) == want
+
+
+def test_a_pld_that_cannot_be_computed_steers_the_searches_but_is_never_an_answer(monkeypatch):
+  _fake_epsilon(monkeypatch, _zero_then_unavailable)
+  spec = poisson(noise_multiplier=1.0, steps=0)
+  assert accounting.max_steps(spec, 1.0, cap=2**31) == 13
+  with pytest.raises(accounting.PLDError):  # the answer would be 40: 41 must be computed
+    accounting.max_steps(spec, 3.0, cap=2**31)
+  assert accounting.calibrate_noise_multiplier(3.0, 1e-5, 0.01, 40, tol=1e-6) == pytest.approx(
+      1.0, abs=1e-6)
+  assert accounting.calibrate_noise_multiplier(15.0, 1e-5, 0.01, 40, tol=1e-6) == pytest.approx(
+      0.5, abs=1e-6)  # checked; that less noise exceeds the target could not be: a warning
 
 
 def test_calibration_for_shuffle_uses_the_shuffle_guarantee():

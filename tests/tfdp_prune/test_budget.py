@@ -193,6 +193,34 @@ def test_max_steps_is_the_last_step_count_within_the_target(spec, target):
     assert got == _expected_max_steps(target, spec)
 
 
+DIGITS_Q = 100 / 1258  # tfdp-train's default: batch 100 of the 1258 private digits
+
+
+@pytest.mark.parametrize("sigma, target, want", [(0.1923, 8.0, 2), (1.0, 0.3, None)])
+def test_max_steps_at_delta_0_1_where_the_first_step_costs_zero_epsilon(sigma, target, want):
+  """`--delta=0.1 --steps=2`: epsilon after one step is exactly 0; the search took its log
+  (math domain error)."""
+  spec = accounting.PrivacySpec(noise_multiplier=sigma, steps=0, delta=0.1,
+                                sampling_probability=DIGITS_Q, pld_discretization=1e-3)
+  assert _epsilon(1, spec) == 0.0
+  got = budget_lib.max_steps_within(spec, target)
+  assert _epsilon(got, spec) <= target < _epsilon(got + 1, spec)
+  assert got == _expected_max_steps(target, spec) == (want or got)
+
+
+@pytest.mark.parametrize("sigma, q, target", [(0.9716, DIGITS_Q, 8.0), (5.0, 1e-4, 0.05)])
+def test_pld_max_steps_is_the_last_step_count_within_the_target(sigma, q, target):
+  """On the default PLD grid. The search is guided by coarser grids, whose answers differ (188
+  instead of 189 on a 1e-2 grid for the first case; 1653 and 18781 on 1e-2 and 1e-3 grids
+  instead of 188031 for the second, where one step's privacy loss spans a few grid points)."""
+  spec = accounting.PrivacySpec(noise_multiplier=sigma, steps=0, delta=1e-5,
+                                sampling_probability=q)
+  got = budget_lib.max_steps_within(spec, target)
+  epsilon = lambda steps: accounting.PrivacySpec(noise_multiplier=sigma, steps=steps, delta=1e-5,
+                                                 sampling_probability=q).epsilon()
+  assert epsilon(got) <= target < epsilon(got + 1)
+
+
 def test_no_noise_allows_no_step():
   spec = accounting.PrivacySpec(noise_multiplier=0.0, steps=0, delta=1e-5,
                                 sampling_probability=0.25, accountant="rdp")

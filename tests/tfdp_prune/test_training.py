@@ -380,6 +380,15 @@ def test_calibrated_sigma_meets_the_target_for_the_planned_steps():
   assert plan.spec.with_steps(40).epsilon() > 1.9  # calibrated, not merely safe
 
 
+def test_a_run_the_pld_cannot_account_for_fails_at_planning_not_after_training():
+  private = (np.zeros((1000, 4), "float32"), np.zeros(1000, int))
+  config = TrainConfig(noise_multiplier=0.01, epsilon=None, steps=10, epochs=None)
+  with pytest.raises(ConfigError, match="--accountant=rdp"):  # 6e7 points for one step
+    training.plan_privacy(config, training.make_sampler(config, private))
+  rdp = TrainConfig(noise_multiplier=0.01, epsilon=None, steps=10, epochs=None, accountant="rdp")
+  assert training.plan_privacy(rdp, training.make_sampler(rdp, private)).steps == 10
+
+
 def test_shuffle_sampling_is_accounted_as_shuffle():
   config = TrainConfig(sampling="shuffle", noise_multiplier=1.0, epsilon=None, epochs=2.0)
   sampler = training.make_sampler(config, (np.zeros((1000, 4), "float32"), np.zeros(1000, int)))
