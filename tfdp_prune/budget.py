@@ -283,7 +283,8 @@ def max_steps_within(spec: accounting.PrivacySpec, target_epsilon: float) -> int
   that many steps stay within the target; 0 if one step already exceeds it).
 
   `accounting.max_steps` checks the answer before returning it: epsilon(s) <= target <
-  epsilon(s + 1), both computed by `PrivacySpec.epsilon()` itself (epsilon never decreases
-  with the steps). Epsilons of 0 (few steps at a large delta) and inf are handled.
+  epsilon(s + 1), both computed by `PrivacySpec.epsilon()` itself (where dp_accounting's PLD
+  value is not exactly monotone in the steps, s is such a crossing; see there). Epsilons of 0
+  (few steps at a large delta) and inf are handled.
   """
   return accounting.max_steps(spec, target_epsilon, STEPS_CAP)
