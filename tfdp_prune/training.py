@@ -214,7 +214,7 @@ def export_checkpoint(checkpoint_dir: str, export_dir: str, *, version: Optional
   record = (newest.metadata.get("run_record") if newest is not None else None) or (
       read_run_record(checkpoint_dir))
   config = TrainConfig.from_dict(record["config"])
-  info = _info_from_dict(record["data_info"])
+  info = data_lib.DataInfo.from_dict(record["data_info"])
   spec = accounting.PrivacySpec.from_dict(record["privacy_spec"])
   with make_strategy("default").scope():
     model = compile_model(config, info.input_shape, info.num_classes, spec.noise_multiplier,
@@ -245,7 +245,8 @@ def load_data(config: TrainConfig) -> data_lib.DataSplits:
     return data_lib.load(config.dataset, public_split=config.public_split,
                          private_split=config.private_split, test_split=config.test_split,
                          public_dataset=config.public_dataset, seed=config.seed,
-                         data_dir=config.data_dir)
+                         data_dir=config.data_dir, label_column=config.label_column,
+                         num_classes=config.num_classes, image_size=config.image_size_pair)
   except data_lib.DatasetNotAvailableError as error:
     flags = f"--dataset={config.dataset!r}"
     if config.public_dataset is not None:
@@ -565,12 +566,6 @@ def _resolved(config: Dict[str, Any]) -> Dict[str, Any]:
   return dict(config, rule=resolved.effective_rule, sparsity=resolved.effective_sparsity,
               select_every=resolved.effective_select_every,
               physical_batch_size=config.get("physical_batch_size") or config.get("batch_size"))
-
-
-def _info_from_dict(data: Dict[str, Any]) -> data_lib.DataInfo:
-  return data_lib.DataInfo(**dict(
-      data, input_shape=tuple(data["input_shape"]),
-      public_fingerprint=overlap.PublicDataFingerprint.from_dict(data["public_fingerprint"])))
 
 
 # ---- internals ----------------------------------------------------------------------------------
