@@ -78,7 +78,8 @@ def read(path: str, *, label_column: Optional[str] = None, num_classes: Optional
   if suffix == ".npz":
     return read_npz(expanded, num_classes=num_classes)
   raise LocalDataError(f"Expected {path!r} to be a folder of class folders of images, a .csv or "
-                       f"a .npz file. Received a file ending in {suffix or 'no extension'!r}.")
+                       f"a .npz file. Received a file with "
+                       f"{f'the extension {suffix!r}' if suffix else 'no extension'}.")
 
 
 def read_image_folder(root: str, *, image_size: Optional[Tuple[int, int]] = None,
@@ -206,17 +207,20 @@ def _image_files(folder):
 
 
 def _decode_image(path, image_size):
-  """float32 (height, width, channels) in [0, 1], resized to image_size when given."""
+  """float32 (height, width, channels) in [0, 1], resized to image_size when given.
+
+  Scaled as `data` scales TFDS images (uint8 / 255 in numpy), so the same picture read from a
+  file and from TFDS has the same values and the overlap check finds it."""
   try:
-    image = tf.io.decode_image(tf.io.read_file(path), expand_animations=False,
-                               dtype=tf.float32)
+    image = tf.io.decode_image(tf.io.read_file(path), expand_animations=False).numpy()
   except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as error:
     raise LocalDataError(f"Expected a readable image at {path}. Received a file TensorFlow "
                          f"cannot decode ({error.message.splitlines()[0]}). Repair or remove "
                          "it.") from None
+  image = image.astype(np.float32) / np.float32(255.0)
   if image_size is not None:
-    image = tf.clip_by_value(tf.image.resize(image, image_size, antialias=True), 0.0, 1.0)
-  return image.numpy()
+    image = np.clip(tf.image.resize(image, image_size, antialias=True).numpy(), 0.0, 1.0)
+  return image
 
 
 def _check_one_shape(images, files, resized):
