@@ -121,8 +121,9 @@ def train(config: TrainConfig, *, splits: Optional[data_lib.DataSplits] = None,
 
   Args:
     config: the run's settings (validated when it was built).
-    splits: data already loaded (e.g. in tests); None loads `config.dataset`. Given splits go
-      through the checks `load_data` runs (`data.check_splits`: public and private disjoint,
+    splits: data already loaded, e.g. `DataSplits.from_arrays(public=(x, y), private=(x, y),
+      test=(x, y), num_classes=k)` or `data.load(...)`; None loads `config.dataset` (a name or
+      a path). Given splits go through the checks `load_data` runs (`data.check_splits`: public and private disjoint,
       the recorded public fingerprint the public part's) before anything else.
     callbacks: more Keras callbacks for `fit`. The training loss and metrics they see are
       computed on private batches without noise: a decision made from them (early stopping,
