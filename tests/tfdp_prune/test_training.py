@@ -637,3 +637,12 @@ def test_train_reads_a_folder_of_class_folders_and_records_it(tmp_path):
   assert result.metadata.dataset == f"{tmp_path}/scans"
   with open(tmp_path / "run" / training.RUN_RECORD) as f:
     assert json.load(f)["data_info"]["class_names"] == ["healthy", "sick"]
+
+
+def test_load_data_passes_the_file_flags(tmp_path):
+  write_image_folder(tmp_path / "imgs", classes=("a", "b"), per_class=5, size=(9, 7))
+  write_image_folder(tmp_path / "imgs", classes=("b",), per_class=1, size=(4, 4), seed=1)
+  with pytest.raises(ConfigError, match="--image_size=HEIGHTxWIDTH"):
+    training.load_data(TrainConfig(dataset=f"{tmp_path}/imgs"))
+  splits = training.load_data(TrainConfig(dataset=f"{tmp_path}/imgs", image_size="6x5"))
+  assert splits.info.input_shape == (6, 5, 1)
