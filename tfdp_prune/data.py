@@ -196,6 +196,9 @@ class DataSplits:
         only one private example has.
       name: what the metadata records as the dataset (e.g. where the arrays came from).
 
+    x is converted to float32 as it is, not rescaled (`load` scales uint8 images by 1/255:
+    do the same for arrays of such images).
+
     Raises:
       DataError: a part is empty or malformed, labels outside 0..num_classes-1, non-finite or
         differently shaped public inputs.
@@ -203,6 +206,9 @@ class DataSplits:
         DataSplits given to `train` must pass `check_splits`).
     """
     _validate.positive_int("num_classes", num_classes)
+    if not isinstance(name, str) or not name:
+      raise ValueError(f"Expected name to be a non-empty string (the dataset the metadata "
+                       f"records). Received: name={name!r}.")
     parts = {"public": public, "private": private, "test": test}
     for part_name, part in parts.items():
       if part is not None:
@@ -502,9 +508,11 @@ def _read_tfds(name, split, data_dir, download):
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as error:
+    here = (f" A file or folder {name!r} exists here: write './{name}' to read it (a relative "
+            "path starts with './')." if os.path.exists(name) else "")
     raise DatasetNotAvailableError(
         f"Unknown dataset {name!r}: it is neither 'digits' nor a TensorFlow Datasets builder "
-        f"({str(error).splitlines()[0]}). {_available_offline(data_dir)}") from None
+        f"({str(error).splitlines()[0]}).{here} {_available_offline(data_dir)}") from None
   try:
     dataset = tfds.load(name, split=split, as_supervised=True, data_dir=data_dir,
                         download=download, shuffle_files=False)

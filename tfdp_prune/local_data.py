@@ -114,7 +114,7 @@ def read_csv(path: str, *, label_column: Optional[str],
              num_classes: Optional[int]) -> LocalDataset:
   """A CSV file with a header row: `label_column` holds integer labels, every other column is a
   numeric feature (float32)."""
-  with open(path, newline="", encoding="utf-8") as f:
+  with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's byte-order mark
     rows = list(csv.reader(f))
   if not rows:
     raise LocalDataError(f"Expected {path} to start with a header row. Received an empty file.")

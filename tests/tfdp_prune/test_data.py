@@ -278,3 +278,13 @@ def test_from_arrays_fills_the_info_and_checks_the_parts():
   with pytest.raises(data.DataError, match="finite public inputs"):
     tfdp_prune.DataSplits.from_arrays(public=(bad, y[:5]), private=(x[5:], y[5:]),
                                       num_classes=3)
+
+
+def test_a_relative_folder_without_dot_slash_is_a_tfds_name_and_the_error_says_so(tmp_path,
+                                                                                  monkeypatch):
+  write_image_folder(tmp_path / "scans", classes=("a", "b"), per_class=5, size=(4, 4))
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(data.DatasetNotAvailableError, match="write './scans' to read it"):
+    data.load("scans", data_dir=str(tmp_path / "tfds"))
+  assert data.load("./scans").info.class_names == ("a", "b")
+

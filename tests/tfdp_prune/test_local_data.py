@@ -118,6 +118,13 @@ def test_npz_reads_x_and_y_and_refuses_other_names_and_bad_values(tmp_path):
     local_data.read(str(tmp_path / "broken.npz"), num_classes=2)
 
 
+def test_csv_with_a_byte_order_mark_finds_its_label_column(tmp_path):
+  path = tmp_path / "excel.csv"
+  path.write_bytes("\ufeffy,a\n0,1.5\n1,2\n".encode("utf-8"))
+  read = local_data.read(str(path), label_column="y", num_classes=2)
+  np.testing.assert_array_equal(read.y, [0, 1])
+
+
 @pytest.mark.parametrize("name, is_path", [
     ("mnist", False), ("glue/cola", False), ("mnist:3.*.*", False), ("digits", False),
     ("/data/x", True), ("./x", True), ("../x", True), ("~/x", True), ("t.csv", True),
