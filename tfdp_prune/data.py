@@ -8,6 +8,11 @@
                                 private_split="train[2%:]", test_split="test")
   splits = tfdp_prune.data.load("mnist", public_dataset="fashion_mnist",
                                 public_split="train[:1000]")          # public from elsewhere
+  splits = tfdp_prune.data.load("/data/scans", image_size=(64, 64))   # your class folders
+  splits = tfdp_prune.data.load("/data/visits.csv", label_column="outcome", num_classes=2,
+                                public_dataset="/data/published.csv")
+  splits = tfdp_prune.DataSplits.from_arrays(public=(x_pub, y_pub), private=(x, y),
+                                             test=(x_test, y_test), num_classes=10)
 
 Sources
   "digits": scikit-learn's `load_digits` (1,797 real 8x8 handwritten digits, 10 classes), which
@@ -18,17 +23,44 @@ Sources
     `tfds.load(name, split=..., as_supervised=True)`. Images stored as uint8 are scaled by 1/255
     to float32 [0, 1]; other features are returned as stored.
 
+  a path (it starts with "/", "./", "../" or "~", or ends in .csv or .npz; `local_data`):
+    - a folder with one sub-folder per class, of images (.png, .jpg, .jpeg, .gif, .bmp), read as
+      tf_keras.utils.image_dataset_from_directory and TFDS's ImageFolder read it: the classes are
+      the sub-folders' names in sorted order, a label is its class's index, images in nested
+      folders count, other files are ignored. Pixels are scaled by 1/255 to float32 [0, 1]
+      (exactly as TFDS images, so the overlap check compares them). Every image must have one
+      size and number of channels, or `image_size=(height, width)` (--image_size=HxW) resizes
+      them all (bilinear, antialiased); mixed channels are refused. The class names are recorded
+      in `info.class_names`.
+    - a .csv file with a header row: `label_column` holds the labels, every other column is a
+      numeric feature (float32); non-numeric or empty values are refused, naming the columns.
+    - a .npz file (numpy.savez(path, x=features, y=labels)): x numeric of any shape per example.
+    For .csv and .npz files the classes are declared (`num_classes`) and the labels must be the
+    integers 0..num_classes-1; text labels are refused. The number of classes is published with
+    the model, so it is never counted from private labels (one private example with a label no
+    one else has would show in it). NaN or inf features are refused (a missing value), for the
+    public and the private part alike. A file is one split, "train", put in the digits order
+    (below) by `seed`; its default splits are digits', except that a public part from another
+    file (`public_dataset=`) takes all of it ("train") and the private part then starts at the
+    beginning ("train[:80%]"). Each file is read once per `load` (completely into memory, as
+    below).
+  `DataSplits.from_arrays(public=, private=, test=, num_classes=)`: arrays in memory, with the
+    same checks (non-empty parts, one shape, finite public inputs, labels in 0..num_classes-1,
+    public and private disjoint, without a switch); `tfdp_prune.train(config, splits=...)` takes
+    the result.
+
 Splits use the TFDS split syntax for every source ("train", "train[:10%]", "train[100:]",
 "test[:50%]+train[:5%]"; https://www.tensorflow.org/datasets/splits), parsed by TFDS itself, so
 digits and TFDS datasets slice the same way. Defaults: digits: public "train[:10%]", private
 "train[10%:80%]", test "train[80%:]"; TFDS: public "train[:2%]", private "train[2%:]", test
 "test". `test_split=None` loads no test part.
 
-The digits order: for each class, the examples are permuted with `numpy.random.default_rng(seed)`,
-then the classes are interleaved by their position within the class (the k-th of n_c examples of
-class c sits at k / n_c), so every contiguous slice holds each class in proportion (within one
-example per class): a deterministic, stratified split for every seed. `seed` only orders digits;
-TFDS splits are read in their stored order (no shuffle), as TFDS defines them.
+The digits order (also that of files): for each class, the examples are permuted with
+`numpy.random.default_rng(seed)`, then the classes are interleaved by their position within the
+class (the k-th of n_c examples of class c sits at k / n_c), so every contiguous slice holds each
+class in proportion (within one example per class): a deterministic, stratified split for every
+seed. `seed` only orders digits and files; TFDS splits are read in their stored order (no shuffle),
+as TFDS defines them.
 
 Privacy checks (DESIGN.md rule 4), always run:
   - `overlap.check_disjoint(public, private)`: raises with the number of private examples found
@@ -42,21 +74,22 @@ The test part is not checked against the others (it is used for evaluation, not 
 entry point runs it on splits passed to it), and checks that `info.public_fingerprint` is the
 public part's.
 
-A public part from another dataset (`public_dataset=`) must have the same input shape and the
-same number of classes as the private dataset (one model, one output layer); otherwise a
-ValueError says which differs. No name is ever replaced by another dataset: an unknown name, or a
-TFDS dataset that is not prepared on this machine, raises an error that lists what is available
-offline and how to get the dataset.
+A public part from another dataset (`public_dataset=`) must have the same input shape and the same
+number of classes as the private dataset (one model, one output layer), and two image folders the
+same class names; otherwise a ValueError says which differs. No name is ever replaced by another
+dataset: an unknown name, or a TFDS dataset that is not prepared on this machine, raises an error
+that lists what is available offline and how to get the dataset.
 
 Memory: each part is read completely into memory, as float32 after scaling (4 bytes per pixel,
 plus the uint8 copy while converting): MNIST's 60,000 training images take 188 MB, CIFAR-10's
-50,000 take 614 MB. Larger datasets need a streaming tf.data pipeline instead of this loader.
+50,000 take 614 MB; files the same (a folder of 50,000 32x32 RGB images, 614 MB). Larger datasets
+need a streaming tf.data pipeline instead of this loader (not offered yet).
 (`tfds.load(..., batch_size=-1)` would hold the same; it is not used because it batches by the
 split metadata, which `tfds.testing.mock_data` does not provide.)
 
 TFDS is imported only when it is needed (any split string is parsed by it, so also for digits);
-scikit-learn only for digits. This module imports nothing of tfdp_prune but `_validate` and
-`overlap`.
+scikit-learn only for digits. This module imports nothing of tfdp_prune but `_validate`,
+`local_data` and `overlap`.
 """
 
 import dataclasses
@@ -68,9 +101,11 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 from tfdp_prune import _validate
+from tfdp_prune import local_data
 from tfdp_prune import overlap
 
 DIGITS = "digits"
+ARRAYS = "arrays"  # what DataSplits.from_arrays records as the dataset and split
 _DIGITS_SIZE = 1797
 DEFAULT_SPLITS = {
     DIGITS: ("train[:10%]", "train[10%:80%]", "train[80%:]"),
@@ -107,12 +142,25 @@ class DataInfo:
   public_fingerprint: overlap.PublicDataFingerprint
   overlap_count: int
   seed: int
+  class_names: Optional[Tuple[str, ...]] = None  # the class folders' names, in class-id order
 
   def to_dict(self) -> Dict[str, Any]:
     result = dataclasses.asdict(self)
     result["input_shape"] = list(self.input_shape)
     result["public_fingerprint"] = self.public_fingerprint.to_dict()
+    if self.class_names is None:  # records written before class_names read back the same
+      del result["class_names"]
+    else:
+      result["class_names"] = list(self.class_names)
     return result
+
+  @classmethod
+  def from_dict(cls, data: Dict[str, Any]) -> "DataInfo":
+    names = data.get("class_names")
+    return cls(**dict(
+        data, input_shape=tuple(data["input_shape"]),
+        public_fingerprint=overlap.PublicDataFingerprint.from_dict(data["public_fingerprint"]),
+        class_names=None if names is None else tuple(names)))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -134,25 +182,79 @@ class DataSplits:
         raise ValueError(f"Expected {name}=(x, y) with as many labels as examples. Received: "
                          f"{type(part).__name__}.")
 
+  @classmethod
+  def from_arrays(cls, *, public, private, test=None, num_classes: int,
+                  name: str = ARRAYS) -> "DataSplits":
+    """Splits from numpy arrays in memory, checked as `load` checks its parts.
+
+    Args:
+      public, private: `(x, y)` pairs; x numeric (any shape per example, the same for both),
+        y integer class ids in 0..num_classes-1.
+      test: an `(x, y)` pair for the test accuracy, or None.
+      num_classes: the model's number of outputs. Declared, never counted from the labels:
+        every export publishes it, and a count taken from private labels would reveal a class
+        only one private example has.
+      name: what the metadata records as the dataset (e.g. where the arrays came from).
+
+    x is converted to float32 as it is, not rescaled (`load` scales uint8 images by 1/255:
+    do the same for arrays of such images).
+
+    Raises:
+      DataError: a part is empty or malformed, labels outside 0..num_classes-1, non-finite or
+        differently shaped public inputs.
+      OverlapError: a private example is in the public part (there is no switch: a
+        DataSplits given to `train` must pass `check_splits`).
+    """
+    _validate.positive_int("num_classes", num_classes)
+    if not isinstance(name, str) or not name:
+      raise ValueError(f"Expected name to be a non-empty string (the dataset the metadata "
+                       f"records). Received: name={name!r}.")
+    parts = {"public": public, "private": private, "test": test}
+    for part_name, part in parts.items():
+      if part is not None:
+        parts[part_name] = _as_part(part_name, part, num_classes)
+    public, private, test = parts["public"], parts["private"], parts["test"]
+    check_part("private", private, source="private=")
+    check_part("public", public, np.shape(private[0])[1:], source="public=")
+    if test is not None:
+      check_part("test", test, np.shape(private[0])[1:], source="test=")
+    public_counts, overlap_count = _check_disjoint(public, private, allow_overlap=False)
+    info = DataInfo(
+        dataset=name, public_dataset=name, public_split=ARRAYS, private_split=ARRAYS,
+        test_split=None if test is None else ARRAYS, num_public=len(public[1]),
+        num_private=len(private[1]), num_test=0 if test is None else len(test[1]),
+        num_classes=num_classes, input_shape=tuple(int(d) for d in private[0].shape[1:]),
+        public_fingerprint=overlap.PublicDataFingerprint.from_fingerprints(public_counts),
+        overlap_count=overlap_count, seed=0)
+    return cls(public=public, private=private, test=test, info=info)
+
 
 def load(dataset: str = DIGITS, public_split: Optional[str] = None,
          private_split: Optional[str] = None, test_split: Optional[str] = "default",
          public_dataset: Optional[str] = None, seed: int = 0, allow_overlap: bool = False,
-         data_dir: Optional[str] = None, download: bool = False) -> DataSplits:
+         data_dir: Optional[str] = None, download: bool = False, *,
+         label_column: Optional[str] = None, num_classes: Optional[int] = None,
+         image_size: Optional[Tuple[int, int]] = None) -> DataSplits:
   """Loads the public, private and test parts of `dataset` (see the module docstring).
 
   Args:
-    dataset: "digits" (embedded) or a TFDS name, optionally with config/version
-      ("mnist", "cifar10", "mnist:3.*.*").
+    dataset: "digits" (embedded), a TFDS name, optionally with config/version ("mnist",
+      "cifar10", "mnist:3.*.*"), or a path: a folder of class folders of images, a .csv or a
+      .npz file (`local_data`).
     public_split, private_split, test_split: TFDS split strings; None (public/private) or
       "default" (test) takes the source's default; test_split=None loads no test part.
-    public_dataset: the dataset of the public part; None means `dataset` itself.
-    seed: orders digits (a stratified split per seed); TFDS splits do not depend on it.
+    public_dataset: the dataset of the public part, in the same forms; None means `dataset`.
+    seed: orders digits and files (a stratified split per seed); TFDS splits do not depend on
+      it.
     allow_overlap: passed to `overlap.check_disjoint`.
     data_dir: the TFDS data directory (default: TFDS's, `$TFDS_DATA_DIR` or
       ~/tensorflow_datasets).
     download: let TFDS download and prepare a missing dataset (needs internet). False by default:
       a dataset not prepared here raises `DatasetNotAvailableError` instead of a download.
+    label_column: the label column of CSV files (required for them, refused without one).
+    num_classes: the classes of CSV and NPZ files (required for them); for an image folder, the
+      number of class folders it must have.
+    image_size: (height, width) every image of a folder is resized to; None requires one size.
   """
   _check_name("dataset", dataset)
   public_dataset = dataset if public_dataset is None else public_dataset
@@ -161,18 +263,24 @@ def load(dataset: str = DIGITS, public_split: Optional[str] = None,
   for name, value in (("allow_overlap", allow_overlap), ("download", download)):
     if not isinstance(value, bool):
       raise ValueError(f"Expected {name} to be True or False. Received: {name}={value!r}.")
-  defaults = DEFAULT_SPLITS[DIGITS if dataset == DIGITS else "tfds"]
-  public_defaults = DEFAULT_SPLITS[DIGITS if public_dataset == DIGITS else "tfds"]
-  public_split = public_defaults[0] if public_split is None else public_split
+  _check_file_options((dataset, public_dataset), label_column, num_classes, image_size)
+  defaults = _default_splits(dataset, public_dataset)
+  public_split = defaults[0] if public_split is None else public_split
   private_split = defaults[1] if private_split is None else private_split
   test_split = defaults[2] if test_split == "default" else test_split
-  read = lambda name, split: _read(name, split, seed, data_dir, download)
+  files = {}  # each file or folder is read once, however many parts come from it
+  def read(name, split):
+    if local_data.is_path(name):
+      return _read_file(name, split, seed, files, label_column=label_column,
+                        num_classes=num_classes, image_size=image_size)
+    return _read(name, split, seed, data_dir, download) + (None,)
 
-  private, num_classes = read(dataset, private_split)
+  private, num_classes, class_names = read(dataset, private_split)
   check_part("private", private, source=f"split {private_split!r} of {dataset!r}")
-  public, public_classes = read(public_dataset, public_split)
+  public, public_classes, public_names = read(public_dataset, public_split)
   if public_dataset != dataset:
     _check_compatible(dataset, private, num_classes, public_dataset, public, public_classes)
+    _check_same_class_names(dataset, class_names, public_dataset, public_names)
   check_part("public", public, private[0].shape[1:],
              source=f"split {public_split!r} of {public_dataset!r}")
   public_counts, overlap_count = _check_disjoint(public, private, allow_overlap)
@@ -184,7 +292,7 @@ def load(dataset: str = DIGITS, public_split: Optional[str] = None,
       num_test=0 if test is None else len(test[1]), num_classes=num_classes,
       input_shape=tuple(int(d) for d in private[0].shape[1:]),
       public_fingerprint=overlap.PublicDataFingerprint.from_fingerprints(public_counts),
-      overlap_count=overlap_count, seed=seed)
+      overlap_count=overlap_count, seed=seed, class_names=class_names)
   return DataSplits(public=public, private=private, test=test, info=info)
 
 
@@ -280,8 +388,67 @@ def _check_disjoint(public, private, allow_overlap):
 
 def _check_name(name, value):
   if not isinstance(value, str) or not value:
-    raise ValueError(f"Expected {name} to be a dataset name (a non-empty string: 'digits' or a "
-                     f"TensorFlow Datasets name). Received: {name}={value!r}.")
+    raise ValueError(f"Expected {name} to be a dataset name (a non-empty string: 'digits', a "
+                     f"TensorFlow Datasets name, or the path of a folder of class folders of "
+                     f"images, a .csv or a .npz file). Received: {name}={value!r}.")
+
+
+def _default_splits(dataset, public_dataset):
+  """(public, private, test) split defaults: a file's defaults are digits', except that a public
+  part from another file takes all of it, and the private part then starts at the beginning."""
+  kind = lambda name: DIGITS if name == DIGITS or local_data.is_path(name) else "tfds"
+  public, private, test = DEFAULT_SPLITS[kind(dataset)]
+  if public_dataset != dataset:
+    public = DEFAULT_SPLITS[kind(public_dataset)][0]
+    if local_data.is_path(dataset):
+      private = "train[:80%]"
+    if local_data.is_path(public_dataset):
+      public = "train"
+  return public, private, test
+
+
+def _check_file_options(names, label_column, num_classes, image_size):
+  """The options of files are refused when no part comes from a file they apply to."""
+  paths = [name for name in names if local_data.is_path(name)]
+  csv_files = [name for name in paths if name.lower().endswith(".csv")]
+  folders = [name for name in paths
+             if not name.lower().endswith(local_data.TABULAR_EXTENSIONS)]
+  unused = [(label_column, "--label_column", "a .csv file", csv_files),
+            (num_classes, "--num_classes", "a folder, .csv or .npz file", paths),
+            (image_size, "--image_size", "a folder of images", folders)]
+  for value, flag, kind, users in unused:
+    if value is not None and not users:
+      raise DataError(f"{flag} applies to datasets read from {kind}. Received {flag}={value!r} "
+                      f"with --dataset={names[0]!r}, --public_dataset={names[1]!r}. Drop {flag}.")
+  if num_classes is not None:
+    _validate.positive_int("num_classes", num_classes)
+
+
+def _check_same_class_names(dataset, names, public_dataset, public_names):
+  """Two image folders must name the same classes (the labels are indices into those names)."""
+  if names is not None and public_names is not None and names != public_names:
+    raise DataError(f"Expected the class folders of {public_dataset!r} to be those of "
+                    f"{dataset!r} (a label is the index of its folder's name). Received "
+                    f"{list(public_names)} vs {list(names)}.")
+
+
+def _as_part(name, part, num_classes):
+  """(x float32, y int32 class ids) of one `from_arrays` part."""
+  if not (isinstance(part, (tuple, list)) and len(part) == 2):
+    raise DataError(f"Expected {name}=(x, y). Received: {type(part).__name__}"
+                    f"{f' of {len(part)} elements' if isinstance(part, (tuple, list)) else ''}.")
+  x, y = np.asarray(part[0]), np.asarray(part[1])
+  if x.dtype.kind not in "biuf" or x.ndim < 1:
+    raise DataError(f"Expected numeric {name} inputs of shape (N, ...). Received dtype "
+                    f"{x.dtype}, shape {x.shape}.")
+  if y.ndim != 1 or len(y) != len(x):
+    raise DataError(f"Expected {name} labels of shape ({len(x)},), one per example. Received "
+                    f"shape {y.shape}.")
+  try:
+    y = local_data.class_ids(y, num_classes, f"the {name} labels")
+  except local_data.LocalDataError as error:
+    raise DataError(str(error)) from None
+  return x.astype(np.float32), y
 
 
 def _read(name, split, seed, data_dir, download):
@@ -295,21 +462,43 @@ def _read(name, split, seed, data_dir, download):
 
 def _read_digits(split, seed):
   from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   x, y = sk_datasets.load_digits(return_X_y=True)
+  x, y = (x / 16.0).astype(np.float32), y.astype(np.int32)
+  return _slice_train(x, y, split, seed, "'digits'"), 10
+
+
+def _read_file(path, split, seed, cache, **options):
+  """((x, y), num_classes, class_names) of one split of a folder or file (`local_data`)."""
+  if not isinstance(split, str) or not split:
+    raise ValueError(f"Expected a TFDS split string such as 'train[:10%]'. Received: {split!r}.")
+  if path not in cache:
+    try:
+      cache[path] = local_data.read(path, **options)
+    except local_data.LocalDataError as error:
+      raise DataError(str(error)) from None
+  source = cache[path]
+  return (_slice_train(source.x, source.y, split, seed, repr(path)), source.num_classes,
+          source.class_names)
+
+
+def _slice_train(x, y, split, seed, where):
+  """The examples of `split` of a one-split ("train") source, in the stratified order of `seed`
+  (the module docstring)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   order = digits_order(y, seed)
-  x, y = (x[order] / 16.0).astype(np.float32), y[order].astype(np.int32)
+  x, y = x[order], y[order]
   infos = {"train": types.SimpleNamespace(num_examples=len(y), shard_lengths=[len(y)])}
   try:
     instructions = tfds.core.ReadInstruction.from_spec(split).to_absolute(infos)
   except ValueError as error:
-    raise ValueError(f"Invalid split {split!r} for 'digits', which has one split, 'train', of "
+    raise ValueError(f"Invalid split {split!r} for {where}, which has one split, 'train', of "
                      f"{len(y)} examples (e.g. 'train[:10%]', 'train[100:]'): {error}") from None
   # TFDS writes a slice that starts at 0 or ends at the split's end with None.
   indices = np.concatenate([np.arange(i.from_ or 0, len(y) if i.to is None else i.to,
                                       dtype=np.int64) for i in instructions])
-  return (x[indices], y[indices]), 10
+  return x[indices], y[indices]
 
 
 def _read_tfds(name, split, data_dir, download):
@@ -319,9 +508,11 @@ def _read_tfds(name, split, data_dir, download):
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as error:
+    here = (f" A file or folder {name!r} exists here: write './{name}' to read it (a relative "
+            "path starts with './')." if os.path.exists(name) else "")
     raise DatasetNotAvailableError(
         f"Unknown dataset {name!r}: it is neither 'digits' nor a TensorFlow Datasets builder "
-        f"({str(error).splitlines()[0]}). {_available_offline(data_dir)}") from None
+        f"({str(error).splitlines()[0]}).{here} {_available_offline(data_dir)}") from None
   try:
     dataset = tfds.load(name, split=split, as_supervised=True, data_dir=data_dir,
                         download=download, shuffle_files=False)

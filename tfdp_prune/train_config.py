@@ -27,7 +27,7 @@ members of such a pair (e.g. `--epsilon` and `--noise_multiplier`) is an error.
 import dataclasses
 import math
 import re
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from tfdp_prune import randomness
 
@@ -69,6 +69,9 @@ class TrainConfig:
   private_split: Optional[str] = None
   test_split: Optional[str] = "default"
   data_dir: Optional[str] = None
+  label_column: Optional[str] = None  # CSV files
+  num_classes: Optional[int] = None  # CSV and NPZ files (declared, never counted from labels)
+  image_size: Optional[str] = None  # "HEIGHTxWIDTH": image folders are resized to it
   # model
   model: str = "mlp"
   # masks from public data
@@ -115,8 +118,10 @@ class TrainConfig:
       raise ConfigError(f"Expected --model to be mlp, mnist_cnn or wrn<depth>_<width> (e.g. "
                         f"wrn16_4). Received: --model={self.model!r}.")
     if not isinstance(self.dataset, str) or not self.dataset:
-      raise ConfigError(f"Expected --dataset to name a dataset (digits or a TFDS name). "
+      raise ConfigError(f"Expected --dataset to name a dataset (digits, a TFDS name, or the "
+                        f"path of a folder of class folders of images, a .csv or a .npz file). "
                         f"Received: --dataset={self.dataset!r}.")
+    self._check_file_options()
     self._check_masks()
     self._check_privacy()
     self._check_batches()
@@ -147,6 +152,18 @@ class TrainConfig:
                           f"--{name}={getattr(self, name)!r}.")
 
   # ---- groups of checks -------------------------------------------------------------------
+
+  def _check_file_options(self):
+    if self.label_column is not None and (not isinstance(self.label_column, str)
+                                          or not self.label_column):
+      raise ConfigError(f"Expected --label_column to name a CSV column. Received: "
+                        f"--label_column={self.label_column!r}.")
+    if self.num_classes is not None:
+      _check_number("num_classes", self.num_classes, integer=True, minimum=1)
+    try:
+      parse_image_size(self.image_size)
+    except ValueError as error:
+      raise ConfigError(str(error)) from None
 
   def _check_masks(self):
     if self.mode == "none":
@@ -229,6 +246,11 @@ class TrainConfig:
     if self.mode != "select":
       return None
     return DEFAULT_SELECT_EVERY if self.select_every is None else self.select_every
+
+  @property
+  def image_size_pair(self) -> Optional[Tuple[int, int]]:
+    """--image_size as (height, width), or None."""
+    return parse_image_size(self.image_size)
 
   @property
   def gradient_accumulation_steps(self) -> int:
@@ -318,3 +340,14 @@ def _check_number(name, value, *, minimum, integer=False, strict=False):
     relation = ">" if strict else ">="
     raise ConfigError(f"Expected --{name} to be {kind} {relation} {minimum}. Received: "
                       f"--{name}={value!r}.")
+
+
+def parse_image_size(value: Optional[str]) -> Optional[Tuple[int, int]]:
+  """"32x32" -> (32, 32); None -> None. Raises ValueError naming the expected form."""
+  if value is None:
+    return None
+  parts = str(value).lower().split("x")
+  if len(parts) == 2 and all(part.strip().isdigit() and int(part) > 0 for part in parts):
+    return int(parts[0]), int(parts[1])
+  raise ValueError(f"Expected --image_size=HEIGHTxWIDTH with positive integers (e.g. 32x32). "
+                   f"Received: --image_size={value!r}.")

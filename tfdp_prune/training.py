@@ -121,8 +121,9 @@ def train(config: TrainConfig, *, splits: Optional[data_lib.DataSplits] = None,
 
   Args:
     config: the run's settings (validated when it was built).
-    splits: data already loaded (e.g. in tests); None loads `config.dataset`. Given splits go
-      through the checks `load_data` runs (`data.check_splits`: public and private disjoint,
+    splits: data already loaded, e.g. `DataSplits.from_arrays(public=(x, y), private=(x, y),
+      test=(x, y), num_classes=k)` or `data.load(...)`; None loads `config.dataset` (a name or
+      a path). Given splits go through the checks `load_data` runs (`data.check_splits`: public and private disjoint,
       the recorded public fingerprint the public part's) before anything else.
     callbacks: more Keras callbacks for `fit`. The training loss and metrics they see are
       computed on private batches without noise: a decision made from them (early stopping,
@@ -214,7 +215,7 @@ def export_checkpoint(checkpoint_dir: str, export_dir: str, *, version: Optional
   record = (newest.metadata.get("run_record") if newest is not None else None) or (
       read_run_record(checkpoint_dir))
   config = TrainConfig.from_dict(record["config"])
-  info = _info_from_dict(record["data_info"])
+  info = data_lib.DataInfo.from_dict(record["data_info"])
   spec = accounting.PrivacySpec.from_dict(record["privacy_spec"])
   with make_strategy("default").scope():
     model = compile_model(config, info.input_shape, info.num_classes, spec.noise_multiplier,
@@ -245,7 +246,8 @@ def load_data(config: TrainConfig) -> data_lib.DataSplits:
     return data_lib.load(config.dataset, public_split=config.public_split,
                          private_split=config.private_split, test_split=config.test_split,
                          public_dataset=config.public_dataset, seed=config.seed,
-                         data_dir=config.data_dir)
+                         data_dir=config.data_dir, label_column=config.label_column,
+                         num_classes=config.num_classes, image_size=config.image_size_pair)
   except data_lib.DatasetNotAvailableError as error:
     flags = f"--dataset={config.dataset!r}"
     if config.public_dataset is not None:
@@ -565,12 +567,6 @@ def _resolved(config: Dict[str, Any]) -> Dict[str, Any]:
   return dict(config, rule=resolved.effective_rule, sparsity=resolved.effective_sparsity,
               select_every=resolved.effective_select_every,
               physical_batch_size=config.get("physical_batch_size") or config.get("batch_size"))
-
-
-def _info_from_dict(data: Dict[str, Any]) -> data_lib.DataInfo:
-  return data_lib.DataInfo(**dict(
-      data, input_shape=tuple(data["input_shape"]),
-      public_fingerprint=overlap.PublicDataFingerprint.from_dict(data["public_fingerprint"])))
 
 
 # ---- internals ----------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Small models and helpers shared by the tests (not a test module)."""
 
+import os
 import types
 import zlib
 
@@ -144,3 +145,34 @@ class SubclassedWithRunningCenter(keras.Model):
 
   def call(self, inputs, training=None):
     return self.out(self.center(self.dense(inputs), training=training))
+
+
+# ---- a user's own files (folders of class folders of PNGs, CSV, NPZ), written by the test ------
+
+def write_png(path, image):
+  """Writes a uint8 (height, width, channels) array as a PNG file, creating its folder."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tf.io.write_file(str(path), tf.io.encode_png(np.asarray(image, np.uint8)))
+
+
+def write_image_folder(root, classes=("cat", "dog", "emu"), per_class=10, size=(16, 16),
+                       channels=1, seed=0):
+  """root/<class>/<i>.png with random pixels, brighter for later classes (learnable); returns
+  {path: uint8 image}."""
+  rng = np.random.default_rng(seed)
+  images = {}
+  for label, name in enumerate(classes):
+    for i in range(per_class):
+      image = rng.integers(0, 128, (*size, channels)) + 60 * label
+      images[os.path.join(str(root), name, f"{i:03d}.png")] = np.clip(image, 0, 255).astype(
+          np.uint8)
+  for path, image in images.items():
+    write_png(path, image)
+  return images
+
+
+def write_csv(path, header, rows):
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(",".join(header) + "\n")
+    f.writelines(",".join(str(value) for value in row) + "\n" for row in rows)
+  return str(path)

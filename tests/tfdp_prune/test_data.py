@@ -8,6 +8,8 @@ import tfdp_prune
 from tfdp_prune import data
 from tfdp_prune.compat import tf
 from tests.tfdp_prune._testing import fake_tfds_as_dataset
+from tests.tfdp_prune._testing import write_csv
+from tests.tfdp_prune._testing import write_image_folder
 
 def _rows(x):
   return {row.tobytes() for row in x.reshape(len(x), -1)}
@@ -157,3 +159,132 @@ def test_unknown_or_unprepared_dataset_is_a_clear_error_never_a_fallback(tmp_pat
   assert "'emnist'" in message  # what IS available offline is listed
   with pytest.raises(ValueError, match="Expected dataset to be a dataset name"):
     data.load("")
+
+
+# ---- the user's own files and arrays -----------------------------------------------------------
+
+
+def test_image_folder_splits_are_stratified_disjoint_seeded_and_recorded(tmp_path):
+  write_image_folder(tmp_path / "imgs", classes=("b", "a"), per_class=20, size=(6, 6))
+  root = str(tmp_path / "imgs")
+  splits = data.load(root)  # digits' defaults: 10% / 70% / 20%
+  assert (len(splits.public[1]), len(splits.private[1]), len(splits.test[1])) == (4, 28, 8)
+  np.testing.assert_array_equal(np.bincount(splits.public[1]), [2, 2])  # stratified
+  public, private, test = (_rows(part[0]) for part in (splits.public, splits.private,
+                                                       splits.test))
+  assert not public & private and not public & test and not private & test
+  assert len(public | private | test) == 40
+  info = splits.info
+  assert (info.dataset, info.num_classes, info.input_shape, info.class_names) == (
+      root, 2, (6, 6, 1), ("a", "b"))
+  assert info.public_fingerprint == tfdp_prune.PublicDataFingerprint.from_data(splits.public)
+  assert data.DataInfo.from_dict(info.to_dict()) == info
+  again, other = data.load(root, seed=0), data.load(root, seed=1)
+  np.testing.assert_array_equal(again.private[0], splits.private[0])
+  assert _rows(other.public[0]) != public
+
+
+def test_records_without_class_names_read_back_unchanged():
+  info = data.load().info
+  assert "class_names" not in info.to_dict()  # run.json of earlier runs still compares equal
+  assert data.DataInfo.from_dict(info.to_dict()) == info
+
+
+def test_public_part_from_another_file_takes_all_of_it(tmp_path):
+  rng = np.random.default_rng(0)
+  private = write_csv(tmp_path / "private.csv", ["a", "b", "y"],
+                      [[*rng.normal(size=2), i % 2] for i in range(50)])
+  public = write_csv(tmp_path / "public.csv", ["a", "b", "y"],
+                     [[*rng.normal(size=2), i % 2] for i in range(7)])
+  splits = data.load(private, public_dataset=public, label_column="y", num_classes=2)
+  assert (splits.info.public_split, splits.info.private_split) == ("train", "train[:80%]")
+  assert (len(splits.public[1]), len(splits.private[1]), len(splits.test[1])) == (7, 40, 10)
+
+
+def test_a_private_row_in_a_public_file_is_found(tmp_path):
+  rows = [[i, i * 2, i % 2] for i in range(20)]
+  private = write_csv(tmp_path / "private.csv", ["a", "b", "y"], rows)
+  public = write_csv(tmp_path / "public.csv", ["a", "b", "y"],
+                     [[100, 1, 0], [101, 1, 1], [rows[3][0], rows[3][1], 1 - rows[3][2]]])
+  with pytest.raises(data.OverlapError, match=r"1 private example\(s\)"):
+    data.load(private, public_dataset=public, private_split="train", test_split=None,
+              label_column="y", num_classes=2)
+
+
+def test_an_image_in_a_folder_and_in_tfds_is_the_same_example(tmp_path):
+  """PNG pixels are scaled as TFDS uint8 images are, so the overlap check compares equal
+  values."""
+  images = write_image_folder(tmp_path / "imgs", classes=("a", "b"), per_class=3, size=(4, 4))
+  from_tfds = np.stack(list(images.values())).astype(np.float32) / np.float32(255.0)
+  assert _rows(data.load(str(tmp_path / "imgs"), public_split="train",
+                         private_split="train[:1]", test_split=None,
+                         allow_overlap=True).public[0]) == _rows(from_tfds)
+
+
+def test_public_folder_must_have_the_private_folders_classes_and_shape(tmp_path):
+  write_image_folder(tmp_path / "private", classes=("a", "b"), per_class=5, size=(6, 6))
+  write_image_folder(tmp_path / "other_names", classes=("a", "c"), per_class=2, size=(6, 6),
+                     seed=1)
+  write_image_folder(tmp_path / "other_size", classes=("a", "b"), per_class=2, size=(5, 6),
+                     seed=1)
+  with pytest.raises(data.DataError, match=r"\['a', 'c'\] vs \['a', 'b'\]"):
+    data.load(str(tmp_path / "private"), public_dataset=str(tmp_path / "other_names"))
+  with pytest.raises(ValueError, match=r"input shape \(5, 6, 1\) vs \(6, 6, 1\)"):
+    data.load(str(tmp_path / "private"), public_dataset=str(tmp_path / "other_size"))
+  splits = data.load(str(tmp_path / "private"), public_dataset=str(tmp_path / "other_size"),
+                     image_size=(6, 6))
+  assert splits.public[0].shape == (4, 6, 6, 1)
+
+
+@pytest.mark.parametrize("options, phrase", [
+    (dict(label_column="y"), "--label_column applies to datasets read from a .csv file"),
+    (dict(num_classes=3), "--num_classes applies"),
+    (dict(image_size=(8, 8)), "--image_size applies to datasets read from a folder"),
+])
+def test_file_options_without_such_a_file_are_refused(options, phrase):
+  with pytest.raises(data.DataError, match=phrase):
+    data.load(**options)
+
+
+def test_file_errors_are_data_errors():
+  with pytest.raises(data.DataError, match="does not exist"):
+    data.load("/nonexistent/tfdp_prune_data")
+
+
+def test_from_arrays_fills_the_info_and_checks_the_parts():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(30, 4))
+  y = np.arange(30) % 3
+  splits = tfdp_prune.DataSplits.from_arrays(public=(x[:5], y[:5]), private=(x[5:25], y[5:25]),
+                                             test=(x[25:], y[25:]), num_classes=3)
+  info = splits.info
+  assert (info.num_public, info.num_private, info.num_test, info.num_classes,
+          info.input_shape, info.dataset) == (5, 20, 5, 3, (4,), "arrays")
+  assert splits.private[0].dtype == np.float32 and splits.private[1].dtype == np.int32
+  assert data.check_splits(splits) == 0  # what train() runs on given splits
+  with pytest.raises(data.OverlapError, match=r"1 private example\(s\)"):
+    tfdp_prune.DataSplits.from_arrays(public=(x[:6], y[:6]), private=(x[5:], y[5:]),
+                                      num_classes=3)
+  with pytest.raises(data.DataError, match="Received 1 of 20 labels"):
+    tfdp_prune.DataSplits.from_arrays(public=(x[:5], y[:5]),
+                                      private=(x[5:25], np.r_[y[5:24], 3]), num_classes=3)
+  with pytest.raises(TypeError, match="num_classes"):
+    tfdp_prune.DataSplits.from_arrays(public=(x[:5], y[:5]), private=(x[5:], y[5:]))
+  with pytest.raises(data.DataError, match="private inputs' shape"):
+    tfdp_prune.DataSplits.from_arrays(public=(x[:5, :3], y[:5]), private=(x[5:], y[5:]),
+                                      num_classes=3)
+  bad = x[:5].copy()
+  bad[0, 0] = np.nan
+  with pytest.raises(data.DataError, match="finite public inputs"):
+    tfdp_prune.DataSplits.from_arrays(public=(bad, y[:5]), private=(x[5:], y[5:]),
+                                      num_classes=3)
+
+
+def test_a_relative_folder_without_dot_slash_is_a_tfds_name_and_the_error_says_so(tmp_path,
+                                                                                  monkeypatch):
+  write_image_folder(tmp_path / "scans", classes=("a", "b"), per_class=5, size=(4, 4))
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(data.DatasetNotAvailableError, match="write './scans' to read it"):
+    data.load("scans", data_dir=str(tmp_path / "tfds"))
+  assert data.load("./scans").info.class_names == ("a", "b")
+

@@ -23,6 +23,7 @@ from tfdp_prune.export import serving_files
 from tfdp_prune.train_config import ConfigError
 from tfdp_prune.train_config import TrainConfig
 from tests.tfdp_prune._testing import fake_tfds_as_dataset
+from tests.tfdp_prune._testing import write_image_folder
 
 # A short run of the default path: digits, public pre-training, freeze 80%, Poisson, PLD.
 SHORT = dict(steps=6, epochs=None, public_epochs=1, verbose=0)
@@ -607,3 +608,41 @@ def test_paper_config_wrn16_4_on_mock_data(tmp_path):
   result = _run_named_config_on_mock_data(
       "cifar10_wrn16_4_eps8", tmp_path, batch_size=32, physical_batch_size=16, steps=1)
   assert result.model.count_params() == 2748890 and result.metadata.steps == 1
+
+
+def test_train_on_arrays_from_the_documented_python_path(tmp_path):
+  """README: `train(config, splits=DataSplits.from_arrays(...))`, the overlap check on."""
+  x, y = (np.random.default_rng(0).normal(size=(120, 6)).astype("float32"),
+          np.arange(120) % 3)
+  splits = tfdp_prune.DataSplits.from_arrays(public=(x[:20], y[:20]),
+                                             private=(x[20:100], y[20:100]),
+                                             test=(x[100:], y[100:]), num_classes=3,
+                                             name="clinic_2026")
+  config = TrainConfig(steps=2, epochs=None, public_epochs=0, batch_size=20, export_dir=None,
+                       verbose=0)
+  result = tfdp_prune.train(config, splits=splits)
+  assert result.metadata.dataset == "clinic_2026" and result.metadata.num_private_examples == 80
+  assert result.model.output_shape == (None, 3) and result.test_accuracy is not None
+
+
+def test_train_reads_a_folder_of_class_folders_and_records_it(tmp_path):
+  """The in-process twin of the slow end-to-end `tfdp-train --dataset=<folder>` test."""
+  write_image_folder(tmp_path / "scans", classes=("healthy", "sick"), per_class=20,
+                     size=(16, 16))
+  config = TrainConfig(dataset=f"{tmp_path}/scans", model="mnist_cnn", steps=2, epochs=None,
+                       public_epochs=0, batch_size=10, export_dir=None, verbose=0,
+                       checkpoint_dir=str(tmp_path / "run"))
+  result = training.train(config)
+  assert result.model.input_shape == (None, 16, 16, 1) and result.model.output_shape == (None, 2)
+  assert result.metadata.dataset == f"{tmp_path}/scans"
+  with open(tmp_path / "run" / training.RUN_RECORD) as f:
+    assert json.load(f)["data_info"]["class_names"] == ["healthy", "sick"]
+
+
+def test_load_data_passes_the_file_flags(tmp_path):
+  write_image_folder(tmp_path / "imgs", classes=("a", "b"), per_class=5, size=(9, 7))
+  write_image_folder(tmp_path / "imgs", classes=("b",), per_class=1, size=(4, 4), seed=1)
+  with pytest.raises(ConfigError, match="--image_size=HEIGHTxWIDTH"):
+    training.load_data(TrainConfig(dataset=f"{tmp_path}/imgs"))
+  splits = training.load_data(TrainConfig(dataset=f"{tmp_path}/imgs", image_size="6x5"))
+  assert splits.info.input_shape == (6, 5, 1)

@@ -3,6 +3,8 @@
   tfdp-train                                   # digits, freeze 80% by magnitude, epsilon 8
   tfdp-train --mode=select --rule=random --sparsity=0.9 --select_every=5
   tfdp-train --noise_multiplier=1.1 --steps=300 --export_dir=/models/digits
+  tfdp-train --dataset=/data/xrays --model=mnist_cnn --image_size=64x64  # class folders
+  tfdp-train --dataset=/data/visits.csv --label_column=outcome --num_classes=2
   tfdp-train --config=mnist_tfp_tutorial       # needs MNIST prepared for TFDS
   tfdp-train --config=cifar10_wrn16_4_eps8 --strategy=tpu
 
@@ -24,12 +26,22 @@ from tfdp_prune.trainers import _console
 _DEFAULTS = train_config.TrainConfig()
 # (flag, kind, help). Every flag defaults to None: "not given, keep the config's value".
 _FLAG_SPECS = (
-    ("dataset", "string", "digits (embedded) or a TFDS name, e.g. mnist, cifar10."),
-    ("public_dataset", "string", "Dataset of the public part; empty: --dataset itself."),
+    ("dataset", "string", "digits (embedded), a TFDS name (e.g. mnist, cifar10), or a path: "
+     "a folder with one sub-folder of images per class, a .csv file (--label_column, "
+     "--num_classes) or a .npz file with arrays x and y (--num_classes). A relative folder "
+     "starts with ./"),
+    ("public_dataset", "string", "Dataset of the public part, in the same forms; empty: "
+     "--dataset itself."),
     ("public_split", "string", "TFDS split string of the public part, e.g. 'train[:10%]'."),
     ("private_split", "string", "TFDS split string of the private part."),
     ("test_split", "string", "TFDS split string of the test part; empty: no test part."),
     ("data_dir", "string", "TFDS data directory."),
+    ("label_column", "string", "The label column of .csv datasets; every other column is a "
+     "numeric feature."),
+    ("num_classes", "integer", "Classes of .csv and .npz datasets (labels 0..num_classes-1); "
+     "declared, because the model publishes it."),
+    ("image_size", "string", "HEIGHTxWIDTH (e.g. 32x32): resize the images of folder datasets "
+     "to it; unset: every image must have one size."),
     ("model", "string", "mlp, mnist_cnn or wrn<depth>_<width> (e.g. wrn16_4)."),
     ("mode", train_config.MODES, "Masks: none (dense DP-SGD), freeze (one mask from public "
      "data before DP training) or select (a new mask every --select_every steps)."),

@@ -12,12 +12,16 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from absl import flags
 
 from tfdp_prune import freezing
 from tfdp_prune import training
 from tfdp_prune.trainers import train
+from tests.tfdp_prune._testing import write_csv
+from tests.tfdp_prune._testing import write_image_folder
+from tests.tfdp_prune._testing import write_png
 
 _ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 
@@ -39,6 +43,42 @@ def _damaged_checkpoint(path):
   (path / "ckpt-5").mkdir(parents=True)
   (path / "ckpt-5" / "checkpoint.json").write_text('{"trunc')  # a crash mid-write
 
+
+def _class_folder_without_images(path):
+  write_image_folder(path, classes=("a",), per_class=2)
+  (path / "b").mkdir()
+
+
+def _unreadable_image(path):
+  write_image_folder(path, classes=("a", "b"), per_class=2)
+  (path / "b" / "broken.png").write_text("not a PNG")
+
+
+def _mixed_sizes(path):
+  write_image_folder(path, classes=("a", "b"), per_class=2, size=(8, 8))
+  write_png(path / "b" / "big.png", np.zeros((9, 8, 1), np.uint8))
+
+
+def _csv(header, rows):
+  def make(path):
+    path.mkdir()
+    write_csv(path / "d.csv", header, rows)
+  return make
+
+
+def _private_row_in_public_csv(path):
+  path.mkdir()
+  rows = [[i, i % 2] for i in range(20)]
+  write_csv(path / "private.csv", ["a", "y"], rows)
+  write_csv(path / "public.csv", ["a", "y"], [[100, 0], [101, 1], rows[4]])
+
+
+def _npz_other_names(path):
+  path.mkdir()
+  np.savez(path / "d.npz", features=np.zeros((4, 2)), labels=[0, 1, 0, 1])
+
+
+_CSV_FLAGS = ["--dataset={tmp}/data/d.csv", "--label_column=y", "--num_classes=2"]
 
 # (id, file system state under tmp_path or None, flags ({tmp} is tmp_path), exit code, phrase)
 ROWS = [
@@ -63,6 +103,38 @@ ROWS = [
     ("mask_flag_without_masks", None, ["--mode=none", "--sparsity=0.5"], 1, "--sparsity"),
     ("positional_argument", None, ["train"], 1, "Unexpected arguments"),
     ("unknown_flag", None, ["--epsilom=2"], 1, "epsilom"),
+    # --dataset from the user's own files
+    ("dataset_path_missing", None, ["--dataset={tmp}/nowhere"], 1, "does not exist"),
+    ("image_folder_empty", ("data", lambda path: path.mkdir()), ["--dataset={tmp}/data"], 1,
+     "Received a folder without sub-folders"),
+    ("class_folder_without_images", ("data", _class_folder_without_images),
+     ["--dataset={tmp}/data"], 1, "Received a folder without any"),
+    ("unreadable_image", ("data", _unreadable_image), ["--dataset={tmp}/data"], 1,
+     "broken.png. Received a file TensorFlow cannot decode"),
+    ("mixed_image_sizes", ("data", _mixed_sizes), ["--dataset={tmp}/data"], 1,
+     "Pass --image_size=HEIGHTxWIDTH"),
+    ("image_size_malformed", None, ["--image_size=big"], 1,
+     "Expected --image_size=HEIGHTxWIDTH"),
+    ("image_size_without_a_folder", None, ["--image_size=8x8"], 1,
+     "--image_size applies to datasets read from a folder"),
+    ("csv_without_the_label_column", ("data", _csv(["a", "label"], [[1, 0]])), _CSV_FLAGS, 1,
+     "Expected --label_column to name the label column"),
+    ("csv_non_numeric_column", ("data", _csv(["a", "town", "y"], [[1, "oslo", 0]])),
+     _CSV_FLAGS, 1, "non-numeric (or empty) values in the columns ['town']"),
+    ("csv_text_labels", ("data", _csv(["a", "y"], [[1, "sick"]])), _CSV_FLAGS, 1,
+     "Received text labels"),
+    ("csv_labels_out_of_range", ("data", _csv(["a", "y"], [[1, 0], [2, 2]])), _CSV_FLAGS, 1,
+     "Expected integer labels 0..1 (--num_classes=2)"),
+    ("csv_non_finite_features", ("data", _csv(["a", "y"], [[1, 0], ["inf", 1]])), _CSV_FLAGS,
+     1, "Received NaN or inf in 1 of 2 examples"),
+    ("csv_without_num_classes", ("data", _csv(["a", "y"], [[1, 0]])),
+     ["--dataset={tmp}/data/d.csv", "--label_column=y"], 1, "Expected --num_classes"),
+    ("npz_other_names", ("data", _npz_other_names),
+     ["--dataset={tmp}/data/d.npz", "--num_classes=2"], 1, "Expected arrays named ['x', 'y']"),
+    ("public_file_holds_a_private_row", ("data", _private_row_in_public_csv),
+     ["--dataset={tmp}/data/private.csv", "--public_dataset={tmp}/data/public.csv",
+      "--label_column=y", "--num_classes=2"], 1,
+     "or a --public_dataset without the private examples"),
 ]
 # Phrases that would point at a fix that does not exist for tfdp-train.
 _NO_SUCH_FIX = ("allow_overlap", "--batch_size")

@@ -12,6 +12,7 @@ from absl import flags
 
 from tfdp_prune import train_config
 from tfdp_prune.trainers import train
+from tests.tfdp_prune._testing import write_image_folder
 
 _ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 
@@ -86,3 +87,26 @@ def test_tfdp_train_without_flags(tmp_path):
   """The README's main job, exactly: no flags."""
   epsilon, accuracy = _run_and_check([], tmp_path, tmp_path / "tfdp_export")
   assert 7.0 < epsilon <= 8.0 and accuracy > 0.85
+
+
+@pytest.mark.slow  # 45 s; test_training's test_train_reads_a_folder_of_class_folders... is fast
+def test_tfdp_train_on_a_folder_of_png_class_folders(tmp_path):
+  """The user's own images: class folders of PNGs in, a SavedModel with its metadata out."""
+  write_image_folder(tmp_path / "scans", classes=("healthy", "sick"), per_class=40,
+                     size=(16, 16))
+  export_dir = tmp_path / "models"
+  epsilon, _ = _run_and_check(
+      [f"--dataset={tmp_path}/scans", "--model=mnist_cnn", "--steps=4", "--public_epochs=1",
+       "--batch_size=16", f"--export_dir={export_dir}"], tmp_path, export_dir)
+  assert epsilon <= 8.0
+  with open(export_dir / "1" / "assets.extra" / "privacy_metadata.json") as f:
+    metadata = json.load(f)
+  assert metadata["dataset"] == f"{tmp_path}/scans"
+  assert (metadata["num_public_examples"], metadata["num_private_examples"],
+          metadata["num_test_examples"]) == (8, 56, 16)
+  result = subprocess.run(
+      [sys.executable, "-c", "import sys, numpy as np, tensorflow as tf; "
+       "f = tf.saved_model.load(sys.argv[1]).signatures['serving_default']; "
+       "print(sorted(list(v.shape) for v in f(tf.zeros([2, 16, 16, 1])).values())[-1])",
+       str(export_dir / "1")], capture_output=True, text=True, timeout=300, env=_ENV)
+  assert result.stdout.strip().splitlines()[-1] == "[2, 2]", result.stderr[-2000:]
