@@ -37,7 +37,7 @@ class MaskCallback(keras.callbacks.Callback):
     self.maskable = maskable if maskable is not None else MaskableSpec()
     self.masks = None  # the masks last set, aligned with `self.masked_variables`
     self.masked_variables = None
-    self._public_identity = None  # (public_data it was computed for, fingerprints): computed once
+    self._public_identity = None  # (public_data, its fingerprints): computed once
 
   def _optimizer(self):
     optimizer = self.model.optimizer
@@ -60,20 +60,21 @@ class MaskCallback(keras.callbacks.Callback):
 
   def provenance(self) -> mask_provenance.MaskProvenance:
     """What chooses this callback's masks: mode, rule and the public data's identity."""
-    examples = self._public_examples()
+    examples, fingerprint = self._public_identity_of_data()
     return mask_provenance.MaskProvenance(
         mode=self.mask_mode, rule=mask_provenance.rule_record(self.rule, self._select_every()),
-        public_examples=examples,
-        public_fingerprint=(None if examples is None
-                            else overlap.PublicDataFingerprint.from_fingerprints(examples)))
+        public_examples=examples, public_fingerprint=fingerprint)
 
-  def _public_examples(self):
-    """The public data's per-example fingerprints (read once per public_data object)."""
+  def _public_identity_of_data(self):
+    """(per-example fingerprints, PublicDataFingerprint) of the public data, or (None, None);
+    computed once per public_data object (selection asks at every re-selection)."""
     if self.public_data is None:
-      return None
+      return None, None
     if self._public_identity is None or self._public_identity[0] is not self.public_data:
-      self._public_identity = (self.public_data, overlap.fingerprint_examples(self.public_data))
-    return self._public_identity[1]
+      examples = overlap.fingerprint_examples(self.public_data)
+      self._public_identity = (self.public_data, examples,
+                               overlap.PublicDataFingerprint.from_fingerprints(examples))
+    return self._public_identity[1:]
 
   def _select_every(self):
     """Logical steps between two selections; None: the mask is chosen once."""

@@ -143,11 +143,16 @@ def from_budget(model, budget) -> metadata_lib.PrivacyMetadata:
                                                 sampler.mechanism_randomness))
 
 
+def has_dp_optimizer(model) -> bool:
+  """Whether `model` is compiled with a tfdp_prune DP optimizer."""
+  return isinstance(getattr(model, "optimizer", None), DPOptimizerMixin)
+
+
 # ---- checks -----------------------------------------------------------------------------------
 
 def _dp_optimizer(model):
   optimizer = getattr(model, "optimizer", None)
-  if not isinstance(optimizer, DPOptimizerMixin):
+  if not has_dp_optimizer(model):
     raise LabelError(
         f"Expected a model compiled with a tfdp_prune DP optimizer (DPKerasSGDOptimizer, ...) to "
         f"label it private from budget=. Received a model compiled with {optimizer!r}: its "

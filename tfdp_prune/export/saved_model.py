@@ -63,7 +63,6 @@ from tfdp_prune.compat import tf
 from tfdp_prune.export import inspection
 from tfdp_prune.export import serving_files as files
 from tfdp_prune.export.inspection import ExportError
-from tfdp_prune.optimizer import DPOptimizerMixin
 
 OUTPUTS = ("logits", "probabilities")
 _TMP_PREFIX = ".tmp-"
@@ -226,7 +225,7 @@ def _refuse_old_warmup_argument(warmup_inputs) -> None:
 def _label(model, metadata, budget) -> metadata_lib.PrivacyMetadata:
   """The record to export: from the budget, the metadata given, or NON-PRIVATE."""
   if budget is None:
-    if metadata is None and isinstance(getattr(model, "optimizer", None), DPOptimizerMixin):
+    if metadata is None and privacy_label.has_dp_optimizer(model):
       logging.warning("export_saved_model: a model compiled with a DP optimizer is labelled "
                       "NON-PRIVATE without budget= or metadata=; pass budget=<the PrivacyBudget "
                       "of its fit> to label it with its guarantee.")
