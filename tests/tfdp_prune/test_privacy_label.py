@@ -3,17 +3,14 @@
 It must equal what `tfdp-train` records for the same run, and every inconsistency it can see is
 refused before anything is written."""
 
-import os
-
-import numpy as np
 import pytest
-import tensorflow as tf
 
 import tfdp_prune
 from tfdp_prune import privacy_label
 from tfdp_prune import randomness
 from tfdp_prune import training
 from tfdp_prune.compat import keras
+from tfdp_prune.compat import tf
 from tfdp_prune.export import ExportError
 from tfdp_prune.export import export_saved_model
 from tfdp_prune.export import read_metadata
