@@ -1,10 +1,13 @@
-"""What the two mask callbacks share: compute masks with a rule, hand them to the DP optimizer,
-and report their sparsity in the fit logs."""
+"""What the two mask callbacks share: compute masks with a rule, hand them to the DP optimizer
+with a record of what chose them (`mask_provenance`), and report their sparsity in the fit
+logs."""
 
 import numpy as np
 
 from tfdp_prune import data as data_lib
+from tfdp_prune import mask_provenance
 from tfdp_prune import masks as masks_lib
+from tfdp_prune import overlap
 from tfdp_prune import tfmot_interop
 from tfdp_prune.compat import keras
 from tfdp_prune.maskable import MaskableSpec
@@ -15,6 +18,8 @@ SPARSITY_LOG = "mask_sparsity"
 
 class MaskCallback(keras.callbacks.Callback):
   """Base of ParameterFreezing and ParameterSelection (not for direct use)."""
+
+  mask_mode = None  # "freeze" or "select": the metadata's mask_mode
 
   def __init__(self, rule, public_data=None, maskable=None):
     super().__init__()
@@ -32,6 +37,7 @@ class MaskCallback(keras.callbacks.Callback):
     self.maskable = maskable if maskable is not None else MaskableSpec()
     self.masks = None  # the masks last set, aligned with `self.masked_variables`
     self.masked_variables = None
+    self._public_identity = None  # (public_data, its fingerprints): computed once
 
   def _optimizer(self):
     optimizer = self.model.optimizer
@@ -46,11 +52,33 @@ class MaskCallback(keras.callbacks.Callback):
     optimizer = self._optimizer()
     variables = self.maskable.variables(self.model)
     masks = self.rule.masks(self.model, variables, round_index, self.public_data)
-    optimizer.set_update_masks(variables, masks)
+    optimizer.set_update_masks(variables, masks, provenance=self.provenance())
     pruned = masks if self._prunes() else [np.ones(np.shape(m), bool) for m in masks]
     tfmot_interop.adopt_masks(self.model, variables, pruned)  # no-op without tfmot wrappers
     self.masked_variables, self.masks = variables, masks
     return variables, masks
+
+  def provenance(self) -> mask_provenance.MaskProvenance:
+    """What chooses this callback's masks: mode, rule and the public data's identity."""
+    examples, fingerprint = self._public_identity_of_data()
+    return mask_provenance.MaskProvenance(
+        mode=self.mask_mode, rule=mask_provenance.rule_record(self.rule, self._select_every()),
+        public_examples=examples, public_fingerprint=fingerprint)
+
+  def _public_identity_of_data(self):
+    """(per-example fingerprints, PublicDataFingerprint) of the public data, or (None, None);
+    computed once per public_data object (selection asks at every re-selection)."""
+    if self.public_data is None:
+      return None, None
+    if self._public_identity is None or self._public_identity[0] is not self.public_data:
+      examples = overlap.fingerprint_examples(self.public_data)
+      self._public_identity = (self.public_data, examples,
+                               overlap.PublicDataFingerprint.from_fingerprints(examples))
+    return self._public_identity[1:]
+
+  def _select_every(self):
+    """Logical steps between two selections; None: the mask is chosen once."""
+    return None
 
   def _prunes(self) -> bool:
     """Whether the frozen coordinates are pruned (held at zero), which tfmot's masks mean."""

@@ -19,6 +19,8 @@ class ParameterFreezing(_mask_callback.MaskCallback):
   `public_batch_size`) and the model's loss, averaged over the batch; it never sees private data.
   """
 
+  mask_mode = "freeze"
+
   def __init__(self, rule, public_data=None, frozen_value="zero", public_epochs=0,
                public_learning_rate=0.1, public_batch_size=64, maskable=None):
     super().__init__(rule, public_data, maskable)

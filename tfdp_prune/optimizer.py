@@ -11,11 +11,13 @@ The model's train step drives it (`tfdp_prune.make_private(model)` installs that
 optimizer refuses plain `minimize`/`apply_gradients`, which would skip clipping and noise.
 """
 
+import dataclasses
 import functools
 import math
 
 from tfdp_prune import _validate
 from tfdp_prune import clipping
+from tfdp_prune import mask_provenance
 from tfdp_prune import noise
 from tfdp_prune import per_example
 from tfdp_prune import randomness
@@ -106,6 +108,7 @@ def make_dp_optimizer_class(cls):
       self.per_example_engine = per_example.get(per_example_engine)
       self._registry = _VariableRegistry()
       self._creating_dp_state = False
+      self._mask_provenance = None  # what chose the masks; None: all True, or set by hand
 
     # ---- state ---------------------------------------------------------------------------
 
@@ -140,13 +143,17 @@ def make_dp_optimizer_class(cls):
       self._noise_generator = noise.make_noise_generator(self.insecure_noise_seed)
       self._registry.set_order(var_list)
 
-    def set_update_masks(self, variables, masks):
+    def set_update_masks(self, variables, masks, *, provenance=None):
       """Sets which coordinates of `variables` are trained: the ONE way masks change.
 
       `masks[i]` has the shape of `variables[i]`; True/1 = trained, False/0 = frozen. Variables
       not listed keep their mask (all True until set). The optimizer must be built first
       (`optimizer.build(model.trainable_variables)`). Masks are optimizer variables, so they are
       saved and restored with the optimizer's checkpoint.
+
+      `provenance`: the `mask_provenance.MaskProvenance` of the rule that chose them (the mask
+      callbacks pass one), kept as `mask_provenance` with a digest of all masks. None (masks
+      set by hand) leaves no record: an export labelled from the budget then refuses them.
 
       Raises:
         RuntimeError: before `build`, or inside a logical batch (some of its physical batches
@@ -174,6 +181,17 @@ def make_dp_optimizer_class(cls):
           raise ValueError(f"Variable '{variable.name}' is not one this optimizer was built "
                            "for; pass variables from model.trainable_variables.")
         self._update_masks[index].assign(_mask_values(variable, mask))
+      self._mask_provenance = None if provenance is None else dataclasses.replace(
+          provenance, masks_digest=self.masks_digest())
+
+    @property
+    def mask_provenance(self):
+      """The `MaskProvenance` given with the last `set_update_masks`, or None."""
+      return self._mask_provenance
+
+    def masks_digest(self) -> str:
+      """`mask_provenance.masks_digest` of all the masks now held, in build order."""
+      return mask_provenance.masks_digest([m.numpy() for m in self._update_masks])
 
     def at_logical_batch_start(self) -> bool:
       """True when no physical batch of the next logical batch has been accumulated yet: the

@@ -196,6 +196,11 @@ class _Sampler:
     return self._num_examples
 
   @property
+  def data(self):
+    """The private (x, y) the sampler draws from, as tensors (e.g. for an overlap check)."""
+    return self._data
+
+  @property
   def gradient_accumulation_steps(self) -> int:
     return self._accumulation
 

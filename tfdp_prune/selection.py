@@ -12,10 +12,15 @@ class ParameterSelection(_mask_callback.MaskCallback):
   is only set between logical batches, never inside one.
   """
 
+  mask_mode = "select"
+
   def __init__(self, rule, select_every=1, public_data=None, maskable=None):
     super().__init__(rule, public_data, maskable)
     _validate.positive_int("select_every", select_every)
     self.select_every = select_every
+
+  def _select_every(self):
+    return self.select_every
 
   def on_train_begin(self, logs=None):
     self._round = 0

@@ -38,7 +38,6 @@ instead (it is then in `run.json`, never in the export), and the export says INS
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import tempfile
 from typing import Any, Dict, Optional, Sequence
@@ -55,12 +54,13 @@ from tfdp_prune import checkpointing
 from tfdp_prune import data as data_lib
 from tfdp_prune import ema as ema_lib
 from tfdp_prune import freezing
+from tfdp_prune import mask_provenance
 from tfdp_prune import masks as masks_lib
 from tfdp_prune import metadata as metadata_lib
 from tfdp_prune import models
 from tfdp_prune import optimizer as optimizer_lib
 from tfdp_prune import overlap
-from tfdp_prune import randomness
+from tfdp_prune import privacy_label
 from tfdp_prune import sampling
 from tfdp_prune import selection
 from tfdp_prune import train_config
@@ -68,7 +68,6 @@ from tfdp_prune import train_step
 from tfdp_prune.compat import keras
 from tfdp_prune.compat import tf
 from tfdp_prune.export import saved_model as export_lib
-from tfdp_prune.maskable import MaskableSpec
 from tfdp_prune.train_config import ConfigError
 from tfdp_prune.train_config import TrainConfig
 
@@ -372,13 +371,18 @@ def compile_model(config: TrainConfig, input_shape, num_classes: int, noise_mult
   return model
 
 
+def make_rule(config: TrainConfig) -> masks_lib.MaskRule:
+  """The mask rule named by --rule, with --sparsity (and --seed for the random rule)."""
+  rule_class = _RULES[config.effective_rule]
+  kwargs = {"seed": config.seed} if rule_class is masks_lib.RandomRule else {}
+  return rule_class(config.effective_sparsity, **kwargs)
+
+
 def make_mask_callback(config: TrainConfig, public):
   """ParameterFreezing (mode freeze) or ParameterSelection (mode select), or None."""
   if config.mode == "none":
     return None
-  rule_class = _RULES[config.effective_rule]
-  kwargs = {"seed": config.seed} if rule_class is masks_lib.RandomRule else {}
-  rule = rule_class(config.effective_sparsity, **kwargs)
+  rule = make_rule(config)
   if config.mode == "freeze":
     return freezing.ParameterFreezing(rule, public_data=public, frozen_value="zero")
   return selection.ParameterSelection(rule, select_every=config.effective_select_every,
@@ -398,57 +402,25 @@ class StopAfterSteps(keras.callbacks.Callback):
       self.model.stop_training = True
 
 
-def mask_summary(model, optimizer) -> Dict[str, Any]:
-  """Frozen fraction of all trainable coordinates, and of each maskable variable, from the
-  optimizer's current masks."""
-  variables = MaskableSpec().variables(model)
-  overall, per_variable = masks_lib.frozen_fractions(
-      model, variables, [m.numpy() for m in optimizer.update_masks(variables)])
-  return {"mask_sparsity": overall, "mask_sparsity_per_variable": per_variable}
-
-
 def build_metadata(config: TrainConfig, spec: accounting.PrivacySpec, info: data_lib.DataInfo,
                    model, expected_batch_size: float) -> metadata_lib.PrivacyMetadata:
-  """The run's `PrivacyMetadata` (one schema for training and export).
-
-  delta is the delta of the guarantee (`spec.total_delta()`: the sampler's overflow term
-  included); `mechanism_randomness` says where the noise and sampling came from, and a seeded
-  (insecure) run's statement starts with INSECURE. No seed of the mechanism is recorded."""
-  epsilon = spec.epsilon()
-  private = spec.noise_multiplier > 0 and math.isfinite(epsilon)
-  masks = mask_summary(model, model.optimizer)
+  """The run's `PrivacyMetadata`, by the builder the export of hand-written training uses
+  (`privacy_label.build`): the masks' rule from the config (a resumed run's masks come from
+  its checkpoint, without a callback that would record them), the data from what was loaded."""
   rule = None
   if config.mode != "none":
-    rule = {"name": config.effective_rule, "sparsity": config.effective_sparsity,
-            "select_every": config.effective_select_every}
-  source = mechanism_randomness(config, model.optimizer)
-  statement = (spec.statement() if private else
-               f"NON-PRIVATE: noise multiplier {spec.noise_multiplier}, no privacy guarantee.")
-  if private and source == randomness.INSECURE_SEED:
-    statement = INSECURE_STATEMENT + statement
-  return metadata_lib.PrivacyMetadata(
-      private=private, epsilon=epsilon if private else math.inf, delta=spec.total_delta(),
-      accountant=spec.accountant, statement=statement,
-      privacy_spec=spec.to_dict(), noise_multiplier=spec.noise_multiplier,
-      l2_norm_clip=config.l2_norm_clip, sampling=spec.sampling,
-      sampling_probability=spec.sampling_probability, batch_size=float(expected_batch_size),
-      steps=spec.steps, epochs=spec.steps * expected_batch_size / info.num_private,
-      dataset=info.dataset, public_dataset=info.public_dataset, public_split=info.public_split,
-      private_split=info.private_split, num_private_examples=info.num_private,
-      num_public_examples=info.num_public, num_test_examples=info.num_test,
-      public_fingerprint=info.public_fingerprint.to_dict(), mask_mode=config.mode,
-      mask_rule=rule, mask_sparsity=masks["mask_sparsity"],
-      mask_sparsity_per_variable=masks["mask_sparsity_per_variable"],
-      mechanism_randomness=source, seed=config.seed,
-      library_versions=metadata_lib.library_versions(), created=metadata_lib.utc_now())
-
-
-def mechanism_randomness(config: TrainConfig, optimizer) -> str:
-  """INSECURE_SEED if the config or the optimizer seeds the mechanism, else OS_ENTROPY."""
-  sources = {config.mechanism_randomness,
-             getattr(optimizer, "mechanism_randomness", randomness.OS_ENTROPY)}
-  return (randomness.INSECURE_SEED if randomness.INSECURE_SEED in sources
-          else randomness.OS_ENTROPY)
+    rule = mask_provenance.rule_record(make_rule(config), config.effective_select_every)
+  return privacy_label.build(
+      spec, model, expected_batch_size=expected_batch_size,
+      data=privacy_label.DataRecord(
+          num_private=info.num_private, num_public=info.num_public, num_test=info.num_test,
+          public_fingerprint=info.public_fingerprint.to_dict(), dataset=info.dataset,
+          public_dataset=info.public_dataset, public_split=info.public_split,
+          private_split=info.private_split, seed=config.seed),
+      mask_mode=config.mode, mask_rule=rule,
+      mechanism_randomness=privacy_label.mechanism_randomness(
+          config.mechanism_randomness, model.optimizer.mechanism_randomness),
+      insecure_statement=INSECURE_STATEMENT)
 
 
 def summary(metadata: metadata_lib.PrivacyMetadata, test_accuracy: Optional[float],

@@ -1,6 +1,7 @@
 """Writes a trained classifier as a TF Serving SavedModel with its privacy guarantee attached.
 
-  path = export_saved_model(model, "/models/digits", metadata)   # -> "/models/digits/3"
+  path = export_saved_model(model, "/models/digits", budget=budget)   # -> "/models/digits/3"
+  path = export_saved_model(model, "/models/digits", metadata)        # a record built before
 
 The layout TF Serving loads (`tensorflow_model_server --model_base_path=/models/digits`):
 
@@ -49,13 +50,14 @@ import re
 import shutil
 import sys
 import uuid
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 from absl import logging
 
 from tfdp_prune import _validate
 from tfdp_prune import compat
 from tfdp_prune import metadata as metadata_lib
+from tfdp_prune import privacy_label
 from tfdp_prune.compat import keras
 from tfdp_prune.compat import tf
 from tfdp_prune.export import inspection
@@ -72,7 +74,7 @@ _TFMOT_PACKAGE = "tensorflow_model_optimization"
 
 def export_saved_model(model, export_dir: str,
                        metadata: Optional[metadata_lib.PrivacyMetadata] = None, *,
-                       version: Optional[int] = None, overwrite: bool = False,
+                       budget=None, version: Optional[int] = None, overwrite: bool = False,
                        output: str = "logits", input_name: str = "inputs",
                        public_warmup_inputs=None, model_card: bool = True,
                        warmup_inputs=None) -> str:
@@ -83,9 +85,13 @@ def export_saved_model(model, export_dir: str,
     model: a built tf_keras model (Sequential or functional) with one input [batch, ...] and one
       output [batch, classes]. tfmot pruning wrappers are stripped.
     export_dir: the TF Serving base directory; created if missing (its parent must exist).
-    metadata: the run's `PrivacyMetadata`; None labels the model non-private
-      (`metadata.non_private()`: epsilon = inf), as is every model that did not come out of DP
-      training.
+    metadata: the run's `PrivacyMetadata` (what `tfdp-train` records); None, without budget,
+      labels the model non-private (`metadata.non_private()`: epsilon = inf), as is every model
+      that did not come out of DP training.
+    budget: the `PrivacyBudget` (built with `sampler=`) that was in the fit callbacks of a
+      hand-written DP training: the label is built from it, the model's DP optimizer and the
+      record its mask callbacks left (`privacy_label.from_budget`), and refused when they are
+      inconsistent. Not together with metadata.
     version: the version number (>= 1); None: 1 + the largest existing version (1 if none).
     overwrite: replace an existing `<version>`; without it an existing version is an error
       raised before anything is written.
@@ -104,11 +110,14 @@ def export_saved_model(model, export_dir: str,
     The version directory's path.
 
   Raises:
-    TypeError: warmup_inputs is given, or metadata is not a PrivacyMetadata.
+    TypeError: warmup_inputs is given, metadata is not a PrivacyMetadata, or budget is not a
+      PrivacyBudget.
+    ExportError: both metadata and budget are given; the budget, the model's DP optimizer, its
+      masks and the sampler cannot be labelled truthfully (see `privacy_label.from_budget`).
     ValueError, ExportError: another argument is invalid (nothing is written).
   """
   _refuse_old_warmup_argument(warmup_inputs)
-  metadata = _check_metadata(metadata)
+  metadata = _label(model, metadata, budget)
   _validate.one_of("output", output, OUTPUTS)
   if not isinstance(input_name, str) or not _INPUT_NAME_RE.match(input_name):
     raise ValueError(f"Expected input_name to be a letter followed by letters, digits or _ (a "
@@ -211,6 +220,24 @@ def _refuse_old_warmup_argument(warmup_inputs) -> None:
       "without noise, outside the privacy guarantee. Expected public_warmup_inputs=<examples "
       "that are PUBLIC> or no warmup argument (synthetic inputs: zeros of the input shape). "
       f"Received: warmup_inputs={received}.")
+
+
+def _label(model, metadata, budget) -> metadata_lib.PrivacyMetadata:
+  """The record to export: from the budget, the metadata given, or NON-PRIVATE."""
+  if budget is None:
+    if metadata is None and privacy_label.has_dp_optimizer(model):
+      logging.warning("export_saved_model: a model compiled with a DP optimizer is labelled "
+                      "NON-PRIVATE without budget= or metadata=; pass budget=<the PrivacyBudget "
+                      "of its fit> to label it with its guarantee.")
+    return _check_metadata(metadata)
+  if metadata is not None:
+    raise ExportError("Expected budget= (a label built from the training's objects) or "
+                      "metadata= (a record built before), not both. Received both: drop "
+                      "metadata= to label the model from its budget.")
+  try:
+    return privacy_label.from_budget(model, budget)
+  except privacy_label.LabelError as error:
+    raise ExportError(str(error)) from None
 
 
 def _check_metadata(metadata) -> metadata_lib.PrivacyMetadata:

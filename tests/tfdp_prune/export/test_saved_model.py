@@ -565,7 +565,10 @@ def _imported_modules(tree):
 
 
 def test_the_export_modules_import_only_the_schema_compat_and_validate():
-  allowed = {"tfdp_prune.metadata", "tfdp_prune.compat", "tfdp_prune._validate"}
+  """And `privacy_label` (export_saved_model(budget=...)), a library module that reaches no
+  training entry point (checked below)."""
+  allowed = {"tfdp_prune.metadata", "tfdp_prune.compat", "tfdp_prune._validate",
+             "tfdp_prune.privacy_label"}
   package = os.path.join(_REPO, "tfdp_prune", "export")
   for filename in ("__init__.py", "saved_model.py", "serving_files.py", "inspection.py"):
     with open(os.path.join(package, filename), encoding="utf-8") as f:
@@ -573,3 +576,7 @@ def test_the_export_modules_import_only_the_schema_compat_and_validate():
     ours = {m for m in modules if m.split(".")[0] == "tfdp_prune"}
     assert ours, filename
     assert {m for m in ours if not m.startswith("tfdp_prune.export")} <= allowed, filename
+  with open(os.path.join(_REPO, "tfdp_prune", "privacy_label.py"), encoding="utf-8") as f:
+    labeller = set(_imported_modules(ast.parse(f.read())))
+  assert not {m for m in labeller
+              if m.startswith(("tfdp_prune.training", "tfdp_prune.trainers", "tfdp_prune.export"))}
