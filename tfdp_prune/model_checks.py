@@ -119,7 +119,7 @@ def check_no_state_written_from_batch(model, input_spec, fixed_batch_size: bool,
 
 
 def _writes_from_batch(model, input_spec, fixed_batch_size) -> List[_Write]:
-  _build(model, input_spec)
+  build(model, input_spec)
   variables = _unique(model.variables)
   before = [_value(v) for v in variables]
   rows = _probe_rows(model, input_spec)
@@ -141,9 +141,10 @@ def _writes_from_batch(model, input_spec, fixed_batch_size) -> List[_Write]:
   return writes
 
 
-def _build(model, input_spec) -> None:
-  """Creates the variables of a model never called (a subclassed one) without running it
-  eagerly: Keras traces the call in a scratch graph, so no write is executed."""
+def build(model, input_spec) -> None:
+  """Creates the variables of a model never called (a subclassed one, a Sequential without an
+  input shape) for inputs like `input_spec`, without running it eagerly: Keras traces the call
+  in a scratch graph, so no write is executed."""
   if model.built:
     return
   model.build(tf.nest.map_structure(lambda s: s.shape, input_spec))
