@@ -22,7 +22,8 @@ def build_for_data(model: keras.Model, x) -> None:
     return
   spec = input_spec_of(x)
   if spec is not None:
-    model_checks.build(model, spec)
+    with model.distribute_strategy.scope():  # where fit would create the variables
+      model_checks.build(model, spec)
 
 
 def input_spec_of(x) -> Optional[object]:

@@ -94,3 +94,20 @@ def test_input_spec_of_each_kind_of_training_data():
   assert lazy_build.input_spec_of({"a": x, "b": y}) == {
       "a": want, "b": tf.TensorSpec([None], tf.int32)}
   assert lazy_build.input_spec_of(iter([(x, y)])) is None  # read only by consuming it
+
+
+def test_a_model_without_input_shape_is_built_in_its_distribution_strategy():
+  from tests.tfdp_prune.test_distribute import _strategy  # one strategy per session
+  x, y = T.dense_data(n=32)
+  results = []
+  for replicas, declared_input in ((1, True), (2, False)):
+    with _strategy(replicas).scope():
+      layers = ([keras.Input((8,))] if declared_input else []) + _layers()
+      model = T.dp_model(keras.Sequential(layers), l2_norm_clip=0.5)
+    freezing = tfdp_prune.ParameterFreezing(tfdp_prune.RandomRule(sparsity=0.5, seed=3))
+    model.fit(x, y, batch_size=32, shuffle=False, verbose=0, callbacks=[freezing])
+    # Created by the strategy (mirrored), as `fit` would create them.
+    assert all(isinstance(v, tf.distribute.DistributedValues) for v in model.trainable_variables)
+    results.append(T.weights(model))
+  for got, want in zip(*results):
+    np.testing.assert_allclose(got, want, atol=1e-6)
