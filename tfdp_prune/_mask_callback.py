@@ -44,6 +44,14 @@ class MaskCallback(keras.callbacks.Callback):
     if not isinstance(optimizer, DPOptimizerMixin):
       raise ValueError(f"{type(self).__name__} sets update masks on a tfdp_prune DP optimizer; "
                        f"the model is compiled with {optimizer!r}.")
+    if not self.model.built:  # building the optimizer now would give it no variables
+      raise ValueError(
+          f"{type(self).__name__} needs the weights of model '{self.model.name}' to set its "
+          "masks before the first step, and the model has none yet (declared without an input "
+          "shape). `model.fit` builds it from the shapes of its training data (a tf.data "
+          "Dataset, arrays, or a keras.utils.Sequence; not a Python generator); otherwise "
+          "declare the input (`keras.Input(shape)` as the first layer) or call "
+          "`model.build((None, *input_shape))` before training.")
     optimizer.build(self.model.trainable_variables)
     return optimizer
 

@@ -17,7 +17,16 @@ import types
 import tensorflow as tf
 import tf_keras as keras
 
-__all__ = ["keras", "tf", "tf_privacy", "tfmot", "ensure_tf_keras_model"]
+__all__ = ["keras", "tf", "tf_privacy", "tfmot", "ensure_tf_keras_model", "KERAS_3_FIX",
+           "is_keras_3_frame"]
+
+# How to get a tf_keras model, wherever a Keras 3 model meets tfdp_prune.
+KERAS_3_FIX = (
+    "tfdp_prune trains models built with tf_keras (Keras 2) until Keras 3 is supported. Build "
+    "the model, its layers, losses and metrics with `import tf_keras as keras` (instead of "
+    "`import keras` or `from tensorflow import keras`), or set the environment variable "
+    "TF_USE_LEGACY_KERAS=1 before TensorFlow is first imported (then `tf.keras` is tf_keras), "
+    "e.g. `TF_USE_LEGACY_KERAS=1 python train.py`.")
 
 _TF_PRIVACY_MODULES = {
     "dp_optimizer_keras": "tensorflow_privacy.privacy.optimizers.dp_optimizer_keras",
@@ -64,8 +73,12 @@ def ensure_tf_keras_model(model) -> None:
   hint = ""
   if module.startswith("keras"):
     hint = (" It is a Keras 3 model (from the `keras` package, or `tf.keras` without "
-            "TF_USE_LEGACY_KERAS=1). Build it with `import tf_keras as keras` instead, e.g. "
-            "`keras.Sequential([keras.layers.Dense(10)])`.")
+            f"TF_USE_LEGACY_KERAS=1). {KERAS_3_FIX}")
   raise TypeError(
       f"Expected a tf_keras.Model. Received: {type(model).__module__}.{type(model).__name__}."
       + hint)
+
+
+def is_keras_3_frame(frame) -> bool:
+  """Whether `frame` runs code of the Keras 3 package (`keras.*`; tf_keras is `tf_keras.*`)."""
+  return frame.f_globals.get("__name__", "").startswith("keras.")

@@ -14,6 +14,7 @@ optimizer refuses plain `minimize`/`apply_gradients`, which would skip clipping 
 import dataclasses
 import functools
 import math
+import sys
 
 from tfdp_prune import _validate
 from tfdp_prune import clipping
@@ -21,6 +22,8 @@ from tfdp_prune import mask_provenance
 from tfdp_prune import noise
 from tfdp_prune import per_example
 from tfdp_prune import randomness
+from tfdp_prune.compat import KERAS_3_FIX
+from tfdp_prune.compat import is_keras_3_frame
 from tfdp_prune.compat import keras
 from tfdp_prune.compat import tf
 
@@ -256,6 +259,15 @@ def make_dp_optimizer_class(cls):
                     insecure_noise_seed=self.insecure_noise_seed,
                     per_example_engine=per_example.serialize(self.per_example_engine))
       return config
+
+    def __format__(self, format_spec):
+      # `model.compile` of a Keras 3 model hands our (tf_keras) optimizer to Keras 3's
+      # `optimizers.get`, which refuses it with f"Could not interpret optimizer identifier:
+      # {identifier}": the user's first error, so the text formatted there says how to fix it.
+      if is_keras_3_frame(sys._getframe(1)):  # pylint: disable=protected-access
+        return (f"{type(self).__name__} (a tfdp_prune DP optimizer for tf_keras models; this "
+                f"model is a Keras 3 model). {KERAS_3_FIX}")
+      return super().__format__(format_spec)
 
     # ---- the DP step -----------------------------------------------------------------------
 

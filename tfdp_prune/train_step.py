@@ -3,6 +3,7 @@
 import types
 
 from tfdp_prune import augmult
+from tfdp_prune import lazy_build
 from tfdp_prune import model_checks
 from tfdp_prune.compat import keras
 from tfdp_prune.compat import tf
@@ -19,15 +20,53 @@ def make_private(model: keras.Model) -> keras.Model:
   no state written from the batch in training mode: `model_checks`; models without declared
   inputs get that last check when the train step is traced, before their first step),
   replaces the model's train step with one that computes per-example gradients and hands their
-  clipped sum to the optimizer, and adds the metric `dp_non_finite_examples` (examples whose
-  gradient was not finite and was therefore dropped). Returns the same model.
+  clipped sum to the optimizer, and returns the same model.
+
+  The train step also logs `dp_non_finite_examples` (examples whose gradient was not finite and
+  was therefore dropped, summed over the epoch): in `fit`'s logs (History, TensorBoard) and
+  `train_on_batch`, never in `evaluate`, whose results and `model.metrics_names` stay what the
+  model was compiled with. A model declared without an input shape (`Sequential([Dense(1)])`)
+  is built for the shapes of the training data when `fit` starts, so that callbacks (the mask
+  callbacks) see its weights before the first step.
   """
   model_checks.check_dp_model(model)
   with model.distribute_strategy.scope():
-    model.dp_non_finite_examples = keras.metrics.Sum(name=NON_FINITE_METRIC, dtype=tf.int64)
+    # Held outside Keras' attribute tracking: a tracked metric would be in `model.metrics`,
+    # hence in what `evaluate` returns (and logged again as `val_dp_non_finite_examples`).
+    model._dp_training_logs = _TrainingOnlyMetrics(  # pylint: disable=protected-access
+        keras.metrics.Sum(name=NON_FINITE_METRIC, dtype=tf.int64))
   model.train_step = types.MethodType(dp_train_step, model)
+  model.reset_metrics = types.MethodType(_reset_metrics, model)
+  model.fit = types.MethodType(_fit_building_lazily, model)
   model.train_function = None  # a train function built before must not be reused
   return model
+
+
+class _TrainingOnlyMetrics:
+  """Metrics the DP train step logs and `evaluate` does not: a plain object, which Keras'
+  attribute tracking (of `Metric` attributes, lists and dicts) does not look into."""
+
+  def __init__(self, non_finite_examples):
+    self.non_finite_examples = non_finite_examples
+
+  def results(self) -> dict:
+    return {NON_FINITE_METRIC: self.non_finite_examples.result()}
+
+  def reset(self) -> None:
+    self.non_finite_examples.reset_state()
+
+
+def _reset_metrics(model) -> None:
+  """`Model.reset_metrics`, also for the training-only metrics: Keras calls it where it resets
+  its own (each epoch of `fit`, `train_on_batch(reset_metrics=True)`)."""
+  type(model).reset_metrics(model)
+  model._dp_training_logs.reset()  # pylint: disable=protected-access
+
+
+def _fit_building_lazily(model, x=None, *args, **kwargs):
+  """`Model.fit`, after building a model without input shapes for the shapes of `x`."""
+  lazy_build.build_for_data(model, x)
+  return type(model).fit(model, x, *args, **kwargs)
 
 
 def dp_train_step(model: keras.Model, data) -> dict:
@@ -44,7 +83,8 @@ def dp_train_step(model: keras.Model, data) -> dict:
     optimizer.build(variables)
   engine_output = _clipped_sum(model, optimizer, loss_fn, x, y, sample_weight, variables)
   optimizer.apply_clipped_sum(engine_output.clipped, variables)
-  model.dp_non_finite_examples.update_state(engine_output.clipped.num_non_finite)
+  training_logs = model._dp_training_logs  # pylint: disable=protected-access
+  training_logs.non_finite_examples.update_state(engine_output.clipped.num_non_finite)
   # Loss and metrics over the rows that were trained on: Keras' unweighted metrics would count
   # padding, and a row dropped for a non-finite gradient would log loss: nan.
   real = tf.logical_and(tf.not_equal(sample_weight, 0),
@@ -52,7 +92,7 @@ def dp_train_step(model: keras.Model, data) -> dict:
   x, y, predictions, sample_weight = tf.nest.map_structure(
       lambda t: tf.boolean_mask(t, real), (x, y, engine_output.predictions, sample_weight))
   model.compute_loss(x, y, predictions, sample_weight)  # updates the loss metric
-  return model.compute_metrics(x, y, predictions, sample_weight)
+  return dict(model.compute_metrics(x, y, predictions, sample_weight), **training_logs.results())
 
 
 def _dropped_rows(clipped, rows):

@@ -1,5 +1,6 @@
 """Small models and helpers shared by the tests (not a test module)."""
 
+import functools
 import os
 import types
 import zlib
@@ -9,6 +10,15 @@ import numpy as np
 import tfdp_prune
 from tfdp_prune.compat import keras
 from tfdp_prune.compat import tf
+
+
+@functools.lru_cache(maxsize=None)
+def mirrored_strategy(replicas):
+  """A MirroredStrategy over `replicas` logical CPUs (tests/conftest.py), or None if there are
+  fewer. One per replica count for the whole session: two MirroredStrategy objects over the
+  same devices in one process reuse collective instance keys, which TF rejects."""
+  devices = [d.name for d in tf.config.list_logical_devices("CPU")][:replicas]
+  return tf.distribute.MirroredStrategy(devices) if len(devices) == replicas else None
 
 
 def per_example_loss():

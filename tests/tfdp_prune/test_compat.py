@@ -75,7 +75,29 @@ except TypeError as error:
   print(error)
 """)
   assert "Keras 3 model" in result.stdout, result.stderr[-3000:]
-  assert "import tf_keras as keras" in result.stdout
+  assert compat.KERAS_3_FIX in result.stdout  # the import line, or TF_USE_LEGACY_KERAS=1
+
+
+@pytest.mark.parametrize("keras_3", ["import keras", "from tensorflow import keras"])
+def test_compiling_a_keras_3_model_with_our_optimizer_says_how_to_build_a_tf_keras_model(keras_3):
+  # The README's order: compile, then make_private. Keras 3's compile refuses the optimizer
+  # first, with a message that formats it: that first error must carry the fix.
+  result = _run(keras_3 + """
+import tfdp_prune
+optimizer = tfdp_prune.DPKerasSGDOptimizer(l2_norm_clip=1.0, noise_multiplier=1.0)
+print("elsewhere:", f"{optimizer}")
+model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+model.compile(optimizer=optimizer,
+              loss=keras.losses.SparseCategoricalCrossentropy(reduction="none"))
+""")
+  assert result.returncode != 0
+  error = result.stderr.strip().splitlines()[-1]
+  assert error.startswith("ValueError: Could not interpret optimizer identifier: DPSGD (a "
+                          "tfdp_prune DP optimizer for tf_keras models; this model is a Keras 3 "
+                          "model)"), result.stderr[-3000:]
+  assert "`import tf_keras as keras`" in error and "TF_USE_LEGACY_KERAS=1" in error
+  # Formatted anywhere but in Keras 3, the optimizer reads as usual.
+  assert "elsewhere: <tfdp_prune.optimizer.DPSGD object at" in result.stdout
 
 
 def test_a_non_model_is_a_type_error():

@@ -4,25 +4,19 @@ TF Privacy 0.9.0 on two replicas gives about 2.8x the noise std and twice the gr
 tests below compare against the one-replica update, so either error fails them.
 """
 
-import functools
-
 import numpy as np
 import pytest
 from scipy import stats
 
 from tfdp_prune.compat import keras
-from tfdp_prune.compat import tf
 from tests.tfdp_prune import _testing as T
 
 
-@functools.lru_cache(maxsize=None)
 def _strategy(replicas):
-  # One strategy per replica count for the whole session: two MirroredStrategy objects over the
-  # same devices in one process reuse collective instance keys, which TF rejects.
-  devices = [d.name for d in tf.config.list_logical_devices("CPU")][:replicas]
-  if len(devices) < replicas:
+  strategy = T.mirrored_strategy(replicas)  # shared by the session's tests
+  if strategy is None:
     pytest.skip("needs two logical CPUs (tests/conftest.py)")
-  return tf.distribute.MirroredStrategy(devices)
+  return strategy
 
 
 def _train(replicas, x, y, sample_weight=None, physical_batch=None, **optimizer_kwargs):
