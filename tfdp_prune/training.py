@@ -227,8 +227,9 @@ def export_checkpoint(checkpoint_dir: str, export_dir: str, *, version: Optional
       checkpoint_dir, model, budget=budget,
       trackables={"ema": ema.state} if ema is not None else None)
   if step is None:
-    raise ValueError(f"Expected a complete checkpoint in {checkpoint_dir}. Received a directory "
-                     "without one (the run saved none yet).")
+    raise ConfigError(f"Expected a complete checkpoint in --checkpoint_dir={checkpoint_dir}. "
+                      "Received a directory without one (the run saved none yet): train "
+                      "longer, or pass the directory of a run that saved a checkpoint.")
   metadata = build_metadata(config, budget.ledger.spec.with_steps(budget.steps), info, model,
                             record["expected_batch_size"])
   if ema is not None and use_ema and ema.num_updates:

@@ -73,3 +73,35 @@ def test_inspect_of_a_forged_epsilon_fails_and_prints_no_label(tmp_path):
   assert "differs between its copies" in result.stderr
   assert "epsilon: assets.extra/privacy_metadata.json says 0.5" in result.stderr
   assert "0.5, " not in result.stdout and "-DP" not in result.stdout
+
+
+def _run_export_main(monkeypatch, *argv):
+  """`tfdp-export`'s console entry point in-process: its SystemExit, or what it let through."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from tfdp_prune.export import main as export_main  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(sys, "argv", ["tfdp-export", *argv])
+  flags.FLAGS.unparse_flags()
+  try:
+    export_main.run_main()
+  finally:
+    flags.FLAGS.unparse_flags()
+
+
+def test_a_user_error_exits_with_its_message(tmp_path, monkeypatch):
+  """A directory without a run: ConfigError; an export that is no export: ExportError."""
+  with pytest.raises(SystemExit) as exit_info:
+    _run_export_main(monkeypatch, f"--checkpoint_dir={tmp_path}", f"--export_dir={tmp_path}/m")
+  assert str(exit_info.value.code).startswith("tfdp-export: Expected ")
+  assert "run.json" in str(exit_info.value.code)
+  with pytest.raises(SystemExit) as exit_info:
+    _run_export_main(monkeypatch, f"--inspect={tmp_path}")
+  assert str(exit_info.value.code).startswith("tfdp-export: ")
+
+
+def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
+  """A ValueError that is no user error is a bug: it propagates (its traceback is printed)."""
+  def buggy_export(*args, **kwargs):
+    raise ValueError("a genuine bug")
+  monkeypatch.setattr(training, "export_checkpoint", buggy_export)
+  with pytest.raises(ValueError, match="a genuine bug"):
+    _run_export_main(monkeypatch, f"--checkpoint_dir={tmp_path}", f"--export_dir={tmp_path}/m")
