@@ -86,6 +86,10 @@ _CALIBRATION_MAX_POINTS = 2**20
 PLDError = _pld.PLDError
 PLDTooLargeError = _pld.PLDTooLargeError
 
+
+class UnreachableEpsilonError(ValueError):
+  """No noise multiplier in calibration's range meets the target epsilon for these settings."""
+
 _FORMAT = "tfdp_prune.PrivacySpec"
 _FORMAT_VERSION = 1
 _RELATIONS = {ADD_OR_REMOVE_ONE: privacy_accountant.NeighboringRelation.ADD_OR_REMOVE_ONE,
@@ -383,7 +387,8 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float,
     tol: the tolerance of the search, in sigma.
 
   Raises:
-    ValueError: an invalid setting, or no sigma <= 2**30 meets the target.
+    ValueError: an invalid setting.
+    UnreachableEpsilonError: no sigma <= 2**30 meets the target.
     PLDError: the PLD at the answer (or just below it) cannot be computed.
   """
   _validate.positive("target_epsilon", target_epsilon)
@@ -399,8 +404,10 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float,
   try:
     low, sigma = _search.smallest_fitting(value, target_epsilon, tol, lowest, _MAX_NOISE, guess)
   except _search.NotFoundError:
-    raise ValueError(f"No noise multiplier <= 2**30 reaches target_epsilon={target_epsilon} at "
-                     f"delta={delta} with {steps} steps.") from None
+    raise UnreachableEpsilonError(
+        f"No noise multiplier <= 2**30 reaches target_epsilon={target_epsilon} at "
+        f"delta={delta} with {steps} steps (even that much noise gives epsilon "
+        f"{value(_MAX_NOISE):.3g}).") from None
   checked = dataclasses.replace(template, noise_multiplier=sigma)
   if not checked.epsilon() <= target_epsilon:  # a privacy guard: never an assert
     raise RuntimeError(f"Calibration found sigma={sigma} with epsilon {checked.epsilon()} > "
@@ -424,8 +431,11 @@ def _guess_noise_multiplier(template: PrivacySpec, target_epsilon: float, tol: f
                             lowest: float) -> Optional[float]:
   guess = None
   for guide in _guides(template):
-    low, guess = _search.smallest_fitting(_value_of_noise(guide), target_epsilon, tol, lowest,
-                                          _MAX_NOISE, guess)
+    try:
+      low, guess = _search.smallest_fitting(_value_of_noise(guide), target_epsilon, tol,
+                                            lowest, _MAX_NOISE, guess)
+    except _search.NotFoundError:  # a coarser grid is more pessimistic: the spec's may reach it
+      return guess
   return guess
 
 

@@ -300,12 +300,26 @@ def plan_privacy(config: TrainConfig, sampler) -> _Plan:
     # The run's final epsilon (cached for the budget and the metadata): a PLD that cannot be
     # computed is found here, before training. Fewer steps never need a larger PLD.
     dataclasses.replace(template, noise_multiplier=sigma).epsilon()
+  except accounting.UnreachableEpsilonError as error:
+    raise ConfigError(
+        f"Expected an --epsilon that some noise multiplier reaches. Received: "
+        f"--epsilon={config.epsilon} for {steps} steps at --delta={config.delta} "
+        f"({template.sampling} sampling{_rate_text(template)}): {error} Epsilon grows with the "
+        "steps and the sampling rate and falls with delta: train fewer --steps or --epochs, use "
+        "a smaller batch size (a smaller sampling rate), a larger --delta, or a larger "
+        "--epsilon.") from None
   except accounting.PLDError as error:
     raise ConfigError(f"--accountant={config.accountant} cannot account for {steps} steps of "
                       f"this run: {error} (tfdp-train: --accountant=rdp, or fewer --steps or "
                       "--epochs.)") from None
   spec = dataclasses.replace(template, noise_multiplier=sigma, steps=0)
   return _Plan(steps=steps, noise_multiplier=sigma, spec=spec)
+
+
+def _rate_text(spec: accounting.PrivacySpec) -> str:
+  if spec.sampling == "poisson":
+    return f" at rate {spec.sampling_probability:.3g}"
+  return f" of batches of {spec.batch_size} from {spec.num_examples} examples"
 
 
 def make_strategy(name: str) -> tf.distribute.Strategy:

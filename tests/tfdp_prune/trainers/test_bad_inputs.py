@@ -60,6 +60,9 @@ ROWS = [
     ("overlap", None, ["--public_split=train[:20%]"], 1,
      "Choose a --public_split and --private_split that do not overlap"),
     ("epsilon_inf", None, ["--epsilon=inf"], 1, "--noise_multiplier=0"),
+    ("epsilon_unreachable", None, ["--epsilon=0.00001", "--steps=1000000"], 1,
+     "Expected an --epsilon that some noise multiplier reaches. Received: --epsilon=1e-05 for "
+     "1000000 steps"),
     ("mask_flag_without_masks", None, ["--mode=none", "--sparsity=0.5"], 1, "--sparsity"),
     ("positional_argument", None, ["train"], 1, "Unexpected arguments"),
     ("unknown_flag", None, ["--epsilom=2"], 1, "epsilom"),
