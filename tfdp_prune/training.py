@@ -60,6 +60,7 @@ from tfdp_prune import metadata as metadata_lib
 from tfdp_prune import models
 from tfdp_prune import optimizer as optimizer_lib
 from tfdp_prune import overlap
+from tfdp_prune import public_data as public_data_lib
 from tfdp_prune import randomness
 from tfdp_prune import sampling
 from tfdp_prune import selection
@@ -650,9 +651,7 @@ def _check_callback_public_data(callbacks, private):
     if not isinstance(callback, _mask_callback.MaskCallback) or public is None:
       continue
     name = f"{type(callback).__name__}(public_data=...)"
-    if (isinstance(public, (tuple, list)) and len(public) == 2
-        and isinstance(public[0], np.ndarray)):
-      data_lib.check_part("public", tuple(public), np.shape(private[0])[1:], source=name)
+    public_data_lib.check(public, np.shape(private[0])[1:], source=name)
     try:
       overlap.check_disjoint(public, private)
     except overlap.OverlapError as error:
