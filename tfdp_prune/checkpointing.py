@@ -35,8 +35,10 @@ parses and names step s, and every listed file present with its recorded size an
 training begins. `latest_checkpoint` picks the checkpoint with the most logical steps (`latest`
 may lag by one after a kill between the rename and the pointer update; that checkpoint is
 complete all the same); if that one is damaged, it is a `CheckpointError` naming it and the
-choices (restore from a backup, or a new run in another directory that keeps this one as the
-record of the spent privacy), never a silent fallback to an older checkpoint.
+choices (restore from a backup, or a new run in another directory that carries this one's spend:
+`start_carried_ledger`, `tfdp-train --carry_spend_from`), never a silent fallback to an older
+checkpoint. A ledger that begins with a carried spend records where it came from
+(`read_carried`).
 
 Checkpoints are taken only between logical batches (`optimizer.at_logical_batch_start()`), so
 the accumulators are zero and a resumed run restarts its sampler exactly at a logical step:
@@ -97,10 +99,23 @@ class CheckpointError(ValueError):
   Nothing is deleted or rolled back: the message names the file and the choices."""
 
 
+CARRY_FLAG = "--carry_spend_from"
+
+
 def _choices(directory) -> str:
+  """The ways on from a damaged checkpoint directory whose ledger is intact."""
   return (f"Nothing was deleted. Either restore {directory} from a backup, or start a new run "
-          f"with another checkpoint directory and keep {directory}: its {LEDGER} is the record "
-          "of the privacy already spent on this data.")
+          f"that keeps the old spend on record: tfdp-train {CARRY_FLAG}={directory} "
+          f"--checkpoint_dir=<a new directory> (Python: TrainConfig(carry_spend_from=...)) "
+          f"reads {os.path.join(directory, LEDGER)} and counts its steps in the new run's "
+          "epsilon, step limit and export.")
+
+
+def _ledger_choices(directory) -> str:
+  """A damaged ledger cannot be carried: the spent privacy is unknown."""
+  return (f"Nothing was deleted. The privacy already spent on this data cannot be read, so it "
+          f"cannot be carried into a new run either: restore {os.path.join(directory, LEDGER)} "
+          "from a backup.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +168,47 @@ def read_ledger(directory: str) -> Optional[Dict[str, Any]]:
   the steps it covers run. A last line without its
   newline is a write that a kill interrupted (its steps never ran) and is ignored; any other
   line that does not parse or match its digest raises `CheckpointError`."""
+  records = _ledger_records(directory)
+  if records is None:
+    return None
+  best = max(records, key=lambda body: body["state"]["steps"])
+  return {"state": best["state"], "iterations": best["iterations"]}
+
+
+def read_carried(directory: str) -> Optional[Dict[str, Any]]:
+  """What the ledger of `directory` carried from an older run when it began (`{"path": the
+  old ledger, "sha256": its digest then, "steps": its steps}`), or None (no ledger, or one that
+  began at 0 steps). Raises CheckpointError as `read_ledger`."""
+  records = _ledger_records(directory)
+  return None if not records else records[0].get("carried")
+
+
+def ledger_file_digest(directory: str) -> str:
+  """The SHA-256 of `directory/LEDGER` as it is now (what a carried spend records)."""
+  return _digest_file(os.path.join(directory, LEDGER))
+
+
+def start_carried_ledger(directory: str, state: Dict[str, Any],
+                         carried: Dict[str, Any]) -> None:
+  """Begins the ledger of a new run's `directory` at an old run's spend: its first line records
+  `state` (the old steps, before any step of the new run: iterations 0) and `carried` (where
+  they come from). A ledger that already began with the same carried spend (a resumed new run)
+  is left as it is; any other ledger there is refused: that directory belongs to another run."""
+  os.makedirs(directory, exist_ok=True)
+  existing = read_carried(directory)
+  if existing is None and read_ledger(directory) is None:
+    append_ledger(directory, state, 0, carried=carried)
+    return
+  if existing != carried:
+    raise CheckpointError(
+        f"{os.path.join(directory, LEDGER)} belongs to another run (it began "
+        f"{'with no carried spend' if existing is None else f'carrying {existing}'}, not "
+        f"{carried}). Pass a new directory for the run that carries the old spend.")
+
+
+def _ledger_records(directory: str):
+  """Every record of `directory/LEDGER` in order (`{"state", "iterations"[, "carried"]}`), or
+  None without a ledger file; see `read_ledger` for what is refused."""
   path = os.path.join(directory, LEDGER)
   try:
     with open(path, "rb") as f:
@@ -161,32 +217,34 @@ def read_ledger(directory: str) -> Optional[Dict[str, Any]]:
     return None
   except OSError as e:
     raise CheckpointError(f"Cannot read the privacy ledger {path} ({e}). "
-                          f"{_choices(directory)}") from e
+                          f"{_ledger_choices(directory)}") from e
   lines = data.split(b"\n")
   lines.pop()  # after the last newline: empty, or a write a kill interrupted
-  best = None
+  records = []
   for number, line in enumerate(lines, 1):
     try:
       record = json.loads(line.decode("utf-8"))
-      state = record["state"]
-      body = {"state": state, "iterations": record["iterations"]}
-      if record["sha256"] != _digest_json(body) or not isinstance(state.get("steps"), int):
+      body = {key: record[key] for key in ("state", "iterations", "carried") if key in record}
+      if record["sha256"] != _digest_json(body) or not isinstance(body["state"].get("steps"),
+                                                                    int):
         raise ValueError("its digest does not match")
     except (ValueError, KeyError, TypeError, AttributeError) as e:
       raise CheckpointError(f"The privacy ledger {path} is corrupt at line {number} ({e}). "
-                            f"{_choices(directory)}") from e
-    if best is None or state["steps"] > best["state"]["steps"]:
-      best = body
-  return best
+                            f"{_ledger_choices(directory)}") from e
+    records.append(body)
+  return records
 
 
-def append_ledger(directory: str, state: Dict[str, Any], iterations: int) -> None:
+def append_ledger(directory: str, state: Dict[str, Any], iterations: int,
+                  carried: Optional[Dict[str, Any]] = None) -> None:
   """Appends `state` (a `PrivacyLedger` state, the spent budget once the optimizer reaches
   `iterations`) to `directory/LEDGER` and makes it durable (fsync of the file, and of the
-  directory when the file is new) before returning."""
+  directory when the file is new) before returning. `carried`: see `start_carried_ledger`."""
   path = os.path.join(directory, LEDGER)
   new = not os.path.exists(path)
   body = {"state": state, "iterations": int(iterations)}
+  if carried is not None:
+    body["carried"] = carried
   line = json.dumps(dict(body, sha256=_digest_json(body)), sort_keys=True) + "\n"
   fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
   try:
@@ -240,11 +298,13 @@ def restore_latest(directory: str, model, budget=None, sampler=None,
   info = latest_checkpoint(directory)  # CheckpointError if the newest checkpoint is damaged
   ledger = read_ledger(directory)
   if info is None:
-    if ledger is not None and ledger["state"]["steps"] > 0:
+    if ledger is not None and ledger["iterations"] > 0:
       raise CheckpointError(
           f"{os.path.join(directory, LEDGER)} records {ledger['state']['steps']} logical "
           f"steps already spent, but {directory} holds no checkpoint to continue from. "
           f"{_choices(directory)}")
+    if ledger is not None and budget is not None:  # a carried spend, no step of this run yet
+      budget.restore(ledger["state"])
     return None
   metadata = info.metadata
   if not model.built:

@@ -51,6 +51,7 @@ from tfdp_prune import accounting
 from tfdp_prune import agreement
 from tfdp_prune import augmult
 from tfdp_prune import budget as budget_lib
+from tfdp_prune import carried_spend
 from tfdp_prune import checkpointing
 from tfdp_prune import data as data_lib
 from tfdp_prune import ema as ema_lib
@@ -158,10 +159,14 @@ def train(config: TrainConfig, *, splits: Optional[data_lib.DataSplits] = None,
   if ema is not None:
     ema.build(model)
   trackables = {"ema": ema.state} if ema is not None else None
+  carried = read_carried_spend(config, plan, info)  # before anything is written
+  _check_room_left(budget, carried)
   resumed_from = None
   run_record = None
   if config.checkpoint_dir:
     run_record = write_or_check_run_record(config, info, plan, sampler)
+    if carried is not None:  # the new ledger begins at the old steps (restored from it below)
+      checkpointing.start_carried_ledger(config.checkpoint_dir, carried.state, carried.source)
     resumed_from = checkpointing.restore_latest(config.checkpoint_dir, model, budget=budget,
                                                 sampler=sampler, trackables=trackables)
   fit_callbacks = []
@@ -191,7 +196,8 @@ def train(config: TrainConfig, *, splits: Optional[data_lib.DataSplits] = None,
     print(f"tfdp-train: the checkpoint is already at step {start} of {plan.steps}; nothing to "
           "train.")
   metadata = build_metadata(config, budget.ledger.spec.with_steps(budget.steps), info,
-                            model, sampler.expected_batch_size)
+                            model, sampler.expected_batch_size,
+                            carried=None if carried is None else carried.source)
   test_accuracy, export_path = _evaluate_and_export(config, model, ema, splits, metadata)
   if config.verbose:
     print(summary(metadata, test_accuracy, export_path))
@@ -232,7 +238,8 @@ def export_checkpoint(checkpoint_dir: str, export_dir: str, *, version: Optional
                       "Received a directory without one (the run saved none yet): train "
                       "longer, or pass the directory of a run that saved a checkpoint.")
   metadata = build_metadata(config, budget.ledger.spec.with_steps(budget.steps), info, model,
-                            record["expected_batch_size"])
+                            record["expected_batch_size"],
+                            carried=checkpointing.read_carried(checkpoint_dir))
   if ema is not None and use_ema and ema.num_updates:
     ema.assign_to_model()
   return export_lib.export_saved_model(model, export_dir, metadata, version=version,
@@ -422,7 +429,8 @@ def mask_summary(model, optimizer) -> Dict[str, Any]:
 
 
 def build_metadata(config: TrainConfig, spec: accounting.PrivacySpec, info: data_lib.DataInfo,
-                   model, expected_batch_size: float) -> metadata_lib.PrivacyMetadata:
+                   model, expected_batch_size: float,
+                   carried: Optional[Dict[str, Any]] = None) -> metadata_lib.PrivacyMetadata:
   """The run's `PrivacyMetadata` (one schema for training and export).
 
   delta is the delta of the guarantee (`spec.total_delta()`: the sampler's overflow term
@@ -440,6 +448,8 @@ def build_metadata(config: TrainConfig, spec: accounting.PrivacySpec, info: data
                f"NON-PRIVATE: noise multiplier {spec.noise_multiplier}, no privacy guarantee.")
   if private and source == randomness.INSECURE_SEED:
     statement = INSECURE_STATEMENT + statement
+  if carried is not None:  # spec.steps counts them; the statement says where they come from
+    statement += carried_spend.statement(carried)
   return metadata_lib.PrivacyMetadata(
       private=private, epsilon=epsilon if private else math.inf, delta=spec.total_delta(),
       accountant=spec.accountant, statement=statement,
@@ -488,6 +498,43 @@ def delta_text(metadata: metadata_lib.PrivacyMetadata) -> str:
   base = (metadata.privacy_spec or {}).get("delta", metadata.delta)
   extra = metadata.delta - base
   return f"{base:g} + {extra:.2g} (sampler overflow)" if extra > 0 else f"{metadata.delta:g}"
+
+
+# ---- a carried spend (--carry_spend_from) -------------------------------------------------------
+
+def read_carried_spend(config: TrainConfig, plan: _Plan,
+                       info: data_lib.DataInfo) -> Optional[carried_spend.CarriedSpend]:
+  """The old run's spend named by --carry_spend_from (None without it), checked to be of this
+  run's mechanism on its private data (`carried_spend.read`). The old run's record comes from
+  its run.json, else from its newest checkpoint (damaged checkpoints are why one carries)."""
+  if config.carry_spend_from is None:
+    return None
+  old = config.carry_spend_from
+  if not os.path.isdir(old):
+    raise ConfigError(f"Expected --carry_spend_from to be the checkpoint directory of an earlier "
+                      f"run. Received: --carry_spend_from={old}, which is not a directory.")
+  record = None
+  try:
+    record = read_run_record(old)
+  except ConfigError:
+    try:
+      newest = checkpointing.latest_checkpoint(old)
+      record = None if newest is None else newest.metadata.get("run_record")
+    except checkpointing.CheckpointError:
+      pass
+  return carried_spend.read(old, record, plan.spec, json.loads(json.dumps(info.to_dict())))
+
+
+def _check_room_left(budget, carried) -> None:
+  """A carried spend that already reaches the target epsilon leaves no step to train."""
+  if carried is None or budget.target_epsilon is None:
+    return
+  if carried.steps >= budget.max_steps:
+    raise ConfigError(
+        f"Expected room for training within --epsilon={budget.target_epsilon}. Received: "
+        f"--carry_spend_from={os.path.dirname(carried.source['path'])} carries {carried.steps} "
+        f"logical steps, and this target allows {budget.max_steps} in all. Nothing more may be "
+        "trained on this data at this target.")
 
 
 # ---- run record (checkpoint_dir/run.json) ------------------------------------------------------

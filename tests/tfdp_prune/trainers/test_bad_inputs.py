@@ -52,6 +52,13 @@ ROWS = [
      "--checkpoint_dir to be a directory"),
     ("damaged_checkpoint", ("runs", _damaged_checkpoint), ["--checkpoint_dir={tmp}/runs"], 1,
      "is corrupt or unreadable"),
+    ("damaged_checkpoint_names_the_carry_flag", ("runs", _damaged_checkpoint),
+     ["--checkpoint_dir={tmp}/runs"], 1, "tfdp-train --carry_spend_from={tmp}/runs"),
+    ("carry_spend_without_checkpoint_dir", None, ["--carry_spend_from={tmp}/runs"], 1,
+     "Expected --checkpoint_dir (a new directory"),
+    ("carry_spend_from_a_directory_without_ledger", ("runs", _version_1),
+     ["--carry_spend_from={tmp}/runs", "--checkpoint_dir={tmp}/new"], 1,
+     "privacy_ledger.jsonl (written by tfdp-train --checkpoint_dir)"),
     ("export_version_exists", ("models", _version_1),
      ["--export_dir={tmp}/models", "--export_version=1"], 1, "--overwrite"),
     ("empty_private_split", None, ["--private_split=train[:0%]"], 1,
@@ -119,6 +126,7 @@ def test_bad_input_exits_with_a_message_before_training(state, argv, code, phras
   message = capsys.readouterr().err
   if isinstance(exit_code, str):  # sys.exit(message): Python prints it and exits 1
     message, exit_code = message + exit_code, 1
+  phrase = phrase.replace("{tmp}", str(tmp_path))
   assert exit_code == code, message
   assert phrase in message, message
   assert "Traceback" not in message, message
