@@ -99,6 +99,25 @@ class CheckpointError(ValueError):
   Nothing is deleted or rolled back: the message names the file and the choices."""
 
 
+class CheckpointWriteError(CheckpointError):
+  """A checkpoint or the ledger could not be written (a full disk, a read-only file system).
+
+  What was written before is kept: no earlier checkpoint is lost, the ledger does not go back,
+  and a step whose ledger line could not be written does not run."""
+
+
+# What writing raises on a full disk or a read-only file system (TF's own writers raise OpErrors).
+_WRITE_FAULTS = (OSError, tf.errors.ResourceExhaustedError, tf.errors.PermissionDeniedError)
+
+
+def _write_failed(what: str, path: str, error: Exception) -> CheckpointWriteError:
+  reason = getattr(error, "strerror", None) or getattr(error, "message", None) or error
+  return CheckpointWriteError(
+      f"Cannot write {what} {path} ({reason}). Nothing written before was "
+      "lost: the earlier checkpoints and the privacy ledger are intact. Free space on that file "
+      "system (or make it writable), then rerun with the same flags to resume.")
+
+
 CARRY_FLAG = "--carry_spend_from"
 
 
@@ -246,6 +265,16 @@ def append_ledger(directory: str, state: Dict[str, Any], iterations: int,
   if carried is not None:
     body["carried"] = carried
   line = json.dumps(dict(body, sha256=_digest_json(body)), sort_keys=True) + "\n"
+  try:
+    _append_line(path, line)
+    if new:
+      _fsync(directory)
+  except OSError as error:  # the step it covers has not run: the ledger did not go back
+    raise _write_failed("the privacy ledger", path, error) from error
+
+
+def _append_line(path: str, line: str) -> None:
+  """Appends `line` to the ledger file and fsyncs it (a torn earlier append is cut first)."""
   fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
   try:
     size = os.fstat(fd).st_size
@@ -264,8 +293,6 @@ def append_ledger(directory: str, state: Dict[str, Any], iterations: int,
     os.fsync(fd)
   finally:
     os.close(fd)
-  if new:
-    _fsync(directory)
 
 
 def restore_latest(directory: str, model, budget=None, sampler=None,
@@ -558,6 +585,14 @@ def write_checkpoint(directory: str, model, metadata: Dict[str, Any],
   given), with `metadata` as the sidecar; points `latest` at it and keeps the `keep` newest
   complete checkpoints. Returns the checkpoint's directory."""
   step = int(metadata["step"])
+  try:
+    return _write_checkpoint(directory, step, model, metadata, keep, trackables, sampler)
+  except _WRITE_FAULTS as error:  # a full disk, a read-only file system: the old ones intact
+    raise _write_failed("the checkpoint", os.path.join(directory, f"ckpt-{step}"),
+                        error) from error
+
+
+def _write_checkpoint(directory, step, model, metadata, keep, trackables, sampler) -> str:
   os.makedirs(directory, exist_ok=True)
   tmp = os.path.join(directory, f"{_TMP_PREFIX}ckpt-{step}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
   os.mkdir(tmp)
