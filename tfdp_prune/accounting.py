@@ -247,13 +247,18 @@ class PrivacySpec:
             "other batching (e.g. repeat() before batch(), which can put one example twice in "
             "a batch).")
 
-  def to_dict(self) -> Dict[str, Any]:
-    """A JSON-compatible dict: the settings, the serialized DpEvent, adjacency and statement."""
+  def to_dict(self, *, with_statement: bool = True) -> Dict[str, Any]:
+    """A JSON-compatible dict: the settings, the serialized DpEvent, adjacency and statement.
+
+    `with_statement=False` leaves the statement out (`from_dict` does not need it): with an
+    overflow term the statement computes epsilon, a PLD evaluation, too slow for the privacy
+    ledger's line before every step."""
     result = {"format": _FORMAT, "version": _FORMAT_VERSION}
     result.update(dataclasses.asdict(self))
     result["adjacency"] = self.adjacency
     result["dp_event"] = event_to_dict(self.dp_event())
-    result["statement"] = self.statement()
+    if with_statement:
+      result["statement"] = self.statement()
     return result
 
   @classmethod

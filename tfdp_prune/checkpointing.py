@@ -492,12 +492,12 @@ class DPCheckpoint(keras.callbacks.Callback):
     current = int(self.model.optimizer.iterations.numpy())
     iterations = current + self._reserve
     if iterations > self._ledger_iterations:
-      state = self.budget.get_state()
+      counted = self.budget.steps  # synchronized with the optimizer
       # Iterations up to the ledger's re-run steps it already counts (see `restore_latest`).
-      steps = int(state["steps"]) + iterations - max(current, self._ledger_iterations)
-      append_ledger(self.directory,
-                    accounting.PrivacySpec.from_dict(state).with_steps(steps).to_dict(),
-                    iterations)
+      steps = counted + iterations - max(current, self._ledger_iterations)
+      spec = self.budget.ledger.spec.with_steps(steps)
+      # Without the statement: it can cost a PLD evaluation, and this runs before every step.
+      append_ledger(self.directory, spec.to_dict(with_statement=False), iterations)
       self._ledger_iterations = iterations
 
   def _start_ledger(self, optimizer):

@@ -584,3 +584,28 @@ def test_a_ledger_line_that_cannot_be_written_stops_before_its_step(tmp_path, mo
   _train(model, sampler, 3, 4, [budget, checkpointing.DPCheckpoint(
       tmp_path, every_steps=1, budget=budget, sampler=sampler, keep=5)])
   assert _ledger_steps(tmp_path) == 4
+
+
+def test_the_ledger_line_before_each_step_computes_no_epsilon(tmp_path, monkeypatch):
+  """A Poisson sampler with a cap has an overflow term, whose statement computes epsilon (a PLD
+  evaluation, 0.2 s at the default run's settings): the per-step ledger line leaves it out."""
+  from tfdp_prune import _pld  # pylint: disable=g-import-not-at-top
+  from tfdp_prune import accounting  # pylint: disable=g-import-not-at-top
+  sampler = _sampler()
+  assert sampler.overflow_probability > 0
+  model = _model(sampler)
+  budget = tfdp_prune.PrivacyBudget(sampler.privacy_spec(noise_multiplier=SIGMA, steps=0,
+                                                         delta=1e-5, accountant="pld"))
+  assert budget.spec.overflow_probability > 0
+  budget.log_every_epoch = False  # only the ledger could compute epsilons here
+  evaluations = []
+  accounting._epsilon.cache_clear()  # pylint: disable=protected-access
+  real = _pld.epsilon
+  monkeypatch.setattr(_pld, "epsilon", lambda *a: evaluations.append(a) or real(*a))
+  _train(model, sampler, 0, 5, [budget, checkpointing.DPCheckpoint(
+      tmp_path, every_steps=100, budget=budget, sampler=sampler)])
+  assert _ledger_steps(tmp_path) == 5
+  assert evaluations == []
+  full = budget.get_state()
+  assert checkpointing.read_ledger(tmp_path)["state"] == {
+      key: value for key, value in full.items() if key != "statement"}
