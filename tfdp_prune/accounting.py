@@ -302,9 +302,9 @@ def max_steps(spec: PrivacySpec, target_epsilon: float, cap: int) -> int:
   Returns cap when even cap steps stay within the target, 0 when one step exceeds it.
   Otherwise the answer s is checked before it is returned: epsilon(s) <= target <
   epsilon(s + 1), both computed by `PrivacySpec.epsilon()` itself. The true epsilon never
-  decreases with the steps; dp_accounting's PLD value is not exactly monotone (FFT rounding:
-  at delta 1e-9 over 1e6 steps it moves by 1e-3 between step counts 5,000 apart), so s is
-  such a crossing found by the search, and a larger step count may be within the target again.
+  decreases with the steps; dp_accounting's PLD value need not be exactly monotone (FFT
+  rounding), so s is a crossing found by the search, and a larger step count may be within the
+  target again. What a `PrivacyLedger` reports is monotone all the same (its running maximum).
 
   How (only the speed depends on it): the same search on coarser PLD grids first (100x, 10x:
   cheap; their answers are often the fine grid's or close to it, far off where one step's
@@ -504,6 +504,7 @@ class PrivacyLedger:
     if not isinstance(spec, PrivacySpec):
       raise TypeError(f"Expected a PrivacySpec. Received: {spec!r}.")
     self._spec = spec
+    self._reported = (0, 0.0)  # (steps, epsilon): the largest epsilon reported so far
 
   @property
   def spec(self) -> PrivacySpec:
@@ -513,17 +514,34 @@ class PrivacyLedger:
   def steps(self) -> int:
     return self._spec.steps
 
+  @property
+  def largest_reported_epsilon(self) -> float:
+    """The largest epsilon `epsilon()` has reported (0.0 before any); no evaluation."""
+    return self._reported[1]
+
   def record_steps(self, count: int = 1) -> None:
     _validate.positive_int("count", count)
     self._spec = self._spec.with_steps(self._spec.steps + count)
 
   def epsilon(self) -> float:
-    return self._spec.epsilon()
+    """Epsilon after the steps so far, never less than one this ledger reported for fewer steps.
+
+    The true epsilon never decreases with the steps; dp_accounting's PLD value need not be
+    exactly monotone (FFT rounding), so the ledger reports the running maximum of the values it
+    computed: each is an upper bound on the true epsilon at its own step count, hence also at
+    any larger one. The step limit (`max_steps`) is checked on `PrivacySpec.epsilon()` itself;
+    `PrivacyBudget` also stops once a reported epsilon exceeds its target."""
+    epsilon = _running_max(self._spec.epsilon(), self._reported, self._spec.steps)
+    if self._reported[0] <= self._spec.steps:
+      self._reported = (self._spec.steps, epsilon)
+    return epsilon
 
   def epsilon_after(self, more_steps: int) -> float:
-    """Epsilon if `more_steps` further steps were taken (to stop before a budget is exceeded)."""
+    """Epsilon if `more_steps` further steps were taken (to stop before a budget is exceeded),
+    never less than one this ledger reported for fewer steps."""
     _validate.non_negative_int("more_steps", more_steps)
-    return self._spec.with_steps(self._spec.steps + more_steps).epsilon()
+    steps = self._spec.steps + more_steps
+    return _running_max(self._spec.with_steps(steps).epsilon(), self._reported, steps)
 
   def get_state(self) -> Dict[str, Any]:
     return self._spec.to_dict()
@@ -535,10 +553,18 @@ class PrivacyLedger:
                        f"this ledger's {self._spec.with_steps(restored.steps)}; the steps taken "
                        "were accounted with the checkpointed settings.")
     self._spec = restored
+    if self._reported[0] > restored.steps:  # reported for more steps than it now counts
+      self._reported = (0, 0.0)
 
   @classmethod
   def from_state(cls, state: Dict[str, Any]) -> "PrivacyLedger":
     return cls(PrivacySpec.from_dict(state))
+
+
+def _running_max(epsilon: float, reported, steps: int) -> float:
+  """`epsilon` at `steps`, raised to an epsilon reported at no more steps."""
+  reported_steps, reported_epsilon = reported
+  return max(epsilon, reported_epsilon) if reported_steps <= steps else epsilon
 
 
 def event_to_dict(event: dp_event.DpEvent) -> Dict[str, Any]:
