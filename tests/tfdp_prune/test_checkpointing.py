@@ -493,7 +493,7 @@ def test_a_full_disk_stops_training_before_a_step_the_ledger_does_not_cover(tmp_
   def full(fd):
     raise OSError(28, "No space left on device")
   monkeypatch.setattr(os, "fsync", full)
-  with pytest.raises(OSError, match="No space left"):
+  with pytest.raises(checkpointing.CheckpointWriteError, match="No space left"):
     _train(model, sampler, 3, 6, [budget, checkpointing.DPCheckpoint(
         tmp_path, every_steps=1, budget=budget, sampler=sampler, keep=5)])
   monkeypatch.undo()

@@ -181,3 +181,18 @@ def test_tfdp_export_help_lists_its_flags_and_the_old_version_flag_names_the_new
   assert "--version was renamed --export_version" in result.stderr, result.stderr[-2000:]
   assert "pass --export_version=3" in result.stderr and "Traceback" not in result.stderr
   assert os.listdir(tmp_path) == []
+
+
+def test_a_bug_in_tfdp_train_keeps_its_traceback(monkeypatch):
+  """Only user errors (ConfigError, CheckpointError) end in a one-line message; a ValueError
+  from anywhere else is a bug and propagates with its traceback."""
+  def buggy_run(*args, **kwargs):
+    raise ValueError("a genuine bug")
+  monkeypatch.setattr(training, "run", buggy_run)
+  monkeypatch.setattr(sys, "argv", ["tfdp-train"])
+  flags.FLAGS.unparse_flags()
+  try:
+    with pytest.raises(ValueError, match="a genuine bug"):
+      train.run_main()
+  finally:
+    flags.FLAGS.unparse_flags()
