@@ -4,10 +4,10 @@ logs."""
 
 import numpy as np
 
-from tfdp_prune import data as data_lib
 from tfdp_prune import mask_provenance
 from tfdp_prune import masks as masks_lib
 from tfdp_prune import overlap
+from tfdp_prune import public_data as public_data_lib
 from tfdp_prune import tfmot_interop
 from tfdp_prune.compat import keras
 from tfdp_prune.maskable import MaskableSpec
@@ -29,9 +29,8 @@ class MaskCallback(keras.callbacks.Callback):
     if isinstance(rule, masks_lib.PublicGradientRule) and public_data is None:
       raise ValueError("The public_gradient rule needs public_data=(x, y) or a tf.data.Dataset "
                        "of (x, y) batches of PUBLIC examples. Received: public_data=None.")
-    if (isinstance(public_data, tuple) and len(public_data) == 2
-        and isinstance(public_data[0], np.ndarray)):  # a Dataset or dict inputs: read later
-      data_lib.check_part("public", public_data, source=f"{type(self).__name__}(public_data=...)")
+    if public_data is not None:  # every accepted form, before any training
+      public_data_lib.check(public_data, source=f"{type(self).__name__}(public_data=...)")
     self.rule = rule
     self.public_data = public_data
     self.maskable = maskable if maskable is not None else MaskableSpec()

@@ -86,6 +86,10 @@ _CALIBRATION_MAX_POINTS = 2**20
 PLDError = _pld.PLDError
 PLDTooLargeError = _pld.PLDTooLargeError
 
+
+class UnreachableEpsilonError(ValueError):
+  """No noise multiplier in calibration's range meets the target epsilon for these settings."""
+
 _FORMAT = "tfdp_prune.PrivacySpec"
 _FORMAT_VERSION = 1
 _RELATIONS = {ADD_OR_REMOVE_ONE: privacy_accountant.NeighboringRelation.ADD_OR_REMOVE_ONE,
@@ -243,13 +247,18 @@ class PrivacySpec:
             "other batching (e.g. repeat() before batch(), which can put one example twice in "
             "a batch).")
 
-  def to_dict(self) -> Dict[str, Any]:
-    """A JSON-compatible dict: the settings, the serialized DpEvent, adjacency and statement."""
+  def to_dict(self, *, with_statement: bool = True) -> Dict[str, Any]:
+    """A JSON-compatible dict: the settings, the serialized DpEvent, adjacency and statement.
+
+    `with_statement=False` leaves the statement out (`from_dict` does not need it): with an
+    overflow term the statement computes epsilon, a PLD evaluation, too slow for the privacy
+    ledger's line before every step."""
     result = {"format": _FORMAT, "version": _FORMAT_VERSION}
     result.update(dataclasses.asdict(self))
     result["adjacency"] = self.adjacency
     result["dp_event"] = event_to_dict(self.dp_event())
-    result["statement"] = self.statement()
+    if with_statement:
+      result["statement"] = self.statement()
     return result
 
   @classmethod
@@ -293,9 +302,9 @@ def max_steps(spec: PrivacySpec, target_epsilon: float, cap: int) -> int:
   Returns cap when even cap steps stay within the target, 0 when one step exceeds it.
   Otherwise the answer s is checked before it is returned: epsilon(s) <= target <
   epsilon(s + 1), both computed by `PrivacySpec.epsilon()` itself. The true epsilon never
-  decreases with the steps; dp_accounting's PLD value is not exactly monotone (FFT rounding:
-  at delta 1e-9 over 1e6 steps it moves by 1e-3 between step counts 5,000 apart), so s is
-  such a crossing found by the search, and a larger step count may be within the target again.
+  decreases with the steps; dp_accounting's PLD value need not be exactly monotone (FFT
+  rounding), so s is a crossing found by the search, and a larger step count may be within the
+  target again. What a `PrivacyLedger` reports is monotone all the same (its running maximum).
 
   How (only the speed depends on it): the same search on coarser PLD grids first (100x, 10x:
   cheap; their answers are often the fine grid's or close to it, far off where one step's
@@ -383,7 +392,8 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float,
     tol: the tolerance of the search, in sigma.
 
   Raises:
-    ValueError: an invalid setting, or no sigma <= 2**30 meets the target.
+    ValueError: an invalid setting.
+    UnreachableEpsilonError: no sigma <= 2**30 meets the target.
     PLDError: the PLD at the answer (or just below it) cannot be computed.
   """
   _validate.positive("target_epsilon", target_epsilon)
@@ -399,8 +409,10 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float,
   try:
     low, sigma = _search.smallest_fitting(value, target_epsilon, tol, lowest, _MAX_NOISE, guess)
   except _search.NotFoundError:
-    raise ValueError(f"No noise multiplier <= 2**30 reaches target_epsilon={target_epsilon} at "
-                     f"delta={delta} with {steps} steps.") from None
+    raise UnreachableEpsilonError(
+        f"No noise multiplier <= 2**30 reaches target_epsilon={target_epsilon} at "
+        f"delta={delta} with {steps} steps (even that much noise gives epsilon "
+        f"{value(_MAX_NOISE):.3g}).") from None
   checked = dataclasses.replace(template, noise_multiplier=sigma)
   if not checked.epsilon() <= target_epsilon:  # a privacy guard: never an assert
     raise RuntimeError(f"Calibration found sigma={sigma} with epsilon {checked.epsilon()} > "
@@ -424,8 +436,11 @@ def _guess_noise_multiplier(template: PrivacySpec, target_epsilon: float, tol: f
                             lowest: float) -> Optional[float]:
   guess = None
   for guide in _guides(template):
-    low, guess = _search.smallest_fitting(_value_of_noise(guide), target_epsilon, tol, lowest,
-                                          _MAX_NOISE, guess)
+    try:
+      low, guess = _search.smallest_fitting(_value_of_noise(guide), target_epsilon, tol,
+                                            lowest, _MAX_NOISE, guess)
+    except _search.NotFoundError:  # a coarser grid is more pessimistic: the spec's may reach it
+      return guess
   return guess
 
 
@@ -489,6 +504,7 @@ class PrivacyLedger:
     if not isinstance(spec, PrivacySpec):
       raise TypeError(f"Expected a PrivacySpec. Received: {spec!r}.")
     self._spec = spec
+    self._reported = (0, 0.0)  # (steps, epsilon): the largest epsilon reported so far
 
   @property
   def spec(self) -> PrivacySpec:
@@ -498,17 +514,34 @@ class PrivacyLedger:
   def steps(self) -> int:
     return self._spec.steps
 
+  @property
+  def largest_reported_epsilon(self) -> float:
+    """The largest epsilon `epsilon()` has reported (0.0 before any); no evaluation."""
+    return self._reported[1]
+
   def record_steps(self, count: int = 1) -> None:
     _validate.positive_int("count", count)
     self._spec = self._spec.with_steps(self._spec.steps + count)
 
   def epsilon(self) -> float:
-    return self._spec.epsilon()
+    """Epsilon after the steps so far, never less than one this ledger reported for fewer steps.
+
+    The true epsilon never decreases with the steps; dp_accounting's PLD value need not be
+    exactly monotone (FFT rounding), so the ledger reports the running maximum of the values it
+    computed: each is an upper bound on the true epsilon at its own step count, hence also at
+    any larger one. The step limit (`max_steps`) is checked on `PrivacySpec.epsilon()` itself;
+    `PrivacyBudget` also stops once a reported epsilon exceeds its target."""
+    epsilon = _running_max(self._spec.epsilon(), self._reported, self._spec.steps)
+    if self._reported[0] <= self._spec.steps:
+      self._reported = (self._spec.steps, epsilon)
+    return epsilon
 
   def epsilon_after(self, more_steps: int) -> float:
-    """Epsilon if `more_steps` further steps were taken (to stop before a budget is exceeded)."""
+    """Epsilon if `more_steps` further steps were taken (to stop before a budget is exceeded),
+    never less than one this ledger reported for fewer steps."""
     _validate.non_negative_int("more_steps", more_steps)
-    return self._spec.with_steps(self._spec.steps + more_steps).epsilon()
+    steps = self._spec.steps + more_steps
+    return _running_max(self._spec.with_steps(steps).epsilon(), self._reported, steps)
 
   def get_state(self) -> Dict[str, Any]:
     return self._spec.to_dict()
@@ -520,10 +553,18 @@ class PrivacyLedger:
                        f"this ledger's {self._spec.with_steps(restored.steps)}; the steps taken "
                        "were accounted with the checkpointed settings.")
     self._spec = restored
+    if self._reported[0] > restored.steps:  # reported for more steps than it now counts
+      self._reported = (0, 0.0)
 
   @classmethod
   def from_state(cls, state: Dict[str, Any]) -> "PrivacyLedger":
     return cls(PrivacySpec.from_dict(state))
+
+
+def _running_max(epsilon: float, reported, steps: int) -> float:
+  """`epsilon` at `steps`, raised to an epsilon reported at no more steps."""
+  reported_steps, reported_epsilon = reported
+  return max(epsilon, reported_epsilon) if reported_steps <= steps else epsilon
 
 
 def event_to_dict(event: dp_event.DpEvent) -> Dict[str, Any]:

@@ -153,8 +153,11 @@ class PrivacyBudget(keras.callbacks.Callback):
 
   @property
   def exhausted(self) -> bool:
-    """True when one more logical step would exceed target_epsilon."""
-    return self.target_epsilon is not None and self.remaining_steps == 0
+    """True when one more logical step would exceed target_epsilon: the step limit is reached,
+    or an epsilon the ledger reported (a running maximum, see `PrivacyLedger.epsilon`) already
+    exceeds the target."""
+    return self.target_epsilon is not None and (
+        self.remaining_steps == 0 or self._ledger.largest_reported_epsilon > self.target_epsilon)
 
   def epsilon(self) -> float:
     """Epsilon at `delta` after the logical steps taken so far."""
@@ -187,7 +190,7 @@ class PrivacyBudget(keras.callbacks.Callback):
                       "accounted; keeping %d (the spent budget is never lowered).",
                       restored.steps, self._ledger.steps, self._ledger.steps)
       return
-    self._ledger = restored
+    self._ledger.restore(state)  # keeps the epsilons it reported (a running maximum)
 
   # ---- callback hooks ---------------------------------------------------------------------
 

@@ -35,8 +35,10 @@ parses and names step s, and every listed file present with its recorded size an
 training begins. `latest_checkpoint` picks the checkpoint with the most logical steps (`latest`
 may lag by one after a kill between the rename and the pointer update; that checkpoint is
 complete all the same); if that one is damaged, it is a `CheckpointError` naming it and the
-choices (restore from a backup, or a new run in another directory that keeps this one as the
-record of the spent privacy), never a silent fallback to an older checkpoint.
+choices (restore from a backup, or a new run in another directory that carries this one's spend:
+`start_carried_ledger`, `tfdp-train --carry_spend_from`), never a silent fallback to an older
+checkpoint. A ledger that begins with a carried spend records where it came from
+(`read_carried`).
 
 Checkpoints are taken only between logical batches (`optimizer.at_logical_batch_start()`), so
 the accumulators are zero and a resumed run restarts its sampler exactly at a logical step:
@@ -97,10 +99,42 @@ class CheckpointError(ValueError):
   Nothing is deleted or rolled back: the message names the file and the choices."""
 
 
+class CheckpointWriteError(CheckpointError):
+  """A checkpoint or the ledger could not be written (a full disk, a read-only file system).
+
+  What was written before is kept: no earlier checkpoint is lost, the ledger does not go back,
+  and a step whose ledger line could not be written does not run."""
+
+
+# What writing raises on a full disk or a read-only file system (TF's own writers raise OpErrors).
+_WRITE_FAULTS = (OSError, tf.errors.ResourceExhaustedError, tf.errors.PermissionDeniedError)
+
+
+def _write_failed(what: str, path: str, error: Exception) -> CheckpointWriteError:
+  reason = getattr(error, "strerror", None) or getattr(error, "message", None) or error
+  return CheckpointWriteError(
+      f"Cannot write {what} {path} ({reason}). Nothing written before was "
+      "lost: the earlier checkpoints and the privacy ledger are intact. Free space on that file "
+      "system (or make it writable), then rerun with the same flags to resume.")
+
+
+CARRY_FLAG = "--carry_spend_from"
+
+
 def _choices(directory) -> str:
+  """The ways on from a damaged checkpoint directory whose ledger is intact."""
   return (f"Nothing was deleted. Either restore {directory} from a backup, or start a new run "
-          f"with another checkpoint directory and keep {directory}: its {LEDGER} is the record "
-          "of the privacy already spent on this data.")
+          f"that keeps the old spend on record: tfdp-train {CARRY_FLAG}={directory} "
+          f"--checkpoint_dir=<a new directory> (Python: TrainConfig(carry_spend_from=...)) "
+          f"reads {os.path.join(directory, LEDGER)} and counts its steps in the new run's "
+          "epsilon, step limit and export.")
+
+
+def _ledger_choices(directory) -> str:
+  """A damaged ledger cannot be carried: the spent privacy is unknown."""
+  return (f"Nothing was deleted. The privacy already spent on this data cannot be read, so it "
+          f"cannot be carried into a new run either: restore {os.path.join(directory, LEDGER)} "
+          "from a backup.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +187,47 @@ def read_ledger(directory: str) -> Optional[Dict[str, Any]]:
   the steps it covers run. A last line without its
   newline is a write that a kill interrupted (its steps never ran) and is ignored; any other
   line that does not parse or match its digest raises `CheckpointError`."""
+  records = _ledger_records(directory)
+  if records is None:
+    return None
+  best = max(records, key=lambda body: body["state"]["steps"])
+  return {"state": best["state"], "iterations": best["iterations"]}
+
+
+def read_carried(directory: str) -> Optional[Dict[str, Any]]:
+  """What the ledger of `directory` carried from an older run when it began (`{"path": the
+  old ledger, "sha256": its digest then, "steps": its steps}`), or None (no ledger, or one that
+  began at 0 steps). Raises CheckpointError as `read_ledger`."""
+  records = _ledger_records(directory)
+  return None if not records else records[0].get("carried")
+
+
+def ledger_file_digest(directory: str) -> str:
+  """The SHA-256 of `directory/LEDGER` as it is now (what a carried spend records)."""
+  return _digest_file(os.path.join(directory, LEDGER))
+
+
+def start_carried_ledger(directory: str, state: Dict[str, Any],
+                         carried: Dict[str, Any]) -> None:
+  """Begins the ledger of a new run's `directory` at an old run's spend: its first line records
+  `state` (the old steps, before any step of the new run: iterations 0) and `carried` (where
+  they come from). A ledger that already began with the same carried spend (a resumed new run)
+  is left as it is; any other ledger there is refused: that directory belongs to another run."""
+  os.makedirs(directory, exist_ok=True)
+  existing = read_carried(directory)
+  if existing is None and read_ledger(directory) is None:
+    append_ledger(directory, state, 0, carried=carried)
+    return
+  if existing != carried:
+    raise CheckpointError(
+        f"{os.path.join(directory, LEDGER)} belongs to another run (it began "
+        f"{'with no carried spend' if existing is None else f'carrying {existing}'}, not "
+        f"{carried}). Pass a new directory for the run that carries the old spend.")
+
+
+def _ledger_records(directory: str):
+  """Every record of `directory/LEDGER` in order (`{"state", "iterations"[, "carried"]}`), or
+  None without a ledger file; see `read_ledger` for what is refused."""
   path = os.path.join(directory, LEDGER)
   try:
     with open(path, "rb") as f:
@@ -161,33 +236,45 @@ def read_ledger(directory: str) -> Optional[Dict[str, Any]]:
     return None
   except OSError as e:
     raise CheckpointError(f"Cannot read the privacy ledger {path} ({e}). "
-                          f"{_choices(directory)}") from e
+                          f"{_ledger_choices(directory)}") from e
   lines = data.split(b"\n")
   lines.pop()  # after the last newline: empty, or a write a kill interrupted
-  best = None
+  records = []
   for number, line in enumerate(lines, 1):
     try:
       record = json.loads(line.decode("utf-8"))
-      state = record["state"]
-      body = {"state": state, "iterations": record["iterations"]}
-      if record["sha256"] != _digest_json(body) or not isinstance(state.get("steps"), int):
+      body = {key: record[key] for key in ("state", "iterations", "carried") if key in record}
+      if record["sha256"] != _digest_json(body) or not isinstance(body["state"].get("steps"),
+                                                                    int):
         raise ValueError("its digest does not match")
     except (ValueError, KeyError, TypeError, AttributeError) as e:
       raise CheckpointError(f"The privacy ledger {path} is corrupt at line {number} ({e}). "
-                            f"{_choices(directory)}") from e
-    if best is None or state["steps"] > best["state"]["steps"]:
-      best = body
-  return best
+                            f"{_ledger_choices(directory)}") from e
+    records.append(body)
+  return records
 
 
-def append_ledger(directory: str, state: Dict[str, Any], iterations: int) -> None:
+def append_ledger(directory: str, state: Dict[str, Any], iterations: int,
+                  carried: Optional[Dict[str, Any]] = None) -> None:
   """Appends `state` (a `PrivacyLedger` state, the spent budget once the optimizer reaches
   `iterations`) to `directory/LEDGER` and makes it durable (fsync of the file, and of the
-  directory when the file is new) before returning."""
+  directory when the file is new) before returning. `carried`: see `start_carried_ledger`."""
   path = os.path.join(directory, LEDGER)
   new = not os.path.exists(path)
   body = {"state": state, "iterations": int(iterations)}
+  if carried is not None:
+    body["carried"] = carried
   line = json.dumps(dict(body, sha256=_digest_json(body)), sort_keys=True) + "\n"
+  try:
+    _append_line(path, line)
+    if new:
+      _fsync(directory)
+  except OSError as error:  # the step it covers has not run: the ledger did not go back
+    raise _write_failed("the privacy ledger", path, error) from error
+
+
+def _append_line(path: str, line: str) -> None:
+  """Appends `line` to the ledger file and fsyncs it (a torn earlier append is cut first)."""
   fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
   try:
     size = os.fstat(fd).st_size
@@ -206,8 +293,6 @@ def append_ledger(directory: str, state: Dict[str, Any], iterations: int) -> Non
     os.fsync(fd)
   finally:
     os.close(fd)
-  if new:
-    _fsync(directory)
 
 
 def restore_latest(directory: str, model, budget=None, sampler=None,
@@ -240,11 +325,13 @@ def restore_latest(directory: str, model, budget=None, sampler=None,
   info = latest_checkpoint(directory)  # CheckpointError if the newest checkpoint is damaged
   ledger = read_ledger(directory)
   if info is None:
-    if ledger is not None and ledger["state"]["steps"] > 0:
+    if ledger is not None and ledger["iterations"] > 0:
       raise CheckpointError(
           f"{os.path.join(directory, LEDGER)} records {ledger['state']['steps']} logical "
           f"steps already spent, but {directory} holds no checkpoint to continue from. "
           f"{_choices(directory)}")
+    if ledger is not None and budget is not None:  # a carried spend, no step of this run yet
+      budget.restore(ledger["state"])
     return None
   metadata = info.metadata
   if not model.built:
@@ -405,12 +492,12 @@ class DPCheckpoint(keras.callbacks.Callback):
     current = int(self.model.optimizer.iterations.numpy())
     iterations = current + self._reserve
     if iterations > self._ledger_iterations:
-      state = self.budget.get_state()
+      counted = self.budget.steps  # synchronized with the optimizer
       # Iterations up to the ledger's re-run steps it already counts (see `restore_latest`).
-      steps = int(state["steps"]) + iterations - max(current, self._ledger_iterations)
-      append_ledger(self.directory,
-                    accounting.PrivacySpec.from_dict(state).with_steps(steps).to_dict(),
-                    iterations)
+      steps = counted + iterations - max(current, self._ledger_iterations)
+      spec = self.budget.ledger.spec.with_steps(steps)
+      # Without the statement: it can cost a PLD evaluation, and this runs before every step.
+      append_ledger(self.directory, spec.to_dict(with_statement=False), iterations)
       self._ledger_iterations = iterations
 
   def _start_ledger(self, optimizer):
@@ -498,6 +585,14 @@ def write_checkpoint(directory: str, model, metadata: Dict[str, Any],
   given), with `metadata` as the sidecar; points `latest` at it and keeps the `keep` newest
   complete checkpoints. Returns the checkpoint's directory."""
   step = int(metadata["step"])
+  try:
+    return _write_checkpoint(directory, step, model, metadata, keep, trackables, sampler)
+  except _WRITE_FAULTS as error:  # a full disk, a read-only file system: the old ones intact
+    raise _write_failed("the checkpoint", os.path.join(directory, f"ckpt-{step}"),
+                        error) from error
+
+
+def _write_checkpoint(directory, step, model, metadata, keep, trackables, sampler) -> str:
   os.makedirs(directory, exist_ok=True)
   tmp = os.path.join(directory, f"{_TMP_PREFIX}ckpt-{step}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
   os.mkdir(tmp)

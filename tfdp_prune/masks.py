@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from tfdp_prune import public_data as public_data_lib
 from tfdp_prune.compat import keras
 from tfdp_prune.compat import tf
 
@@ -132,6 +133,7 @@ class PublicGradientRule(MaskRule):
     if public_data is None:
       raise ValueError("The public_gradient rule needs public data: pass public_data=(x, y) or "
                        "a tf.data.Dataset of (x, y) batches to the mask callback.")
+    public_data_lib.check(public_data, source="PublicGradientRule's public_data")
     gradient = public_gradient(model, variables, public_data, self.loss or model.loss)
     if self.times_weight:
       return [np.abs(g * v.numpy()) for g, v in zip(gradient, variables)]
@@ -167,7 +169,11 @@ def _batches(data, batch_size):
     return
   x, y = data
   for start in range(0, len(y), batch_size):
-    yield x[start:start + batch_size], y[start:start + batch_size]
+    window = slice(start, start + batch_size)
+    if isinstance(x, dict):  # named inputs
+      yield {name: values[window] for name, values in x.items()}, y[window]
+    else:
+      yield x[window], y[window]
 
 
 _RULES = {cls.name: cls for cls in (MagnitudeRule, RandomRule, PublicGradientRule)}

@@ -56,12 +56,14 @@ class DataRecord:
 
 def build(spec: accounting.PrivacySpec, model, *, expected_batch_size: float, data: DataRecord,
           mask_mode: str, mask_rule: Optional[Dict[str, Any]], mechanism_randomness: str,
-          insecure_statement: str = INSECURE_STATEMENT) -> metadata_lib.PrivacyMetadata:
+          insecure_statement: str = INSECURE_STATEMENT,
+          carried_statement: str = "") -> metadata_lib.PrivacyMetadata:
   """The `PrivacyMetadata` of `spec.steps` logical steps of `model`'s DP optimizer.
 
   delta is that of the guarantee (`spec.total_delta()`, the sampler's overflow term included);
   a run whose noise or sampling was seeded has a statement that starts with
-  `insecure_statement` (INSECURE...). No seed of the mechanism is recorded.
+  `insecure_statement` (INSECURE...); `carried_statement` (a carried earlier spend, which
+  `spec.steps` counts) is appended. No seed of the mechanism is recorded.
   """
   epsilon = spec.epsilon()
   private = spec.noise_multiplier > 0 and math.isfinite(epsilon)
@@ -70,6 +72,7 @@ def build(spec: accounting.PrivacySpec, model, *, expected_batch_size: float, da
                f"NON-PRIVATE: noise multiplier {spec.noise_multiplier}, no privacy guarantee.")
   if private and mechanism_randomness == randomness.INSECURE_SEED:
     statement = insecure_statement + statement
+  statement += carried_statement
   return metadata_lib.PrivacyMetadata(
       private=private, epsilon=epsilon if private else math.inf, delta=spec.total_delta(),
       accountant=spec.accountant, statement=statement,

@@ -26,6 +26,7 @@ members of such a pair (e.g. `--epsilon` and `--noise_multiplier`) is an error.
 
 import dataclasses
 import math
+import os
 import re
 from typing import Any, Dict, Optional, Tuple
 
@@ -101,6 +102,7 @@ class TrainConfig:
   # running and output
   strategy: str = "default"
   checkpoint_dir: Optional[str] = None
+  carry_spend_from: Optional[str] = None
   export_dir: Optional[str] = "tfdp_export"
   export_version: Optional[int] = None
   overwrite: bool = False
@@ -146,6 +148,7 @@ class TrainConfig:
         raise ConfigError(f"Expected --insecure_mechanism_seed < 2**63. Received: "
                           f"--insecure_mechanism_seed={self.insecure_mechanism_seed}.")
     _check_number("verbose", self.verbose, integer=True, minimum=0)
+    self._check_carry()
     for name in ("overwrite",):
       if not isinstance(getattr(self, name), bool):
         raise ConfigError(f"Expected --{name} to be true or false. Received: "
@@ -164,6 +167,20 @@ class TrainConfig:
       parse_image_size(self.image_size)
     except ValueError as error:
       raise ConfigError(str(error)) from None
+
+  def _check_carry(self):
+    """--carry_spend_from needs a new directory of its own for the ledger it continues."""
+    if self.carry_spend_from is None:
+      return
+    if not self.checkpoint_dir:
+      raise ConfigError(
+          f"Expected --checkpoint_dir (a new directory, for the new run's privacy ledger) with "
+          f"--carry_spend_from. Received: --carry_spend_from={self.carry_spend_from} without "
+          "--checkpoint_dir.")
+    if os.path.abspath(self.carry_spend_from) == os.path.abspath(self.checkpoint_dir):
+      raise ConfigError(
+          f"Expected --carry_spend_from (the old run's directory) and --checkpoint_dir (the new "
+          f"run's) to differ. Received: both {self.checkpoint_dir}. Pass a new --checkpoint_dir.")
 
   def _check_masks(self):
     if self.mode == "none":

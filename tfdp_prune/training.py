@@ -50,6 +50,7 @@ from tfdp_prune import accounting
 from tfdp_prune import agreement
 from tfdp_prune import augmult
 from tfdp_prune import budget as budget_lib
+from tfdp_prune import carried_spend
 from tfdp_prune import checkpointing
 from tfdp_prune import data as data_lib
 from tfdp_prune import ema as ema_lib
@@ -61,6 +62,7 @@ from tfdp_prune import models
 from tfdp_prune import optimizer as optimizer_lib
 from tfdp_prune import overlap
 from tfdp_prune import privacy_label
+from tfdp_prune import public_data as public_data_lib
 from tfdp_prune import sampling
 from tfdp_prune import selection
 from tfdp_prune import train_config
@@ -157,10 +159,14 @@ def train(config: TrainConfig, *, splits: Optional[data_lib.DataSplits] = None,
   if ema is not None:
     ema.build(model)
   trackables = {"ema": ema.state} if ema is not None else None
+  carried = read_carried_spend(config, plan, info)  # before anything is written
+  _check_room_left(budget, carried)
   resumed_from = None
   run_record = None
   if config.checkpoint_dir:
     run_record = write_or_check_run_record(config, info, plan, sampler)
+    if carried is not None:  # the new ledger begins at the old steps (restored from it below)
+      checkpointing.start_carried_ledger(config.checkpoint_dir, carried.state, carried.source)
     resumed_from = checkpointing.restore_latest(config.checkpoint_dir, model, budget=budget,
                                                 sampler=sampler, trackables=trackables)
   fit_callbacks = []
@@ -190,7 +196,8 @@ def train(config: TrainConfig, *, splits: Optional[data_lib.DataSplits] = None,
     print(f"tfdp-train: the checkpoint is already at step {start} of {plan.steps}; nothing to "
           "train.")
   metadata = build_metadata(config, budget.ledger.spec.with_steps(budget.steps), info,
-                            model, sampler.expected_batch_size)
+                            model, sampler.expected_batch_size,
+                            carried=None if carried is None else carried.source)
   test_accuracy, export_path = _evaluate_and_export(config, model, ema, splits, metadata)
   if config.verbose:
     print(summary(metadata, test_accuracy, export_path))
@@ -227,10 +234,12 @@ def export_checkpoint(checkpoint_dir: str, export_dir: str, *, version: Optional
       checkpoint_dir, model, budget=budget,
       trackables={"ema": ema.state} if ema is not None else None)
   if step is None:
-    raise ValueError(f"Expected a complete checkpoint in {checkpoint_dir}. Received a directory "
-                     "without one (the run saved none yet).")
+    raise ConfigError(f"Expected a complete checkpoint in --checkpoint_dir={checkpoint_dir}. "
+                      "Received a directory without one (the run saved none yet): train "
+                      "longer, or pass the directory of a run that saved a checkpoint.")
   metadata = build_metadata(config, budget.ledger.spec.with_steps(budget.steps), info, model,
-                            record["expected_batch_size"])
+                            record["expected_batch_size"],
+                            carried=checkpointing.read_carried(checkpoint_dir))
   if ema is not None and use_ema and ema.num_updates:
     ema.assign_to_model()
   return export_lib.export_saved_model(model, export_dir, metadata, version=version,
@@ -300,12 +309,26 @@ def plan_privacy(config: TrainConfig, sampler) -> _Plan:
     # The run's final epsilon (cached for the budget and the metadata): a PLD that cannot be
     # computed is found here, before training. Fewer steps never need a larger PLD.
     dataclasses.replace(template, noise_multiplier=sigma).epsilon()
+  except accounting.UnreachableEpsilonError as error:
+    raise ConfigError(
+        f"Expected an --epsilon that some noise multiplier reaches. Received: "
+        f"--epsilon={config.epsilon} for {steps} steps at --delta={config.delta} "
+        f"({template.sampling} sampling{_rate_text(template)}): {error} Epsilon grows with the "
+        "steps and the sampling rate and falls with delta: train fewer --steps or --epochs, use "
+        "a smaller batch size (a smaller sampling rate), a larger --delta, or a larger "
+        "--epsilon.") from None
   except accounting.PLDError as error:
     raise ConfigError(f"--accountant={config.accountant} cannot account for {steps} steps of "
                       f"this run: {error} (tfdp-train: --accountant=rdp, or fewer --steps or "
                       "--epochs.)") from None
   spec = dataclasses.replace(template, noise_multiplier=sigma, steps=0)
   return _Plan(steps=steps, noise_multiplier=sigma, spec=spec)
+
+
+def _rate_text(spec: accounting.PrivacySpec) -> str:
+  if spec.sampling == "poisson":
+    return f" at rate {spec.sampling_probability:.3g}"
+  return f" of batches of {spec.batch_size} from {spec.num_examples} examples"
 
 
 def make_strategy(name: str) -> tf.distribute.Strategy:
@@ -403,10 +426,12 @@ class StopAfterSteps(keras.callbacks.Callback):
 
 
 def build_metadata(config: TrainConfig, spec: accounting.PrivacySpec, info: data_lib.DataInfo,
-                   model, expected_batch_size: float) -> metadata_lib.PrivacyMetadata:
+                   model, expected_batch_size: float,
+                   carried: Optional[Dict[str, Any]] = None) -> metadata_lib.PrivacyMetadata:
   """The run's `PrivacyMetadata`, by the builder the export of hand-written training uses
   (`privacy_label.build`): the masks' rule from the config (a resumed run's masks come from
-  its checkpoint, without a callback that would record them), the data from what was loaded."""
+  its checkpoint, without a callback that would record them), the data from what was loaded;
+  `carried`: an earlier run's spend this run continues (`spec.steps` counts it)."""
   rule = None
   if config.mode != "none":
     rule = mask_provenance.rule_record(make_rule(config), config.effective_select_every)
@@ -420,7 +445,8 @@ def build_metadata(config: TrainConfig, spec: accounting.PrivacySpec, info: data
       mask_mode=config.mode, mask_rule=rule,
       mechanism_randomness=privacy_label.mechanism_randomness(
           config.mechanism_randomness, model.optimizer.mechanism_randomness),
-      insecure_statement=INSECURE_STATEMENT)
+      insecure_statement=INSECURE_STATEMENT,
+      carried_statement=carried_spend.statement(carried) if carried is not None else "")
 
 
 def summary(metadata: metadata_lib.PrivacyMetadata, test_accuracy: Optional[float],
@@ -446,6 +472,43 @@ def delta_text(metadata: metadata_lib.PrivacyMetadata) -> str:
   base = (metadata.privacy_spec or {}).get("delta", metadata.delta)
   extra = metadata.delta - base
   return f"{base:g} + {extra:.2g} (sampler overflow)" if extra > 0 else f"{metadata.delta:g}"
+
+
+# ---- a carried spend (--carry_spend_from) -------------------------------------------------------
+
+def read_carried_spend(config: TrainConfig, plan: _Plan,
+                       info: data_lib.DataInfo) -> Optional[carried_spend.CarriedSpend]:
+  """The old run's spend named by --carry_spend_from (None without it), checked to be of this
+  run's mechanism on its private data (`carried_spend.read`). The old run's record comes from
+  its run.json, else from its newest checkpoint (damaged checkpoints are why one carries)."""
+  if config.carry_spend_from is None:
+    return None
+  old = config.carry_spend_from
+  if not os.path.isdir(old):
+    raise ConfigError(f"Expected --carry_spend_from to be the checkpoint directory of an earlier "
+                      f"run. Received: --carry_spend_from={old}, which is not a directory.")
+  record = None
+  try:
+    record = read_run_record(old)
+  except ConfigError:
+    try:
+      newest = checkpointing.latest_checkpoint(old)
+      record = None if newest is None else newest.metadata.get("run_record")
+    except checkpointing.CheckpointError:
+      pass
+  return carried_spend.read(old, record, plan.spec, json.loads(json.dumps(info.to_dict())))
+
+
+def _check_room_left(budget, carried) -> None:
+  """A carried spend that already reaches the target epsilon leaves no step to train."""
+  if carried is None or budget.target_epsilon is None:
+    return
+  if carried.steps >= budget.max_steps:
+    raise ConfigError(
+        f"Expected room for training within --epsilon={budget.target_epsilon}. Received: "
+        f"--carry_spend_from={os.path.dirname(carried.source['path'])} carries {carried.steps} "
+        f"logical steps, and this target allows {budget.max_steps} in all. Nothing more may be "
+        "trained on this data at this target.")
 
 
 # ---- run record (checkpoint_dir/run.json) ------------------------------------------------------
@@ -603,9 +666,7 @@ def _check_callback_public_data(callbacks, private):
     if not isinstance(callback, _mask_callback.MaskCallback) or public is None:
       continue
     name = f"{type(callback).__name__}(public_data=...)"
-    if (isinstance(public, (tuple, list)) and len(public) == 2
-        and isinstance(public[0], np.ndarray)):
-      data_lib.check_part("public", tuple(public), np.shape(private[0])[1:], source=name)
+    public_data_lib.check(public, np.shape(private[0])[1:], source=name)
     try:
       overlap.check_disjoint(public, private)
     except overlap.OverlapError as error:

@@ -470,3 +470,19 @@ def test_shuffle_needs_a_batch_no_larger_than_the_dataset_and_poisson_refuses_on
 def test_calibration_rejects_a_non_positive_target(target):
   with pytest.raises(ValueError, match="target_epsilon > 0"):
     accounting.calibrate_noise_multiplier(target, 1e-5, 0.01, 10)
+
+
+def test_an_unreachable_target_epsilon_is_its_own_error():
+  """Even 2**30 noise exceeds the target: UnreachableEpsilonError (not a search's internals),
+  at every grid (the coarser guide grids fail too)."""
+  with pytest.raises(accounting.UnreachableEpsilonError, match="2\\*\\*30"):
+    accounting.calibrate_noise_multiplier(1e-5, 1e-5, 0.2, 1_000_000)
+
+
+def test_a_target_only_the_finer_grid_reaches_is_calibrated_not_refused():
+  """A coarser (more pessimistic) guide grid that fails is no reason to refuse: the spec's own
+  grid reaches epsilon 1e-3 over 1e6 steps, and the answer is checked there."""
+  sigma = accounting.calibrate_noise_multiplier(1e-3, 1e-5, 0.2, 1_000_000)
+  spec = accounting.PrivacySpec(noise_multiplier=sigma, steps=1_000_000, delta=1e-5,
+                                sampling_probability=0.2)
+  assert spec.epsilon() <= 1e-3

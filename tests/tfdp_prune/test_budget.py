@@ -353,3 +353,45 @@ def test_mismatched_optimizer_or_steps_per_execution_are_clear_errors():
   with pytest.raises(ValueError, match="steps_per_execution=1"):
     model.fit(x, y, batch_size=8, verbose=0,
               callbacks=[budget_lib.PrivacyBudget(SPEC, target_epsilon=TARGET)])
+
+
+# A PLD-like epsilon that dips (as FFT rounding can make dp_accounting's PLD value): it rises,
+# falls by 0.05 between steps 5 and 6, then rises again. The true epsilon never falls.
+_DIPPING = {0: 0.0, 1: 1.0, 2: 2.0, 3: 3.0, 4: 4.0, 5: 5.0, 6: 4.95, 7: 5.02, 8: 5.2, 9: 6.0}
+
+
+@pytest.fixture
+def dipping_epsilon(monkeypatch):
+  monkeypatch.setattr(accounting, "_epsilon", lambda spec: _DIPPING[min(spec.steps, 9)])
+
+
+def test_the_ledgers_epsilon_never_decreases_where_the_pld_value_dips(dipping_epsilon):
+  ledger = accounting.PrivacyLedger(SPEC)
+  reported = []
+  for _ in range(9):
+    ledger.record_steps()
+    reported.append(ledger.epsilon())
+  assert SPEC.with_steps(6).epsilon() < SPEC.with_steps(5).epsilon()  # the value dips ...
+  assert reported == [1.0, 2.0, 3.0, 4.0, 5.0, 5.0, 5.02, 5.2, 6.0]  # ... the report does not
+  assert reported == sorted(reported)
+  # Every report is an upper bound of the PLD value at its own steps (so of the true epsilon).
+  assert all(r >= _DIPPING[s] for s, r in enumerate(reported, 1))
+
+
+def test_the_step_limit_is_within_the_target_and_a_reported_epsilon_above_it_stops(
+    dipping_epsilon):
+  target = 4.99  # PLD(5) = 5.0 > target >= PLD(6) = 4.95: two crossings
+  limit = accounting.max_steps(SPEC, target, 100)
+  assert _DIPPING[limit] <= target < _DIPPING[limit + 1]  # whichever crossing it found
+  model = _model()
+  budget = budget_lib.PrivacyBudget(SPEC, target_epsilon=target)
+  budget.set_model(model)
+  budget.on_train_begin()
+  for _ in range(5):  # five steps, the epsilon after them reported (an epoch's log)
+    model.optimizer.iterations.assign_add(1)
+  assert budget.epsilon() == 5.0 > target
+  assert budget.exhausted  # the report exceeded the target: no further step
+  with pytest.raises(budget_lib.PrivacyBudgetExhaustedError):
+    budget.on_train_batch_begin(0)
+  model.optimizer.iterations.assign_add(1)
+  assert budget.epsilon() == 5.0  # at step 6 the report keeps 5.0, not the PLD's 4.95

@@ -11,6 +11,7 @@ The claims (DESIGN.md rules 8, 9, 10):
   - resuming never lowers the spent budget, and refuses another sampler or other DP settings.
 """
 
+import errno
 import json
 import os
 import shutil
@@ -492,7 +493,7 @@ def test_a_full_disk_stops_training_before_a_step_the_ledger_does_not_cover(tmp_
   def full(fd):
     raise OSError(28, "No space left on device")
   monkeypatch.setattr(os, "fsync", full)
-  with pytest.raises(OSError, match="No space left"):
+  with pytest.raises(checkpointing.CheckpointWriteError, match="No space left"):
     _train(model, sampler, 3, 6, [budget, checkpointing.DPCheckpoint(
         tmp_path, every_steps=1, budget=budget, sampler=sampler, keep=5)])
   monkeypatch.undo()
@@ -502,3 +503,109 @@ def test_a_full_disk_stops_training_before_a_step_the_ledger_does_not_cover(tmp_
       k: v for k, v in before.items() if k != checkpointing.LEDGER}
   assert after[checkpointing.LEDGER].startswith(before[checkpointing.LEDGER])
   assert checkpointing.latest_checkpoint(tmp_path).step >= 3
+
+
+# ---- full disk, read-only file system (simulated: tests run as root, so modes stop nothing) --
+
+def _failing_open_for(name, code, monkeypatch):
+  """`os.open` raises OSError(code) for files named `name` (EROFS: a read-only file system)."""
+  real_open = os.open
+  def open_(path, *args, **kwargs):
+    if os.path.basename(os.fspath(path)) == name:
+      raise OSError(code, os.strerror(code), os.fspath(path))
+    return real_open(path, *args, **kwargs)
+  monkeypatch.setattr(os, "open", open_)
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
+def test_a_checkpoint_that_cannot_be_written_is_a_clear_error_and_loses_nothing(
+    tmp_path, monkeypatch, code):
+  sampler = _three_checkpoints(tmp_path)
+  before = _listing(tmp_path)
+  model, budget = _model(sampler), _budget(sampler)
+  assert checkpointing.restore_latest(tmp_path, model, budget=budget, sampler=sampler) == 3
+  real_write_file = checkpointing._write_file
+  def full_disk(path, text):
+    if os.path.basename(path) == checkpointing.SIDECAR:  # the TF state was written already
+      raise OSError(code, os.strerror(code), path)
+    real_write_file(path, text)
+  monkeypatch.setattr(checkpointing, "_write_file", full_disk)
+  with pytest.raises(checkpointing.CheckpointWriteError,
+                     match=f"(?s)Cannot write the checkpoint .*ckpt-4 \\({os.strerror(code)}\\)"
+                     ".*earlier checkpoints and the privacy ledger are intact"):
+    _train(model, sampler, 3, 5, [budget, checkpointing.DPCheckpoint(
+        tmp_path, every_steps=1, budget=budget, sampler=sampler, keep=5)])
+  after = _listing(tmp_path)
+  assert {k: v for k, v in after.items() if k in before and k != checkpointing.LEDGER} == {
+      k: v for k, v in before.items() if k != checkpointing.LEDGER}  # no earlier file lost
+  assert after[checkpointing.LEDGER].startswith(before[checkpointing.LEDGER])  # append-only
+  assert _ledger_steps(tmp_path) == 4  # step 4 ran, its ledger line came first
+  assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-") or n == "ckpt-4"]
+  monkeypatch.undo()  # space freed: the run resumes from ckpt-3, the ledger keeps step 4
+  resumed = _budget(sampler)
+  assert checkpointing.restore_latest(tmp_path, _model(sampler), budget=resumed,
+                                      sampler=sampler) == 3
+  assert resumed.steps == 4
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
+def test_a_ledger_line_that_cannot_be_written_stops_before_its_step(tmp_path, monkeypatch,
+                                                                    code):
+  sampler = _three_checkpoints(tmp_path)
+  before = _listing(tmp_path)
+  model, budget = _model(sampler), _budget(sampler)
+  checkpointing.restore_latest(tmp_path, model, budget=budget, sampler=sampler)
+  if code == errno.EROFS:
+    _failing_open_for(checkpointing.LEDGER, code, monkeypatch)
+  else:  # the file opens; the write finds the disk full after part of the line
+    real_write = os.write
+    def write(fd, data):
+      if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")) == checkpointing.LEDGER:
+        real_write(fd, bytes(data[:10]))
+        raise OSError(code, os.strerror(code))
+      return real_write(fd, data)
+    monkeypatch.setattr(os, "write", write)
+  with pytest.raises(checkpointing.CheckpointWriteError,
+                     match=f"Cannot write the privacy ledger .*{checkpointing.LEDGER} "
+                     f"\\({os.strerror(code)}\\)"):
+    _train(model, sampler, 3, 5, [budget, checkpointing.DPCheckpoint(
+        tmp_path, every_steps=1, budget=budget, sampler=sampler, keep=5)])
+  monkeypatch.undo()
+  assert int(model.optimizer.iterations.numpy()) == 3  # the step without a ledger line never ran
+  assert _ledger_steps(tmp_path) == 3  # not backwards (a torn tail is ignored)
+  after = _listing(tmp_path)
+  assert {k: v for k, v in after.items() if k != checkpointing.LEDGER} == {
+      k: v for k, v in before.items() if k != checkpointing.LEDGER}
+  assert after[checkpointing.LEDGER].startswith(before[checkpointing.LEDGER])
+  # The next append cuts the torn tail and goes on.
+  budget = _budget(sampler)
+  model = _model(sampler)
+  checkpointing.restore_latest(tmp_path, model, budget=budget, sampler=sampler)
+  _train(model, sampler, 3, 4, [budget, checkpointing.DPCheckpoint(
+      tmp_path, every_steps=1, budget=budget, sampler=sampler, keep=5)])
+  assert _ledger_steps(tmp_path) == 4
+
+
+def test_the_ledger_line_before_each_step_computes_no_epsilon(tmp_path, monkeypatch):
+  """A Poisson sampler with a cap has an overflow term, whose statement computes epsilon (a PLD
+  evaluation, 0.2 s at the default run's settings): the per-step ledger line leaves it out."""
+  from tfdp_prune import _pld  # pylint: disable=g-import-not-at-top
+  from tfdp_prune import accounting  # pylint: disable=g-import-not-at-top
+  sampler = _sampler()
+  assert sampler.overflow_probability > 0
+  model = _model(sampler)
+  budget = tfdp_prune.PrivacyBudget(sampler.privacy_spec(noise_multiplier=SIGMA, steps=0,
+                                                         delta=1e-5, accountant="pld"))
+  assert budget.spec.overflow_probability > 0
+  budget.log_every_epoch = False  # only the ledger could compute epsilons here
+  evaluations = []
+  accounting._epsilon.cache_clear()  # pylint: disable=protected-access
+  real = _pld.epsilon
+  monkeypatch.setattr(_pld, "epsilon", lambda *a: evaluations.append(a) or real(*a))
+  _train(model, sampler, 0, 5, [budget, checkpointing.DPCheckpoint(
+      tmp_path, every_steps=100, budget=budget, sampler=sampler)])
+  assert _ledger_steps(tmp_path) == 5
+  assert evaluations == []
+  full = budget.get_state()
+  assert checkpointing.read_ledger(tmp_path)["state"] == {
+      key: value for key, value in full.items() if key != "statement"}

@@ -59,12 +59,10 @@ def main(argv):
 
 
 def run_main():
-  """The console-script entry point: bad input ends with its message, not a traceback."""
-  _console.adopt_key_flags(sys.modules[__name__])  # --help lists them
-  try:
-    app.run(main)
-  except ValueError as error:
-    sys.exit(f"tfdp-export: {error}")
+  """The console-script entry point: a user error (a bad setting, a damaged checkpoint, an
+  export that does not fit the layout) ends with its message; a bug keeps its traceback."""
+  _console.run_console(main, "tfdp-export", sys.modules[__name__],
+                       more_user_errors=(inspection.ExportError,))
 
 
 if __name__ == "__main__":

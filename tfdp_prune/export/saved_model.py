@@ -149,12 +149,29 @@ def export_saved_model(model, export_dir: str,
   elif not overwrite:
     _refuse_existing(export_dir, version)  # a leftover may have been restored
   final = os.path.join(export_dir, str(version))
+  try:
+    _write_and_commit(export_dir, final, version, model, metadata, input_shape=input_shape,
+                      output=output, input_name=input_name, batches=batches, warmup=warmup,
+                      model_card=model_card)
+  except (OSError, tf.errors.ResourceExhaustedError, tf.errors.PermissionDeniedError) as error:
+    reason = getattr(error, "strerror", None) or getattr(error, "message", None) or error
+    left = ("It was committed before the fault (its last fsync failed)." if os.path.exists(final)
+            else "Nothing was left under that name.")
+    raise ExportError(
+        f"Cannot write the export {final} ({reason}). {left} The other versions in {export_dir} "
+        "are untouched. Free space on that file system (or make "
+        "it writable), then export again (tfdp-export --checkpoint_dir=... exports a "
+        "checkpointed run without training).") from error
+  logging.info("export_saved_model: wrote %s (%s).", final, metadata.guarantee)
+  return final
+
+
+def _write_and_commit(export_dir, final, version, model, metadata, **write_args) -> None:
+  """Writes the version into a temporary directory, then renames it to `final` (atomic)."""
   tmp = os.path.join(export_dir, f"{_TMP_PREFIX}{version}-{uuid.uuid4().hex}")
   os.mkdir(tmp)
   try:
-    _write_version(tmp, model, metadata, input_shape=input_shape, output=output,
-                   input_name=input_name, batches=batches, warmup=warmup,
-                   model_card=model_card, version=version)
+    _write_version(tmp, model, metadata, version=version, **write_args)
     moved = _move_aside(export_dir, version)
     try:
       os.rename(tmp, final)
@@ -167,8 +184,6 @@ def export_saved_model(model, export_dir: str,
   _fsync(export_dir)
   for _, aside in moved:
     shutil.rmtree(aside, ignore_errors=True)
-  logging.info("export_saved_model: wrote %s (%s).", final, metadata.guarantee)
-  return final
 
 
 def next_version(export_dir: str) -> int:

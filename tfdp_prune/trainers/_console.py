@@ -19,13 +19,18 @@ def adopt_key_flags(*modules) -> None:
       flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
 
 
-def run_console(main_function, program: str, *flag_modules) -> None:
+# The user errors every binary answers with its message alone.
+USER_ERRORS = (train_config.ConfigError, checkpointing.CheckpointError)
+
+
+def run_console(main_function, program: str, *flag_modules, more_user_errors=()) -> None:
   """Runs an absl `main` whose flags are defined in `flag_modules`: --help lists them, and a bad
-  setting (ConfigError) or a damaged checkpoint directory (CheckpointError: its message names the
-  file and the choices) exits with status 1 and `program: message`, without a traceback. Any
-  other exception is a bug and keeps its traceback."""
+  setting (ConfigError), a damaged checkpoint directory (CheckpointError: its message names the
+  file and the choices) or one of `more_user_errors` (a binary's own, e.g. tfdp-export's
+  ExportError) exits with status 1 and `program: message`, without a traceback. Any other
+  exception (a plain ValueError included) is a bug and keeps its traceback."""
   adopt_key_flags(*flag_modules)
   try:
     app.run(main_function)
-  except (train_config.ConfigError, checkpointing.CheckpointError) as error:
+  except USER_ERRORS + tuple(more_user_errors) as error:
     sys.exit(f"{program}: {error}")

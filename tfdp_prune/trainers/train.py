@@ -71,6 +71,10 @@ _FLAG_SPECS = (
     ("ema_decay", "float", "EMA decay of the weights (evaluated and exported); 0: no EMA."),
     ("strategy", train_config.STRATEGIES, "tf.distribute strategy."),
     ("checkpoint_dir", "string", "Checkpoints every epoch; a run resumes from the newest."),
+    ("carry_spend_from", "string", "The checkpoint directory of an earlier run on the same "
+     "private data with the same mechanism (e.g. one whose checkpoints are damaged): its privacy "
+     "ledger's steps are counted in this run's epsilon, step limit and export. Needs a new "
+     "--checkpoint_dir."),
     ("export_dir", "string", "TF Serving base path: the model goes to <export_dir>/<version>/; "
      "empty: no export."),
     ("export_version", "integer", "Version directory; default: one more than the newest."),

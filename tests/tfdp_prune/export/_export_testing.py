@@ -148,10 +148,31 @@ def _tensor(value, spec):
     if any(not isinstance(v, str) for v in array.reshape(-1)):
       raise RestError("a string tensor needs JSON strings")
     return array
+  for leaf in _leaves(value):  # TF Serving's json_tensor.cc: a number, or an HTTP 400
+    if isinstance(leaf, bool) or not isinstance(leaf, (int, float)):
+      raise RestError(f"JSON Value: {json.dumps(leaf)} Type: {_json_type(leaf)} is not of "
+                      f"expected type: {spec.dtype.name}")
   array = np.array(value, dtype=spec.dtype.as_numpy_dtype)  # raises on ragged lists
   if not spec.shape.is_compatible_with(array.shape):
     raise RestError(f"shape {list(array.shape)} does not fit the signature's {spec.shape}")
   return array
+
+
+def _leaves(value):
+  if isinstance(value, list):
+    for item in value:
+      yield from _leaves(item)
+  else:
+    yield value
+
+
+def _json_type(value) -> str:
+  """rapidjson's name of a JSON value's type, as TF Serving's errors print it."""
+  if value is None:
+    return "Null"
+  if isinstance(value, bool):
+    return "True" if value else "False"
+  return {str: "String", dict: "Object"}.get(type(value), "Number")
 
 
 def _json_value(array):

@@ -73,3 +73,43 @@ def test_inspect_of_a_forged_epsilon_fails_and_prints_no_label(tmp_path):
   assert "differs between its copies" in result.stderr
   assert "epsilon: assets.extra/privacy_metadata.json says 0.5" in result.stderr
   assert "0.5, " not in result.stdout and "-DP" not in result.stdout
+
+
+_BUGGY_EXPORT = """
+import sys
+from tfdp_prune import training
+from tfdp_prune.export import main
+def buggy_export(*args, **kwargs):
+  raise ValueError("a genuine bug")
+training.export_checkpoint = buggy_export
+sys.argv = ["tfdp-export", *sys.argv[1:]]
+main.run_main()
+"""
+
+
+def _run_export_main(*argv, bug=False):
+  """`tfdp-export`'s console entry point in a process of its own (its flags clash with
+  tfdp-train's in one process); with `bug`, export_checkpoint raises a plain ValueError."""
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+  code = _BUGGY_EXPORT if bug else "from tfdp_prune.export import main; main.run_main()"
+  return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                        timeout=600, env=dict(_ENV, PYTHONPATH=os.path.abspath(repo)))
+
+
+def test_a_user_error_exits_with_its_message(tmp_path):
+  """A directory without a run: ConfigError; an export that is no export: ExportError."""
+  result = _run_export_main(f"--checkpoint_dir={tmp_path}", f"--export_dir={tmp_path}/m")
+  assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert "tfdp-export: Expected " in result.stderr and "run.json" in result.stderr
+  result = _run_export_main(f"--inspect={tmp_path}")
+  assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert "tfdp-export: " in result.stderr
+
+
+def test_a_bug_keeps_its_traceback(tmp_path):
+  """A ValueError that is no user error is a bug: it propagates with its traceback."""
+  result = _run_export_main(f"--checkpoint_dir={tmp_path}", f"--export_dir={tmp_path}/m",
+                            bug=True)
+  assert result.returncode == 1
+  assert "Traceback" in result.stderr and "ValueError: a genuine bug" in result.stderr, (
+      result.stderr[-3000:])

@@ -18,6 +18,7 @@ The claims:
 """
 
 import ast
+import errno
 import json
 import os
 import shutil
@@ -427,7 +428,7 @@ def test_an_exception_mid_export_leaves_no_version_and_no_temporary_directory(
     raise OSError("disk full (injected)")
 
   monkeypatch.setattr(serving_files, step, fail)
-  with pytest.raises(OSError, match="injected"):
+  with pytest.raises(ExportError, match="Cannot write the export .*injected"):
     export_saved_model(E.tiny_model(), str(export_dir))
   assert os.listdir(export_dir) == []
   monkeypatch.undo()
@@ -580,3 +581,44 @@ def test_the_export_modules_import_only_the_schema_compat_and_validate():
     labeller = set(_imported_modules(ast.parse(f.read())))
   assert not {m for m in labeller
               if m.startswith(("tfdp_prune.training", "tfdp_prune.trainers", "tfdp_prune.export"))}
+
+
+def test_a_string_where_a_float_is_expected_is_refused_readably(exported, loaded):
+  """TF itself refuses it, before the graph runs: each path's message names the types."""
+  text = np.array([["0.5"] * E.INPUTS], dtype=object)
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match="expected to be a float tensor but is a string tensor"):
+    loaded.signatures["serving_default"](pixels=tf.constant(text))
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match="Type mismatch: actual string vs. expect float"):
+    _session_run(exported.path, "serving_default", {E.INPUT_NAME: text})  # gRPC's path
+  body = json.dumps({"instances": [["0.5"] * E.INPUTS]})  # REST: an HTTP 400 before the graph
+  with pytest.raises(E.RestError,
+                     match='JSON Value: "0.5" Type: String is not of expected type: float'):
+    E.rest_predict(loaded, body)
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
+@pytest.mark.parametrize("where", ["saved_model", "warmup"])
+def test_an_export_that_cannot_be_written_leaves_nothing_under_its_name(tmp_path, monkeypatch,
+                                                                       code, where):
+  """A full disk or a read-only file system (simulated: tests run as root) mid-export: a clear
+  error; no partial version under its final name; the earlier version untouched."""
+  export_dir = str(tmp_path / "models")
+  first = export_saved_model(E.tiny_model(), export_dir, E.private_metadata())
+  before = {os.path.relpath(os.path.join(r, n), first): open(os.path.join(r, n), "rb").read()
+            for r, _, names in os.walk(first) for n in names}
+  def fail(*args, **kwargs):
+    raise OSError(code, os.strerror(code))
+  if where == "saved_model":
+    monkeypatch.setattr(saved_model.tf.saved_model, "save", fail)
+  else:
+    monkeypatch.setattr(serving_files, "write_warmup_file", fail)
+  with pytest.raises(ExportError, match=f"(?s)Cannot write the export {export_dir}/2 "
+                     f"\\({os.strerror(code)}\\).*Nothing was left under that name"):
+    export_saved_model(E.tiny_model(), export_dir, E.private_metadata())
+  monkeypatch.undo()
+  assert os.listdir(export_dir) == ["1"]  # no "2", no temporary directory
+  after = {os.path.relpath(os.path.join(r, n), first): open(os.path.join(r, n), "rb").read()
+           for r, _, names in os.walk(first) for n in names}
+  assert after == before

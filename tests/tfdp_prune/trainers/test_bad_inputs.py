@@ -92,6 +92,13 @@ ROWS = [
      "--checkpoint_dir to be a directory"),
     ("damaged_checkpoint", ("runs", _damaged_checkpoint), ["--checkpoint_dir={tmp}/runs"], 1,
      "is corrupt or unreadable"),
+    ("damaged_checkpoint_names_the_carry_flag", ("runs", _damaged_checkpoint),
+     ["--checkpoint_dir={tmp}/runs"], 1, "tfdp-train --carry_spend_from={tmp}/runs"),
+    ("carry_spend_without_checkpoint_dir", None, ["--carry_spend_from={tmp}/runs"], 1,
+     "Expected --checkpoint_dir (a new directory"),
+    ("carry_spend_from_a_directory_without_ledger", ("runs", _version_1),
+     ["--carry_spend_from={tmp}/runs", "--checkpoint_dir={tmp}/new"], 1,
+     "privacy_ledger.jsonl (written by tfdp-train --checkpoint_dir)"),
     ("export_version_exists", ("models", _version_1),
      ["--export_dir={tmp}/models", "--export_version=1"], 1, "--overwrite"),
     ("empty_private_split", None, ["--private_split=train[:0%]"], 1,
@@ -100,6 +107,9 @@ ROWS = [
     ("overlap", None, ["--public_split=train[:20%]"], 1,
      "Choose a --public_split and --private_split that do not overlap"),
     ("epsilon_inf", None, ["--epsilon=inf"], 1, "--noise_multiplier=0"),
+    ("epsilon_unreachable", None, ["--epsilon=0.00001", "--steps=1000000"], 1,
+     "Expected an --epsilon that some noise multiplier reaches. Received: --epsilon=1e-05 for "
+     "1000000 steps"),
     ("mask_flag_without_masks", None, ["--mode=none", "--sparsity=0.5"], 1, "--sparsity"),
     ("positional_argument", None, ["train"], 1, "Unexpected arguments"),
     ("unknown_flag", None, ["--epsilom=2"], 1, "epsilom"),
@@ -188,6 +198,7 @@ def test_bad_input_exits_with_a_message_before_training(state, argv, code, phras
   message = capsys.readouterr().err
   if isinstance(exit_code, str):  # sys.exit(message): Python prints it and exits 1
     message, exit_code = message + exit_code, 1
+  phrase = phrase.replace("{tmp}", str(tmp_path))
   assert exit_code == code, message
   assert phrase in message, message
   assert "Traceback" not in message, message
@@ -242,3 +253,18 @@ def test_tfdp_export_help_lists_its_flags_and_the_old_version_flag_names_the_new
   assert "--version was renamed --export_version" in result.stderr, result.stderr[-2000:]
   assert "pass --export_version=3" in result.stderr and "Traceback" not in result.stderr
   assert os.listdir(tmp_path) == []
+
+
+def test_a_bug_in_tfdp_train_keeps_its_traceback(monkeypatch):
+  """Only user errors (ConfigError, CheckpointError) end in a one-line message; a ValueError
+  from anywhere else is a bug and propagates with its traceback."""
+  def buggy_run(*args, **kwargs):
+    raise ValueError("a genuine bug")
+  monkeypatch.setattr(training, "run", buggy_run)
+  monkeypatch.setattr(sys, "argv", ["tfdp-train"])
+  flags.FLAGS.unparse_flags()
+  try:
+    with pytest.raises(ValueError, match="a genuine bug"):
+      train.run_main()
+  finally:
+    flags.FLAGS.unparse_flags()
