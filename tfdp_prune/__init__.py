@@ -19,6 +19,8 @@ from tfdp_prune.data import DataSplits
 from tfdp_prune.data import load as load_data
 from tfdp_prune.ema import ExponentialMovingAverage
 from tfdp_prune.freezing import ParameterFreezing
+from tfdp_prune.layer_rules import LayerRule
+from tfdp_prune.layer_rules import register_layer_rule
 from tfdp_prune.maskable import MaskableSpec
 from tfdp_prune.masks import MagnitudeRule
 from tfdp_prune.masks import MaskRule
@@ -46,6 +48,7 @@ from tfdp_prune.train_config import TrainConfig
 from tfdp_prune.train_step import make_private
 from tfdp_prune.training import train
 from tfdp_prune.version import __version__
+from tfdp_prune.ws_conv_rule import WSConv2DRule
 
 __all__ = [
     "AuditConfig",
@@ -55,6 +58,7 @@ __all__ = [
     "DataSplits",
     "DatasetNotAvailableError",
     "ExponentialMovingAverage",
+    "LayerRule",
     "MagnitudeRule",
     "MaskRule",
     "MaskableSpec",
@@ -75,6 +79,7 @@ __all__ = [
     "TrainConfig",
     "VectorizedEngine",
     "WSConv2D",
+    "WSConv2DRule",
     "audit_training",
     "augment_views",
     "augmult_map",
@@ -90,6 +95,7 @@ __all__ = [
     "make_sampler",
     "mlp",
     "mnist_cnn",
+    "register_layer_rule",
     "restore_latest",
     "train",
     "wide_resnet",

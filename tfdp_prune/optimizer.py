@@ -18,9 +18,9 @@ import sys
 
 from tfdp_prune import _validate
 from tfdp_prune import clipping
+from tfdp_prune import engines
 from tfdp_prune import mask_provenance
 from tfdp_prune import noise
-from tfdp_prune import per_example
 from tfdp_prune import randomness
 from tfdp_prune.compat import KERAS_3_FIX
 from tfdp_prune.compat import is_keras_3_frame
@@ -108,7 +108,7 @@ def make_dp_optimizer_class(cls):
       self.expected_batch_size = expected_batch_size
       self.gradient_accumulation_steps = gradient_accumulation_steps
       self.insecure_noise_seed = insecure_noise_seed
-      self.per_example_engine = per_example.get(per_example_engine)
+      self.per_example_engine = engines.get(per_example_engine)
       self._registry = _VariableRegistry()
       self._creating_dp_state = False
       self._mask_provenance = None  # what chose the masks; None: all True, or set by hand
@@ -257,7 +257,7 @@ def make_dp_optimizer_class(cls):
                     expected_batch_size=self.expected_batch_size,
                     gradient_accumulation_steps=self.gradient_accumulation_steps,
                     insecure_noise_seed=self.insecure_noise_seed,
-                    per_example_engine=per_example.serialize(self.per_example_engine))
+                    per_example_engine=engines.serialize(self.per_example_engine))
       return config
 
     def __format__(self, format_spec):

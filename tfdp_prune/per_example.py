@@ -5,6 +5,7 @@ An engine maps one physical batch to the sum of its masked, clipped per-example 
 (`clipping.ClippedSum`), plus the per-example losses and predictions Keras needs for its metrics.
 The reference engine below materializes every example's gradient with `tf.vectorized_map`; a
 faster engine (per-layer norms, ghost clipping) implements the same `clipped_sum` signature.
+Engines by name: `engines`.
 """
 
 import abc
@@ -68,32 +69,3 @@ class VectorizedEngine(PerExampleEngine):
     grads, losses, predictions = tf.vectorized_map(one_example, (x, y, sample_weight))
     clipped = clipping.clipped_sum(grads, masks, l2_norm_clip, sample_weight, num_microbatches)
     return EngineOutput(clipped, losses, predictions)
-
-
-def _per_layer_engine():
-  # Imported on use: per_layer builds on this module (it falls back to VectorizedEngine).
-  from tfdp_prune import per_layer  # pylint: disable=g-import-not-at-top
-  return per_layer.PerLayerEngine
-
-
-_ENGINES = {"vectorized": lambda: VectorizedEngine, "per_layer": _per_layer_engine}
-
-
-def get(engine) -> PerExampleEngine:
-  """An engine instance from an instance, a name, or a `get_config`-style dict."""
-  if isinstance(engine, PerExampleEngine):
-    return engine
-  if isinstance(engine, dict) and engine.get("name") in _ENGINES:
-    return _ENGINES[engine["name"]]()(**engine.get("config", {}))
-  if isinstance(engine, str) and engine in _ENGINES:
-    return _ENGINES[engine]()()
-  raise ValueError(f"Expected per_example_engine to be one of {sorted(_ENGINES)} or a "
-                   f"PerExampleEngine. Received: per_example_engine={engine!r}.")
-
-
-def serialize(engine: PerExampleEngine) -> dict:
-  for name, engine_class in _ENGINES.items():
-    if type(engine) is engine_class():
-      return {"name": name, "config": engine.get_config()}
-  raise ValueError(f"Cannot serialize per-example engine {type(engine).__name__}: expected one "
-                   f"of {sorted(_ENGINES)}.")

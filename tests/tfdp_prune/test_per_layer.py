@@ -5,22 +5,25 @@ augmult views and a non-finite example."""
 import numpy as np
 import pytest
 
+from tfdp_prune import engines
 from tfdp_prune import models
 from tfdp_prune import per_example
 from tfdp_prune import per_layer
+from tfdp_prune.layer_rules import generic
+from tfdp_prune.layer_rules import windowed
 from tfdp_prune.compat import keras
 from tfdp_prune.compat import tf
 from tests.tfdp_prune import _testing as T
 
 CLIP = 0.7
-_BATCHED_IS_CHEAPER = per_layer._batched_is_cheaper  # pylint: disable=protected-access
+_BATCHED_IS_CHEAPER = windowed.batched_is_cheaper
 
 
 @pytest.fixture(autouse=True, params=["batched", "one_example_at_a_time"])
 def windowed_strategy(request, monkeypatch):
   """Every test runs with both strategies for Dense on sequences, convolutions and views."""
-  monkeypatch.setattr(per_layer, "_batched_is_cheaper",
-                      lambda record: request.param == "batched")
+  monkeypatch.setattr(windowed, "batched_is_cheaper",
+                      lambda output_shape, kernel_shape: request.param == "batched")
   return request.param
 
 
@@ -93,7 +96,7 @@ def _must_not_run(*args, **kwargs):
 
 
 def test_weight_standardized_conv_and_group_norm(monkeypatch):
-  monkeypatch.setattr(per_layer, "_generic", _must_not_run)  # GroupNorm has its own rule
+  monkeypatch.setattr(generic.GenericRule, "per_example_grads", _must_not_run)  # GroupNorm has its own rule
   model = _model([models.WSConv2D(8, 3, padding="same", use_bias=False),
                   keras.layers.GroupNormalization(groups=4), keras.layers.Activation("relu"),
                   keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(3)], (6, 6, 3))
@@ -127,7 +130,7 @@ def test_conv1d(conv):
 
 @pytest.mark.parametrize("input_shape", [(5,), (4, 5)])
 def test_layer_norm_on_vectors_and_sequences(monkeypatch, input_shape):
-  monkeypatch.setattr(per_layer, "_generic", _must_not_run)
+  monkeypatch.setattr(generic.GenericRule, "per_example_grads", _must_not_run)
   model = _model([keras.layers.Dense(6), keras.layers.LayerNormalization(),
                   keras.layers.Flatten(), keras.layers.Dense(3)], input_shape)
   x, y = _images(4, input_shape)
@@ -224,7 +227,7 @@ def _clipped_sum(engine, model, x, y, weights, masks_keep=0.6, clip=CLIP, loss_f
 
 
 def test_augmult_views_through_group_norm(monkeypatch):
-  monkeypatch.setattr(per_layer, "_generic", _must_not_run)
+  monkeypatch.setattr(generic.GenericRule, "per_example_grads", _must_not_run)
   model = _model([models.WSConv2D(4, 3, padding="same"), keras.layers.GroupNormalization(2),
                   keras.layers.Flatten(), keras.layers.Dense(3)], (5, 5, 1))
   x, y = _images(3, (2, 5, 5, 1))  # 3 examples, 2 views each
@@ -264,10 +267,10 @@ def test_microbatches_fall_back_to_the_vectorized_engine():
 
 
 def test_engine_by_name_and_serialization():
-  engine = per_example.get("per_layer")
+  engine = engines.get("per_layer")
   assert isinstance(engine, per_layer.PerLayerEngine)
-  assert per_example.serialize(engine) == {"name": "per_layer", "config": {}}
-  assert isinstance(per_example.get(per_example.serialize(engine)), per_layer.PerLayerEngine)
+  assert engines.serialize(engine) == {"name": "per_layer", "config": {}}
+  assert isinstance(engines.get(engines.serialize(engine)), per_layer.PerLayerEngine)
 
 
 _XLA_MODELS = {
@@ -326,13 +329,12 @@ def test_fit_with_jit_compile_matches_the_graph_step():
 
 
 def test_batched_strategy_only_for_small_kernels_over_few_positions():
-  def record(layer, input_shape):
+  def shapes(layer, input_shape):
     layer.build(input_shape)
-    inputs = tf.zeros(input_shape)
-    return per_layer._Record(layer, per_layer.CONV, inputs, layer(inputs))  # pylint: disable=protected-access
-  mnist_cnn_second_conv = record(keras.layers.Conv2D(32, 4, strides=2), (1, 14, 14, 16))
-  wrn_first_conv = record(keras.layers.Conv2D(16, 3, padding="same"), (1, 32, 32, 3))
-  wrn_last_group_conv = record(keras.layers.Conv2D(256, 3, padding="same"), (1, 8, 8, 256))
-  assert _BATCHED_IS_CHEAPER(mnist_cnn_second_conv)
-  assert not _BATCHED_IS_CHEAPER(wrn_first_conv)  # 1024 positions
-  assert not _BATCHED_IS_CHEAPER(wrn_last_group_conv)  # a 590k-entry kernel
+    return layer(tf.zeros(input_shape)).shape, layer.kernel.shape
+  mnist_cnn_second_conv = shapes(keras.layers.Conv2D(32, 4, strides=2), (1, 14, 14, 16))
+  wrn_first_conv = shapes(keras.layers.Conv2D(16, 3, padding="same"), (1, 32, 32, 3))
+  wrn_last_group_conv = shapes(keras.layers.Conv2D(256, 3, padding="same"), (1, 8, 8, 256))
+  assert _BATCHED_IS_CHEAPER(*mnist_cnn_second_conv)
+  assert not _BATCHED_IS_CHEAPER(*wrn_first_conv)  # 1024 positions
+  assert not _BATCHED_IS_CHEAPER(*wrn_last_group_conv)  # a 590k-entry kernel

@@ -1,0 +1,77 @@
+"""The dense rule: on vectors, example i's kernel gradient is the outer product a_i g_i^T, never
+materialized (the "book-keeping" of Bu et al. 2023); on sequences or augmult views, the
+windowed strategy (`windowed`)."""
+
+from tfdp_prune.compat import keras
+from tfdp_prune.compat import tf
+from tfdp_prune.layer_rules import base
+from tfdp_prune.layer_rules import windowed
+
+
+class DenseRule(windowed.WindowedRule):
+  """Dense: masked squared norm (a_i^2)^T M (g_i^2); clipped sum A^T diag(c) G, one matmul."""
+
+  layer_classes = (keras.layers.Dense,)
+
+  def kernel_variable(self, layer):
+    return layer.kernel
+
+  def pre_activation(self, layer, a):
+    rank = a.shape.rank
+    z = (tf.matmul(a, layer.kernel) if rank == 2
+         else tf.tensordot(a, layer.kernel, [[rank - 1], [0]]))
+    return tf.nn.bias_add(z, layer.bias) if layer.use_bias else z
+
+  def per_example_grads(self, call, g, batch):
+    g_rows = base.positions_per_example(g, batch)
+    kernel_grads = tf.einsum("bpi,bpo->bio", base.positions_per_example(call.inputs, batch),
+                             g_rows)
+    grads = [kernel_grads]
+    if call.layer.use_bias:
+      grads.append(tf.reduce_sum(g_rows, axis=1))
+    return grads
+
+  def pieces(self, call, g, batch, views, variables, masks):
+    if call.inputs.shape.rank == 2 and not views:
+      return _rank_one(call, g, variables, masks)
+    return super().pieces(call, g, batch, views, variables, masks)
+
+
+def _rank_one(call, g, variables, masks) -> base.Pieces:
+  a = call.inputs
+  layer = call.layer
+  mask_by_key = {base.variable_key(v): m for v, m in zip(variables, masks)}
+  kernel_mask = mask_by_key.get(base.variable_key(layer.kernel))
+  bias_mask = mask_by_key.get(base.variable_key(layer.bias)) if layer.use_bias else None
+  squared = rank_one_squared_norms(a, g, kernel_mask, bias_mask)
+
+  def clipped_sum(factors, kept):
+    rows = tf.expand_dims(kept, 1)
+    weighted_g = tf.where(rows, g, tf.zeros_like(g)) * tf.cast(tf.expand_dims(factors, 1),
+                                                               g.dtype)
+    sums = []
+    if kernel_mask is not None:
+      clean_a = tf.where(rows, a, tf.zeros_like(a))
+      sums.append(tf.matmul(clean_a, weighted_g, transpose_a=True) * kernel_mask)
+    if bias_mask is not None:
+      sums.append(tf.reduce_sum(weighted_g, axis=0) * bias_mask)
+    return sums
+
+  ordered = (([layer.kernel] if kernel_mask is not None else [])
+             + ([layer.bias] if bias_mask is not None else []))
+  return base.Pieces(ordered, squared, clipped_sum)
+
+
+def rank_one_squared_norms(a, g, kernel_mask, bias_mask):
+  """sum_jk M_jk a_ij^2 g_ik^2 (+ sum_k m_k g_ik^2 for the bias), in float64: squares of
+  float32 values (inputs of 1e-19, output gradients of 1e19) underflow or overflow in float32,
+  and a norm that underflows to 0 would leave the example unclipped."""
+  a, g = tf.cast(a, tf.float64), tf.cast(g, tf.float64)
+  g_squared = tf.square(g)
+  squared = tf.zeros(tf.shape(g)[:1], tf.float64)
+  if kernel_mask is not None:
+    squared += tf.reduce_sum(
+        tf.matmul(tf.square(a), tf.cast(kernel_mask, tf.float64)) * g_squared, axis=1)
+  if bias_mask is not None:
+    squared += tf.reduce_sum(g_squared * tf.cast(bias_mask, tf.float64), axis=1)
+  return squared
