@@ -75,8 +75,9 @@ class DPOptimizerMixin:
                                                initial_value)
     if not self._creating_dp_state:  # a slot of the base optimizer: frozen with its variable
       if slot.shape != model_variable.shape:
+        base_name = _base_optimizer_class(type(self)).__name__
         raise NotImplementedError(
-            f"{_base_optimizer_class(type(self)).__name__} keeps slot '{variable_name}' of shape {slot.shape} for a variable "
+            f"{base_name} keeps slot '{variable_name}' of shape {slot.shape} for a variable "
             f"of shape {model_variable.shape}; masked updates need per-coordinate slots. Use "
             "an optimizer whose slots have the shape of their variable (SGD, Adam, ...).")
       self._registry.add_slot(model_variable, slot)
