@@ -54,9 +54,18 @@ def test_as_many_microbatches_as_rows_is_the_per_example_path_static_or_dynamic(
   assert float(unknown_rows(tf.zeros([8, 2]), tf.ones([8]))) == 4.0
 
 
-def test_real_microbatches_refuse_padding_rows():
+def test_real_microbatches_refuse_padding_rows_when_the_step_runs():
+  settings = _settings(num_microbatches=4)
+
+  @tf.function  # traced with a batch whose weights are only known when it runs
+  def step(x, weights):
+    clipped = dp_step.per_example_clipped_sum(None, None, x, x, weights, [], [],
+                                              settings).clipped
+    return clipped.num_units
+
+  assert int(step(tf.zeros([8, 2]), tf.ones([8]))) == 8
   with pytest.raises(tf.errors.InvalidArgumentError, match="padding rows"):
-    _run(_settings(num_microbatches=4), rows=8, weights=[1, 1, 1, 0, 1, 1, 1, 1])
+    step(tf.zeros([8, 2]), tf.constant([1, 1, 1, 0, 1, 1, 1, 1], tf.float32))
 
 
 # ---- 2. accumulate ------------------------------------------------------------------------------
