@@ -74,13 +74,12 @@ def accumulate(accumulators: Sequence[tf.Variable], grads: Sequence[tf.Tensor],
 
 
 def reset_at_end(at_end: tf.Tensor, accumulators: Sequence[tf.Variable],
-                 accumulated: Sequence[tf.Tensor], unit_count: Optional[tf.Variable]) -> None:
+                 accumulated: Sequence[tf.Tensor], unit_count: tf.Variable) -> None:
   """At a logical batch's end (`at_end`), zeroes the accumulators (whose values before this
   call are `accumulated`) and the unit count; otherwise leaves them as they are."""
   for accumulator, value in zip(accumulators, accumulated):
     accumulator.assign(tf.where(at_end, tf.zeros_like(value), value))
-  if unit_count is not None:
-    unit_count.assign(tf.where(at_end, 0.0, unit_count))
+  unit_count.assign(tf.where(at_end, 0.0, unit_count))
 
 
 # ---- 3. noise -----------------------------------------------------------------------------------
