@@ -3,6 +3,7 @@
 import types
 
 from tfdp_prune import augmult
+from tfdp_prune import dp_step
 from tfdp_prune import lazy_build
 from tfdp_prune import model_checks
 from tfdp_prune.compat import keras
@@ -70,7 +71,8 @@ def _fit_building_lazily(model, x=None, *args, **kwargs):
 
 
 def dp_train_step(model: keras.Model, data) -> dict:
-  """One physical batch: per-example clipped sum -> DP optimizer -> metrics."""
+  """One physical batch: the per-example clipped sum (`dp_step` stage 1, with the optimizer's
+  `dp_settings`) -> the DP optimizer (stages 2 to 6) -> metrics."""
   optimizer = _dp_optimizer(model)
   loss_fn = _per_example_loss(model)
   x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
@@ -81,7 +83,9 @@ def dp_train_step(model: keras.Model, data) -> dict:
   variables = model.trainable_variables
   with tf.init_scope():
     optimizer.build(variables)
-  engine_output = _clipped_sum(model, optimizer, loss_fn, x, y, sample_weight, variables)
+  engine_output = dp_step.per_example_clipped_sum(
+      model, loss_fn, x, y, sample_weight, variables, optimizer.update_masks(variables),
+      optimizer.dp_settings)
   optimizer.apply_clipped_sum(engine_output.clipped, variables)
   training_logs = model._dp_training_logs  # pylint: disable=protected-access
   training_logs.non_finite_examples.update_state(engine_output.clipped.num_non_finite)
@@ -101,44 +105,6 @@ def _dropped_rows(clipped, rows):
   if clipped.non_finite is None:
     return tf.zeros([rows], tf.bool)
   return tf.repeat(clipped.non_finite, rows // tf.shape(clipped.non_finite)[0])
-
-
-def _clipped_sum(model, optimizer, loss_fn, x, y, sample_weight, variables):
-  """The engine's clipped sum with the optimizer's clipping unit.
-
-  `num_microbatches` equal to the batch's number of rows is per-example clipping, and gets the
-  engine's per-example path (the fast one): decided at trace time for a static batch size, by a
-  `cond` on the rows otherwise. Real microbatches (several rows each) group consecutive rows,
-  which only keeps examples apart in fixed-size batches without padding: a batch with padding
-  rows (sample weight 0, e.g. Poisson-sampled) is refused when it runs, before any update.
-  """
-  masks = optimizer.update_masks(variables)
-  microbatches = optimizer.num_microbatches
-
-  def run(num_microbatches, weights=sample_weight):
-    return optimizer.per_example_engine.clipped_sum(
-        model, loss_fn, x, y, weights, variables, masks, optimizer.l2_norm_clip,
-        num_microbatches)
-
-  def grouped():
-    no_padding = tf.debugging.Assert(tf.reduce_all(tf.not_equal(sample_weight, 0)), [
-        f"num_microbatches={microbatches} groups consecutive rows into clipping units, and this "
-        "batch has padding rows (sample weight 0), as Poisson-sampled batches do: one more "
-        "example would shift every later row into another microbatch, which per-microbatch "
-        "clipping does not bound. Use num_microbatches=None (per-example clipping), or feed "
-        "fixed-size batches without padding."])
-    with tf.control_dependencies([no_padding]):
-      return run(microbatches, tf.identity(sample_weight))
-
-  if not microbatches:
-    return run(None)
-  rows = tf.compat.dimension_value(tf.nest.flatten(x)[0].shape[0])
-  if rows == microbatches:
-    return run(None)  # one row per microbatch: per-example clipping
-  if rows is None:
-    return tf.cond(tf.equal(tf.shape(sample_weight)[0], microbatches), lambda: run(None),
-                   grouped)
-  return grouped()
 
 
 def _check_no_state_written_from_batch(model, x) -> None:

@@ -1,3 +1,4 @@
+import inspect
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import tfdp_prune
 from tfdp_prune import randomness
 from tfdp_prune.compat import keras
 from tfdp_prune.compat import tf
+from tfdp_prune.optimizer import DPOptimizerMixin
 from tests.tfdp_prune import _testing as T
 
 
@@ -399,12 +401,36 @@ def test_get_config_round_trips():
 def test_any_tf_keras_optimizer_class_can_be_made_private():
   cls = tfdp_prune.make_dp_optimizer_class(keras.optimizers.RMSprop)
   assert cls.__name__ == "DPRMSprop"
+  assert keras.saving.get_registered_name(cls) == "tfdp_prune>DPRMSprop"
+  assert issubclass(cls, DPOptimizerMixin)  # the same DP state and step as DPKerasSGDOptimizer
   x, y = T.dense_data(n=16)
   model = T.dp_model(T.dense_model(), optimizer_class=cls, noise_multiplier=0.5)
   model.fit(x, y, batch_size=8, verbose=0)
   assert model.optimizer.iterations.numpy() == 2
   with pytest.raises(TypeError, match="tf_keras optimizer class"):
     tfdp_prune.make_dp_optimizer_class(keras.optimizers.legacy.SGD)
+
+
+@pytest.mark.parametrize("dp_class,base", [
+    (tfdp_prune.DPKerasSGDOptimizer, keras.optimizers.SGD),
+    (tfdp_prune.DPKerasAdamOptimizer, keras.optimizers.Adam),
+])
+def test_the_dp_classes_spell_out_their_arguments_with_the_base_defaults(dp_class, base):
+  dp_params = inspect.signature(dp_class.__init__).parameters
+  base_params = inspect.signature(base.__init__).parameters
+  assert list(dp_params)[1:4] == ["l2_norm_clip", "noise_multiplier", "num_microbatches"]
+  assert {"expected_batch_size", "gradient_accumulation_steps", "insecure_noise_seed",
+          "per_example_engine"} <= set(dp_params)
+  spelled = [name for name in dp_params
+             if name in base_params and name not in ("self", "kwargs")]
+  # The base's leading arguments, in its order (so positional calls carry over), its defaults.
+  assert spelled == [name for name in base_params if name != "self"][:len(spelled)]
+  assert len(spelled) >= 3
+  for name in spelled:
+    assert dp_params[name].default == base_params[name].default, name
+  assert dp_class.__init__.__module__ == "tfdp_prune.optimizer"
+  assert keras.saving.get_registered_name(dp_class) == f"tfdp_prune>DP{base.__name__}"
+  assert dp_class.__name__ == f"DP{base.__name__}"  # the name checkpoints record
 
 
 @pytest.mark.parametrize("kwargs,message", [
