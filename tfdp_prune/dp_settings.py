@@ -11,6 +11,7 @@ from typing import Optional
 
 from tfdp_prune import _validate
 from tfdp_prune import engines
+from tfdp_prune import per_example
 from tfdp_prune import randomness
 
 
