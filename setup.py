@@ -41,7 +41,7 @@ setuptools.setup(
     entry_points={
         "console_scripts": [
             "tfdp-train = tfdp_prune.trainers.train:run_main",
-            "tfdp-export = tfdp_prune.export.main:run_main",
+            "tfdp-export = tfdp_prune.trainers.export:run_main",
             "tfdp-audit = tfdp_prune.trainers.audit:run_main",
         ],
     },

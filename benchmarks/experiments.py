@@ -313,9 +313,9 @@ def finish_report(report: Dict[str, Any], started: float) -> None:
 
 def write_report(report: Dict[str, Any], path: str) -> None:
   """Writes atomically: an interrupted write never leaves a truncated JSON to resume from."""
-  from tfdp_prune import checkpointing  # pylint: disable=import-outside-toplevel
+  from tfdp_prune import atomic_files  # pylint: disable=import-outside-toplevel
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  checkpointing.replace_file(path, json.dumps(report, indent=1))
+  atomic_files.replace_file(path, json.dumps(report, indent=1))
 
 
 def read_report(path: str) -> Dict[str, Any]:
@@ -796,8 +796,8 @@ def render(report, json_path: str, results_md: str, plots_dir: str) -> None:
   if os.path.exists(results_md):
     with open(results_md, encoding="utf-8") as f:
       existing = f.read()
-  with open(results_md, "w", encoding="utf-8") as f:
-    f.write(render_markdown(report, links, existing))
+  from tfdp_prune import atomic_files  # pylint: disable=import-outside-toplevel
+  atomic_files.replace_file(results_md, render_markdown(report, links, existing))
 
 
 # ---- main -----------------------------------------------------------------------------------

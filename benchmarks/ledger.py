@@ -32,6 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from tfdp_prune import accounting  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tfdp_prune import atomic_files  # pylint: disable=g-import-not-at-top,wrong-import-position
 from tfdp_prune import checkpointing  # pylint: disable=g-import-not-at-top,wrong-import-position
 from tfdp_prune import training  # pylint: disable=g-import-not-at-top,wrong-import-position
 from tfdp_prune.compat import keras  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -109,8 +110,7 @@ def main():
   text = json.dumps(result, indent=1)
   print(text)
   if args.out:
-    with open(args.out, "w", encoding="utf-8") as f:
-      f.write(text + "\n")
+    atomic_files.replace_file(args.out, text + "\n")
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ def test_readme_documents_every_flag_of_every_binary():
       "tfdp-train": _defined_flags("tfdp_prune/trainers/train.py")
                     | {name for name, _, _ in train._FLAG_SPECS},
       "tfdp-audit": _defined_flags("tfdp_prune/trainers/audit.py"),
-      "tfdp-export": _defined_flags("tfdp_prune/export/main.py"),
+      "tfdp-export": _defined_flags("tfdp_prune/trainers/export.py"),
   }
   for binary, names in binaries.items():
     assert len(names) > 3, (binary, names)  # the scan found the flags

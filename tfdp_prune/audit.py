@@ -3,7 +3,8 @@
   result = tfdp_prune.audit.audit_training(config, AuditConfig(canaries=200))
   result.audit["epsilon_lower_bound"], result.audit["mia_auc"], result.metadata.epsilon
 
-What it does (one `training.train` call, nothing is trained twice):
+The statistics are in `audit_statistics` and `audit_bounds`, the canaries in `audit_canaries`;
+this module runs the audit. What it does (one `training.train` call, nothing is trained twice):
   1. Canaries (Steinke, Nasr, Jagielski 2023, "Privacy Auditing with One (1) Training Run",
      arXiv 2305.08846): `canaries` examples are taken out of the PRIVATE part (so they are
      neither public, which pre-training and masks see, nor test, nor among the private examples
@@ -32,7 +33,7 @@ need a white-box hook inside the optimizer to insert them, and then audit only t
 the per-example gradient (clipping, noise), not how the model's own gradients leak.
 
 The guess counts (k+, k-) are chosen honestly: either fixed a priori (`k_plus`, `k_minus`), or
-the best of a fixed grid (`guess_grid(m)`), each candidate tested at confidence
+the best of a fixed grid (`audit_statistics.guess_grid(m)`), each candidate tested at confidence
 1 - (1 - confidence) / len(grid) (Bonferroni), so the maximum over the grid holds at
 `confidence`. (Taking the best counts after seeing the scores, without a correction, would
 overstate the bound.)
@@ -54,7 +55,8 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
-from tfdp_prune import audit_bounds
+from tfdp_prune import audit_canaries
+from tfdp_prune import audit_statistics
 from tfdp_prune import data as data_lib
 from tfdp_prune import metadata as metadata_lib
 from tfdp_prune import train_config
@@ -65,8 +67,6 @@ from tfdp_prune.train_config import TrainConfig
 
 METHOD = "one-run audit (Steinke, Nasr, Jagielski 2023, arXiv 2305.08846)"
 CANARY_TYPE = "input-space: held-out private examples with a random wrong label"
-# Total guesses (k+ + k-) of the default grid, as fractions of m, each split evenly.
-_GUESS_FRACTIONS = (0.1, 0.2, 0.4)
 # The default export directory of an audit is the config's with this suffix (the audited model
 # was trained with mislabelled canaries: it must not become the served version by accident).
 EXPORT_SUFFIX = "_audit"
@@ -113,47 +113,7 @@ class AuditConfig:
     """The (k+, k-) candidates: the fixed pair, or the default grid."""
     if self.k_plus is not None:
       return ((self.k_plus, self.k_minus),)
-    return guess_grid(self.canaries)
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Canaries:
-  """The canaries: inputs, true labels, the wrong labels they are trained with when included,
-  and whether each was included (a bool per canary)."""
-
-  x: np.ndarray
-  true_labels: np.ndarray
-  labels: np.ndarray
-  included: np.ndarray
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class AuditData:
-  """The splits to train on (private part: the non-canary private examples plus the included
-  canaries), the canaries, and the non-canary private examples (the MIA's members)."""
-
-  splits: data_lib.DataSplits
-  canaries: Canaries
-  members: Tuple[np.ndarray, np.ndarray]
-
-
-@dataclasses.dataclass(frozen=True)
-class OneRunAudit:
-  """The guesses of a one-run audit and the lower bound they prove (see the module docstring).
-
-  `candidates` is the number of (k+, k-) pairs tried; each was tested at `test_confidence`
-  = 1 - (1 - confidence) / candidates."""
-
-  m: int
-  k_plus: int
-  k_minus: int
-  guesses: int
-  correct: int
-  confidence: float
-  delta: float
-  candidates: int
-  test_confidence: float
-  epsilon_lower_bound: float
+    return audit_statistics.guess_grid(self.canaries)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -167,50 +127,7 @@ class AuditResult:
   export_path: Optional[str]
 
 
-# ---- the pieces (pure functions, tested on their own) -------------------------------------------
-
-def guess_grid(m: int) -> Tuple[Tuple[int, int], ...]:
-  """The default (k+, k-) candidates for m canaries: k+ = k- = fraction * m / 2 for each of
-  `_GUESS_FRACTIONS` (fixed before any score is seen), duplicates and empty guesses dropped."""
-  pairs = []
-  for fraction in _GUESS_FRACTIONS:
-    half = max(1, int(round(fraction * m / 2)))
-    if 2 * half <= m and (half, half) not in pairs:
-      pairs.append((half, half))
-  return tuple(pairs) or ((1, 0),)
-
-
-def add_canaries(splits: data_lib.DataSplits, count: int, seed: int) -> AuditData:
-  """Takes `count` canaries out of the private part, relabels each to a uniformly random wrong
-  class, and puts each back independently with probability 1/2 (all from `seed`).
-
-  The returned splits' `info.num_private` is the size of the new private part (the accountant
-  and the metadata use it); its `private_split` says what was done.
-  """
-  x, y = splits.private
-  info = splits.info
-  if count >= len(y):
-    raise ConfigError(f"Expected --canaries < the {len(y)} private examples (the canaries are "
-                      f"taken out of the private part). Received: --canaries={count}.")
-  rng = np.random.default_rng(seed)
-  order = rng.permutation(len(y))
-  pool, rest = order[:count], order[count:]
-  # A uniformly random wrong class: the true one shifted by 1..C-1 (mod C).
-  labels = ((y[pool] + rng.integers(1, info.num_classes, size=count)) % info.num_classes)
-  labels = labels.astype(y.dtype)
-  included = rng.random(count) < 0.5
-  train_x = np.concatenate([x[rest], x[pool][included]])
-  train_y = np.concatenate([y[rest], labels[included]])
-  shuffle = rng.permutation(len(train_y))
-  info = dataclasses.replace(
-      info, num_private=len(train_y),
-      private_split=(f"{info.private_split} without {count} audit canaries, plus the "
-                     f"{int(included.sum())} of them included, mislabelled"))
-  audited = data_lib.DataSplits(public=splits.public, private=(train_x[shuffle], train_y[shuffle]),
-                                test=splits.test, info=info)
-  canaries = Canaries(x=x[pool], true_labels=y[pool], labels=labels, included=included)
-  return AuditData(splits=audited, canaries=canaries, members=(x[rest], y[rest]))
-
+# ---- scoring ----------------------------------------------------------------------------------
 
 def log_probabilities(model, x: np.ndarray, labels: np.ndarray) -> np.ndarray:
   """log p(label | x) under `model` (which outputs logits), float64: the attack's score."""
@@ -218,58 +135,6 @@ def log_probabilities(model, x: np.ndarray, labels: np.ndarray) -> np.ndarray:
   shifted = logits - logits.max(axis=1, keepdims=True)
   log_softmax = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
   return log_softmax[np.arange(len(labels)), labels]
-
-
-def count_correct(scores: np.ndarray, included: np.ndarray, k_plus: int, k_minus: int) -> int:
-  """Correct guesses when the k+ highest scores are guessed included and the k- lowest excluded.
-
-  Ties are broken by position (a stable sort); the canaries' order is random and independent of
-  their inclusion, so this uses nothing but the scores.
-  """
-  scores, included = np.asarray(scores), np.asarray(included, bool)
-  if k_plus + k_minus > len(scores):
-    raise ValueError(f"Expected k_plus + k_minus <= {len(scores)} canaries. Received: "
-                     f"k_plus={k_plus}, k_minus={k_minus}.")
-  order = np.argsort(-scores, kind="stable")
-  guessed_in, guessed_out = order[:k_plus], order[len(order) - k_minus:]
-  return int(included[guessed_in].sum() + (~included[guessed_out]).sum())
-
-
-def one_run_audit(scores: np.ndarray, included: np.ndarray, *, delta: float,
-                  confidence: float = 0.95, guess_counts=None) -> OneRunAudit:
-  """The best epsilon lower bound over the (k+, k-) candidates `guess_counts` (default
-  `guess_grid(m)`), each tested at confidence 1 - (1 - confidence) / len(candidates)."""
-  m = len(scores)
-  candidates = tuple(guess_counts) if guess_counts is not None else guess_grid(m)
-  test_confidence = 1.0 - (1.0 - confidence) / len(candidates)
-  best = None
-  for k_plus, k_minus in candidates:
-    correct = count_correct(scores, included, k_plus, k_minus)
-    bound = audit_bounds.epsilon_lower_bound(m, k_plus + k_minus, correct, delta, test_confidence)
-    if best is None or bound > best.epsilon_lower_bound:
-      best = OneRunAudit(m=m, k_plus=k_plus, k_minus=k_minus, guesses=k_plus + k_minus,
-                         correct=correct, confidence=confidence, delta=delta,
-                         candidates=len(candidates), test_confidence=test_confidence,
-                         epsilon_lower_bound=bound)
-  return best
-
-
-def membership_auc(member_scores: np.ndarray, nonmember_scores: np.ndarray) -> float:
-  """P[member score > non-member score] + P[equal] / 2 over all pairs (the ROC AUC, computed
-  exactly by the Mann-Whitney rank sum with average ranks for ties)."""
-  members = np.asarray(member_scores, np.float64).ravel()
-  nonmembers = np.asarray(nonmember_scores, np.float64).ravel()
-  if not len(members) or not len(nonmembers):
-    raise ValueError(f"Expected members and non-members. Received {len(members)} and "
-                     f"{len(nonmembers)} scores.")
-  pooled = np.concatenate([members, nonmembers])
-  _, inverse, counts = np.unique(pooled, return_inverse=True, return_counts=True)
-  # The average of ranks first..last (1-based) of each group of equal scores.
-  last = np.cumsum(counts)
-  average_rank = (last - (counts - 1) / 2.0)[inverse]
-  rank_sum = average_rank[:len(members)].sum()
-  return float((rank_sum - len(members) * (len(members) + 1) / 2.0)
-               / (len(members) * len(nonmembers)))
 
 
 # ---- the audited run ---------------------------------------------------------------------------
@@ -299,18 +164,19 @@ def audit_training(config: TrainConfig, audit_config: Optional[AuditConfig] = No
   if splits.test is None or not len(splits.test[1]):
     raise ConfigError("Expected a test part (the membership-inference non-members: examples "
                       "never trained on). Received --test_split= (none). Give a --test_split.")
-  data = add_canaries(splits, audit_config.canaries, audit_config.canary_seed)
+  data = audit_canaries.add_canaries(splits, audit_config.canaries, audit_config.canary_seed)
   train_result = training.train(dataclasses.replace(config, export_dir=None),
                                 splits=data.splits)
   model, metadata = train_result.model, train_result.metadata
 
   canaries = data.canaries
-  audit = one_run_audit(log_probabilities(model, canaries.x, canaries.labels),
-                        canaries.included, delta=config.delta,
-                        confidence=audit_config.confidence,
-                        guess_counts=audit_config.guess_counts())
+  audit = audit_statistics.one_run_audit(
+      log_probabilities(model, canaries.x, canaries.labels), canaries.included,
+      delta=config.delta, confidence=audit_config.confidence,
+      guess_counts=audit_config.guess_counts())
   members, nonmembers = _mia_examples(data.members, splits.test, audit_config.canary_seed)
-  auc = membership_auc(log_probabilities(model, *members), log_probabilities(model, *nonmembers))
+  auc = audit_statistics.membership_auc(log_probabilities(model, *members),
+                                        log_probabilities(model, *nonmembers))
   record = audit_record(audit, audit_config, auc, len(members[1]), len(nonmembers[1]),
                         int(canaries.included.sum()))
   metadata = metadata.with_empirical({**(metadata.empirical or {}), "audit": record})
@@ -325,8 +191,9 @@ def audit_training(config: TrainConfig, audit_config: Optional[AuditConfig] = No
                      export_path=export_path)
 
 
-def audit_record(audit: OneRunAudit, audit_config: AuditConfig, mia_auc: float,
-                 mia_members: int, mia_nonmembers: int, included: int) -> Dict[str, Any]:
+def audit_record(audit: audit_statistics.OneRunAudit, audit_config: AuditConfig,
+                 mia_auc: float, mia_members: int, mia_nonmembers: int,
+                 included: int) -> Dict[str, Any]:
   """The JSON-compatible record stored as `metadata.empirical["audit"]`."""
   return {
       "method": METHOD,

@@ -1,7 +1,7 @@
 """A new run that keeps an old run's privacy spend on record (`--carry_spend_from`).
 
 When a run's checkpoints are damaged (or lost), the privacy it spent is still on record in its
-append-only ledger (`checkpointing.LEDGER`). A new run on the same private data may continue
+append-only ledger (`privacy_ledger_file.LEDGER`). A new run on the same private data may continue
 from there: its ledger begins at the old steps, so its epsilon, its step limit, its metadata and
 its model card count them. This is plain self-composition of one mechanism (the steps of both
 runs are steps of the same DP-SGD mechanism on the same data, so the accountant counts them as
@@ -15,7 +15,7 @@ import os
 from typing import Any, Dict, List, Optional
 
 from tfdp_prune import accounting
-from tfdp_prune import checkpointing
+from tfdp_prune import privacy_ledger_file
 from tfdp_prune.train_config import ConfigError
 
 # What identifies the private part in a run's record (`DataInfo.to_dict()`): the same names,
@@ -51,13 +51,14 @@ def read(old_directory: str, old_record: Optional[Dict[str, Any]],
   Raises:
     ConfigError: no ledger there, no record of the old run's data, another mechanism, or other
       private data.
-    checkpointing.CheckpointError: the old ledger is damaged (then nothing can be carried).
+    checkpoint_errors.CheckpointError: the old ledger is damaged (then nothing can be carried).
   """
-  ledger = checkpointing.read_ledger(old_directory)
-  flag = f"{checkpointing.CARRY_FLAG}={old_directory}"
+  ledger = privacy_ledger_file.read_ledger(old_directory)
+  ledger_path = os.path.join(old_directory, privacy_ledger_file.LEDGER)
+  flag = f"{privacy_ledger_file.CARRY_FLAG}={old_directory}"
   if ledger is None:
     raise ConfigError(
-        f"Expected a privacy ledger {os.path.join(old_directory, checkpointing.LEDGER)} (written "
+        f"Expected a privacy ledger {ledger_path} (written "
         f"by tfdp-train --checkpoint_dir). Received: {flag}, which holds none. Pass the "
         "checkpoint directory of the run whose spend is to be carried.")
   if old_record is None:
@@ -75,8 +76,8 @@ def read(old_directory: str, old_record: Optional[Dict[str, Any]],
         f"mechanisms is not supported). Received: {'; '.join(problems)}. Run with the old "
         "settings (--noise_multiplier, --batch_size, --sampling, --accountant, --delta, the "
         "data flags), or start from scratch without carrying.")
-  source = {"path": os.path.abspath(os.path.join(old_directory, checkpointing.LEDGER)),
-            "sha256": checkpointing.ledger_file_digest(old_directory),
+  source = {"path": os.path.abspath(ledger_path),
+            "sha256": privacy_ledger_file.ledger_file_digest(old_directory),
             "steps": int(ledger["state"]["steps"])}
   return CarriedSpend(state=ledger["state"], source=source)
 

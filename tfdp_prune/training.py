@@ -9,9 +9,9 @@
      to the target epsilon for those steps and that sampling);
   3. under the tf.distribute strategy: the model, the DP optimizer (expected batch size from the
      sampler, accumulation = batch_size / physical_batch_size), `make_private`;
-  4. resume: with `checkpoint_dir`, the run's record (`run.json`) is written or checked against
-     the config, and the newest checkpoint is restored (weights, optimizer, masks, noise
-     generator, sampler secret, ledger);
+  4. resume: with `checkpoint_dir`, the run's record (`run.json`, `run_record`) is written or
+     checked against the config, and the newest checkpoint is restored (weights, optimizer,
+     masks, noise generator, sampler secret, ledger);
   5. public pre-training (non-private, public part only) and the mask callback, both only for a
      fresh run (a resumed run has its masks and pre-trained weights in the checkpoint);
   6. `model.fit` with PrivacyBudget (built with the sampler: sampler, optimizer and budget must
@@ -63,6 +63,7 @@ from tfdp_prune import optimizer as optimizer_lib
 from tfdp_prune import overlap
 from tfdp_prune import privacy_label
 from tfdp_prune import public_data as public_data_lib
+from tfdp_prune import run_record as run_record_lib
 from tfdp_prune import sampling
 from tfdp_prune import selection
 from tfdp_prune import train_config
@@ -73,13 +74,6 @@ from tfdp_prune.export import saved_model as export_lib
 from tfdp_prune.train_config import ConfigError
 from tfdp_prune.train_config import TrainConfig
 
-RUN_RECORD = "run.json"
-_RUN_RECORD_VERSION = 1
-# Settings that may change between a run and its resumption: output and placement, and the
-# length (a longer run under the same noise multiplier; with a target epsilon another length
-# calibrates another sigma, and the privacy_spec check refuses it).
-_RESUMABLE_CHANGES = ("checkpoint_dir", "export_dir", "export_version", "overwrite", "verbose",
-                      "strategy", "data_dir", "steps", "epochs")
 _RULES = {"magnitude": masks_lib.MagnitudeRule, "random": masks_lib.RandomRule,
           "public_gradient": masks_lib.PublicGradientRule}
 INSECURE_STATEMENT = (
@@ -164,7 +158,8 @@ def train(config: TrainConfig, *, splits: Optional[data_lib.DataSplits] = None,
   resumed_from = None
   run_record = None
   if config.checkpoint_dir:
-    run_record = write_or_check_run_record(config, info, plan, sampler)
+    run_record = run_record_lib.write_or_check_run_record(
+        config, info, plan.spec, plan.steps, sampler.expected_batch_size)
     if carried is not None:  # the new ledger begins at the old steps (restored from it below)
       checkpointing.start_carried_ledger(config.checkpoint_dir, carried.state, carried.source)
     resumed_from = checkpointing.restore_latest(config.checkpoint_dir, model, budget=budget,
@@ -219,7 +214,7 @@ def export_checkpoint(checkpoint_dir: str, export_dir: str, *, version: Optional
   check_output_dir("--export_dir", export_dir)
   newest = checkpointing.latest_checkpoint(checkpoint_dir)  # CheckpointError if damaged
   record = (newest.metadata.get("run_record") if newest is not None else None) or (
-      read_run_record(checkpoint_dir))
+      run_record_lib.read_run_record(checkpoint_dir))
   config = TrainConfig.from_dict(record["config"])
   info = data_lib.DataInfo.from_dict(record["data_info"])
   spec = accounting.PrivacySpec.from_dict(record["privacy_spec"])
@@ -489,7 +484,7 @@ def read_carried_spend(config: TrainConfig, plan: _Plan,
                       f"run. Received: --carry_spend_from={old}, which is not a directory.")
   record = None
   try:
-    record = read_run_record(old)
+    record = run_record_lib.read_run_record(old)
   except ConfigError:
     try:
       newest = checkpointing.latest_checkpoint(old)
@@ -509,99 +504,6 @@ def _check_room_left(budget, carried) -> None:
         f"--carry_spend_from={os.path.dirname(carried.source['path'])} carries {carried.steps} "
         f"logical steps, and this target allows {budget.max_steps} in all. Nothing more may be "
         "trained on this data at this target.")
-
-
-# ---- run record (checkpoint_dir/run.json) ------------------------------------------------------
-
-def write_or_check_run_record(config: TrainConfig, info: data_lib.DataInfo, plan: _Plan,
-                              sampler) -> Dict[str, Any]:
-  """Writes the run's record into the checkpoint directory, or checks that the existing one
-  describes the same run (a checkpoint resumed under other settings would misreport privacy);
-  returns the record, for `DPCheckpoint(run_record=...)`.
-
-  The newest checkpoint carries the record it was trained under: a resume is checked against it
-  as well (and against it alone if `run.json` was removed; `run.json` is then written again).
-  Settings are compared as resolved: spelling out a default (`--sparsity=0.8`) is no change.
-
-  Raises:
-    ConfigError: other settings than the recorded ones; `run.json` unreadable; `run.json`
-      missing beside checkpoints that carry no record.
-    checkpointing.CheckpointError: the newest checkpoint is damaged.
-  """
-  record = {"format_version": _RUN_RECORD_VERSION, "config": config.to_dict(),
-            "data_info": info.to_dict(), "privacy_spec": plan.spec.to_dict(),
-            "planned_steps": plan.steps, "expected_batch_size": sampler.expected_batch_size}
-  record = json.loads(json.dumps(record))  # as it reads back
-  directory = config.checkpoint_dir
-  path = os.path.join(directory, RUN_RECORD)
-  newest = checkpointing.latest_checkpoint(directory)
-  recorded = [] if newest is None or newest.metadata.get("run_record") is None else [
-      (os.path.join(newest.path, checkpointing.SIDECAR), newest.metadata["run_record"])]
-  if os.path.exists(path):
-    recorded.insert(0, (path, read_run_record(directory)))
-  elif newest is not None and not recorded:
-    raise ConfigError(
-        f"Expected {path} beside the checkpoints in --checkpoint_dir={directory} (the settings "
-        f"they were trained under), and {newest.path} carries none. Received a directory without "
-        "it. Restore run.json from a backup, or use a new --checkpoint_dir.")
-  for source, existing in recorded:
-    differences = _record_differences(existing, record)
-    if differences:
-      raise ConfigError(
-          f"--checkpoint_dir={directory} holds a run with other settings ({source}: "
-          f"{'; '.join(differences)}). Resume with the same settings, or use a new "
-          "--checkpoint_dir.")
-  if not os.path.exists(path):
-    os.makedirs(directory, exist_ok=True)
-    kept = recorded[0][1] if recorded else record  # the settings the checkpoints were under
-    checkpointing.replace_file(path, json.dumps(kept, indent=1, sort_keys=True))
-  return recorded[0][1] if recorded else record
-
-
-def read_run_record(checkpoint_dir: str) -> Dict[str, Any]:
-  """The run's record, `checkpoint_dir/run.json` (ConfigError naming it if missing or
-  unreadable)."""
-  path = os.path.join(checkpoint_dir, RUN_RECORD)
-  if not os.path.isfile(path):
-    raise ConfigError(f"Expected {path} (written by tfdp-train --checkpoint_dir). Received a "
-                      "directory without it: was this directory written by tfdp-train?")
-  try:
-    with open(path, encoding="utf-8") as f:
-      record = json.load(f)
-    if not isinstance(record, dict):
-      raise ValueError(f"a JSON {type(record).__name__}, not an object")
-  except (OSError, ValueError) as e:
-    raise ConfigError(
-        f"The run record {path} is unreadable ({e}). Restore it from a backup (the newest "
-        f"checkpoint's {checkpointing.SIDECAR} holds a copy under \"run_record\"), or use a "
-        "new --checkpoint_dir. Nothing was changed.") from e
-  if record.get("format_version") != _RUN_RECORD_VERSION:
-    raise ConfigError(f"Expected {path} with format_version={_RUN_RECORD_VERSION}. Received: "
-                      f"{record.get('format_version')!r}.")
-  return record
-
-
-def _record_differences(existing, new) -> list:
-  differences = []
-  old_config, new_config = _resolved(existing["config"]), _resolved(new["config"])
-  for name in sorted(set(old_config) | set(new_config)):
-    if name not in _RESUMABLE_CHANGES and old_config.get(name) != new_config.get(name):
-      differences.append(f"--{name}: {old_config.get(name)!r} there, {new_config.get(name)!r} now")
-  for name in ("data_info", "privacy_spec", "expected_batch_size"):
-    if existing.get(name) != new.get(name):
-      differences.append(f"{name} differs")
-  return differences
-
-
-def _resolved(config: Dict[str, Any]) -> Dict[str, Any]:
-  """A config's settings with the defaults that apply filled in, as training uses them."""
-  try:
-    resolved = TrainConfig.from_dict(config)
-  except (ConfigError, TypeError):
-    return dict(config)
-  return dict(config, rule=resolved.effective_rule, sparsity=resolved.effective_sparsity,
-              select_every=resolved.effective_select_every,
-              physical_batch_size=config.get("physical_batch_size") or config.get("batch_size"))
 
 
 # ---- internals ----------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ from sklearn import metrics
 
 from tfdp_prune import audit
 from tfdp_prune import audit_bounds
+from tfdp_prune import audit_canaries
+from tfdp_prune import audit_statistics
 from tfdp_prune import data as data_lib
 from tfdp_prune.compat import tf
 from tfdp_prune.export import inspection
@@ -104,31 +106,31 @@ def test_invalid_counts_are_refused():
 def test_count_correct_guesses_top_as_included_and_bottom_as_excluded():
   scores = np.array([5.0, 4.0, 3.0, 2.0, 1.0, 0.0])
   included = np.array([True, False, True, False, True, False])
-  assert audit.count_correct(scores, included, 2, 0) == 1   # 5: in, 4: out
-  assert audit.count_correct(scores, included, 1, 2) == 2   # 5: in; 1: in (wrong), 0: out
-  assert audit.count_correct(scores, included, 3, 3) == 4
-  assert audit.count_correct(-scores, included, 0, 1) == 0  # lowest is 5.0, included
+  assert audit_statistics.count_correct(scores, included, 2, 0) == 1   # 5: in, 4: out
+  assert audit_statistics.count_correct(scores, included, 1, 2) == 2   # 5: in; 1: in (wrong), 0: out
+  assert audit_statistics.count_correct(scores, included, 3, 3) == 4
+  assert audit_statistics.count_correct(-scores, included, 0, 1) == 0  # lowest is 5.0, included
 
 
 def test_best_of_the_grid_is_bonferroni_corrected():
   rng = np.random.default_rng(0)
   included = rng.random(400) < 0.5
   scores = included * 1.0 + rng.normal(0, 0.7, 400)
-  grid = audit.guess_grid(400)
+  grid = audit_statistics.guess_grid(400)
   assert grid == ((20, 20), (40, 40), (80, 80))
-  result = audit.one_run_audit(scores, included, delta=1e-5)
+  result = audit_statistics.one_run_audit(scores, included, delta=1e-5)
   assert result.candidates == 3 and result.test_confidence == pytest.approx(1 - 0.05 / 3)
   assert (result.k_plus, result.k_minus) in grid and result.guesses == 2 * result.k_plus
-  assert result.correct == audit.count_correct(scores, included, result.k_plus, result.k_minus)
+  assert result.correct == audit_statistics.count_correct(scores, included, result.k_plus, result.k_minus)
   bounds = [audit_bounds.epsilon_lower_bound(
-      400, kp + km, audit.count_correct(scores, included, kp, km), 1e-5, 1 - 0.05 / 3)
+      400, kp + km, audit_statistics.count_correct(scores, included, kp, km), 1e-5, 1 - 0.05 / 3)
       for kp, km in grid]
   assert result.epsilon_lower_bound == max(bounds) > 0
   # Fixed a priori: one candidate, tested at the confidence itself.
-  fixed = audit.one_run_audit(scores, included, delta=1e-5, guess_counts=[(40, 40)])
+  fixed = audit_statistics.one_run_audit(scores, included, delta=1e-5, guess_counts=[(40, 40)])
   assert fixed.candidates == 1 and fixed.test_confidence == 0.95
   assert fixed.epsilon_lower_bound == audit_bounds.epsilon_lower_bound(
-      400, 80, audit.count_correct(scores, included, 40, 40), 1e-5, 0.95)
+      400, 80, audit_statistics.count_correct(scores, included, 40, 40), 1e-5, 0.95)
 
 
 # ---- membership-inference AUC -----------------------------------------------------------------
@@ -140,13 +142,13 @@ def test_auc_matches_sklearn_with_ties(seed):
   nonmembers = rng.integers(0, 5, size=70).astype(float)
   labels = np.r_[np.ones(len(members)), np.zeros(len(nonmembers))]
   expected = metrics.roc_auc_score(labels, np.r_[members, nonmembers])
-  assert audit.membership_auc(members, nonmembers) == pytest.approx(expected, abs=1e-12)
+  assert audit_statistics.membership_auc(members, nonmembers) == pytest.approx(expected, abs=1e-12)
 
 
 def test_auc_extremes():
-  assert audit.membership_auc([2.0, 3.0], [0.0, 1.0]) == 1.0
-  assert audit.membership_auc([0.0, 1.0], [2.0, 3.0]) == 0.0
-  assert audit.membership_auc([1.0, 1.0], [1.0, 1.0, 1.0]) == 0.5
+  assert audit_statistics.membership_auc([2.0, 3.0], [0.0, 1.0]) == 1.0
+  assert audit_statistics.membership_auc([0.0, 1.0], [2.0, 3.0]) == 0.0
+  assert audit_statistics.membership_auc([1.0, 1.0], [1.0, 1.0, 1.0]) == 0.5
 
 
 # ---- canaries -----------------------------------------------------------------------------------
@@ -161,7 +163,7 @@ def digits():
 
 
 def test_canaries_are_private_examples_mislabelled_and_included_half_the_time(digits):
-  result = audit.add_canaries(digits, 400, seed=3)
+  result = audit_canaries.add_canaries(digits, 400, seed=3)
   canaries, private = result.canaries, result.splits.private
   assert len(canaries.labels) == 400 and np.all(canaries.labels != canaries.true_labels)
   assert set(np.unique(canaries.labels)) == set(range(10))
@@ -181,9 +183,9 @@ def test_canaries_are_private_examples_mislabelled_and_included_half_the_time(di
   assert not _rows(canaries.x) & (_rows(digits.public[0]) | _rows(digits.test[0])
                                   | _rows(result.members[0]))
   assert result.splits.public is digits.public and result.splits.test is digits.test
-  again = audit.add_canaries(digits, 400, seed=3)
+  again = audit_canaries.add_canaries(digits, 400, seed=3)
   assert np.array_equal(again.canaries.included, canaries.included)
-  assert not np.array_equal(audit.add_canaries(digits, 400, seed=4).canaries.included,
+  assert not np.array_equal(audit_canaries.add_canaries(digits, 400, seed=4).canaries.included,
                             canaries.included)
 
 

@@ -8,6 +8,7 @@ import pytest
 from tfdp_prune import accounting
 from tfdp_prune import carried_spend
 from tfdp_prune import checkpointing
+from tfdp_prune import run_record
 from tfdp_prune import training
 from tfdp_prune import export as export_lib
 from tfdp_prune.train_config import ConfigError
@@ -118,9 +119,9 @@ def test_a_damaged_ledger_cannot_be_carried(damaged_run, tmp_path):
     lines = f.read().split(b"\n")
   with open(os.path.join(old, checkpointing.LEDGER), "wb") as f:
     f.write(lines[0].replace(b'"steps": 1', b'"steps": 0') + b"\n")
-  with open(os.path.join(damaged_run, training.RUN_RECORD), "rb") as f:
+  with open(os.path.join(damaged_run, run_record.RUN_RECORD), "rb") as f:
     record = f.read()
-  with open(os.path.join(old, training.RUN_RECORD), "wb") as f:
+  with open(os.path.join(old, run_record.RUN_RECORD), "wb") as f:
     f.write(record)
   with pytest.raises(checkpointing.CheckpointError,
                      match="(?s)corrupt at line 1.*cannot be carried.*backup"):

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 import tfdp_prune
+from tfdp_prune import atomic_files
 from tfdp_prune import checkpointing
 from tfdp_prune.compat import tf
 from tests.tfdp_prune import _testing as T
@@ -524,12 +525,12 @@ def test_a_checkpoint_that_cannot_be_written_is_a_clear_error_and_loses_nothing(
   before = _listing(tmp_path)
   model, budget = _model(sampler), _budget(sampler)
   assert checkpointing.restore_latest(tmp_path, model, budget=budget, sampler=sampler) == 3
-  real_write_file = checkpointing._write_file
+  real_write_file = atomic_files.write_durably
   def full_disk(path, text):
     if os.path.basename(path) == checkpointing.SIDECAR:  # the TF state was written already
       raise OSError(code, os.strerror(code), path)
     real_write_file(path, text)
-  monkeypatch.setattr(checkpointing, "_write_file", full_disk)
+  monkeypatch.setattr(atomic_files, "write_durably", full_disk)
   with pytest.raises(checkpointing.CheckpointWriteError,
                      match=f"(?s)Cannot write the checkpoint .*ckpt-4 \\({os.strerror(code)}\\)"
                      ".*earlier checkpoints and the privacy ledger are intact"):

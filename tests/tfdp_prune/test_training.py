@@ -14,6 +14,7 @@ import tfdp_prune
 from tfdp_prune import accounting
 from tfdp_prune import data as data_lib
 from tfdp_prune import randomness
+from tfdp_prune import run_record
 from tfdp_prune import sampling
 from tfdp_prune import training
 from tfdp_prune.compat import keras
@@ -471,7 +472,7 @@ def test_resume_record_damaged_or_removed_run_json_and_spelled_out_defaults(tmp_
   common = dict(SHORT, epsilon=None, noise_multiplier=1.0, export_dir=None,
                 checkpoint_dir=checkpoints)
   training.train(TrainConfig(**dict(common, steps=2)))
-  run_json = os.path.join(checkpoints, training.RUN_RECORD)
+  run_json = os.path.join(checkpoints, run_record.RUN_RECORD)
   with open(run_json, encoding="utf-8") as f:
     text = f.read()
   with open(run_json, "w", encoding="utf-8") as f:
@@ -486,7 +487,7 @@ def test_resume_record_damaged_or_removed_run_json_and_spelled_out_defaults(tmp_
   # ... the default spelled out is the same setting; run.json is written again.
   resumed = training.train(TrainConfig(**dict(common, steps=3, sparsity=0.8, rule="magnitude")))
   assert resumed.resumed_from == 2 and resumed.metadata.steps == 3
-  assert training.read_run_record(checkpoints)["config"]["sparsity"] is None  # as first run
+  assert run_record.read_run_record(checkpoints)["config"]["sparsity"] is None  # as first run
   # Exporting reads the settings the checkpoint carries, run.json or not.
   os.remove(run_json)
   path = training.export_checkpoint(checkpoints, str(tmp_path / "export"))
@@ -635,7 +636,7 @@ def test_train_reads_a_folder_of_class_folders_and_records_it(tmp_path):
   result = training.train(config)
   assert result.model.input_shape == (None, 16, 16, 1) and result.model.output_shape == (None, 2)
   assert result.metadata.dataset == f"{tmp_path}/scans"
-  with open(tmp_path / "run" / training.RUN_RECORD) as f:
+  with open(tmp_path / "run" / run_record.RUN_RECORD) as f:
     assert json.load(f)["data_info"]["class_names"] == ["healthy", "sick"]
 
 

@@ -49,12 +49,12 @@ import os
 import re
 import shutil
 import sys
-import uuid
 from typing import Optional, Tuple
 
 from absl import logging
 
 from tfdp_prune import _validate
+from tfdp_prune import atomic_files
 from tfdp_prune import compat
 from tfdp_prune import metadata as metadata_lib
 from tfdp_prune import privacy_label
@@ -65,7 +65,7 @@ from tfdp_prune.export import serving_files as files
 from tfdp_prune.export.inspection import ExportError
 
 OUTPUTS = ("logits", "probabilities")
-_TMP_PREFIX = ".tmp-"
+_TMP_PREFIX = atomic_files.TMP_PREFIX
 _REPLACED_RE = re.compile(r"^\.tmp-replaced-([0-9]+)-[0-9a-f]+$")
 _INPUT_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 _MAX_VERSION = 2**63 - 1  # TF Serving's versions are int64
@@ -142,7 +142,7 @@ def export_saved_model(model, export_dir: str,
 
   if not os.path.isdir(export_dir):
     os.mkdir(export_dir)
-    _fsync(os.path.dirname(os.path.abspath(export_dir)))
+    atomic_files.fsync(os.path.dirname(os.path.abspath(export_dir)))
   clean_leftovers(export_dir)
   if version is None:
     version = next_version(export_dir)
@@ -168,7 +168,7 @@ def export_saved_model(model, export_dir: str,
 
 def _write_and_commit(export_dir, final, version, model, metadata, **write_args) -> None:
   """Writes the version into a temporary directory, then renames it to `final` (atomic)."""
-  tmp = os.path.join(export_dir, f"{_TMP_PREFIX}{version}-{uuid.uuid4().hex}")
+  tmp = atomic_files.temporary_path(export_dir, str(version), suffix_length=32)
   os.mkdir(tmp)
   try:
     _write_version(tmp, model, metadata, version=version, **write_args)
@@ -181,7 +181,8 @@ def _write_and_commit(export_dir, final, version, model, metadata, **write_args)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  _fsync(export_dir)
+  # Outside the try: a failed fsync must not move the old version back over the new one.
+  atomic_files.fsync(export_dir)
   for _, aside in moved:
     shutil.rmtree(aside, ignore_errors=True)
 
@@ -216,7 +217,7 @@ def clean_leftovers(export_dir: str) -> None:
         os.remove(path)
     changed = True
   if changed:
-    _fsync(export_dir)
+    atomic_files.fsync(export_dir)
 
 
 # ---- checks ---------------------------------------------------------------------------------
@@ -366,7 +367,7 @@ def _write_version(path, model, metadata, *, input_shape, output, input_name, ba
   if model_card:
     with open(os.path.join(path, files.MODEL_CARD_FILENAME), "w", encoding="utf-8") as f:
       f.write(files.render_model_card(metadata, report.signatures, warmup=warmup))
-  _fsync_tree(path)
+  atomic_files.fsync_tree(path)
 
 
 def _export_module(model, metadata, *, input_shape, output, input_name):
@@ -454,7 +455,7 @@ def _move_aside(export_dir, version) -> list:
   (original, aside) paths."""
   moved = []
   for name in inspection.version_dirs(export_dir).get(version, ()):
-    aside = os.path.join(export_dir, f"{_TMP_PREFIX}replaced-{version}-{uuid.uuid4().hex[:12]}")
+    aside = atomic_files.temporary_path(export_dir, f"replaced-{version}", suffix_length=12)
     os.rename(os.path.join(export_dir, name), aside)
     moved.append((os.path.join(export_dir, name), aside))
   return moved
@@ -463,20 +464,3 @@ def _move_aside(export_dir, version) -> list:
 def _move_back(moved):
   for original, aside in moved:
     os.rename(aside, original)
-
-
-def _fsync_tree(root: str) -> None:
-  """Flushes every file and directory under `root` (and `root`) to disk, deepest first."""
-  for directory, _, names in os.walk(root, topdown=False):
-    for name in names:
-      _fsync(os.path.join(directory, name))
-    _fsync(directory)
-
-
-def _fsync(path: str) -> None:
-  """Flushes a file's contents or a directory's entries (its renames) to disk."""
-  fd = os.open(path, os.O_RDONLY)
-  try:
-    os.fsync(fd)
-  finally:
-    os.close(fd)

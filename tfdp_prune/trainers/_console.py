@@ -5,7 +5,7 @@ import sys
 from absl import app
 from absl import flags
 
-from tfdp_prune import checkpointing
+from tfdp_prune import checkpoint_errors
 from tfdp_prune import train_config
 
 
@@ -20,7 +20,7 @@ def adopt_key_flags(*modules) -> None:
 
 
 # The user errors every binary answers with its message alone.
-USER_ERRORS = (train_config.ConfigError, checkpointing.CheckpointError)
+USER_ERRORS = (train_config.ConfigError, checkpoint_errors.CheckpointError)
 
 
 def run_console(main_function, program: str, *flag_modules, more_user_errors=()) -> None:

@@ -565,11 +565,12 @@ def _imported_modules(tree):
       yield from (alias.name for alias in node.names)
 
 
-def test_the_export_modules_import_only_the_schema_compat_and_validate():
-  """And `privacy_label` (export_saved_model(budget=...)), a library module that reaches no
+def test_the_export_modules_import_only_the_schema_compat_and_leaf_utilities():
+  """The leaf utilities are `_validate` and `atomic_files` (which import nothing of ours, checked
+  below); and `privacy_label` (export_saved_model(budget=...)), a library module that reaches no
   training entry point (checked below)."""
   allowed = {"tfdp_prune.metadata", "tfdp_prune.compat", "tfdp_prune._validate",
-             "tfdp_prune.privacy_label"}
+             "tfdp_prune.atomic_files", "tfdp_prune.privacy_label"}
   package = os.path.join(_REPO, "tfdp_prune", "export")
   for filename in ("__init__.py", "saved_model.py", "serving_files.py", "inspection.py"):
     with open(os.path.join(package, filename), encoding="utf-8") as f:
@@ -581,6 +582,10 @@ def test_the_export_modules_import_only_the_schema_compat_and_validate():
     labeller = set(_imported_modules(ast.parse(f.read())))
   assert not {m for m in labeller
               if m.startswith(("tfdp_prune.training", "tfdp_prune.trainers", "tfdp_prune.export"))}
+  for leaf in ("_validate.py", "atomic_files.py"):
+    with open(os.path.join(_REPO, "tfdp_prune", leaf), encoding="utf-8") as f:
+      assert not {m for m in _imported_modules(ast.parse(f.read()))
+                  if m.split(".")[0] == "tfdp_prune"}, leaf
 
 
 def test_a_string_where_a_float_is_expected_is_refused_readably(exported, loaded):

@@ -78,12 +78,12 @@ def test_inspect_of_a_forged_epsilon_fails_and_prints_no_label(tmp_path):
 _BUGGY_EXPORT = """
 import sys
 from tfdp_prune import training
-from tfdp_prune.export import main
+from tfdp_prune.trainers import export
 def buggy_export(*args, **kwargs):
   raise ValueError("a genuine bug")
 training.export_checkpoint = buggy_export
 sys.argv = ["tfdp-export", *sys.argv[1:]]
-main.run_main()
+export.run_main()
 """
 
 
@@ -91,7 +91,7 @@ def _run_export_main(*argv, bug=False):
   """`tfdp-export`'s console entry point in a process of its own (its flags clash with
   tfdp-train's in one process); with `bug`, export_checkpoint raises a plain ValueError."""
   repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
-  code = _BUGGY_EXPORT if bug else "from tfdp_prune.export import main; main.run_main()"
+  code = _BUGGY_EXPORT if bug else "from tfdp_prune.trainers import export; export.run_main()"
   return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
                         timeout=600, env=dict(_ENV, PYTHONPATH=os.path.abspath(repo)))
 

@@ -15,8 +15,8 @@ from absl import app
 from absl import flags
 
 from tfdp_prune import training
-from tfdp_prune.trainers import _console
 from tfdp_prune.export import inspection
+from tfdp_prune.trainers import _console
 
 _CHECKPOINT_DIR = flags.DEFINE_string(
     "checkpoint_dir", None, "A `tfdp-train --checkpoint_dir` directory: its newest complete "
