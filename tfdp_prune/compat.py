@@ -4,13 +4,15 @@ tfdp_prune is written against the Keras 2 API of `tf_keras`, imported directly. 
 sets TF_USE_LEGACY_KERAS, so it works whatever was imported before it (tensorflow, keras, tfmot):
 `tf.keras` may be Keras 3 in the process and tfdp_prune still builds on `tf_keras`.
 
-TF Privacy is imported lazily, only by `tf_privacy()`, through its own escape hatch
-(`sys.skip_tf_privacy_import`): its package `__init__` imports tensorflow_estimator modules that
-TF >= 2.16 no longer has. Its Keras classes subclass `tf.keras`, so they need `tf.keras` to be
-tf_keras, which only TF_USE_LEGACY_KERAS=1 set before tensorflow's first import gives.
+TF Privacy is optional (the `tf-privacy` extra) and imported lazily, only by `tf_privacy()`,
+through its own escape hatch (`sys.skip_tf_privacy_import`): its package `__init__` imports
+tensorflow_estimator modules that TF >= 2.16 no longer has. Its Keras classes subclass
+`tf.keras`, so they need `tf.keras` to be tf_keras, which only TF_USE_LEGACY_KERAS=1 set before
+tensorflow's first import gives.
 """
 
 import importlib
+import importlib.util
 import sys
 import types
 
@@ -18,7 +20,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 __all__ = ["keras", "tf", "tf_privacy", "tfmot", "ensure_tf_keras_model", "KERAS_3_FIX",
-           "is_keras_3_frame"]
+           "TF_PRIVACY_FIX", "is_keras_3_frame"]
 
 # How to get a tf_keras model, wherever a Keras 3 model meets tfdp_prune.
 KERAS_3_FIX = (
@@ -37,8 +39,22 @@ _TF_PRIVACY_MODULES = {
 }
 
 
+# How to get TF Privacy, wherever TF Privacy interop is asked for without it installed.
+TF_PRIVACY_FIX = (
+    "TF Privacy interop needs tensorflow-privacy 0.9.0, which tfdp_prune does not install by "
+    "default: `pip install \"tfdp_prune[tf-privacy]\"` (its metadata requires Python < 3.12 "
+    "and numpy < 2). tfdp_prune itself does not need it.")
+
+
 def tf_privacy() -> types.SimpleNamespace:
-  """Returns TF Privacy's Keras submodules, imported without its broken package `__init__`."""
+  """Returns TF Privacy's Keras submodules, imported without its broken package `__init__`.
+
+  Raises:
+    ImportError: tensorflow-privacy is not installed (the message says how to install it).
+    RuntimeError: `tf.keras` is Keras 3 in this process (the message says how to fix it).
+  """
+  if importlib.util.find_spec("tensorflow_privacy") is None:
+    raise ImportError(TF_PRIVACY_FIX, name="tensorflow_privacy")
   if tf.keras.Model is not keras.Model:
     raise RuntimeError(
         "TF Privacy's Keras classes subclass `tf.keras`, which is Keras 3 in this process; they "

@@ -1,5 +1,6 @@
 """Import orders, the public surface, and the Keras generation checks."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -42,9 +43,13 @@ def test_import_works_whatever_was_imported_first(first):
   assert "trained 1" in result.stdout
 
 
-def test_tfdp_prune_does_not_set_tf_use_legacy_keras():
-  result = _run("import os, tfdp_prune; print(os.environ.get('TF_USE_LEGACY_KERAS'))")
-  assert result.stdout.strip() == "None", result.stderr[-2000:]
+def test_importing_tfdp_prune_sets_no_tf_use_legacy_keras_and_imports_no_tf_privacy():
+  # The library and the tfdp-train binary's module; TF Privacy is optional (the tf-privacy extra).
+  result = _run("import os, sys, tfdp_prune, tfdp_prune.trainers.train\n"
+                "print(os.environ.get('TF_USE_LEGACY_KERAS'))\n"
+                "print(sorted(m for m in sys.modules if m.startswith('tensorflow_privacy')))")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.strip().splitlines()[-2:] == ["None", "[]"]
 
 
 def test_every_public_name_resolves():
@@ -52,6 +57,23 @@ def test_every_public_name_resolves():
     assert getattr(tfdp_prune, name) is not None
 
 
+_NO_TF_PRIVACY = pytest.mark.skipif(
+    importlib.util.find_spec("tensorflow_privacy") is None,
+    reason="tensorflow-privacy is not installed (pip install -e \".[test,tf-privacy]\")")
+
+
+def test_tf_privacy_absent_is_an_import_error_that_says_how_to_install_it(monkeypatch):
+  # As in a base install (no tf-privacy extra): the module cannot be found.
+  for name in [name for name in sys.modules if name.startswith("tensorflow_privacy.")]:
+    monkeypatch.delitem(sys.modules, name)
+  monkeypatch.setitem(sys.modules, "tensorflow_privacy", None)
+  with pytest.raises(ImportError, match=r"tfdp_prune\[tf-privacy\]") as error:
+    compat.tf_privacy()
+  assert error.value.name == "tensorflow_privacy"
+  assert str(error.value) == compat.TF_PRIVACY_FIX
+
+
+@_NO_TF_PRIVACY
 def test_tf_privacy_needs_tf_keras_as_tf_keras_and_says_how():
   code = "from tfdp_prune import compat; compat.tf_privacy()"
   result = _run(code)

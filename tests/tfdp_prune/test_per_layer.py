@@ -19,12 +19,30 @@ CLIP = 0.7
 _BATCHED_IS_CHEAPER = windowed.batched_is_cheaper
 
 
-@pytest.fixture(autouse=True, params=["batched", "one_example_at_a_time"])
+@pytest.fixture(params=["batched", "one_example_at_a_time"])
 def windowed_strategy(request, monkeypatch):
-  """Every test runs with both strategies for Dense on sequences, convolutions and views."""
+  """Runs a test with both strategies for Dense on sequences, convolutions and views. Only the
+  tests whose models consult the strategy use it (`_BOTH_STRATEGIES`); the others never reach
+  `windowed.batched_is_cheaper`, so a second run would repeat the first."""
   monkeypatch.setattr(windowed, "batched_is_cheaper",
                       lambda output_shape, kernel_shape: request.param == "batched")
   return request.param
+
+
+_BOTH_STRATEGIES = pytest.mark.usefixtures("windowed_strategy")
+
+
+@pytest.fixture(autouse=True)
+def _single_strategy_tests_never_consult_it(request, monkeypatch):
+  """Fails a test that consults the strategy without `_BOTH_STRATEGIES`."""
+  if "windowed_strategy" in request.fixturenames:
+    yield
+    return
+  calls = []
+  monkeypatch.setattr(windowed, "batched_is_cheaper",
+                      lambda *shapes: calls.append(shapes) or _BATCHED_IS_CHEAPER(*shapes))
+  yield
+  assert not calls, "this test's model consults the windowed strategy: mark it _BOTH_STRATEGIES"
 
 
 def _model(layers, input_shape, dtype="float32"):
@@ -70,6 +88,7 @@ def test_dense_without_bias_and_a_tiny_clip_and_no_masks():
   _compare(model, x, y, masks_keep=1.0, clip=1e-3)
 
 
+@_BOTH_STRATEGIES
 def test_dense_on_sequences():
   model = _model([keras.layers.Dense(4, activation="relu"), keras.layers.Flatten(),
                   keras.layers.Dense(3)], (5, 6))
@@ -84,6 +103,7 @@ def test_dense_on_sequences():
     dict(filters=3, kernel_size=3, dilation_rate=2, padding="same"),
     dict(filters=3, kernel_size=4, strides=2, padding="valid", use_bias=False),
 ])
+@_BOTH_STRATEGIES
 def test_conv2d(conv):
   model = _model([keras.layers.Conv2D(**conv, activation="relu"), keras.layers.MaxPool2D(2, 1),
                   keras.layers.Flatten(), keras.layers.Dense(3)], (9, 9, 2))
@@ -95,6 +115,7 @@ def _must_not_run(*args, **kwargs):
   raise AssertionError("the per-layer vectorized fallback ran")
 
 
+@_BOTH_STRATEGIES
 def test_weight_standardized_conv_and_group_norm(monkeypatch):
   monkeypatch.setattr(generic.GenericRule, "per_example_grads", _must_not_run)  # GroupNorm has its own rule
   model = _model([models.WSConv2D(8, 3, padding="same", use_bias=False),
@@ -109,6 +130,7 @@ def test_weight_standardized_conv_and_group_norm(monkeypatch):
     dict(kernel_size=3, strides=2, padding="valid", depth_multiplier=2),
     dict(kernel_size=2, dilation_rate=2, padding="same", use_bias=False),
 ])
+@_BOTH_STRATEGIES
 def test_depthwise_conv2d(depthwise):
   model = _model([keras.layers.DepthwiseConv2D(**depthwise, activation="relu"),
                   keras.layers.Flatten(), keras.layers.Dense(3)], (7, 7, 3))
@@ -121,6 +143,7 @@ def test_depthwise_conv2d(depthwise):
     dict(filters=3, kernel_size=2, strides=2, padding="valid"),
     dict(filters=3, kernel_size=3, dilation_rate=2, padding="same", use_bias=False),
 ])
+@_BOTH_STRATEGIES
 def test_conv1d(conv):
   model = _model([keras.layers.Conv1D(**conv, activation="relu"), keras.layers.Flatten(),
                   keras.layers.Dense(3)], (9, 2))
@@ -128,6 +151,7 @@ def test_conv1d(conv):
   _compare(model, x, y, weights=[1, 1, 1, 0, 1])
 
 
+@_BOTH_STRATEGIES
 @pytest.mark.parametrize("input_shape", [(5,), (4, 5)])
 def test_layer_norm_on_vectors_and_sequences(monkeypatch, input_shape):
   monkeypatch.setattr(generic.GenericRule, "per_example_grads", _must_not_run)
@@ -159,6 +183,7 @@ def test_other_layers_fall_back_per_layer_and_are_reported_once(caplog):
   assert len(reports) == 1, [r.getMessage() for r in caplog.records]
 
 
+@_BOTH_STRATEGIES
 def test_embedding_with_repeated_tokens():
   model = _model([keras.layers.Embedding(11, 4), keras.layers.Dense(5, activation="relu"),
                   keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(3)], (6,),
@@ -171,6 +196,7 @@ def test_embedding_with_repeated_tokens():
   _compare(model, x, y, weights=[1, 1, 1, 0, 1, 1, 1], clip=1e-4)
 
 
+@_BOTH_STRATEGIES
 def test_augmult_views_are_one_clipping_unit():
   model = _model([keras.layers.Conv2D(3, 3, padding="same", activation="relu"),
                   keras.layers.Flatten(), keras.layers.Dense(4, activation="relu"),
@@ -199,6 +225,7 @@ _NON_FINITE_MODELS = {
 }
 
 
+@_BOTH_STRATEGIES
 @pytest.mark.parametrize("name", sorted(_NON_FINITE_MODELS))
 def test_non_finite_example_in_every_layer_kind(name):
   """The DP property, not where the NaN lands (its path through oneDNN differs by machine):
@@ -226,6 +253,7 @@ def _clipped_sum(engine, model, x, y, weights, masks_keep=0.6, clip=CLIP, loss_f
       variables, [tf.constant(m) for m in masks], clip)
 
 
+@_BOTH_STRATEGIES
 def test_augmult_views_through_group_norm(monkeypatch):
   monkeypatch.setattr(generic.GenericRule, "per_example_grads", _must_not_run)
   model = _model([models.WSConv2D(4, 3, padding="same"), keras.layers.GroupNormalization(2),
@@ -284,6 +312,7 @@ _XLA_MODELS = {
 }
 
 
+@_BOTH_STRATEGIES
 @pytest.mark.parametrize("name", sorted(_XLA_MODELS))
 def test_engine_compiles_with_xla(name):
   """`jit_compile=True` must compile every rule (XLA raises on any op it cannot compile) and
@@ -305,6 +334,7 @@ def test_engine_compiles_with_xla(name):
     np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5, err_msg=variable.name)
 
 
+@_BOTH_STRATEGIES
 def test_fit_with_jit_compile_matches_the_graph_step():
   """model.compile(jit_compile=True) trains the DP model under XLA (noise 0: the same steps)."""
   import tfdp_prune  # pylint: disable=import-outside-toplevel

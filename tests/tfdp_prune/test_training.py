@@ -26,14 +26,18 @@ from tfdp_prune.train_config import TrainConfig
 from tests.tfdp_prune._testing import fake_tfds_as_dataset
 from tests.tfdp_prune._testing import write_image_folder
 
-# A short run of the default path: digits, public pre-training, freeze 80%, Poisson, PLD.
-SHORT = dict(steps=6, epochs=None, public_epochs=1, verbose=0)
+# A short run: digits, public pre-training, freeze 80%, Poisson. RDP accounting: PLD (the
+# default) costs seconds per calibration or epsilon and is the subject only of `short_run` (the
+# default path) and of the PLD planning test below.
+SHORT = dict(steps=6, epochs=None, public_epochs=1, verbose=0, accountant="rdp")
 
 
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
+  """The default path, shortened: PLD accounting, as tfdp-train without flags."""
   export_dir = str(tmp_path_factory.mktemp("export"))
-  return training.train(TrainConfig(**SHORT, epsilon=4.0, export_dir=export_dir))
+  return training.train(TrainConfig(**dict(SHORT, accountant="pld"), epsilon=4.0,
+                                    export_dir=export_dir))
 
 
 def test_short_run_spends_what_it_reports(short_run):
@@ -241,8 +245,8 @@ def test_no_callback_tfdp_train_installs_reads_the_training_loss_or_metrics(
 
   monkeypatch.setattr(training, "_fit", recording_fit)
   user = keras.callbacks.EarlyStopping(monitor="loss", patience=1000)
-  config = TrainConfig(**dict(SHORT, steps=4), **settings, accountant="rdp", export_dir=None,
-                       checkpoint_dir=str(tmp_path / "ckpt"))  # RDP: a cheap budget check
+  config = TrainConfig(**dict(SHORT, steps=4), **settings, export_dir=None,
+                       checkpoint_dir=str(tmp_path / "ckpt"))  # SHORT's RDP: a cheap budget check
   result = training.train(config, callbacks=[user])
   metrics = set(result.model.metrics_names) | {"loss"}
   assert "loss" in reads[id(user)]  # the recording sees a callback that reads the loss
@@ -260,7 +264,7 @@ def test_no_callback_tfdp_train_installs_reads_the_training_loss_or_metrics(
 
 # A tiny run: digits, the MLP, no pre-training, no masks, 3 noisy steps, exported.
 _TINY = dict(steps=3, epochs=None, public_epochs=0, mode="none", epsilon=None,
-             noise_multiplier=1.0, verbose=0, seed=0)
+             noise_multiplier=1.0, verbose=0, seed=0, accountant="rdp")
 _INSECURE_SEED = 8675309
 
 
@@ -560,13 +564,16 @@ def test_mirrored_two_replicas_train_like_one_device(tmp_path):
   """--strategy=mirrored: public pre-training, the DP steps and the export work with two
   replicas; without noise the weights equal a single-device run's."""
   worker = os.path.join(os.path.dirname(__file__), "_train_worker.py")
-  weights = {}
-  for strategy in ("default", "mirrored"):
+  weights, runs = {}, {}
+  for strategy in ("default", "mirrored"):  # both at once: separate processes and directories
+    (tmp_path / strategy).mkdir()
+    runs[strategy] = subprocess.Popen(
+        [sys.executable, worker, strategy, str(tmp_path / strategy)], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+  for strategy, run in runs.items():
+    _, stderr = run.communicate(timeout=600)
+    assert run.returncode == 0, stderr[-3000:]
     out = tmp_path / strategy
-    out.mkdir()
-    result = subprocess.run([sys.executable, worker, strategy, str(out)], capture_output=True,
-                            text=True, timeout=600, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
-    assert result.returncode == 0, result.stderr[-3000:]
     assert os.path.isdir(out / "export" / "1")
     with np.load(out / "weights.npz") as arrays:
       weights[strategy] = [arrays[k] for k in sorted(arrays.files, key=lambda k: int(k[4:]))]
