@@ -1,7 +1,9 @@
 """The settings of one training run (`TrainConfig`), the named configs, and flag-style overrides.
 
 A `TrainConfig` holds every setting of `tfdp_prune.training.train`; its field names ARE the flag
-names of `tfdp-train` (`--sparsity` sets `sparsity`), so every error names the flag to fix.
+names of `tfdp-train` (`--sparsity` sets `sparsity`), so every error names the flag to fix. Each
+field carries its flag's help text (and choices), from which `tfdp-train` defines its flags: a new
+setting is one field.
 Everything is checked in `__post_init__`, before any data is read or any step is taken.
 
 Named configs (`CONFIGS`, `named_config(name)`):
@@ -48,6 +50,12 @@ EXCLUSIVE = (("epsilon", "noise_multiplier"), ("epochs", "steps"))
 _MASK_SETTINGS = ("rule", "sparsity", "select_every")
 
 
+def setting(default, help_text: str, *, choices: Optional[Tuple[str, ...]] = None):
+  """A `TrainConfig` field: its default, the help text of its flag, and the names it accepts
+  (an enum flag) when it is a choice."""
+  return dataclasses.field(default=default, metadata={"help": help_text, "choices": choices})
+
+
 class ConfigError(ValueError):
   """A setting (a `tfdp-train` flag) is invalid or conflicts with another; raised before any
   training."""
@@ -64,51 +72,85 @@ class TrainConfig:
   """
 
   # data
-  dataset: str = "digits"
-  public_dataset: Optional[str] = None
-  public_split: Optional[str] = None
-  private_split: Optional[str] = None
-  test_split: Optional[str] = "default"
-  data_dir: Optional[str] = None
-  label_column: Optional[str] = None  # CSV files
-  num_classes: Optional[int] = None  # CSV and NPZ files (declared, never counted from labels)
-  image_size: Optional[str] = None  # "HEIGHTxWIDTH": image folders are resized to it
+  dataset: str = setting("digits",
+      "digits (embedded), a TFDS name (e.g. mnist, cifar10), or a path: a folder with one "
+      "sub-folder of images per class, a .csv file (--label_column, --num_classes) or a .npz file "
+      "with arrays x and y (--num_classes). A relative folder starts with ./")
+  public_dataset: Optional[str] = setting(None,
+      "Dataset of the public part, in the same forms; empty: --dataset itself.")
+  public_split: Optional[str] = setting(None,
+      "TFDS split string of the public part, e.g. 'train[:10%]'.")
+  private_split: Optional[str] = setting(None, "TFDS split string of the private part.")
+  test_split: Optional[str] = setting("default",
+      "TFDS split string of the test part; empty: no test part.")
+  data_dir: Optional[str] = setting(None, "TFDS data directory.")
+  label_column: Optional[str] = setting(None,
+      "The label column of .csv datasets; every other column is a numeric feature.")
+  num_classes: Optional[int] = setting(None,
+      "Classes of .csv and .npz datasets (labels 0..num_classes-1); declared, because the model "
+      "publishes it.")
+  image_size: Optional[str] = setting(None,
+      "HEIGHTxWIDTH (e.g. 32x32): resize the images of folder datasets to it; unset: every image "
+      "must have one size.")
   # model
-  model: str = "mlp"
+  model: str = setting("mlp", "mlp, mnist_cnn or wrn<depth>_<width> (e.g. wrn16_4).")
   # masks from public data
-  mode: str = "freeze"
-  rule: Optional[str] = None
-  sparsity: Optional[float] = None
-  select_every: Optional[int] = None
-  public_epochs: int = 20
-  public_learning_rate: float = 0.1
+  mode: str = setting("freeze",
+      "Masks: none (dense DP-SGD), freeze (one mask from public data before DP training) or select"
+      " (a new mask every --select_every steps).", choices=MODES)
+  rule: Optional[str] = setting(None, "How coordinates are chosen.", choices=RULES)
+  sparsity: Optional[float] = setting(None,
+      "Fraction of each maskable variable that is frozen, in [0, 1).")
+  select_every: Optional[int] = setting(None,
+      "Logical steps between re-selections (--mode=select).")
+  public_epochs: int = setting(20, "Epochs of non-private training on the public part first.")
+  public_learning_rate: float = setting(0.1, "Learning rate of the public pre-training.")
   # privacy
-  epsilon: Optional[float] = 8.0
-  delta: float = 1e-5
-  noise_multiplier: Optional[float] = None
-  accountant: str = "pld"
-  l2_norm_clip: float = 1.0
-  sampling: str = "poisson"
+  epsilon: Optional[float] = setting(8.0,
+      "Target epsilon: the noise multiplier is calibrated to it and training stops before it is "
+      "exceeded.")
+  delta: float = setting(1e-5, "Target delta.")
+  noise_multiplier: Optional[float] = setting(None,
+      "Noise multiplier sigma instead of --epsilon; 0 trains without privacy (exported as "
+      "NON-PRIVATE).")
+  accountant: str = setting("pld", "Privacy accountant (dp_accounting).", choices=ACCOUNTANTS)
+  l2_norm_clip: float = setting(1.0, "Per-example clip norm C.")
+  sampling: str = setting("poisson",
+      "poisson (amplified epsilon) or shuffle (fixed batches, reported without amplification).",
+      choices=SAMPLINGS)
   # optimization
-  batch_size: int = 100
-  physical_batch_size: Optional[int] = None
-  augmult: int = 0
-  epochs: Optional[float] = 15.0
-  steps: Optional[int] = None
-  optimizer: str = "sgd"
-  learning_rate: float = 0.5
-  momentum: float = 0.9  # SGD only; Adam uses its default betas
-  ema_decay: Optional[float] = None
+  batch_size: int = setting(100, "Logical (expected) batch size: one noisy update each.")
+  physical_batch_size: Optional[int] = setting(None,
+      "Examples per accumulated micro-batch; divides --batch_size.")
+  augmult: int = setting(0, "Augmented views per example (images; 0: none).")
+  epochs: Optional[float] = setting(15.0, "Epochs over the private part (instead of --steps).")
+  steps: Optional[int] = setting(None, "Logical steps (instead of --epochs).")
+  optimizer: str = setting("sgd", "Base optimizer.", choices=OPTIMIZERS)
+  learning_rate: float = setting(0.5, "Learning rate.")
+  momentum: float = setting(0.9, "SGD momentum.")  # SGD only; Adam uses its default betas
+  ema_decay: Optional[float] = setting(None,
+      "EMA decay of the weights (evaluated and exported); 0: no EMA.")
   # running and output
-  strategy: str = "default"
-  checkpoint_dir: Optional[str] = None
-  carry_spend_from: Optional[str] = None
-  export_dir: Optional[str] = "tfdp_export"
-  export_version: Optional[int] = None
-  overwrite: bool = False
-  seed: int = 0
-  insecure_mechanism_seed: Optional[int] = None
-  verbose: int = 1
+  strategy: str = setting("default", "tf.distribute strategy.", choices=STRATEGIES)
+  checkpoint_dir: Optional[str] = setting(None,
+      "Checkpoints every epoch; a run resumes from the newest.")
+  carry_spend_from: Optional[str] = setting(None,
+      "The checkpoint directory of an earlier run on the same private data with the same mechanism"
+      " (e.g. one whose checkpoints are damaged): its privacy ledger's steps are counted in this "
+      "run's epsilon, step limit and export. Needs a new --checkpoint_dir.")
+  export_dir: Optional[str] = setting("tfdp_export",
+      "TF Serving base path: the model goes to <export_dir>/<version>/; empty: no export.")
+  export_version: Optional[int] = setting(None,
+      "Version directory; default: one more than the newest.")
+  overwrite: bool = setting(False, "Replace an existing export version.")
+  seed: int = setting(0,
+      "Seed of the initialization, the data split, random masks and augmentation. NOT of the DP "
+      "noise nor the sampling, which draw from OS entropy (see --insecure_mechanism_seed).")
+  insecure_mechanism_seed: Optional[int] = setting(None,
+      "INSECURE: seeds the DP noise and the sampling, so that a run can be reproduced; whoever "
+      "knows the seed can remove the noise. For tests and debugging only: the run logs a warning "
+      "and its export is labelled INSECURE. Unset (the default): OS entropy.")
+  verbose: int = setting(1, "Keras fit verbosity (1: progress bar).")
 
   def __post_init__(self):
     _check_choice("mode", self.mode, MODES)
