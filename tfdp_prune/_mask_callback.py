@@ -19,7 +19,7 @@ SPARSITY_LOG = "mask_sparsity"
 class MaskCallback(keras.callbacks.Callback):
   """Base of ParameterFreezing and ParameterSelection (not for direct use)."""
 
-  mask_mode = None  # "freeze" or "select": the metadata's mask_mode
+  mask_mode = None  # mask_modes.FREEZE or SELECT: the metadata's mask_mode
 
   def __init__(self, rule, public_data=None, maskable=None):
     super().__init__()

@@ -14,9 +14,8 @@ from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
+from tfdp_prune import mask_modes
 from tfdp_prune import overlap
-
-MODES = ("freeze", "select")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -41,8 +40,9 @@ class MaskProvenance:
   masks_digest: Optional[str] = None
 
   def __post_init__(self):
-    if self.mode not in MODES:
-      raise ValueError(f"Expected mode in {list(MODES)}. Received: mode={self.mode!r}.")
+    if self.mode not in mask_modes.MASKED:
+      raise ValueError(f"Expected mode in {list(mask_modes.MASKED)}. Received: "
+                       f"mode={self.mode!r}.")
 
 
 def rule_record(rule, select_every: Optional[int]) -> Dict[str, Any]:

@@ -177,6 +177,8 @@ def _batches(data, batch_size):
 
 
 _RULES = {cls.name: cls for cls in (MagnitudeRule, RandomRule, PublicGradientRule)}
+# The rule names a user can choose (`get`, --rule): the keys of the registry above.
+RULES = tuple(_RULES)
 
 
 def get(rule, **kwargs) -> MaskRule:

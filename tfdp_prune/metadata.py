@@ -36,6 +36,7 @@ import math
 import numbers
 from typing import Any, Dict, Optional
 
+from tfdp_prune import mask_modes
 from tfdp_prune import randomness
 from tfdp_prune import version
 
@@ -50,7 +51,6 @@ INSECURE_PREFIX = "INSECURE"
 OS_ENTROPY = randomness.OS_ENTROPY
 INSECURE_SEED = randomness.INSECURE_SEED
 FILENAME = "privacy_metadata.json"
-MASK_MODES = ("none", "freeze", "select")
 # The distributions whose versions decide what the guarantee and the model mean.
 _VERSIONED_PACKAGES = ("tensorflow", "tf-keras", "dp-accounting", "tensorflow-privacy",
                        "tensorflow-model-optimization")
@@ -149,8 +149,8 @@ class PrivacyMetadata:
           f"A private model trained with seeded noise and sampling (mechanism_randomness="
           f"{randomness.INSECURE_SEED!r}) must say so: expected a statement starting with "
           f"{INSECURE_PREFIX!r}. Received: statement={self.statement!r}.")
-    if self.mask_mode not in MASK_MODES:
-      raise ValueError(f"Expected mask_mode in {list(MASK_MODES)}. Received: "
+    if self.mask_mode not in mask_modes.ALL:
+      raise ValueError(f"Expected mask_mode in {list(mask_modes.ALL)}. Received: "
                        f"mask_mode={self.mask_mode!r}.")
     for name in ("steps", "num_private_examples", "num_public_examples", "num_test_examples"):
       value = getattr(self, name)

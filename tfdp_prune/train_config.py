@@ -32,17 +32,18 @@ import os
 import re
 from typing import Any, Dict, Optional, Tuple
 
+from tfdp_prune import accounting
+from tfdp_prune import mask_modes
+from tfdp_prune import masks
 from tfdp_prune import randomness
 
-MODES = ("none", "freeze", "select")
-RULES = ("magnitude", "random", "public_gradient")
-SAMPLINGS = ("poisson", "shuffle")
+# The names of modes, rules, samplings and accountants come from the modules that implement them
+# (mask_modes, masks, accounting); the strategies and optimizers are built by `training`.
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 OPTIMIZERS = ("sgd", "adam")
-ACCOUNTANTS = ("pld", "rdp")
 MODEL_PATTERN = re.compile(r"^(mlp|mnist_cnn|wrn(\d+)_(\d+))$")
 # Used when the mode needs them and the config leaves them unset.
-DEFAULT_RULE = "magnitude"
+DEFAULT_RULE = masks.MagnitudeRule.name
 DEFAULT_SPARSITY = 0.8
 DEFAULT_SELECT_EVERY = 10
 # Pairs where setting one (as an override) clears the other, and setting both is an error.
@@ -97,8 +98,8 @@ class TrainConfig:
   # masks from public data
   mode: str = setting("freeze",
       "Masks: none (dense DP-SGD), freeze (one mask from public data before DP training) or select"
-      " (a new mask every --select_every steps).", choices=MODES)
-  rule: Optional[str] = setting(None, "How coordinates are chosen.", choices=RULES)
+      " (a new mask every --select_every steps).", choices=mask_modes.ALL)
+  rule: Optional[str] = setting(None, "How coordinates are chosen.", choices=masks.RULES)
   sparsity: Optional[float] = setting(None,
       "Fraction of each maskable variable that is frozen, in [0, 1).")
   select_every: Optional[int] = setting(None,
@@ -113,11 +114,12 @@ class TrainConfig:
   noise_multiplier: Optional[float] = setting(None,
       "Noise multiplier sigma instead of --epsilon; 0 trains without privacy (exported as "
       "NON-PRIVATE).")
-  accountant: str = setting("pld", "Privacy accountant (dp_accounting).", choices=ACCOUNTANTS)
+  accountant: str = setting("pld", "Privacy accountant (dp_accounting).",
+                            choices=accounting.ACCOUNTANTS)
   l2_norm_clip: float = setting(1.0, "Per-example clip norm C.")
   sampling: str = setting("poisson",
       "poisson (amplified epsilon) or shuffle (fixed batches, reported without amplification).",
-      choices=SAMPLINGS)
+      choices=accounting.SAMPLINGS)
   # optimization
   batch_size: int = setting(100, "Logical (expected) batch size: one noisy update each.")
   physical_batch_size: Optional[int] = setting(None,
@@ -153,11 +155,11 @@ class TrainConfig:
   verbose: int = setting(1, "Keras fit verbosity (1: progress bar).")
 
   def __post_init__(self):
-    _check_choice("mode", self.mode, MODES)
-    _check_choice("sampling", self.sampling, SAMPLINGS)
+    _check_choice("mode", self.mode, mask_modes.ALL)
+    _check_choice("sampling", self.sampling, accounting.SAMPLINGS)
     _check_choice("strategy", self.strategy, STRATEGIES)
     _check_choice("optimizer", self.optimizer, OPTIMIZERS)
-    _check_choice("accountant", self.accountant, ACCOUNTANTS)
+    _check_choice("accountant", self.accountant, accounting.ACCOUNTANTS)
     if not isinstance(self.model, str) or not MODEL_PATTERN.match(self.model):
       raise ConfigError(f"Expected --model to be mlp, mnist_cnn or wrn<depth>_<width> (e.g. "
                         f"wrn16_4). Received: --model={self.model!r}.")
@@ -225,7 +227,7 @@ class TrainConfig:
           f"run's) to differ. Received: both {self.checkpoint_dir}. Pass a new --checkpoint_dir.")
 
   def _check_masks(self):
-    if self.mode == "none":
+    if self.mode == mask_modes.NONE:
       given = [name for name in _MASK_SETTINGS if getattr(self, name) is not None]
       if given:
         raise ConfigError(
@@ -234,13 +236,13 @@ class TrainConfig:
             f"drop --{given[0]}.")
       return
     if self.rule is not None:
-      _check_choice("rule", self.rule, RULES)
+      _check_choice("rule", self.rule, masks.RULES)
     if self.sparsity is not None:
       _check_number("sparsity", self.sparsity, minimum=0)
       if self.sparsity >= 1:
         raise ConfigError(f"Expected --sparsity in [0, 1) (the fraction of coordinates frozen). "
                           f"Received: --sparsity={self.sparsity}.")
-    if self.mode == "freeze" and self.select_every is not None:
+    if self.mode == mask_modes.FREEZE and self.select_every is not None:
       raise ConfigError(f"--select_every applies to --mode=select only. Received: "
                         f"--select_every={self.select_every} with --mode=freeze.")
     if self.select_every is not None:
@@ -292,17 +294,17 @@ class TrainConfig:
 
   @property
   def effective_rule(self) -> Optional[str]:
-    return None if self.mode == "none" else (self.rule or DEFAULT_RULE)
+    return None if self.mode == mask_modes.NONE else (self.rule or DEFAULT_RULE)
 
   @property
   def effective_sparsity(self) -> float:
-    if self.mode == "none":
+    if self.mode == mask_modes.NONE:
       return 0.0
     return DEFAULT_SPARSITY if self.sparsity is None else float(self.sparsity)
 
   @property
   def effective_select_every(self) -> Optional[int]:
-    if self.mode != "select":
+    if self.mode != mask_modes.SELECT:
       return None
     return DEFAULT_SELECT_EVERY if self.select_every is None else self.select_every
 
@@ -376,10 +378,10 @@ def resolve(name: str = "default", overrides: Optional[Dict[str, Any]] = None) -
       base[second] = None
     elif second in overrides:
       base[first] = None
-  if overrides.get("mode") == "none":
+  if overrides.get("mode") == mask_modes.NONE:
     for setting in _MASK_SETTINGS:
       base[setting] = None
-  if overrides.get("mode") == "freeze":
+  if overrides.get("mode") == mask_modes.FREEZE:
     base["select_every"] = None
   base.update(overrides)
   return TrainConfig(**base)
