@@ -73,10 +73,10 @@ from absl import logging
 
 from tfdp_prune import _validate
 from tfdp_prune import accounting
+from tfdp_prune import optimizer as optimizer_lib
 from tfdp_prune import version
 from tfdp_prune.compat import keras
 from tfdp_prune.compat import tf
-from tfdp_prune.optimizer import DPOptimizerMixin
 
 FORMAT_VERSION = 1
 POINTER = "latest"
@@ -321,7 +321,7 @@ def restore_latest(directory: str, model, budget=None, sampler=None,
     else the restored logical step s (= `model.optimizer.iterations`), from which to resume the
     data: `sampler.dataset(start_step=s)`.
   """
-  optimizer = _dp_optimizer(model, "restore_latest")
+  optimizer = optimizer_lib.require_dp_optimizer(model, "restore_latest")
   info = latest_checkpoint(directory)  # CheckpointError if the newest checkpoint is damaged
   ledger = read_ledger(directory)
   if info is None:
@@ -472,7 +472,7 @@ class DPCheckpoint(keras.callbacks.Callback):
   # ---- callback hooks ---------------------------------------------------------------------
 
   def on_train_begin(self, logs=None):
-    optimizer = _dp_optimizer(self.model, "DPCheckpoint")
+    optimizer = optimizer_lib.require_dp_optimizer(self.model, "DPCheckpoint")
     if (self.sampler is not None and self.sampler.gradient_accumulation_steps
         != optimizer.gradient_accumulation_steps):
       raise ValueError(
@@ -545,7 +545,7 @@ class DPCheckpoint(keras.callbacks.Callback):
 
   def save(self) -> str:
     """Writes a checkpoint of the current logical step now; returns its directory."""
-    optimizer = _dp_optimizer(self.model, "DPCheckpoint")
+    optimizer = optimizer_lib.require_dp_optimizer(self.model, "DPCheckpoint")
     if not optimizer.at_logical_batch_start():
       raise RuntimeError("DPCheckpoint saves between logical batches only (the optimizer is "
                          "inside an accumulated logical batch).")
@@ -738,14 +738,6 @@ def _fsync(path):
     os.fsync(fd)
   finally:
     os.close(fd)
-
-
-def _dp_optimizer(model, who):
-  optimizer = getattr(model, "optimizer", None)
-  if not isinstance(optimizer, DPOptimizerMixin):
-    raise ValueError(f"{who} checkpoints a model compiled with a tfdp_prune DP optimizer; the "
-                     f"model is compiled with {optimizer!r}.")
-  return optimizer
 
 
 def _check_trackables(trackables) -> Dict[str, Any]:

@@ -472,3 +472,24 @@ def _needs_dp_step(method):
 
 DPKerasSGDOptimizer = make_dp_optimizer_class(keras.optimizers.SGD)
 DPKerasAdamOptimizer = make_dp_optimizer_class(keras.optimizers.Adam)
+
+
+def is_dp_optimizer(optimizer) -> bool:
+  """Whether `optimizer` is a tfdp_prune DP optimizer (one of `make_dp_optimizer_class`'s)."""
+  return isinstance(optimizer, DPOptimizerMixin)
+
+
+def require_dp_optimizer(model, who: str, *, error=ValueError,
+                         fix: str = "Call model.compile(optimizer=...) with one."):
+  """The optimizer `model` is compiled with, which `who` needs to be a tfdp_prune DP optimizer.
+
+  Raises:
+    `error` (ValueError unless given): the model has no optimizer, or another one; the message
+      names `who`, what the model has, and `fix`.
+  """
+  optimizer = getattr(model, "optimizer", None)
+  if not is_dp_optimizer(optimizer):
+    raise error(f"{who} needs a model compiled with a tfdp_prune DP optimizer "
+                f"(tfdp_prune.DPKerasSGDOptimizer, DPKerasAdamOptimizer, or "
+                f"make_dp_optimizer_class(cls)). Received: optimizer={optimizer!r}. {fix}")
+  return optimizer
