@@ -75,10 +75,12 @@ from tfdp_prune import _validate
 from tfdp_prune import accounting
 from tfdp_prune import optimizer as optimizer_lib
 from tfdp_prune import version
+from tfdp_prune import versioned_json
 from tfdp_prune.compat import keras
 from tfdp_prune.compat import tf
 
 FORMAT_VERSION = 1
+_SIDECAR_ENVELOPE = versioned_json.Envelope(version=FORMAT_VERSION)
 POINTER = "latest"
 SIDECAR = "checkpoint.json"
 MARKER = "COMPLETE"
@@ -559,7 +561,7 @@ class DPCheckpoint(keras.callbacks.Callback):
             f"optimizer's {step}: a checkpoint would under-report epsilon. Pass the same "
             "PrivacyBudget to fit's callbacks.")
     metadata = {
-        "format_version": FORMAT_VERSION,
+        **_SIDECAR_ENVELOPE.header(),
         "tfdp_prune_version": _library_version(),
         "step": step,
         "optimizer": _dp_settings(optimizer),
@@ -656,7 +658,7 @@ def _inspect(path, step):
       metadata = json.load(f)
   except (OSError, ValueError) as e:
     return None, f"{sidecar} is unreadable: {e}"
-  if (not isinstance(metadata, dict) or metadata.get("format_version") != FORMAT_VERSION
+  if (_SIDECAR_ENVELOPE.problem(metadata) is not None
       or metadata.get("step") != step or not isinstance(metadata.get("files"), dict)
       or not any(n.startswith(STATE_PREFIX + ".index") for n in metadata["files"])):
     return None, f"{sidecar} does not describe a format {FORMAT_VERSION} checkpoint of step {step}"

@@ -39,6 +39,7 @@ from typing import Any, Dict, Optional
 from tfdp_prune import mask_modes
 from tfdp_prune import randomness
 from tfdp_prune import version
+from tfdp_prune import versioned_json
 
 SCHEMA = "tfdp_prune.PrivacyMetadata"
 # 2: `mechanism_randomness` added; `seed` no longer seeds the noise or the sampling.
@@ -51,6 +52,8 @@ INSECURE_PREFIX = "INSECURE"
 OS_ENTROPY = randomness.OS_ENTROPY
 INSECURE_SEED = randomness.INSECURE_SEED
 FILENAME = "privacy_metadata.json"
+_ENVELOPE = versioned_json.Envelope(version=SCHEMA_VERSION, version_key="schema_version",
+                                     name=SCHEMA, name_key="schema")
 # The distributions whose versions decide what the guarantee and the model mean.
 _VERSIONED_PACKAGES = ("tensorflow", "tf-keras", "dp-accounting", "tensorflow-privacy",
                        "tensorflow-model-optimization")
@@ -180,7 +183,7 @@ class PrivacyMetadata:
   def to_dict(self) -> Dict[str, Any]:
     """A strict-JSON-compatible dict (epsilon inf -> "inf"), with the schema name and version,
     and `digest`: `document_digest` of the rest (consistency, not authenticity: see there)."""
-    result = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION}
+    result = _ENVELOPE.header()
     result.update(dataclasses.asdict(self))
     result["epsilon"] = _INFINITY if math.isinf(self.epsilon) else self.epsilon
     result[DIGEST_KEY] = document_digest(result)
@@ -198,22 +201,20 @@ class PrivacyMetadata:
   def from_dict(cls, data: Dict[str, Any]) -> "PrivacyMetadata":
     """Inverse of `to_dict`; refuses another schema, version, unknown or missing fields, and a
     `digest` that does not match the rest (consistency only: see `document_digest`)."""
-    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-      raise ValueError(f"Expected a dict with schema={SCHEMA!r}. Received: "
-                       f"{data.get('schema') if isinstance(data, dict) else type(data).__name__!r}.")
-    if data.get("schema_version") != SCHEMA_VERSION:
+    problem = _ENVELOPE.problem(data)
+    if problem is not None:
       hint = ""
-      if data.get("schema_version") == 1:
+      old_version = data.get("schema_version") if isinstance(data, dict) else None
+      if old_version == 1:
         hint = (" Version 1 records come from tfdp_prune releases whose published `seed` also "
                 "seeded the DP noise and sampling, which makes their guarantee void: re-train.")
-      if data.get("schema_version") == 2:
+      if old_version == 2:
         hint = (" Version 2 records carry no digest, so an edit of one field cannot be told "
                 "apart from the record training wrote: re-export the model from its checkpoint "
                 "(tfdp-export --checkpoint_dir=... --export_dir=...) with this release.")
-      raise ValueError(f"Expected schema_version={SCHEMA_VERSION}. Received: "
-                       f"schema_version={data.get('schema_version')!r}.{hint}")
+      raise versioned_json.VersionError(problem + hint)
     fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - fields - {"schema", "schema_version", DIGEST_KEY}
+    unknown = set(data) - fields - {*_ENVELOPE.keys, DIGEST_KEY}
     if unknown:
       raise ValueError(f"Unknown privacy metadata fields: {sorted(unknown)}.")
     values = {name: data[name] for name in fields if name in data}
