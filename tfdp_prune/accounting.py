@@ -135,10 +135,7 @@ class PrivacySpec:
     _validate.one_of("sampling", self.sampling, SAMPLINGS)
     _validate.one_of("accountant", self.accountant, ACCOUNTANTS)
     _validate.positive("pld_discretization", self.pld_discretization)
-    _validate.non_negative("overflow_probability", self.overflow_probability)
-    if self.overflow_probability >= 1:
-      raise ValueError(f"Expected overflow_probability in [0, 1). Received: "
-                       f"overflow_probability={self.overflow_probability!r}.")
+    _validate.fraction("overflow_probability", self.overflow_probability)
     if self.sampling == "poisson":
       _validate.probability("sampling_probability", self.sampling_probability)
       for name in ("batch_size", "num_examples"):

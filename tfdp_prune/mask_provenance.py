@@ -14,6 +14,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
+from tfdp_prune import _validate
 from tfdp_prune import mask_modes
 from tfdp_prune import overlap
 
@@ -40,9 +41,7 @@ class MaskProvenance:
   masks_digest: Optional[str] = None
 
   def __post_init__(self):
-    if self.mode not in mask_modes.MASKED:
-      raise ValueError(f"Expected mode in {list(mask_modes.MASKED)}. Received: "
-                       f"mode={self.mode!r}.")
+    _validate.one_of("mode", self.mode, mask_modes.MASKED)
 
 
 def rule_record(rule, select_every: Optional[int]) -> Dict[str, Any]:

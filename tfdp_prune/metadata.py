@@ -36,6 +36,7 @@ import math
 import numbers
 from typing import Any, Dict, Optional
 
+from tfdp_prune import _validate
 from tfdp_prune import mask_modes
 from tfdp_prune import randomness
 from tfdp_prune import version
@@ -152,13 +153,9 @@ class PrivacyMetadata:
           f"A private model trained with seeded noise and sampling (mechanism_randomness="
           f"{randomness.INSECURE_SEED!r}) must say so: expected a statement starting with "
           f"{INSECURE_PREFIX!r}. Received: statement={self.statement!r}.")
-    if self.mask_mode not in mask_modes.ALL:
-      raise ValueError(f"Expected mask_mode in {list(mask_modes.ALL)}. Received: "
-                       f"mask_mode={self.mask_mode!r}.")
+    _validate.one_of("mask_mode", self.mask_mode, mask_modes.ALL)
     for name in ("steps", "num_private_examples", "num_public_examples", "num_test_examples"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ValueError(f"Expected {name} to be an integer >= 0. Received: {name}={value!r}.")
+      _validate.non_negative_int(name, getattr(self, name))
     object.__setattr__(self, "epsilon", float(self.epsilon))
 
   @property

@@ -28,10 +28,12 @@ members of such a pair (e.g. `--epsilon` and `--noise_multiplier`) is an error.
 
 import dataclasses
 import math
+import numbers
 import os
 import re
 from typing import Any, Dict, Optional, Tuple
 
+from tfdp_prune import _validate
 from tfdp_prune import accounting
 from tfdp_prune import mask_modes
 from tfdp_prune import masks
@@ -155,11 +157,11 @@ class TrainConfig:
   verbose: int = setting(1, "Keras fit verbosity (1: progress bar).")
 
   def __post_init__(self):
-    _check_choice("mode", self.mode, mask_modes.ALL)
-    _check_choice("sampling", self.sampling, accounting.SAMPLINGS)
-    _check_choice("strategy", self.strategy, STRATEGIES)
-    _check_choice("optimizer", self.optimizer, OPTIMIZERS)
-    _check_choice("accountant", self.accountant, accounting.ACCOUNTANTS)
+    check_setting(_validate.one_of, "mode", self.mode, mask_modes.ALL)
+    check_setting(_validate.one_of, "sampling", self.sampling, accounting.SAMPLINGS)
+    check_setting(_validate.one_of, "strategy", self.strategy, STRATEGIES)
+    check_setting(_validate.one_of, "optimizer", self.optimizer, OPTIMIZERS)
+    check_setting(_validate.one_of, "accountant", self.accountant, accounting.ACCOUNTANTS)
     if not isinstance(self.model, str) or not MODEL_PATTERN.match(self.model):
       raise ConfigError(f"Expected --model to be mlp, mnist_cnn or wrn<depth>_<width> (e.g. "
                         f"wrn16_4). Received: --model={self.model!r}.")
@@ -171,32 +173,22 @@ class TrainConfig:
     self._check_masks()
     self._check_privacy()
     self._check_batches()
-    _check_number("public_epochs", self.public_epochs, integer=True, minimum=0)
-    _check_number("public_learning_rate", self.public_learning_rate, minimum=0, strict=True)
-    _check_number("learning_rate", self.learning_rate, minimum=0, strict=True)
-    _check_number("momentum", self.momentum, minimum=0)
-    if self.momentum >= 1:
-      raise ConfigError(f"Expected --momentum in [0, 1). Received: --momentum={self.momentum}.")
+    check_setting(_validate.non_negative_int, "public_epochs", self.public_epochs)
+    check_setting(_validate.positive, "public_learning_rate", self.public_learning_rate)
+    check_setting(_validate.positive, "learning_rate", self.learning_rate)
+    check_setting(_validate.fraction, "momentum", self.momentum)
     if self.ema_decay is not None:
-      _check_number("ema_decay", self.ema_decay, minimum=0)
-      if self.ema_decay >= 1:
-        raise ConfigError(f"Expected --ema_decay in [0, 1). Received: "
-                          f"--ema_decay={self.ema_decay}.")
+      check_setting(_validate.fraction, "ema_decay", self.ema_decay)
     if self.export_version is not None:
-      _check_number("export_version", self.export_version, integer=True, minimum=1)
-    _check_number("seed", self.seed, integer=True, minimum=0)
-    if self.insecure_mechanism_seed is not None:
-      _check_number("insecure_mechanism_seed", self.insecure_mechanism_seed, integer=True,
-                    minimum=0)
-      if self.insecure_mechanism_seed >= 2**63:
-        raise ConfigError(f"Expected --insecure_mechanism_seed < 2**63. Received: "
-                          f"--insecure_mechanism_seed={self.insecure_mechanism_seed}.")
-    _check_number("verbose", self.verbose, integer=True, minimum=0)
+      check_setting(_validate.positive_int, "export_version", self.export_version)
+    check_setting(_validate.non_negative_int, "seed", self.seed)
+    check_setting(randomness.check_insecure_seed, "insecure_mechanism_seed",
+                  self.insecure_mechanism_seed)
+    check_setting(_validate.non_negative_int, "verbose", self.verbose)
     self._check_carry()
-    for name in ("overwrite",):
-      if not isinstance(getattr(self, name), bool):
-        raise ConfigError(f"Expected --{name} to be true or false. Received: "
-                          f"--{name}={getattr(self, name)!r}.")
+    check_setting(_validate.boolean, "overwrite", self.overwrite)
+    for field in dataclasses.fields(self):  # the run record is JSON: no numpy scalars
+      object.__setattr__(self, field.name, _plain(getattr(self, field.name)))
 
   # ---- groups of checks -------------------------------------------------------------------
 
@@ -206,7 +198,7 @@ class TrainConfig:
       raise ConfigError(f"Expected --label_column to name a CSV column. Received: "
                         f"--label_column={self.label_column!r}.")
     if self.num_classes is not None:
-      _check_number("num_classes", self.num_classes, integer=True, minimum=1)
+      check_setting(_validate.positive_int, "num_classes", self.num_classes)
     try:
       parse_image_size(self.image_size)
     except ValueError as error:
@@ -236,17 +228,15 @@ class TrainConfig:
             f"drop --{given[0]}.")
       return
     if self.rule is not None:
-      _check_choice("rule", self.rule, masks.RULES)
+      check_setting(_validate.one_of, "rule", self.rule, masks.RULES)
     if self.sparsity is not None:
-      _check_number("sparsity", self.sparsity, minimum=0)
-      if self.sparsity >= 1:
-        raise ConfigError(f"Expected --sparsity in [0, 1) (the fraction of coordinates frozen). "
-                          f"Received: --sparsity={self.sparsity}.")
+      check_setting(_validate.fraction, "sparsity", self.sparsity,
+                    " (the fraction of coordinates frozen)")
     if self.mode == mask_modes.FREEZE and self.select_every is not None:
       raise ConfigError(f"--select_every applies to --mode=select only. Received: "
                         f"--select_every={self.select_every} with --mode=freeze.")
     if self.select_every is not None:
-      _check_number("select_every", self.select_every, integer=True, minimum=1)
+      check_setting(_validate.positive_int, "select_every", self.select_every)
 
   def _check_privacy(self):
     if self.epsilon is not None and self.noise_multiplier is not None:
@@ -262,33 +252,31 @@ class TrainConfig:
         raise ConfigError("Expected --epsilon to be a finite target (the noise multiplier is "
                           "calibrated to it). Received: --epsilon=inf. To train without "
                           "privacy, pass --noise_multiplier=0 instead.")
-      _check_number("epsilon", self.epsilon, minimum=0, strict=True)
+      check_setting(_validate.positive, "epsilon", self.epsilon)
     if self.noise_multiplier is not None:
-      _check_number("noise_multiplier", self.noise_multiplier, minimum=0)
-    _check_number("delta", self.delta, minimum=0, strict=True)
-    if self.delta >= 1:
-      raise ConfigError(f"Expected --delta in (0, 1). Received: --delta={self.delta}.")
-    _check_number("l2_norm_clip", self.l2_norm_clip, minimum=0, strict=True)
+      check_setting(_validate.non_negative, "noise_multiplier", self.noise_multiplier)
+    check_setting(_validate.open_unit_interval, "delta", self.delta)
+    check_setting(_validate.positive, "l2_norm_clip", self.l2_norm_clip)
 
   def _check_batches(self):
-    _check_number("batch_size", self.batch_size, integer=True, minimum=1)
+    check_setting(_validate.positive_int, "batch_size", self.batch_size)
     if self.physical_batch_size is not None:
-      _check_number("physical_batch_size", self.physical_batch_size, integer=True, minimum=1)
+      check_setting(_validate.positive_int, "physical_batch_size", self.physical_batch_size)
       if self.batch_size % self.physical_batch_size:
         raise ConfigError(
             f"Expected --physical_batch_size to divide --batch_size (a logical batch is a whole "
             f"number of physical ones). Received: --batch_size={self.batch_size}, "
             f"--physical_batch_size={self.physical_batch_size}.")
-    _check_number("augmult", self.augmult, integer=True, minimum=0)
+    check_setting(_validate.non_negative_int, "augmult", self.augmult)
     if self.epochs is not None and self.steps is not None:
       raise ConfigError(f"Give --epochs OR --steps, not both. Received: --epochs={self.epochs}, "
                         f"--steps={self.steps}.")
     if self.epochs is None and self.steps is None:
       raise ConfigError("Expected --epochs or --steps (how long to train). Received neither.")
     if self.epochs is not None:
-      _check_number("epochs", self.epochs, minimum=0, strict=True)
+      check_setting(_validate.positive, "epochs", self.epochs)
     if self.steps is not None:
-      _check_number("steps", self.steps, integer=True, minimum=1)
+      check_setting(_validate.positive_int, "steps", self.steps)
 
   # ---- derived settings -------------------------------------------------------------------
 
@@ -387,20 +375,24 @@ def resolve(name: str = "default", overrides: Optional[Dict[str, Any]] = None) -
   return TrainConfig(**base)
 
 
-def _check_choice(name, value, choices):
-  if value not in choices:
-    raise ConfigError(f"Expected --{name} in {list(choices)}. Received: --{name}={value!r}.")
+def check_setting(check, name: str, value, *args) -> None:
+  """Runs the `_validate` check `check` on the setting `name`, naming its flag (--name) in a
+  ConfigError."""
+  try:
+    check(f"--{name}", value, *args)
+  except ValueError as error:
+    raise ConfigError(str(error)) from None
 
 
-def _check_number(name, value, *, minimum, integer=False, strict=False):
-  kind = "an integer" if integer else "a number"
-  valid = (not isinstance(value, bool)
-           and (isinstance(value, int) if integer else isinstance(value, (int, float)))
-           and math.isfinite(value) and (value > minimum if strict else value >= minimum))
-  if not valid:
-    relation = ">" if strict else ">="
-    raise ConfigError(f"Expected --{name} to be {kind} {relation} {minimum}. Received: "
-                      f"--{name}={value!r}.")
+def _plain(value):
+  """A numpy scalar as the Python int or float it holds; anything else unchanged."""
+  if isinstance(value, (bool, int, float, str)) or value is None:
+    return value
+  if isinstance(value, numbers.Integral):
+    return int(value)
+  if isinstance(value, numbers.Real):
+    return float(value)
+  return value
 
 
 def parse_image_size(value: Optional[str]) -> Optional[Tuple[int, int]]:

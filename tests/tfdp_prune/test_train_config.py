@@ -105,7 +105,11 @@ def test_the_mechanism_is_seeded_only_by_the_insecure_setting():
 
 def test_the_choices_are_the_names_of_what_implements_them():
   """--rule, --mode, --sampling and --accountant accept what the library implements, no more."""
-  from tfdp_prune import accounting, freezing, masks, sampling, selection  # pylint: disable=g-import-not-at-top,g-multiple-import
+  from tfdp_prune import accounting  # pylint: disable=g-import-not-at-top
+  from tfdp_prune import freezing  # pylint: disable=g-import-not-at-top
+  from tfdp_prune import masks  # pylint: disable=g-import-not-at-top
+  from tfdp_prune import sampling  # pylint: disable=g-import-not-at-top
+  from tfdp_prune import selection  # pylint: disable=g-import-not-at-top
   choices = {f.name: f.metadata["choices"] for f in dataclasses.fields(TrainConfig)}
   assert set(choices["rule"]) == {rule.name for rule in masks.MaskRule.__subclasses__()}
   assert choices["mode"] == ("none", freezing.ParameterFreezing.mask_mode,
@@ -118,3 +122,14 @@ def test_the_choices_are_the_names_of_what_implements_them():
     assert name in type(spec.make_accountant()).__name__.lower()
   for name in choices["rule"]:
     assert masks.get(name, sparsity=0.5).name == name
+
+
+def test_numpy_numbers_are_accepted_as_the_python_numbers_a_run_record_can_hold():
+  import json  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  config = TrainConfig(batch_size=np.int64(50), learning_rate=np.float32(0.25), sparsity=0.5,
+                       overwrite=True)
+  assert type(config.batch_size) is int and type(config.learning_rate) is float
+  assert json.loads(json.dumps(config.to_dict()))["batch_size"] == 50
+  with pytest.raises(ConfigError, match="--overwrite to be true or false"):
+    TrainConfig(overwrite=1)

@@ -47,6 +47,11 @@ def flag_specs(config_class) -> Tuple[FlagSpec, ...]:
   return tuple(specs)
 
 
+def help_text(config_class, name: str) -> str:
+  """The help text of the flag that sets the field `name` of `config_class`."""
+  return {spec_name: text for spec_name, _, text in flag_specs(config_class)}[name]
+
+
 def define(name: str, kind, help_text: str) -> flags.FlagHolder:
   """Defines the flag `--name` of `kind` with default None ("not given")."""
   if isinstance(kind, tuple):

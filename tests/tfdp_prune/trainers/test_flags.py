@@ -58,3 +58,21 @@ def test_every_train_config_field_is_a_flag_with_the_field_help_and_the_default(
 def test_the_training_flags_are_key_flags_of_tfdp_train():
   listed = {flag.name for flag in flags.FLAGS.get_key_flags_for_module(train)}
   assert {f.name for f in dataclasses.fields(train_config.TrainConfig)} | {"config"} <= listed
+
+
+_FLAG_TYPES = {"integer": "int", "float": "float", "string": "string", "bool": "bool"}
+
+
+def test_every_audit_config_field_is_a_tfdp_audit_flag_of_its_kind_with_its_help():
+  from tfdp_prune import audit as audit_lib  # pylint: disable=g-import-not-at-top
+  from tfdp_prune.trainers import audit  # pylint: disable=g-import-not-at-top
+  defaults = audit_lib.AuditConfig()
+  specs = _flags.flag_specs(audit_lib.AuditConfig)
+  assert set(audit._AUDIT_FLAGS) == {name for name, _, _ in specs}
+  for name, kind, help_text in specs:
+    flag = flags.FLAGS[name]
+    assert flag.default is None and flag.flag_type() == _FLAG_TYPES[kind], name
+    assert flag.help == help_text.format(default=getattr(defaults, name)), name
+  assert flags.FLAGS["canaries"].help == (
+      "Canaries m taken out of the private part, each put back mislabelled with probability 1/2 "
+      "(default: 200).")
