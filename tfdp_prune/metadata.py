@@ -282,7 +282,7 @@ def non_private(*, dataset: Optional[str] = None, num_private_examples: int = 0,
       sampling_probability=None, batch_size=None, steps=steps, epochs=epochs, dataset=dataset,
       public_dataset=None, public_split=None, private_split=None,
       num_private_examples=num_private_examples, num_public_examples=0,
-      num_test_examples=num_test_examples, public_fingerprint=None, mask_mode="none",
+      num_test_examples=num_test_examples, public_fingerprint=None, mask_mode=mask_modes.NONE,
       mask_rule=None, mask_sparsity=0.0, mask_sparsity_per_variable={},
       mechanism_randomness=None, seed=seed,
       library_versions=library_versions(), created=utc_now())

@@ -16,6 +16,7 @@ import numpy as np
 from tfdp_prune import accounting
 from tfdp_prune import agreement
 from tfdp_prune import budget as budget_lib
+from tfdp_prune import mask_modes
 from tfdp_prune import metadata as metadata_lib
 from tfdp_prune import optimizer as optimizer_lib
 from tfdp_prune import overlap
@@ -140,7 +141,7 @@ def from_budget(model, budget) -> metadata_lib.PrivacyMetadata:
       data=DataRecord(num_private=sampler.num_examples,
                       num_public=fingerprint.num_examples if fingerprint is not None else 0,
                       public_fingerprint=fingerprint.to_dict() if fingerprint else None),
-      mask_mode=provenance.mode if provenance is not None else "none",
+      mask_mode=provenance.mode if provenance is not None else mask_modes.NONE,
       mask_rule=provenance.rule if provenance is not None else None,
       mechanism_randomness=mechanism_randomness(optimizer.mechanism_randomness,
                                                 sampler.mechanism_randomness))

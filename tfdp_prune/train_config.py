@@ -98,7 +98,7 @@ class TrainConfig:
   # model
   model: str = setting("mlp", "mlp, mnist_cnn or wrn<depth>_<width> (e.g. wrn16_4).")
   # masks from public data
-  mode: str = setting("freeze",
+  mode: str = setting(mask_modes.FREEZE,
       "Masks: none (dense DP-SGD), freeze (one mask from public data before DP training) or select"
       " (a new mask every --select_every steps).", choices=mask_modes.ALL)
   rule: Optional[str] = setting(None, "How coordinates are chosen.", choices=masks.RULES)
