@@ -43,7 +43,7 @@ def fraction(name: str, value, meaning: str = "") -> None:
 
 def boolean(name: str, value) -> None:
   if not isinstance(value, bool):
-    raise ValueError(f"Expected {name} to be true or false. Received: {name}={value!r}.")
+    raise ValueError(f"Expected {name} to be True or False. Received: {name}={value!r}.")
 
 
 def one_of(name: str, value, choices) -> None:

@@ -125,8 +125,7 @@ class PrivacyMetadata:
   empirical: Optional[Dict[str, Any]] = None
 
   def __post_init__(self):
-    if not isinstance(self.private, bool):
-      raise ValueError(f"Expected private to be True or False. Received: private={self.private!r}.")
+    _validate.boolean("private", self.private)
     if not isinstance(self.epsilon, numbers.Real) or math.isnan(self.epsilon) or self.epsilon < 0:
       raise ValueError(f"Expected epsilon >= 0 or inf. Received: epsilon={self.epsilon!r}.")
     if self.private:

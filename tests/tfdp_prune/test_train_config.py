@@ -131,5 +131,5 @@ def test_numpy_numbers_are_accepted_as_the_python_numbers_a_run_record_can_hold(
                        overwrite=True)
   assert type(config.batch_size) is int and type(config.learning_rate) is float
   assert json.loads(json.dumps(config.to_dict()))["batch_size"] == 50
-  with pytest.raises(ConfigError, match="--overwrite to be true or false"):
+  with pytest.raises(ConfigError, match="--overwrite to be True or False"):
     TrainConfig(overwrite=1)

@@ -22,7 +22,7 @@ def test_boolean_accepts_only_true_and_false():
   _validate.boolean("--overwrite", True)
   _validate.boolean("--overwrite", False)
   for value in (0, 1, "true", None, np.bool_(True)):
-    with pytest.raises(ValueError, match="Expected --overwrite to be true or false"):
+    with pytest.raises(ValueError, match="Expected --overwrite to be True or False"):
       _validate.boolean("--overwrite", value)
 
 
