@@ -6,12 +6,12 @@ import numpy as np
 
 from tfdp_prune import mask_provenance
 from tfdp_prune import masks as masks_lib
+from tfdp_prune import optimizer as optimizer_lib
 from tfdp_prune import overlap
 from tfdp_prune import public_data as public_data_lib
 from tfdp_prune import tfmot_interop
 from tfdp_prune.compat import keras
 from tfdp_prune.maskable import MaskableSpec
-from tfdp_prune.optimizer import DPOptimizerMixin
 
 SPARSITY_LOG = "mask_sparsity"
 
@@ -19,7 +19,7 @@ SPARSITY_LOG = "mask_sparsity"
 class MaskCallback(keras.callbacks.Callback):
   """Base of ParameterFreezing and ParameterSelection (not for direct use)."""
 
-  mask_mode = None  # "freeze" or "select": the metadata's mask_mode
+  mask_mode = None  # mask_modes.FREEZE or SELECT: the metadata's mask_mode
 
   def __init__(self, rule, public_data=None, maskable=None):
     super().__init__()
@@ -39,10 +39,8 @@ class MaskCallback(keras.callbacks.Callback):
     self._public_identity = None  # (public_data, its fingerprints): computed once
 
   def _optimizer(self):
-    optimizer = self.model.optimizer
-    if not isinstance(optimizer, DPOptimizerMixin):
-      raise ValueError(f"{type(self).__name__} sets update masks on a tfdp_prune DP optimizer; "
-                       f"the model is compiled with {optimizer!r}.")
+    optimizer = optimizer_lib.require_dp_optimizer(
+        self.model, f"{type(self).__name__} (which sets update masks on it)")
     if not self.model.built:  # building the optimizer now would give it no variables
       raise ValueError(
           f"{type(self).__name__} needs the weights of model '{self.model.name}' to set its "

@@ -35,6 +35,17 @@ def open_unit_interval(name: str, value) -> None:
     raise ValueError(f"Expected {name} in (0, 1). Received: {name}={value!r}.")
 
 
+def fraction(name: str, value, meaning: str = "") -> None:
+  """A number in [0, 1); `meaning` (e.g. " (the fraction frozen)") follows the interval."""
+  if not _is_real(value) or not 0 <= value < 1:
+    raise ValueError(f"Expected {name} in [0, 1){meaning}. Received: {name}={value!r}.")
+
+
+def boolean(name: str, value) -> None:
+  if not isinstance(value, bool):
+    raise ValueError(f"Expected {name} to be True or False. Received: {name}={value!r}.")
+
+
 def one_of(name: str, value, choices) -> None:
   if not isinstance(value, str) or value not in choices:
     raise ValueError(f"Expected {name} in {list(choices)}. Received: {name}={value!r}.")

@@ -65,6 +65,7 @@ from dp_accounting.rdp import rdp_privacy_accountant
 from tfdp_prune import _pld
 from tfdp_prune import _search
 from tfdp_prune import _validate
+from tfdp_prune import versioned_json
 
 SAMPLINGS = ("poisson", "shuffle")
 ACCOUNTANTS = ("pld", "rdp")
@@ -90,8 +91,8 @@ PLDTooLargeError = _pld.PLDTooLargeError
 class UnreachableEpsilonError(ValueError):
   """No noise multiplier in calibration's range meets the target epsilon for these settings."""
 
-_FORMAT = "tfdp_prune.PrivacySpec"
-_FORMAT_VERSION = 1
+_ENVELOPE = versioned_json.Envelope(version=1, version_key="version",
+                                     name="tfdp_prune.PrivacySpec", name_key="format")
 _RELATIONS = {ADD_OR_REMOVE_ONE: privacy_accountant.NeighboringRelation.ADD_OR_REMOVE_ONE,
               REPLACE_ONE: privacy_accountant.NeighboringRelation.REPLACE_ONE}
 
@@ -134,10 +135,7 @@ class PrivacySpec:
     _validate.one_of("sampling", self.sampling, SAMPLINGS)
     _validate.one_of("accountant", self.accountant, ACCOUNTANTS)
     _validate.positive("pld_discretization", self.pld_discretization)
-    _validate.non_negative("overflow_probability", self.overflow_probability)
-    if self.overflow_probability >= 1:
-      raise ValueError(f"Expected overflow_probability in [0, 1). Received: "
-                       f"overflow_probability={self.overflow_probability!r}.")
+    _validate.fraction("overflow_probability", self.overflow_probability)
     if self.sampling == "poisson":
       _validate.probability("sampling_probability", self.sampling_probability)
       for name in ("batch_size", "num_examples"):
@@ -253,7 +251,7 @@ class PrivacySpec:
     `with_statement=False` leaves the statement out (`from_dict` does not need it): with an
     overflow term the statement computes epsilon, a PLD evaluation, too slow for the privacy
     ledger's line before every step."""
-    result = {"format": _FORMAT, "version": _FORMAT_VERSION}
+    result = _ENVELOPE.header()
     result.update(dataclasses.asdict(self))
     result["adjacency"] = self.adjacency
     result["dp_event"] = event_to_dict(self.dp_event())
@@ -264,14 +262,9 @@ class PrivacySpec:
   @classmethod
   def from_dict(cls, data: Dict[str, Any]) -> "PrivacySpec":
     """Inverse of `to_dict`; refuses a dict whose event or adjacency disagrees with its settings."""
-    if not isinstance(data, dict) or data.get("format") != _FORMAT:
-      raise ValueError(f"Expected a dict with format={_FORMAT!r} (from PrivacySpec.to_dict()). "
-                       f"Received: {data!r}.")
-    if data.get("version") != _FORMAT_VERSION:
-      raise ValueError(f"Expected version={_FORMAT_VERSION}. Received: "
-                       f"version={data.get('version')!r}.")
+    _ENVELOPE.check(data, "a privacy spec dict (from PrivacySpec.to_dict())")
     names = [f.name for f in dataclasses.fields(cls)]
-    unknown = set(data) - set(names) - {"format", "version", "adjacency", "dp_event", "statement"}
+    unknown = set(data) - set(names) - {*_ENVELOPE.keys, "adjacency", "dp_event", "statement"}
     if unknown:
       raise ValueError(f"Unknown keys in privacy spec dict: {sorted(unknown)}.")
     spec = cls(**{name: data[name] for name in names if name in data})

@@ -57,6 +57,7 @@ import numpy as np
 
 from tfdp_prune import audit_canaries
 from tfdp_prune import audit_statistics
+from tfdp_prune import _validate
 from tfdp_prune import data as data_lib
 from tfdp_prune import metadata as metadata_lib
 from tfdp_prune import train_config
@@ -84,26 +85,31 @@ class AuditConfig:
       the k- lowest); both None: the best of `guess_grid(m)`, Bonferroni-corrected.
   """
 
-  canaries: int = 200
-  canary_seed: int = 0
-  confidence: float = 0.95
-  k_plus: Optional[int] = None
-  k_minus: Optional[int] = None
+  # The help texts are the flags' ({default}: the field's default).
+  canaries: int = train_config.setting(
+      200, "Canaries m taken out of the private part, each put back mislabelled with "
+      "probability 1/2 (default: {default}).")
+  canary_seed: int = train_config.setting(
+      0, "Seed of the canaries' choice, labels and inclusion (default: {default}).")
+  confidence: float = train_config.setting(
+      0.95, "Confidence of the epsilon lower bound (default: {default}).")
+  k_plus: Optional[int] = train_config.setting(
+      None, "Guess 'included' for this many highest-scoring canaries (with --k_minus; default: "
+      "the best of a fixed grid, Bonferroni-corrected).")
+  k_minus: Optional[int] = train_config.setting(
+      None, "Guess 'excluded' for this many lowest-scoring canaries (with --k_plus).")
 
   def __post_init__(self):
-    _check_int("canaries", self.canaries, minimum=1)
-    _check_int("canary_seed", self.canary_seed, minimum=0)
-    if (isinstance(self.confidence, bool) or not isinstance(self.confidence, (int, float))
-        or not 0 < self.confidence < 1):
-      raise ConfigError(f"Expected --confidence in (0, 1), e.g. 0.95. Received: "
-                        f"--confidence={self.confidence!r}.")
+    train_config.check_setting(_validate.positive_int, "canaries", self.canaries)
+    train_config.check_setting(_validate.non_negative_int, "canary_seed", self.canary_seed)
+    train_config.check_setting(_validate.open_unit_interval, "confidence", self.confidence)
     if (self.k_plus is None) != (self.k_minus is None):
       raise ConfigError(f"Give both --k_plus and --k_minus (fixed guess counts) or neither (the "
                         f"best of a fixed grid, Bonferroni-corrected). Received: "
                         f"--k_plus={self.k_plus}, --k_minus={self.k_minus}.")
     if self.k_plus is not None:
-      _check_int("k_plus", self.k_plus, minimum=0)
-      _check_int("k_minus", self.k_minus, minimum=0)
+      train_config.check_setting(_validate.non_negative_int, "k_plus", self.k_plus)
+      train_config.check_setting(_validate.non_negative_int, "k_minus", self.k_minus)
       if not 1 <= self.k_plus + self.k_minus <= self.canaries:
         raise ConfigError(f"Expected 1 <= --k_plus + --k_minus <= --canaries (each canary is "
                           f"guessed at most once). Received: --k_plus={self.k_plus}, "
@@ -262,9 +268,3 @@ def _mia_examples(members, test, seed):
   chosen = np.sort(rng.choice(len(members[1]), count, replace=False))
   held_out = np.sort(rng.choice(len(test[1]), count, replace=False))
   return ((members[0][chosen], members[1][chosen]), (test[0][held_out], test[1][held_out]))
-
-
-def _check_int(name, value, *, minimum):
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-    raise ConfigError(f"Expected --{name} to be an integer >= {minimum}. Received: "
-                      f"--{name}={value!r}.")

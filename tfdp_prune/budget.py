@@ -33,8 +33,8 @@ from absl import logging
 from tfdp_prune import _validate
 from tfdp_prune import accounting
 from tfdp_prune import agreement
+from tfdp_prune import optimizer as optimizer_lib
 from tfdp_prune.compat import keras
-from tfdp_prune.optimizer import DPOptimizerMixin
 
 EPSILON_LOG = "epsilon"
 DELTA_LOG = "delta"
@@ -246,10 +246,8 @@ class PrivacyBudget(keras.callbacks.Callback):
   # ---- internals --------------------------------------------------------------------------
 
   def _optimizer(self):
-    optimizer = getattr(self.model, "optimizer", None)
-    if not isinstance(optimizer, DPOptimizerMixin):
-      raise ValueError("PrivacyBudget counts the logical steps of a tfdp_prune DP optimizer; the "
-                       f"model is compiled with {optimizer!r}.")
+    optimizer = optimizer_lib.require_dp_optimizer(
+        self.model, "PrivacyBudget (which counts the optimizer's logical steps)")
     agreement.check_agreement(optimizer, sampler=self.sampler, spec=self.spec,
                               num_examples=self.num_examples)
     if self.sampler is None:

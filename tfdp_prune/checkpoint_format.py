@@ -53,6 +53,7 @@ from absl import logging
 
 from tfdp_prune import _digests
 from tfdp_prune import atomic_files
+from tfdp_prune import versioned_json
 from tfdp_prune.checkpoint_errors import CheckpointError
 from tfdp_prune.checkpoint_errors import write_failed
 from tfdp_prune.compat import tf
@@ -60,6 +61,7 @@ from tfdp_prune.privacy_ledger_file import CARRY_FLAG
 from tfdp_prune.privacy_ledger_file import LEDGER
 
 FORMAT_VERSION = 1
+SIDECAR_ENVELOPE = versioned_json.Envelope(version=FORMAT_VERSION)
 POINTER = "latest"
 SIDECAR = "checkpoint.json"
 MARKER = "COMPLETE"
@@ -221,7 +223,7 @@ def _inspect(path, step):
       metadata = json.load(f)
   except (OSError, ValueError) as e:
     return None, f"{sidecar} is unreadable: {e}"
-  if (not isinstance(metadata, dict) or metadata.get("format_version") != FORMAT_VERSION
+  if (SIDECAR_ENVELOPE.problem(metadata) is not None
       or metadata.get("step") != step or not isinstance(metadata.get("files"), dict)
       or not any(n.startswith(STATE_PREFIX + ".index") for n in metadata["files"])):
     return None, f"{sidecar} does not describe a format {FORMAT_VERSION} checkpoint of step {step}"

@@ -9,21 +9,11 @@ import json
 from typing import Any, Dict
 
 from tfdp_prune import version
-from tfdp_prune.optimizer import DPOptimizerMixin
 
 # The optimizer settings that decide what a logical step means for privacy: a resumed run must
 # use the same ones, or the checkpointed ledger would describe another mechanism.
 _DP_SETTINGS = ("l2_norm_clip", "noise_multiplier", "num_microbatches", "expected_batch_size",
                 "gradient_accumulation_steps")
-
-
-def dp_optimizer(model, who):
-  """`model`'s optimizer, or a ValueError naming `who` unless it is a tfdp_prune DP optimizer."""
-  optimizer = getattr(model, "optimizer", None)
-  if not isinstance(optimizer, DPOptimizerMixin):
-    raise ValueError(f"{who} checkpoints a model compiled with a tfdp_prune DP optimizer; the "
-                     f"model is compiled with {optimizer!r}.")
-  return optimizer
 
 
 def state_layout(model, optimizer) -> list:

@@ -8,6 +8,7 @@ from typing import Any, Dict, Optional
 from absl import logging
 
 from tfdp_prune import checkpoint_records as records
+from tfdp_prune import optimizer as optimizer_lib
 from tfdp_prune.checkpoint_errors import CheckpointError
 from tfdp_prune.checkpoint_format import check_trackables
 from tfdp_prune.checkpoint_format import checkpoint_objects
@@ -44,7 +45,7 @@ def restore_latest(directory: str, model, budget=None, sampler=None,
     else the restored logical step s (= `model.optimizer.iterations`), from which to resume the
     data: `sampler.dataset(start_step=s)`.
   """
-  optimizer = records.dp_optimizer(model, "restore_latest")
+  optimizer = optimizer_lib.require_dp_optimizer(model, "restore_latest")
   info = latest_checkpoint(directory)  # CheckpointError if the newest checkpoint is damaged
   ledger = read_ledger(directory)
   if info is None:

@@ -261,8 +261,7 @@ def load(dataset: str = DIGITS, public_split: Optional[str] = None,
   _check_name("public_dataset", public_dataset)
   _validate.non_negative_int("seed", seed)
   for name, value in (("allow_overlap", allow_overlap), ("download", download)):
-    if not isinstance(value, bool):
-      raise ValueError(f"Expected {name} to be True or False. Received: {name}={value!r}.")
+    _validate.boolean(name, value)
   _check_file_options((dataset, public_dataset), label_column, num_classes, image_size)
   defaults = _default_splits(dataset, public_dataset)
   public_split = defaults[0] if public_split is None else public_split

@@ -11,7 +11,8 @@ from typing import Any, Dict, Optional
 from tfdp_prune import _validate
 from tfdp_prune import accounting
 from tfdp_prune import checkpoint_records as records
-from tfdp_prune.checkpoint_format import FORMAT_VERSION
+from tfdp_prune import optimizer as optimizer_lib
+from tfdp_prune.checkpoint_format import SIDECAR_ENVELOPE
 from tfdp_prune.checkpoint_format import check_trackables
 from tfdp_prune.checkpoint_format import clean_incomplete
 from tfdp_prune.checkpoint_format import write_checkpoint
@@ -98,7 +99,7 @@ class DPCheckpoint(keras.callbacks.Callback):
   # ---- callback hooks ---------------------------------------------------------------------
 
   def on_train_begin(self, logs=None):
-    optimizer = records.dp_optimizer(self.model, "DPCheckpoint")
+    optimizer = optimizer_lib.require_dp_optimizer(self.model, "DPCheckpoint")
     if (self.sampler is not None and self.sampler.gradient_accumulation_steps
         != optimizer.gradient_accumulation_steps):
       raise ValueError(
@@ -171,7 +172,7 @@ class DPCheckpoint(keras.callbacks.Callback):
 
   def save(self) -> str:
     """Writes a checkpoint of the current logical step now; returns its directory."""
-    optimizer = records.dp_optimizer(self.model, "DPCheckpoint")
+    optimizer = optimizer_lib.require_dp_optimizer(self.model, "DPCheckpoint")
     if not optimizer.at_logical_batch_start():
       raise RuntimeError("DPCheckpoint saves between logical batches only (the optimizer is "
                          "inside an accumulated logical batch).")
@@ -185,7 +186,7 @@ class DPCheckpoint(keras.callbacks.Callback):
             f"optimizer's {step}: a checkpoint would under-report epsilon. Pass the same "
             "PrivacyBudget to fit's callbacks.")
     metadata = {
-        "format_version": FORMAT_VERSION,
+        **SIDECAR_ENVELOPE.header(),
         "tfdp_prune_version": records.library_version(),
         "step": step,
         "optimizer": records.dp_settings(optimizer),

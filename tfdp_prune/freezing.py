@@ -2,6 +2,7 @@
 
 from tfdp_prune import _mask_callback
 from tfdp_prune import _validate
+from tfdp_prune import mask_modes
 from tfdp_prune import tfmot_interop
 from tfdp_prune.compat import keras
 from tfdp_prune.compat import tf
@@ -19,7 +20,7 @@ class ParameterFreezing(_mask_callback.MaskCallback):
   `public_batch_size`) and the model's loss, averaged over the batch; it never sees private data.
   """
 
-  mask_mode = "freeze"
+  mask_mode = mask_modes.FREEZE
 
   def __init__(self, rule, public_data=None, frozen_value="zero", public_epochs=0,
                public_learning_rate=0.1, public_batch_size=64, maskable=None):

@@ -14,9 +14,9 @@ from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
+from tfdp_prune import _validate
+from tfdp_prune import mask_modes
 from tfdp_prune import overlap
-
-MODES = ("freeze", "select")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -41,8 +41,7 @@ class MaskProvenance:
   masks_digest: Optional[str] = None
 
   def __post_init__(self):
-    if self.mode not in MODES:
-      raise ValueError(f"Expected mode in {list(MODES)}. Received: mode={self.mode!r}.")
+    _validate.one_of("mode", self.mode, mask_modes.MASKED)
 
 
 def rule_record(rule, select_every: Optional[int]) -> Dict[str, Any]:

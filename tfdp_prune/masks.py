@@ -7,12 +7,11 @@ The functions here are pure (numpy in, numpy out) and usable without `fit`.
 """
 
 import abc
-import math
-import numbers
 from typing import Optional, Sequence
 
 import numpy as np
 
+from tfdp_prune import _validate
 from tfdp_prune import public_data as public_data_lib
 from tfdp_prune.compat import keras
 from tfdp_prune.compat import tf
@@ -22,17 +21,13 @@ SCOPES = ("layer", "global")
 
 def check_sparsity(sparsity) -> float:
   """Sparsity is the frozen fraction: a number in [0, 1)."""
-  if (isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real)
-      or not math.isfinite(sparsity) or not 0 <= sparsity < 1):
-    raise ValueError(
-        f"Expected sparsity in [0, 1) (the fraction of coordinates frozen; 1.0 would train "
-        f"nothing). Received: sparsity={sparsity!r}.")
+  _validate.fraction("sparsity", sparsity,
+                     " (the fraction of coordinates frozen; 1.0 would train nothing)")
   return float(sparsity)
 
 
 def check_scope(scope) -> str:
-  if scope not in SCOPES:
-    raise ValueError(f"Expected scope to be one of {SCOPES}. Received: scope={scope!r}.")
+  _validate.one_of("scope", scope, SCOPES)
   return scope
 
 
@@ -177,6 +172,8 @@ def _batches(data, batch_size):
 
 
 _RULES = {cls.name: cls for cls in (MagnitudeRule, RandomRule, PublicGradientRule)}
+# The rule names a user can choose (`get`, --rule): the keys of the registry above.
+RULES = tuple(_RULES)
 
 
 def get(rule, **kwargs) -> MaskRule:

@@ -36,8 +36,11 @@ import math
 import numbers
 from typing import Any, Dict, Optional
 
+from tfdp_prune import _validate
+from tfdp_prune import mask_modes
 from tfdp_prune import randomness
 from tfdp_prune import version
+from tfdp_prune import versioned_json
 
 SCHEMA = "tfdp_prune.PrivacyMetadata"
 # 2: `mechanism_randomness` added; `seed` no longer seeds the noise or the sampling.
@@ -50,7 +53,8 @@ INSECURE_PREFIX = "INSECURE"
 OS_ENTROPY = randomness.OS_ENTROPY
 INSECURE_SEED = randomness.INSECURE_SEED
 FILENAME = "privacy_metadata.json"
-MASK_MODES = ("none", "freeze", "select")
+_ENVELOPE = versioned_json.Envelope(version=SCHEMA_VERSION, version_key="schema_version",
+                                     name=SCHEMA, name_key="schema")
 # The distributions whose versions decide what the guarantee and the model mean.
 _VERSIONED_PACKAGES = ("tensorflow", "tf-keras", "dp-accounting", "tensorflow-privacy",
                        "tensorflow-model-optimization")
@@ -121,8 +125,7 @@ class PrivacyMetadata:
   empirical: Optional[Dict[str, Any]] = None
 
   def __post_init__(self):
-    if not isinstance(self.private, bool):
-      raise ValueError(f"Expected private to be True or False. Received: private={self.private!r}.")
+    _validate.boolean("private", self.private)
     if not isinstance(self.epsilon, numbers.Real) or math.isnan(self.epsilon) or self.epsilon < 0:
       raise ValueError(f"Expected epsilon >= 0 or inf. Received: epsilon={self.epsilon!r}.")
     if self.private:
@@ -149,13 +152,9 @@ class PrivacyMetadata:
           f"A private model trained with seeded noise and sampling (mechanism_randomness="
           f"{randomness.INSECURE_SEED!r}) must say so: expected a statement starting with "
           f"{INSECURE_PREFIX!r}. Received: statement={self.statement!r}.")
-    if self.mask_mode not in MASK_MODES:
-      raise ValueError(f"Expected mask_mode in {list(MASK_MODES)}. Received: "
-                       f"mask_mode={self.mask_mode!r}.")
+    _validate.one_of("mask_mode", self.mask_mode, mask_modes.ALL)
     for name in ("steps", "num_private_examples", "num_public_examples", "num_test_examples"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ValueError(f"Expected {name} to be an integer >= 0. Received: {name}={value!r}.")
+      _validate.non_negative_int(name, getattr(self, name))
     object.__setattr__(self, "epsilon", float(self.epsilon))
 
   @property
@@ -180,7 +179,7 @@ class PrivacyMetadata:
   def to_dict(self) -> Dict[str, Any]:
     """A strict-JSON-compatible dict (epsilon inf -> "inf"), with the schema name and version,
     and `digest`: `document_digest` of the rest (consistency, not authenticity: see there)."""
-    result = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION}
+    result = _ENVELOPE.header()
     result.update(dataclasses.asdict(self))
     result["epsilon"] = _INFINITY if math.isinf(self.epsilon) else self.epsilon
     result[DIGEST_KEY] = document_digest(result)
@@ -198,22 +197,20 @@ class PrivacyMetadata:
   def from_dict(cls, data: Dict[str, Any]) -> "PrivacyMetadata":
     """Inverse of `to_dict`; refuses another schema, version, unknown or missing fields, and a
     `digest` that does not match the rest (consistency only: see `document_digest`)."""
-    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-      raise ValueError(f"Expected a dict with schema={SCHEMA!r}. Received: "
-                       f"{data.get('schema') if isinstance(data, dict) else type(data).__name__!r}.")
-    if data.get("schema_version") != SCHEMA_VERSION:
+    problem = _ENVELOPE.problem(data)
+    if problem is not None:
       hint = ""
-      if data.get("schema_version") == 1:
+      old_version = data.get("schema_version") if isinstance(data, dict) else None
+      if old_version == 1:
         hint = (" Version 1 records come from tfdp_prune releases whose published `seed` also "
                 "seeded the DP noise and sampling, which makes their guarantee void: re-train.")
-      if data.get("schema_version") == 2:
+      if old_version == 2:
         hint = (" Version 2 records carry no digest, so an edit of one field cannot be told "
                 "apart from the record training wrote: re-export the model from its checkpoint "
                 "(tfdp-export --checkpoint_dir=... --export_dir=...) with this release.")
-      raise ValueError(f"Expected schema_version={SCHEMA_VERSION}. Received: "
-                       f"schema_version={data.get('schema_version')!r}.{hint}")
+      raise versioned_json.VersionError(problem + hint)
     fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - fields - {"schema", "schema_version", DIGEST_KEY}
+    unknown = set(data) - fields - {*_ENVELOPE.keys, DIGEST_KEY}
     if unknown:
       raise ValueError(f"Unknown privacy metadata fields: {sorted(unknown)}.")
     values = {name: data[name] for name in fields if name in data}
@@ -284,7 +281,7 @@ def non_private(*, dataset: Optional[str] = None, num_private_examples: int = 0,
       sampling_probability=None, batch_size=None, steps=steps, epochs=epochs, dataset=dataset,
       public_dataset=None, public_split=None, private_split=None,
       num_private_examples=num_private_examples, num_public_examples=0,
-      num_test_examples=num_test_examples, public_fingerprint=None, mask_mode="none",
+      num_test_examples=num_test_examples, public_fingerprint=None, mask_mode=mask_modes.NONE,
       mask_rule=None, mask_sparsity=0.0, mask_sparsity_per_variable={},
       mechanism_randomness=None, seed=seed,
       library_versions=library_versions(), created=utc_now())

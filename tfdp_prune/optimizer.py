@@ -514,3 +514,24 @@ def make_dp_optimizer_class(cls):
 def _base_optimizer_class(dp_class) -> type:
   """The tf_keras optimizer class a DP optimizer class adds DP to (SGD for DPSGD)."""
   return next(c for c in dp_class.__mro__ if not issubclass(c, DPOptimizerMixin))
+
+
+def is_dp_optimizer(optimizer) -> bool:
+  """Whether `optimizer` is a tfdp_prune DP optimizer (one of `make_dp_optimizer_class`'s)."""
+  return isinstance(optimizer, DPOptimizerMixin)
+
+
+def require_dp_optimizer(model, who: str, *, error=ValueError,
+                         fix: str = "Call model.compile(optimizer=...) with one."):
+  """The optimizer `model` is compiled with, which `who` needs to be a tfdp_prune DP optimizer.
+
+  Raises:
+    `error` (ValueError unless given): the model has no optimizer, or another one; the message
+      names `who`, what the model has, and `fix`.
+  """
+  optimizer = getattr(model, "optimizer", None)
+  if not is_dp_optimizer(optimizer):
+    raise error(f"{who} needs a model compiled with a tfdp_prune DP optimizer "
+                f"(tfdp_prune.DPKerasSGDOptimizer, DPKerasAdamOptimizer, or "
+                f"make_dp_optimizer_class(cls)). Received: optimizer={optimizer!r}. {fix}")
+  return optimizer

@@ -70,9 +70,7 @@ def check_disjoint(public_data, private_data, allow_overlap: bool = False,
   The count includes repeats: a private example present twice in the private data counts twice.
   With `allow_overlap=True` the overlap is logged as a warning instead of raised. Either data may
   also be given as the Counter `fingerprint_examples` returned, to iterate a dataset only once."""
-  if not isinstance(allow_overlap, bool):
-    raise ValueError(f"Expected allow_overlap to be True or False. Received: "
-                     f"allow_overlap={allow_overlap!r}.")
+  _validate.boolean("allow_overlap", allow_overlap)
   public = _fingerprints(public_data, batch_size)
   private = _fingerprints(private_data, batch_size)
   shared = [digest for digest in private if digest in public]

@@ -16,12 +16,13 @@ import numpy as np
 from tfdp_prune import accounting
 from tfdp_prune import agreement
 from tfdp_prune import budget as budget_lib
+from tfdp_prune import mask_modes
 from tfdp_prune import metadata as metadata_lib
+from tfdp_prune import optimizer as optimizer_lib
 from tfdp_prune import overlap
 from tfdp_prune import randomness
 from tfdp_prune.maskable import MaskableSpec
 from tfdp_prune.masks import frozen_fractions
-from tfdp_prune.optimizer import DPOptimizerMixin
 
 # The statement's prefix for a run whose noise or sampling was seeded through the Python API.
 INSECURE_STATEMENT = (
@@ -140,7 +141,7 @@ def from_budget(model, budget) -> metadata_lib.PrivacyMetadata:
       data=DataRecord(num_private=sampler.num_examples,
                       num_public=fingerprint.num_examples if fingerprint is not None else 0,
                       public_fingerprint=fingerprint.to_dict() if fingerprint else None),
-      mask_mode=provenance.mode if provenance is not None else "none",
+      mask_mode=provenance.mode if provenance is not None else mask_modes.NONE,
       mask_rule=provenance.rule if provenance is not None else None,
       mechanism_randomness=mechanism_randomness(optimizer.mechanism_randomness,
                                                 sampler.mechanism_randomness))
@@ -148,19 +149,15 @@ def from_budget(model, budget) -> metadata_lib.PrivacyMetadata:
 
 def has_dp_optimizer(model) -> bool:
   """Whether `model` is compiled with a tfdp_prune DP optimizer."""
-  return isinstance(getattr(model, "optimizer", None), DPOptimizerMixin)
+  return optimizer_lib.is_dp_optimizer(getattr(model, "optimizer", None))
 
 
 # ---- checks -----------------------------------------------------------------------------------
 
 def _dp_optimizer(model):
-  optimizer = getattr(model, "optimizer", None)
-  if not has_dp_optimizer(model):
-    raise LabelError(
-        f"Expected a model compiled with a tfdp_prune DP optimizer (DPKerasSGDOptimizer, ...) to "
-        f"label it private from budget=. Received a model compiled with {optimizer!r}: its "
-        f"training added no DP noise that the budget could account for. {_NON_PRIVATE_FIX}")
-  return optimizer
+  return optimizer_lib.require_dp_optimizer(
+      model, "Labelling the export private from budget=", error=LabelError,
+      fix=f"Its training added no DP noise that the budget could account for. {_NON_PRIVATE_FIX}")
 
 
 def _sampler(budget):

@@ -13,11 +13,12 @@ from tfdp_prune import accounting
 from tfdp_prune import atomic_files
 from tfdp_prune import checkpoint_format
 from tfdp_prune import data as data_lib
+from tfdp_prune import versioned_json
 from tfdp_prune.train_config import ConfigError
 from tfdp_prune.train_config import TrainConfig
 
 RUN_RECORD = "run.json"
-_RUN_RECORD_VERSION = 1
+_RUN_RECORD_ENVELOPE = versioned_json.Envelope(version=1)
 # Settings that may change between a run and its resumption: output and placement, and the
 # length (a longer run under the same noise multiplier; with a target epsilon another length
 # calibrates another sigma, and the privacy_spec check refuses it).
@@ -42,7 +43,7 @@ def write_or_check_run_record(config: TrainConfig, info: data_lib.DataInfo,
       missing beside checkpoints that carry no record.
     checkpoint_errors.CheckpointError: the newest checkpoint is damaged.
   """
-  record = {"format_version": _RUN_RECORD_VERSION, "config": config.to_dict(),
+  record = {**_RUN_RECORD_ENVELOPE.header(), "config": config.to_dict(),
             "data_info": info.to_dict(), "privacy_spec": spec.to_dict(),
             "planned_steps": planned_steps, "expected_batch_size": expected_batch_size}
   record = json.loads(json.dumps(record))  # as it reads back
@@ -89,9 +90,9 @@ def read_run_record(checkpoint_dir: str) -> Dict[str, Any]:
         f"The run record {path} is unreadable ({e}). Restore it from a backup (the newest "
         f"checkpoint's {checkpoint_format.SIDECAR} holds a copy under \"run_record\"), or use a "
         "new --checkpoint_dir. Nothing was changed.") from e
-  if record.get("format_version") != _RUN_RECORD_VERSION:
-    raise ConfigError(f"Expected {path} with format_version={_RUN_RECORD_VERSION}. Received: "
-                      f"{record.get('format_version')!r}.")
+  problem = _RUN_RECORD_ENVELOPE.problem(record, path)
+  if problem is not None:
+    raise ConfigError(problem)
   return record
 
 

@@ -496,8 +496,7 @@ def make_sampler(data, *, sampling: str, sampling_probability: Optional[float] =
     raise randomness.removed_seed_error("make_sampler", "insecure_sampling_seed")
   common = dict(gradient_accumulation_steps=gradient_accumulation_steps,
                 insecure_sampling_seed=insecure_sampling_seed, strategy=strategy)
-  if sampling not in SAMPLINGS:
-    raise ValueError(f"Expected sampling in {list(SAMPLINGS)}. Received: sampling={sampling!r}.")
+  _validate.one_of("sampling", sampling, SAMPLINGS)
   if sampling == "poisson":
     if batch_size is not None:
       raise ValueError("Expected batch_size=None with sampling='poisson' (pass "

@@ -2,6 +2,7 @@
 
 from tfdp_prune import _mask_callback
 from tfdp_prune import _validate
+from tfdp_prune import mask_modes
 
 
 class ParameterSelection(_mask_callback.MaskCallback):
@@ -12,7 +13,7 @@ class ParameterSelection(_mask_callback.MaskCallback):
   is only set between logical batches, never inside one.
   """
 
-  mask_mode = "select"
+  mask_mode = mask_modes.SELECT
 
   def __init__(self, rule, select_every=1, public_data=None, maskable=None):
     super().__init__(rule, public_data, maskable)

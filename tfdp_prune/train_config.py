@@ -1,7 +1,9 @@
 """The settings of one training run (`TrainConfig`), the named configs, and flag-style overrides.
 
 A `TrainConfig` holds every setting of `tfdp_prune.training.train`; its field names ARE the flag
-names of `tfdp-train` (`--sparsity` sets `sparsity`), so every error names the flag to fix.
+names of `tfdp-train` (`--sparsity` sets `sparsity`), so every error names the flag to fix. Each
+field carries its flag's help text (and choices), from which `tfdp-train` defines its flags: a new
+setting is one field.
 Everything is checked in `__post_init__`, before any data is read or any step is taken.
 
 Named configs (`CONFIGS`, `named_config(name)`):
@@ -26,26 +28,35 @@ members of such a pair (e.g. `--epsilon` and `--noise_multiplier`) is an error.
 
 import dataclasses
 import math
+import numbers
 import os
 import re
 from typing import Any, Dict, Optional, Tuple
 
+from tfdp_prune import _validate
+from tfdp_prune import accounting
+from tfdp_prune import mask_modes
+from tfdp_prune import masks
 from tfdp_prune import randomness
 
-MODES = ("none", "freeze", "select")
-RULES = ("magnitude", "random", "public_gradient")
-SAMPLINGS = ("poisson", "shuffle")
+# The names of modes, rules, samplings and accountants come from the modules that implement them
+# (mask_modes, masks, accounting); the strategies and optimizers are built by `training`.
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 OPTIMIZERS = ("sgd", "adam")
-ACCOUNTANTS = ("pld", "rdp")
 MODEL_PATTERN = re.compile(r"^(mlp|mnist_cnn|wrn(\d+)_(\d+))$")
 # Used when the mode needs them and the config leaves them unset.
-DEFAULT_RULE = "magnitude"
+DEFAULT_RULE = masks.MagnitudeRule.name
 DEFAULT_SPARSITY = 0.8
 DEFAULT_SELECT_EVERY = 10
 # Pairs where setting one (as an override) clears the other, and setting both is an error.
 EXCLUSIVE = (("epsilon", "noise_multiplier"), ("epochs", "steps"))
 _MASK_SETTINGS = ("rule", "sparsity", "select_every")
+
+
+def setting(default, help_text: str, *, choices: Optional[Tuple[str, ...]] = None):
+  """A `TrainConfig` field: its default, the help text of its flag, and the names it accepts
+  (an enum flag) when it is a choice."""
+  return dataclasses.field(default=default, metadata={"help": help_text, "choices": choices})
 
 
 class ConfigError(ValueError):
@@ -64,58 +75,93 @@ class TrainConfig:
   """
 
   # data
-  dataset: str = "digits"
-  public_dataset: Optional[str] = None
-  public_split: Optional[str] = None
-  private_split: Optional[str] = None
-  test_split: Optional[str] = "default"
-  data_dir: Optional[str] = None
-  label_column: Optional[str] = None  # CSV files
-  num_classes: Optional[int] = None  # CSV and NPZ files (declared, never counted from labels)
-  image_size: Optional[str] = None  # "HEIGHTxWIDTH": image folders are resized to it
+  dataset: str = setting("digits",
+      "digits (embedded), a TFDS name (e.g. mnist, cifar10), or a path: a folder with one "
+      "sub-folder of images per class, a .csv file (--label_column, --num_classes) or a .npz file "
+      "with arrays x and y (--num_classes). A relative folder starts with ./")
+  public_dataset: Optional[str] = setting(None,
+      "Dataset of the public part, in the same forms; empty: --dataset itself.")
+  public_split: Optional[str] = setting(None,
+      "TFDS split string of the public part, e.g. 'train[:10%]'.")
+  private_split: Optional[str] = setting(None, "TFDS split string of the private part.")
+  test_split: Optional[str] = setting("default",
+      "TFDS split string of the test part; empty: no test part.")
+  data_dir: Optional[str] = setting(None, "TFDS data directory.")
+  label_column: Optional[str] = setting(None,
+      "The label column of .csv datasets; every other column is a numeric feature.")
+  num_classes: Optional[int] = setting(None,
+      "Classes of .csv and .npz datasets (labels 0..num_classes-1); declared, because the model "
+      "publishes it.")
+  image_size: Optional[str] = setting(None,
+      "HEIGHTxWIDTH (e.g. 32x32): resize the images of folder datasets to it; unset: every image "
+      "must have one size.")
   # model
-  model: str = "mlp"
+  model: str = setting("mlp", "mlp, mnist_cnn or wrn<depth>_<width> (e.g. wrn16_4).")
   # masks from public data
-  mode: str = "freeze"
-  rule: Optional[str] = None
-  sparsity: Optional[float] = None
-  select_every: Optional[int] = None
-  public_epochs: int = 20
-  public_learning_rate: float = 0.1
+  mode: str = setting(mask_modes.FREEZE,
+      "Masks: none (dense DP-SGD), freeze (one mask from public data before DP training) or select"
+      " (a new mask every --select_every steps).", choices=mask_modes.ALL)
+  rule: Optional[str] = setting(None, "How coordinates are chosen.", choices=masks.RULES)
+  sparsity: Optional[float] = setting(None,
+      "Fraction of each maskable variable that is frozen, in [0, 1).")
+  select_every: Optional[int] = setting(None,
+      "Logical steps between re-selections (--mode=select).")
+  public_epochs: int = setting(20, "Epochs of non-private training on the public part first.")
+  public_learning_rate: float = setting(0.1, "Learning rate of the public pre-training.")
   # privacy
-  epsilon: Optional[float] = 8.0
-  delta: float = 1e-5
-  noise_multiplier: Optional[float] = None
-  accountant: str = "pld"
-  l2_norm_clip: float = 1.0
-  sampling: str = "poisson"
+  epsilon: Optional[float] = setting(8.0,
+      "Target epsilon: the noise multiplier is calibrated to it and training stops before it is "
+      "exceeded.")
+  delta: float = setting(1e-5, "Target delta.")
+  noise_multiplier: Optional[float] = setting(None,
+      "Noise multiplier sigma instead of --epsilon; 0 trains without privacy (exported as "
+      "NON-PRIVATE).")
+  accountant: str = setting("pld", "Privacy accountant (dp_accounting).",
+                            choices=accounting.ACCOUNTANTS)
+  l2_norm_clip: float = setting(1.0, "Per-example clip norm C.")
+  sampling: str = setting("poisson",
+      "poisson (amplified epsilon) or shuffle (fixed batches, reported without amplification).",
+      choices=accounting.SAMPLINGS)
   # optimization
-  batch_size: int = 100
-  physical_batch_size: Optional[int] = None
-  augmult: int = 0
-  epochs: Optional[float] = 15.0
-  steps: Optional[int] = None
-  optimizer: str = "sgd"
-  learning_rate: float = 0.5
-  momentum: float = 0.9  # SGD only; Adam uses its default betas
-  ema_decay: Optional[float] = None
+  batch_size: int = setting(100, "Logical (expected) batch size: one noisy update each.")
+  physical_batch_size: Optional[int] = setting(None,
+      "Examples per accumulated micro-batch; divides --batch_size.")
+  augmult: int = setting(0, "Augmented views per example (images; 0: none).")
+  epochs: Optional[float] = setting(15.0, "Epochs over the private part (instead of --steps).")
+  steps: Optional[int] = setting(None, "Logical steps (instead of --epochs).")
+  optimizer: str = setting("sgd", "Base optimizer.", choices=OPTIMIZERS)
+  learning_rate: float = setting(0.5, "Learning rate.")
+  momentum: float = setting(0.9, "SGD momentum.")  # SGD only; Adam uses its default betas
+  ema_decay: Optional[float] = setting(None,
+      "EMA decay of the weights (evaluated and exported); 0: no EMA.")
   # running and output
-  strategy: str = "default"
-  checkpoint_dir: Optional[str] = None
-  carry_spend_from: Optional[str] = None
-  export_dir: Optional[str] = "tfdp_export"
-  export_version: Optional[int] = None
-  overwrite: bool = False
-  seed: int = 0
-  insecure_mechanism_seed: Optional[int] = None
-  verbose: int = 1
+  strategy: str = setting("default", "tf.distribute strategy.", choices=STRATEGIES)
+  checkpoint_dir: Optional[str] = setting(None,
+      "Checkpoints every epoch; a run resumes from the newest.")
+  carry_spend_from: Optional[str] = setting(None,
+      "The checkpoint directory of an earlier run on the same private data with the same mechanism"
+      " (e.g. one whose checkpoints are damaged): its privacy ledger's steps are counted in this "
+      "run's epsilon, step limit and export. Needs a new --checkpoint_dir.")
+  export_dir: Optional[str] = setting("tfdp_export",
+      "TF Serving base path: the model goes to <export_dir>/<version>/; empty: no export.")
+  export_version: Optional[int] = setting(None,
+      "Version directory; default: one more than the newest.")
+  overwrite: bool = setting(False, "Replace an existing export version.")
+  seed: int = setting(0,
+      "Seed of the initialization, the data split, random masks and augmentation. NOT of the DP "
+      "noise nor the sampling, which draw from OS entropy (see --insecure_mechanism_seed).")
+  insecure_mechanism_seed: Optional[int] = setting(None,
+      "INSECURE: seeds the DP noise and the sampling, so that a run can be reproduced; whoever "
+      "knows the seed can remove the noise. For tests and debugging only: the run logs a warning "
+      "and its export is labelled INSECURE. Unset (the default): OS entropy.")
+  verbose: int = setting(1, "Keras fit verbosity (1: progress bar).")
 
   def __post_init__(self):
-    _check_choice("mode", self.mode, MODES)
-    _check_choice("sampling", self.sampling, SAMPLINGS)
-    _check_choice("strategy", self.strategy, STRATEGIES)
-    _check_choice("optimizer", self.optimizer, OPTIMIZERS)
-    _check_choice("accountant", self.accountant, ACCOUNTANTS)
+    check_setting(_validate.one_of, "mode", self.mode, mask_modes.ALL)
+    check_setting(_validate.one_of, "sampling", self.sampling, accounting.SAMPLINGS)
+    check_setting(_validate.one_of, "strategy", self.strategy, STRATEGIES)
+    check_setting(_validate.one_of, "optimizer", self.optimizer, OPTIMIZERS)
+    check_setting(_validate.one_of, "accountant", self.accountant, accounting.ACCOUNTANTS)
     if not isinstance(self.model, str) or not MODEL_PATTERN.match(self.model):
       raise ConfigError(f"Expected --model to be mlp, mnist_cnn or wrn<depth>_<width> (e.g. "
                         f"wrn16_4). Received: --model={self.model!r}.")
@@ -127,32 +173,22 @@ class TrainConfig:
     self._check_masks()
     self._check_privacy()
     self._check_batches()
-    _check_number("public_epochs", self.public_epochs, integer=True, minimum=0)
-    _check_number("public_learning_rate", self.public_learning_rate, minimum=0, strict=True)
-    _check_number("learning_rate", self.learning_rate, minimum=0, strict=True)
-    _check_number("momentum", self.momentum, minimum=0)
-    if self.momentum >= 1:
-      raise ConfigError(f"Expected --momentum in [0, 1). Received: --momentum={self.momentum}.")
+    check_setting(_validate.non_negative_int, "public_epochs", self.public_epochs)
+    check_setting(_validate.positive, "public_learning_rate", self.public_learning_rate)
+    check_setting(_validate.positive, "learning_rate", self.learning_rate)
+    check_setting(_validate.fraction, "momentum", self.momentum)
     if self.ema_decay is not None:
-      _check_number("ema_decay", self.ema_decay, minimum=0)
-      if self.ema_decay >= 1:
-        raise ConfigError(f"Expected --ema_decay in [0, 1). Received: "
-                          f"--ema_decay={self.ema_decay}.")
+      check_setting(_validate.fraction, "ema_decay", self.ema_decay)
     if self.export_version is not None:
-      _check_number("export_version", self.export_version, integer=True, minimum=1)
-    _check_number("seed", self.seed, integer=True, minimum=0)
-    if self.insecure_mechanism_seed is not None:
-      _check_number("insecure_mechanism_seed", self.insecure_mechanism_seed, integer=True,
-                    minimum=0)
-      if self.insecure_mechanism_seed >= 2**63:
-        raise ConfigError(f"Expected --insecure_mechanism_seed < 2**63. Received: "
-                          f"--insecure_mechanism_seed={self.insecure_mechanism_seed}.")
-    _check_number("verbose", self.verbose, integer=True, minimum=0)
+      check_setting(_validate.positive_int, "export_version", self.export_version)
+    check_setting(_validate.non_negative_int, "seed", self.seed)
+    check_setting(randomness.check_insecure_seed, "insecure_mechanism_seed",
+                  self.insecure_mechanism_seed)
+    check_setting(_validate.non_negative_int, "verbose", self.verbose)
     self._check_carry()
-    for name in ("overwrite",):
-      if not isinstance(getattr(self, name), bool):
-        raise ConfigError(f"Expected --{name} to be true or false. Received: "
-                          f"--{name}={getattr(self, name)!r}.")
+    check_setting(_validate.boolean, "overwrite", self.overwrite)
+    for field in dataclasses.fields(self):  # the run record is JSON: no numpy scalars
+      object.__setattr__(self, field.name, _plain(getattr(self, field.name)))
 
   # ---- groups of checks -------------------------------------------------------------------
 
@@ -162,7 +198,7 @@ class TrainConfig:
       raise ConfigError(f"Expected --label_column to name a CSV column. Received: "
                         f"--label_column={self.label_column!r}.")
     if self.num_classes is not None:
-      _check_number("num_classes", self.num_classes, integer=True, minimum=1)
+      check_setting(_validate.positive_int, "num_classes", self.num_classes)
     try:
       parse_image_size(self.image_size)
     except ValueError as error:
@@ -183,7 +219,7 @@ class TrainConfig:
           f"run's) to differ. Received: both {self.checkpoint_dir}. Pass a new --checkpoint_dir.")
 
   def _check_masks(self):
-    if self.mode == "none":
+    if self.mode == mask_modes.NONE:
       given = [name for name in _MASK_SETTINGS if getattr(self, name) is not None]
       if given:
         raise ConfigError(
@@ -192,17 +228,15 @@ class TrainConfig:
             f"drop --{given[0]}.")
       return
     if self.rule is not None:
-      _check_choice("rule", self.rule, RULES)
+      check_setting(_validate.one_of, "rule", self.rule, masks.RULES)
     if self.sparsity is not None:
-      _check_number("sparsity", self.sparsity, minimum=0)
-      if self.sparsity >= 1:
-        raise ConfigError(f"Expected --sparsity in [0, 1) (the fraction of coordinates frozen). "
-                          f"Received: --sparsity={self.sparsity}.")
-    if self.mode == "freeze" and self.select_every is not None:
+      check_setting(_validate.fraction, "sparsity", self.sparsity,
+                    " (the fraction of coordinates frozen)")
+    if self.mode == mask_modes.FREEZE and self.select_every is not None:
       raise ConfigError(f"--select_every applies to --mode=select only. Received: "
                         f"--select_every={self.select_every} with --mode=freeze.")
     if self.select_every is not None:
-      _check_number("select_every", self.select_every, integer=True, minimum=1)
+      check_setting(_validate.positive_int, "select_every", self.select_every)
 
   def _check_privacy(self):
     if self.epsilon is not None and self.noise_multiplier is not None:
@@ -218,49 +252,47 @@ class TrainConfig:
         raise ConfigError("Expected --epsilon to be a finite target (the noise multiplier is "
                           "calibrated to it). Received: --epsilon=inf. To train without "
                           "privacy, pass --noise_multiplier=0 instead.")
-      _check_number("epsilon", self.epsilon, minimum=0, strict=True)
+      check_setting(_validate.positive, "epsilon", self.epsilon)
     if self.noise_multiplier is not None:
-      _check_number("noise_multiplier", self.noise_multiplier, minimum=0)
-    _check_number("delta", self.delta, minimum=0, strict=True)
-    if self.delta >= 1:
-      raise ConfigError(f"Expected --delta in (0, 1). Received: --delta={self.delta}.")
-    _check_number("l2_norm_clip", self.l2_norm_clip, minimum=0, strict=True)
+      check_setting(_validate.non_negative, "noise_multiplier", self.noise_multiplier)
+    check_setting(_validate.open_unit_interval, "delta", self.delta)
+    check_setting(_validate.positive, "l2_norm_clip", self.l2_norm_clip)
 
   def _check_batches(self):
-    _check_number("batch_size", self.batch_size, integer=True, minimum=1)
+    check_setting(_validate.positive_int, "batch_size", self.batch_size)
     if self.physical_batch_size is not None:
-      _check_number("physical_batch_size", self.physical_batch_size, integer=True, minimum=1)
+      check_setting(_validate.positive_int, "physical_batch_size", self.physical_batch_size)
       if self.batch_size % self.physical_batch_size:
         raise ConfigError(
             f"Expected --physical_batch_size to divide --batch_size (a logical batch is a whole "
             f"number of physical ones). Received: --batch_size={self.batch_size}, "
             f"--physical_batch_size={self.physical_batch_size}.")
-    _check_number("augmult", self.augmult, integer=True, minimum=0)
+    check_setting(_validate.non_negative_int, "augmult", self.augmult)
     if self.epochs is not None and self.steps is not None:
       raise ConfigError(f"Give --epochs OR --steps, not both. Received: --epochs={self.epochs}, "
                         f"--steps={self.steps}.")
     if self.epochs is None and self.steps is None:
       raise ConfigError("Expected --epochs or --steps (how long to train). Received neither.")
     if self.epochs is not None:
-      _check_number("epochs", self.epochs, minimum=0, strict=True)
+      check_setting(_validate.positive, "epochs", self.epochs)
     if self.steps is not None:
-      _check_number("steps", self.steps, integer=True, minimum=1)
+      check_setting(_validate.positive_int, "steps", self.steps)
 
   # ---- derived settings -------------------------------------------------------------------
 
   @property
   def effective_rule(self) -> Optional[str]:
-    return None if self.mode == "none" else (self.rule or DEFAULT_RULE)
+    return None if self.mode == mask_modes.NONE else (self.rule or DEFAULT_RULE)
 
   @property
   def effective_sparsity(self) -> float:
-    if self.mode == "none":
+    if self.mode == mask_modes.NONE:
       return 0.0
     return DEFAULT_SPARSITY if self.sparsity is None else float(self.sparsity)
 
   @property
   def effective_select_every(self) -> Optional[int]:
-    if self.mode != "select":
+    if self.mode != mask_modes.SELECT:
       return None
     return DEFAULT_SELECT_EVERY if self.select_every is None else self.select_every
 
@@ -334,29 +366,33 @@ def resolve(name: str = "default", overrides: Optional[Dict[str, Any]] = None) -
       base[second] = None
     elif second in overrides:
       base[first] = None
-  if overrides.get("mode") == "none":
+  if overrides.get("mode") == mask_modes.NONE:
     for setting in _MASK_SETTINGS:
       base[setting] = None
-  if overrides.get("mode") == "freeze":
+  if overrides.get("mode") == mask_modes.FREEZE:
     base["select_every"] = None
   base.update(overrides)
   return TrainConfig(**base)
 
 
-def _check_choice(name, value, choices):
-  if value not in choices:
-    raise ConfigError(f"Expected --{name} in {list(choices)}. Received: --{name}={value!r}.")
+def check_setting(check, name: str, value, *args) -> None:
+  """Runs the `_validate` check `check` on the setting `name`, naming its flag (--name) in a
+  ConfigError."""
+  try:
+    check(f"--{name}", value, *args)
+  except ValueError as error:
+    raise ConfigError(str(error)) from None
 
 
-def _check_number(name, value, *, minimum, integer=False, strict=False):
-  kind = "an integer" if integer else "a number"
-  valid = (not isinstance(value, bool)
-           and (isinstance(value, int) if integer else isinstance(value, (int, float)))
-           and math.isfinite(value) and (value > minimum if strict else value >= minimum))
-  if not valid:
-    relation = ">" if strict else ">="
-    raise ConfigError(f"Expected --{name} to be {kind} {relation} {minimum}. Received: "
-                      f"--{name}={value!r}.")
+def _plain(value):
+  """A numpy scalar as the Python int or float it holds; anything else unchanged."""
+  if isinstance(value, (bool, int, float, str)) or value is None:
+    return value
+  if isinstance(value, numbers.Integral):
+    return int(value)
+  if isinstance(value, numbers.Real):
+    return float(value)
+  return value
 
 
 def parse_image_size(value: Optional[str]) -> Optional[Tuple[int, int]]:

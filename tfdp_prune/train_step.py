@@ -6,9 +6,9 @@ from tfdp_prune import augmult
 from tfdp_prune import dp_step
 from tfdp_prune import lazy_build
 from tfdp_prune import model_checks
+from tfdp_prune import optimizer as optimizer_lib
 from tfdp_prune.compat import keras
 from tfdp_prune.compat import tf
-from tfdp_prune.optimizer import DPOptimizerMixin
 
 NON_FINITE_METRIC = "dp_non_finite_examples"
 
@@ -73,7 +73,7 @@ def _fit_building_lazily(model, x=None, *args, **kwargs):
 def dp_train_step(model: keras.Model, data) -> dict:
   """One physical batch: the per-example clipped sum (`dp_step` stage 1, with the optimizer's
   `dp_settings`) -> the DP optimizer (stages 2 to 6) -> metrics."""
-  optimizer = _dp_optimizer(model)
+  optimizer = optimizer_lib.require_dp_optimizer(model, "The DP train step")
   loss_fn = _per_example_loss(model)
   x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
   _check_no_state_written_from_batch(model, x)
@@ -131,16 +131,6 @@ def _check_no_state_written_from_batch(model, x) -> None:
     check()
   else:
     context.merge_call(check)
-
-
-def _dp_optimizer(model):
-  optimizer = getattr(model, "optimizer", None)
-  if not isinstance(optimizer, DPOptimizerMixin):
-    raise ValueError(
-        "Expected the model to be compiled with a tfdp_prune DP optimizer "
-        "(tfdp_prune.DPKerasSGDOptimizer, DPKerasAdamOptimizer, or make_dp_optimizer_class(cls)). "
-        f"Received: optimizer={optimizer!r}. Call model.compile(optimizer=...) with one.")
-  return optimizer
 
 
 def _per_example_loss(model):

@@ -43,7 +43,6 @@ import tempfile
 from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
-from absl import logging
 
 from tfdp_prune import _mask_callback
 from tfdp_prune import accounting
@@ -55,6 +54,7 @@ from tfdp_prune import checkpointing
 from tfdp_prune import data as data_lib
 from tfdp_prune import ema as ema_lib
 from tfdp_prune import freezing
+from tfdp_prune import mask_modes
 from tfdp_prune import mask_provenance
 from tfdp_prune import masks as masks_lib
 from tfdp_prune import metadata as metadata_lib
@@ -74,8 +74,6 @@ from tfdp_prune.export import saved_model as export_lib
 from tfdp_prune.train_config import ConfigError
 from tfdp_prune.train_config import TrainConfig
 
-_RULES = {"magnitude": masks_lib.MagnitudeRule, "random": masks_lib.RandomRule,
-          "public_gradient": masks_lib.PublicGradientRule}
 INSECURE_STATEMENT = (
     f"{metadata_lib.INSECURE_PREFIX}: the DP noise and the batch sampling were derived from "
     "--insecure_mechanism_seed, so whoever knows or guesses that seed can reproduce and remove "
@@ -172,7 +170,7 @@ def train(config: TrainConfig, *, splits: Optional[data_lib.DataSplits] = None,
     mask_callback = make_mask_callback(config, splits.public)
     if mask_callback is not None:
       fit_callbacks.append(mask_callback)
-  elif config.mode == "select":  # re-selection continues on the restored weights
+  elif config.mode == mask_modes.SELECT:  # re-selection continues on the restored weights
     fit_callbacks.append(make_mask_callback(config, splits.public))
   fit_callbacks.append(budget)
   if ema is not None:
@@ -391,17 +389,16 @@ def compile_model(config: TrainConfig, input_shape, num_classes: int, noise_mult
 
 def make_rule(config: TrainConfig) -> masks_lib.MaskRule:
   """The mask rule named by --rule, with --sparsity (and --seed for the random rule)."""
-  rule_class = _RULES[config.effective_rule]
-  kwargs = {"seed": config.seed} if rule_class is masks_lib.RandomRule else {}
-  return rule_class(config.effective_sparsity, **kwargs)
+  kwargs = {"seed": config.seed} if config.effective_rule == masks_lib.RandomRule.name else {}
+  return masks_lib.get(config.effective_rule, sparsity=config.effective_sparsity, **kwargs)
 
 
 def make_mask_callback(config: TrainConfig, public):
   """ParameterFreezing (mode freeze) or ParameterSelection (mode select), or None."""
-  if config.mode == "none":
+  if config.mode == mask_modes.NONE:
     return None
   rule = make_rule(config)
-  if config.mode == "freeze":
+  if config.mode == mask_modes.FREEZE:
     return freezing.ParameterFreezing(rule, public_data=public, frozen_value="zero")
   return selection.ParameterSelection(rule, select_every=config.effective_select_every,
                                       public_data=public)
@@ -428,7 +425,7 @@ def build_metadata(config: TrainConfig, spec: accounting.PrivacySpec, info: data
   its checkpoint, without a callback that would record them), the data from what was loaded;
   `carried`: an earlier run's spend this run continues (`spec.steps` counts it)."""
   rule = None
-  if config.mode != "none":
+  if config.mode != mask_modes.NONE:
     rule = mask_provenance.rule_record(make_rule(config), config.effective_select_every)
   return privacy_label.build(
       spec, model, expected_batch_size=expected_batch_size,

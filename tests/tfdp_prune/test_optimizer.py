@@ -651,3 +651,23 @@ def test_the_removed_seed_argument_says_what_to_use(optimizer_class):
   old_config = dict(optimizer_class(1.0, 1.0).get_config(), seed=5)  # a config saved before
   with pytest.raises(TypeError, match=message):
     optimizer_class.from_config(old_config)
+
+
+def test_require_dp_optimizer_returns_it_or_names_who_needs_one():
+  from tfdp_prune import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
+  model = T.dp_model(T.dense_model())
+  assert optimizer_lib.require_dp_optimizer(model, "The test") is model.optimizer
+  assert optimizer_lib.is_dp_optimizer(model.optimizer)
+  plain = T.dense_model()
+  plain.compile(optimizer="sgd", loss=T.per_example_loss())
+  assert not optimizer_lib.is_dp_optimizer(plain.optimizer)
+  for candidate in (plain, T.dense_model()):  # another optimizer; not compiled at all
+    with pytest.raises(ValueError, match=r"^The test needs a model compiled with a tfdp_prune "
+                                         r"DP optimizer .* Call model.compile"):
+      optimizer_lib.require_dp_optimizer(candidate, "The test")
+
+  class CustomError(ValueError):
+    pass
+
+  with pytest.raises(CustomError, match="Use a DP one."):
+    optimizer_lib.require_dp_optimizer(plain, "The test", error=CustomError, fix="Use a DP one.")

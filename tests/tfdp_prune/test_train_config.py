@@ -1,5 +1,7 @@
 """TrainConfig: every setting is checked before training, and each error names its flag."""
 
+import dataclasses
+
 import pytest
 
 from tfdp_prune import train_config
@@ -99,3 +101,35 @@ def test_the_mechanism_is_seeded_only_by_the_insecure_setting():
   assert TrainConfig().mechanism_randomness == "os_entropy"
   assert TrainConfig(seed=7).mechanism_randomness == "os_entropy"  # --seed is not the mechanism's
   assert TrainConfig(insecure_mechanism_seed=0).mechanism_randomness == "insecure_seed"
+
+
+def test_the_choices_are_the_names_of_what_implements_them():
+  """--rule, --mode, --sampling and --accountant accept what the library implements, no more."""
+  from tfdp_prune import accounting  # pylint: disable=g-import-not-at-top
+  from tfdp_prune import freezing  # pylint: disable=g-import-not-at-top
+  from tfdp_prune import masks  # pylint: disable=g-import-not-at-top
+  from tfdp_prune import sampling  # pylint: disable=g-import-not-at-top
+  from tfdp_prune import selection  # pylint: disable=g-import-not-at-top
+  choices = {f.name: f.metadata["choices"] for f in dataclasses.fields(TrainConfig)}
+  assert set(choices["rule"]) == {rule.name for rule in masks.MaskRule.__subclasses__()}
+  assert choices["mode"] == ("none", freezing.ParameterFreezing.mask_mode,
+                             selection.ParameterSelection.mask_mode)
+  assert set(choices["sampling"]) == {sampling.PoissonSampler.sampling,
+                                      sampling.ShuffleSampler.sampling}
+  for name in choices["accountant"]:
+    spec = accounting.PrivacySpec(noise_multiplier=1.0, steps=1, delta=1e-5,
+                                  sampling_probability=0.1, accountant=name)
+    assert name in type(spec.make_accountant()).__name__.lower()
+  for name in choices["rule"]:
+    assert masks.get(name, sparsity=0.5).name == name
+
+
+def test_numpy_numbers_are_accepted_as_the_python_numbers_a_run_record_can_hold():
+  import json  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  config = TrainConfig(batch_size=np.int64(50), learning_rate=np.float32(0.25), sparsity=0.5,
+                       overwrite=True)
+  assert type(config.batch_size) is int and type(config.learning_rate) is float
+  assert json.loads(json.dumps(config.to_dict()))["batch_size"] == 50
+  with pytest.raises(ConfigError, match="--overwrite to be True or False"):
+    TrainConfig(overwrite=1)

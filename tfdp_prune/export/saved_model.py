@@ -124,8 +124,7 @@ def export_saved_model(model, export_dir: str,
                      f"name REST clients can use as a JSON key). Received: "
                      f"input_name={input_name!r}.")
   for name, value in (("overwrite", overwrite), ("model_card", model_card)):
-    if not isinstance(value, bool):
-      raise ValueError(f"Expected {name} to be True or False. Received: {name}={value!r}.")
+    _validate.boolean(name, value)
   if version is not None:
     _validate.positive_int("version", version)
     if version > _MAX_VERSION:

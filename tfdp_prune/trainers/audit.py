@@ -19,26 +19,25 @@ from absl import flags
 
 from tfdp_prune import audit
 from tfdp_prune.trainers import _console
+from tfdp_prune.trainers import _flags
 from tfdp_prune.trainers import train  # defines --config and the training flags
 
 _DEFAULTS = audit.AuditConfig()
-# Every audit flag defaults to None: "not given, keep AuditConfig's default".
+
+
+def _help(name: str) -> str:
+  """The help text beside AuditConfig's field `name`, its {default} filled in."""
+  return _flags.help_text(audit.AuditConfig, name).format(default=getattr(_DEFAULTS, name))
+
+
+# Every audit flag defaults to None: "not given, keep AuditConfig's default". One per field of
+# AuditConfig, of the field's kind (tests/tfdp_prune/trainers/test_flags.py checks both).
 _AUDIT_FLAGS = {
-    "canaries": flags.DEFINE_integer(
-        "canaries", None, "Canaries m taken out of the private part, each put back mislabelled "
-        f"with probability 1/2 (default: {_DEFAULTS.canaries})."),
-    "canary_seed": flags.DEFINE_integer(
-        "canary_seed", None, "Seed of the canaries' choice, labels and inclusion "
-        f"(default: {_DEFAULTS.canary_seed})."),
-    "confidence": flags.DEFINE_float(
-        "confidence", None, "Confidence of the epsilon lower bound "
-        f"(default: {_DEFAULTS.confidence})."),
-    "k_plus": flags.DEFINE_integer(
-        "k_plus", None, "Guess 'included' for this many highest-scoring canaries (with "
-        "--k_minus; default: the best of a fixed grid, Bonferroni-corrected)."),
-    "k_minus": flags.DEFINE_integer(
-        "k_minus", None, "Guess 'excluded' for this many lowest-scoring canaries (with "
-        "--k_plus)."),
+    "canaries": flags.DEFINE_integer("canaries", None, _help("canaries")),
+    "canary_seed": flags.DEFINE_integer("canary_seed", None, _help("canary_seed")),
+    "confidence": flags.DEFINE_float("confidence", None, _help("confidence")),
+    "k_plus": flags.DEFINE_integer("k_plus", None, _help("k_plus")),
+    "k_minus": flags.DEFINE_integer("k_minus", None, _help("k_minus")),
 }
 
 
