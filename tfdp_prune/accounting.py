@@ -53,7 +53,6 @@ nothing of tfdp_prune but `_validate`, `_pld` and `_search`, and no TensorFlow.
 import dataclasses
 import functools
 import math
-import numbers
 from typing import Any, Dict, Optional
 
 from absl import logging
