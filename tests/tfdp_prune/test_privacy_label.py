@@ -3,6 +3,8 @@
 It must equal what `tfdp-train` records for the same run, and every inconsistency it can see is
 refused before anything is written."""
 
+import dataclasses
+
 import pytest
 
 import tfdp_prune
@@ -191,7 +193,9 @@ def test_the_budget_of_another_model_is_refused(tmp_path):
 def test_an_optimizer_that_disagrees_with_the_budget_or_sampler_is_refused(
     tmp_path, attribute, value, expected):
   model, budget, _ = _run()
-  setattr(model.optimizer, attribute, value)  # changed after the budget checked it at fit
+  # Changed after the budget checked it at fit (the settings are one frozen DPSettings).
+  model.optimizer.dp_settings = dataclasses.replace(model.optimizer.dp_settings,
+                                                    **{attribute: value})
   _refused(tmp_path, model, budget, "must agree", expected)
 
 

@@ -47,23 +47,23 @@ def test_a_name_without_its_key_is_refused():
 
 def test_every_record_keeps_the_header_fields_it_had_on_disk():
   from tfdp_prune import accounting  # pylint: disable=g-import-not-at-top
-  from tfdp_prune import checkpointing  # pylint: disable=g-import-not-at-top
+  from tfdp_prune import checkpoint_format  # pylint: disable=g-import-not-at-top
   from tfdp_prune import metadata  # pylint: disable=g-import-not-at-top
-  from tfdp_prune import training  # pylint: disable=g-import-not-at-top
+  from tfdp_prune import run_record  # pylint: disable=g-import-not-at-top
   assert metadata._ENVELOPE.header() == {"schema": "tfdp_prune.PrivacyMetadata",
                                          "schema_version": 3}
   assert accounting._ENVELOPE.header() == {"format": "tfdp_prune.PrivacySpec", "version": 1}
-  assert checkpointing._SIDECAR_ENVELOPE.header() == {"format_version": 1}
-  assert training._RUN_RECORD_ENVELOPE.header() == {"format_version": 1}
+  assert checkpoint_format.SIDECAR_ENVELOPE.header() == {"format_version": 1}
+  assert run_record._RUN_RECORD_ENVELOPE.header() == {"format_version": 1}
 
 
 def test_a_run_record_of_another_version_is_refused_naming_the_file(tmp_path):
-  from tfdp_prune import training  # pylint: disable=g-import-not-at-top
+  from tfdp_prune import run_record  # pylint: disable=g-import-not-at-top
   from tfdp_prune.train_config import ConfigError  # pylint: disable=g-import-not-at-top
-  path = tmp_path / training.RUN_RECORD
+  path = tmp_path / run_record.RUN_RECORD
   path.write_text(json.dumps({"format_version": 1, "config": {}}))
-  assert training.read_run_record(str(tmp_path)) == {"format_version": 1, "config": {}}
+  assert run_record.read_run_record(str(tmp_path)) == {"format_version": 1, "config": {}}
   path.write_text(json.dumps({"format_version": 2, "config": {}}))
   with pytest.raises(ConfigError, match=rf"Expected format_version=1 in {path}\. Received: "
                                         r"format_version=2\."):
-    training.read_run_record(str(tmp_path))
+    run_record.read_run_record(str(tmp_path))
