@@ -1,23 +1,9 @@
 """dp_accounting's PLD epsilon of Poisson-sampled Gaussian steps, without its avoidable costs.
 
-`epsilon(sigma, q, steps, delta, d)` makes the same dp_accounting calls, in the same order, as
-`PLDAccountant(value_discretization_interval=d).compose(SelfComposedDpEvent(
-PoissonSampledDpEvent(q, GaussianDpEvent(sigma)), steps)).get_epsilon(delta)` and returns the
-same number (tests/tfdp_prune/test_accounting.py compares them with ==). Two costs of
-dp_accounting 0.4.3 are gone:
+`epsilon(sigma, q, steps, delta, d)` returns the same number as dp_accounting's PLDAccountant,
+with the one-step PLD built once; `PLDTooLargeError` before a hopeless computation starts.
 
-- the one-step PLD (`from_gaussian_mechanism`, a Python loop over about 20 / (sigma * d) grid
-  points: seconds at sigma < 1) is built once per (sigma, q, d) and reused for every step count;
-- `SparsePLDPmf.self_compose(count)` decides between its sparse and dense algorithms by computing
-  `size ** count` as an exact Python integer: 18 s at count = 7e6, 400 s at 5e7. Here a sparse
-  one-step pmf is made dense up front whenever that test would choose dense (it is decided with
-  logarithms), which is what dp_accounting itself then does.
-
-This is the one module that reads dp_accounting internals (`_pmf_remove`, `_pmf_add`,
-`_probs`): the pmfs of a `PrivacyLossDistribution` have no public accessor. Sizes beyond
-`MAX_ONE_STEP_POINTS` / `MAX_COMPOSED_POINTS` raise `PLDTooLargeError` before anything is built
-(minutes of Python loops, or gigabytes of FFT buffers, for epsilons far beyond any useful one);
-dp_accounting's own failures to build a PLD are a `PLDError` (its base class) naming the settings.
+Design: docs/sampling-and-accounting.md
 """
 
 import functools

@@ -1,53 +1,10 @@
 """Privacy accounting: the (epsilon, delta) guarantee of a DP training run, as dp_accounting events.
 
-The guarantee is never re-derived here: a run is described as a `dp_accounting` DpEvent and a
-dp_accounting accountant (PLD by default, or RDP) turns it into epsilon.
+`PrivacySpec` describes a run as a DpEvent (Poisson, or shuffled batches without amplification)
+and gives its epsilon; `PrivacyLedger` counts steps; `max_steps` and
+`calibrate_noise_multiplier` search for a target epsilon. No TensorFlow.
 
-Poisson sampling (`sampling="poisson"`)
-  Every example joins each logical batch independently with probability q. The run is
-  `SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(sigma)), steps)`, accounted
-  under ADD-OR-REMOVE-ONE-EXAMPLE adjacency. The guarantee covers every intermediate model, not
-  only the final one. A sampler with a fixed-shape cap stops (raises) when a draw exceeds the
-  cap, which happens with probability at most p per step (`overflow_probability`, from
-  `sampling.PoissonSampler`); that adds (1 + e^epsilon) * steps * p to delta, and
-  `PrivacySpec.total_delta()` is the delta of the guarantee with that term included.
-
-Shuffled fixed-size batches (`sampling="shuffle"`): NOT a Poisson guarantee.
-  dp_accounting 0.4.3 has no event for shuffling (each pass is a random permutation cut into
-  disjoint fixed-size batches). What it has does not fit:
-  - `PoissonSampledDpEvent`: a different sampler. Shuffling can leak much more than the Poisson
-    epsilon suggests (Chua et al., "How Private are DP-SGD Implementations?", ICML 2024), so a
-    Poisson epsilon is never reported for shuffled batches (DESIGN.md, rule 5).
-  - `SampledWithoutReplacementDpEvent` (RDP accountant only, replace-one adjacency): every batch
-    drawn afresh, independently of the previous ones. Shuffled batches within a pass are
-    disjoint, so not independent: this event does not describe them either.
-  What can be claimed honestly, and is: the guarantee WITHOUT any amplification by sampling,
-  for the batches of tfdp_prune's own `sampling.ShuffleSampler` and nothing else: each pass is a
-  permutation (any data-independent one) cut into floor(n / b) disjoint batches of exactly b
-  examples, the remainder left out of that pass, so each example is in at most one batch per
-  pass and no batch belongs to two passes. Adjacency is REPLACE-ONE (the dataset size n is
-  public, as it must be for fixed-size batches; add-or-remove would shift the batch
-  boundaries). Under replace-one the clipped-gradient sum has sensitivity 2C, so each pass is at
-  most one Gaussian mechanism with noise multiplier sigma / 2 (for any fixed permutation the
-  other batches of that pass do not depend on the replaced example; a mixture over
-  data-independent permutations is no less private). The number of passes counted is
-  ceil(steps / floor(n / b)). The event is therefore
-  `SelfComposedDpEvent(GaussianDpEvent(sigma / 2), passes)` with a replace-one accountant, and
-  `PrivacySpec.adjacency` / `statement()` say so. This epsilon is much larger than a Poisson
-  one: that is the price of not sampling the way the analysis needs.
-  NOT covered: a pipeline of one's own such as `dataset.repeat().shuffle(...).batch(b)`.
-  `repeat()` before `batch()` lets a batch straddle two passes and hold one example twice
-  (sensitivity 4C in one step), which this event does not describe.
-
-Everything a checkpoint or an export needs is a plain dict: `PrivacySpec.to_dict()` (the
-settings, the serialized DpEvent, the adjacency and a one-line statement) and
-`PrivacyLedger.get_state()`.
-
-Speed: the PLD epsilon of Poisson steps is dp_accounting's PLDAccountant value, computed with
-the one-step PLD built once per (sigma, q, grid) (`_pld`); `max_steps` and
-`calibrate_noise_multiplier` search on coarser PLD grids first and check their answer on the
-spec's own (`_search`). README "Benchmarks / Accounting" has the seconds. This module imports
-nothing of tfdp_prune but `_validate`, `_pld` and `_search`, and no TensorFlow.
+Design: docs/sampling-and-accounting.md
 """
 
 import dataclasses

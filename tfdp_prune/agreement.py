@@ -1,26 +1,9 @@
 """The sampler, the DP optimizer and the privacy budget agree on what a logical batch is, or
 training does not start (DESIGN.md rule 10).
 
-Each of the three describes the logical batch on its own: the sampler draws it (Poisson rate q,
-or a fixed batch size) and cuts it into `gradient_accumulation_steps` physical batches; the
-optimizer sums that many physical batches into one noisy update, divided by its
-`expected_batch_size`; the budget's `PrivacySpec` accounts one draw per update. If they differ,
-the epsilon reported is not the epsilon of the training done: e.g. a sampler with one physical
-batch per draw feeding an optimizer that accumulates 4 puts 4 independent draws into every
-update the ledger counts once. `check_agreement` compares what it is given; `PrivacyBudget`
-calls it when training begins (with its spec, and its sampler if it has one), and so does
-`tfdp-train`.
+`check_agreement(optimizer, sampler=..., spec=...)` compares what it is given.
 
-What is checked depends on what is given:
-  sampler + optimizer   accumulation steps, the divisor (q N for Poisson, the batch size for
-                        shuffling when there is padding), microbatches (refused with Poisson or
-                        padded batches, and must divide the physical batch);
-  spec + optimizer      noise multiplier; Poisson needs `expected_batch_size` (q N when N is
-                        known) and no microbatches; shuffling divides by the batch size;
-  sampler + spec        the sampling kind and its parameters (q, or batch size and N).
-Nothing ties a `tf.data` pipeline to the optimizer by itself: without a sampler, the number of
-physical batches per draw cannot be checked, so build the budget with `sampler=`, or call
-`check_agreement(optimizer, sampler=...)` yourself when training without a budget.
+Design: docs/sampling-and-accounting.md
 """
 
 import math

@@ -1,53 +1,11 @@
 """Empirical privacy audit of one training run: an epsilon lower bound and a membership AUC.
 
   result = tfdp_prune.audit.audit_training(config, AuditConfig(canaries=200))
-  result.audit["epsilon_lower_bound"], result.audit["mia_auc"], result.metadata.epsilon
 
-The statistics are in `audit_statistics` and `audit_bounds`, the canaries in `audit_canaries`;
-this module runs the audit. What it does (one `training.train` call, nothing is trained twice):
-  1. Canaries (Steinke, Nasr, Jagielski 2023, "Privacy Auditing with One (1) Training Run",
-     arXiv 2305.08846): `canaries` examples are taken out of the PRIVATE part (so they are
-     neither public, which pre-training and masks see, nor test, nor among the private examples
-     trained on otherwise), each gets a random WRONG label, and each is put back into the
-     training data independently with probability 1/2 (`canary_seed`).
-  2. The run is trained as configured, on the private part with the included canaries.
-  3. Each canary is scored by the trained model's log-probability of its wrong label; the
-     auditor guesses "included" for the k+ highest scores and "excluded" for the k- lowest,
-     abstains on the rest, and counts the correct guesses: `audit_bounds.epsilon_lower_bound`
-     turns (m, guesses, correct, delta) into a lower bound on epsilon at `confidence`.
-  4. Membership inference by loss threshold: the AUC of minus the loss (the log-probability of
-     the TRUE label) between a sample of the non-canary private examples trained on (members)
-     and as many examples of the test part (non-members, never trained on).
-  5. Both go into the export's privacy metadata under `empirical["audit"]`, apart from the
-     proven guarantee, which is unchanged; the model is exported once, with them.
+This module runs the audit (one `training.train` call); the statistics are in
+`audit_statistics` and `audit_bounds`, the canaries in `audit_canaries`.
 
-Why input-space canaries (mislabelled real examples): the audit is black-box. It needs nothing
-but the trained model's outputs, so it covers everything that made the weights, exactly as
-deployed: Poisson sampling, per-example clipping, the masks, the noise, the parameter updates;
-and it works for any model and optimizer tfdp_prune trains. The price: it is far from tight. A
-mislabelled example's gradient is neither worst-case nor alone (it is clipped and averaged with a
-batch, and the model moves towards its correct class anyway), so at a moderate epsilon the bound
-is typically near 0, much below the proven epsilon. Gradient-space (Dirac) canaries, a
-per-example gradient of norm C along one coordinate, come much closer to the proven epsilon, but
-need a white-box hook inside the optimizer to insert them, and then audit only the steps after
-the per-example gradient (clipping, noise), not how the model's own gradients leak.
-
-The guess counts (k+, k-) are chosen honestly: either fixed a priori (`k_plus`, `k_minus`), or
-the best of a fixed grid (`audit_statistics.guess_grid(m)`), each candidate tested at confidence
-1 - (1 - confidence) / len(grid) (Bonferroni), so the maximum over the grid holds at
-`confidence`. (Taking the best counts after seeing the scores, without a correction, would
-overstate the bound.)
-
-What the bound means: with probability >= `confidence` over the canaries' inclusion, training is
-NOT (epsilon, delta)-DP for any epsilon below it (delta is the run's delta). A bound above the
-proven epsilon would mean a bug; a bound below it proves nothing about the guarantee: the audit
-is a test that can fail, not a proof.
-
-Costs: the audited model is trained with mislabelled canaries and `canaries` fewer real private
-examples, so it is somewhat less accurate than a plain run; `tfdp-audit` therefore exports into
-its own directory by default. No EMA (`ema_decay`): `training.train` does not hand back its
-averaged weights, which are what it would export; auditing the raw weights would audit another
-model than the one exported.
+Design: docs/audit.md
 """
 
 import dataclasses

@@ -1,29 +1,9 @@
 """The statistics of a one-run privacy audit: from guesses made and correct to a lower bound on
-epsilon (Steinke, Nasr, Jagielski 2023, "Privacy Auditing with One (1) Training Run",
-arXiv 2305.08846).
+epsilon (Steinke, Nasr, Jagielski 2023, arXiv 2305.08846).
 
-The game: m canaries, each included in the training data independently with probability 1/2.
-From the trained model alone an auditor guesses, for r of them, "included" or "excluded", and
-is right v times. If training is (epsilon, delta)-DP with respect to adding or removing one
-canary, the paper's main theorem (Theorem 3.1, in its (epsilon, delta) form) bounds the chance
-of v or more correct guesses W:
+`p_value(m, r, v, epsilon, delta)` and `epsilon_lower_bound(...)`. Pure Python.
 
-  P[W >= v] <= f(v) + 2 m delta * max_{i = 1..m} (f(v - i) - f(v)) / i,
-  f(v) = P[Binomial(r, q) >= v],   q = e^epsilon / (1 + e^epsilon),
-
-(with delta = 0 it is the binomial tail alone: each guess is at most as good as epsilon-DP
-randomized response). `p_value` evaluates the right-hand side as the paper's own p-value code
-does (its Appendix D): the max runs over i = 1..v only, because f(v - i) = 1 for every i >= v,
-so the terms for i > v are no larger than the one for i = v. A p-value <= 1 - confidence rejects
-(epsilon, delta)-DP, and then every smaller epsilon too ((epsilon', delta)-DP with
-epsilon' < epsilon implies (epsilon, delta)-DP); `epsilon_lower_bound` is the largest epsilon so
-rejected, found by bisection.
-
-Closed form (delta = 0, all r guesses correct): f(r) = q^r, so the bound is
-logit((1 - confidence)^(1/r)); 3.4930 for r = 100 at 95%.
-
-Pure Python (`math` only): the binomial terms are computed in log space (lgamma), so neither
-large r nor large epsilon under- or overflows before the sum.
+Design: docs/audit.md
 """
 
 import math

@@ -1,18 +1,9 @@
 """Augmentation multiplicity (De et al. 2022, section 3.1): K augmented views per example.
 
-Each example's loss is the MEAN of its K views' losses, and that mean's gradient is what gets
-masked and clipped: the views of one example are one clipping unit, so augmult costs no privacy
-(an example still contributes one gradient of norm at most C) and averages away augmentation
-noise before clipping.
+`augmult_map(k, seed)` maps a batched image dataset to K views per example; the per-example
+engine averages each example's K losses before clipping (`has_views`), so it costs no privacy.
 
-Data side: `augmult_map(k, seed)` maps a batched dataset of images [batch, H, W, C] to views
-[batch, K, H, W, C] (labels and sample weights stay one per example). Model side: nothing to
-configure. The per-example engine recognizes a batch of views by its rank (one more than the
-model's input, see `has_views`), runs the model on the K views of each example and averages the
-K losses. Metrics see the first view's predictions. Evaluate on plain images, not on views.
-
-The augmentation is De et al.'s CIFAR one: reflect-pad by 4, random crop back to H x W, random
-horizontal flip, with stateless TF ops (`augment_views`: same seed, same views).
+Design: docs/training.md
 """
 
 from tfdp_prune.compat import keras

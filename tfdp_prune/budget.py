@@ -1,27 +1,9 @@
 """The privacy budget callback: epsilon in the fit logs, and a stop BEFORE the target is exceeded.
 
-`PrivacyBudget(spec, target_epsilon=None, num_examples=None, sampler=None)` counts LOGICAL
-steps (the DP optimizer's `iterations`: one per logical batch, so gradient accumulation counts
-once, DESIGN.md rule 10) in an `accounting.PrivacyLedger`, and
+`PrivacyBudget(spec, target_epsilon=None, num_examples=None, sampler=None)` counts logical
+steps; `PrivacyBudgetExhaustedError` when a step would start beyond the budget.
 
-- refuses to start training when its spec, the model's DP optimizer and (if given) the sampler
-  describe different logical batches (`agreement.check_agreement`): without the sampler, the
-  physical batches per draw cannot be checked, so pass it;
-
-- writes `epsilon` and `delta` into the epoch logs, so History and TensorBoard (listed AFTER
-  this callback) record them (TensorBoard as `epoch_epsilon`); `epsilon()` gives it on demand.
-  `delta` is the delta of the guarantee: the spec's, plus the Poisson sampler's overflow term
-  when its cap can be exceeded (`PrivacySpec.total_delta()`);
-- with `target_epsilon`: computes once the largest number of logical steps `max_steps` whose
-  epsilon is <= target (epsilon never decreases with steps), and sets `model.stop_training`
-  at the end of the batch that completes logical step `max_steps`. Keras checks stop_training
-  right after that batch, so the next step, the first one that would exceed the target, never
-  runs. A batch that would start beyond the budget (a new `fit` on a spent budget, a hand-written
-  loop that ignores stop_training) raises `PrivacyBudgetExhaustedError` before it runs;
-- never resets the spent budget: reused across `fit` calls (and models) it keeps counting;
-  steps the optimizer took before (a restored checkpoint: `iterations` is saved with the
-  optimizer) are counted when training begins; `get_state()`/`restore(state)` carry the ledger
-  across processes.
+Design: docs/sampling-and-accounting.md
 """
 
 import functools

@@ -1,45 +1,10 @@
 """A checkpoint directory's format: `ckpt-<s>` directories, written atomically, read if intact.
 
-A checkpoint directory holds, per saved logical step s, a directory `ckpt-<s>` with
-  state.index, state.data-*   `tf.train.Checkpoint(model=..., optimizer=..., sampler=...)`: the
-                              weights and every optimizer variable: `iterations` (logical steps),
-                              the update masks, the noise generator's state (DESIGN.md rule 8),
-                              the gradient accumulators and the micro-step counter, the base
-                              optimizer's slots; and the sampler's secret (`sampler.state`);
-  checkpoint.json             the sidecar: the logical step, the `PrivacyBudget` ledger (rule 9),
-                              the sampler's class and `get_config()` (its settings, not its
-                              secret), the optimizer's DP settings, the model's weight shapes
-                              and optimizer class, the run's record (`run_record=`), the
-                              tfdp_prune version, and the size and SHA-256 of every file above;
-  COMPLETE                    the completion marker, written last;
-a pointer file `latest` naming the newest committed checkpoint (for people and tools), and the
-append-only privacy ledger `privacy_ledger.jsonl` (DESIGN.md rule 15): before each logical step
-runs, a line with the spent budget after it (and its SHA-256) is appended and fsync'ed, so that
-no crash, damaged or lost checkpoint rolls the spent privacy back (`privacy_ledger_file`).
+`write_checkpoint`, `latest_checkpoint` (a damaged newest checkpoint is a `CheckpointError`,
+never a silent fallback), `clean_incomplete`. Checkpoints hold the mechanism's secrets: keep
+them private.
 
-A checkpoint holds the mechanism's secrets (the noise generator's state, the sampler's secret),
-so that a resumed run continues the same noise and the same draws: keep checkpoints private,
-like the data. Nothing of them goes into an export.
-
-Atomic writes (a kill at any instant leaves either the old or the new checkpoint, never a torn
-one): everything is written into a temporary directory `.tmp-*` inside the checkpoint directory,
-every file and the directory are fsync'ed, the directory is renamed to `ckpt-<s>` (one rename,
-atomic on POSIX), the parent is fsync'ed, then `latest` is replaced the same way (temporary file,
-fsync, `os.replace`: the protocol of `atomic_files`). Intact checkpoints older than the `keep`
-newest intact ones are first renamed to `.tmp-*` and only then deleted, so a kill during a
-deletion cannot leave a `ckpt-*` directory with missing files either; a damaged checkpoint is
-never deleted.
-
-Readers trust only COMPLETE checkpoints: a `ckpt-<s>` directory with the marker, a sidecar that
-parses and names step s, and every listed file present with its recorded size and SHA-256.
-`.tmp-*` entries are never read; the writer (`DPCheckpoint`, one per directory) deletes them when
-training begins. `latest_checkpoint` picks the checkpoint with the most logical steps (`latest`
-may lag by one after a kill between the rename and the pointer update; that checkpoint is
-complete all the same); if that one is damaged, it is a `CheckpointError` naming it and the
-choices (restore from a backup, or a new run in another directory that carries this one's spend:
-`start_carried_ledger`, `tfdp-train --carry_spend_from`), never a silent fallback to an older
-checkpoint. A ledger that begins with a carried spend records where it came from
-(`read_carried`).
+Design: docs/checkpoints.md
 """
 
 import dataclasses

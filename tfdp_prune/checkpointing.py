@@ -1,29 +1,9 @@
 """One checkpoint for a DP run: model, optimizer, privacy ledger and sampler, written atomically.
 
-The checkpoint API in one place, re-exported from the modules that implement it, one job each:
-`checkpoint_format` (the directory's layout, atomic writes, reading only intact checkpoints),
-`privacy_ledger_file` (the append-only ledger, DESIGN.md rule 15), `checkpoint_records` (what
-identifies a run's model, optimizer and sampler), `checkpoint_restore` (`restore_latest`),
-`dp_checkpoint` (the `DPCheckpoint` callback) and `checkpoint_errors`.
+The checkpoint API in one place (`DPCheckpoint`, `restore_latest`, `latest_checkpoint`, the
+ledger functions), re-exported from the modules that implement it, one job each.
 
-Checkpoints are taken only between logical batches (`optimizer.at_logical_batch_start()`), so
-the accumulators are zero and a resumed run restarts its sampler exactly at a logical step:
-
-  model = build_and_compile()                       # the same architecture and DP optimizer
-  budget = tfdp_prune.PrivacyBudget(spec, target_epsilon=...)
-  sampler = tfdp_prune.PoissonSampler(data, q, gradient_accumulation_steps=K)
-  step = restore_latest(directory, model, budget=budget, sampler=sampler) or 0
-  model.fit(sampler.dataset(start_step=step), steps_per_epoch=K * (total_steps - step),
-            callbacks=[budget, DPCheckpoint(directory, every_steps=10, budget=budget,
-                                            sampler=sampler)])
-
-Resuming continues epsilon and the step count: the ledger comes back from the sidecar, or from
-`privacy_ledger.jsonl` when more steps ran after the checkpoint, and is never lowered
-(`PrivacyBudget.restore`); `iterations` comes back with the optimizer. Steps re-run after a
-resume from a checkpoint older than the ledger draw the same batches and noise (restored from
-the checkpoint) and count once; randomness outside the checkpoint (below) makes them differ.
-Randomness that lives outside the optimizer and the sampler (e.g. Dropout's) is not part of the
-checkpoint: a resumed run with such layers is valid but not bit-identical to an uninterrupted one.
+Design: docs/checkpoints.md
 """
 
 from tfdp_prune.checkpoint_errors import CheckpointError

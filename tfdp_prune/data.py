@@ -1,95 +1,10 @@
 """Data by name: a PUBLIC part, a disjoint PRIVATE part and a test part, as numpy arrays.
 
-`load(dataset="digits", ...)` returns `DataSplits(public, private, test, info)`, each part an
-`(x, y)` pair of numpy arrays, ready for `model.fit`, the samplers and the mask callbacks:
+`load(dataset="digits", ...)` returns `DataSplits` from digits (embedded), a TFDS name or your
+files; `DataSplits.from_arrays` takes arrays in memory; `check_splits` runs the privacy checks
+(public and private disjoint, the public fingerprint) on splits built elsewhere.
 
-  splits = tfdp_prune.data.load()                                   # digits, offline
-  splits = tfdp_prune.data.load("mnist", public_split="train[:2%]",
-                                private_split="train[2%:]", test_split="test")
-  splits = tfdp_prune.data.load("mnist", public_dataset="fashion_mnist",
-                                public_split="train[:1000]")          # public from elsewhere
-  splits = tfdp_prune.data.load("/data/scans", image_size=(64, 64))   # your class folders
-  splits = tfdp_prune.data.load("/data/visits.csv", label_column="outcome", num_classes=2,
-                                public_dataset="/data/published.csv")
-  splits = tfdp_prune.DataSplits.from_arrays(public=(x_pub, y_pub), private=(x, y),
-                                             test=(x_test, y_test), num_classes=10)
-
-Sources
-  "digits": scikit-learn's `load_digits` (1,797 real 8x8 handwritten digits, 10 classes), which
-    ships inside scikit-learn: the embedded default, no download. It is one split, "train", put
-    in a fixed order by `seed` (below); x has shape (N, 64) (`x.reshape(-1, 8, 8, 1)` gives
-    images), pixel values 0..16 scaled by 1/16 to float32 [0, 1].
-  any other name: a TensorFlow Datasets builder, read with
-    `tfds.load(name, split=..., as_supervised=True)`. Images stored as uint8 are scaled by 1/255
-    to float32 [0, 1]; other features are returned as stored.
-
-  a path (it starts with "/", "./", "../" or "~", or ends in .csv or .npz; `local_data`):
-    - a folder with one sub-folder per class, of images (.png, .jpg, .jpeg, .gif, .bmp), read as
-      tf_keras.utils.image_dataset_from_directory and TFDS's ImageFolder read it: the classes are
-      the sub-folders' names in sorted order, a label is its class's index, images in nested
-      folders count, other files are ignored. Pixels are scaled by 1/255 to float32 [0, 1]
-      (exactly as TFDS images, so the overlap check compares them). Every image must have one
-      size and number of channels, or `image_size=(height, width)` (--image_size=HxW) resizes
-      them all (bilinear, antialiased); mixed channels are refused. The class names are recorded
-      in `info.class_names`.
-    - a .csv file with a header row: `label_column` holds the labels, every other column is a
-      numeric feature (float32); non-numeric or empty values are refused, naming the columns.
-    - a .npz file (numpy.savez(path, x=features, y=labels)): x numeric of any shape per example.
-    For .csv and .npz files the classes are declared (`num_classes`) and the labels must be the
-    integers 0..num_classes-1; text labels are refused. The number of classes is published with
-    the model, so it is never counted from private labels (one private example with a label no
-    one else has would show in it). NaN or inf features are refused (a missing value), for the
-    public and the private part alike. A file is one split, "train", put in the digits order
-    (below) by `seed`; its default splits are digits', except that a public part from another
-    file (`public_dataset=`) takes all of it ("train") and the private part then starts at the
-    beginning ("train[:80%]"). Each file is read once per `load` (completely into memory, as
-    below).
-  `DataSplits.from_arrays(public=, private=, test=, num_classes=)`: arrays in memory, with the
-    same checks (non-empty parts, one shape, finite public inputs, labels in 0..num_classes-1,
-    public and private disjoint, without a switch); `tfdp_prune.train(config, splits=...)` takes
-    the result.
-
-Splits use the TFDS split syntax for every source ("train", "train[:10%]", "train[100:]",
-"test[:50%]+train[:5%]"; https://www.tensorflow.org/datasets/splits), parsed by TFDS itself, so
-digits and TFDS datasets slice the same way. Defaults: digits: public "train[:10%]", private
-"train[10%:80%]", test "train[80%:]"; TFDS: public "train[:2%]", private "train[2%:]", test
-"test". `test_split=None` loads no test part.
-
-The digits order (also that of files): for each class, the examples are permuted with
-`numpy.random.default_rng(seed)`, then the classes are interleaved by their position within the
-class (the k-th of n_c examples of class c sits at k / n_c), so every contiguous slice holds each
-class in proportion (within one example per class): a deterministic, stratified split for every
-seed. `seed` only orders digits and files; TFDS splits are read in their stored order (no shuffle),
-as TFDS defines them.
-
-Privacy checks (DESIGN.md rule 4), always run:
-  - `overlap.check_disjoint(public, private)`: raises with the number of private examples found
-    in the public part (compared by features, labels ignored), e.g. for overlapping slices
-    `train[:10%]` and `train[5%:]`. `allow_overlap=True` logs the overlap instead (only when the
-    overlap is itself public); the count goes to `info.overlap_count`.
-  - `info.public_fingerprint`: `overlap.PublicDataFingerprint` of the public part as returned
-    (after scaling), for the privacy metadata.
-The test part is not checked against the others (it is used for evaluation, not for masks).
-`check_splits(splits)` runs the same checks on splits built or changed elsewhere (the training
-entry point runs it on splits passed to it), and checks that `info.public_fingerprint` is the
-public part's.
-
-A public part from another dataset (`public_dataset=`) must have the same input shape and the same
-number of classes as the private dataset (one model, one output layer), and two image folders the
-same class names; otherwise a ValueError says which differs. No name is ever replaced by another
-dataset: an unknown name, or a TFDS dataset that is not prepared on this machine, raises an error
-that lists what is available offline and how to get the dataset.
-
-Memory: each part is read completely into memory, as float32 after scaling (4 bytes per pixel,
-plus the uint8 copy while converting): MNIST's 60,000 training images take 188 MB, CIFAR-10's
-50,000 take 614 MB; files the same (a folder of 50,000 32x32 RGB images, 614 MB). Larger datasets
-need a streaming tf.data pipeline instead of this loader (not offered yet).
-(`tfds.load(..., batch_size=-1)` would hold the same; it is not used because it batches by the
-split metadata, which `tfds.testing.mock_data` does not provide.)
-
-TFDS is imported only when it is needed (any split string is parsed by it, so also for digits);
-scikit-learn only for digits. This module imports nothing of tfdp_prune but `_validate`,
-`local_data` and `overlap`.
+Design: docs/data.md
 """
 
 import dataclasses

@@ -1,54 +1,10 @@
 """Parameter averaging: an exponential moving average (EMA) of the weights, one update per
 LOGICAL step (De et al. 2022 evaluate DP models with EMA 0.9999).
 
-`ExponentialMovingAverage(decay=0.9999, use_warmup=True, start_step=0)` is a Keras callback.
-After every batch it reads the optimizer's `iterations`; when it advanced (a logical step ended:
-with gradient accumulation only after the last physical batch of a logical batch, without
-accumulation or with a non-DP optimizer after every batch), it updates, for each trainable
-variable w with average a:
+`ExponentialMovingAverage` is a Keras callback; `averaged_weights()` swaps the average in for
+evaluation or export; its state (`ema.state`) goes into checkpoints. It costs no privacy.
 
-  a <- a - (1 - mu_t) * (a - w),   mu_t = decay * [t >= 0], and with use_warmup
-  mu_t = min(mu_t, (1 + t) / (10 + t)),   t = (EMA updates before this one) - start_step.
-
-This is jax_privacy's `averaging.ema(..., use_warmup=True)` (the De et al. code): before
-`start_step` the average simply follows the weights; the warm-up makes the first updates
-(mu = 0.1, 0.18, 0.25, ...) forget the starting point quickly, so the 0.9999 average is not
-stuck near the initialization for the ~10^4 steps a 0.9999 memory would otherwise need. Written
-as a difference, a coordinate that does not change (frozen, or pruned to exactly 0) keeps exactly
-its value in the average.
-
-What is averaged: the model's TRAINABLE variables only. Non-trainable variables (tfmot's mask and
-step variables, any statistics) are never averaged and keep their current value when the
-averaged weights are swapped in; a DP model has no BatchNorm statistics (GroupNorm has no
-non-trainable state). The average has the variables' dtype.
-
-When: the average starts from the weights at the first training batch of the first `fit` (after
-every callback's `on_train_begin`, so after `ParameterFreezing` zeroed the pruned coordinates),
-and continues across `fit` calls: a callback reused for another fit keeps its average, unless
-`reset_on_train_begin=True` (then each fit starts a new one). A model whose trainable variables
-have other shapes than the average raises, unless reset is requested.
-
-Using the average:
-  with ema.averaged_weights():       # evaluate / export with the average; the raw weights
-    model.evaluate(x_test, y_test)   # are back, bit for bit, after the block (also on error)
-  ema.swap_in(); ...; ema.swap_out() # the same, by hand
-  ema.assign_to_model()              # keep the average in the model for good (final export)
-
-Checkpointing: Keras callbacks are not trackable, so the average lives in `ema.state`, a
-tf.Module (variables `averages`, `num_updates`, `initialized`). Build it for the model, then put
-it in the same checkpoint as the model and the optimizer:
-  ema = ExponentialMovingAverage(0.9999)
-  ema.build(model)    # creates the variables (fit would do it; a restore needs them first)
-  checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, ema=ema.state)
-  checkpoint.restore(path)           # then model.fit(..., callbacks=[ema]) continues the EMA
-
-Privacy: the average is computed from the DP iterates only (the weights after each noisy step),
-so it is post-processing of the DP-SGD output, whose accounting already covers the release of
-every iterate: averaging costs no privacy. (Never average anything computed from private data
-without noise, e.g. un-noised gradients.)
-
-steps_per_execution > 1 hands the callback several logical steps at once: the average then
-takes one update per execution (with the last weights), and a warning says so.
+Design: docs/training.md
 """
 
 import contextlib

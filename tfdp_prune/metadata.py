@@ -1,30 +1,10 @@
 """The privacy metadata schema: one record of a run's guarantee, written by training and export.
 
-`PrivacyMetadata` is what a deployed model says about itself: the proven guarantee (epsilon,
-delta, accountant, the dp_accounting event and its statement), the mechanism's settings (noise
-multiplier, clip norm, sampling and rate, steps, epochs), the data (sizes, dataset names, the
-public data's identity and fingerprint), the masks (mode, rule, sparsity overall and per
-variable), where the mechanism's randomness came from (`mechanism_randomness`), and the
-provenance (library versions, seed of what is not the mechanism, creation time). No seed or
-secret of the mechanism (noise, sampling) is ever part of it (DESIGN.md rules 11 and 14).
+`PrivacyMetadata` (`to_json`, `from_dict`, checked by `document_digest`) never holds a seed or
+secret of the mechanism, and refuses to label a non-private run private. It imports only the
+version and `randomness`, so the export stage can depend on it alone.
 
-A run without DP noise (noise multiplier 0, or a model trained outside the DP optimizer) has
-epsilon = infinity and `private=False`; the schema refuses any other combination, so a
-non-private model can never be labelled private. Likewise a private record whose noise and
-sampling were seeded (`mechanism_randomness="insecure_seed"`) must say so: its statement starts
-with "INSECURE", and so does `guarantee`.
-
-The JSON form (`to_json`) is strict RFC 8259 JSON, readable by any client: an infinite epsilon is
-written as the string "inf" (JSON has no infinity), every other number as a number.
-The JSON form carries `digest`, the sha256 of the rest of the document (`document_digest`),
-and `from_dict` refuses a record whose digest does not match: that catches an edit of a field
-that did not also recompute the digest. It is a consistency check, NOT a proof of authorship:
-anyone who edits the file can recompute it. See `document_digest`.
-`empirical` is reserved for measured, NOT proven, quantities (e.g. an audit's epsilon lower
-bound); it is kept apart from the guarantee on purpose.
-
-This module sits at the bottom: it imports nothing of tfdp_prune's but the version and
-`randomness` (pure Python, for the labels), so that the export stage can depend on it alone.
+Design: docs/privacy-metadata.md
 """
 
 import dataclasses

@@ -1,24 +1,9 @@
 """Public/private overlap: no private example may be in the public data (DESIGN rule 4).
 
-Masks are chosen from public data at no privacy cost. A private example that is also in the public
-set reaches the masks without clipping or noise, so the cost is no longer zero. `check_disjoint`
-fingerprints both sets and raises when private examples are found in the public one;
-`PublicDataFingerprint` identifies a public set for the privacy metadata.
+`check_disjoint(public, private)` raises when exact duplicates are found (compared by feature
+values, labels ignored); `PublicDataFingerprint` identifies a public set for the metadata.
 
-What counts as the same example (fingerprints are sha256 digests of the features):
-- Labels do not take part: the same image with another label is still the same private person, so
-  a relabeled copy must be caught (and public data may have no labels at all).
-- The storage type does not take part: values are compared as numbers, so uint8 pixels and the
-  same pixels as float32, or int32 and int64 token ids, are the same example; -0.0 equals 0.0 and
-  all NaNs are equal. Text (str or bytes) is compared as UTF-8 bytes.
-- The layout does not take part: an image of shape (28, 28), (28, 28, 1) or (784,) with the same
-  values in row-major order is the same example. Dict features are taken in sorted key order (the
-  key names themselves do not take part), lists and tuples in their order.
-- Any other change of a value makes another example: rescaled (x / 255), cropped or augmented
-  copies are NOT found. This is an exact-duplicate check, not near-duplicate detection.
-
-Data is `(x, y)`, `(x, y, sample_weight)` or `x` alone (numpy arrays, tensors, dicts or lists of
-them; a tuple is read as Keras packs it, x first), or a `tf.data.Dataset` of such BATCHES.
+Design: docs/data.md
 """
 
 import collections

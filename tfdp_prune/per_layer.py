@@ -1,35 +1,10 @@
 """The per-layer per-example engine: one forward and one backward pass, then each example's
 masked gradient norm and the clipped sum, layer by layer, from what the passes captured.
 
-During the forward pass every layer with trainable weights records its input `a` and its
-pre-activation output `z` (the layer's `call` is replaced for the duration of the pass). One
-backward pass of the weighted loss sum gives `g = dL/dz` for every record; since no layer mixes
-examples (`model_checks`), row i of `g` is example i's own output gradient. Each call's rule
-(`layer_rules`, looked up by the layer's class; the generic rule re-runs the layer alone per
-example, logged once) turns its input and output gradient into per-example squared norms of the
-masked gradients and, given the clip factors, their clipped sums. This module does the capture
-and the grouping of calls; `layer_rules` holds how each kind of layer is handled.
+`PerLayerEngine` does the capture and the grouping of calls (a variable's calls are one
+group); `layer_rules` holds how each kind of layer is handled.
 
-A variable reached by several captured calls (a layer called k times, a model nested twice,
-weights tied between layers) has, per example, the SUM of the gradients of its calls: those
-calls are one group, whose per-example gradients are formed for each call and added before the
-norm is taken (several calls of one Embedding: one segment sum over all their tokens). Summing
-per-call norms instead would let an example reach sqrt(k) * C.
-
-Norms of all groups add up to each example's global squared norm (in float64: the rank-one
-shortcut squares inputs and output gradients, which underflow in float32 at extreme scales);
-the clip factor c_i = min(1, C / norm_i) then weighs each example in every layer's sum. Examples
-with weight 0 (padding), examples whose norm is not finite, and examples with an Embedding id
-outside [0, vocabulary) are excluded exactly as in `clipping`: their rows are replaced by zeros
-before any product, so a NaN never reaches the sum, and an id is never charged to another
-example.
-
-Variables are checked at trace time, from the variables each pass reads: a trainable variable
-read outside the calls that own it (a tied weight used directly by another layer, a layer
-called with several tensor inputs) makes the engine fall back to `VectorizedEngine` for the
-whole batch (logged once), as do microbatches and regularization losses. A trainable variable
-that the forward pass never reads gets an exact zero. Wrapper layers (`TimeDistributed`,
-`Bidirectional`) are captured as one layer, with the generic rule.
+Design: docs/per-layer-engine.md
 """
 
 import contextlib

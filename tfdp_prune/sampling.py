@@ -1,102 +1,10 @@
 """Batch sampling for DP training with `model.fit`: Poisson sampling, or shuffling as a choice.
 
-Poisson sampling (`PoissonSampler`, `sampling="poisson"`)
-  At every LOGICAL step each of the N private examples joins the batch independently with
-  probability q, so the batch size is Binomial(N, q) (0 is possible: an empty draw is a valid,
-  pure-noise step). This is the sampling that `PrivacySpec(sampling="poisson",
-  sampling_probability=q)` accounts for (DESIGN.md, rule 5). The optimizer must divide by the
-  EXPECTED batch size q * N, not by the size drawn:
-  `expected_batch_size=sampler.expected_batch_size`.
+`PoissonSampler` (fixed-shape padded batches, accounted as Poisson) and `ShuffleSampler`
+(disjoint batches, accounted without amplification); `make_sampler` by name. The sampling
+secret comes from OS entropy and lives only in memory and checkpoints.
 
-Fixed physical shape
-  A graph compiled for one batch shape is reused for every step: each logical batch is padded to
-  a fixed capacity of `gradient_accumulation_steps` (K) physical batches of
-  `physical_batch_size` (B) rows. Real rows come first and have sample weight exactly 1; padding
-  rows are all zeros (data-independent) with sample weight exactly 0, so they contribute exactly
-  nothing (rule 6). A logical step is K consecutive dataset elements, which the optimizer
-  accumulates into one update and one accounting step (rule 10).
-
-The cap, and what happens above it (never a silent truncation)
-  The capacity K * B must bound the drawn size. It is the smallest size m whose overflow
-  probability P(Binomial(N + 1, q) > m) is below `overflow_probability` (default 1e-15 per step;
-  N + 1 so that it also holds for a neighbouring dataset with one more example), from a rigorous
-  upper bound on the binomial tail (geometric bound on the terms beyond m), then rounded up to a
-  multiple of K. If a draw ever exceeds the capacity, reading the dataset raises
-  `tf.errors.InvalidArgumentError` naming the step: no example is ever dropped, the batches are
-  exactly Poisson for every step that ran. Stopping on that event still depends on the data
-  (through the batch size), so the guarantee of a run of T steps is
-  (epsilon, delta + (1 + e^epsilon) * T * p), p = `sampler.overflow_probability` (a bound for
-  this data and for a neighbour). That term is never left out: `privacy_spec()` carries p, and
-  the delta that `PrivacySpec.total_delta()`, the `PrivacyBudget` logs and the privacy metadata
-  report includes it (with the default, T = 10^4 and epsilon = 8: below 3e-8). A user-set
-  `max_batch_size` is therefore allowed at any size: a small cap makes p, and the reported
-  delta, large instead of making the report false. When the capacity exceeds N (small N or
-  large q) no overflow is possible and `overflow_probability` is 0.
-  The draw costs O(N) per logical step (one uniform number per example).
-
-Epochs, steps and resuming
-  By convention one epoch is `steps_per_epoch = max(1, round(1 / q))` logical steps (each
-  example is then used about once per epoch on average), i.e.
-  `physical_steps_per_epoch = K * steps_per_epoch` elements of the dataset, the number to pass to `model.fit(..., steps_per_epoch=...)`. `sampler.dataset()` is
-  infinite on purpose: with `steps_per_epoch` Keras keeps one iterator across epochs. (A finite
-  dataset of exactly one epoch would be re-iterated from its start every epoch, replaying the
-  same draws, which the accounting assumes are fresh.)
-  Every random choice is a stateless function of (secret, logical step), so the sampler has no
-  state but the step counter: `sampler.dataset(start_step=s)` yields exactly what the
-  uninterrupted stream yields from logical step s on. To resume from a checkpoint taken between
-  logical batches (e.g. at an epoch end), use `start_step=int(model.optimizer.iterations)`, which
-  counts logical steps; from a checkpoint taken after p physical batches,
-  `sampler.dataset(start_step=p // K).skip(p % K)`. The secret is in `sampler.state`, which
-  `DPCheckpoint` saves and `restore_latest` restores; the settings are `get_config()`.
-
-The secret (DESIGN.md rule 11: the sampling must not be reproducible from anything published)
-  128 bits from `os.urandom`, drawn when the sampler is built, kept in memory (a variable, and a
-  constant of the data pipeline's graph) and in checkpoints only: never in `get_config()`, logs,
-  metadata or exports. Step s draws its N uniforms with
-  Philox keyed per step: (key_s, c_s) = Philox4x32-10 with key = secret[0] at counter
-  (s, secret[1]), one block of 128 bits; then the uniforms are Philox with key key_s at counters
-  (0, c_s), (1, c_s), ... (`tf.raw_ops.StatelessRandomUniformV2`). Every step's stream thus
-  depends on all 128 secret bits, distinct steps use distinct per-step keys, and one step's
-  draws are a pure function of (secret, s), whatever ran before. (`tf.random.stateless_uniform`
-  with a [2] seed would not do: it keys Philox with 64 bits and puts the other 64 in the
-  counter, leaving no room for the step.) Under MultiWorkerMirroredStrategy every worker must
-  draw the SAME batches (each reads its shard of the same global batch, and the accounting
-  counts one draw per step): build the sampler with `strategy=` (or inside `strategy.scope()`);
-  the secret is then a variable created in the strategy's scope, which the strategy broadcasts
-  from the chief at creation, so all workers hold the chief's OS entropy.
-  `insecure_sampling_seed=<int>` derives the secret from the seed instead (SHA-256): reproducible,
-  hence INSECURE (a warning is logged, `mechanism_randomness` says "insecure_seed"); for tests.
-
-Shuffling (`ShuffleSampler`, `sampling="shuffle"`): an explicit choice, accounted as what it is
-  Each pass over the data is a fresh permutation drawn from (secret, pass), cut into
-  `N // batch_size` disjoint batches of exactly `batch_size` examples (the remainder of the pass
-  is left out of that pass), so every example is in at most one batch per pass and no batch
-  spans two passes. Its `privacy_spec` is `sampling="shuffle"`: no amplification by sampling is
-  claimed (see `accounting`), and the guarantee is stated for THIS sampler only: a pipeline of
-  one's own (e.g. `dataset.repeat().shuffle(...).batch(b)`, where `repeat()` before `batch()`
-  lets a batch straddle two passes and hold one example twice) is not covered by it.
-
-Use
-  sampler = tfdp_prune.sampling.PoissonSampler((x, y), sampling_probability=q,
-                                               gradient_accumulation_steps=K)
-  optimizer = tfdp_prune.DPKerasSGDOptimizer(..., expected_batch_size=sampler.expected_batch_size,
-                                             gradient_accumulation_steps=K)
-  budget = tfdp_prune.PrivacyBudget(sampler.privacy_spec(noise_multiplier=..., steps=0,
-                                                        delta=...), sampler=sampler)
-  model.fit(sampler.dataset(), steps_per_epoch=sampler.physical_steps_per_epoch, epochs=E,
-            callbacks=[budget])
-
-What is checked (DESIGN.md rule 10): the budget built with `sampler=` refuses to start a fit
-whose optimizer disagrees with the sampler (accumulation steps, expected batch size,
-microbatches) or whose spec is not the sampler's (`agreement.check_agreement`). Nothing else ties
-`sampler.dataset()` to the optimizer: training with a sampler but without a budget, call
-`tfdp_prune.check_agreement(optimizer, sampler=sampler)` yourself; a budget without `sampler=`
-compares only its spec with the optimizer (and logs a warning).
-
-Data: a tuple (x, y) of arrays (or nests of arrays, e.g. a dict of inputs) with the same first
-dimension N, or a finite `tf.data.Dataset` of single (x, y) examples, which is read once into
-memory. This module imports nothing of tfdp_prune but `_validate`, `accounting`, `randomness` and
-`compat`.
+Design: docs/sampling-and-accounting.md
 """
 
 import contextlib

@@ -1,30 +1,9 @@
 """Models wrapped with tfmot's `prune_low_magnitude`: our public-data masks replace tfmot's.
 
-tfdp_prune never needs tfmot: its masks are optimizer variables (checkpointed with the
-optimizer) and its callbacks zero pruned weights themselves. A model that a user has already
-wrapped with `tfmot.sparsity.keras.prune_low_magnitude` also trains, and stays a valid tfmot
-model: `adopt_masks` makes each `PruneLowMagnitude` wrapper hold OUR mask and stop following its
-own schedule, so that
+`adopt_masks(model, variables, masks)` makes each `PruneLowMagnitude` wrapper hold our mask and
+stop following its own schedule; the mask callbacks call it. tfmot is never imported here.
 
-- the wrapper's mask variables (non-trainable layer weights, saved with the model's weights)
-  equal the pruning mask tfdp_prune chose from public data;
-- the wrapper's schedule never fires again: it would re-choose the mask by weight magnitude
-  every `frequency` steps, overriding ours;
-- `UpdatePruningStep` is not needed: the wrapper's step counter is started if it was not;
-- `tfmot.sparsity.keras.strip_pruning(model)` gives the plain model with the zeros in place.
-
-The wrapper still runs its own ops inside every forward pass (step += 1, and
-`kernel.assign(kernel * mask)`). Once the mask is ours they change no value: pruned coordinates
-are already exactly 0 (the DP optimizer keeps them there) and the others are multiplied by 1.
-Under the per-example engine's `tf.vectorized_map` these ops do not depend on the example, so
-they run once per physical batch.
-
-`ParameterFreezing(frozen_value="zero")` adopts its mask; `frozen_value="keep"` and
-`ParameterSelection` prune nothing (frozen or unselected coordinates keep their values), so they
-adopt all-ones masks. The mask callbacks call `adopt_masks` themselves.
-
-tfmot is never imported here: importing it sets TF_USE_LEGACY_KERAS=1. A model can only hold
-tfmot wrappers once tfmot was imported, so models are searched for wrappers only then.
+Design: docs/tfmot-interop.md
 """
 
 import sys

@@ -1,29 +1,9 @@
 """The settings of one training run (`TrainConfig`), the named configs, and flag-style overrides.
 
-A `TrainConfig` holds every setting of `tfdp_prune.training.train`; its field names ARE the flag
-names of `tfdp-train` (`--sparsity` sets `sparsity`), so every error names the flag to fix. Each
-field carries its flag's help text (and choices), from which `tfdp-train` defines its flags: a new
-setting is one field.
-Everything is checked in `__post_init__`, before any data is read or any step is taken.
+A `TrainConfig`'s fields are `tfdp-train`'s flags, each with its help text; `CONFIGS`,
+`named_config(name)`; `resolve(name, overrides)` applies flag values to a named config.
 
-Named configs (`CONFIGS`, `named_config(name)`):
-  default                the no-flag run: scikit-learn's digits (embedded), an MLP, 20 epochs of
-                         public pre-training, then 80% of each kernel frozen by magnitude and
-                         DP-SGD on the rest at epsilon 8, delta 1e-5 (Poisson, PLD); a few minutes
-                         on 2 CPUs.
-  mnist_tfp_tutorial     TF Privacy's MNIST tutorial (classification_privacy.ipynb): its CNN,
-                         batch 250, clip 1.5, noise multiplier 1.3, SGD lr 0.25, 3 epochs; dense
-                         (no masks), Poisson sampling instead of its shuffled batches.
-  cifar10_wrn16_4_eps8   De et al. (2022), CIFAR-10 WRN-16-4 at epsilon 8, delta 1e-5: batch
-                         4096, augmult 16, clip 1, SGD lr 2 (no momentum), 875 steps, EMA 0.9999,
-                         dense; physical batch 256 here (16 accumulated batches per step).
-                         Needs CIFAR-10 prepared for TFDS and an accelerator (hours on a CPU).
-
-`resolve(name, overrides)` applies flag values to a named config. Overrides replace the
-config's settings; a few settings exclude one another, and an override of one clears the
-config's value of the other, so that `--noise_multiplier` on a config with a target epsilon
-means "this sigma, no target", and `--mode none` drops the config's mask settings. Giving BOTH
-members of such a pair (e.g. `--epsilon` and `--noise_multiplier`) is an error.
+Design: docs/training.md
 """
 
 import dataclasses

@@ -1,38 +1,9 @@
 """The training entry point: one `TrainConfig` -> data -> DP model -> fit -> checkpoint -> export.
 
-`train(config)` composes the library, in this order:
-  0. the tf.distribute strategy (first: MultiWorkerMirroredStrategy must exist before other ops);
-  1. `data.load`: public, private and test parts (disjointness checked there; splits passed in
-     are checked the same way by `data.check_splits`);
-  2. the sampler (Poisson or shuffle) over the private part, its secret agreed on by every
-     worker of the strategy, the logical steps, and the noise multiplier (given, or calibrated
-     to the target epsilon for those steps and that sampling);
-  3. under the tf.distribute strategy: the model, the DP optimizer (expected batch size from the
-     sampler, accumulation = batch_size / physical_batch_size), `make_private`;
-  4. resume: with `checkpoint_dir`, the run's record (`run.json`, `run_record`) is written or
-     checked against the config, and the newest checkpoint is restored (weights, optimizer,
-     masks, noise generator, sampler secret, ledger);
-  5. public pre-training (non-private, public part only) and the mask callback, both only for a
-     fresh run (a resumed run has its masks and pre-trained weights in the checkpoint);
-  6. `model.fit` with PrivacyBudget (built with the sampler: sampler, optimizer and budget must
-     agree on the logical batch, checked before fit too; it stops before the target epsilon is
-     exceeded), EMA, DPCheckpoint, and a stop after the planned number of logical steps;
-  7. test accuracy (with the EMA weights when EMA is on), the privacy metadata, the export
-     (its TF Serving warmup requests are synthetic: no row of any split leaves in them).
+`train(config)` composes the library; `run(config_name, **overrides)` is what `tfdp-train`
+calls; `export_checkpoint(checkpoint_dir, export_dir)` exports a run's newest checkpoint later.
 
-The training loss and metrics in fit's logs and History are computed on private batches without
-noise, and the test accuracy on the test split: neither is covered by the guarantee. No callback
-installed here reads them (the budget, EMA, checkpoints, the stop and the masks act on the
-optimizer's step count, the weights and public data only).
-
-`export_checkpoint(checkpoint_dir, export_dir)` exports the newest checkpoint of a run later, with
-the same metadata, without the data. `run(config_name, **overrides)` is what `tfdp-train` calls.
-
-Randomness: `config.seed` seeds what is not the DP mechanism (initialization, data split, random
-masks, augmentation) and is recorded in the metadata. The noise and the sampling draw from OS
-entropy (`tfdp_prune.randomness`), whose state is kept in memory and in checkpoints only: never
-in an export, the metadata, `run.json` or the logs. `config.insecure_mechanism_seed` seeds them
-instead (it is then in `run.json`, never in the export), and the export says INSECURE.
+Design: docs/training.md
 """
 
 import contextlib

@@ -1,48 +1,11 @@
 """Writes a trained classifier as a TF Serving SavedModel with its privacy guarantee attached.
 
   path = export_saved_model(model, "/models/digits", budget=budget)   # -> "/models/digits/3"
-  path = export_saved_model(model, "/models/digits", metadata)        # a record built before
 
-The layout TF Serving loads (`tensorflow_model_server --model_base_path=/models/digits`):
+Each version is written atomically (a temporary directory, then one rename), with the
+signatures `serving_default` and `privacy_metadata`.
 
-  <export_dir>/<version>/saved_model.pb, variables/     the model's weights and two signatures
-  <export_dir>/<version>/assets.extra/privacy_metadata.json
-  <export_dir>/<version>/assets.extra/tf_serving_warmup_requests   (synthetic inputs by default)
-  <export_dir>/<version>/model_card.md
-
-Signatures (the serving contract, names in `serving_files`):
-  serving_default(<input_name>: float32 [None, *input_shape])
-      -> probabilities: float32 [None, classes], class_id: int64 [None]
-      Another shape (TF Serving feeds a request's tensor without checking it against the
-      signature) is refused by an in-graph check whose error names the expected and received
-      shapes, before the model runs.
-  privacy_metadata(field: string [] or [None]) -> value: string, the field's shape
-      One field name (a scalar: TF Serving's {"inputs": {"field": "epsilon"}}) or a list of
-      names; any other rank is refused with a readable error. For each name, the JSON text of
-      that top-level field of
-      `metadata.to_dict()` ("epsilon" -> "7.42", "private" -> "true", "delta" -> "1e-05");
-      "all" -> the whole JSON document; a name that is no field -> "" (the empty string, never an
-      error, so one request may ask for fields that only newer schemas have). It takes an input
-      because TF Serving cannot serve a signature without one (tensorflow/serving#1676).
-And, for Python users without TF Serving nor tfdp_prune, a function without inputs:
-  tf.saved_model.load(path).privacy_metadata_json() -> the whole JSON document (scalar string).
-
-What is exported is exactly the model's variables: the SavedModel tracks them, not the Keras
-model object, whose optimizer (tfdp_prune's update masks, the noise generator, the optimizer's
-slots) would otherwise be saved with it. A model wrapped with tfmot's `prune_low_magnitude` is
-exported as `strip_pruning(model)`: without the wrappers' mask, threshold and step variables.
-
-Atomicity (a kill at any instant leaves either no new version or a complete one; TF Serving,
-which polls the base directory, never sees a half-written version): everything is written into
-`<export_dir>/.tmp-<version>-<uuid>`, a name TF Serving ignores (not an integer), checked with
-`inspect_version`, every file and directory is fsync'ed, then ONE rename makes it
-`<export_dir>/<version>` and the parent is fsync'ed. Replacing a version (overwrite=True) renames
-the old one aside to `.tmp-replaced-<version>-<uuid>`, renames the new one in, then deletes the
-old. Leftovers of a killed writer are cleaned at the start of the next export into the same
-directory (one writer per export_dir): `.tmp-*` directories are deleted, except that a
-`.tmp-replaced-<version>-*` whose version is missing (the writer died between its two renames)
-is renamed back, so that the old version survives. TF Serving may see a replaced version missing
-for the instant between the two renames (it then reloads it).
+Design: docs/export.md
 """
 
 import os

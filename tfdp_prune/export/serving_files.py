@@ -1,20 +1,10 @@
 """The files TF Serving reads beside a SavedModel, and the serving contract they describe.
 
-A version directory `<export_dir>/<version>/` holds, besides `saved_model.pb` and `variables/`:
+The file and signature names, the warmup requests (`write_warmup_file`, `read_warmup_file`;
+synthetic inputs unless examples are passed as public) and the model card
+(`render_model_card`).
 
-  assets.extra/privacy_metadata.json     `PrivacyMetadata.to_json()`: the guarantee, readable by
-                                         any JSON client (see tfdp_prune/metadata.py);
-  assets.extra/tf_serving_warmup_requests  a TFRecord file of `PredictionLog` records that TF
-                                         Serving replays when it loads the version, before it
-                                         reports the version AVAILABLE (so the first real request
-                                         does not pay for graph warm-up); TF Serving refuses a
-                                         file with more than 1000 records. It is stored in
-                                         clear, so its inputs are synthetic (zeros) unless the
-                                         caller passes examples explicitly as public;
-  model_card.md                          a human-readable summary (`render_model_card`).
-
-This module defines that contract (file and signature names), writes and reads the warmup file,
-and renders the model card. Every function is pure except the two that touch one file.
+Design: docs/export.md
 """
 
 import dataclasses
