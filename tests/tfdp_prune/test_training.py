@@ -294,9 +294,11 @@ def test_two_runs_with_identical_settings_draw_other_noise_and_publish_no_secret
   results = [training.train(TrainConfig(**_TINY, export_dir=str(tmp_path / f"export{i}"),
                                         checkpoint_dir=str(tmp_path / f"ckpt{i}")))
              for i in range(2)]
-  # The same seed, data, settings and initialization; other noise and other batches.
+  # The same seed, data, settings and initialization; other noise and other batches. Two float32
+  # weights can still coincide by chance (about 1e-6 per coordinate here): the same noise would
+  # make ALL of them equal, so a few equal coordinates pass and more than 1% fail.
   for a, b in zip(results[0].model.get_weights(), results[1].model.get_weights()):
-    assert a.shape == b.shape and not np.any(a == b)
+    assert a.shape == b.shape and np.mean(a == b) < 0.01, np.mean(a == b)
   assert len(drawn) >= 2 * (3 + 2)  # per run: the noise state (3 words), the sampler's (2)
   for result in results:
     metadata = result.metadata
