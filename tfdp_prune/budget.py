@@ -90,6 +90,9 @@ class PrivacyBudget(keras.callbacks.Callback):
     self.num_examples = num_examples
     self.log_every_epoch = log_every_epoch
     self.sampler = sampler
+    # {"path", "sha256", "steps"} of an earlier run's spend that the ledger this budget was
+    # restored from began with (set by `checkpointing.restore_latest`): the label names it.
+    self.carried_spend = None
     self._ledger = accounting.PrivacyLedger(spec)
     self._synced_iterations = None  # the optimizer iterations already in the ledger
     self._replayed_until = 0  # optimizer iterations up to which steps re-run ledgered ones

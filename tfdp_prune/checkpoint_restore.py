@@ -16,6 +16,7 @@ from tfdp_prune.checkpoint_format import damaged_choices
 from tfdp_prune.checkpoint_format import latest_checkpoint
 from tfdp_prune.compat import tf
 from tfdp_prune.privacy_ledger_file import LEDGER
+from tfdp_prune.privacy_ledger_file import read_carried
 from tfdp_prune.privacy_ledger_file import read_ledger
 
 
@@ -48,6 +49,8 @@ def restore_latest(directory: str, model, budget=None, sampler=None,
   optimizer = optimizer_lib.require_dp_optimizer(model, "restore_latest")
   info = latest_checkpoint(directory)  # CheckpointError if the newest checkpoint is damaged
   ledger = read_ledger(directory)
+  if budget is not None:  # the steps it restores may include an earlier run's, named here
+    budget.carried_spend = read_carried(directory)
   if info is None:
     if ledger is not None and ledger["iterations"] > 0:
       raise CheckpointError(

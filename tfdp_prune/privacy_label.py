@@ -16,6 +16,7 @@ import numpy as np
 from tfdp_prune import accounting
 from tfdp_prune import agreement
 from tfdp_prune import budget as budget_lib
+from tfdp_prune import carried_spend
 from tfdp_prune import mask_modes
 from tfdp_prune import metadata as metadata_lib
 from tfdp_prune import optimizer as optimizer_lib
@@ -144,7 +145,9 @@ def from_budget(model, budget) -> metadata_lib.PrivacyMetadata:
       mask_mode=provenance.mode if provenance is not None else mask_modes.NONE,
       mask_rule=provenance.rule if provenance is not None else None,
       mechanism_randomness=mechanism_randomness(optimizer.mechanism_randomness,
-                                                sampler.mechanism_randomness))
+                                                sampler.mechanism_randomness),
+      carried_statement=(carried_spend.statement(budget.carried_spend)
+                         if budget.carried_spend is not None else ""))
 
 
 def has_dp_optimizer(model) -> bool:

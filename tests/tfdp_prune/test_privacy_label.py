@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 
 import tfdp_prune
+from tfdp_prune import checkpointing
 from tfdp_prune import privacy_label
 from tfdp_prune import randomness
 from tfdp_prune import training
@@ -239,3 +240,21 @@ def test_a_dp_model_exported_without_budget_is_non_private_and_says_how_to_label
   assert not label.private
   assert "pass budget=" in caplog.text
 
+
+
+def test_a_carried_spend_restored_into_the_budget_is_named_in_the_label(tmp_path):
+  """`model.fit` continuing an earlier run's spend (README: start_carried_ledger, then
+  restore_latest with the budget): the label counts the old steps and names their ledger."""
+  _, old_budget, sampler = _run(steps=3)
+  carried = {"path": "/runs/old/privacy_ledger.jsonl", "sha256": "ab" * 32, "steps": 3}
+  new_dir = str(tmp_path / "new")
+  checkpointing.start_carried_ledger(new_dir, old_budget.get_state(), carried)
+  model = _dp_model(sampler)
+  budget = tfdp_prune.PrivacyBudget(
+      sampler.privacy_spec(noise_multiplier=1.0, steps=0, delta=1e-5), sampler=sampler)
+  assert tfdp_prune.restore_latest(new_dir, model, budget=budget, sampler=sampler) is None
+  _run(model=model, budget=budget, sampler=sampler, steps=2)
+  label = privacy_label.from_budget(model, budget)
+  assert label.steps == 5
+  assert "3 of these steps were spent by an earlier run" in label.statement
+  assert carried["path"] in label.statement and carried["sha256"] in label.statement
