@@ -38,6 +38,8 @@ import sys
 import tempfile
 import time
 
+import provenance  # benchmarks/provenance.py (the script's directory is on sys.path)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 DIGITS_Q = 100 / 1258  # tfdp-train's default run: batch 100 of the 1258 private digits
@@ -158,16 +160,6 @@ def _child(settings):
 # Parent.
 
 
-def _git_commit(code):
-  try:
-    rev = subprocess.run(["git", "-C", code, "rev-parse", "HEAD"], capture_output=True,
-                         text=True, check=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", code, "status", "--porcelain", "--", "tfdp_prune"],
-                           capture_output=True, text=True, check=True).stdout.strip()
-    return rev + ("+dirty(tfdp_prune)" if dirty else "")
-  except (OSError, subprocess.CalledProcessError):
-    return None
-
 
 def _snapshot(code, dest):
   """Copies code/tfdp_prune to dest; returns a content hash of the copy."""
@@ -282,7 +274,7 @@ def main():
   meta = {"command": " ".join([os.path.relpath(sys.executable, REPO)
                                if sys.executable.startswith(REPO) else sys.executable]
                               + sys.argv),
-          "code": args.code, "git_commit": _git_commit(args.code),
+          "code": args.code, "git_commit": provenance.git_commit(args.code),
           "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python "
                      f"{platform.python_version()}, load average at start "
                      f"{os.getloadavg()[0]:.1f}",

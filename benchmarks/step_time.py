@@ -34,6 +34,8 @@ import sys
 import time
 import traceback
 
+import provenance  # benchmarks/provenance.py (the script's directory is on sys.path)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 
@@ -237,16 +239,6 @@ def _machine():
   return info
 
 
-def _git_commit():
-  try:
-    rev = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True,
-                         text=True, check=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--", "tfdp_prune"],
-                           capture_output=True, text=True, check=True).stdout.strip()
-    return rev + ("+dirty(tfdp_prune)" if dirty else "")
-  except (OSError, subprocess.CalledProcessError):
-    return None
-
 
 def _snapshot_tfdp_prune(dest):
   """Copies tfdp_prune/ so every arm imports the same code even if it is edited meanwhile;
@@ -348,7 +340,7 @@ def run_parent(args):
     if name not in ARMS:
       raise SystemExit(f"unknown arm {name!r}; expected some of {list(ARMS)}")
   report = {"command": " ".join([sys.executable] + sys.argv),
-            "machine": _machine(), "versions": _versions(), "git_commit": _git_commit(),
+            "machine": _machine(), "versions": _versions(), "git_commit": provenance.git_commit(REPO),
             "settings": {"steps_max": args.steps, "min_steps": args.min_steps,
                          "warmup": args.warmup, "budget_s": args.budget_s, "seed": args.seed,
                          "l2_norm_clip": L2_NORM_CLIP, "noise_multiplier": NOISE_MULTIPLIER,
