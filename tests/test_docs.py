@@ -8,6 +8,8 @@ import pytest
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _DOCS = os.path.join(_REPO, "docs")
+# The directories pyproject.toml installs as the package tfdp_prune (tests/test_layout.py).
+_PACKAGE_DIRS = ("tfdp_prune", "trainers", "export")
 _POINTER = re.compile(r"docs/([\w.-]+\.md)")
 _MAX_MODULE_DOCSTRING_LINES = 15  # a few lines and a pointer; the essays live in docs/
 
@@ -15,14 +17,15 @@ _MAX_MODULE_DOCSTRING_LINES = 15  # a few lines and a pointer; the essays live i
 def _module_docstrings():
   """(path relative to the repository, docstring) of every module of the package."""
   found = []
-  for root, _, files in os.walk(os.path.join(_REPO, "tfdp_prune")):
-    for name in sorted(files):
-      if name.endswith(".py"):
-        path = os.path.join(root, name)
-        with open(path, encoding="utf-8") as f:
-          doc = ast.get_docstring(ast.parse(f.read()), clean=False)
-        if doc:
-          found.append((os.path.relpath(path, _REPO), doc))
+  for top in _PACKAGE_DIRS:
+    for root, _, files in os.walk(os.path.join(_REPO, top)):
+      for name in sorted(files):
+        if name.endswith(".py"):
+          path = os.path.join(root, name)
+          with open(path, encoding="utf-8") as f:
+            doc = ast.get_docstring(ast.parse(f.read()), clean=False)
+          if doc:
+            found.append((os.path.relpath(path, _REPO), doc))
   return found
 
 

@@ -70,10 +70,10 @@ def test_readme_documents_every_flag_of_every_binary():
   from tfdp_prune.trainers import train  # pylint: disable=g-import-not-at-top
   readme = _read("README.md")
   binaries = {
-      "tfdp-train": _defined_flags("tfdp_prune/trainers/train.py")
+      "tfdp-train": _defined_flags("trainers/train.py")
                     | {name for name, _, _ in train._FLAG_SPECS},
-      "tfdp-audit": _defined_flags("tfdp_prune/trainers/audit.py"),
-      "tfdp-export": _defined_flags("tfdp_prune/trainers/export.py"),
+      "tfdp-audit": _defined_flags("trainers/audit.py"),
+      "tfdp-export": _defined_flags("trainers/export.py"),
   }
   for binary, names in binaries.items():
     assert len(names) > 3, (binary, names)  # the scan found the flags

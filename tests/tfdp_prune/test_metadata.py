@@ -10,7 +10,7 @@ import pytest
 
 from tfdp_prune import metadata as metadata_lib
 from tfdp_prune.metadata import PrivacyMetadata
-from tests.tfdp_prune.export import _export_testing as E
+from tests.export import _export_testing as E
 
 
 def _strict_loads(text):

@@ -359,7 +359,7 @@ def test_the_seed_flag_seeds_only_what_is_not_the_mechanism(monkeypatch):
 
 
 def test_the_summary_shows_the_overflow_term_and_an_insecure_run():
-  from tests.tfdp_prune.export import _export_testing as E  # pylint: disable=g-import-not-at-top
+  from tests.export import _export_testing as E  # pylint: disable=g-import-not-at-top
   plain = E.private_metadata()
   assert "delta = 1e-05 after 300 logical steps" in training.summary(plain, 0.9, None)
   assert "mechanism randomness: os_entropy\n" in training.summary(plain, 0.9, None)

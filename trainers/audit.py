@@ -31,7 +31,7 @@ def _help(name: str) -> str:
 
 
 # Every audit flag defaults to None: "not given, keep AuditConfig's default". One per field of
-# AuditConfig, of the field's kind (tests/tfdp_prune/trainers/test_flags.py checks both).
+# AuditConfig, of the field's kind (tests/trainers/test_flags.py checks both).
 _AUDIT_FLAGS = {
     "canaries": flags.DEFINE_integer("canaries", None, _help("canaries")),
     "canary_seed": flags.DEFINE_integer("canary_seed", None, _help("canary_seed")),

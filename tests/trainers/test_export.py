@@ -59,7 +59,7 @@ def test_inspect_of_a_forged_epsilon_fails_and_prints_no_label(tmp_path):
   """The operator's view of issue 14: epsilon edited in the JSON file, digest recomputed."""
   from tfdp_prune import metadata as metadata_lib  # pylint: disable=g-import-not-at-top
   from tfdp_prune.export import export_saved_model  # pylint: disable=g-import-not-at-top
-  from tests.tfdp_prune.export import _export_testing as E  # pylint: disable=g-import-not-at-top
+  from tests.export import _export_testing as E  # pylint: disable=g-import-not-at-top
   path = export_saved_model(E.tiny_model(), str(tmp_path / "models"), E.private_metadata())
   filename = os.path.join(path, "assets.extra", "privacy_metadata.json")
   with open(filename) as f:
@@ -90,7 +90,7 @@ export.run_main()
 def _run_export_main(*argv, bug=False):
   """`tfdp-export`'s console entry point in a process of its own (its flags clash with
   tfdp-train's in one process); with `bug`, export_checkpoint raises a plain ValueError."""
-  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   code = _BUGGY_EXPORT if bug else "from tfdp_prune.trainers import export; export.run_main()"
   return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
                         timeout=600, env=dict(_ENV, PYTHONPATH=os.path.abspath(repo)))

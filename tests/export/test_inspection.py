@@ -18,7 +18,7 @@ from tfdp_prune.export import export_saved_model
 from tfdp_prune.export import format_report
 from tfdp_prune.export import inspect_export
 from tfdp_prune.export import read_metadata
-from tests.tfdp_prune.export import _export_testing as E
+from tests.export import _export_testing as E
 
 _METADATA = os.path.join("assets.extra", "privacy_metadata.json")
 _WARMUP = os.path.join("assets.extra", "tf_serving_warmup_requests")

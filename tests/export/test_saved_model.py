@@ -39,10 +39,10 @@ from tfdp_prune.export import read_metadata
 from tfdp_prune.export import saved_model
 from tfdp_prune.export import serving_files
 from tests.tfdp_prune import _testing as T
-from tests.tfdp_prune.export import _export_testing as E
+from tests.export import _export_testing as E
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_REPO = os.path.dirname(os.path.dirname(os.path.dirname(_HERE)))
+_REPO = os.path.dirname(os.path.dirname(_HERE))
 _FORBIDDEN = ("mask", "threshold", "pruning_step")
 
 
@@ -571,7 +571,7 @@ def test_the_export_modules_import_only_the_schema_compat_and_leaf_utilities():
   training entry point (checked below)."""
   allowed = {"tfdp_prune.metadata", "tfdp_prune.compat", "tfdp_prune._validate",
              "tfdp_prune.atomic_files", "tfdp_prune.privacy_label"}
-  package = os.path.join(_REPO, "tfdp_prune", "export")
+  package = os.path.join(_REPO, "export")
   for filename in ("__init__.py", "saved_model.py", "serving_files.py", "inspection.py"):
     with open(os.path.join(package, filename), encoding="utf-8") as f:
       modules = set(_imported_modules(ast.parse(f.read())))

@@ -18,7 +18,7 @@ from tfdp_prune.export import SignatureInfo
 from tfdp_prune.export import TensorSpecInfo
 from tfdp_prune.export import render_model_card
 from tfdp_prune.export import serving_files
-from tests.tfdp_prune.export import _export_testing as E
+from tests.export import _export_testing as E
 
 SIGNATURES = (
     SignatureInfo("serving_default",
