@@ -71,6 +71,9 @@ class PrivacyMetadata:
       do not depend on it.
     library_versions: distribution -> version; created: ISO 8601 UTC time.
     empirical: measured (not proven) results such as an audit, or None.
+    tuning: a private hyperparameter search's record (`tuning_accounting.record` and what the
+      search drew: candidates, trials run, the selected one), or None. With it, epsilon and
+      delta are the WHOLE search's; `tfdp-export --inspect` recomputes them from it.
   """
 
   private: bool
@@ -103,6 +106,7 @@ class PrivacyMetadata:
   library_versions: Dict[str, str]
   created: str
   empirical: Optional[Dict[str, Any]] = None
+  tuning: Optional[Dict[str, Any]] = None
 
   def __post_init__(self):
     _validate.boolean("private", self.private)
@@ -132,6 +136,14 @@ class PrivacyMetadata:
           f"A private model trained with seeded noise and sampling (mechanism_randomness="
           f"{randomness.INSECURE_SEED!r}) must say so: expected a statement starting with "
           f"{INSECURE_PREFIX!r}. Received: statement={self.statement!r}.")
+    if self.tuning is not None and not (
+        self.private and isinstance(self.tuning, dict)
+        and self.tuning.get("epsilon") == self.epsilon and self.tuning.get("delta") == self.delta):
+      raise ValueError(f"A tuned model's epsilon and delta are its search's total: expected "
+                       f"private=True and epsilon, delta equal to tuning's. Received: "
+                       f"epsilon={self.epsilon!r}, delta={self.delta!r}, tuning epsilon, delta="
+                       f"{(self.tuning or {}).get('epsilon')!r}, "
+                       f"{(self.tuning or {}).get('delta')!r}.")
     _validate.one_of("mask_mode", self.mask_mode, mask_modes.ALL)
     for name in ("steps", "num_private_examples", "num_public_examples", "num_test_examples"):
       _validate.non_negative_int(name, getattr(self, name))
@@ -162,6 +174,8 @@ class PrivacyMetadata:
     result = _ENVELOPE.header()
     result.update(dataclasses.asdict(self))
     result["epsilon"] = _INFINITY if math.isinf(self.epsilon) else self.epsilon
+    if result["tuning"] is None:  # absent, not null: untuned records keep their digest
+      del result["tuning"]
     result[DIGEST_KEY] = document_digest(result)
     return result
 

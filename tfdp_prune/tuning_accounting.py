@@ -10,7 +10,6 @@ import math
 from typing import Any, Dict
 
 from dp_accounting import dp_event
-from dp_accounting.rdp import rdp_privacy_accountant
 
 from tfdp_prune import _search
 from tfdp_prune import _validate
