@@ -13,11 +13,13 @@ catches an edit of one copy: the digest proves consistency, not authorship (READ
 
 import dataclasses
 import json
+import math
 import os
 import re
 from typing import Any, Dict, Optional, Tuple
 
 from tfdp_prune import metadata as metadata_lib
+from tfdp_prune import tuning_accounting
 from tfdp_prune.compat import tf
 from tfdp_prune.export import serving_files as files
 
@@ -220,6 +222,7 @@ def inspect_version(path: str, version: int) -> VersionReport:
   _check_signatures(path, signatures)
   metadata = read_metadata(path)
   check_metadata_copies(path, metadata)
+  check_tuning(path, metadata)
   warmup_path = os.path.join(path, files.ASSETS_EXTRA, files.WARMUP_FILENAME)
   warmup_records = None
   if os.path.exists(warmup_path):
@@ -258,6 +261,23 @@ def check_metadata_copies(path: str, metadata: metadata_lib.PrivacyMetadata) -> 
         "serve this version: re-export it from its checkpoint (tfdp-export).")
 
 
+def check_tuning(path: str, metadata: metadata_lib.PrivacyMetadata) -> None:
+  """A privately tuned model: raises ExportError unless its epsilon and delta are what its
+  `tuning` record's fields give (the whole search's, recomputed with dp_accounting)."""
+  if metadata.tuning is None:
+    return
+  try:
+    total = tuning_accounting.verify(metadata.tuning)
+  except ValueError as error:
+    raise ExportError(f"The private search's record in {path} does not verify: {error} Do not "
+                      "serve this version.") from None
+  if not all(math.isclose(total[name], getattr(metadata, name), rel_tol=1e-9)
+             for name in ("epsilon", "delta")):
+    raise ExportError(f"{path} states epsilon={metadata.epsilon!r}, delta={metadata.delta!r}, "
+                      f"but its private search's record gives {total['epsilon']!r}, "
+                      f"{total['delta']!r}. Do not serve this version.")
+
+
 def format_report(report: ExportReport) -> str:
   """A readable summary, newest version first, each starting with its guarantee line."""
   blocks = []
@@ -284,6 +304,10 @@ def format_report(report: ExportReport) -> str:
                  "examples")
     lines.append(f"  masks: {metadata.mask_mode}, overall sparsity "
                  f"{100 * metadata.mask_sparsity:.2f}%")
+    if metadata.tuning:
+      lines.append(f"  tuning: {metadata.tuning['method']}, {metadata.tuning['trials_run']} "
+                   f"trial(s) run; the epsilon above is the whole search's (recomputed and "
+                   f"verified; one trial's: {metadata.tuning['trial_epsilon']:.4g})")
     if metadata.empirical:
       lines.append(f"  empirical (not proven): {sorted(metadata.empirical)}")
     warmup = ("none (no warmup file)" if version.warmup_records is None
