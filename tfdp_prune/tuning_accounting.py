@@ -22,7 +22,11 @@ GEOMETRIC = "geometric"
 # (Theorem 2; gamma = 1 / mean).
 SHAPES = {POISSON: math.inf, GEOMETRIC: 1.0}
 DISTRIBUTIONS = tuple(SHAPES)
-_RTOL = 1e-9  # how closely a recorded epsilon must match its recomputation
+_RTOL = 1e-9
+# Calibration's range of trial noise multipliers (beyond 2**20, dp_accounting's RDP of the
+# sampled Gaussian fails in log space; no useful run needs that much noise).
+_MIN_NOISE = 2.0**-19
+_MAX_NOISE = 2.0**20  # how closely a recorded epsilon must match its recomputation
 
 
 def trial_event(spec: accounting.PrivacySpec, score_noise_multiplier: float) -> dp_event.DpEvent:
@@ -109,16 +113,19 @@ def calibrate_noise_multiplier(template: accounting.PrivacySpec, score_noise_mul
 
   def value(sigma):
     spec = dataclasses.replace(template, noise_multiplier=float(sigma))
-    return search_epsilon(spec, score_noise_multiplier, distribution, mean_trials)
+    try:
+      return search_epsilon(spec, score_noise_multiplier, distribution, mean_trials)
+    except ValueError:  # dp_accounting's log-space arithmetic fails: count it as too much
+      return math.inf
 
   try:
-    _, sigma = _search.smallest_fitting(value, target_epsilon, tol, 2.0**-19, 2.0**30)
+    _, sigma = _search.smallest_fitting(value, target_epsilon, tol, _MIN_NOISE, _MAX_NOISE)
   except _search.NotFoundError:
     raise accounting.UnreachableEpsilonError(
-        f"No trial noise multiplier <= 2**30 brings the search's epsilon to "
-        f"{target_epsilon} (even that much noise gives {value(2.0**30):.3g}: the score noise "
-        f"{score_noise_multiplier} and the mean number of trials {mean_trials} cost that much "
-        "alone).") from None
+        f"No trial noise multiplier <= {_MAX_NOISE:g} brings the search's epsilon to "
+        f"{target_epsilon} (even that much noise gives {value(_MAX_NOISE):.3g}: the score "
+        f"noise {score_noise_multiplier} and the mean number of trials {mean_trials} cost that "
+        "much alone).") from None
   if not value(sigma) <= target_epsilon:  # a privacy guard: never an assert
     raise RuntimeError(f"Calibration found sigma={sigma} above the target; not returned.")
   return sigma
