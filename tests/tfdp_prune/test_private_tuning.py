@@ -129,3 +129,11 @@ def test_inspect_refuses_a_tuning_record_that_does_not_give_its_epsilon(tuned_ru
     inspection.check_tuning("/export/1", edited)
   with pytest.raises(ValueError, match="search's total"):
     dataclasses.replace(tuned_run.metadata, epsilon=tuned_run.metadata.tuning["trial_epsilon"])
+
+
+def test_inspect_export_recomputes_the_total(tuned_run, monkeypatch):
+  # As if dp_accounting gave another total for the recorded search: --inspect must say so.
+  monkeypatch.setattr(inspection.tuning_accounting, "verify",
+                      lambda tuning: {"epsilon": tuning["epsilon"] / 2, "delta": 1e-5})
+  with pytest.raises(inspection.ExportError, match="private search's record gives"):
+    inspection.inspect_export(tuned_run.export_path)
