@@ -130,7 +130,9 @@ def search(candidates: Sequence[Dict[str, float]], trials: int,
            rng: np.random.Generator) -> Outcome:
   """Runs `trials` trials, each on a candidate drawn uniformly; returns the one of highest
   `score` (a noisy, DP score: ranking by a non-private one would not be covered by the theorem).
-  Only the best trial is output; the others are dropped (the theorem covers this output)."""
+  Only the best trial is output; the others are dropped (the theorem covers this output). The
+  candidate draw is inside each trial, so every trial is the same randomized algorithm Q, as
+  the theorems require."""
   _validate.non_negative_int("trials", trials)
   best = None
   for _ in range(trials):
