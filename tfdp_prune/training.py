@@ -429,6 +429,10 @@ def summary(metadata: metadata_lib.PrivacyMetadata, test_accuracy: Optional[floa
            + (" (INSECURE: reproducible from --insecure_mechanism_seed; do not release)"
               if metadata.insecure else ""),
            f"test accuracy: {'n/a' if test_accuracy is None else f'{test_accuracy:.4f}'}"]
+  if metadata.tuning:
+    lines.insert(1, f"private search: {metadata.tuning['trials_run']} trial(s), "
+                    f"{metadata.tuning['method']}; the epsilon above is the whole search's (one "
+                    f"trial: {metadata.tuning['trial_epsilon']:.4g}), the steps one trial's")
   if export_path:
     lines.append(f"exported: {export_path}")
   return "\n".join(lines)

@@ -120,6 +120,7 @@ def test_the_export_states_the_whole_search_and_inspect_recomputes_it(tuned_run)
   report = inspection.inspect_export(tuned_run.export_path)
   assert report.latest.metadata == metadata
   assert "the whole search's" in inspection.format_report(report)
+  assert "the whole search's" in training.summary(metadata, None, None)
 
 
 def test_inspect_refuses_a_tuning_record_that_does_not_give_its_epsilon(tuned_run):
