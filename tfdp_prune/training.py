@@ -454,6 +454,10 @@ def _train_tuned(config: TrainConfig, splits: data_lib.DataSplits, callbacks) ->
   part is private data: its use is the noisy score, which is part of each trial's accounted
   output, and the selection is part of the procedure the theorem analyses."""
   rng = private_tuning.entropy_rng()
+  # K is independent of the data: drawn first, so that K = 0 ends the search before any work.
+  trials = private_tuning.draw_trial_count(config.tune_distribution, config.tune_trials, rng)
+  if trials == 0:
+    raise private_tuning.EmptySearchError(private_tuning.empty_search_message(config.tune_trials))
   try:
     train_part, validation = private_tuning.split_validation(
         splits.private, config.tune_validation_fraction, rng)
@@ -468,9 +472,6 @@ def _train_tuned(config: TrainConfig, splits: data_lib.DataSplits, callbacks) ->
   trial_config = dataclasses.replace(base, epsilon=None, noise_multiplier=spec.noise_multiplier)
   tuning = tuning_accounting.record(spec, config.tune_score_noise, config.tune_distribution,
                                     config.tune_trials)
-  trials = private_tuning.draw_trial_count(config.tune_distribution, config.tune_trials, rng)
-  if trials == 0:
-    raise private_tuning.EmptySearchError(private_tuning.empty_search_message(config.tune_trials))
   candidates = private_tuning.parse_candidates(config.tune_candidates)
   outcome = private_tuning.search(
       candidates, trials,
