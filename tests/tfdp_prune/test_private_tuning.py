@@ -3,6 +3,7 @@ by its noisy score is output, the export states the WHOLE search's epsilon and -
 recomputes it; what the search cannot account for is refused before any step."""
 
 import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -121,6 +122,8 @@ def test_the_export_states_the_whole_search_and_inspect_recomputes_it(tuned_run)
   assert report.latest.metadata == metadata
   assert "the whole search's" in inspection.format_report(report)
   assert "the whole search's" in training.summary(metadata, None, None)
+  with open(os.path.join(tuned_run.export_path, "model_card.md"), encoding="utf-8") as f:
+    assert "whole private search's" in f.read()
 
 
 def test_inspect_refuses_a_tuning_record_that_does_not_give_its_epsilon(tuned_run):
