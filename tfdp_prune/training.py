@@ -475,8 +475,9 @@ def _train_tuned(config: TrainConfig, splits: data_lib.DataSplits, callbacks) ->
   candidates = private_tuning.parse_candidates(config.tune_candidates)
   outcome = private_tuning.search(
       candidates, trials,
-      train_trial=lambda candidate: train(dataclasses.replace(trial_config, **candidate),
-                                          splits=trial_splits, callbacks=callbacks),
+      train_trial=lambda candidate: _checked_trial(
+          train(dataclasses.replace(trial_config, **candidate), splits=trial_splits,
+                callbacks=callbacks), spec),
       score=lambda result: private_tuning.noisy_score(
           private_tuning.count_correct(result.model, validation), config.tune_score_noise, rng),
       rng=rng)
@@ -493,6 +494,16 @@ def _train_tuned(config: TrainConfig, splits: data_lib.DataSplits, callbacks) ->
     print(summary(metadata, test_accuracy, export_path))
   return TrainResult(model=best.result.model, metadata=metadata, history=best.result.history,
                      test_accuracy=test_accuracy, export_path=export_path, resumed_from=None)
+
+
+def _checked_trial(result: TrainResult, spec: accounting.PrivacySpec) -> TrainResult:
+  """A privacy guard (never an assert): the trial ran the accounted mechanism, for at most the
+  accounted steps."""
+  ran = accounting.PrivacySpec.from_dict(result.metadata.privacy_spec)
+  if ran.with_steps(0) != spec.with_steps(0) or ran.steps > spec.steps:
+    raise RuntimeError(f"A trial of the private search ran {ran}, not the accounted {spec}; "
+                       "its output is not released.")
+  return result
 
 
 def _plan_tuned(config: TrainConfig, sampler) -> accounting.PrivacySpec:
