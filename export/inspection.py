@@ -220,6 +220,7 @@ def inspect_version(path: str, version: int) -> VersionReport:
   _check_signatures(path, signatures)
   metadata = read_metadata(path)
   check_metadata_copies(path, metadata)
+  check_tuning(path, metadata)
   warmup_path = os.path.join(path, files.ASSETS_EXTRA, files.WARMUP_FILENAME)
   warmup_records = None
   if os.path.exists(warmup_path):
@@ -258,6 +259,16 @@ def check_metadata_copies(path: str, metadata: metadata_lib.PrivacyMetadata) -> 
         "serve this version: re-export it from its checkpoint (tfdp-export).")
 
 
+def check_tuning(path: str, metadata: metadata_lib.PrivacyMetadata) -> None:
+  """A privately tuned model: raises ExportError unless its epsilon and delta are what its
+  `tuning` record's fields give (the whole search's; `metadata.check_tuning`)."""
+  try:
+    metadata_lib.check_tuning(metadata)
+  except ValueError as error:
+    raise ExportError(f"The private search's record in {path} does not verify: {error} Do not "
+                      "serve this version.") from None
+
+
 def format_report(report: ExportReport) -> str:
   """A readable summary, newest version first, each starting with its guarantee line."""
   blocks = []
@@ -284,6 +295,10 @@ def format_report(report: ExportReport) -> str:
                  "examples")
     lines.append(f"  masks: {metadata.mask_mode}, overall sparsity "
                  f"{100 * metadata.mask_sparsity:.2f}%")
+    if metadata.tuning:
+      lines.append(f"  tuning: {metadata.tuning['method']}, {metadata.tuning['trials_run']} "
+                   f"trial(s) run; the epsilon above is the whole search's (recomputed and "
+                   f"verified; one trial's: {metadata.tuning['trial_epsilon']:.4g})")
     if metadata.empirical:
       lines.append(f"  empirical (not proven): {sorted(metadata.empirical)}")
     warmup = ("none (no warmup file)" if version.warmup_records is None

@@ -19,6 +19,7 @@ from typing import Any, Dict, Optional
 from tfdp_prune import _validate
 from tfdp_prune import mask_modes
 from tfdp_prune import randomness
+from tfdp_prune import tuning_accounting
 from tfdp_prune import version
 from tfdp_prune import versioned_json
 
@@ -71,6 +72,9 @@ class PrivacyMetadata:
       do not depend on it.
     library_versions: distribution -> version; created: ISO 8601 UTC time.
     empirical: measured (not proven) results such as an audit, or None.
+    tuning: a private hyperparameter search's record (`tuning_accounting.record` and what the
+      search drew: candidates, trials run, the selected one), or None. With it, epsilon and
+      delta are the WHOLE search's; `tfdp-export --inspect` recomputes them from it.
   """
 
   private: bool
@@ -103,6 +107,7 @@ class PrivacyMetadata:
   library_versions: Dict[str, str]
   created: str
   empirical: Optional[Dict[str, Any]] = None
+  tuning: Optional[Dict[str, Any]] = None
 
   def __post_init__(self):
     _validate.boolean("private", self.private)
@@ -132,6 +137,14 @@ class PrivacyMetadata:
           f"A private model trained with seeded noise and sampling (mechanism_randomness="
           f"{randomness.INSECURE_SEED!r}) must say so: expected a statement starting with "
           f"{INSECURE_PREFIX!r}. Received: statement={self.statement!r}.")
+    if self.tuning is not None and not (
+        self.private and isinstance(self.tuning, dict)
+        and self.tuning.get("epsilon") == self.epsilon and self.tuning.get("delta") == self.delta):
+      raise ValueError(f"A tuned model's epsilon and delta are its search's total: expected "
+                       f"private=True and epsilon, delta equal to tuning's. Received: "
+                       f"epsilon={self.epsilon!r}, delta={self.delta!r}, tuning epsilon, delta="
+                       f"{(self.tuning or {}).get('epsilon')!r}, "
+                       f"{(self.tuning or {}).get('delta')!r}.")
     _validate.one_of("mask_mode", self.mask_mode, mask_modes.ALL)
     for name in ("steps", "num_private_examples", "num_public_examples", "num_test_examples"):
       _validate.non_negative_int(name, getattr(self, name))
@@ -162,6 +175,8 @@ class PrivacyMetadata:
     result = _ENVELOPE.header()
     result.update(dataclasses.asdict(self))
     result["epsilon"] = _INFINITY if math.isinf(self.epsilon) else self.epsilon
+    if result["tuning"] is None:  # absent, not null: untuned records keep their digest
+      del result["tuning"]
     result[DIGEST_KEY] = document_digest(result)
     return result
 
@@ -265,3 +280,16 @@ def non_private(*, dataset: Optional[str] = None, num_private_examples: int = 0,
       mask_rule=None, mask_sparsity=0.0, mask_sparsity_per_variable={},
       mechanism_randomness=None, seed=seed,
       library_versions=library_versions(), created=utc_now())
+
+
+def check_tuning(metadata: PrivacyMetadata) -> None:
+  """A privately tuned model's record: raises ValueError unless its epsilon and delta are what
+  its `tuning` record's fields give (the whole search's, recomputed with dp_accounting). The
+  schema checks it because those fields are what the stated guarantee rests on."""
+  if metadata.tuning is None:
+    return
+  total = tuning_accounting.verify(metadata.tuning)
+  if not all(math.isclose(total[name], getattr(metadata, name), rel_tol=1e-9)
+             for name in ("epsilon", "delta")):
+    raise ValueError(f"It states epsilon={metadata.epsilon!r}, delta={metadata.delta!r}, but its "
+                     f"private search's record gives {total['epsilon']!r}, {total['delta']!r}.")

@@ -17,7 +17,9 @@ from tfdp_prune import _validate
 from tfdp_prune import accounting
 from tfdp_prune import mask_modes
 from tfdp_prune import masks
+from tfdp_prune import private_tuning
 from tfdp_prune import randomness
+from tfdp_prune import tuning_accounting
 
 # The names of modes, rules, samplings and accountants come from the modules that implement them
 # (mask_modes, masks, accounting); the strategies and optimizers are built by `training`.
@@ -102,6 +104,23 @@ class TrainConfig:
   sampling: str = setting("poisson",
       "poisson (amplified epsilon) or shuffle (fixed batches, reported without amplification).",
       choices=accounting.SAMPLINGS)
+  # hyperparameter search
+  tune: str = setting(private_tuning.NONE,
+      "Hyperparameter search: none, or private (on the private data, the search accounted: "
+      "Papernot-Steinke 2022; --epsilon is the whole search's total).",
+      choices=private_tuning.MODES)
+  tune_candidates: Optional[str] = setting(None,
+      "The candidates of --tune=private: ';'-separated, each ','-separated name=value of "
+      "learning_rate, momentum, l2_norm_clip (e.g. 'learning_rate=0.1;learning_rate=0.5').")
+  tune_trials: float = setting(2.0,
+      "Mean number of trials of --tune=private (>= 1); the number run is random.")
+  tune_distribution: str = setting(tuning_accounting.POISSON,
+      "Distribution of the number of trials: poisson (may be 0: no model) or geometric (>= 1).",
+      choices=tuning_accounting.DISTRIBUTIONS)
+  tune_validation_fraction: float = setting(0.1,
+      "Fraction of the private part held out to score the trials (--tune=private).")
+  tune_score_noise: float = setting(5.0,
+      "Std of the Gaussian noise on each trial's count of correct validation predictions.")
   # optimization
   batch_size: int = setting(100, "Logical (expected) batch size: one noisy update each.")
   physical_batch_size: Optional[int] = setting(None,
@@ -166,6 +185,7 @@ class TrainConfig:
                   self.insecure_mechanism_seed)
     check_setting(_validate.non_negative_int, "verbose", self.verbose)
     self._check_carry()
+    self._check_tuning()
     check_setting(_validate.boolean, "overwrite", self.overwrite)
     for field in dataclasses.fields(self):  # the run record is JSON: no numpy scalars
       object.__setattr__(self, field.name, _plain(getattr(self, field.name)))
@@ -197,6 +217,45 @@ class TrainConfig:
       raise ConfigError(
           f"Expected --carry_spend_from (the old run's directory) and --checkpoint_dir (the new "
           f"run's) to differ. Received: both {self.checkpoint_dir}. Pass a new --checkpoint_dir.")
+
+  def _check_tuning(self):
+    """--tune=private: what it needs, and what it refuses (see the README, "Private
+    hyperparameter search")."""
+    check_setting(_validate.one_of, "tune", self.tune, private_tuning.MODES)
+    check_setting(_validate.one_of, "tune_distribution", self.tune_distribution,
+                  tuning_accounting.DISTRIBUTIONS)
+    if self.tune != private_tuning.PRIVATE:
+      if self.tune_candidates is not None:
+        raise ConfigError(f"--tune_candidates has no effect without --tune=private. Received: "
+                          f"--tune_candidates={self.tune_candidates!r} with --tune={self.tune}.")
+      return
+    try:
+      private_tuning.parse_candidates(self.tune_candidates)
+    except ValueError as error:
+      raise ConfigError(str(error)) from None
+    check_setting(_validate.positive, "tune_trials", self.tune_trials)
+    if self.tune_trials < 1:
+      raise ConfigError(f"Expected --tune_trials >= 1 (the mean number of trials). Received: "
+                        f"--tune_trials={self.tune_trials}.")
+    check_setting(_validate.open_unit_interval, "tune_validation_fraction",
+                  self.tune_validation_fraction)
+    check_setting(_validate.positive, "tune_score_noise", self.tune_score_noise)
+    refused = [
+        (self.accountant != "rdp", f"--accountant={self.accountant}",
+         "the search is accounted in RDP (Papernot-Steinke's theorems): pass --accountant=rdp"),
+        (self.noise_multiplier == 0, "--noise_multiplier=0",
+         "a non-private search has no guarantee to account: use --tune=none"),
+        (bool(self.checkpoint_dir), f"--checkpoint_dir={self.checkpoint_dir}",
+         "the privacy ledger records one run's steps, not a search's total, and a resumed "
+         "search would not be the analysed one: drop --checkpoint_dir"),
+        (self.carry_spend_from is not None, f"--carry_spend_from={self.carry_spend_from}",
+         "a carried spend is one run's steps, not a search's: drop --carry_spend_from"),
+        (bool(self.ema_decay), f"--ema_decay={self.ema_decay}",
+         "trials are scored and exported with their raw weights: drop --ema_decay"),
+    ]
+    for bad, received, why in refused:
+      if bad:
+        raise ConfigError(f"--tune=private refuses {received}: {why}.")
 
   def _check_masks(self):
     if self.mode == mask_modes.NONE:

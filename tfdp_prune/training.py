@@ -33,12 +33,14 @@ from tfdp_prune import models
 from tfdp_prune import optimizer as optimizer_lib
 from tfdp_prune import overlap
 from tfdp_prune import privacy_label
+from tfdp_prune import private_tuning
 from tfdp_prune import public_data as public_data_lib
 from tfdp_prune import run_record as run_record_lib
 from tfdp_prune import sampling
 from tfdp_prune import selection
 from tfdp_prune import train_config
 from tfdp_prune import train_step
+from tfdp_prune import tuning_accounting
 from tfdp_prune.compat import keras
 from tfdp_prune.compat import tf
 from tfdp_prune.export import saved_model as export_lib
@@ -108,6 +110,8 @@ def train(config: TrainConfig, *, splits: Optional[data_lib.DataSplits] = None,
   _check_callback_public_data(callbacks, splits.private)
   info = splits.info
   _check_model_and_data(config, info.input_shape)
+  if config.tune == private_tuning.PRIVATE:
+    return _train_tuned(config, splits, callbacks)
   sampler = make_sampler(config, splits.private, strategy)
   plan = plan_privacy(config, sampler)
   with strategy.scope():
@@ -425,6 +429,10 @@ def summary(metadata: metadata_lib.PrivacyMetadata, test_accuracy: Optional[floa
            + (" (INSECURE: reproducible from --insecure_mechanism_seed; do not release)"
               if metadata.insecure else ""),
            f"test accuracy: {'n/a' if test_accuracy is None else f'{test_accuracy:.4f}'}"]
+  if metadata.tuning:
+    lines.insert(1, f"private search: {metadata.tuning['trials_run']} trial(s), "
+                    f"{metadata.tuning['method']}; the epsilon above is the whole search's (one "
+                    f"trial: {metadata.tuning['trial_epsilon']:.4g}), the steps one trial's")
   if export_path:
     lines.append(f"exported: {export_path}")
   return "\n".join(lines)
@@ -435,6 +443,105 @@ def delta_text(metadata: metadata_lib.PrivacyMetadata) -> str:
   base = (metadata.privacy_spec or {}).get("delta", metadata.delta)
   extra = metadata.delta - base
   return f"{base:g} + {extra:.2g} (sampler overflow)" if extra > 0 else f"{metadata.delta:g}"
+
+
+# ---- a private hyperparameter search (--tune=private) -------------------------------------------
+
+def _train_tuned(config: TrainConfig, splits: data_lib.DataSplits, callbacks) -> TrainResult:
+  """K random trials (each a full DP run of `train` on the training part, a candidate drawn
+  uniformly), the best by a noisy count of correct predictions on the held-out private
+  validation part; exported with the WHOLE search's epsilon (`tuning_accounting`). The held-out
+  part is private data: its use is the noisy score, which is part of each trial's accounted
+  output, and the selection is part of the procedure the theorem analyses."""
+  rng = private_tuning.entropy_rng()
+  # K is independent of the data: drawn first, so that K = 0 ends the search before any work.
+  trials = private_tuning.draw_trial_count(config.tune_distribution, config.tune_trials, rng)
+  if trials == 0:
+    raise private_tuning.EmptySearchError(private_tuning.empty_search_message(config.tune_trials))
+  try:
+    train_part, validation = private_tuning.split_validation(
+        splits.private, config.tune_validation_fraction, rng)
+  except ValueError as error:
+    raise ConfigError(str(error)) from None
+  trial_splits = dataclasses.replace(
+      splits, private=train_part, test=None,
+      info=dataclasses.replace(splits.info, num_private=len(train_part[1])))
+  base = dataclasses.replace(config, tune=private_tuning.NONE, tune_candidates=None,
+                             export_dir=None, verbose=0)
+  spec = _plan_tuned(config, make_sampler(base, train_part))
+  trial_config = dataclasses.replace(base, epsilon=None, noise_multiplier=spec.noise_multiplier)
+  tuning = tuning_accounting.record(spec, config.tune_score_noise, config.tune_distribution,
+                                    config.tune_trials)
+  candidates = private_tuning.parse_candidates(config.tune_candidates)
+  outcome = private_tuning.search(
+      candidates, trials,
+      train_trial=lambda candidate: _checked_trial(
+          train(dataclasses.replace(trial_config, **candidate), splits=trial_splits,
+                callbacks=callbacks), spec),
+      score=lambda result: private_tuning.noisy_score(
+          private_tuning.count_correct(result.model, validation), config.tune_score_noise, rng),
+      rng=rng)
+  best = outcome.best
+  tuning.update(candidates=[dict(c) for c in candidates], trials_run=outcome.trials_run,
+                selected_candidate=best.candidate_index,
+                selected_noisy_accuracy=best.score / len(validation[1]),
+                validation_fraction=config.tune_validation_fraction,
+                num_validation_examples=len(validation[1]))
+  metadata = _tuned_metadata(best.result.metadata, tuning, splits.info.num_test)
+  test_accuracy, export_path = _evaluate_and_export(config, best.result.model, None, splits,
+                                                    metadata)
+  if config.verbose:
+    print(summary(metadata, test_accuracy, export_path))
+  return TrainResult(model=best.result.model, metadata=metadata, history=best.result.history,
+                     test_accuracy=test_accuracy, export_path=export_path, resumed_from=None)
+
+
+def _checked_trial(result: TrainResult, spec: accounting.PrivacySpec) -> TrainResult:
+  """A privacy guard (never an assert): the trial ran the accounted mechanism, for at most the
+  accounted steps."""
+  ran = accounting.PrivacySpec.from_dict(result.metadata.privacy_spec)
+  if ran.with_steps(0) != spec.with_steps(0) or ran.steps > spec.steps:
+    raise RuntimeError(f"A trial of the private search ran {ran}, not the accounted {spec}; "
+                       "its output is not released.")
+  return result
+
+
+def _plan_tuned(config: TrainConfig, sampler) -> accounting.PrivacySpec:
+  """One trial's spec at its planned steps: sigma given, or calibrated so that the SEARCH's
+  epsilon (not one trial's) is within --epsilon."""
+  steps = config.steps or accounting.steps_for_epochs(config.epochs, sampler.num_examples,
+                                                      sampler.expected_batch_size)
+  template = sampler.privacy_spec(noise_multiplier=1.0, steps=steps, delta=config.delta,
+                                  accountant=config.accountant)
+  sigma = config.noise_multiplier
+  if sigma is None:
+    try:
+      sigma = tuning_accounting.calibrate_noise_multiplier(
+          template, config.tune_score_noise, config.tune_distribution, config.tune_trials,
+          config.epsilon)
+    except accounting.UnreachableEpsilonError as error:
+      raise ConfigError(f"Expected an --epsilon that the private search can reach. Received: "
+                        f"--epsilon={config.epsilon}: {error} Use a larger --tune_score_noise, "
+                        "a smaller --tune_trials, or a larger --epsilon.") from None
+  return dataclasses.replace(template, noise_multiplier=float(sigma))
+
+
+def _tuned_metadata(trial: metadata_lib.PrivacyMetadata, tuning: Dict[str, Any],
+                    num_test: int) -> metadata_lib.PrivacyMetadata:
+  """The best trial's metadata, with the search's epsilon and delta, the record, and a statement
+  that says the total covers every trial."""
+  each = trial.statement
+  if trial.insecure and each.startswith(INSECURE_STATEMENT):  # said once, in front
+    each = each[len(INSECURE_STATEMENT):]
+  statement = (f"Private hyperparameter search, {tuning['method']}: {tuning['trials_run']} "
+               f"trial(s) (the number is random) of {len(tuning['candidates'])} candidates, the "
+               f"best by a noisy score on held-out private data. Epsilon and delta are the WHOLE "
+               f"search's (dp_accounting RDP); one trial's epsilon is "
+               f"{tuning['trial_epsilon']:.4g}. Each trial: {each}")
+  if trial.insecure:
+    statement = INSECURE_STATEMENT + statement
+  return dataclasses.replace(trial, epsilon=tuning["epsilon"], delta=tuning["delta"],
+                             statement=statement, tuning=tuning, num_test_examples=num_test)
 
 
 # ---- a carried spend (--carry_spend_from) -------------------------------------------------------

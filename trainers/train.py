@@ -19,6 +19,7 @@ import sys
 from absl import app
 from absl import flags
 
+from tfdp_prune import private_tuning
 from tfdp_prune import train_config
 from tfdp_prune import training
 from tfdp_prune.trainers import _console
@@ -55,7 +56,8 @@ def main(argv):
 
 def run_main():
   """The console-script entry point."""
-  _console.run_console(main, "tfdp-train", sys.modules[__name__])
+  _console.run_console(main, "tfdp-train", sys.modules[__name__],
+                       more_user_errors=(private_tuning.EmptySearchError,))
 
 
 if __name__ == "__main__":
