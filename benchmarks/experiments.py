@@ -167,8 +167,9 @@ class Grid:
   settings: Tuple[Tuple[str, Any], ...] = (("export_dir", None), ("verbose", 0))
 
 
-def full_grid(setups: Tuple[str, ...]) -> Grid:
-  return Grid(setups=setups, epsilons=(1.0, 2.0, 4.0, 8.0), seeds=(0, 1, 2), arms=MAIN_ARMS,
+def full_grid(setups: Tuple[str, ...], seeds: Tuple[int, ...] = (0, 1, 2),
+              epsilons: Tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)) -> Grid:
+  return Grid(setups=setups, epsilons=epsilons, seeds=seeds, arms=MAIN_ARMS,
               cheap_arms=CHEAP_ARMS, sparsity=0.8, tune="public")
 
 
@@ -245,6 +246,34 @@ def plan(grid: Grid) -> List[RunSpec]:
           sparsity = 0.0 if mode == "none" else grid.sparsity
           specs.append(RunSpec("dp", key, mode, rule, frozen_value, sparsity, epsilon, seed))
   return specs
+
+
+# Seconds per run measured on the shared 2-CPU machine this script was written on (load
+# average about 7, i.e. other jobs took most of it; an idle machine is faster), by (dataset,
+# kind): "tuned" runs simulate 8 (dense, non-private) or 11 (masked: + sparsity) candidates.
+MEASURED_SECONDS = {
+    ("digits", "public_only"): 3, ("digits", "untuned"): 6, ("digits", "tuned"): 70,
+    ("digits", "tuned_masked"): 95,
+    (MNIST_SUBSET, "public_only"): 10, (MNIST_SUBSET, "untuned"): 25,
+    (MNIST_SUBSET, "tuned"): 215, (MNIST_SUBSET, "tuned_masked"): 295,
+}
+
+
+def estimate_seconds(grid: Grid, tunable=lambda setup: setup.num_public >= 34) -> Dict[str, float]:
+  """The grid's expected wall time per setup from `MEASURED_SECONDS` (calibration and imports
+  aside). `tunable(setup)`: whether tune="public" accepts the setup (`tuner_accepts`; the
+  default needs no TensorFlow: 30 % of the public part and the rest >= 10 examples)."""
+  seconds: Dict[str, float] = {}
+  for spec in plan(grid):
+    setup = SETUPS[spec.setup]
+    if spec.kind == "public_only":
+      kind = "public_only"
+    elif grid.tune == "none" or not tunable(setup):
+      kind = "untuned"
+    else:
+      kind = "tuned" if spec.mode == "none" else "tuned_masked"
+    seconds[spec.setup] = seconds.get(spec.setup, 0.0) + MEASURED_SECONDS[(setup.dataset, kind)]
+  return seconds
 
 
 # ---- running (imports TensorFlow) -----------------------------------------------------------
@@ -512,6 +541,12 @@ def main(argv=None):
   parser.add_argument("--dataset", choices=sorted(DATASETS), default="all",
                       help="Setups to run: digits (20 and 180 public examples), mnist_subset "
                       "or all.")
+  parser.add_argument("--seeds", type=int, default=3,
+                      help="Seeds 0..N-1 of the full grid (at least 3).")
+  parser.add_argument("--epsilons", default="1,2,4,8",
+                      help="Target epsilons of the full grid, comma-separated.")
+  parser.add_argument("--estimate", action="store_true",
+                      help="Print the grid's size and expected wall time; train nothing.")
   parser.add_argument("--quick", action="store_true",
                       help="Tiny grid (a few steps per run); outputs default to a temp dir.")
   parser.add_argument("--render_only", action="store_true",
@@ -528,10 +563,21 @@ def main(argv=None):
   out = args.out or os.path.join(default_dir or os.path.join(HERE, "results"), "experiments.json")
   results_md = args.results_md or os.path.join(default_dir or REPO, "RESULTS.md")
   plots_dir = args.plots_dir or default_dir or os.path.join(HERE, "results")
+  if args.seeds < 3 and not args.quick:
+    parser.error(f"Expected --seeds >= 3 (mean ± std over fewer says little). Received: "
+                 f"--seeds={args.seeds}.")
+  grid = QUICK_GRID if args.quick else full_grid(
+      DATASETS[args.dataset], seeds=tuple(range(args.seeds)),
+      epsilons=tuple(float(e) for e in args.epsilons.split(",")))
+  if args.estimate:
+    seconds = estimate_seconds(grid)
+    print(f"{len(plan(grid))} runs; expected wall time {sum(seconds.values()) / 60:.0f} min ("
+          + ", ".join(f"{k} {v / 60:.0f} min" for k, v in seconds.items())
+          + ") at the per-run times measured on a shared 2-CPU machine (MEASURED_SECONDS)")
+    return
   if args.render_only:
     report = read_report(out)
   else:
-    grid = QUICK_GRID if args.quick else full_grid(DATASETS[args.dataset])
     report = run_grid(grid, out, args.resume, args.quick, started)
   render_lib.render(report, out, results_md, plots_dir)
   print(f"wrote {out}, {results_md} and the plots in {plots_dir}")

@@ -286,3 +286,20 @@ def test_markdown_tables_and_claims_from_hand_made_report():
   assert "![accuracy vs epsilon, digits_public180](d.png)" in markdown
   assert f"{render.CONCLUSIONS_BEGIN}\nKept.\n{render.CONCLUSIONS_END}" in markdown
   assert "old text" not in markdown
+
+
+def test_estimate_counts_tuned_runs_and_refuses_few_seeds(capsys):
+  grid = experiments.full_grid(("digits_public20", "mnist_subset"), seeds=(0, 1, 2),
+                               epsilons=(2.0,))
+  seconds = experiments.estimate_seconds(grid)
+  cost = experiments.MEASURED_SECONDS
+  # digits_public20: the tuner refuses 20 public examples, so its runs are untuned.
+  assert seconds["digits_public20"] == 3 * (cost[("digits", "public_only")]
+                                            + 9 * cost[("digits", "untuned")])
+  assert seconds["mnist_subset"] == 3 * (
+      cost[("mnist_subset", "public_only")] + 2 * cost[("mnist_subset", "tuned")]
+      + 5 * cost[("mnist_subset", "tuned_masked")])
+  experiments.main(["--estimate", "--dataset=mnist_subset", "--epsilons=2"])
+  assert capsys.readouterr().out.startswith("24 runs; expected wall time ")  # 3 x (2 + 6)
+  with pytest.raises(SystemExit):
+    experiments.main(["--estimate", "--seeds=2"])
