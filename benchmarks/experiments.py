@@ -221,8 +221,8 @@ class RunSpec:
     result.update(grid.settings, seed=self.seed, mode=self.mode)
     if self.mode != "none":
       result.update(rule=self.rule, sparsity=self.sparsity)
-    if self.frozen_value is not None and self.frozen_value != "zero":
-      result["frozen_value"] = self.frozen_value  # zero is the library's default
+    if self.frozen_value is not None:
+      result["frozen_value"] = self.frozen_value
     if self.kind != "public_only" and grid.tune != "none":
       result["tune"] = grid.tune
     if self.kind == "dp":
@@ -253,9 +253,9 @@ def plan(grid: Grid) -> List[RunSpec]:
 # kind): "tuned" runs simulate 8 (dense, non-private) or 11 (masked: + sparsity) candidates.
 MEASURED_SECONDS = {
     ("digits", "public_only"): 3, ("digits", "untuned"): 6, ("digits", "tuned"): 70,
-    ("digits", "tuned_masked"): 95,
+    ("digits", "tuned_masked"): 70,
     (MNIST_SUBSET, "public_only"): 10, (MNIST_SUBSET, "untuned"): 25,
-    (MNIST_SUBSET, "tuned"): 215, (MNIST_SUBSET, "tuned_masked"): 295,
+    (MNIST_SUBSET, "tuned"): 215, (MNIST_SUBSET, "tuned_masked"): 120,
 }
 
 

@@ -127,7 +127,8 @@ def test_run_overrides_express_each_kind():
   assert keep.arm == "freeze/magnitude/keep"
   assert keep.overrides(grid)["frozen_value"] == "keep"
   zero = experiments.RunSpec("dp", "digits_public20", "freeze", "random", "zero", 0.8, 8.0, 0)
-  assert "frozen_value" not in zero.overrides(grid)  # zero: the library's default
+  assert zero.overrides(grid)["frozen_value"] == "zero"
+  assert "frozen_value" not in dense.overrides(grid)
   assert zero.overrides(grid)["sparsity"] == 0.8 and zero.arm == "freeze/random/zero"
   reference = experiments.RunSpec("nonprivate", "digits_public20", "none", None, None, 0.0,
                                   None, 1)
