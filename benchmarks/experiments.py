@@ -27,6 +27,7 @@ once per (setup, target epsilon), the runs get that sigma (`noise_multiplier`) a
 recomputes each run's epsilon.
 
 Usage (from the repo root):
+  python benchmarks/experiments.py --estimate           # runs and expected time; trains nothing
   python benchmarks/experiments.py --dataset=all        # the full grid, then renders
   python benchmarks/experiments.py --dataset=all --resume   # continues an interrupted run
   python benchmarks/experiments.py --render_only        # RESULTS.md and plots from the JSON
