@@ -254,8 +254,8 @@ def _guarantee(metadata) -> str:
       title = "The dp_accounting event of the whole run:"
       if metadata.tuning:  # the total is the search's (RepeatAndSelectDpEvent of the trials)
         title = (f"One trial's dp_accounting event; epsilon above is the whole private search's "
-                 f"({_escape(metadata.tuning['method'])}, {metadata.tuning['trials_run']} "
-                 f"trial(s) run; one trial: {_number(metadata.tuning['trial_epsilon'])}):")
+                 f"({_escape(metadata.tuning['method'])}, a secret random number of trials; "
+                 f"one trial: {_number(metadata.tuning['trial_epsilon'])}):")
       lines += ["", title, "",
                 "```json", json.dumps(event, indent=1, sort_keys=True), "```"]
     lines += ["", _not_covered()]

@@ -73,7 +73,8 @@ class PrivacyMetadata:
     library_versions: distribution -> version; created: ISO 8601 UTC time.
     empirical: measured (not proven) results such as an audit, or None.
     tuning: a private hyperparameter search's record (`tuning_accounting.record` and what the
-      search drew: candidates, trials run, the selected one), or None. With it, epsilon and
+      search drew: candidates and the selected one; never the number of trials run, which the
+      guarantee keeps secret), or None. With it, epsilon and
       delta are the WHOLE search's; `tfdp-export --inspect` recomputes them from it.
   """
 

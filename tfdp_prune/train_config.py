@@ -252,6 +252,10 @@ class TrainConfig:
          "a carried spend is one run's steps, not a search's: drop --carry_spend_from"),
         (bool(self.ema_decay), f"--ema_decay={self.ema_decay}",
          "trials are scored and exported with their raw weights: drop --ema_decay"),
+        (self.insecure_mechanism_seed is not None,
+         f"--insecure_mechanism_seed={self.insecure_mechanism_seed}",
+         "every trial would draw the same noise and batches, so the trials are not the "
+         "independent runs the theorems analyse: drop --insecure_mechanism_seed"),
     ]
     for bad, received, why in refused:
       if bad:

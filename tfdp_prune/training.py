@@ -111,6 +111,10 @@ def train(config: TrainConfig, *, splits: Optional[data_lib.DataSplits] = None,
   info = splits.info
   _check_model_and_data(config, info.input_shape)
   if config.tune == private_tuning.PRIVATE:
+    if callbacks:  # they would see every trial, and so the number of trials (K is secret)
+      raise ConfigError("--tune=private refuses callbacks: they would observe every trial's "
+                        "training, which reveals the number of trials the guarantee keeps "
+                        "secret. Drop the callbacks (the export and summary report the result).")
     return _train_tuned(config, splits, callbacks)
   sampler = make_sampler(config, splits.private, strategy)
   plan = plan_privacy(config, sampler)
@@ -430,7 +434,7 @@ def summary(metadata: metadata_lib.PrivacyMetadata, test_accuracy: Optional[floa
               if metadata.insecure else ""),
            f"test accuracy: {'n/a' if test_accuracy is None else f'{test_accuracy:.4f}'}"]
   if metadata.tuning:
-    lines.insert(1, f"private search: {metadata.tuning['trials_run']} trial(s), "
+    lines.insert(1, f"private search: a random number of trials (kept secret), "
                     f"{metadata.tuning['method']}; the epsilon above is the whole search's (one "
                     f"trial: {metadata.tuning['trial_epsilon']:.4g}), the steps one trial's")
   if export_path:
@@ -482,7 +486,9 @@ def _train_tuned(config: TrainConfig, splits: data_lib.DataSplits, callbacks) ->
           private_tuning.count_correct(result.model, validation), config.tune_score_noise, rng),
       rng=rng)
   best = outcome.best
-  tuning.update(candidates=[dict(c) for c in candidates], trials_run=outcome.trials_run,
+  # Not published: the number of trials run. Papernot-Steinke's theorems cover the best trial's
+  # output with K hidden; with K known, the output is best-of-K with K fixed, which costs more.
+  tuning.update(candidates=[dict(c) for c in candidates],
                 selected_candidate=best.candidate_index,
                 selected_noisy_accuracy=best.score / len(validation[1]),
                 validation_fraction=config.tune_validation_fraction,
@@ -530,18 +536,16 @@ def _tuned_metadata(trial: metadata_lib.PrivacyMetadata, tuning: Dict[str, Any],
                     num_test: int) -> metadata_lib.PrivacyMetadata:
   """The best trial's metadata, with the search's epsilon and delta, the record, and a statement
   that says the total covers every trial."""
-  each = trial.statement
-  if trial.insecure and each.startswith(INSECURE_STATEMENT):  # said once, in front
-    each = each[len(INSECURE_STATEMENT):]
-  statement = (f"Private hyperparameter search, {tuning['method']}: {tuning['trials_run']} "
-               f"trial(s) (the number is random) of {len(tuning['candidates'])} candidates, the "
-               f"best by a noisy score on held-out private data. Epsilon and delta are the WHOLE "
-               f"search's (dp_accounting RDP); one trial's epsilon is "
-               f"{tuning['trial_epsilon']:.4g}. Each trial: {each}")
-  if trial.insecure:
-    statement = INSECURE_STATEMENT + statement
+  statement = (f"Private hyperparameter search, {tuning['method']}: a random number of trials "
+               f"(kept secret: the guarantee covers only the best trial's output) of "
+               f"{len(tuning['candidates'])} candidates, the best by a noisy score on held-out "
+               f"private data. Epsilon and delta are the WHOLE search's (dp_accounting RDP); one "
+               f"trial's epsilon is {tuning['trial_epsilon']:.4g}. Each trial: {trial.statement}")
+  # `created` is when the search ended: the best trial's own time would tell how many trials
+  # ran after it.
   return dataclasses.replace(trial, epsilon=tuning["epsilon"], delta=tuning["delta"],
-                             statement=statement, tuning=tuning, num_test_examples=num_test)
+                             statement=statement, tuning=tuning, num_test_examples=num_test,
+                             created=metadata_lib.utc_now())
 
 
 # ---- a carried spend (--carry_spend_from) -------------------------------------------------------
