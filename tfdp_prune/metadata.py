@@ -25,6 +25,8 @@ from tfdp_prune import versioned_json
 SCHEMA = "tfdp_prune.PrivacyMetadata"
 # 2: `mechanism_randomness` added; `seed` no longer seeds the noise or the sampling.
 # 3: `digest` added (sha256 of the rest of the document), checked on every read.
+#    Later, still 3: `public_guard`, optional and left out of the document when None, so every
+#    earlier version-3 record reads back to the same document and digest.
 SCHEMA_VERSION = 3
 DIGEST_KEY = "digest"
 _DIGEST_PREFIX = "sha256:"
@@ -71,6 +73,11 @@ class PrivacyMetadata:
       do not depend on it.
     library_versions: distribution -> version; created: ISO 8601 UTC time.
     empirical: measured (not proven) results such as an audit, or None.
+    public_guard: `public_guard.record(...)` of a `tfdp-train` run that compared the DP model
+      with the public-only model on held-out public data: which one is exported ("dp" or
+      "public_only") and on what evidence (both validation accuracies, the number of public
+      validation examples). The choice is post-processing of the DP run, so either export
+      carries the run's epsilon and delta. None: no comparison (left out of the JSON).
   """
 
   private: bool
@@ -103,6 +110,7 @@ class PrivacyMetadata:
   library_versions: Dict[str, str]
   created: str
   empirical: Optional[Dict[str, Any]] = None
+  public_guard: Optional[Dict[str, Any]] = None
 
   def __post_init__(self):
     _validate.boolean("private", self.private)
@@ -133,6 +141,9 @@ class PrivacyMetadata:
           f"{randomness.INSECURE_SEED!r}) must say so: expected a statement starting with "
           f"{INSECURE_PREFIX!r}. Received: statement={self.statement!r}.")
     _validate.one_of("mask_mode", self.mask_mode, mask_modes.ALL)
+    if self.public_guard is not None and not isinstance(self.public_guard, dict):
+      raise ValueError(f"Expected public_guard to be a dict or None. Received: "
+                       f"public_guard={self.public_guard!r}.")
     for name in ("steps", "num_private_examples", "num_public_examples", "num_test_examples"):
       _validate.non_negative_int(name, getattr(self, name))
     object.__setattr__(self, "epsilon", float(self.epsilon))
@@ -161,6 +172,8 @@ class PrivacyMetadata:
     and `digest`: `document_digest` of the rest (consistency, not authenticity: see there)."""
     result = _ENVELOPE.header()
     result.update(dataclasses.asdict(self))
+    if result["public_guard"] is None:  # optional: absent from records written before it
+      del result["public_guard"]
     result["epsilon"] = _INFINITY if math.isinf(self.epsilon) else self.epsilon
     result[DIGEST_KEY] = document_digest(result)
     return result
