@@ -247,6 +247,20 @@ def document_digest(document: Dict[str, Any]) -> str:
   return _DIGEST_PREFIX + hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
+def describe_public_guard(guard: Dict[str, Any]) -> str:
+  """What the summary and the model card say about `public_guard`: the comparison and which
+  model was exported."""
+  if not guard["compared"]:
+    return f"No public-only comparison: {guard['note']} Exported the DP model."
+  dp, public = guard["dp_validation_accuracy"], guard["public_only_validation_accuracy"]
+  verdict = "is worse than" if dp < public else "is at least as good as"
+  exported = ("the public-only model" if guard["exported"] == "public_only" else
+              "the DP model" + (" (--export_choice=dp)" if dp < public else ""))
+  return (f"The DP model ({dp:.4g}) {verdict} the public-only model ({public:.4g}) on "
+          f"{guard['num_public_validation_examples']} public validation examples; exported "
+          f"{exported}.")
+
+
 def library_versions() -> Dict[str, str]:
   """The installed versions of tfdp_prune and the packages the guarantee depends on."""
   result = {"tfdp_prune": version.__version__}

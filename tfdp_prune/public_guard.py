@@ -5,7 +5,7 @@ A fraction of the public part is held out (`split_public`): neither the public p
 the masks see it. After DP training the public-only model (the weights right after public
 pre-training, before the first DP step) and the DP model are scored on it, and the better one is
 exported (`choose`; ties go to the DP model). `record` is what the metadata's `public_guard`
-holds, `sentence` what the summary and the model card say.
+holds (`metadata.describe_public_guard` says it in words).
 
 Privacy: the public-only model never saw private data, and the choice reads only public data and
 the DP model, so it is post-processing of the DP release. It still depends on the DP model:
@@ -90,19 +90,6 @@ def record(export_choice: str, num_validation: int, dp_accuracy: Optional[float]
           "num_public_validation_examples": int(num_validation),
           "dp_validation_accuracy": dp_accuracy,
           "public_only_validation_accuracy": public_accuracy, "note": note}
-
-
-def sentence(guard: Dict[str, Any]) -> str:
-  """What the summary and the model card say about the comparison and the export."""
-  if not guard["compared"]:
-    return f"No public-only comparison: {guard['note']} Exported the DP model."
-  dp, public = guard["dp_validation_accuracy"], guard["public_only_validation_accuracy"]
-  verdict = "is worse than" if dp < public else "is at least as good as"
-  exported = ("the public-only model" if guard["exported"] == PUBLIC_ONLY else
-              "the DP model" + (" (--export_choice=dp)" if dp < public else ""))
-  return (f"The DP model ({dp:.4g}) {verdict} the public-only model ({public:.4g}) on "
-          f"{guard['num_public_validation_examples']} public validation examples; exported "
-          f"{exported}.")
 
 
 def save_snapshot(directory: str, weights: Sequence[np.ndarray]) -> None:

@@ -476,7 +476,7 @@ def summary(metadata: metadata_lib.PrivacyMetadata, test_accuracy: Optional[floa
               if metadata.insecure else ""),
            f"test accuracy: {'n/a' if test_accuracy is None else f'{test_accuracy:.4f}'}"]
   if metadata.public_guard is not None:
-    lines.append(f"public-only check: {public_guard.sentence(metadata.public_guard)}")
+    lines.append(f"public-only check: {metadata_lib.describe_public_guard(metadata.public_guard)}")
   if export_path:
     lines.append(f"exported: {export_path}")
   return "\n".join(lines)

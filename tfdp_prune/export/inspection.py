@@ -284,6 +284,8 @@ def format_report(report: ExportReport) -> str:
                  "examples")
     lines.append(f"  masks: {metadata.mask_mode}, overall sparsity "
                  f"{100 * metadata.mask_sparsity:.2f}%")
+    if metadata.public_guard:
+      lines.append(f"  exported model: {metadata_lib.describe_public_guard(metadata.public_guard)}")
     if metadata.empirical:
       lines.append(f"  empirical (not proven): {sorted(metadata.empirical)}")
     warmup = ("none (no warmup file)" if version.warmup_records is None
