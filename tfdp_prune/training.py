@@ -55,9 +55,10 @@ INSECURE_STATEMENT = (
 @dataclasses.dataclass(frozen=True, eq=False)
 class TrainResult:
   """What `train` produced: the trained model (raw weights, not EMA), its privacy metadata (its
-  `public_guard` says which model was exported), the fit history, the test accuracy of the model
-  exported (None without a test part), the export's version directory (None without export_dir)
-  and the logical step the run resumed from (None for a fresh run)."""
+  `public_guard` says whether the export holds it or the public-only model), the fit history,
+  its test accuracy (None without a test part), the export's version directory (None without
+  export_dir), the logical step the run resumed from (None for a fresh run) and the public-only
+  model's test accuracy (None without a test part or a public-only comparison)."""
 
   model: Any
   metadata: metadata_lib.PrivacyMetadata
@@ -65,6 +66,7 @@ class TrainResult:
   test_accuracy: Optional[float]
   export_path: Optional[str]
   resumed_from: Optional[int]
+  public_only_test_accuracy: Optional[float] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,13 +173,13 @@ def train(config: TrainConfig, *, splits: Optional[data_lib.DataSplits] = None,
   metadata = build_metadata(config, budget.ledger.spec.with_steps(budget.steps), info,
                             model, sampler.expected_batch_size,
                             carried=None if carried is None else carried.source)
-  test_accuracy, export_path, metadata = _evaluate_and_export(
+  accuracies, export_path, metadata = _evaluate_and_export(
       config, model, ema, splits, metadata, validation, public_only)
   if config.verbose:
-    print(summary(metadata, test_accuracy, export_path))
+    print(summary(metadata, accuracies[0], export_path, accuracies[1]))
   return TrainResult(model=model, metadata=metadata, history=history,
-                     test_accuracy=test_accuracy, export_path=export_path,
-                     resumed_from=resumed_from)
+                     test_accuracy=accuracies[0], export_path=export_path,
+                     resumed_from=resumed_from, public_only_test_accuracy=accuracies[1])
 
 
 def export_checkpoint(checkpoint_dir: str, export_dir: str, *, version: Optional[int] = None,
@@ -463,8 +465,10 @@ def build_metadata(config: TrainConfig, spec: accounting.PrivacySpec, info: data
 
 
 def summary(metadata: metadata_lib.PrivacyMetadata, test_accuracy: Optional[float],
-            export_path: Optional[str]) -> str:
-  """The lines `tfdp-train` prints at the end."""
+            export_path: Optional[str],
+            public_only_test_accuracy: Optional[float] = None) -> str:
+  """The lines `tfdp-train` prints at the end: `test_accuracy` is the DP model's, and the
+  public-only comparison (`metadata.public_guard`) says which model was exported."""
   if metadata.private:
     privacy = f"epsilon = {metadata.epsilon:.4g}, delta = {delta_text(metadata)}"
   else:
@@ -475,6 +479,8 @@ def summary(metadata: metadata_lib.PrivacyMetadata, test_accuracy: Optional[floa
            + (" (INSECURE: reproducible from --insecure_mechanism_seed; do not release)"
               if metadata.insecure else ""),
            f"test accuracy: {'n/a' if test_accuracy is None else f'{test_accuracy:.4f}'}"]
+  if public_only_test_accuracy is not None:
+    lines.append(f"public-only model test accuracy: {public_only_test_accuracy:.4f}")
   if metadata.public_guard is not None:
     lines.append(f"public-only check: {metadata_lib.describe_public_guard(metadata.public_guard)}")
   if export_path:
@@ -625,33 +631,40 @@ def _fit(model, config, sampler, steps, start, callbacks):
 
 
 def _evaluate_and_export(config, model, ema, splits, metadata, validation, public_only):
-  """The public-only comparison (recorded in the metadata), then the test accuracy and the export
-  of the model it chose: the DP model (its EMA weights when the run kept an average) or the
-  public-only model. Returns (test accuracy, export path, metadata)."""
-  dp_accuracy = None
-  if validation is not None:
-    with _dp_weights(model, ema):
-      dp_accuracy = public_guard.accuracy(model, validation)
+  """The public-only comparison (recorded in the metadata), the test accuracies of the DP model
+  (its EMA weights when the run kept an average) and of the public-only model, and the export of
+  the model the comparison chose. Returns ((DP, public-only test accuracy), export path,
+  metadata)."""
+  with _dp_weights(model, ema):
+    dp_accuracy = None if validation is None else public_guard.accuracy(model, validation)
+    test_accuracy = _test_accuracy(model, splits)
   guard = compare_with_public_only(config, model, validation, public_only, dp_accuracy)
+  public_only_test_accuracy = None
   if guard is not None:
     metadata = dataclasses.replace(metadata, public_guard=guard)
-  # Either model carries the run's epsilon and delta: the choice read only public data and the
-  # DP model, so it is post-processing of the DP release (it is not free of it).
-  chosen = (public_guard.weights_of(model, public_only)
-            if guard is not None and guard["exported"] == public_guard.PUBLIC_ONLY
-            else _dp_weights(model, ema))
-  with chosen:
-    accuracy = None
-    if splits.test is not None and len(splits.test[1]):
-      results = model.evaluate(*splits.test, batch_size=256, verbose=0, return_dict=True)
-      accuracy = float(results["accuracy"])
-    export_path = None
-    if config.export_dir:
+    if guard["compared"]:
+      with public_guard.weights_of(model, public_only):
+        public_only_test_accuracy = _test_accuracy(model, splits)
+  export_path = None
+  if config.export_dir:
+    # Either model carries the run's epsilon and delta: the choice read only public data and the
+    # DP model, so it is post-processing of the DP release (it is not free of it).
+    chosen = (public_guard.weights_of(model, public_only)
+              if guard is not None and guard["exported"] == public_guard.PUBLIC_ONLY
+              else _dp_weights(model, ema))
+    with chosen:
       # No rows of any split in the warmup requests: they are synthetic (zeros of the input).
       export_path = export_lib.export_saved_model(
           model, config.export_dir, metadata, version=config.export_version,
           overwrite=config.overwrite)
-  return accuracy, export_path, metadata
+  return (test_accuracy, public_only_test_accuracy), export_path, metadata
+
+
+def _test_accuracy(model, splits) -> Optional[float]:
+  if splits.test is None or not len(splits.test[1]):
+    return None
+  results = model.evaluate(*splits.test, batch_size=256, verbose=0, return_dict=True)
+  return float(results["accuracy"])
 
 
 def _dp_weights(model, ema):
