@@ -117,4 +117,6 @@ def _resolved(config: Dict[str, Any]) -> Dict[str, Any]:
   return dict(config, rule=resolved.effective_rule, sparsity=resolved.effective_sparsity,
               select_every=resolved.effective_select_every,
               frozen_value=resolved.effective_frozen_value,
+              # Records from before the public-only guard held no public part out.
+              public_validation_fraction=config.get("public_validation_fraction", 0.0),
               physical_batch_size=config.get("physical_batch_size") or config.get("batch_size"))
