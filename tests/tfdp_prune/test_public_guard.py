@@ -213,3 +213,14 @@ def test_metadata_without_the_field_reads_back_to_the_same_document_and_digest()
   with pytest.raises(ValueError, match="digest"):
     metadata_lib.PrivacyMetadata.from_dict(dict(document, public_guard=dict(guard,
                                                                             exported="dp")))
+
+
+def test_a_run_recorded_before_the_guard_resumes_only_without_a_validation_part():
+  from tfdp_prune import run_record  # pylint: disable=g-import-not-at-top
+  new_settings = ("public_validation_fraction", "frozen_value", "export_choice")
+  old = {"config": {k: v for k, v in TrainConfig().to_dict().items() if k not in new_settings}}
+  assert run_record._record_differences(old, {"config": TrainConfig().to_dict()}) == [
+      "--public_validation_fraction: 0.0 there, 0.2 now"]
+  for same in (TrainConfig(public_validation_fraction=0.0, export_choice="dp"),
+               TrainConfig(public_validation_fraction=0.0, frozen_value="zero")):
+    assert run_record._record_differences(old, {"config": same.to_dict()}) == []
