@@ -256,7 +256,7 @@ def describe_public_guard(guard: Dict[str, Any]) -> str:
   verdict = "is worse than" if dp < public else "is at least as good as"
   exported = ("the public-only model" if guard["exported"] == "public_only" else
               "the DP model" + (" (--export_choice=dp)" if dp < public else ""))
-  return (f"The DP model ({dp:.4g}) {verdict} the public-only model ({public:.4g}) on "
+  return (f"The DP model ({dp:.3f}) {verdict} the public-only model ({public:.3f}) on "
           f"{guard['num_public_validation_examples']} public validation examples; exported "
           f"{exported}.")
 

@@ -66,7 +66,7 @@ def test_ties_go_to_the_dp_model_and_export_choice_dp_always_exports_it():
 def test_the_summary_says_plainly_that_the_dp_model_is_worse():
   guard = public_guard.record("best", 36, 0.81, 0.88)
   assert metadata_lib.describe_public_guard(guard) == (
-      "The DP model (0.81) is worse than the public-only model (0.88) on 36 public validation "
+      "The DP model (0.810) is worse than the public-only model (0.880) on 36 public validation "
       "examples; exported the public-only model.")
   forced = metadata_lib.describe_public_guard(public_guard.record("dp", 36, 0.81, 0.88))
   assert forced.endswith("exported the DP model (--export_choice=dp).")
