@@ -140,6 +140,8 @@ def test_a_wrecked_dp_model_exports_the_public_only_model_labelled_with_the_runs
   assert not np.allclose(_predictions(result.export_path, x), dp_outputs, atol=1e-3)
   card = open(os.path.join(result.export_path, serving_files.MODEL_CARD_FILENAME)).read()
   assert "exported the public-only model" in card and "post-processing" in card
+  report = inspection.format_report(inspection.inspect_export(result.export_path))
+  assert "exported model: The DP model" in report and "exported the public-only model" in report
   summary = training.summary(result.metadata, result.test_accuracy, result.export_path)
   assert "is worse than the public-only model" in summary
 
