@@ -73,7 +73,10 @@ class Grid:
   sweep_arms: Tuple[Tuple[str, str], ...]
   sweep_epsilons: Tuple[float, ...]
   sweep_sparsities: Tuple[float, ...]
-  settings: Tuple[Tuple[str, Any], ...] = (("export_dir", None), ("verbose", 0))
+  # No public validation part: the public-only reference pre-trains on the whole public part,
+  # and so must the DP arms it is compared with.
+  settings: Tuple[Tuple[str, Any], ...] = (("export_dir", None), ("verbose", 0),
+                                           ("public_validation_fraction", 0.0))
 
 
 FULL_GRID = Grid(
@@ -89,7 +92,8 @@ QUICK_GRID = Grid(
     epsilons=(2.0, 8.0), seeds=(0, 1), main_arms=(("freeze", "magnitude"),), main_sparsity=0.8,
     dense_arms=(DENSE_PRETRAINED,), sweep_arms=(("freeze", "magnitude"),), sweep_epsilons=(8.0,),
     sweep_sparsities=(0.8,),
-    settings=(("export_dir", None), ("verbose", 0), ("epochs", 0.4), ("public_epochs", 2),
+    settings=(("export_dir", None), ("verbose", 0), ("public_validation_fraction", 0.0),
+              ("epochs", 0.4), ("public_epochs", 2),
               ("accountant", "rdp")))  # RDP calibrates in milliseconds, PLD in tens of seconds
 
 
@@ -123,6 +127,8 @@ class RunSpec:
     """TrainConfig overrides of the default config (the target epsilon for dp runs, which
     `run_one` replaces by the calibrated noise multiplier)."""
     result = dict(settings, seed=self.seed, mode=self.mode)
+    if self.mode != "freeze":  # a grid-wide --frozen_value applies to the freeze arms only
+      result.pop("frozen_value", None)
     if self.mode != "none":
       result.update(rule=self.rule, sparsity=self.sparsity)
     if not self.pretrained:
@@ -814,6 +820,9 @@ def main(argv=None):
   parser.add_argument("--out", help="JSON (default benchmarks/results/experiments.json).")
   parser.add_argument("--results_md", help="Markdown (default RESULTS.md in the repo root).")
   parser.add_argument("--plots_dir", help="PNG directory (default benchmarks/results).")
+  parser.add_argument("--frozen_value", choices=("zero", "keep"),
+                      help="What the freeze arms' frozen coordinates hold (default: the "
+                      "library's, zero); keep: their public pre-trained values.")
   args = parser.parse_args(argv)
   started = time.time()
   default_dir = (os.path.join(tempfile.gettempdir(), "tfdp_prune_experiments_quick")
@@ -824,8 +833,11 @@ def main(argv=None):
   if args.render_only:
     report = read_report(out)
   else:
-    report = run_grid(QUICK_GRID if args.quick else FULL_GRID, out, args.resume, args.quick,
-                      started)
+    grid = QUICK_GRID if args.quick else FULL_GRID
+    if args.frozen_value:
+      grid = dataclasses.replace(grid, settings=grid.settings + (("frozen_value",
+                                                                  args.frozen_value),))
+    report = run_grid(grid, out, args.resume, args.quick, started)
   render(report, out, results_md, plots_dir)
   print(f"wrote {out}, {results_md} and the plots in {plots_dir}")
 

@@ -115,6 +115,11 @@ def test_run_overrides_express_each_kind():
   reference = experiments.RunSpec("nonprivate", "none", None, 0.0, True, None, 1)
   assert reference.overrides({})["noise_multiplier"] == 0.0
   assert "epsilon" not in reference.overrides({})
+  # A grid-wide frozen_value reaches the freeze arms only (the others refuse it).
+  keep = {"frozen_value": "keep"}
+  freeze = experiments.RunSpec("dp", "freeze", "magnitude", 0.8, True, 8.0, 0)
+  assert freeze.overrides(keep)["frozen_value"] == "keep"
+  assert "frozen_value" not in select.overrides(keep) and "frozen_value" not in dense.overrides(keep)
 
 
 def test_aggregate_mean_and_sample_std_over_seeds():
