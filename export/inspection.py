@@ -296,9 +296,11 @@ def format_report(report: ExportReport) -> str:
     lines.append(f"  masks: {metadata.mask_mode}, overall sparsity "
                  f"{100 * metadata.mask_sparsity:.2f}%")
     if metadata.tuning:
-      lines.append(f"  tuning: {metadata.tuning['method']}, {metadata.tuning['trials_run']} "
-                   f"trial(s) run; the epsilon above is the whole search's (recomputed and "
+      lines.append(f"  tuning: {metadata.tuning['method']}, a secret random number of "
+                   f"trials; the epsilon above is the whole search's (recomputed and "
                    f"verified; one trial's: {metadata.tuning['trial_epsilon']:.4g})")
+    if metadata.public_guard:
+      lines.append(f"  exported model: {metadata_lib.describe_public_guard(metadata.public_guard)}")
     if metadata.empirical:
       lines.append(f"  empirical (not proven): {sorted(metadata.empirical)}")
     warmup = ("none (no warmup file)" if version.warmup_records is None

@@ -214,7 +214,10 @@ def render_model_card(metadata: metadata_lib.PrivacyMetadata,
                      f"warmup={warmup!r}.")
   sections = [
       _title(metadata), _banner(metadata), _guarantee(metadata), _training(metadata),
-      _data(metadata), _masks(metadata), _signatures(signature_info)]
+      _data(metadata), _masks(metadata)]
+  if metadata.public_guard:
+    sections.append(_public_guard(metadata.public_guard))
+  sections.append(_signatures(signature_info))
   if warmup is not None:
     sections.append(_warmup(warmup))
   sections.append(_provenance(metadata))
@@ -254,8 +257,8 @@ def _guarantee(metadata) -> str:
       title = "The dp_accounting event of the whole run:"
       if metadata.tuning:  # the total is the search's (RepeatAndSelectDpEvent of the trials)
         title = (f"One trial's dp_accounting event; epsilon above is the whole private search's "
-                 f"({_escape(metadata.tuning['method'])}, {metadata.tuning['trials_run']} "
-                 f"trial(s) run; one trial: {_number(metadata.tuning['trial_epsilon'])}):")
+                 f"({_escape(metadata.tuning['method'])}, a secret random number of trials; "
+                 f"one trial: {_number(metadata.tuning['trial_epsilon'])}):")
       lines += ["", title, "",
                 "```json", json.dumps(event, indent=1, sort_keys=True), "```"]
     lines += ["", _not_covered()]
@@ -310,6 +313,16 @@ def _masks(metadata) -> str:
     lines += [f"| {_escape(name)} | {_percent(value)} |" for name, value in per_variable]
   lines += ["", "The masks are not part of the export: it holds the plain model's weights "
             "(frozen coordinates at their final values)."]
+  return "\n".join(lines)
+
+
+def _public_guard(guard) -> str:
+  lines = ["## Exported model", "", _escape(metadata_lib.describe_public_guard(guard))]
+  if guard.get("exported") == "public_only":
+    lines += ["", "This export holds the public-only model: the weights right after the "
+              "non-private pre-training on public data, before any DP step. The choice read only "
+              "public data and the DP model (post-processing of the DP run), so the guarantee "
+              "above is the run's; the masks above describe the DP training, not these weights."]
   return "\n".join(lines)
 
 

@@ -67,7 +67,8 @@ class MaskCallback(keras.callbacks.Callback):
     """What chooses this callback's masks: mode, rule and the public data's identity."""
     examples, fingerprint = self._public_identity_of_data()
     return mask_provenance.MaskProvenance(
-        mode=self.mask_mode, rule=mask_provenance.rule_record(self.rule, self._select_every()),
+        mode=self.mask_mode,
+        rule=mask_provenance.rule_record(self.rule, self._select_every(), self._frozen_value()),
         public_examples=examples, public_fingerprint=fingerprint)
 
   def _public_identity_of_data(self):
@@ -83,6 +84,11 @@ class MaskCallback(keras.callbacks.Callback):
 
   def _select_every(self):
     """Logical steps between two selections; None: the mask is chosen once."""
+    return None
+
+  def _frozen_value(self):
+    """What a frozen coordinate holds, for the record ("zero" or "keep"); None: not recorded
+    (selection keeps the unselected coordinates at their current values by definition)."""
     return None
 
   def _prunes(self) -> bool:

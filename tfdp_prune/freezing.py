@@ -7,7 +7,7 @@ from tfdp_prune import tfmot_interop
 from tfdp_prune.compat import keras
 from tfdp_prune.compat import tf
 
-FROZEN_VALUES = ("zero", "keep")
+FROZEN_VALUES = mask_modes.FROZEN_VALUES
 
 
 class ParameterFreezing(_mask_callback.MaskCallback):
@@ -48,6 +48,9 @@ class ParameterFreezing(_mask_callback.MaskCallback):
     if self.frozen_value == "zero":
       for variable, mask in zip(variables, masks):
         variable.assign(tf.where(mask, variable, tf.zeros_like(variable)))
+
+  def _frozen_value(self):
+    return self.frozen_value
 
   def _prunes(self):
     return self.frozen_value == "zero"

@@ -10,3 +10,8 @@ FREEZE = "freeze"  # one mask chosen before DP training (`freezing.ParameterFree
 SELECT = "select"  # a new mask every k steps (`selection.ParameterSelection`)
 MASKED = (FREEZE, SELECT)  # the modes of the mask callbacks
 ALL = (NONE,) + MASKED
+# What a frozen coordinate holds (`freezing.ParameterFreezing(frozen_value=...)`, --frozen_value):
+# "zero" prunes it (exactly 0 for the whole run); "keep" leaves its pre-trained value.
+FROZEN_ZERO = "zero"
+FROZEN_KEEP = "keep"
+FROZEN_VALUES = (FROZEN_ZERO, FROZEN_KEEP)

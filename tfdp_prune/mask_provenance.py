@@ -25,7 +25,7 @@ class MaskProvenance:
 
   Attributes:
     mode: "freeze" (chosen once) or "select" (re-chosen every `select_every` steps).
-    rule: `rule_record(rule, select_every)`: the record the privacy metadata's `mask_rule` holds.
+    rule: `rule_record(rule, select_every, frozen_value)`: the record the privacy metadata's `mask_rule` holds.
     public_fingerprint: the identity of the public data the callback used (pre-training and the
       rule), or None when it had none.
     public_examples: the per-example fingerprints of that public data, kept in memory only (for
@@ -44,11 +44,17 @@ class MaskProvenance:
     _validate.one_of("mode", self.mode, mask_modes.MASKED)
 
 
-def rule_record(rule, select_every: Optional[int]) -> Dict[str, Any]:
+def rule_record(rule, select_every: Optional[int],
+                frozen_value: Optional[str] = None) -> Dict[str, Any]:
   """The `mask_rule` of the privacy metadata: the rule's name and sparsity, how often it
-  re-selects (None: chosen once), and the rule's full config (scope, seed, ...)."""
-  return {"name": rule.name, "sparsity": rule.sparsity, "select_every": select_every,
-          "config": rule.get_config()}
+  re-selects (None: chosen once), the rule's full config (scope, seed, ...) and, for a freezing
+  mask, what the frozen coordinates hold ("zero" or "keep"; the key is left out otherwise, as
+  in records written before it existed)."""
+  record = {"name": rule.name, "sparsity": rule.sparsity, "select_every": select_every,
+            "config": rule.get_config()}
+  if frozen_value is not None:
+    record["frozen_value"] = frozen_value
+  return record
 
 
 def masks_digest(masks: Sequence[Any]) -> str:

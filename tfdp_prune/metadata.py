@@ -26,6 +26,8 @@ from tfdp_prune import versioned_json
 SCHEMA = "tfdp_prune.PrivacyMetadata"
 # 2: `mechanism_randomness` added; `seed` no longer seeds the noise or the sampling.
 # 3: `digest` added (sha256 of the rest of the document), checked on every read.
+#    Later, still 3: `public_guard`, optional and left out of the document when None, so every
+#    earlier version-3 record reads back to the same document and digest.
 SCHEMA_VERSION = 3
 DIGEST_KEY = "digest"
 _DIGEST_PREFIX = "sha256:"
@@ -73,8 +75,14 @@ class PrivacyMetadata:
     library_versions: distribution -> version; created: ISO 8601 UTC time.
     empirical: measured (not proven) results such as an audit, or None.
     tuning: a private hyperparameter search's record (`tuning_accounting.record` and what the
-      search drew: candidates, trials run, the selected one), or None. With it, epsilon and
+      search drew: candidates and the selected one; never the number of trials run, which the
+      guarantee keeps secret), or None. With it, epsilon and
       delta are the WHOLE search's; `tfdp-export --inspect` recomputes them from it.
+    public_guard: `public_guard.record(...)` of a `tfdp-train` run that compared the DP model
+      with the public-only model on held-out public data: which one is exported ("dp" or
+      "public_only") and on what evidence (both validation accuracies, the number of public
+      validation examples). The choice is post-processing of the DP run, so either export
+      carries the run's epsilon and delta. None: no comparison (left out of the JSON).
   """
 
   private: bool
@@ -108,6 +116,7 @@ class PrivacyMetadata:
   created: str
   empirical: Optional[Dict[str, Any]] = None
   tuning: Optional[Dict[str, Any]] = None
+  public_guard: Optional[Dict[str, Any]] = None
 
   def __post_init__(self):
     _validate.boolean("private", self.private)
@@ -146,6 +155,9 @@ class PrivacyMetadata:
                        f"{(self.tuning or {}).get('epsilon')!r}, "
                        f"{(self.tuning or {}).get('delta')!r}.")
     _validate.one_of("mask_mode", self.mask_mode, mask_modes.ALL)
+    if self.public_guard is not None and not isinstance(self.public_guard, dict):
+      raise ValueError(f"Expected public_guard to be a dict or None. Received: "
+                       f"public_guard={self.public_guard!r}.")
     for name in ("steps", "num_private_examples", "num_public_examples", "num_test_examples"):
       _validate.non_negative_int(name, getattr(self, name))
     object.__setattr__(self, "epsilon", float(self.epsilon))
@@ -174,6 +186,8 @@ class PrivacyMetadata:
     and `digest`: `document_digest` of the rest (consistency, not authenticity: see there)."""
     result = _ENVELOPE.header()
     result.update(dataclasses.asdict(self))
+    if result["public_guard"] is None:  # optional: absent from records written before it
+      del result["public_guard"]
     result["epsilon"] = _INFINITY if math.isinf(self.epsilon) else self.epsilon
     if result["tuning"] is None:  # absent, not null: untuned records keep their digest
       del result["tuning"]
@@ -247,6 +261,20 @@ def document_digest(document: Dict[str, Any]) -> str:
     raise ValueError(f"Expected privacy metadata made of strict JSON values. Received: a value "
                      f"JSON cannot hold ({error}).") from None
   return _DIGEST_PREFIX + hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def describe_public_guard(guard: Dict[str, Any]) -> str:
+  """What the summary and the model card say about `public_guard`: the comparison and which
+  model was exported."""
+  if not guard["compared"]:
+    return f"No public-only comparison: {guard['note']} Exported the DP model."
+  dp, public = guard["dp_validation_accuracy"], guard["public_only_validation_accuracy"]
+  verdict = "is worse than" if dp < public else "is at least as good as"
+  exported = ("the public-only model" if guard["exported"] == "public_only" else
+              "the DP model" + (" (--export_choice=dp)" if dp < public else ""))
+  return (f"The DP model ({dp:.3f}) {verdict} the public-only model ({public:.3f}) on "
+          f"{guard['num_public_validation_examples']} public validation examples; exported "
+          f"{exported}.")
 
 
 def library_versions() -> Dict[str, str]:

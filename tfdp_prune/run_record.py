@@ -23,7 +23,7 @@ _RUN_RECORD_ENVELOPE = versioned_json.Envelope(version=1)
 # length (a longer run under the same noise multiplier; with a target epsilon another length
 # calibrates another sigma, and the privacy_spec check refuses it).
 _RESUMABLE_CHANGES = ("checkpoint_dir", "export_dir", "export_version", "overwrite", "verbose",
-                      "strategy", "data_dir", "steps", "epochs")
+                      "strategy", "data_dir", "steps", "epochs", "export_choice")
 
 
 def write_or_check_run_record(config: TrainConfig, info: data_lib.DataInfo,
@@ -116,4 +116,7 @@ def _resolved(config: Dict[str, Any]) -> Dict[str, Any]:
     return dict(config)
   return dict(config, rule=resolved.effective_rule, sparsity=resolved.effective_sparsity,
               select_every=resolved.effective_select_every,
+              frozen_value=resolved.effective_frozen_value,
+              # Records from before the public-only guard held no public part out.
+              public_validation_fraction=config.get("public_validation_fraction", 0.0),
               physical_batch_size=config.get("physical_batch_size") or config.get("batch_size"))

@@ -18,6 +18,7 @@ from tfdp_prune import accounting
 from tfdp_prune import mask_modes
 from tfdp_prune import masks
 from tfdp_prune import private_tuning
+from tfdp_prune import public_guard
 from tfdp_prune import randomness
 from tfdp_prune import tuning_accounting
 
@@ -32,7 +33,7 @@ DEFAULT_SPARSITY = 0.8
 DEFAULT_SELECT_EVERY = 10
 # Pairs where setting one (as an override) clears the other, and setting both is an error.
 EXCLUSIVE = (("epsilon", "noise_multiplier"), ("epochs", "steps"))
-_MASK_SETTINGS = ("rule", "sparsity", "select_every")
+_MASK_SETTINGS = ("rule", "sparsity", "select_every", "frozen_value")
 
 
 def setting(default, help_text: str, *, choices: Optional[Tuple[str, ...]] = None):
@@ -88,8 +89,18 @@ class TrainConfig:
       "Fraction of each maskable variable that is frozen, in [0, 1).")
   select_every: Optional[int] = setting(None,
       "Logical steps between re-selections (--mode=select).")
+  frozen_value: Optional[str] = setting(None,
+      "What the frozen coordinates hold (--mode=freeze): zero (pruned; the default) or keep "
+      "(their public pre-trained values: fine-tuning a subset).", choices=mask_modes.FROZEN_VALUES)
   public_epochs: int = setting(20, "Epochs of non-private training on the public part first.")
   public_learning_rate: float = setting(0.1, "Learning rate of the public pre-training.")
+  public_validation_fraction: float = setting(0.2,
+      "Fraction of the public part held out from the pre-training and the masks, to compare the "
+      "public-only model with the DP model after training; 0: no comparison.")
+  export_choice: str = setting(public_guard.BEST,
+      "best: export the better of the DP and the public-only model on the public validation part "
+      "(ties: the DP model); dp: always the DP model. Either carries the run's epsilon.",
+      choices=public_guard.EXPORT_CHOICES)
   # privacy
   epsilon: Optional[float] = setting(8.0,
       "Target epsilon: the noise multiplier is calibrated to it and training stops before it is "
@@ -174,6 +185,10 @@ class TrainConfig:
     self._check_batches()
     check_setting(_validate.non_negative_int, "public_epochs", self.public_epochs)
     check_setting(_validate.positive, "public_learning_rate", self.public_learning_rate)
+    check_setting(_validate.fraction, "public_validation_fraction",
+                  self.public_validation_fraction)
+    check_setting(_validate.one_of, "export_choice", self.export_choice,
+                  public_guard.EXPORT_CHOICES)
     check_setting(_validate.positive, "learning_rate", self.learning_rate)
     check_setting(_validate.fraction, "momentum", self.momentum)
     if self.ema_decay is not None:
@@ -252,6 +267,10 @@ class TrainConfig:
          "a carried spend is one run's steps, not a search's: drop --carry_spend_from"),
         (bool(self.ema_decay), f"--ema_decay={self.ema_decay}",
          "trials are scored and exported with their raw weights: drop --ema_decay"),
+        (self.insecure_mechanism_seed is not None,
+         f"--insecure_mechanism_seed={self.insecure_mechanism_seed}",
+         "every trial would draw the same noise and batches, so the trials are not the "
+         "independent runs the theorems analyse: drop --insecure_mechanism_seed"),
     ]
     for bad, received, why in refused:
       if bad:
@@ -276,6 +295,12 @@ class TrainConfig:
                         f"--select_every={self.select_every} with --mode=freeze.")
     if self.select_every is not None:
       check_setting(_validate.positive_int, "select_every", self.select_every)
+    if self.frozen_value is not None:
+      check_setting(_validate.one_of, "frozen_value", self.frozen_value, mask_modes.FROZEN_VALUES)
+      if self.mode != mask_modes.FREEZE:
+        raise ConfigError(f"--frozen_value applies to --mode=freeze only (--mode=select keeps "
+                          f"the unselected coordinates at their current values). Received: "
+                          f"--frozen_value={self.frozen_value} with --mode={self.mode}.")
 
   def _check_privacy(self):
     if self.epsilon is not None and self.noise_multiplier is not None:
@@ -334,6 +359,12 @@ class TrainConfig:
     if self.mode != mask_modes.SELECT:
       return None
     return DEFAULT_SELECT_EVERY if self.select_every is None else self.select_every
+
+  @property
+  def effective_frozen_value(self) -> Optional[str]:
+    if self.mode != mask_modes.FREEZE:
+      return None
+    return self.frozen_value or mask_modes.FROZEN_ZERO
 
   @property
   def image_size_pair(self) -> Optional[Tuple[int, int]]:
@@ -410,6 +441,8 @@ def resolve(name: str = "default", overrides: Optional[Dict[str, Any]] = None) -
       base[setting] = None
   if overrides.get("mode") == mask_modes.FREEZE:
     base["select_every"] = None
+  if overrides.get("mode") == mask_modes.SELECT:
+    base["frozen_value"] = None
   base.update(overrides)
   return TrainConfig(**base)
 

@@ -34,6 +34,7 @@ from tfdp_prune import optimizer as optimizer_lib
 from tfdp_prune import overlap
 from tfdp_prune import privacy_label
 from tfdp_prune import private_tuning
+from tfdp_prune import public_guard
 from tfdp_prune import public_data as public_data_lib
 from tfdp_prune import run_record as run_record_lib
 from tfdp_prune import sampling
@@ -55,9 +56,11 @@ INSECURE_STATEMENT = (
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class TrainResult:
-  """What `train` produced: the trained model (raw weights, not EMA), its privacy metadata, the
-  fit history, test accuracy (None without a test part), the export's version directory (None
-  without export_dir) and the logical step the run resumed from (None for a fresh run)."""
+  """What `train` produced: the trained model (raw weights, not EMA), its privacy metadata (its
+  `public_guard` says whether the export holds it or the public-only model), the fit history,
+  its test accuracy (None without a test part), the export's version directory (None without
+  export_dir), the logical step the run resumed from (None for a fresh run) and the public-only
+  model's test accuracy (None without a test part or a public-only comparison)."""
 
   model: Any
   metadata: metadata_lib.PrivacyMetadata
@@ -65,6 +68,7 @@ class TrainResult:
   test_accuracy: Optional[float]
   export_path: Optional[str]
   resumed_from: Optional[int]
+  public_only_test_accuracy: Optional[float] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,9 +112,14 @@ def train(config: TrainConfig, *, splits: Optional[data_lib.DataSplits] = None,
   else:
     _check_given_splits(splits)
   _check_callback_public_data(callbacks, splits.private)
+  public, validation = split_public(config, splits.public)
   info = splits.info
   _check_model_and_data(config, info.input_shape)
   if config.tune == private_tuning.PRIVATE:
+    if callbacks:  # they would see every trial, and so the number of trials (K is secret)
+      raise ConfigError("--tune=private refuses callbacks: they would observe every trial's "
+                        "training, which reveals the number of trials the guarantee keeps "
+                        "secret. Drop the callbacks (the export and summary report the result).")
     return _train_tuned(config, splits, callbacks)
   sampler = make_sampler(config, splits.private, strategy)
   plan = plan_privacy(config, sampler)
@@ -138,15 +147,21 @@ def train(config: TrainConfig, *, splits: Optional[data_lib.DataSplits] = None,
     resumed_from = checkpointing.restore_latest(config.checkpoint_dir, model, budget=budget,
                                                 sampler=sampler, trackables=trackables)
   fit_callbacks = []
+  public_only = None  # the public-only model's weights, when there is a validation part
   if resumed_from is None:
     if config.public_epochs:
-      freezing.pretrain_on_public_data(model, splits.public, config.public_epochs,
+      freezing.pretrain_on_public_data(model, public, config.public_epochs,
                                        config.public_learning_rate, batch_size=64)
-    mask_callback = make_mask_callback(config, splits.public)
+    if validation is not None:
+      public_only = snapshot_public_only(model, config.checkpoint_dir)
+    mask_callback = make_mask_callback(config, public)
     if mask_callback is not None:
       fit_callbacks.append(mask_callback)
-  elif config.mode == mask_modes.SELECT:  # re-selection continues on the restored weights
-    fit_callbacks.append(make_mask_callback(config, splits.public))
+  else:
+    if validation is not None:
+      public_only = public_guard.load_snapshot(config.checkpoint_dir, model)
+    if config.mode == mask_modes.SELECT:  # re-selection continues on the restored weights
+      fit_callbacks.append(make_mask_callback(config, public))
   fit_callbacks.append(budget)
   if ema is not None:
     fit_callbacks.append(ema)
@@ -166,12 +181,13 @@ def train(config: TrainConfig, *, splits: Optional[data_lib.DataSplits] = None,
   metadata = build_metadata(config, budget.ledger.spec.with_steps(budget.steps), info,
                             model, sampler.expected_batch_size,
                             carried=None if carried is None else carried.source)
-  test_accuracy, export_path = _evaluate_and_export(config, model, ema, splits, metadata)
+  accuracies, export_path, metadata = _evaluate_and_export(
+      config, model, ema, splits, metadata, validation, public_only)
   if config.verbose:
-    print(summary(metadata, test_accuracy, export_path))
+    print(summary(metadata, accuracies[0], export_path, accuracies[1]))
   return TrainResult(model=model, metadata=metadata, history=history,
-                     test_accuracy=test_accuracy, export_path=export_path,
-                     resumed_from=resumed_from)
+                     test_accuracy=accuracies[0], export_path=export_path,
+                     resumed_from=resumed_from, public_only_test_accuracy=accuracies[1])
 
 
 def export_checkpoint(checkpoint_dir: str, export_dir: str, *, version: Optional[int] = None,
@@ -362,6 +378,44 @@ def compile_model(config: TrainConfig, input_shape, num_classes: int, noise_mult
   return model
 
 
+def split_public(config: TrainConfig, public):
+  """(pre-training and mask part, validation part or None) of the public arrays, split by
+  --public_validation_fraction with --seed; a split that leaves nothing to train on is a
+  ConfigError."""
+  try:
+    return public_guard.split_public(public, config.public_validation_fraction, config.seed)
+  except ValueError as error:
+    raise ConfigError(str(error)) from None
+
+
+def snapshot_public_only(model, checkpoint_dir: Optional[str]) -> list:
+  """The public-only model's weights: right after the public pre-training, before the masks and
+  the first DP step (the initial model without pre-training). Written beside the checkpoints
+  too, so that a resumed run compares with the same model."""
+  weights = model.get_weights()
+  if checkpoint_dir:
+    public_guard.save_snapshot(checkpoint_dir, weights)
+  return weights
+
+
+def compare_with_public_only(config: TrainConfig, model, validation, public_only,
+                             dp_accuracy: Optional[float]) -> Optional[Dict[str, Any]]:
+  """`public_guard.record` of the DP model (`dp_accuracy`) against the public-only weights on
+  the public validation part; None without one (--public_validation_fraction=0)."""
+  if validation is None:
+    return None
+  count = len(validation[1])
+  if public_only is None:
+    return public_guard.record(
+        config.export_choice, count, dp_accuracy, None,
+        note=(f"the run resumed from a checkpoint in {config.checkpoint_dir} without the "
+              f"public-only weights ({public_guard.SNAPSHOT_FILENAME}), so there is no "
+              "public-only model to compare with."))
+  with public_guard.weights_of(model, public_only):
+    public_accuracy = public_guard.accuracy(model, validation)
+  return public_guard.record(config.export_choice, count, dp_accuracy, public_accuracy)
+
+
 def make_rule(config: TrainConfig) -> masks_lib.MaskRule:
   """The mask rule named by --rule, with --sparsity (and --seed for the random rule)."""
   kwargs = {"seed": config.seed} if config.effective_rule == masks_lib.RandomRule.name else {}
@@ -374,7 +428,8 @@ def make_mask_callback(config: TrainConfig, public):
     return None
   rule = make_rule(config)
   if config.mode == mask_modes.FREEZE:
-    return freezing.ParameterFreezing(rule, public_data=public, frozen_value="zero")
+    return freezing.ParameterFreezing(rule, public_data=public,
+                                      frozen_value=config.effective_frozen_value)
   return selection.ParameterSelection(rule, select_every=config.effective_select_every,
                                       public_data=public)
 
@@ -401,7 +456,8 @@ def build_metadata(config: TrainConfig, spec: accounting.PrivacySpec, info: data
   `carried`: an earlier run's spend this run continues (`spec.steps` counts it)."""
   rule = None
   if config.mode != mask_modes.NONE:
-    rule = mask_provenance.rule_record(make_rule(config), config.effective_select_every)
+    rule = mask_provenance.rule_record(make_rule(config), config.effective_select_every,
+                                       config.effective_frozen_value)
   return privacy_label.build(
       spec, model, expected_batch_size=expected_batch_size,
       data=privacy_label.DataRecord(
@@ -417,8 +473,10 @@ def build_metadata(config: TrainConfig, spec: accounting.PrivacySpec, info: data
 
 
 def summary(metadata: metadata_lib.PrivacyMetadata, test_accuracy: Optional[float],
-            export_path: Optional[str]) -> str:
-  """The lines `tfdp-train` prints at the end."""
+            export_path: Optional[str],
+            public_only_test_accuracy: Optional[float] = None) -> str:
+  """The lines `tfdp-train` prints at the end: `test_accuracy` is the DP model's, and the
+  public-only comparison (`metadata.public_guard`) says which model was exported."""
   if metadata.private:
     privacy = f"epsilon = {metadata.epsilon:.4g}, delta = {delta_text(metadata)}"
   else:
@@ -430,9 +488,13 @@ def summary(metadata: metadata_lib.PrivacyMetadata, test_accuracy: Optional[floa
               if metadata.insecure else ""),
            f"test accuracy: {'n/a' if test_accuracy is None else f'{test_accuracy:.4f}'}"]
   if metadata.tuning:
-    lines.insert(1, f"private search: {metadata.tuning['trials_run']} trial(s), "
+    lines.insert(1, f"private search: a random number of trials (kept secret), "
                     f"{metadata.tuning['method']}; the epsilon above is the whole search's (one "
                     f"trial: {metadata.tuning['trial_epsilon']:.4g}), the steps one trial's")
+  if public_only_test_accuracy is not None:
+    lines.append(f"public-only model test accuracy: {public_only_test_accuracy:.4f}")
+  if metadata.public_guard is not None:
+    lines.append(f"public-only check: {metadata_lib.describe_public_guard(metadata.public_guard)}")
   if export_path:
     lines.append(f"exported: {export_path}")
   return "\n".join(lines)
@@ -466,8 +528,11 @@ def _train_tuned(config: TrainConfig, splits: data_lib.DataSplits, callbacks) ->
   trial_splits = dataclasses.replace(
       splits, private=train_part, test=None,
       info=dataclasses.replace(splits.info, num_private=len(train_part[1])))
+  # The trials pre-train on all the public data and return their DP models: the public-only
+  # comparison is not made for a search (its public validation part would be chosen per trial).
   base = dataclasses.replace(config, tune=private_tuning.NONE, tune_candidates=None,
-                             export_dir=None, verbose=0)
+                             export_dir=None, verbose=0, public_validation_fraction=0.0,
+                             export_choice=public_guard.DP)
   spec = _plan_tuned(config, make_sampler(base, train_part))
   trial_config = dataclasses.replace(base, epsilon=None, noise_multiplier=spec.noise_multiplier)
   tuning = tuning_accounting.record(spec, config.tune_score_noise, config.tune_distribution,
@@ -482,14 +547,16 @@ def _train_tuned(config: TrainConfig, splits: data_lib.DataSplits, callbacks) ->
           private_tuning.count_correct(result.model, validation), config.tune_score_noise, rng),
       rng=rng)
   best = outcome.best
-  tuning.update(candidates=[dict(c) for c in candidates], trials_run=outcome.trials_run,
+  # Not published: the number of trials run. Papernot-Steinke's theorems cover the best trial's
+  # output with K hidden; with K known, the output is best-of-K with K fixed, which costs more.
+  tuning.update(candidates=[dict(c) for c in candidates],
                 selected_candidate=best.candidate_index,
                 selected_noisy_accuracy=best.score / len(validation[1]),
                 validation_fraction=config.tune_validation_fraction,
                 num_validation_examples=len(validation[1]))
   metadata = _tuned_metadata(best.result.metadata, tuning, splits.info.num_test)
-  test_accuracy, export_path = _evaluate_and_export(config, best.result.model, None, splits,
-                                                    metadata)
+  (test_accuracy, _), export_path, metadata = _evaluate_and_export(
+      config, best.result.model, None, splits, metadata, validation=None, public_only=None)
   if config.verbose:
     print(summary(metadata, test_accuracy, export_path))
   return TrainResult(model=best.result.model, metadata=metadata, history=best.result.history,
@@ -530,18 +597,16 @@ def _tuned_metadata(trial: metadata_lib.PrivacyMetadata, tuning: Dict[str, Any],
                     num_test: int) -> metadata_lib.PrivacyMetadata:
   """The best trial's metadata, with the search's epsilon and delta, the record, and a statement
   that says the total covers every trial."""
-  each = trial.statement
-  if trial.insecure and each.startswith(INSECURE_STATEMENT):  # said once, in front
-    each = each[len(INSECURE_STATEMENT):]
-  statement = (f"Private hyperparameter search, {tuning['method']}: {tuning['trials_run']} "
-               f"trial(s) (the number is random) of {len(tuning['candidates'])} candidates, the "
-               f"best by a noisy score on held-out private data. Epsilon and delta are the WHOLE "
-               f"search's (dp_accounting RDP); one trial's epsilon is "
-               f"{tuning['trial_epsilon']:.4g}. Each trial: {each}")
-  if trial.insecure:
-    statement = INSECURE_STATEMENT + statement
+  statement = (f"Private hyperparameter search, {tuning['method']}: a random number of trials "
+               f"(kept secret: the guarantee covers only the best trial's output) of "
+               f"{len(tuning['candidates'])} candidates, the best by a noisy score on held-out "
+               f"private data. Epsilon and delta are the WHOLE search's (dp_accounting RDP); one "
+               f"trial's epsilon is {tuning['trial_epsilon']:.4g}. Each trial: {trial.statement}")
+  # `created` is when the search ended: the best trial's own time would tell how many trials
+  # ran after it.
   return dataclasses.replace(trial, epsilon=tuning["epsilon"], delta=tuning["delta"],
-                             statement=statement, tuning=tuning, num_test_examples=num_test)
+                             statement=statement, tuning=tuning, num_test_examples=num_test,
+                             created=metadata_lib.utc_now())
 
 
 # ---- a carried spend (--carry_spend_from) -------------------------------------------------------
@@ -679,19 +744,45 @@ def _fit(model, config, sampler, steps, start, callbacks):
   return history.history
 
 
-def _evaluate_and_export(config, model, ema, splits, metadata):
-  """Test accuracy and the export, with the EMA weights when the run kept an average."""
-  averaged = (ema.averaged_weights() if ema is not None and ema.num_updates > 0
-              else contextlib.nullcontext())
-  with averaged:
-    accuracy = None
-    if splits.test is not None and len(splits.test[1]):
-      results = model.evaluate(*splits.test, batch_size=256, verbose=0, return_dict=True)
-      accuracy = float(results["accuracy"])
-    export_path = None
-    if config.export_dir:
+def _evaluate_and_export(config, model, ema, splits, metadata, validation, public_only):
+  """The public-only comparison (recorded in the metadata), the test accuracies of the DP model
+  (its EMA weights when the run kept an average) and of the public-only model, and the export of
+  the model the comparison chose. Returns ((DP, public-only test accuracy), export path,
+  metadata)."""
+  with _dp_weights(model, ema):
+    dp_accuracy = None if validation is None else public_guard.accuracy(model, validation)
+    test_accuracy = _test_accuracy(model, splits)
+  guard = compare_with_public_only(config, model, validation, public_only, dp_accuracy)
+  public_only_test_accuracy = None
+  if guard is not None:
+    metadata = dataclasses.replace(metadata, public_guard=guard)
+    if guard["compared"]:
+      with public_guard.weights_of(model, public_only):
+        public_only_test_accuracy = _test_accuracy(model, splits)
+  export_path = None
+  if config.export_dir:
+    # Either model carries the run's epsilon and delta: the choice read only public data and the
+    # DP model, so it is post-processing of the DP release (it is not free of it).
+    chosen = (public_guard.weights_of(model, public_only)
+              if guard is not None and guard["exported"] == public_guard.PUBLIC_ONLY
+              else _dp_weights(model, ema))
+    with chosen:
       # No rows of any split in the warmup requests: they are synthetic (zeros of the input).
       export_path = export_lib.export_saved_model(
           model, config.export_dir, metadata, version=config.export_version,
           overwrite=config.overwrite)
-  return accuracy, export_path
+  return (test_accuracy, public_only_test_accuracy), export_path, metadata
+
+
+def _test_accuracy(model, splits) -> Optional[float]:
+  if splits.test is None or not len(splits.test[1]):
+    return None
+  results = model.evaluate(*splits.test, batch_size=256, verbose=0, return_dict=True)
+  return float(results["accuracy"])
+
+
+def _dp_weights(model, ema):
+  """The DP model's weights inside the block: the EMA average when the run kept one."""
+  if ema is not None and ema.num_updates > 0:
+    return ema.averaged_weights()
+  return contextlib.nullcontext(model)

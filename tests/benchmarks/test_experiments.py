@@ -120,7 +120,8 @@ def test_run_overrides_express_each_kind():
   dense = experiments.RunSpec("dp", "mnist_subset", "none", None, None, 0.0, 2.0, 3)
   assert dense.arm == experiments.DENSE
   assert dense.overrides(grid) == dict(model="mnist_cnn", batch_size=250, epochs=3.0,
-                                       export_dir=None, verbose=0, seed=3, mode="none",
+                                       export_dir=None, verbose=0,
+                                       public_validation_fraction=0.0, seed=3, mode="none",
                                        tune="public", epsilon=2.0)
   keep = experiments.RunSpec("dp", "digits_public20", "freeze", "magnitude", "keep", 0.8, 8.0,
                              0)

@@ -24,9 +24,10 @@ from tests.tfdp_prune import _testing
 _CONFIG = dict(steps=4, epochs=None, public_epochs=1, epsilon=None, noise_multiplier=1.0,
                verbose=0, export_dir=None)
 # What tfdp-train knows and a hand-written fit does not tell the export (where the data came
-# from, the test split, the seed): the hand label leaves them unknown.
+# from, the test split, the seed; the comparison with the public-only model on held-out public
+# data): the hand label leaves them unknown.
 _DATA_SOURCE_FIELDS = ("dataset", "public_dataset", "public_split", "private_split",
-                       "num_test_examples", "seed", "created")
+                       "num_test_examples", "seed", "created", "public_guard")
 
 
 def _hand_run_like_tfdp_train(config):

@@ -75,6 +75,7 @@ def test_the_validation_part_is_held_out_example_by_example():
     (dict(tune_candidates="learning_rate=fast"), "Expected a number"),
     (dict(tune_trials=0.5), "--tune_trials >= 1"),
     (dict(tune="none"), "no effect without --tune=private"),
+    (dict(insecure_mechanism_seed=3), "not the\s+independent runs|independent runs"),
 ])
 def test_what_the_search_cannot_account_for_is_refused(settings, message):
   with pytest.raises(ConfigError, match=message):
@@ -85,6 +86,28 @@ def test_carry_spend_from_is_refused_with_its_own_directory(tmp_path):
   config = dict(TUNED, checkpoint_dir=None)
   with pytest.raises(ConfigError, match="carry_spend_from"):
     TrainConfig(**config, carry_spend_from=str(tmp_path))
+
+
+def test_callbacks_are_refused_because_they_would_count_the_trials(monkeypatch):
+  monkeypatch.setattr(private_tuning, "search", lambda *args, **kwargs: pytest.fail("trained"))
+  with pytest.raises(ConfigError, match="refuses callbacks"):
+    training.train(TrainConfig(**TUNED, export_dir=None), callbacks=[object()])
+
+
+def test_the_score_is_the_count_plus_gaussian_noise_of_the_given_scale():
+  rng = np.random.default_rng(0)
+  scores = np.array([private_tuning.noisy_score(40, 5.0, rng) for _ in range(20000)])
+  assert abs(scores.mean() - 40) < 0.2 and abs(scores.std() - 5.0) < 0.15
+
+
+def test_the_search_scores_every_trial_through_the_noisy_score(monkeypatch):
+  noised = []
+  real = private_tuning.noisy_score
+  monkeypatch.setattr(private_tuning, "draw_trial_count", lambda *args: 2)
+  monkeypatch.setattr(private_tuning, "noisy_score",
+                      lambda *args: noised.append(args) or real(*args))
+  training.train(TrainConfig(**TUNED, epsilon=8.0, export_dir=None))
+  assert len(noised) == 2 and all(args[1] == 5.0 for args in noised)
 
 
 def test_no_trial_is_no_model_and_no_training(monkeypatch):
@@ -112,7 +135,10 @@ def test_the_export_states_the_whole_search_and_inspect_recomputes_it(tuned_run)
   total = tuning_accounting.search_epsilon(spec, 5.0, "poisson", 2.0)
   assert metadata.epsilon == tuning["epsilon"] == total <= 8.0
   assert tuning["trial_epsilon"] < total and metadata.epsilon > spec.epsilon()
-  assert tuning["trials_run"] == 2 and tuning["selected_candidate"] in (0, 1)
+  assert tuning["selected_candidate"] in (0, 1)
+  # K (2 here) is secret: the theorems cover the best trial's output with K hidden.
+  assert not [key for key in tuning if "trials_run" in key or key == "trials"]
+  assert "trial(s)" not in metadata.statement
   assert tuning["candidates"] == [{"learning_rate": 0.1}, {"learning_rate": 0.5}]
   assert "Theorem 6" in tuning["method"] and "WHOLE search" in metadata.statement
   # The trials trained with the calibrated sigma on the training part only.

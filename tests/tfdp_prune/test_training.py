@@ -13,9 +13,11 @@ import tensorflow_datasets as tfds
 import tfdp_prune
 from tfdp_prune import accounting
 from tfdp_prune import data as data_lib
+from tfdp_prune import freezing
 from tfdp_prune import randomness
 from tfdp_prune import run_record
 from tfdp_prune import sampling
+from tfdp_prune import train_config
 from tfdp_prune import training
 from tfdp_prune.compat import keras
 from tfdp_prune.compat import tf
@@ -76,6 +78,47 @@ def test_short_run_exports_its_metadata(short_run):
   assert short_run.export_path.endswith(os.sep + "1")
   assert export_lib.read_metadata(short_run.export_path) == short_run.metadata
   assert short_run.test_accuracy is not None and 0 <= short_run.test_accuracy <= 1
+
+
+def _train_keeping_the_pretrained_weights(monkeypatch, **settings):
+  """A freeze run, with the weights right after its public pre-training."""
+  pretrained = {}
+  real = freezing.pretrain_on_public_data
+
+  def pretrain(model, *args, **kwargs):
+    real(model, *args, **kwargs)
+    pretrained.update({v.name: v.numpy() for v in model.trainable_variables})
+
+  monkeypatch.setattr(freezing, "pretrain_on_public_data", pretrain)
+  result = training.train(TrainConfig(**dict(SHORT, mode="freeze", export_dir=None,
+                                             noise_multiplier=1.0, epsilon=None), **settings))
+  return result, pretrained
+
+
+@pytest.mark.parametrize("frozen_value", ["keep", "zero"])
+def test_frozen_value_keeps_the_pretrained_values_or_zeros_them(frozen_value, monkeypatch):
+  result, pretrained = _train_keeping_the_pretrained_weights(monkeypatch,
+                                                             frozen_value=frozen_value)
+  model = result.model
+  assert result.metadata.mask_rule["frozen_value"] == frozen_value
+  kernels = [v for v in model.trainable_variables if "kernel" in v.name]
+  for variable in kernels:
+    mask = model.optimizer.update_masks([variable])[0].numpy()
+    frozen, before = variable.numpy()[mask == 0], pretrained[variable.name][mask == 0]
+    assert frozen.size and np.any(before != 0)
+    expected = before if frozen_value == "keep" else np.zeros_like(before)
+    np.testing.assert_array_equal(frozen, expected)  # bit-exact through every DP step
+    assert np.any(variable.numpy()[mask > 0] != pretrained[variable.name][mask > 0])
+
+
+def test_frozen_value_applies_to_mode_freeze_only():
+  with pytest.raises(ConfigError, match="--frozen_value applies to --mode=freeze only"):
+    TrainConfig(mode="select", frozen_value="keep")
+  with pytest.raises(ConfigError, match="--frozen_value has no effect with --mode=none"):
+    TrainConfig(mode="none", frozen_value="keep")
+  assert TrainConfig().effective_frozen_value == "zero"
+  assert TrainConfig(mode="select").effective_frozen_value is None
+  assert train_config.resolve("default", dict(frozen_value="keep")).effective_frozen_value == "keep"
 
 
 def test_short_run_exports_synthetic_warmup_requests_and_says_so(short_run):

@@ -22,6 +22,8 @@ from tfdp_prune.trainers import train
 from tests.tfdp_prune._testing import write_csv
 from tests.tfdp_prune._testing import write_image_folder
 from tests.tfdp_prune._testing import write_png
+from tests.trainers._console_testing import run_in_process
+from tests.trainers._console_testing import unindented_lines
 
 _ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 
@@ -187,23 +189,12 @@ def test_bad_input_exits_with_a_message_before_training(state, argv, code, phras
   monkeypatch.chdir(tmp_path)  # the default --export_dir is relative
   before = _tree(tmp_path)
   argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-  monkeypatch.setattr(sys, "argv", ["tfdp-train", *argv])
-  flags.FLAGS.unparse_flags()
-  try:
-    with pytest.raises(SystemExit) as exit_info:
-      train.run_main()
-  finally:
-    flags.FLAGS.unparse_flags()
-  exit_code = exit_info.value.code
-  message = capsys.readouterr().err
-  if isinstance(exit_code, str):  # sys.exit(message): Python prints it and exits 1
-    message, exit_code = message + exit_code, 1
+  exit_code, message, _ = run_in_process(train.run_main, argv, monkeypatch, capsys)
   phrase = phrase.replace("{tmp}", str(tmp_path))
   assert exit_code == code, message
   assert phrase in message, message
   assert "Traceback" not in message, message
-  # A usage error prints the help first, whose indented lines name every flag.
-  unindented = "\n".join(line for line in message.splitlines() if not line[:1].isspace())
+  unindented = unindented_lines(message)
   assert phrase in unindented, message
   for wrong in _NO_SUCH_FIX:
     assert wrong not in unindented, message

@@ -15,6 +15,8 @@ from tfdp_prune import train_config
 from tfdp_prune import training
 from tfdp_prune.trainers import train
 from tests.tfdp_prune._testing import write_image_folder
+from tests.trainers._console_testing import run_in_process
+from tests.trainers._console_testing import unindented_lines
 
 _ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 
@@ -65,19 +67,9 @@ def test_invalid_flags_fail_before_training_and_name_the_flag(argv, flag, tmp_pa
   monkeypatch.setattr(freezing, "pretrain_on_public_data", fail)
   monkeypatch.setattr(training.export_lib, "export_saved_model", fail)
   monkeypatch.chdir(tmp_path)
-  monkeypatch.setattr(sys, "argv", ["tfdp-train", *argv])
-  flags.FLAGS.unparse_flags()
-  try:
-    with pytest.raises(SystemExit) as exit_info:
-      train.run_main()
-  finally:
-    flags.FLAGS.unparse_flags()
-  out, err = capsys.readouterr()
-  code = exit_info.value.code
-  message = err + (code if isinstance(code, str) else "")  # sys.exit(message) prints it
+  code, message, out = run_in_process(train.run_main, argv, monkeypatch, capsys)
   assert code not in (0, None), message
-  # A usage error prints the help first, whose indented lines name every flag.
-  unindented = "\n".join(line for line in message.splitlines() if not line[:1].isspace())
+  unindented = unindented_lines(message)
   assert flag in unindented, message[-2000:]
   assert "Epoch" not in out and not os.path.exists(tmp_path / "tfdp_export")
 
