@@ -250,7 +250,7 @@ def test_targets_are_checked_lines_with_the_right_verdicts():
     assert len(found) == 1, (prefix, found)
     return found[0]
   assert line("digits_public180, ε = 1:").startswith("- [x] **yes**")
-  assert "(select/random) above public only on 4 of 5 seeds" in line("digits_public180, ε = 1:")
+  assert "`select/random` above public only on 4 of 5 seeds" in line("digits_public180, ε = 1:")
   assert line("digits_public180, ε = 2:").startswith("- [ ] **no**")  # 3 of 5 < 4
   assert line("digits_public180, ε = 8:").startswith("- [x] **yes**")
   assert line("digits_public20, ε = 1:").startswith("- [x] **yes**")
