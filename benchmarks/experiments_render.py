@@ -153,7 +153,8 @@ def target_checks(runs, cells, setups: Dict[str, Dict[str, Any]]) -> List[Tuple[
         continue
       need = math.ceil(WIN_SHARE * diff["n"] - 1e-9)
       checks.append((diff["wins"] >= need,
-                     f"{key}, ε = {epsilon:g}: {_arm_label(setups, key)} `{top}` above public only on "
+                     f"{key}, ε = {epsilon:g}: {_arm_label(setups, key)} `{top}` above "
+                     "public only on "
                      f"{diff['wins']} of {diff['n']} seeds (target ≥ 4 of 5; with n = "
                      f"{diff['n']}: ≥ {need})"))
     top = best_arm(cells, key, 8.0, arms)
@@ -162,7 +163,8 @@ def target_checks(runs, cells, setups: Dict[str, Dict[str, Any]]) -> List[Tuple[
     else:
       a = by_key[(key, top, 8.0)]["accuracy"]
       checks.append((a["mean"] >= DIGITS_EPSILON8_TARGET,
-                     f"{key}, ε = 8: {_arm_label(setups, key)} `{top}` {_percent(a)} % (n = {a['n']}; "
+                     f"{key}, ε = 8: {_arm_label(setups, key)} `{top}` {_percent(a)} % "
+                     f"(n = {a['n']}; "
                      "target ≥ 95 %)"))
   for key in (k for k, s in setups.items() if s.get("dataset") == "mnist_subset"):
     top = best_arm(cells, key, 2.0, dp_arms(runs, key))
@@ -174,7 +176,8 @@ def target_checks(runs, cells, setups: Dict[str, Dict[str, Any]]) -> List[Tuple[
     a = by_key[(key, top, 2.0)]["accuracy"]
     diff = paired_differences(runs, (key, top, 2.0), (key, PUBLIC_ONLY, None))
     checks.append((a["mean"] >= MNIST_EPSILON2_TARGET and a["mean"] > public["accuracy"]["mean"],
-                   f"{key}, ε = 2: {_arm_label(setups, key)} `{top}` {_percent(a)} % (n = {a['n']}; "
+                   f"{key}, ε = 2: {_arm_label(setups, key)} `{top}` {_percent(a)} % "
+                   f"(n = {a['n']}; "
                    f"target ≥ 95 %), public only {_percent(public['accuracy'])} %, paired "
                    f"{_percent(diff, signed=True)} pp, above on {diff['wins']}/{diff['n']} "
                    "seeds (target: above public only)"))
