@@ -71,6 +71,9 @@ class PrivacyMetadata:
       do not depend on it.
     library_versions: distribution -> version; created: ISO 8601 UTC time.
     empirical: measured (not proven) results such as an audit, or None.
+    tuning: how the hyperparameters were chosen before training (`tuning.TuningResult.record()`:
+      the grid, each candidate's public-validation accuracy, what was chosen), or None. Absent
+      from the JSON when None, so records written before it read back (and digest) the same.
   """
 
   private: bool
@@ -103,6 +106,7 @@ class PrivacyMetadata:
   library_versions: Dict[str, str]
   created: str
   empirical: Optional[Dict[str, Any]] = None
+  tuning: Optional[Dict[str, Any]] = None
 
   def __post_init__(self):
     _validate.boolean("private", self.private)
@@ -133,6 +137,9 @@ class PrivacyMetadata:
           f"{randomness.INSECURE_SEED!r}) must say so: expected a statement starting with "
           f"{INSECURE_PREFIX!r}. Received: statement={self.statement!r}.")
     _validate.one_of("mask_mode", self.mask_mode, mask_modes.ALL)
+    if self.tuning is not None and not isinstance(self.tuning, dict):
+      raise ValueError(f"Expected tuning to be a record (a dict) or None. Received: "
+                       f"{type(self.tuning).__name__}.")
     for name in ("steps", "num_private_examples", "num_public_examples", "num_test_examples"):
       _validate.non_negative_int(name, getattr(self, name))
     object.__setattr__(self, "epsilon", float(self.epsilon))
@@ -162,6 +169,8 @@ class PrivacyMetadata:
     result = _ENVELOPE.header()
     result.update(dataclasses.asdict(self))
     result["epsilon"] = _INFINITY if math.isinf(self.epsilon) else self.epsilon
+    if self.tuning is None:  # optional: the documents of untuned runs are unchanged
+      del result["tuning"]
     result[DIGEST_KEY] = document_digest(result)
     return result
 

@@ -23,6 +23,11 @@ from tfdp_prune import randomness
 # (mask_modes, masks, accounting); the strategies and optimizers are built by `training`.
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 OPTIMIZERS = ("sgd", "adam")
+# How hyperparameters are chosen before training: the one list of tuners (`tuning` implements
+# "public"); a new tuner adds its name here and its branch in `training.tune`.
+TUNE_NONE = "none"
+TUNE_PUBLIC = "public"
+TUNE_MODES = (TUNE_NONE, TUNE_PUBLIC)
 MODEL_PATTERN = re.compile(r"^(mlp|mnist_cnn|wrn(\d+)_(\d+))$")
 # Used when the mode needs them and the config leaves them unset.
 DEFAULT_RULE = masks.MagnitudeRule.name
@@ -114,6 +119,10 @@ class TrainConfig:
   momentum: float = setting(0.9, "SGD momentum.")  # SGD only; Adam uses its default betas
   ema_decay: Optional[float] = setting(None,
       "EMA decay of the weights (evaluated and exported); 0: no EMA.")
+  tune: str = setting(TUNE_NONE,
+      "Hyperparameters chosen before training: none (as given) or public (the learning rate, "
+      "clip norm and sparsity that do best when the run is simulated on a split of the public "
+      "part; no private example is read, no privacy is spent).", choices=TUNE_MODES)
   # running and output
   strategy: str = setting("default", "tf.distribute strategy.", choices=STRATEGIES)
   checkpoint_dir: Optional[str] = setting(None,
@@ -142,6 +151,7 @@ class TrainConfig:
     check_setting(_validate.one_of, "strategy", self.strategy, STRATEGIES)
     check_setting(_validate.one_of, "optimizer", self.optimizer, OPTIMIZERS)
     check_setting(_validate.one_of, "accountant", self.accountant, accounting.ACCOUNTANTS)
+    check_setting(_validate.one_of, "tune", self.tune, TUNE_MODES)
     if not isinstance(self.model, str) or not MODEL_PATTERN.match(self.model):
       raise ConfigError(f"Expected --model to be mlp, mnist_cnn or wrn<depth>_<width> (e.g. "
                         f"wrn16_4). Received: --model={self.model!r}.")

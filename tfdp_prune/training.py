@@ -39,6 +39,7 @@ from tfdp_prune import sampling
 from tfdp_prune import selection
 from tfdp_prune import train_config
 from tfdp_prune import train_step
+from tfdp_prune import tuning
 from tfdp_prune.compat import keras
 from tfdp_prune.compat import tf
 from tfdp_prune.export import saved_model as export_lib
@@ -108,6 +109,10 @@ def train(config: TrainConfig, *, splits: Optional[data_lib.DataSplits] = None,
   _check_callback_public_data(callbacks, splits.private)
   info = splits.info
   _check_model_and_data(config, info.input_shape)
+  tuned = None
+  if config.tune == train_config.TUNE_PUBLIC:
+    tuned = tune_on_public(config, splits)
+    config = tuned.config  # before the privacy plan and the first DP step
   sampler = make_sampler(config, splits.private, strategy)
   plan = plan_privacy(config, sampler)
   with strategy.scope():
@@ -161,7 +166,8 @@ def train(config: TrainConfig, *, splits: Optional[data_lib.DataSplits] = None,
           "train.")
   metadata = build_metadata(config, budget.ledger.spec.with_steps(budget.steps), info,
                             model, sampler.expected_batch_size,
-                            carried=None if carried is None else carried.source)
+                            carried=None if carried is None else carried.source,
+                            tuning_record=None if tuned is None else tuned.record())
   test_accuracy, export_path = _evaluate_and_export(config, model, ema, splits, metadata)
   if config.verbose:
     print(summary(metadata, test_accuracy, export_path))
@@ -390,15 +396,18 @@ class StopAfterSteps(keras.callbacks.Callback):
 
 def build_metadata(config: TrainConfig, spec: accounting.PrivacySpec, info: data_lib.DataInfo,
                    model, expected_batch_size: float,
-                   carried: Optional[Dict[str, Any]] = None) -> metadata_lib.PrivacyMetadata:
+                   carried: Optional[Dict[str, Any]] = None,
+                   tuning_record: Optional[Dict[str, Any]] = None
+                   ) -> metadata_lib.PrivacyMetadata:
   """The run's `PrivacyMetadata`, by the builder the export of hand-written training uses
   (`privacy_label.build`): the masks' rule from the config (a resumed run's masks come from
   its checkpoint, without a callback that would record them), the data from what was loaded;
-  `carried`: an earlier run's spend this run continues (`spec.steps` counts it)."""
+  `carried`: an earlier run's spend this run continues (`spec.steps` counts it);
+  `tuning_record`: how the hyperparameters were chosen (`TuningResult.record()`)."""
   rule = None
   if config.mode != mask_modes.NONE:
     rule = mask_provenance.rule_record(make_rule(config), config.effective_select_every)
-  return privacy_label.build(
+  metadata = privacy_label.build(
       spec, model, expected_batch_size=expected_batch_size,
       data=privacy_label.DataRecord(
           num_private=info.num_private, num_public=info.num_public, num_test=info.num_test,
@@ -410,6 +419,7 @@ def build_metadata(config: TrainConfig, spec: accounting.PrivacySpec, info: data
           config.mechanism_randomness, model.optimizer.mechanism_randomness),
       insecure_statement=INSECURE_STATEMENT,
       carried_statement=carried_spend.statement(carried) if carried is not None else "")
+  return dataclasses.replace(metadata, tuning=tuning_record)
 
 
 def summary(metadata: metadata_lib.PrivacyMetadata, test_accuracy: Optional[float],
@@ -425,6 +435,8 @@ def summary(metadata: metadata_lib.PrivacyMetadata, test_accuracy: Optional[floa
            + (" (INSECURE: reproducible from --insecure_mechanism_seed; do not release)"
               if metadata.insecure else ""),
            f"test accuracy: {'n/a' if test_accuracy is None else f'{test_accuracy:.4f}'}"]
+  if metadata.tuning:
+    lines.append(tuning.record_summary(metadata.tuning))
   if export_path:
     lines.append(f"exported: {export_path}")
   return "\n".join(lines)
@@ -435,6 +447,54 @@ def delta_text(metadata: metadata_lib.PrivacyMetadata) -> str:
   base = (metadata.privacy_spec or {}).get("delta", metadata.delta)
   extra = metadata.delta - base
   return f"{base:g} + {extra:.2g} (sampler overflow)" if extra > 0 else f"{metadata.delta:g}"
+
+
+# ---- public tuning (--tune=public) -------------------------------------------------------------
+
+def tune_on_public(config: TrainConfig, splits: data_lib.DataSplits) -> tuning.TuningResult:
+  """`config`'s learning rate, clip norm and sparsity chosen on `splits.public` (`tuning.tune`).
+
+  The private run's steps and sigma come from its privacy plan, computed from the private
+  part's size alone (`plan_for_size`); no private example is read."""
+  info = splits.info
+  plan, expected_batch_size = plan_for_size(config, info.num_private)
+  return tuning.tune(config, splits.public, steps=plan.steps,
+                     noise_multiplier=plan.noise_multiplier,
+                     expected_batch_size=expected_batch_size, num_classes=info.num_classes,
+                     simulate=simulate_on_public)
+
+
+def plan_for_size(config: TrainConfig, num_private: int):
+  """(`plan_privacy`, the expected batch) of a run on `num_private` private examples, from the
+  size alone: the sampler's accounting depends on it only, so a placeholder of that many empty
+  rows stands in for the private part."""
+  placeholder = (np.zeros((num_private, 0), np.float32), np.zeros((num_private,), np.int32))
+  sampler = make_sampler(config, placeholder)
+  return plan_privacy(config, sampler), sampler.expected_batch_size
+
+
+def simulate_on_public(config: TrainConfig, train_part, validation,
+                       simulation: tuning.Simulation) -> float:
+  """One simulated run (tuning): `train`'s procedure (public pre-training, masks, the DP
+  optimizer, the sampling) on public `train_part` with `simulation`'s batch, sigma and steps;
+  returns the accuracy on public `validation`. Public data only: no budget, checkpoint, EMA or
+  export."""
+  config = dataclasses.replace(config, batch_size=simulation.batch_size,
+                               physical_batch_size=None, checkpoint_dir=None,
+                               carry_spend_from=None, verbose=0)
+  sampler = make_sampler(config, train_part)
+  model = compile_model(config, np.shape(train_part[0])[1:], simulation.num_classes,
+                        simulation.noise_multiplier, sampler.expected_batch_size)
+  if config.public_epochs:
+    freezing.pretrain_on_public_data(model, train_part, config.public_epochs,
+                                     config.public_learning_rate, batch_size=64)
+  callbacks = [StopAfterSteps(simulation.steps)]
+  mask_callback = make_mask_callback(config, train_part)
+  if mask_callback is not None:
+    callbacks.insert(0, mask_callback)
+  _fit(model, config, sampler, simulation.steps, 0, callbacks)
+  results = model.evaluate(*validation, batch_size=256, verbose=0, return_dict=True)
+  return float(results["accuracy"])
 
 
 # ---- a carried spend (--carry_spend_from) -------------------------------------------------------

@@ -284,6 +284,10 @@ def format_report(report: ExportReport) -> str:
                  "examples")
     lines.append(f"  masks: {metadata.mask_mode}, overall sparsity "
                  f"{100 * metadata.mask_sparsity:.2f}%")
+    if metadata.tuning:
+      lines.append(f"  tuning: {metadata.tuning.get('mode')} (private data read: "
+                   f"{metadata.tuning.get('private_data_read')}), chose "
+                   f"{metadata.tuning.get('chosen')}")
     if metadata.empirical:
       lines.append(f"  empirical (not proven): {sorted(metadata.empirical)}")
     warmup = ("none (no warmup file)" if version.warmup_records is None
