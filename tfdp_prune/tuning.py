@@ -169,19 +169,23 @@ def tune(config: TrainConfig, public, *, steps: int, noise_multiplier: float,
   first, second = grid(config)
   candidates = []
 
-  def best_of(base, stage):
+  def best_of(base, stage, base_accuracy=None):
     scored = []
     for settings in stage:
-      accuracy = float(simulate(dataclasses.replace(base, **settings), train, validation,
-                                simulation))
-      candidates.append(Candidate(dict(settings), accuracy))
+      candidate = dataclasses.replace(base, **settings)
+      if base_accuracy is not None and _tuned_values(candidate) == _tuned_values(base):
+        accuracy = base_accuracy  # this point was scored in the stage before
+      else:
+        accuracy = float(simulate(candidate, train, validation, simulation))
+        candidates.append(Candidate(dict(settings), accuracy))
       scored.append((accuracy, settings))
     # max keeps the first of equals: the given values when they tie.
-    return dataclasses.replace(base, **max(scored, key=lambda pair: pair[0])[1])
+    accuracy, settings = max(scored, key=lambda pair: pair[0])
+    return dataclasses.replace(base, **settings), accuracy
 
-  tuned = best_of(config, first)
+  tuned, accuracy = best_of(config, first)
   if second:
-    tuned = best_of(tuned, second)
+    tuned, accuracy = best_of(tuned, second, accuracy)
   return TuningResult(
       config=tuned, chosen=_tuned_values(tuned), given=_tuned_values(config),
       candidates=tuple(candidates), simulation=simulation, num_public_train=len(train[1]),
