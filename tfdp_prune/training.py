@@ -18,6 +18,7 @@ import numpy as np
 from tfdp_prune import _mask_callback
 from tfdp_prune import accounting
 from tfdp_prune import agreement
+from tfdp_prune import atomic_files
 from tfdp_prune import augmult
 from tfdp_prune import budget as budget_lib
 from tfdp_prune import carried_spend
@@ -46,6 +47,8 @@ from tfdp_prune.export import saved_model as export_lib
 from tfdp_prune.train_config import ConfigError
 from tfdp_prune.train_config import TrainConfig
 
+# The tuning record of a checkpointed run: a resume reuses its choice instead of tuning again.
+TUNING_RECORD = "tuning.json"
 INSECURE_STATEMENT = (
     f"{metadata_lib.INSECURE_PREFIX}: the DP noise and the batch sampling were derived from "
     "--insecure_mechanism_seed, so whoever knows or guesses that seed can reproduce and remove "
@@ -109,10 +112,7 @@ def train(config: TrainConfig, *, splits: Optional[data_lib.DataSplits] = None,
   _check_callback_public_data(callbacks, splits.private)
   info = splits.info
   _check_model_and_data(config, info.input_shape)
-  tuned = None
-  if config.tune == train_config.TUNE_PUBLIC:
-    tuned = tune_on_public(config, splits)
-    config = tuned.config  # before the privacy plan and the first DP step
+  config, tuning_record = _tune(config, splits)  # before the privacy plan and the first step
   sampler = make_sampler(config, splits.private, strategy)
   plan = plan_privacy(config, sampler)
   with strategy.scope():
@@ -167,7 +167,7 @@ def train(config: TrainConfig, *, splits: Optional[data_lib.DataSplits] = None,
   metadata = build_metadata(config, budget.ledger.spec.with_steps(budget.steps), info,
                             model, sampler.expected_batch_size,
                             carried=None if carried is None else carried.source,
-                            tuning_record=None if tuned is None else tuned.record())
+                            tuning_record=tuning_record)
   test_accuracy, export_path = _evaluate_and_export(config, model, ema, splits, metadata)
   if config.verbose:
     print(summary(metadata, test_accuracy, export_path))
@@ -209,7 +209,8 @@ def export_checkpoint(checkpoint_dir: str, export_dir: str, *, version: Optional
                       "longer, or pass the directory of a run that saved a checkpoint.")
   metadata = build_metadata(config, budget.ledger.spec.with_steps(budget.steps), info, model,
                             record["expected_batch_size"],
-                            carried=checkpointing.read_carried(checkpoint_dir))
+                            carried=checkpointing.read_carried(checkpoint_dir),
+                            tuning_record=read_tuning_record(checkpoint_dir))
   if ema is not None and use_ema and ema.num_updates:
     ema.assign_to_model()
   return export_lib.export_saved_model(model, export_dir, metadata, version=version,
@@ -462,6 +463,31 @@ def tune_on_public(config: TrainConfig, splits: data_lib.DataSplits) -> tuning.T
                      noise_multiplier=plan.noise_multiplier,
                      expected_batch_size=expected_batch_size, num_classes=info.num_classes,
                      simulate=simulate_on_public)
+
+
+def read_tuning_record(checkpoint_dir: Optional[str]) -> Optional[Dict[str, Any]]:
+  """The `TUNING_RECORD` of a checkpointed run, or None (no directory, or an untuned run)."""
+  path = os.path.join(checkpoint_dir, TUNING_RECORD) if checkpoint_dir else None
+  if path is None or not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _tune(config: TrainConfig, splits):
+  """(config with the chosen values, the tuning record or None). A checkpointed run records
+  the choice in its directory; its resumption reuses it (another choice would not match its
+  checkpoints, and the noise of the simulated runs can change the choice)."""
+  if config.tune == train_config.TUNE_NONE:
+    return config, None
+  record = read_tuning_record(config.checkpoint_dir)
+  if record is None:
+    record = tune_on_public(config, splits).record()
+    if config.checkpoint_dir:
+      os.makedirs(config.checkpoint_dir, exist_ok=True)
+      atomic_files.replace_file(os.path.join(config.checkpoint_dir, TUNING_RECORD),
+                                json.dumps(record, indent=1, sort_keys=True))
+  return dataclasses.replace(config, **record["chosen"]), record
 
 
 def plan_for_size(config: TrainConfig, num_private: int):
