@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from tfdp_prune import data as data_lib
+from tfdp_prune import export as export_lib
 from tfdp_prune import training
 from tfdp_prune import tuning
 from tfdp_prune.metadata import PrivacyMetadata
@@ -98,9 +99,10 @@ def test_tuning_and_its_plan_never_read_a_private_example(digits, small_grid):
   assert result.simulation.noise_multiplier == pytest.approx(1.0 * 63 / 100)
 
 
-def test_a_wrecking_learning_rate_is_replaced_and_the_choice_is_the_runs(digits, small_grid):
+def test_a_wrecking_learning_rate_is_replaced_and_the_choice_is_the_runs(digits, small_grid,
+                                                                         tmp_path, monkeypatch):
   config = TrainConfig(**SHORT, epsilon=None, noise_multiplier=1.0, learning_rate=1000.0,
-                       tune="public")
+                       tune="public", checkpoint_dir=str(tmp_path))
   result = training.train(config, splits=digits)
   tuned = result.metadata.tuning
   scores = {c["learning_rate"]: c["public_validation_accuracy"]
@@ -116,3 +118,9 @@ def test_a_wrecking_learning_rate_is_replaced_and_the_choice_is_the_runs(digits,
   assert result.test_accuracy > 0.5
   assert PrivacyMetadata.from_json(result.metadata.to_json()) == result.metadata
   assert "tuning (public; no private data read)" in training.summary(result.metadata, None, None)
+  # A resumption reuses the recorded choice: tuning again could choose otherwise.
+  monkeypatch.setattr(training, "tune_on_public", lambda *args: pytest.fail("tuned again"))
+  resumed, record = training._tune(config, digits)
+  assert record == tuned and resumed.learning_rate == 0.3
+  exported = training.export_checkpoint(str(tmp_path), str(tmp_path / "export"))
+  assert export_lib.read_metadata(exported).tuning == tuned
