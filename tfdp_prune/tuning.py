@@ -30,7 +30,6 @@ CLIP_NORMS = (0.1, 1.0)
 SPARSITIES = (0.5, 0.8, 0.9, 0.95)
 # Fewer public examples than this per part leave nothing to tell candidates apart.
 MIN_EXAMPLES = 10
-TUNED_SETTINGS = ("learning_rate", "l2_norm_clip", "sparsity")
 NO_PRIVATE_DATA = ("Chosen on public data alone: no private example was read (only the private "
                    "part's size, which the privacy plan uses), so tuning spends no privacy.")
 
@@ -82,6 +81,7 @@ class TuningResult:
     return {
         "mode": self.config.tune, "private_data_read": False, "statement": NO_PRIVATE_DATA,
         "chosen": dict(self.chosen), "given": dict(self.given),
+        "grid": _grid_of(self.candidates),
         "candidates": [candidate.to_dict() for candidate in self.candidates],
         "num_public_train": self.num_public_train,
         "num_public_validation": self.num_public_validation,
@@ -149,7 +149,7 @@ def grid(config: TrainConfig) -> Tuple[Sequence[Dict[str, Any]], Sequence[Dict[s
 
 def tune(config: TrainConfig, public, *, steps: int, noise_multiplier: float,
          expected_batch_size: float, num_classes: int, simulate: Simulate) -> TuningResult:
-  """Chooses `TUNED_SETTINGS` by simulating `config` on the public part (see the module
+  """Chooses the learning rate, clip norm and sparsity by simulating `config` on the public part (see the module
   docstring): stage 1 then stage 2 of `grid`, each keeping the best public-validation accuracy.
 
   Args:
@@ -190,6 +190,15 @@ def tune(config: TrainConfig, public, *, steps: int, noise_multiplier: float,
       config=tuned, chosen=_tuned_values(tuned), given=_tuned_values(config),
       candidates=tuple(candidates), simulation=simulation, num_public_train=len(train[1]),
       num_public_validation=len(validation[1]))
+
+
+def _grid_of(candidates) -> Dict[str, list]:
+  """Setting -> the values tried, in order."""
+  tried = {}
+  for candidate in candidates:
+    for name, value in candidate.settings.items():
+      tried.setdefault(name, {})[value] = None
+  return {name: list(values) for name, values in tried.items()}
 
 
 def _tuned_values(config: TrainConfig) -> Dict[str, Any]:
