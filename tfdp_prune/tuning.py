@@ -62,12 +62,14 @@ class Candidate:
 @dataclasses.dataclass(frozen=True, eq=False)
 class TuningResult:
   """What `tune` chose: `config` (the given one with the chosen values), `chosen` (those
-  values), every `candidates` tried (in order), and how (`simulation`, the public sizes)."""
+  values), every `candidates` run (in order; a stage-2 point equal to the stage-1 best is not
+  run again), the `grid`, and how (`simulation`, the public sizes)."""
 
   config: TrainConfig
   chosen: Dict[str, Any]
   given: Dict[str, Any]
   candidates: Tuple[Candidate, ...]
+  grid: Dict[str, list]
   simulation: Simulation
   num_public_train: int
   num_public_validation: int
@@ -81,7 +83,7 @@ class TuningResult:
     return {
         "mode": self.config.tune, "private_data_read": False, "statement": NO_PRIVATE_DATA,
         "chosen": dict(self.chosen), "given": dict(self.given),
-        "grid": _grid_of(self.candidates),
+        "grid": dict(self.grid),
         "candidates": [candidate.to_dict() for candidate in self.candidates],
         "num_public_train": self.num_public_train,
         "num_public_validation": self.num_public_validation,
@@ -188,15 +190,15 @@ def tune(config: TrainConfig, public, *, steps: int, noise_multiplier: float,
     tuned, accuracy = best_of(tuned, second, accuracy)
   return TuningResult(
       config=tuned, chosen=_tuned_values(tuned), given=_tuned_values(config),
-      candidates=tuple(candidates), simulation=simulation, num_public_train=len(train[1]),
-      num_public_validation=len(validation[1]))
+      candidates=tuple(candidates), grid=_grid_of(first + second), simulation=simulation,
+      num_public_train=len(train[1]), num_public_validation=len(validation[1]))
 
 
-def _grid_of(candidates) -> Dict[str, list]:
-  """Setting -> the values tried, in order."""
+def _grid_of(points) -> Dict[str, list]:
+  """Setting -> its values in the grid's `points`, in order."""
   tried = {}
-  for candidate in candidates:
-    for name, value in candidate.settings.items():
+  for point in points:
+    for name, value in point.items():
       tried.setdefault(name, {})[value] = None
   return {name: list(values) for name, values in tried.items()}
 

@@ -96,6 +96,8 @@ def test_tuning_and_its_plan_never_read_a_private_example(digits, small_grid):
                                    splits)
   assert len(result.candidates) == 3  # (0.5 | 0.3) x clip 1, then sparsity 0.5
   assert result.record()["private_data_read"] is False
+  assert result.record()["grid"] == {"learning_rate": [0.5, 0.3], "l2_norm_clip": [1.0],
+                                     "sparsity": [0.8, 0.5]}
   assert result.simulation.noise_multiplier == pytest.approx(1.0 * 63 / 100)
 
 
