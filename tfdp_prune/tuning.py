@@ -152,7 +152,8 @@ def grid(config: TrainConfig) -> Tuple[Sequence[Dict[str, Any]], Sequence[Dict[s
 def tune(config: TrainConfig, public, *, steps: int, noise_multiplier: float,
          expected_batch_size: float, num_classes: int, simulate: Simulate) -> TuningResult:
   """Chooses the learning rate, clip norm and sparsity by simulating `config` on the public
-  part (see the module docstring): stage 1 then stage 2 of `grid`, each keeping the best public-validation accuracy.
+  part (see the module docstring): stage 1 then stage 2 of `grid`, each keeping the best
+  public-validation accuracy.
 
   Args:
     config: the planned run; its sampling, masks and pre-training are simulated as given.
