@@ -482,6 +482,9 @@ def _tune(config: TrainConfig, splits):
     return config, None
   record = read_tuning_record(config.checkpoint_dir)
   if record is None:
+    if config.verbose:
+      print("tfdp-train: --tune=public: simulating the run on public data for each candidate "
+            "(no private example is read)...")
     record = tune_on_public(config, splits).record()
     if config.checkpoint_dir:
       os.makedirs(config.checkpoint_dir, exist_ok=True)
