@@ -24,7 +24,7 @@ from tfdp_prune import randomness
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 OPTIMIZERS = ("sgd", "adam")
 # How hyperparameters are chosen before training: the one list of tuners (`tuning` implements
-# "public"); a new tuner adds its name here and its branch in `training.tune`.
+# "public"); a new tuner adds its name here and its branch in `training._tune`.
 TUNE_NONE = "none"
 TUNE_PUBLIC = "public"
 TUNE_MODES = (TUNE_NONE, TUNE_PUBLIC)

@@ -470,8 +470,13 @@ def read_tuning_record(checkpoint_dir: Optional[str]) -> Optional[Dict[str, Any]
   path = os.path.join(checkpoint_dir, TUNING_RECORD) if checkpoint_dir else None
   if path is None or not os.path.exists(path):
     return None
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (OSError, ValueError) as error:
+    raise ConfigError(f"The tuning record {path} is unreadable ({error}). Remove it to tune "
+                      "again (a resumed run then may choose other values, which its run record "
+                      "refuses), or use a new --checkpoint_dir.") from None
 
 
 def _tune(config: TrainConfig, splits):
