@@ -317,6 +317,15 @@ class TrainConfig:
     return cls(**data)
 
 
+# The default config's values per model, one table: the dataclass defaults (learning rate 0.5,
+# momentum 0.9, clip 1) wreck some models at small epsilon (digits mlp: 62% test accuracy at
+# epsilon 1). Chosen by the public tuner, then checked on the test part (RESULTS.md, "Public
+# tuning"), by:  tfdp-train --tune=public --epsilon=E  for E in 1, 2, 8 (digits).
+# `resolve("default", ...)` applies the entry of the run's --model where no flag sets it.
+MODEL_DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "mlp": dict(learning_rate=1.0, l2_norm_clip=0.1),
+}
+
 CONFIGS: Dict[str, Dict[str, Any]] = {
     "default": {},
     "mnist_tfp_tutorial": dict(
@@ -347,6 +356,8 @@ def resolve(name: str = "default", overrides: Optional[Dict[str, Any]] = None) -
   if unknown:
     raise ConfigError(f"Unknown settings {sorted(unknown)}.")
   base = named_config(name).to_dict()
+  if name == "default":
+    base.update(MODEL_DEFAULTS.get(overrides.get("model", base["model"]), {}))
   for first, second in EXCLUSIVE:
     if first in overrides and second in overrides:
       if overrides[first] is not None and overrides[second] is not None:
