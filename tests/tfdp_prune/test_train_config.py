@@ -144,8 +144,10 @@ def test_the_default_config_takes_its_models_tuned_values_unless_a_flag_sets_the
   assert train_config.resolve("default", {"l2_norm_clip": 2.0}).learning_rate == (
       tuned["learning_rate"])
   cnn = train_config.resolve("default", {"model": "mnist_cnn", "dataset": "mnist"})
-  defaults = TrainConfig()
-  assert (cnn.learning_rate, cnn.l2_norm_clip) == (defaults.learning_rate, defaults.l2_norm_clip)
+  assert cnn.learning_rate == train_config.MODEL_DEFAULTS["mnist_cnn"]["learning_rate"]
+  wrn = train_config.resolve("default", {"model": "wrn16_4", "dataset": "cifar10"})
+  defaults = TrainConfig()  # a model without an entry: the dataclass defaults
+  assert (wrn.learning_rate, wrn.l2_norm_clip) == (defaults.learning_rate, defaults.l2_norm_clip)
   named = train_config.resolve("mnist_tfp_tutorial")  # other configs keep their own values
   assert (named.learning_rate, named.l2_norm_clip) == (0.25, 1.5)
 
