@@ -296,9 +296,14 @@ def format_report(report: ExportReport) -> str:
     lines.append(f"  masks: {metadata.mask_mode}, overall sparsity "
                  f"{100 * metadata.mask_sparsity:.2f}%")
     if metadata.tuning:
-      lines.append(f"  tuning: {metadata.tuning['method']}, a secret random number of "
-                   f"trials; the epsilon above is the whole search's (recomputed and "
-                   f"verified; one trial's: {metadata.tuning['trial_epsilon']:.4g})")
+      if metadata_lib.is_private_search(metadata.tuning):
+        lines.append(f"  tuning: {metadata.tuning['method']}, a secret random number of "
+                     f"trials; the epsilon above is the whole search's (recomputed and "
+                     f"verified; one trial's: {metadata.tuning['trial_epsilon']:.4g})")
+      else:
+        lines.append(f"  tuning: {metadata.tuning.get('mode')} (private data read: "
+                     f"{metadata.tuning.get('private_data_read')}), chose "
+                     f"{metadata.tuning.get('chosen')}")
     if metadata.public_guard:
       lines.append(f"  exported model: {metadata_lib.describe_public_guard(metadata.public_guard)}")
     if metadata.empirical:

@@ -255,7 +255,7 @@ def _guarantee(metadata) -> str:
     event = (metadata.privacy_spec or {}).get("dp_event")
     if event is not None:
       title = "The dp_accounting event of the whole run:"
-      if metadata.tuning:  # the total is the search's (RepeatAndSelectDpEvent of the trials)
+      if metadata_lib.is_private_search(metadata.tuning):  # the search's total (RepeatAndSelect)
         title = (f"One trial's dp_accounting event; epsilon above is the whole private search's "
                  f"({_escape(metadata.tuning['method'])}, a secret random number of trials; "
                  f"one trial: {_number(metadata.tuning['trial_epsilon'])}):")

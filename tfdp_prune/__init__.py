@@ -47,6 +47,8 @@ from tfdp_prune.selection import ParameterSelection
 from tfdp_prune.train_config import TrainConfig
 from tfdp_prune.train_step import make_private
 from tfdp_prune.training import train
+from tfdp_prune.training import tune_on_public
+from tfdp_prune.tuning import TuningResult
 from tfdp_prune.version import __version__
 from tfdp_prune.ws_conv_rule import WSConv2DRule
 
@@ -77,6 +79,7 @@ __all__ = [
     "RandomRule",
     "ShuffleSampler",
     "TrainConfig",
+    "TuningResult",
     "VectorizedEngine",
     "WSConv2D",
     "WSConv2DRule",
@@ -98,5 +101,6 @@ __all__ = [
     "register_layer_rule",
     "restore_latest",
     "train",
+    "tune_on_public",
     "wide_resnet",
 ]

@@ -74,10 +74,13 @@ class PrivacyMetadata:
       do not depend on it.
     library_versions: distribution -> version; created: ISO 8601 UTC time.
     empirical: measured (not proven) results such as an audit, or None.
-    tuning: a private hyperparameter search's record (`tuning_accounting.record` and what the
-      search drew: candidates and the selected one; never the number of trials run, which the
-      guarantee keeps secret), or None. With it, epsilon and
-      delta are the WHOLE search's; `tfdp-export --inspect` recomputes them from it.
+    tuning: how the hyperparameters were chosen, or None (left out of the JSON). Its "mode" says
+      which tuner: "public" (`tuning.TuningResult.record()`: the grid, each candidate's
+      public-validation accuracy, what was chosen; no private data read, no privacy spent) or
+      "private" (a private search: `tuning_accounting.record` and what the search drew, the
+      candidates and the selected one; never the number of trials run, which the guarantee keeps
+      secret; epsilon and delta are the WHOLE search's, and `tfdp-export --inspect` recomputes
+      them from it).
     public_guard: `public_guard.record(...)` of a `tfdp-train` run that compared the DP model
       with the public-only model on held-out public data: which one is exported ("dp" or
       "public_only") and on what evidence (both validation accuracies, the number of public
@@ -146,8 +149,11 @@ class PrivacyMetadata:
           f"A private model trained with seeded noise and sampling (mechanism_randomness="
           f"{randomness.INSECURE_SEED!r}) must say so: expected a statement starting with "
           f"{INSECURE_PREFIX!r}. Received: statement={self.statement!r}.")
-    if self.tuning is not None and not (
-        self.private and isinstance(self.tuning, dict)
+    if self.tuning is not None and not isinstance(self.tuning, dict):
+      raise ValueError(f"Expected tuning to be a record (a dict) or None. Received: "
+                       f"{type(self.tuning).__name__}.")
+    if is_private_search(self.tuning) and not (
+        self.private
         and self.tuning.get("epsilon") == self.epsilon and self.tuning.get("delta") == self.delta):
       raise ValueError(f"A tuned model's epsilon and delta are its search's total: expected "
                        f"private=True and epsilon, delta equal to tuning's. Received: "
@@ -310,11 +316,17 @@ def non_private(*, dataset: Optional[str] = None, num_private_examples: int = 0,
       library_versions=library_versions(), created=utc_now())
 
 
+def is_private_search(tuning: Optional[Dict[str, Any]]) -> bool:
+  """Whether a `tuning` record is a private search's (its epsilon is the search's total). Any
+  record but public tuning's counts as one, so that a record without its "mode" is checked."""
+  return tuning is not None and tuning.get("mode") != "public"
+
+
 def check_tuning(metadata: PrivacyMetadata) -> None:
   """A privately tuned model's record: raises ValueError unless its epsilon and delta are what
   its `tuning` record's fields give (the whole search's, recomputed with dp_accounting). The
   schema checks it because those fields are what the stated guarantee rests on."""
-  if metadata.tuning is None:
+  if not is_private_search(metadata.tuning):
     return
   total = tuning_accounting.verify(metadata.tuning)
   if not all(math.isclose(total[name], getattr(metadata, name), rel_tol=1e-9)

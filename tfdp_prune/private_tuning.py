@@ -17,7 +17,6 @@ from tfdp_prune import tuning_accounting
 
 NONE = "none"
 PRIVATE = "private"
-MODES = (NONE, PRIVATE)
 # Settings a candidate may set: none of them changes a trial's privacy (sigma, q, steps, delta).
 TUNABLE = ("learning_rate", "momentum", "l2_norm_clip")
 

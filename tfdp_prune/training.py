@@ -18,6 +18,7 @@ import numpy as np
 from tfdp_prune import _mask_callback
 from tfdp_prune import accounting
 from tfdp_prune import agreement
+from tfdp_prune import atomic_files
 from tfdp_prune import augmult
 from tfdp_prune import budget as budget_lib
 from tfdp_prune import carried_spend
@@ -42,12 +43,15 @@ from tfdp_prune import selection
 from tfdp_prune import train_config
 from tfdp_prune import train_step
 from tfdp_prune import tuning_accounting
+from tfdp_prune import tuning
 from tfdp_prune.compat import keras
 from tfdp_prune.compat import tf
 from tfdp_prune.export import saved_model as export_lib
 from tfdp_prune.train_config import ConfigError
 from tfdp_prune.train_config import TrainConfig
 
+# The tuning record of a checkpointed run: a resume reuses its choice instead of tuning again.
+TUNING_RECORD = "tuning.json"
 INSECURE_STATEMENT = (
     f"{metadata_lib.INSECURE_PREFIX}: the DP noise and the batch sampling were derived from "
     "--insecure_mechanism_seed, so whoever knows or guesses that seed can reproduce and remove "
@@ -121,6 +125,9 @@ def train(config: TrainConfig, *, splits: Optional[data_lib.DataSplits] = None,
                         "training, which reveals the number of trials the guarantee keeps "
                         "secret. Drop the callbacks (the export and summary report the result).")
     return _train_tuned(config, splits, callbacks)
+  # Public tuning reads only the public part the pre-training sees, never the held-out
+  # validation part the public-only comparison is made on.
+  config, tuning_record = _tune(config, dataclasses.replace(splits, public=public))
   sampler = make_sampler(config, splits.private, strategy)
   plan = plan_privacy(config, sampler)
   with strategy.scope():
@@ -180,7 +187,8 @@ def train(config: TrainConfig, *, splits: Optional[data_lib.DataSplits] = None,
           "train.")
   metadata = build_metadata(config, budget.ledger.spec.with_steps(budget.steps), info,
                             model, sampler.expected_batch_size,
-                            carried=None if carried is None else carried.source)
+                            carried=None if carried is None else carried.source,
+                            tuning_record=tuning_record)
   accuracies, export_path, metadata = _evaluate_and_export(
       config, model, ema, splits, metadata, validation, public_only)
   if config.verbose:
@@ -223,7 +231,8 @@ def export_checkpoint(checkpoint_dir: str, export_dir: str, *, version: Optional
                       "longer, or pass the directory of a run that saved a checkpoint.")
   metadata = build_metadata(config, budget.ledger.spec.with_steps(budget.steps), info, model,
                             record["expected_batch_size"],
-                            carried=checkpointing.read_carried(checkpoint_dir))
+                            carried=checkpointing.read_carried(checkpoint_dir),
+                            tuning_record=read_tuning_record(checkpoint_dir))
   if ema is not None and use_ema and ema.num_updates:
     ema.assign_to_model()
   return export_lib.export_saved_model(model, export_dir, metadata, version=version,
@@ -449,16 +458,19 @@ class StopAfterSteps(keras.callbacks.Callback):
 
 def build_metadata(config: TrainConfig, spec: accounting.PrivacySpec, info: data_lib.DataInfo,
                    model, expected_batch_size: float,
-                   carried: Optional[Dict[str, Any]] = None) -> metadata_lib.PrivacyMetadata:
+                   carried: Optional[Dict[str, Any]] = None,
+                   tuning_record: Optional[Dict[str, Any]] = None
+                   ) -> metadata_lib.PrivacyMetadata:
   """The run's `PrivacyMetadata`, by the builder the export of hand-written training uses
   (`privacy_label.build`): the masks' rule from the config (a resumed run's masks come from
   its checkpoint, without a callback that would record them), the data from what was loaded;
-  `carried`: an earlier run's spend this run continues (`spec.steps` counts it)."""
+  `carried`: an earlier run's spend this run continues (`spec.steps` counts it);
+  `tuning_record`: how the hyperparameters were chosen (`TuningResult.record()`)."""
   rule = None
   if config.mode != mask_modes.NONE:
     rule = mask_provenance.rule_record(make_rule(config), config.effective_select_every,
                                        config.effective_frozen_value)
-  return privacy_label.build(
+  metadata = privacy_label.build(
       spec, model, expected_batch_size=expected_batch_size,
       data=privacy_label.DataRecord(
           num_private=info.num_private, num_public=info.num_public, num_test=info.num_test,
@@ -470,6 +482,7 @@ def build_metadata(config: TrainConfig, spec: accounting.PrivacySpec, info: data
           config.mechanism_randomness, model.optimizer.mechanism_randomness),
       insecure_statement=INSECURE_STATEMENT,
       carried_statement=carried_spend.statement(carried) if carried is not None else "")
+  return dataclasses.replace(metadata, tuning=tuning_record)
 
 
 def summary(metadata: metadata_lib.PrivacyMetadata, test_accuracy: Optional[float],
@@ -488,9 +501,13 @@ def summary(metadata: metadata_lib.PrivacyMetadata, test_accuracy: Optional[floa
               if metadata.insecure else ""),
            f"test accuracy: {'n/a' if test_accuracy is None else f'{test_accuracy:.4f}'}"]
   if metadata.tuning:
-    lines.insert(1, f"private search: a random number of trials (kept secret), "
-                    f"{metadata.tuning['method']}; the epsilon above is the whole search's (one "
-                    f"trial: {metadata.tuning['trial_epsilon']:.4g}), the steps one trial's")
+    if not metadata_lib.is_private_search(metadata.tuning):
+      lines.append(tuning.record_summary(metadata.tuning))
+    else:
+      lines.insert(1, f"private search: a random number of trials (kept secret), "
+                      f"{metadata.tuning['method']}; the epsilon above is the whole search's "
+                      f"(one trial: {metadata.tuning['trial_epsilon']:.4g}), the steps one "
+                      "trial's")
   if public_only_test_accuracy is not None:
     lines.append(f"public-only model test accuracy: {public_only_test_accuracy:.4f}")
   if metadata.public_guard is not None:
@@ -549,7 +566,7 @@ def _train_tuned(config: TrainConfig, splits: data_lib.DataSplits, callbacks) ->
   best = outcome.best
   # Not published: the number of trials run. Papernot-Steinke's theorems cover the best trial's
   # output with K hidden; with K known, the output is best-of-K with K fixed, which costs more.
-  tuning.update(candidates=[dict(c) for c in candidates],
+  tuning.update(mode=private_tuning.PRIVATE, candidates=[dict(c) for c in candidates],
                 selected_candidate=best.candidate_index,
                 selected_noisy_accuracy=best.score / len(validation[1]),
                 validation_fraction=config.tune_validation_fraction,
@@ -607,6 +624,87 @@ def _tuned_metadata(trial: metadata_lib.PrivacyMetadata, tuning: Dict[str, Any],
   return dataclasses.replace(trial, epsilon=tuning["epsilon"], delta=tuning["delta"],
                              statement=statement, tuning=tuning, num_test_examples=num_test,
                              created=metadata_lib.utc_now())
+
+
+# ---- public tuning (--tune=public) -------------------------------------------------------------
+
+def tune_on_public(config: TrainConfig, splits: data_lib.DataSplits) -> tuning.TuningResult:
+  """`config`'s learning rate, clip norm and sparsity chosen on `splits.public` (`tuning.tune`).
+
+  The private run's steps and sigma come from its privacy plan, computed from the private
+  part's size alone (`plan_for_size`); no private example is read."""
+  info = splits.info
+  plan, expected_batch_size = plan_for_size(config, info.num_private)
+  return tuning.tune(config, splits.public, steps=plan.steps,
+                     noise_multiplier=plan.noise_multiplier,
+                     expected_batch_size=expected_batch_size, num_classes=info.num_classes,
+                     simulate=simulate_on_public)
+
+
+def read_tuning_record(checkpoint_dir: Optional[str]) -> Optional[Dict[str, Any]]:
+  """The `TUNING_RECORD` of a checkpointed run, or None (no directory, or an untuned run)."""
+  path = os.path.join(checkpoint_dir, TUNING_RECORD) if checkpoint_dir else None
+  if path is None or not os.path.exists(path):
+    return None
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (OSError, ValueError) as error:
+    raise ConfigError(f"The tuning record {path} is unreadable ({error}). Remove it to tune "
+                      "again (a resumed run then may choose other values, which its run record "
+                      "refuses), or use a new --checkpoint_dir.") from None
+
+
+def _tune(config: TrainConfig, splits):
+  """(config with the chosen values, the tuning record or None). A checkpointed run records
+  the choice in its directory; its resumption reuses it (another choice would not match its
+  checkpoints, and the noise of the simulated runs can change the choice)."""
+  if config.tune == train_config.TUNE_NONE:
+    return config, None
+  record = read_tuning_record(config.checkpoint_dir)
+  if record is None:
+    if config.verbose:
+      print("tfdp-train: --tune=public: simulating the run on public data for each candidate "
+            "(no private example is read)...")
+    record = tune_on_public(config, splits).record()
+    if config.checkpoint_dir:
+      os.makedirs(config.checkpoint_dir, exist_ok=True)
+      atomic_files.replace_file(os.path.join(config.checkpoint_dir, TUNING_RECORD),
+                                json.dumps(record, indent=1, sort_keys=True))
+  return dataclasses.replace(config, **record["chosen"]), record
+
+
+def plan_for_size(config: TrainConfig, num_private: int):
+  """(`plan_privacy`, the expected batch) of a run on `num_private` private examples, from the
+  size alone: the sampler's accounting depends on it only, so a placeholder of that many empty
+  rows stands in for the private part."""
+  placeholder = (np.zeros((num_private, 0), np.float32), np.zeros((num_private,), np.int32))
+  sampler = make_sampler(config, placeholder)
+  return plan_privacy(config, sampler), sampler.expected_batch_size
+
+
+def simulate_on_public(config: TrainConfig, train_part, validation,
+                       simulation: tuning.Simulation) -> float:
+  """One simulated run (tuning): `train`'s procedure (public pre-training, masks, the DP
+  optimizer, the sampling) on public `train_part` with `simulation`'s batch, sigma and steps;
+  returns the accuracy on public `validation`. Public data only: no budget, checkpoint, EMA or
+  export."""
+  config = dataclasses.replace(config, batch_size=simulation.batch_size,
+                               physical_batch_size=None, checkpoint_dir=None,
+                               carry_spend_from=None, verbose=0)
+  sampler = make_sampler(config, train_part)
+  model = compile_model(config, np.shape(train_part[0])[1:], simulation.num_classes,
+                        simulation.noise_multiplier, sampler.expected_batch_size)
+  if config.public_epochs:
+    freezing.pretrain_on_public_data(model, train_part, config.public_epochs,
+                                     config.public_learning_rate, batch_size=64)
+  callbacks = [StopAfterSteps(simulation.steps)]
+  mask_callback = make_mask_callback(config, train_part)
+  if mask_callback is not None:
+    callbacks.insert(0, mask_callback)
+  _fit(model, config, sampler, simulation.steps, 0, callbacks)
+  results = model.evaluate(*validation, batch_size=256, verbose=0, return_dict=True)
+  return float(results["accuracy"])
 
 
 # ---- a carried spend (--carry_spend_from) -------------------------------------------------------

@@ -25,7 +25,7 @@ from tfdp_prune import training
 from tfdp_prune.trainers import _console
 from tfdp_prune.trainers import _flags
 
-_DEFAULTS = train_config.TrainConfig()
+_DEFAULTS = train_config.resolve()  # the default config (with its model's MODEL_DEFAULTS)
 # (flag, kind, help), one per TrainConfig field: the help text sits beside the field.
 _FLAG_SPECS = _flags.flag_specs(train_config.TrainConfig)
 

@@ -318,3 +318,16 @@ def test_an_extra_string_constant_in_the_served_lookup_fails_the_check(broken):
   with pytest.raises(ExportError, match=r"3 string constants that do not fit; the graph was "
                                         r"changed after the export"):
     inspect_export(base)
+
+
+def test_a_tuning_record_is_reported_and_cross_checked(tmp_path):
+  tuning = {"mode": "public", "private_data_read": False, "chosen": {"learning_rate": 0.3}}
+  path = export_saved_model(E.tiny_model(seed=1), str(tmp_path / "models"),
+                            E.private_metadata(tuning=tuning), input_name=E.INPUT_NAME)
+  report = inspect_export(path)
+  assert report.latest.metadata.tuning == tuning
+  assert ("tuning: public (private data read: False), chose {'learning_rate': 0.3}"
+          in format_report(report))
+  _edit_file(path, tuning=dict(tuning, chosen={"learning_rate": 0.03}), recompute_digest=True)
+  with pytest.raises(ExportError, match="tuning: assets.extra/privacy_metadata.json says"):
+    inspect_export(path)

@@ -27,7 +27,8 @@ def _strict_loads(text):
                              seed=3),
     E.private_metadata(mechanism_randomness="insecure_seed",
                        statement="INSECURE: seeded. " + E.private_metadata().statement),
-], ids=["private", "empirical", "non-private", "insecure"])
+    E.private_metadata(tuning={"mode": "public", "chosen": {"learning_rate": 0.3}}),
+], ids=["private", "empirical", "non-private", "insecure", "tuned"])
 def test_to_json_from_json_round_trips_exactly(record):
   assert PrivacyMetadata.from_json(record.to_json()) == record
   assert PrivacyMetadata.from_dict(record.to_dict()) == record
@@ -72,6 +73,16 @@ def test_unknown_fields_and_other_schemas_are_refused(change, match):
   document.update(change)
   with pytest.raises(ValueError, match=match):
     PrivacyMetadata.from_dict(document)
+
+
+def test_an_untuned_record_has_no_tuning_key_so_older_documents_read_back_the_same():
+  document = E.private_metadata().to_dict()
+  assert "tuning" not in document  # the documents (and digests) of earlier releases
+  assert PrivacyMetadata.from_dict(document).to_dict() == document
+  tuned = E.private_metadata(tuning={"mode": "public"}).to_dict()
+  assert tuned["tuning"] == {"mode": "public"} and tuned["digest"] != document["digest"]
+  with pytest.raises(ValueError, match="Expected tuning to be a record"):
+    E.private_metadata(tuning="public")
 
 
 def test_a_missing_field_is_refused():

@@ -133,3 +133,26 @@ def test_numpy_numbers_are_accepted_as_the_python_numbers_a_run_record_can_hold(
   assert json.loads(json.dumps(config.to_dict()))["batch_size"] == 50
   with pytest.raises(ConfigError, match="--overwrite to be True or False"):
     TrainConfig(overwrite=1)
+
+
+def test_the_default_config_takes_its_models_tuned_values_unless_a_flag_sets_them():
+  tuned = train_config.MODEL_DEFAULTS["mlp"]
+  config = train_config.resolve()
+  assert (config.learning_rate, config.l2_norm_clip) == (tuned["learning_rate"],
+                                                         tuned["l2_norm_clip"])
+  assert train_config.resolve("default", {"learning_rate": 0.2}).learning_rate == 0.2
+  assert train_config.resolve("default", {"l2_norm_clip": 2.0}).learning_rate == (
+      tuned["learning_rate"])
+  cnn = train_config.resolve("default", {"model": "mnist_cnn", "dataset": "mnist"})
+  assert cnn.learning_rate == train_config.MODEL_DEFAULTS["mnist_cnn"]["learning_rate"]
+  wrn = train_config.resolve("default", {"model": "wrn16_4", "dataset": "cifar10"})
+  defaults = TrainConfig()  # a model without an entry: the dataclass defaults
+  assert (wrn.learning_rate, wrn.l2_norm_clip) == (defaults.learning_rate, defaults.l2_norm_clip)
+  named = train_config.resolve("mnist_tfp_tutorial")  # other configs keep their own values
+  assert (named.learning_rate, named.l2_norm_clip) == (0.25, 1.5)
+
+
+def test_tune_takes_the_tuner_names_only():
+  assert TrainConfig(tune="public").tune == "public"
+  with pytest.raises(ConfigError, match="--tune"):
+    TrainConfig(tune="everything")

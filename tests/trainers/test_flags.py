@@ -45,7 +45,7 @@ def test_a_field_of_a_type_no_flag_can_hold_is_refused_by_name():
 
 
 def test_every_train_config_field_is_a_flag_with_the_field_help_and_the_default():
-  defaults = train_config.TrainConfig()
+  defaults = train_config.resolve()
   for field in dataclasses.fields(train_config.TrainConfig):
     flag = flags.FLAGS[field.name]
     assert flag.default is None, field.name  # "not given": the config's value stays

@@ -1,0 +1,130 @@
+"""Public tuning: the simulated run's noise matches the private run's, no private example is
+read, and the chosen values are the run's and its metadata's."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from tfdp_prune import data as data_lib
+from tfdp_prune import export as export_lib
+from tfdp_prune import training
+from tfdp_prune import tuning
+from tfdp_prune.metadata import PrivacyMetadata
+from tfdp_prune.train_config import ConfigError
+from tfdp_prune.train_config import TrainConfig
+
+# Short simulated and real runs: a fixed sigma (no calibration), RDP, one pre-training epoch.
+SHORT = dict(steps=15, epochs=None, public_epochs=1, verbose=0, accountant="rdp",
+             export_dir=None)
+
+
+class _Untouchable:
+  """A private part that has a size and refuses every read (indexing, iteration, numpy)."""
+
+  def __init__(self, size):
+    self._size = size
+
+  def __len__(self):
+    return self._size
+
+  def _refuse(self, *args, **kwargs):
+    raise AssertionError("a private example was read")
+
+  __getitem__ = __iter__ = __array__ = _refuse
+
+  def __getattr__(self, name):  # .shape, .dtype, __array_interface__, ...
+    raise AssertionError(f"the private part was read (.{name})")
+
+
+@pytest.fixture(scope="module")
+def digits():
+  return data_lib.load()
+
+
+@pytest.fixture
+def small_grid(monkeypatch):
+  """Stage 1: the given learning rate and 0.3 at clip 1; stage 2: the given sparsity and 0.5."""
+  monkeypatch.setattr(tuning, "LEARNING_RATES", (0.3,))
+  monkeypatch.setattr(tuning, "CLIP_NORMS", (1.0,))
+  monkeypatch.setattr(tuning, "SPARSITIES", (0.5,))
+
+
+@pytest.mark.parametrize("sigma, batch, public_batch, clip",
+                         [(1.1, 100, 63, 1.0), (0.7, 4096, 50, 0.1), (3.0, 79.85, 12, 2.5)])
+def test_the_simulated_noise_on_the_averaged_gradient_is_the_private_runs(sigma, batch,
+                                                                         public_batch, clip):
+  public_sigma = tuning.matched_noise_multiplier(sigma, batch, public_batch)
+  assert public_sigma * clip / public_batch == pytest.approx(sigma * clip / batch, rel=1e-12)
+
+
+def test_the_public_batch_is_at_most_half_of_public_train_and_the_private_batch():
+  assert tuning.public_batch_size(100, 126) == 63
+  assert tuning.public_batch_size(20, 126) == 20
+  assert tuning.public_batch_size(100, 1) == 1
+
+
+def test_the_public_split_is_stratified_disjoint_and_fixed_by_the_seed(digits):
+  train, validation = tuning.split_public(digits.public, seed=0)
+  again, _ = tuning.split_public(digits.public, seed=0)
+  other, _ = tuning.split_public(digits.public, seed=1)
+  assert len(train[1]) + len(validation[1]) == len(digits.public[1]) == 180
+  assert len(validation[1]) == round(tuning.VALIDATION_FRACTION * 180)
+  assert np.array_equal(train[0], again[0]) and not np.array_equal(train[0], other[0])
+  assert set(np.unique(validation[1])) == set(range(10))  # every class in both parts
+  rows = {row.tobytes() for row in train[0]}
+  assert not any(row.tobytes() in rows for row in validation[0])
+  with pytest.raises(ConfigError, match="at least 10 public examples"):
+    tuning.split_public((digits.public[0][:20], digits.public[1][:20]), seed=0)
+
+
+def test_the_size_only_plan_is_the_real_runs(digits):
+  config = TrainConfig(**dict(SHORT, steps=None, epochs=2.0), epsilon=3.0)
+  plan, batch = training.plan_for_size(config, digits.info.num_private)
+  real = training.plan_privacy(config, training.make_sampler(config, digits.private))
+  assert (plan.steps, plan.noise_multiplier, plan.spec) == (real.steps, real.noise_multiplier,
+                                                            real.spec)
+  assert batch == pytest.approx(100.0)
+
+
+def test_tuning_and_its_plan_never_read_a_private_example(digits, small_grid):
+  n = digits.info.num_private
+  splits = dataclasses.replace(digits, private=(_Untouchable(n), _Untouchable(n)))
+  with pytest.raises(AssertionError, match="private"):  # the guard itself can fail
+    np.asarray(splits.private[0])
+  result = training.tune_on_public(TrainConfig(**SHORT, epsilon=None, noise_multiplier=1.0),
+                                   splits)
+  assert len(result.candidates) == 3  # (0.5 | 0.3) x clip 1, then sparsity 0.5
+  assert result.record()["private_data_read"] is False
+  assert result.record()["grid"] == {"learning_rate": [0.5, 0.3], "l2_norm_clip": [1.0],
+                                     "sparsity": [0.8, 0.5]}
+  assert result.simulation.noise_multiplier == pytest.approx(1.0 * 63 / 100)
+
+
+def test_a_wrecking_learning_rate_is_replaced_and_the_choice_is_the_runs(digits, small_grid,
+                                                                         tmp_path, monkeypatch):
+  config = TrainConfig(**SHORT, epsilon=None, noise_multiplier=1.0, learning_rate=1000.0,
+                       tune="public", checkpoint_dir=str(tmp_path))
+  result = training.train(config, splits=digits)
+  tuned = result.metadata.tuning
+  scores = {c["learning_rate"]: c["public_validation_accuracy"]
+            for c in tuned["candidates"] if "learning_rate" in c}
+  # 1000 wrecks the model, 0.3 does not (the simulations draw their noise from OS entropy, so
+  # the scores vary from run to run; the margin between them does not).
+  assert scores[1000.0] + 0.2 < scores[0.3]
+  assert tuned["chosen"]["learning_rate"] == 0.3
+  assert tuned["given"]["learning_rate"] == 1000.0
+  assert float(result.model.optimizer.learning_rate.numpy()) == pytest.approx(0.3)
+  assert result.model.optimizer.l2_norm_clip == tuned["chosen"]["l2_norm_clip"]
+  assert result.metadata.l2_norm_clip == tuned["chosen"]["l2_norm_clip"]
+  assert result.metadata.mask_sparsity_per_variable["dense/kernel"] == pytest.approx(
+      tuned["chosen"]["sparsity"], abs=1e-3)
+  assert result.test_accuracy > 0.5
+  assert PrivacyMetadata.from_json(result.metadata.to_json()) == result.metadata
+  assert "tuning (public; no private data read)" in training.summary(result.metadata, None, None)
+  # A resumption reuses the recorded choice: tuning again could choose otherwise.
+  monkeypatch.setattr(training, "tune_on_public", lambda *args: pytest.fail("tuned again"))
+  resumed, record = training._tune(config, digits)
+  assert record == tuned and resumed.learning_rate == 0.3
+  exported = training.export_checkpoint(str(tmp_path), str(tmp_path / "export"))
+  assert export_lib.read_metadata(exported).tuning == tuned
