@@ -396,7 +396,9 @@ def run_grid(grid: Grid, out: str, resume: bool, quick: bool, started: float) ->
         "cheap": setup.cheap,
         "tuning": grid.tune if grid.tune == "none" or tuner_accepts(setup) else (
             f"none: the public part ({setup.num_public} examples) is too small for "
-            f"tune={grid.tune}; the library's defaults for the model")}
+            f"tune={grid.tune}; the library's defaults for the model "
+            "(`train_config.MODEL_DEFAULTS`, which the public tuner chose on digits with the "
+            "default 10 % public part: more public data than this setup has)")}
     for seed in grid.seeds:
       splits = load_splits(setup, seed)
       info = splits.info
