@@ -47,23 +47,34 @@ def _data(model_name, batch, seed):
   return x, y
 
 
-def _strategy(rule, call, masks):
+def _strategy(rule, call):
   """Which path the rule takes for this call (for the table)."""
   from tfdp_prune.layer_rules import windowed  # pylint: disable=import-outside-toplevel
-  name = type(rule).__name__
   if isinstance(rule, windowed.WindowedRule):
-    kernel = rule.kernel_variable(call.layer)
-    if name == "DenseRule" and call.inputs.shape.rank == 2:
+    if type(rule).__name__ == "DenseRule" and call.inputs.shape.rank == 2:
       return "rank-one"
-    chooser = getattr(rule, "strategy", None)
-    if chooser is not None:
-      return chooser(call, masks)
-    return ("batched" if windowed.batched_is_cheaper(call.outputs.shape, kernel.shape)
-            else "one-at-a-time")
+    strategy = windowed.choose_strategy(rule, call)
+    if strategy == windowed.GHOST:
+      return f"ghost if unmasked, else {windowed.choose_strategy(rule, call, (windowed.GHOST,))}"
+    return strategy
   return "per-example grads"
 
 
-def _stages(model, x, y, seed):
+def _clip_sum_fn(call, rule, pieces, batch, variables, masks, factors, kept):
+  """The layer's clipped sum alone (windowed rules: without the norms, which a graph with a
+  loop in it would not prune)."""
+  from tfdp_prune.layer_rules import base  # pylint: disable=import-outside-toplevel
+
+  def clip_sum(a, g):
+    if hasattr(rule, "_clipped_sum"):
+      record = base.CapturedCall(call.layer, rule, a, g, call.call_kwargs)
+      return rule._clipped_sum(record, g, batch, variables, masks, factors, kept)  # pylint: disable=protected-access
+    return pieces(a, g).clipped_sum(factors, kept)
+
+  return clip_sum
+
+
+def _stages(model, x, y, seed, jit):
   """{stage name: (callable, description)}; every callable runs its tf.function once."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   from tfdp_prune import clipping  # pylint: disable=import-outside-toplevel
@@ -118,9 +129,10 @@ def _stages(model, x, y, seed):
       return rule.pieces(record, g, batch, False, layer_vars, layer_masks)
 
     norms = tf.function(lambda a, g, pieces=pieces: pieces(a, g).squared_norms)
-    sums = tf.function(lambda a, g, pieces=pieces: pieces(a, g).clipped_sum(factors, kept))
+    sums = tf.function(_clip_sum_fn(call, rule, pieces, batch, layer_vars, layer_masks,
+                                    factors, kept))
     label = (f"{call.layer.name} ({type(call.layer).__name__}, "
-             f"{_strategy(rule, base.CapturedCall(call.layer, rule, a, g), layer_masks)}, "
+             f"{_strategy(rule, base.CapturedCall(call.layer, rule, a, g))}, "
              f"out {g.shape[1:].as_list()})")
     stages[f"norms/{call.layer.name}"] = (lambda n=norms, a=a, g=g: n(a, g), label)
     stages[f"clip_sum/{call.layer.name}"] = (lambda s=sums, a=a, g=g: s(a, g), label)
@@ -128,6 +140,9 @@ def _stages(model, x, y, seed):
   engine = tf.function(lambda x, y: settings.per_example_engine.clipped_sum(
       model, loss_fn, x, y, weights, variables, masks, settings.l2_norm_clip).clipped.grads)
   stages["engine"] = (lambda: engine(x, y), "the whole per-example engine")
+  if jit:
+    engine_xla = tf.function(engine.python_function, jit_compile=True)
+    stages["engine_xla"] = (lambda: engine_xla(x, y), "the engine, jit_compile=True")
   summed = engine(x, y)
   generator = tf.random.Generator.from_seed(seed)
   stddev = settings.noise_multiplier * settings.l2_norm_clip
@@ -142,6 +157,7 @@ def _stages(model, x, y, seed):
 
 def run(args):
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from tfdp_prune.layer_rules import calibration  # pylint: disable=import-outside-toplevel
   report = {"command": " ".join([sys.executable] + sys.argv), "machine": machine.machine(),
             "tensorflow": tf.__version__, "git_commit": provenance.git_commit(REPO),
             "rounds": args.rounds, "models": {}}
@@ -151,11 +167,18 @@ def run(args):
     x, y = _data(model_name, batch, args.seed)
     for arm in [a for a in args.arms.split(",") if a]:
       model, notes = step_time._build(model_name, arm, batch, spec["input_shape"], args.seed)  # pylint: disable=protected-access
-      stages = _stages(model, x, y, args.seed)
+      stages = _stages(model, x, y, args.seed, args.jit)
       nonprivate, _ = step_time._build(model_name, "nonprivate", batch, spec["input_shape"],  # pylint: disable=protected-access
                                        args.seed)
       stages["nonprivate_step"] = (lambda m=nonprivate: m.train_on_batch(x, y),
                                    "train_on_batch, non-private SGD")
+      if args.jit:
+        compiled, _ = step_time._build(model_name, "nonprivate", batch, spec["input_shape"],  # pylint: disable=protected-access
+                                       args.seed)
+        compiled.compile(optimizer=compiled.optimizer, loss=compiled.loss, jit_compile=True)
+        stages["nonprivate_step_xla"] = (lambda m=compiled: m.train_on_batch(x, y),
+                                         "train_on_batch, non-private SGD, jit_compile=True")
+      loadavg_at_start = list(os.getloadavg())
       for fn, _ in stages.values():  # trace, then one warm call
         fn()
         fn()
@@ -175,8 +198,10 @@ def run(args):
       key = f"{model_name}/{arm}"
       report["models"][key] = {"batch": batch, "notes": notes, "stages": rows,
                                "dp_over_nonprivate": round(step / medians["nonprivate_step"], 2),
-                               "loadavg_at_end": list(os.getloadavg())}
-      print(f"{key}: loadavg {os.getloadavg()[0]:.2f}")
+                               "loadavg_at_start": loadavg_at_start,
+                               "loadavg_at_end": list(os.getloadavg()),
+                               "calibration": calibration.choices()}
+      print(f"{key}: load average at start {loadavg_at_start}, at end {os.getloadavg()}")
       for row in rows:
         print(f"  {row['stage']:<40} {row['median_ms']:9.2f} ms {row['pct_of_dp_step']:6.1f}%"
               f"  {row['what']}")
@@ -198,6 +223,8 @@ def main():
   parser.add_argument("--rounds", type=int, default=15)
   parser.add_argument("--batch", type=int, default=0)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--jit", action="store_true",
+                      help="also the engine and the non-private step with jit_compile=True")
   parser.add_argument("--out", default=os.path.join(HERE, "results", "profile_step.json"))
   args = parser.parse_args()
   info = machine.cpu_info()

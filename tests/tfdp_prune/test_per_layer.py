@@ -375,16 +375,16 @@ def test_fit_with_jit_compile_matches_the_graph_step():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_batched_strategy_only_for_small_kernels_over_few_positions():
+def test_fallback_heuristic_batches_only_small_kernels_over_few_positions():
   def shapes(layer, input_shape):
     layer.build(input_shape)
     return layer(tf.zeros(input_shape)).shape, layer.kernel.shape
   mnist_cnn_second_conv = shapes(keras.layers.Conv2D(32, 4, strides=2), (1, 14, 14, 16))
   wrn_first_conv = shapes(keras.layers.Conv2D(16, 3, padding="same"), (1, 32, 32, 3))
   wrn_last_group_conv = shapes(keras.layers.Conv2D(256, 3, padding="same"), (1, 8, 8, 256))
-  assert _BATCHED_IS_CHEAPER(*mnist_cnn_second_conv)
-  assert not _BATCHED_IS_CHEAPER(*wrn_first_conv)  # 1024 positions
-  assert not _BATCHED_IS_CHEAPER(*wrn_last_group_conv)  # a 590k-entry kernel
+  assert windowed.batched_is_cheaper(*mnist_cnn_second_conv)
+  assert not windowed.batched_is_cheaper(*wrn_first_conv)  # 1024 positions
+  assert not windowed.batched_is_cheaper(*wrn_last_group_conv)  # a 590k-entry kernel
 
 
 def _frozen_kernels(variables, frozen_names, keep=0.6):

@@ -6,6 +6,7 @@ Which of two exact ways to form per-example gradients is faster depends on the C
 not, cache sizes, oneDNN's kernels), so a threshold measured on one machine misleads on another.
 """
 
+import statistics
 import time
 from typing import Callable, Dict, Hashable, Optional
 
@@ -13,7 +14,10 @@ from absl import logging
 
 from tfdp_prune.compat import tf
 
-_TIMED_CALLS = 3  # after one call that traces and warms up; the minimum is kept
+# Rounds of one call per candidate, interleaved, after one call each that traces and warms
+# up; the median per candidate is kept. Interleaving and the median, not the minimum: on a
+# shared machine a minimum rewards the candidate that ran in a quiet moment.
+_ROUNDS = 5
 _choices: Dict[Hashable, dict] = {}
 _enabled = True
 
@@ -34,7 +38,8 @@ def clear() -> None:
 
 
 def choices() -> Dict[str, dict]:
-  """Every choice made in this process: {signature: {"choice": name, "ms": {name: ms}}}."""
+  """Every choice made in this process: {signature: {"choice": name, "ms": {name: median CPU
+  ms per call}}}."""
   return {str(key): dict(value) for key, value in _choices.items()}
 
 
@@ -50,7 +55,7 @@ def fastest(key: Hashable, candidates: Dict[str, Callable[[], object]]) -> Optio
     return next(iter(candidates))
   with tf.init_scope():  # eager, also when called while a tf.function is traced
     try:
-      ms = {name: _best_ms(fn) for name, fn in candidates.items()}
+      ms = _median_ms(candidates)
     except (tf.errors.OpError, ValueError, TypeError) as error:  # e.g. out of memory
       logging.warning("calibration of %s failed (%s); using the default choice.", key, error)
       return None
@@ -60,11 +65,21 @@ def fastest(key: Hashable, candidates: Dict[str, Callable[[], object]]) -> Optio
   return choice
 
 
-def _best_ms(fn) -> float:
-  fn()  # traces and warms up
-  best = float("inf")
-  for _ in range(_TIMED_CALLS):
-    start = time.perf_counter()
-    tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, fn())
-    best = min(best, time.perf_counter() - start)
-  return best * 1e3
+def _median_ms(candidates) -> Dict[str, float]:
+  """Median CPU milliseconds (all threads of the process) per call. CPU time, not wall time:
+  in a train step the other layers' ops keep the cores busy, so a candidate that is fast
+  alone only by running in parallel on idle cores (a per-example loop) is not fast there; CPU
+  time is also less disturbed by other processes on the machine."""
+  for fn in candidates.values():
+    _run(fn)  # traces and warms up
+  times = {name: [] for name in candidates}
+  for _ in range(_ROUNDS):
+    for name, fn in candidates.items():
+      start = time.process_time()
+      _run(fn)
+      times[name].append(time.process_time() - start)
+  return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+
+def _run(fn):
+  tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, fn())
