@@ -55,10 +55,12 @@ def _single_strategy_tests_never_consult_it(request, monkeypatch):
 
 @pytest.fixture
 def calibrated():
-  """The strategy chosen by measuring (the default), from a clean record."""
+  """The strategy chosen by measuring (off by default), from a clean record."""
+  before = calibration.enabled()
   calibration.clear()
   calibration.set_enabled(True)
   yield
+  calibration.set_enabled(before)
   calibration.clear()
 
 
@@ -439,7 +441,8 @@ def test_calibration_chooses_a_strategy_per_shape_and_records_it(calibrated):
   x, y = _images(6, (8, 8, 2))
   _compare(model, x, y, weights=[1, 1, 0, 1, 1, 1])
   choices = calibration.choices()
-  assert len(choices) == 2, choices  # one per conv shape
+  # One per conv shape, and one more (ghost excluded) where ghost won: masked kernels' fallback.
+  assert len(choices) in (2, 3, 4), choices
   for record in choices.values():
     assert record["choice"] in record["ms"]
     assert set(record["ms"]) <= {windowed.BATCHED, windowed.ONE_AT_A_TIME,
@@ -456,7 +459,7 @@ def test_without_calibration_the_heuristic_decides(calibrated):
     _compare(model, x, y)
     assert calibration.choices() == {}
   finally:
-    calibration.set_enabled(True)
+    calibration.set_enabled(True)  # the fixture restores the default
 
 
 @pytest.mark.parametrize("conv", [

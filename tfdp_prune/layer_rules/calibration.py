@@ -19,12 +19,14 @@ from tfdp_prune.compat import tf
 # shared machine a minimum rewards the candidate that ran in a quiet moment.
 _ROUNDS = 5
 _choices: Dict[Hashable, dict] = {}
-_enabled = True
+# Off by default: on a machine shared with other jobs (as measured in issue 18) the timings
+# are noisy enough to pick a strategy that is several times slower in the step.
+_enabled = False
 
 
 def set_enabled(enabled: bool) -> None:
-  """Turns measuring off (every choice then comes from the callers' fallback heuristic) or on;
-  choices already made are kept until `clear`."""
+  """Turns measuring on (on a quiet machine) or off (every choice then comes from the callers'
+  heuristic, the default); choices already made are kept until `clear`."""
   global _enabled
   _enabled = bool(enabled)
 
