@@ -23,10 +23,8 @@ Usage (from the repo root):
 """
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -34,7 +32,8 @@ import sys
 import time
 import traceback
 
-import provenance  # benchmarks/provenance.py (the script's directory is on sys.path)
+import machine  # benchmarks/machine.py (the script's directory is on sys.path)
+import provenance  # benchmarks/provenance.py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -219,33 +218,12 @@ def _versions():
   return json.loads(out.strip().splitlines()[-1])
 
 
-def _machine():
-  info = {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-          "processor": platform.processor() or None,
-          "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          info["cpu_model"] = line.split(":", 1)[1].strip()
-          break
-  except OSError:
-    pass
-  try:
-    import psutil  # pylint: disable=import-outside-toplevel
-    info["total_memory_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
-  except ImportError:
-    pass
-  return info
-
-
-
-def _snapshot_tfdp_prune(dest):
-  """Copies tfdp_prune/ so every arm imports the same code even if it is edited meanwhile;
+def _snapshot_tfdp_prune(dest, source=REPO):
+  """Copies `source`/tfdp_prune/ so every arm imports the same code even if it is edited meanwhile;
   returns a content hash of the copy."""
   import hashlib  # pylint: disable=import-outside-toplevel
   import shutil  # pylint: disable=import-outside-toplevel
-  shutil.copytree(os.path.join(REPO, "tfdp_prune"), os.path.join(dest, "tfdp_prune"),
+  shutil.copytree(os.path.join(source, "tfdp_prune"), os.path.join(dest, "tfdp_prune"),
                   ignore=shutil.ignore_patterns("__pycache__"))
   digest = hashlib.sha256()
   for root, _, files in sorted(os.walk(os.path.join(dest, "tfdp_prune"))):
@@ -292,7 +270,8 @@ def _markdown(report):
   lines = [
       "# Step time and peak memory",
       "",
-      f"{m['date']}; {m['cpu_count']} CPUs ({m.get('cpu_model', '?')}), {m['platform']}; "
+      f"{m['date']}; {m['cpu_count']} CPUs ({m.get('cpu_model', '?')}, AVX-512: "
+      f"{'yes' if m.get('avx512') else 'no'}), {m['platform']}; "
       f"TF {v['tensorflow']}, tf_keras {v['tf_keras']}, TF Privacy {v['tensorflow_privacy']}; "
       f"tfdp_prune at {report.get('git_commit')} (snapshot sha256 "
       f"{report.get('tfdp_prune_snapshot_sha256')}); load average at start "
@@ -340,7 +319,8 @@ def run_parent(args):
     if name not in ARMS:
       raise SystemExit(f"unknown arm {name!r}; expected some of {list(ARMS)}")
   report = {"command": " ".join([sys.executable] + sys.argv),
-            "machine": _machine(), "versions": _versions(), "git_commit": provenance.git_commit(REPO),
+            "machine": machine.machine(), "versions": _versions(),
+            "git_commit": provenance.git_commit(args.code or REPO),
             "settings": {"steps_max": args.steps, "min_steps": args.min_steps,
                          "warmup": args.warmup, "budget_s": args.budget_s, "seed": args.seed,
                          "l2_norm_clip": L2_NORM_CLIP, "noise_multiplier": NOISE_MULTIPLIER,
@@ -348,7 +328,9 @@ def run_parent(args):
             "results": []}
   import tempfile  # pylint: disable=import-outside-toplevel
   code_dir = tempfile.mkdtemp(prefix="tfdp_bench_code_")
-  report["tfdp_prune_snapshot_sha256"] = _snapshot_tfdp_prune(code_dir)
+  report["tfdp_prune_snapshot_sha256"] = _snapshot_tfdp_prune(code_dir, args.code or REPO)
+  if args.code:
+    report["code"] = os.path.abspath(args.code)
   args.code_dir = code_dir
   report["loadavg_at_start"] = os.getloadavg()
   out_json = os.path.abspath(args.out)
@@ -405,6 +387,9 @@ def main():
                       help="tfdp arms: physical batches per logical batch (a step is one "
                            "physical batch; time at least this many to include an update)")
   parser.add_argument("--out", default=os.path.join(HERE, "results", "step_time.json"))
+  parser.add_argument("--code", default=None,
+                      help="a checkout whose tfdp_prune/ is measured (default: this one), "
+                           "e.g. an export of the commit before a change")
   parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--model", help=argparse.SUPPRESS)
   parser.add_argument("--arm", help=argparse.SUPPRESS)

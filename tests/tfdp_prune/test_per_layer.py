@@ -9,6 +9,7 @@ from tfdp_prune import engines
 from tfdp_prune import models
 from tfdp_prune import per_example
 from tfdp_prune import per_layer
+from tfdp_prune.layer_rules import calibration
 from tfdp_prune.layer_rules import generic
 from tfdp_prune.layer_rules import windowed
 from tfdp_prune.compat import keras
@@ -16,16 +17,22 @@ from tfdp_prune.compat import tf
 from tests.tfdp_prune import _testing as T
 
 CLIP = 0.7
-_BATCHED_IS_CHEAPER = windowed.batched_is_cheaper
+_CHOOSE_STRATEGY = windowed.choose_strategy
 
 
-@pytest.fixture(params=["batched", "one_example_at_a_time"])
+@pytest.fixture(params=[windowed.BATCHED, windowed.ONE_AT_A_TIME, windowed.IDENTITY_PATCHES,
+                        windowed.GHOST])
 def windowed_strategy(request, monkeypatch):
-  """Runs a test with both strategies for Dense on sequences, convolutions and views. Only the
-  tests whose models consult the strategy use it (`_BOTH_STRATEGIES`); the others never reach
-  `windowed.batched_is_cheaper`, so a second run would repeat the first."""
-  monkeypatch.setattr(windowed, "batched_is_cheaper",
-                      lambda output_shape, kernel_shape: request.param == "batched")
+  """Runs a test with every strategy for Dense on sequences, convolutions and views (a rule
+  without the strategy uses `batched`; `ghost` runs where every mask is all 1, `batched` where
+  not). Only the tests whose models consult the strategy use it
+  (`_BOTH_STRATEGIES`); the others never reach `windowed.choose_strategy`, so a second run would
+  repeat the first."""
+  monkeypatch.setattr(
+      windowed, "choose_strategy",
+      lambda rule, call, exclude=(): (
+          request.param if request.param in rule.strategies(call) and request.param not in exclude
+          else windowed.BATCHED))
   return request.param
 
 
@@ -34,15 +41,27 @@ _BOTH_STRATEGIES = pytest.mark.usefixtures("windowed_strategy")
 
 @pytest.fixture(autouse=True)
 def _single_strategy_tests_never_consult_it(request, monkeypatch):
-  """Fails a test that consults the strategy without `_BOTH_STRATEGIES`."""
-  if "windowed_strategy" in request.fixturenames:
+  """Fails a test that consults the strategy without `_BOTH_STRATEGIES` (or `calibrated`)."""
+  if {"windowed_strategy", "calibrated"} & set(request.fixturenames):
     yield
     return
   calls = []
-  monkeypatch.setattr(windowed, "batched_is_cheaper",
-                      lambda *shapes: calls.append(shapes) or _BATCHED_IS_CHEAPER(*shapes))
+  monkeypatch.setattr(windowed, "choose_strategy",
+                      lambda *args, **kwargs: calls.append(args) or _CHOOSE_STRATEGY(*args,
+                                                                                 **kwargs))
   yield
   assert not calls, "this test's model consults the windowed strategy: mark it _BOTH_STRATEGIES"
+
+
+@pytest.fixture
+def calibrated():
+  """The strategy chosen by measuring (off by default), from a clean record."""
+  before = calibration.enabled()
+  calibration.clear()
+  calibration.set_enabled(True)
+  yield
+  calibration.set_enabled(before)
+  calibration.clear()
 
 
 def _model(layers, input_shape, dtype="float32"):
@@ -50,10 +69,10 @@ def _model(layers, input_shape, dtype="float32"):
   return keras.Sequential([keras.Input(input_shape, dtype=dtype)] + layers)
 
 
-def _compare(model, x, y, weights=None, masks_keep=0.6, clip=CLIP):
+def _compare(model, x, y, weights=None, masks_keep=0.6, clip=CLIP, masks=None):
   loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
   variables = model.trainable_variables
-  masks = T.random_masks(variables, keep=masks_keep, seed=3)
+  masks = T.random_masks(variables, keep=masks_keep, seed=3) if masks is None else masks
   weights = np.ones(len(y), "float32") if weights is None else np.asarray(weights, "float32")
   args = (model, loss_fn, tf.constant(x), tf.constant(y), tf.constant(weights), variables,
           [tf.constant(m) for m in masks], clip)
@@ -358,13 +377,113 @@ def test_fit_with_jit_compile_matches_the_graph_step():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_batched_strategy_only_for_small_kernels_over_few_positions():
+def test_fallback_heuristic_batches_only_small_kernels_over_few_positions():
   def shapes(layer, input_shape):
     layer.build(input_shape)
     return layer(tf.zeros(input_shape)).shape, layer.kernel.shape
   mnist_cnn_second_conv = shapes(keras.layers.Conv2D(32, 4, strides=2), (1, 14, 14, 16))
   wrn_first_conv = shapes(keras.layers.Conv2D(16, 3, padding="same"), (1, 32, 32, 3))
   wrn_last_group_conv = shapes(keras.layers.Conv2D(256, 3, padding="same"), (1, 8, 8, 256))
-  assert _BATCHED_IS_CHEAPER(*mnist_cnn_second_conv)
-  assert not _BATCHED_IS_CHEAPER(*wrn_first_conv)  # 1024 positions
-  assert not _BATCHED_IS_CHEAPER(*wrn_last_group_conv)  # a 590k-entry kernel
+  assert windowed.batched_is_cheaper(*mnist_cnn_second_conv)
+  assert not windowed.batched_is_cheaper(*wrn_first_conv)  # 1024 positions
+  assert not windowed.batched_is_cheaper(*wrn_last_group_conv)  # a 590k-entry kernel
+
+
+def _frozen_kernels(variables, frozen_names, keep=0.6):
+  """Random masks, with every coordinate of the variables named in `frozen_names` frozen."""
+  masks = T.random_masks(variables, keep=keep, seed=3)
+  return [np.zeros_like(m) if any(n in v.name for n in frozen_names) else m
+          for v, m in zip(variables, masks)]
+
+
+@_BOTH_STRATEGIES
+def test_fully_frozen_kernels_get_no_per_example_work_and_match_the_reference(monkeypatch):
+  model = _model([keras.layers.Conv2D(4, 3, padding="same", activation="relu"),
+                  keras.layers.Conv2D(3, 3, strides=2, activation="relu"),
+                  keras.layers.Flatten(), keras.layers.Dense(5, activation="relu"),
+                  keras.layers.Dense(3)], (7, 7, 2))
+  x, y = _images(6, (7, 7, 2))
+  names = [v.name for v in model.trainable_variables]
+  frozen = [n for n in names if "kernel" in n][1:3]  # the second conv's and the first dense's
+  ran = []  # the layers whose per-example norms RAN (not just traced)
+  original = windowed.WindowedRule.squared_norms
+
+  def counted(self, *args):
+    norms = original(self, *args)
+    name = args[1].layer.name
+    out = tf.py_function(lambda t: ran.append(name) or t, [norms], norms.dtype)
+    out.set_shape(norms.shape)
+    return out
+
+  monkeypatch.setattr(windowed.WindowedRule, "squared_norms", counted)
+  # A small clip: every example clipped, so the norms (not just the sums) must be right.
+  result = _compare(model, x, y, weights=[1, 1, 0, 1, 1, 1], clip=1e-3,
+                    masks=_frozen_kernels(model.trainable_variables, frozen))
+  by_name = dict(zip(names, result.clipped.grads))
+  for name in frozen:
+    np.testing.assert_array_equal(by_name[name].numpy(), 0)
+  assert ran == [model.layers[0].name]
+
+
+def test_all_kernels_frozen_leaves_the_biases_trained():
+  model = _model([keras.layers.Dense(6, activation="relu"), keras.layers.Dense(3)], (5,))
+  x, y = _images(8, (5,))
+  masks = _frozen_kernels(model.trainable_variables, ["kernel"], keep=1.0)
+  result = _compare(model, x, y, clip=1e-3, masks=masks)
+  assert all(float(tf.reduce_sum(tf.abs(g))) > 0 for v, g in
+             zip(model.trainable_variables, result.clipped.grads) if "bias" in v.name)
+
+
+def test_calibration_chooses_a_strategy_per_shape_and_records_it(calibrated):
+  model = _model([keras.layers.Conv2D(4, 3, padding="same", activation="relu"),
+                  keras.layers.Conv2D(3, 2, strides=2, activation="relu"),
+                  keras.layers.Flatten(), keras.layers.Dense(3)], (8, 8, 2))
+  x, y = _images(6, (8, 8, 2))
+  _compare(model, x, y, weights=[1, 1, 0, 1, 1, 1])
+  choices = calibration.choices()
+  # One per conv shape, and one more (ghost excluded) where ghost won: masked kernels' fallback.
+  assert len(choices) in (2, 3, 4), choices
+  for record in choices.values():
+    assert record["choice"] in record["ms"]
+    assert set(record["ms"]) <= {windowed.BATCHED, windowed.ONE_AT_A_TIME,
+                                 windowed.IDENTITY_PATCHES, windowed.GHOST}
+    assert windowed.IDENTITY_PATCHES in record["ms"]
+
+
+def test_without_calibration_the_heuristic_decides(calibrated):
+  calibration.set_enabled(False)
+  try:
+    model = _model([keras.layers.Conv2D(4, 3, padding="same", activation="relu"),
+                    keras.layers.Flatten(), keras.layers.Dense(3)], (6, 6, 1))
+    x, y = _images(4, (6, 6, 1))
+    _compare(model, x, y)
+    assert calibration.choices() == {}
+  finally:
+    calibration.set_enabled(True)  # the fixture restores the default
+
+
+@pytest.mark.parametrize("conv", [
+    dict(filters=4, kernel_size=3, padding="same"),
+    dict(filters=3, kernel_size=(2, 3), strides=(2, 1), padding="valid"),
+    dict(filters=3, kernel_size=3, dilation_rate=2, padding="same", use_bias=False),
+])
+@pytest.mark.parametrize("conv_class", [keras.layers.Conv2D, models.WSConv2D])
+@_BOTH_STRATEGIES
+def test_unmasked_conv2d_and_ws_conv2d(conv, conv_class):
+  """Without masks (where ghost norms apply), every example clipped (a tiny clip norm), so the
+  norms themselves must be right."""
+  model = _model([conv_class(**conv, activation="relu"), keras.layers.Flatten(),
+                  keras.layers.Dense(3)], (7, 7, 2))
+  x, y = _images(5, (7, 7, 2))
+  _compare(model, x, y, weights=[1, 1, 0, 1, 1], masks_keep=1.0, clip=1e-3)
+
+
+@_BOTH_STRATEGIES
+def test_unmasked_ws_conv2d_with_augmult_views():
+  model = _model([models.WSConv2D(4, 3, padding="same", use_bias=False),
+                  keras.layers.GroupNormalization(groups=2), keras.layers.Activation("relu"),
+                  keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(3)], (6, 6, 2))
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(4, 3, 6, 6, 2)).astype("float32")  # 3 views per example
+  y = rng.integers(0, 3, 4).astype("int32")
+  _compare(model, x, y, masks_keep=1.0, clip=1e-3)

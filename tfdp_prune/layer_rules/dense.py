@@ -43,7 +43,16 @@ def _rank_one(call, g, variables, masks) -> base.Pieces:
   mask_by_key = {base.variable_key(v): m for v, m in zip(variables, masks)}
   kernel_mask = mask_by_key.get(base.variable_key(layer.kernel))
   bias_mask = mask_by_key.get(base.variable_key(layer.bias)) if layer.use_bias else None
-  squared = rank_one_squared_norms(a, g, kernel_mask, bias_mask)
+  # A fully frozen kernel (mask all 0) gets no per-example work; masks change without a
+  # retrace, so this is decided when the step runs.
+  kernel_trained = (tf.reduce_any(tf.not_equal(kernel_mask, 0)) if kernel_mask is not None
+                    else None)
+  if kernel_trained is None:
+    squared = rank_one_squared_norms(a, g, None, bias_mask)
+  else:
+    squared = tf.cond(kernel_trained,
+                      lambda: rank_one_squared_norms(a, g, kernel_mask, bias_mask),
+                      lambda: rank_one_squared_norms(a, g, None, bias_mask))
 
   def clipped_sum(factors, kept):
     rows = tf.expand_dims(kept, 1)
@@ -51,8 +60,10 @@ def _rank_one(call, g, variables, masks) -> base.Pieces:
                                                                g.dtype)
     sums = []
     if kernel_mask is not None:
-      clean_a = tf.where(rows, a, tf.zeros_like(a))
-      sums.append(tf.matmul(clean_a, weighted_g, transpose_a=True) * kernel_mask)
+      def kernel_sum():
+        clean_a = tf.where(rows, a, tf.zeros_like(a))
+        return tf.matmul(clean_a, weighted_g, transpose_a=True) * kernel_mask
+      sums.append(tf.cond(kernel_trained, kernel_sum, lambda: tf.zeros_like(kernel_mask)))
     if bias_mask is not None:
       sums.append(tf.reduce_sum(weighted_g, axis=0) * bias_mask)
     return sums

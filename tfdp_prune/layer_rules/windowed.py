@@ -1,28 +1,104 @@
 """The windowed rules: layers whose kernel slides over positions (Conv1D, Conv2D,
 DepthwiseConv2D; Dense on sequences and augmult views builds on them), and the one choice of
-how their per-example gradients are formed: for the whole batch at once, or one example at a
-time (`batched_is_cheaper`)."""
+how their per-example gradient norms are formed (`choose_strategy`): materialized for the whole
+batch (input patches x output gradients), or one example at a time with the layer's own
+weight-gradient op. Clipped sums never need per-example gradients: the layer's own
+weight-gradient op once for the batch, on output gradients scaled by the clip factors."""
 
 import abc
 
 from tfdp_prune.compat import keras
 from tfdp_prune.compat import tf
 from tfdp_prune.layer_rules import base
+from tfdp_prune.layer_rules import calibration
 
-# Measured on CPU (2 cores, tf 2.21): the batched product of input patches wins only for small
-# kernels over few positions (the MNIST tutorial CNN); elsewhere the per-example loop of the
-# layer's own weight-gradient op is 1.4-3x faster and needs no batch x kernel memory.
+# The fallback when costs cannot be measured (`calibration`), from one CPU (2 cores, tf 2.21):
+# the batched product of input patches wins only for small kernels over few positions (the
+# MNIST tutorial CNN); elsewhere the per-example loop of the layer's own weight-gradient op.
 _BATCHED_MAX_POSITIONS = 255
 _BATCHED_MAX_KERNEL = 16384
+# Strategies that materialize batch x kernel (and batch x positions x window) are not
+# candidates above this many bytes: memory, not speed, rules them out.
+_MATERIALIZED_MAX_BYTES = 128 * 2**20
+# Patches by a convolution with a one-hot kernel cost windows^2 per position: only small windows.
+_IDENTITY_PATCHES_MAX_WINDOW = 256
+_IDENTITY_PATCHES_BY_DEFAULT = 64  # the MNIST CNN's first conv (8 x 8 x 1): 2.7x faster
+
+BATCHED = "batched"
+IDENTITY_PATCHES = "identity_patches"
+ONE_AT_A_TIME = "one_example_at_a_time"
+GHOST = "ghost"  # unmasked kernels only: norms from patch and output-gradient Gram matrices
 
 
 def batched_is_cheaper(output_shape: tf.TensorShape, kernel_shape: tf.TensorShape) -> bool:
-  """Whether to materialize the whole batch's per-example kernel gradients (output_shape: one
-  call's output, [rows, positions..., channels]) rather than loop over examples."""
+  """The fallback heuristic: whether to materialize the whole batch's per-example kernel
+  gradients (output_shape: one call's output, [rows, positions..., channels]) rather than loop
+  over examples."""
   positions = output_shape[1:-1].num_elements()
   kernel = kernel_shape.num_elements()
   return positions is not None and positions <= _BATCHED_MAX_POSITIONS and (
       kernel <= _BATCHED_MAX_KERNEL)
+
+
+def choose_strategy(rule, call, exclude=()) -> str:
+  """How `rule` forms the per-example norms of `call`: the fastest of its strategies (but
+  `exclude`) as measured on this machine for these shapes (`calibration`), else
+  `batched_is_cheaper`."""
+  kernel = rule.kernel_variable(call.layer)
+  candidates = tuple(s for s in rule.strategies(call) if s not in exclude)
+  if call.inputs.shape.is_fully_defined() and call.outputs.shape.is_fully_defined():
+    key = (type(rule).__name__, tuple(call.inputs.shape), tuple(call.outputs.shape),
+           tuple(kernel.shape), _layer_signature(call.layer), tuple(exclude))
+    choice = calibration.fastest(key, {s: _timed_norms(rule, call, s) for s in candidates})
+    if choice is not None:
+      return choice
+  if not (batched_is_cheaper(call.outputs.shape, kernel.shape) and BATCHED in candidates):
+    return GHOST if GHOST in candidates and _ghost_is_cheaper(call, kernel) else ONE_AT_A_TIME
+  # Patches of a few input channels: extract_patches is slow, a one-hot convolution is not.
+  small_window = kernel.shape[:-1].num_elements() <= _IDENTITY_PATCHES_BY_DEFAULT
+  return IDENTITY_PATCHES if small_window and IDENTITY_PATCHES in candidates else BATCHED
+
+
+def _ghost_is_cheaper(call, kernel) -> bool:
+  """Ghost norms cost positions^2 (window + out) per example, per-example gradients
+  positions x window x out; ghost only where it needs under half the multiplications (the
+  last WRN group: 8 x 8 positions, 3 x 3 x 256 x 256 kernels)."""
+  positions = call.outputs.shape[1:-1].num_elements()
+  window, out = kernel.shape[:-1].num_elements(), kernel.shape[-1]
+  return positions is not None and 2 * positions * (window + out) < window * out
+
+
+def _layer_signature(layer):
+  return tuple(str(getattr(layer, name, None))
+               for name in ("strides", "padding", "dilation_rate", "depth_multiplier"))
+
+
+def _timed_norms(rule, call, strategy):
+  """The strategy's norms on random data of the call's shapes, for `calibration`: a function
+  that builds its data at its first (untimed) call, eagerly (`calibration` runs it so)."""
+  layer = call.layer
+  in_spec, out_spec = (call.inputs.shape, call.inputs.dtype), (call.outputs.shape,
+                                                               call.outputs.dtype)
+  built = []
+
+  def run():
+    if not built:
+      variables = rule.variables(layer)
+      masks = [tf.ones(v.shape, layer.compute_dtype) for v in variables]
+      norms = tf.function(lambda a, g: rule.squared_norms(
+          strategy, base.CapturedCall(layer, rule, a, g), g, in_spec[0][0], variables, masks))
+      built.extend([norms, tf.random.normal(in_spec[0], dtype=in_spec[1]),
+                    tf.random.normal(out_spec[0], dtype=out_spec[1])])
+    norms, a, g = built
+    return norms(a, g)
+
+  return run
+
+
+def _materialized_bytes(call, kernel, window):
+  rows = call.inputs.shape[0] or 0
+  positions = call.outputs.shape[1:-1].num_elements() or 0
+  return 4 * rows * (kernel.shape.num_elements() + positions * window)
 
 
 class WindowedRule(base.LayerRule, abc.ABC):
@@ -48,46 +124,104 @@ class WindowedRule(base.LayerRule, abc.ABC):
     outputs = layer.activation(z) if layer.activation is not None else z
     return outputs, base.CapturedCall(layer, self, a, z)
 
-  def pieces(self, call, g, batch, views, variables, masks):
+  def strategies(self, call) -> tuple:
+    """The strategies `squared_norms` can use for this call (memory permitting)."""
     kernel = self.kernel_variable(call.layer)
-    if batched_is_cheaper(call.outputs.shape, kernel.shape):
-      return base.from_per_example(
-          variables, base.select(self, call, self.per_example_grads(call, g, batch),
-                                 variables, masks), batch)
-    return self._one_example_at_a_time(call, g, batch, variables, masks)
+    window = kernel.shape[:-1].num_elements()
+    if _materialized_bytes(call, kernel, window) > _MATERIALIZED_MAX_BYTES:
+      return (ONE_AT_A_TIME,)
+    return (BATCHED, ONE_AT_A_TIME)
 
-  def _one_example_at_a_time(self, call, g, batch, variables, masks) -> base.Pieces:
-    """Norms: one example at a time (`tf.map_fn`), the layer's own weight-gradient op on that
+  def pieces(self, call, g, batch, views, variables, masks):
+    """Norms by the chosen strategy; a kernel whose mask is all 0 (fully frozen) gets no
+    per-example work at all, decided when the step runs (masks change without a retrace)."""
+    strategy = choose_strategy(self, call)
+    kernel_key = base.variable_key(self.kernel_variable(call.layer))
+    is_kernel = [base.variable_key(v) == kernel_key for v in variables]
+    others = [(v, m) for v, m, k in zip(variables, masks, is_kernel) if not k]
+    if not any(is_kernel):
+      return _bias_pieces(g, batch, variables, masks)
+    kernel_trained = tf.reduce_any(tf.not_equal(masks[is_kernel.index(True)], 0))
+    bias_only = _bias_pieces(g, batch, [v for v, _ in others], [m for _, m in others])
+
+    def trained_norms():
+      if strategy != GHOST:
+        return self.squared_norms(strategy, call, g, batch, variables, masks)
+      # Ghost norms hold for unmasked gradients only: masked ones take the next best way.
+      fallback = choose_strategy(self, call, exclude=(GHOST,))
+      unmasked = tf.reduce_all(tf.stack([tf.reduce_all(tf.equal(m, 1)) for m in masks]))
+      return tf.cond(unmasked,
+                     lambda: self.squared_norms(GHOST, call, g, batch, variables, masks),
+                     lambda: self.squared_norms(fallback, call, g, batch, variables, masks))
+
+    squared = tf.cond(kernel_trained, trained_norms, lambda: bias_only.squared_norms)
+
+    def clipped_sum(factors, kept):
+      def frozen_kernel():
+        sums = iter(bias_only.clipped_sum(factors, kept))
+        return [tf.zeros_like(v) if k else next(sums) for v, k in zip(variables, is_kernel)]
+      return tf.cond(kernel_trained,
+                     lambda: self._clipped_sum(call, g, batch, variables, masks, factors, kept),
+                     frozen_kernel)
+
+    return base.Pieces(variables, squared, clipped_sum)
+
+  def squared_norms(self, strategy, call, g, batch, variables, masks) -> tf.Tensor:
+    """[B] squared norms of the masked per-example gradients of `variables`."""
+    if strategy == ONE_AT_A_TIME:
+      return self._one_example_at_a_time(call, g, batch, variables, masks)
+    if strategy == GHOST:  # callers check that every mask is all 1
+      return self.ghost_squared_norms(call, g, batch, variables)
+    grads = self.per_example_grads(call, g, batch, **self._batched_options(strategy))
+    return base.from_per_example(variables, base.select(self, call, grads, variables, masks),
+                                 batch).squared_norms
+
+  def _batched_options(self, strategy) -> dict:
+    del strategy
+    return {}
+
+  def _masked_grads(self, layer, inputs, output_grads, variables, masks):
+    """The layer's own weight-gradient ops for `inputs`, `output_grads` (any rows), masked."""
+    with tf.GradientTape() as tape:
+      z = self.pre_activation(layer, inputs)
+    grads = tape.gradient(z, variables, output_gradients=output_grads,
+                          unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return [grad * m for grad, m in zip(grads, masks)]
+
+  def _one_example_at_a_time(self, call, g, batch, variables, masks) -> tf.Tensor:
+    """One example at a time (`tf.map_fn`): the layer's own weight-gradient op on that
     example's input and output gradient, masked and reduced to a number at once, so memory
-    holds a few kernels, never batch x kernel. Clipped sum: the same op once for the batch,
-    each row's output gradient scaled by its clip factor (the gradient is linear in g, and
-    masks are elementwise, so they commute with it)."""
-    layer = call.layer
+    holds a few kernels, never batch x kernel."""
     example_inputs = base.rows_per_example(call.inputs, batch)
     example_grads = base.rows_per_example(g, batch)
 
-    def masked_grads(inputs, output_grads):
-      with tf.GradientTape() as tape:
-        z = self.pre_activation(layer, inputs)
-      grads = tape.gradient(z, variables, output_gradients=output_grads,
-                            unconnected_gradients=tf.UnconnectedGradients.ZERO)
-      return [grad * m for grad, m in zip(grads, masks)]
-
     def squared_norm(example):
-      return tf.add_n([tf.reduce_sum(tf.square(t)) for t in masked_grads(*example)])
+      grads = self._masked_grads(call.layer, *example, variables, masks)
+      return tf.add_n([tf.reduce_sum(tf.square(t)) for t in grads])
 
-    squared = tf.map_fn(squared_norm, (example_inputs, example_grads),
-                        fn_output_signature=g.dtype)
+    return tf.map_fn(squared_norm, (example_inputs, example_grads), fn_output_signature=g.dtype)
 
-    def clipped_sum(factors, kept):
-      rows_per_example = tf.shape(g)[0] // batch  # augmult views
-      row_kept = tf.repeat(kept, rows_per_example)
-      row_factors = tf.repeat(tf.cast(factors, g.dtype), rows_per_example)
-      # 0 * NaN is NaN: a dropped row is replaced by zeros, not multiplied by 0.
-      scaled_g = _scale_rows(_zero_rows(g, row_kept), row_factors)
-      return masked_grads(_zero_rows(call.inputs, row_kept), scaled_g)
+  def _clipped_sum(self, call, g, batch, variables, masks, factors, kept):
+    """The layer's weight-gradient op once for the batch, each row's output gradient scaled
+    by its clip factor (the gradient is linear in g, and masks are elementwise, so they
+    commute with it)."""
+    rows_per_example = tf.shape(g)[0] // batch  # augmult views
+    row_kept = tf.repeat(kept, rows_per_example)
+    row_factors = tf.repeat(tf.cast(factors, g.dtype), rows_per_example)
+    # 0 * NaN is NaN: a dropped row is replaced by zeros, not multiplied by 0.
+    scaled_g = _scale_rows(_zero_rows(g, row_kept), row_factors)
+    return self._masked_grads(call.layer, _zero_rows(call.inputs, row_kept), scaled_g,
+                              variables, masks)
 
-    return base.Pieces(variables, squared, clipped_sum)
+
+def _bias_pieces(g, batch, variables, masks) -> base.Pieces:
+  """Pieces of a windowed layer's bias alone (z = op(a, kernel) + bias): example i's gradient
+  is the sum of its output gradients over its rows and positions."""
+  if not variables:
+    return base.Pieces([], tf.zeros(tf.reshape(batch, [1]), g.dtype), lambda factors, kept: [])
+  grads = [tf.reduce_sum(base.positions_per_example(g, batch), axis=1) * variables_mask
+           for variables_mask in masks]
+  return base.from_per_example(variables, grads, batch)
 
 
 def _zero_rows(t, row_kept):
@@ -132,10 +266,53 @@ class ConvRule(WindowedRule):
     z = keras.layers.Conv2D.convolution_op(layer, a, self.convolved_kernel(layer, layer.kernel))
     return tf.nn.bias_add(z, layer.bias) if layer.use_bias else z
 
-  def per_example_grads(self, call, g, batch):
+  def strategies(self, call):
+    strategies = super().strategies(call)
+    window = self.kernel_variable(call.layer).shape[:-1].num_elements()
+    if BATCHED in strategies and window <= _IDENTITY_PATCHES_MAX_WINDOW:
+      strategies += (IDENTITY_PATCHES,)
+    rows = call.inputs.shape[0] or 0
+    positions = call.outputs.shape[1:-1].num_elements() or 0
+    gram_bytes = 4 * rows * (positions * window + positions**2)
+    if gram_bytes <= _MATERIALIZED_MAX_BYTES and call.inputs.shape.rank == 4:
+      strategies += (GHOST,)
+    return strategies
+
+  def ghost_squared_norms(self, call, g, batch, variables):
+    """Unmasked norms without per-example gradients ("ghost norms", Goodfellow 2015; Li et
+    al. 2022): ||P_i^T G_i||^2 per output channel o is g_o^T (P_i P_i^T) g_o, with P_i the
+    input patches [T, window] and G_i the output gradients [T, out] of example i (T positions
+    of all its views). Cheaper than forming P_i^T G_i when T^2 is small beside the kernel."""
+    layer = call.layer
+    patches = _patches(layer, call.inputs, batch)
+    g_rows = base.positions_per_example(g, batch)
+    gram = tf.matmul(patches, patches, transpose_b=True)  # [B, T, T]
+    per_channel = tf.reduce_sum(tf.matmul(gram, g_rows) * g_rows, axis=1)  # [B, out]
+    keys = {base.variable_key(v) for v in variables}
+    squared = tf.zeros(tf.shape(per_channel)[:1], tf.float64)
+    if base.variable_key(layer.kernel) in keys:
+      squared += self.ghost_kernel_norms(call, batch, patches, g_rows, per_channel)
+    if layer.use_bias and base.variable_key(layer.bias) in keys:
+      squared += tf.reduce_sum(tf.square(tf.cast(tf.reduce_sum(g_rows, axis=1), tf.float64)),
+                               axis=1)
+    return tf.cast(squared, g.dtype)
+
+  def ghost_kernel_norms(self, call, batch, patches, g_rows, per_channel):
+    """[B] float64 squared kernel norms from the per-channel squared norms of the gradient
+    w.r.t. the convolved kernel (`per_channel`, [B, out]); WSConv2D maps them through the
+    standardization."""
+    del call, batch, patches, g_rows
+    return tf.reduce_sum(tf.cast(per_channel, tf.float64), axis=1)
+
+  def _batched_options(self, strategy):
+    return {"identity_patches": strategy == IDENTITY_PATCHES}
+
+  def per_example_grads(self, call, g, batch, identity_patches=False):
     layer = call.layer
     g_rows = base.positions_per_example(g, batch)
-    kernel_grads = tf.einsum("bpi,bpo->bio", _patches(layer, call.inputs, batch), g_rows)
+    patches = (_identity_patches(layer, call.inputs, batch) if identity_patches
+               else _patches(layer, call.inputs, batch))
+    kernel_grads = tf.matmul(patches, g_rows, transpose_a=True)
     kernel_grads = tf.reshape(kernel_grads, tf.concat([[batch], tf.shape(layer.kernel)], 0))
     grads = [self.to_variable_grads(layer, kernel_grads)]
     if layer.use_bias:
@@ -187,3 +364,14 @@ def _patches(layer, inputs, batch):
   patches = tf.image.extract_patches(inputs, sizes=[1, *sizes, 1], strides=[1, *strides, 1],
                                      rates=[1, *rates, 1], padding=layer.padding.upper())
   return base.positions_per_example(patches, batch)
+
+
+def _identity_patches(layer, inputs, batch):
+  """`_patches` by the layer's own convolution with a one-hot kernel [window..., in, window *
+  in]: the same windows (padding, strides, dilation), often faster than `extract_patches` for
+  small windows (few input channels)."""
+  kernel = layer.kernel
+  window = kernel.shape[:-1].num_elements()
+  one_hot = tf.reshape(tf.eye(window, dtype=inputs.dtype), kernel.shape[:-1] + [window])
+  return base.positions_per_example(keras.layers.Conv2D.convolution_op(layer, inputs, one_hot),
+                                    batch)
