@@ -116,7 +116,6 @@ def train(config: TrainConfig, *, splits: Optional[data_lib.DataSplits] = None,
   else:
     _check_given_splits(splits)
   _check_callback_public_data(callbacks, splits.private)
-  public, validation = split_public(config, splits.public)
   info = splits.info
   _check_model_and_data(config, info.input_shape)
   if config.tune == private_tuning.PRIVATE:
@@ -125,6 +124,7 @@ def train(config: TrainConfig, *, splits: Optional[data_lib.DataSplits] = None,
                         "training, which reveals the number of trials the guarantee keeps "
                         "secret. Drop the callbacks (the export and summary report the result).")
     return _train_tuned(config, splits, callbacks)
+  public, validation = split_public(config, splits.public)
   # Public tuning reads only the public part the pre-training sees, never the held-out
   # validation part the public-only comparison is made on.
   config, tuning_record = _tune(config, dataclasses.replace(splits, public=public))
@@ -149,6 +149,9 @@ def train(config: TrainConfig, *, splits: Optional[data_lib.DataSplits] = None,
   if config.checkpoint_dir:
     run_record = run_record_lib.write_or_check_run_record(
         config, info, plan.spec, plan.steps, sampler.expected_batch_size)
+    if tuning_record is not None:  # only once the run record accepted the tuned config
+      atomic_files.replace_file(os.path.join(config.checkpoint_dir, TUNING_RECORD),
+                                json.dumps(tuning_record, indent=1, sort_keys=True))
     if carried is not None:  # the new ledger begins at the old steps (restored from it below)
       checkpointing.start_carried_ledger(config.checkpoint_dir, carried.state, carried.source)
     resumed_from = checkpointing.restore_latest(config.checkpoint_dir, model, budget=budget,
@@ -232,7 +235,7 @@ def export_checkpoint(checkpoint_dir: str, export_dir: str, *, version: Optional
   metadata = build_metadata(config, budget.ledger.spec.with_steps(budget.steps), info, model,
                             record["expected_batch_size"],
                             carried=checkpointing.read_carried(checkpoint_dir),
-                            tuning_record=read_tuning_record(checkpoint_dir))
+                            tuning_record=_tuning_record_of(config, checkpoint_dir))
   if ema is not None and use_ema and ema.num_updates:
     ema.assign_to_model()
   return export_lib.export_saved_model(model, export_dir, metadata, version=version,
@@ -655,6 +658,16 @@ def read_tuning_record(checkpoint_dir: Optional[str]) -> Optional[Dict[str, Any]
                       "refuses), or use a new --checkpoint_dir.") from None
 
 
+def _tuning_record_of(config: TrainConfig, checkpoint_dir: str) -> Optional[Dict[str, Any]]:
+  """The run's tuning record, if the run was tuned on public data and trained with what it
+  chose (a stray file from another run is not this run's record)."""
+  record = read_tuning_record(checkpoint_dir)
+  if (record is None or config.tune != train_config.TUNE_PUBLIC
+      or any(getattr(config, name) != value for name, value in record["chosen"].items())):
+    return None
+  return record
+
+
 def _tune(config: TrainConfig, splits):
   """(config with the chosen values, the tuning record or None). A checkpointed run records
   the choice in its directory; its resumption reuses it (another choice would not match its
@@ -666,11 +679,7 @@ def _tune(config: TrainConfig, splits):
     if config.verbose:
       print("tfdp-train: --tune=public: simulating the run on public data for each candidate "
             "(no private example is read)...")
-    record = tune_on_public(config, splits).record()
-    if config.checkpoint_dir:
-      os.makedirs(config.checkpoint_dir, exist_ok=True)
-      atomic_files.replace_file(os.path.join(config.checkpoint_dir, TUNING_RECORD),
-                                json.dumps(record, indent=1, sort_keys=True))
+    record = tune_on_public(config, splits).record()  # `train` writes it once the run is checked
   return dataclasses.replace(config, **record["chosen"]), record
 
 

@@ -81,7 +81,7 @@ class TuningResult:
   def record(self) -> Dict[str, Any]:
     """The JSON record of the privacy metadata's `tuning` field."""
     return {
-        "mode": self.config.tune, "private_data_read": False, "statement": NO_PRIVATE_DATA,
+        "mode": "public", "private_data_read": False, "statement": NO_PRIVATE_DATA,
         "chosen": dict(self.chosen), "given": dict(self.given),
         "grid": dict(self.grid),
         "candidates": [candidate.to_dict() for candidate in self.candidates],

@@ -487,3 +487,64 @@ def test_unmasked_ws_conv2d_with_augmult_views():
   x = rng.normal(size=(4, 3, 6, 6, 2)).astype("float32")  # 3 views per example
   y = rng.integers(0, 3, 4).astype("int32")
   _compare(model, x, y, masks_keep=1.0, clip=1e-3)
+
+
+def test_ghost_norms_never_fall_below_the_true_norm_at_extreme_scales():
+  """Ghost norms cancel (g^T P P^T g has terms of both signs): in float32 they gave 0 for an
+  example whose activations (1e-21) and output gradients (1e21) underflow, and up to 2.2 times
+  less than the true norm for near-constant images, so that example's clipped contribution
+  exceeded the clip norm. In float64 with their rounding bound they are an upper bound, and a
+  tight one. The true norms: exact sums of P_i^T G_i in extended precision."""
+  from tfdp_prune.layer_rules import base  # pylint: disable=g-import-not-at-top
+  from tfdp_prune.layer_rules import registry  # pylint: disable=g-import-not-at-top
+  batch = 12
+  layer = keras.layers.Conv2D(16, 3, padding="valid", use_bias=False)
+  layer.build((None, 4, 4, 16))
+  rule = registry.rule_for(layer)
+  rng = np.random.default_rng(1)
+  a = np.empty((batch, 4, 4, 16), "float32")
+  g = np.empty((batch, 2, 2, 16), "float32")
+  a[0], g[0] = rng.normal(size=(4, 4, 16)) * 1e-21, rng.normal(size=(2, 2, 16)) * 1e21
+  for i in range(1, batch):  # near-constant images, output gradients summing to 0
+    a[i] = 1e4 * (rng.normal(size=(1, 1, 16)) + 1e-4 * rng.normal(size=(4, 4, 16)))
+    rows = rng.normal(size=(4, 16))
+    g[i] = (rows - rows.mean(0)).reshape(2, 2, 16)
+  call = base.CapturedCall(layer, rule, tf.constant(a), tf.constant(g))
+  variables = rule.variables(layer)
+  ghost = rule.squared_norms(windowed.GHOST, call, tf.constant(g), tf.constant(batch), variables,
+                             [tf.ones(v.shape) for v in variables]).numpy().astype(np.float64)
+  wide_a, wide_g = a.astype(np.longdouble), g.astype(np.longdouble)
+  patches = np.stack([wide_a[:, r:r + 3, c:c + 3, :] for r in range(2) for c in range(2)], 1)
+  exact = np.einsum("btijc,bto->bijco", patches, wide_g.reshape(batch, 4, 16))
+  true = np.sum(np.square(exact), axis=(1, 2, 3, 4)).astype(np.float64)
+  assert np.all(ghost >= true), (ghost / true).min()
+  # Tight: the rounding bound is relative to the uncancelled sum, here 1e8 times the norm.
+  np.testing.assert_allclose(ghost, true, rtol=1e-4)
+
+
+@_BOTH_STRATEGIES
+def test_a_kernel_mask_changed_after_tracing_is_read_at_run_time():
+  """Whether a kernel is fully frozen (no per-example work) is decided each step from the mask's
+  value: one traced step, its conv kernel's mask set to all zero, then to a single trained
+  coordinate, then to zero again, clips like the reference each time (a tiny clip: every
+  example clipped, so the norms must be right)."""
+  model = _model([keras.layers.Conv2D(3, 3, activation="relu"), keras.layers.Flatten(),
+                  keras.layers.Dense(3)], (6, 6, 2))
+  x, y = _images(5, (6, 6, 2))
+  loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
+  variables = model.trainable_variables
+  masks = [tf.Variable(np.ones(v.shape, "float32"), trainable=False) for v in variables]
+  kernel = next(i for i, v in enumerate(variables) if "kernel" in v.name)
+  single = np.zeros(variables[kernel].shape, "float32")
+  single.flat[5] = 1.0
+  step = tf.function(per_layer.PerLayerEngine().clipped_sum)
+  reference = tf.function(per_example.VectorizedEngine().clipped_sum)
+  args = (model, loss_fn, tf.constant(x), tf.constant(y), tf.ones(5), variables, masks, 1e-3)
+  for value in (np.zeros_like(single), single, np.zeros_like(single)):
+    masks[kernel].assign(value)
+    got, want = step(*args), reference(*args)
+    for variable, g, w in zip(variables, got.clipped.grads, want.clipped.grads):
+      np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=1e-4, atol=1e-8,
+                                 err_msg=variable.name)
+    assert bool(np.any(got.clipped.grads[kernel].numpy())) == bool(value.any())
+  assert step.experimental_get_tracing_count() == 1

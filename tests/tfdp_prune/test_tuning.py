@@ -2,6 +2,7 @@
 read, and the chosen values are the run's and its metadata's."""
 
 import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -131,3 +132,17 @@ def test_a_wrecking_learning_rate_is_replaced_and_the_choice_is_the_runs(digits,
   assert record == tuned and resumed.learning_rate == 0.3
   exported = training.export_checkpoint(str(tmp_path), str(tmp_path / "export"))
   assert export_lib.read_metadata(exported).tuning == tuned
+
+
+def test_a_refused_tuned_run_leaves_no_tuning_record_for_a_later_export(digits, small_grid,
+                                                                        tmp_path):
+  """--tune=public pointed at the checkpoints of an untuned run is refused by the run record;
+  no tuning.json may be left behind for `export_checkpoint` to attach to that run's export."""
+  untuned = TrainConfig(**SHORT, epsilon=None, noise_multiplier=1.0,
+                        checkpoint_dir=str(tmp_path))
+  training.train(untuned, splits=digits)
+  with pytest.raises(ConfigError):
+    training.train(dataclasses.replace(untuned, tune="public"), splits=digits)
+  assert not os.path.exists(tmp_path / training.TUNING_RECORD)
+  exported = training.export_checkpoint(str(tmp_path), str(tmp_path / "export"))
+  assert export_lib.read_metadata(exported).tuning is None

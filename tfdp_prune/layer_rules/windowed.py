@@ -284,18 +284,26 @@ class ConvRule(WindowedRule):
     input patches [T, window] and G_i the output gradients [T, out] of example i (T positions
     of all its views). Cheaper than forming P_i^T G_i when T^2 is small beside the kernel."""
     layer = call.layer
-    patches = _patches(layer, call.inputs, batch)
-    g_rows = base.positions_per_example(g, batch)
-    gram = tf.matmul(patches, patches, transpose_b=True)  # [B, T, T]
-    per_channel = tf.reduce_sum(tf.matmul(gram, g_rows) * g_rows, axis=1)  # [B, out]
+    # float64, and the rounding bound added: g^T (P P^T) g cancels (its terms have both signs),
+    # so rounding could leave it BELOW the true norm, and an example would then be clipped to
+    # more than the clip norm. An upper bound is safe (it can only clip more).
+    patches = tf.cast(_patches(layer, call.inputs, batch), tf.float64)
+    g_rows = tf.cast(base.positions_per_example(g, batch), tf.float64)
+    per_channel = (ghost_per_channel(patches, g_rows)
+                   + ghost_rounding_bound(patches, g_rows))  # [B, out]
     keys = {base.variable_key(v) for v in variables}
     squared = tf.zeros(tf.shape(per_channel)[:1], tf.float64)
     if base.variable_key(layer.kernel) in keys:
       squared += self.ghost_kernel_norms(call, batch, patches, g_rows, per_channel)
     if layer.use_bias and base.variable_key(layer.bias) in keys:
-      squared += tf.reduce_sum(tf.square(tf.cast(tf.reduce_sum(g_rows, axis=1), tf.float64)),
-                               axis=1)
-    return tf.cast(squared, g.dtype)
+      # |sum of G over positions|, raised by its float64 rounding bound (gamma_T sum |G|).
+      positions = tf.cast(tf.shape(g_rows)[1], tf.float64)
+      gamma = positions * 2.0**-53 / (1.0 - positions * 2.0**-53)
+      bias = (tf.abs(tf.reduce_sum(g_rows, axis=1))
+              + 2.0 * gamma * tf.reduce_sum(tf.abs(g_rows), axis=1))
+      squared += tf.reduce_sum(tf.square(bias), axis=1)
+    # Rounding to float32 (to nearest: relative error <= 2^-24) must not undo the bound.
+    return tf.cast(squared * (1.0 + 2.0**-23), g.dtype)
 
   def ghost_kernel_norms(self, call, batch, patches, g_rows, per_channel):
     """[B] float64 squared kernel norms from the per-channel squared norms of the gradient
@@ -375,3 +383,25 @@ def _identity_patches(layer, inputs, batch):
   one_hot = tf.reshape(tf.eye(window, dtype=inputs.dtype), kernel.shape[:-1] + [window])
   return base.positions_per_example(keras.layers.Conv2D.convolution_op(layer, inputs, one_hot),
                                     batch)
+
+
+def ghost_per_channel(patches, g_rows):
+  """[B, out]: g_o^T (P_i P_i^T) g_o per example i and output channel o (patches P [B, T, window],
+  output gradients G [B, T, out]): the squared norm of P_i^T G_i's column o."""
+  gram = tf.matmul(patches, patches, transpose_b=True)  # [B, T, T]
+  return tf.reduce_sum(tf.matmul(gram, g_rows) * g_rows, axis=1)
+
+
+def ghost_rounding_bound(patches, g_rows):
+  """[B, out]: a bound on the rounding error of `ghost_per_channel` in float64. Each of its
+  three sums (over the window, then twice over the T positions) errs by at most gamma_n times
+  the same sum over absolute values (Higham, Accuracy and Stability of Numerical Algorithms,
+  3.1), so the error is at most gamma_(window + 2T) |g|^T (|P| |P|^T) |g|; that product has no
+  cancellation, so computing it also in float64 is accurate to a relative gamma, covered by the
+  factor 2."""
+  window, positions = patches.shape[-1], tf.shape(patches)[1]
+  terms = tf.cast(window + 2 * positions, tf.float64)
+  unit_roundoff = 2.0**-53
+  gamma = terms * unit_roundoff / (1.0 - terms * unit_roundoff)
+  return 2.0 * gamma * ghost_per_channel(tf.abs(patches), tf.abs(g_rows))
+
