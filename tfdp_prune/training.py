@@ -118,7 +118,7 @@ def train(config: TrainConfig, *, splits: Optional[data_lib.DataSplits] = None,
   _check_callback_public_data(callbacks, splits.private)
   info = splits.info
   _check_model_and_data(config, info.input_shape)
-  if config.tune == private_tuning.PRIVATE:
+  if config.tune == train_config.TUNE_PRIVATE:
     if callbacks:  # they would see every trial, and so the number of trials (K is secret)
       raise ConfigError("--tune=private refuses callbacks: they would observe every trial's "
                         "training, which reveals the number of trials the guarantee keeps "
@@ -550,7 +550,7 @@ def _train_tuned(config: TrainConfig, splits: data_lib.DataSplits, callbacks) ->
       info=dataclasses.replace(splits.info, num_private=len(train_part[1])))
   # The trials pre-train on all the public data and return their DP models: the public-only
   # comparison is not made for a search (its public validation part would be chosen per trial).
-  base = dataclasses.replace(config, tune=private_tuning.NONE, tune_candidates=None,
+  base = dataclasses.replace(config, tune=train_config.TUNE_NONE, tune_candidates=None,
                              export_dir=None, verbose=0, public_validation_fraction=0.0,
                              export_choice=public_guard.DP)
   spec = _plan_tuned(config, make_sampler(base, train_part))
@@ -569,7 +569,7 @@ def _train_tuned(config: TrainConfig, splits: data_lib.DataSplits, callbacks) ->
   best = outcome.best
   # Not published: the number of trials run. Papernot-Steinke's theorems cover the best trial's
   # output with K hidden; with K known, the output is best-of-K with K fixed, which costs more.
-  tuning.update(mode=private_tuning.PRIVATE, candidates=[dict(c) for c in candidates],
+  tuning.update(mode=train_config.TUNE_PRIVATE, candidates=[dict(c) for c in candidates],
                 selected_candidate=best.candidate_index,
                 selected_noisy_accuracy=best.score / len(validation[1]),
                 validation_fraction=config.tune_validation_fraction,

@@ -297,10 +297,8 @@ class ConvRule(WindowedRule):
       squared += self.ghost_kernel_norms(call, batch, patches, g_rows, per_channel)
     if layer.use_bias and base.variable_key(layer.bias) in keys:
       # |sum of G over positions|, raised by its float64 rounding bound (gamma_T sum |G|).
-      positions = tf.cast(tf.shape(g_rows)[1], tf.float64)
-      gamma = positions * 2.0**-53 / (1.0 - positions * 2.0**-53)
       bias = (tf.abs(tf.reduce_sum(g_rows, axis=1))
-              + 2.0 * gamma * tf.reduce_sum(tf.abs(g_rows), axis=1))
+              + 2.0 * float64_gamma(tf.shape(g_rows)[1]) * tf.reduce_sum(tf.abs(g_rows), axis=1))
       squared += tf.reduce_sum(tf.square(bias), axis=1)
     # Rounding to float32 (to nearest: relative error <= 2^-24) must not undo the bound.
     return tf.cast(squared * (1.0 + 2.0**-23), g.dtype)
@@ -399,9 +397,13 @@ def ghost_rounding_bound(patches, g_rows):
   3.1), so the error is at most gamma_(window + 2T) |g|^T (|P| |P|^T) |g|; that product has no
   cancellation, so computing it also in float64 is accurate to a relative gamma, covered by the
   factor 2."""
-  window, positions = patches.shape[-1], tf.shape(patches)[1]
-  terms = tf.cast(window + 2 * positions, tf.float64)
-  unit_roundoff = 2.0**-53
-  gamma = terms * unit_roundoff / (1.0 - terms * unit_roundoff)
-  return 2.0 * gamma * ghost_per_channel(tf.abs(patches), tf.abs(g_rows))
+  terms = patches.shape[-1] + 2 * tf.shape(patches)[1]
+  return 2.0 * float64_gamma(terms) * ghost_per_channel(tf.abs(patches), tf.abs(g_rows))
+
+
+def float64_gamma(terms):
+  """gamma_n = n u / (1 - n u), u = 2^-53: the relative bound on the rounding error of a float64
+  sum of n terms, against the sum of their absolute values (Higham 3.1)."""
+  n = tf.cast(terms, tf.float64)
+  return n * 2.0**-53 / (1.0 - n * 2.0**-53)
 
