@@ -25,6 +25,11 @@ from tfdp_prune.compat import is_keras_3_frame
 from tfdp_prune.compat import keras
 from tfdp_prune.compat import tf
 
+# The DP arguments taken by keyword (expected_batch_size, gradient_accumulation_steps,
+# insecure_noise_seed, per_example_engine): DPSettings' fields after the three positional ones.
+_KEYWORD_SETTINGS = tuple(field.name for field in dataclasses.fields(dp_settings.DPSettings))[3:]
+
+
 class DPOptimizerMixin:
   """The DP state and step shared by every tfdp_prune DP optimizer; put it BEFORE the base
   tf_keras optimizer class (`class DPSGD(DPOptimizerMixin, keras.optimizers.SGD)`), whose
@@ -37,15 +42,21 @@ class DPOptimizerMixin:
   optimizer was not built for is refused before the step (see `state_positions`).
   """
 
-  def __init__(self, settings: dp_settings.DPSettings, *args, **kwargs):
-    """`settings` are the DP settings; `args` and `kwargs` go to the base optimizer."""
+  def __init__(self, l2_norm_clip, noise_multiplier, num_microbatches=None, *args, **kwargs):
+    """The DP arguments (`dp_settings.DPSettings`'s fields: the first three positional, the
+    others by keyword) build the one `DPSettings`; `args` and the other `kwargs` go to the base
+    optimizer, which refuses a name it does not know."""
     base_name = _base_optimizer_class(type(self)).__name__
     if "seed" in kwargs:
       raise randomness.removed_seed_error(f"The DP optimizer DP{base_name}",
                                           "insecure_noise_seed")
+    settings = dp_settings.DPSettings(
+        l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier,
+        num_microbatches=num_microbatches,
+        **{name: kwargs.pop(name) for name in _KEYWORD_SETTINGS if name in kwargs})
     if settings.insecure_noise_seed is not None:
-      # stacklevel 4: the user's line, above this and the DP class's own __init__.
-      randomness.warn_insecure("the DP noise", "insecure_noise_seed", stacklevel=4)
+      randomness.warn_insecure("the DP noise", "insecure_noise_seed",
+                               stacklevel=_callers_stacklevel(self))
     kwargs.setdefault("name", f"DP{base_name}")
     # XLA would compile the base update rule per variable; the masked restore and the noise
     # are plain TF ops, so keep the whole step in one graph.
@@ -404,6 +415,16 @@ def _mask_values(variable, mask):
   return tf.cast(mask, variable.dtype)
 
 
+def _callers_stacklevel(optimizer) -> int:
+  """The `warnings.warn` stacklevel of the line that constructed `optimizer`, as seen from
+  `randomness.warn_insecure` called in its `__init__`: above every `__init__` frame of the
+  object (the mixin's, a DP class's, a user's subclass's)."""
+  frame, level = sys._getframe(1), 2  # pylint: disable=protected-access
+  while frame.f_code.co_name == "__init__" and frame.f_locals.get("self") is optimizer:
+    frame, level = frame.f_back, level + 1
+  return level
+
+
 def _needs_dp_step(method):
   return RuntimeError(
       f"{method}() on a tfdp_prune DP optimizer would skip per-example clipping and noise. "
@@ -412,14 +433,15 @@ def _needs_dp_step(method):
       "`model.train_on_batch(...)`.")
 
 
-
-
 # The DP arguments every class below takes (documented in full on `dp_settings.DPSettings`):
 #   l2_norm_clip, noise_multiplier, num_microbatches=None (positional, as in TF Privacy), then
 #   the base optimizer's arguments, then keyword-only: expected_batch_size=None,
 #   gradient_accumulation_steps=1, insecure_noise_seed=None (None: OS entropy; an integer is
 #   INSECURE, for tests: it logs a warning and `mechanism_randomness` says "insecure_seed"; the
 #   former `seed=` raises a TypeError), per_example_engine="per_layer" (or "vectorized").
+# SGD and Adam spell these out in their signatures for editors and `help()` (a test checks their
+# defaults against DPSettings'); the mixin builds the one DPSettings from them, and a class made
+# by `make_dp_optimizer_class` takes the mixin's signature.
 # Each class is registered with Keras as "tfdp_prune>DP<base name>", so that models saved with
 # it load without `custom_objects`, and keeps that name as its `__name__` (checkpoints record it).
 
@@ -444,13 +466,12 @@ class DPKerasSGDOptimizer(DPOptimizerMixin, keras.optimizers.SGD):
                expected_batch_size=None, gradient_accumulation_steps=1,
                insecure_noise_seed=None, per_example_engine="per_layer", **kwargs):
     """`kwargs` are SGD's other arguments (weight_decay, clipnorm, name, ...)."""
-    settings = dp_settings.DPSettings(
-        l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier,
-        num_microbatches=num_microbatches, expected_batch_size=expected_batch_size,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        insecure_noise_seed=insecure_noise_seed, per_example_engine=per_example_engine)
-    super().__init__(settings, learning_rate=learning_rate, momentum=momentum,
-                     nesterov=nesterov, **kwargs)
+    super().__init__(l2_norm_clip, noise_multiplier, num_microbatches,
+                     learning_rate=learning_rate, momentum=momentum, nesterov=nesterov,
+                     expected_batch_size=expected_batch_size,
+                     gradient_accumulation_steps=gradient_accumulation_steps,
+                     insecure_noise_seed=insecure_noise_seed,
+                     per_example_engine=per_example_engine, **kwargs)
 
 
 @_keras_name("DPAdam")
@@ -462,13 +483,12 @@ class DPKerasAdamOptimizer(DPOptimizerMixin, keras.optimizers.Adam):
                expected_batch_size=None, gradient_accumulation_steps=1,
                insecure_noise_seed=None, per_example_engine="per_layer", **kwargs):
     """`kwargs` are Adam's other arguments (amsgrad, weight_decay, clipnorm, name, ...)."""
-    settings = dp_settings.DPSettings(
-        l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier,
-        num_microbatches=num_microbatches, expected_batch_size=expected_batch_size,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        insecure_noise_seed=insecure_noise_seed, per_example_engine=per_example_engine)
-    super().__init__(settings, learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2,
-                     epsilon=epsilon, **kwargs)
+    super().__init__(l2_norm_clip, noise_multiplier, num_microbatches,
+                     learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2,
+                     epsilon=epsilon, expected_batch_size=expected_batch_size,
+                     gradient_accumulation_steps=gradient_accumulation_steps,
+                     insecure_noise_seed=insecure_noise_seed,
+                     per_example_engine=per_example_engine, **kwargs)
 
 
 _DEFINED = {keras.optimizers.SGD: DPKerasSGDOptimizer,
@@ -497,16 +517,6 @@ def make_dp_optimizer_class(cls):
 
   class DPOptimizer(DPOptimizerMixin, cls):
     __doc__ = f"Differentially private {cls.__name__} with update masks (see the module)."
-
-    def __init__(self, l2_norm_clip, noise_multiplier, num_microbatches=None, *args,
-                 expected_batch_size=None, gradient_accumulation_steps=1,
-                 insecure_noise_seed=None, per_example_engine="per_layer", **kwargs):
-      settings = dp_settings.DPSettings(
-          l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier,
-          num_microbatches=num_microbatches, expected_batch_size=expected_batch_size,
-          gradient_accumulation_steps=gradient_accumulation_steps,
-          insecure_noise_seed=insecure_noise_seed, per_example_engine=per_example_engine)
-      super().__init__(settings, *args, **kwargs)
 
   return _keras_name(f"DP{cls.__name__}")(DPOptimizer)
 

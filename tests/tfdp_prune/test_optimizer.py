@@ -1,3 +1,4 @@
+import dataclasses
 import inspect
 import os
 import subprocess
@@ -9,6 +10,7 @@ import pytest
 from scipy import stats
 
 import tfdp_prune
+from tfdp_prune import dp_settings
 from tfdp_prune import randomness
 from tfdp_prune.compat import keras
 from tfdp_prune.compat import tf
@@ -638,6 +640,40 @@ def test_the_insecure_noise_seed_reproduces_the_noise_and_warns():
   np.testing.assert_array_equal(updates[0], updates[1])
   with pytest.raises(ValueError, match="insecure_noise_seed"):
     tfdp_prune.DPKerasSGDOptimizer(1.0, 1.0, insecure_noise_seed=-1)
+
+
+class _UsersSGD(tfdp_prune.DPKerasSGDOptimizer):
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+
+
+@pytest.mark.parametrize("optimizer_class", [
+    tfdp_prune.DPKerasSGDOptimizer, tfdp_prune.DPKerasAdamOptimizer,
+    tfdp_prune.make_dp_optimizer_class(keras.optimizers.RMSprop), _UsersSGD])
+def test_the_insecure_seed_warning_points_at_the_line_that_builds_the_optimizer(optimizer_class):
+  with pytest.warns(randomness.InsecureRandomnessWarning) as record:
+    line = inspect.currentframe().f_lineno + 1
+    optimizer_class(1.0, 1.0, insecure_noise_seed=3)
+  assert [(w.filename, w.lineno) for w in record] == [(__file__, line)]
+
+
+@pytest.mark.parametrize("dp_class", [tfdp_prune.DPKerasSGDOptimizer,
+                                      tfdp_prune.DPKerasAdamOptimizer])
+def test_the_spelled_out_dp_arguments_have_the_settings_defaults(dp_class):
+  params = inspect.signature(dp_class.__init__).parameters
+  for field in dataclasses.fields(dp_settings.DPSettings):
+    if field.default is not dataclasses.MISSING:
+      assert params[field.name].default == field.default, field.name
+  optimizer = dp_class(1.0, 1.0)
+  assert optimizer.dp_settings.to_config() == dp_settings.DPSettings(
+      l2_norm_clip=1.0, noise_multiplier=1.0).to_config()
+
+
+def test_a_misspelled_dp_argument_is_refused():
+  with pytest.raises(TypeError, match="gradient_acumulation_steps"):
+    tfdp_prune.make_dp_optimizer_class(keras.optimizers.RMSprop)(
+        1.0, 1.0, gradient_acumulation_steps=2)
 
 
 @pytest.mark.parametrize("optimizer_class", [tfdp_prune.DPKerasSGDOptimizer,
