@@ -795,15 +795,23 @@ def check_output_dir(flag: str, path: str) -> None:
                       "its permissions.") from None
 
 
+@contextlib.contextmanager
+def _overlap_refused(parts: str, remedy_source: str):
+  """Re-raises an `overlap.OverlapError` from the block with train()'s message: `parts` must
+  be disjoint, remove the examples from `remedy_source`."""
+  try:
+    yield
+  except overlap.OverlapError as error:
+    raise overlap.OverlapError(
+        f"{error.found} Expected {parts} to be disjoint (masks are chosen from public data at "
+        "no privacy cost); train() never allows an overlap. Remove these examples from "
+        f"{remedy_source}.", error.found) from None
+
+
 def _check_given_splits(splits):
   """`data.check_splits` (as load_data checks); train() has no allow_overlap switch."""
-  try:
+  with _overlap_refused("splits.public and splits.private", "splits.public"):
     data_lib.check_splits(splits)
-  except data_lib.OverlapError as error:
-    raise data_lib.OverlapError(
-        f"{error.found} Expected splits.public and splits.private to be disjoint (masks are "
-        "chosen from public data at no privacy cost); train() never allows an overlap. Remove "
-        "these examples from splits.public.", error.found) from None
 
 
 def _check_callback_public_data(callbacks, private):
@@ -816,13 +824,9 @@ def _check_callback_public_data(callbacks, private):
       continue
     name = f"{type(callback).__name__}(public_data=...)"
     public_data_lib.check(public, np.shape(private[0])[1:], source=name)
-    try:
+    with _overlap_refused(f"the public_data of {name} and the private part",
+                          "its public_data"):
       overlap.check_disjoint(public, private)
-    except overlap.OverlapError as error:
-      raise overlap.OverlapError(
-          f"{error.found} Expected the public_data of {name} to be disjoint from the private "
-          "part (masks are chosen from public data at no privacy cost); train() never allows "
-          "an overlap. Remove these examples from its public_data.", error.found) from None
 
 
 def _check_model_and_data(config, input_shape):
