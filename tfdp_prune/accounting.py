@@ -352,16 +352,19 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float,
                          sampling_probability=sampling_probability, batch_size=batch_size,
                          num_examples=num_examples, accountant=accountant,
                          pld_discretization=pld_discretization)
+  value = _value_of_noise(template)
+  unreachable = lambda: UnreachableEpsilonError(
+      f"No noise multiplier <= 2**30 reaches target_epsilon={target_epsilon} at "
+      f"delta={delta} with {steps} steps (even that much noise gives epsilon "
+      f"{value(_MAX_NOISE):.3g}).")
+  if _above_at_most_noise(value, target_epsilon):  # one evaluation instead of a search's 30
+    raise unreachable()
   lowest = _lowest_noise(template)
   guess = _guess_noise_multiplier(template, target_epsilon, tol, lowest)
-  value = _value_of_noise(template)
   try:
     low, sigma = _search.smallest_fitting(value, target_epsilon, tol, lowest, _MAX_NOISE, guess)
   except _search.NotFoundError:
-    raise UnreachableEpsilonError(
-        f"No noise multiplier <= 2**30 reaches target_epsilon={target_epsilon} at "
-        f"delta={delta} with {steps} steps (even that much noise gives epsilon "
-        f"{value(_MAX_NOISE):.3g}).") from None
+    raise unreachable() from None
   checked = dataclasses.replace(template, noise_multiplier=sigma)
   if not checked.epsilon() <= target_epsilon:  # a privacy guard: never an assert
     raise RuntimeError(f"Calibration found sigma={sigma} with epsilon {checked.epsilon()} > "
@@ -385,12 +388,24 @@ def _guess_noise_multiplier(template: PrivacySpec, target_epsilon: float, tol: f
                             lowest: float) -> Optional[float]:
   guess = None
   for guide in _guides(template):
+    if _above_at_most_noise(_value_of_noise(guide), target_epsilon):
+      return guess  # a coarser grid is more pessimistic: the spec's own grid reaches it
     try:
       low, guess = _search.smallest_fitting(_value_of_noise(guide), target_epsilon, tol,
                                             lowest, _MAX_NOISE, guess)
     except _search.NotFoundError:  # a coarser grid is more pessimistic: the spec's may reach it
       return guess
   return guess
+
+
+def _above_at_most_noise(value, target_epsilon: float) -> bool:
+  """Whether even the most noise searched (2**30) gives an epsilon above the target, i.e. no
+  search can succeed. A shortcut only: False when the accountant cannot tell (RDP at 2**30
+  rounds a divergence of about 0 to a negative one and raises), and the search decides."""
+  try:
+    return not value(_MAX_NOISE) <= target_epsilon
+  except ValueError:
+    return False
 
 
 def _value_of_noise(template: PrivacySpec):

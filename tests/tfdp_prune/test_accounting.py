@@ -483,6 +483,17 @@ def test_an_unreachable_target_epsilon_is_its_own_error():
     accounting.calibrate_noise_multiplier(1e-5, 1e-5, 0.2, 1_000_000)
 
 
+def test_an_unreachable_target_is_refused_without_a_search(monkeypatch):
+  """The user waits for one accounting at the most noise, not a 30-step bracket per grid."""
+  evaluations = []
+  epsilon = accounting._epsilon  # pylint: disable=protected-access
+  monkeypatch.setattr(accounting, "_epsilon", lambda spec: evaluations.append(spec) or
+                      epsilon(spec))
+  with pytest.raises(accounting.UnreachableEpsilonError):
+    accounting.calibrate_noise_multiplier(1e-5, 1e-5, 0.2, 1_000_000)
+  assert {spec.noise_multiplier for spec in evaluations} == {2.0**30}
+
+
 def test_a_target_only_the_finer_grid_reaches_is_calibrated_not_refused():
   """A coarser (more pessimistic) guide grid that fails is no reason to refuse: the spec's own
   grid reaches epsilon 1e-3 over 1e6 steps, and the answer is checked there."""
