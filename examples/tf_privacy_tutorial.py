@@ -68,7 +68,7 @@ def main(dataset="digits", epochs=3, sampling="shuffle", steps_per_epoch=None):
   # CHANGED: the batches come from a sampler whose privacy is accounted as what it does. The
   # tutorial's `model.fit(..., batch_size=250)` shuffles fixed batches, and its epsilon
   # (compute_dp_sgd_privacy) assumes Poisson sampling, which those batches are not.
-  if sampling == "poisson":
+  if sampling == tfdp_prune.PoissonSampler.sampling:
     sampler = tfdp_prune.PoissonSampler((train_data, train_labels),
                                         sampling_probability=BATCH_SIZE / len(train_data))
     microbatches = {"expected_batch_size": sampler.expected_batch_size}  # CHANGED: see README
@@ -103,7 +103,9 @@ if __name__ == "__main__":
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--dataset", choices=["digits", "mnist"], default="digits")
   parser.add_argument("--epochs", type=int, default=3)
-  parser.add_argument("--sampling", choices=["shuffle", "poisson"], default="shuffle")
+  parser.add_argument("--sampling", default=tfdp_prune.ShuffleSampler.sampling,
+                      choices=[tfdp_prune.ShuffleSampler.sampling,
+                               tfdp_prune.PoissonSampler.sampling])
   parser.add_argument("--steps_per_epoch", type=int, default=None,
                       help="fewer steps per epoch (a quick check); default: one pass")
   main(**vars(parser.parse_args()))

@@ -2,7 +2,8 @@
 
 `PrivacySpec` describes a run as a DpEvent (Poisson, or shuffled batches without amplification)
 and gives its epsilon; `PrivacyLedger` counts steps; `max_steps` and
-`calibrate_noise_multiplier` search for a target epsilon. No TensorFlow.
+`calibrate_noise_multiplier` search for a target epsilon. What depends on the sampling is asked of
+the spec's scheme (`sampling_schemes`); this module's own code uses no TensorFlow.
 
 Design: docs/sampling-and-accounting.md
 """
@@ -22,11 +23,14 @@ from tfdp_prune import _pld
 from tfdp_prune import _search
 from tfdp_prune import _validate
 from tfdp_prune import versioned_json
+from tfdp_prune.sampling_schemes import base as schemes_base
+from tfdp_prune.sampling_schemes import registry as schemes
 
-SAMPLINGS = ("poisson", "shuffle")
+# The built-in samplings (`sampling_schemes.registry`, which also has the registered ones).
+SAMPLINGS = schemes.names()
 ACCOUNTANTS = ("pld", "rdp")
-ADD_OR_REMOVE_ONE = "add_or_remove_one"
-REPLACE_ONE = "replace_one"
+ADD_OR_REMOVE_ONE = schemes_base.ADD_OR_REMOVE_ONE
+REPLACE_ONE = schemes_base.REPLACE_ONE
 DEFAULT_PLD_DISCRETIZATION = 1e-4  # dp_accounting's own default.
 # Calibration's search range: below _MIN_NOISE it stops ((almost) no noise meets the target).
 _MIN_NOISE = 2.0**-19
@@ -61,8 +65,8 @@ class PrivacySpec:
     noise_multiplier: sigma; the noise std is sigma * clip norm. 0 means no privacy (epsilon inf).
     steps: logical steps taken (one per logical batch, accumulation included; 0 is allowed).
     delta: the target delta, in (0, 1).
-    sampling: "poisson" or "shuffle" (see the module docstring: shuffle is NOT a Poisson
-      guarantee and gets no amplification).
+    sampling: a registered scheme's name (`sampling_schemes`): "poisson" or "shuffle" (see the
+      module docstring: shuffle is NOT a Poisson guarantee and gets no amplification).
     sampling_probability: q in (0, 1]; required for "poisson", must be None for "shuffle".
     batch_size, num_examples: the fixed batch size b and the dataset size n; required for
       "shuffle" (b <= n), must be None for "poisson" (pass q = b / n instead).
@@ -88,50 +92,30 @@ class PrivacySpec:
     _validate.non_negative("noise_multiplier", self.noise_multiplier)
     _validate.non_negative_int("steps", self.steps)
     _validate.open_unit_interval("delta", self.delta)
-    _validate.one_of("sampling", self.sampling, SAMPLINGS)
+    _validate.one_of("sampling", self.sampling, schemes.names())
     _validate.one_of("accountant", self.accountant, ACCOUNTANTS)
     _validate.positive("pld_discretization", self.pld_discretization)
     _validate.fraction("overflow_probability", self.overflow_probability)
-    if self.sampling == "poisson":
-      _validate.probability("sampling_probability", self.sampling_probability)
-      for name in ("batch_size", "num_examples"):
-        if getattr(self, name) is not None:
-          raise ValueError(
-              f"Expected {name}=None with sampling='poisson' (pass sampling_probability="
-              f"batch_size / num_examples instead). Received: {name}={getattr(self, name)!r}.")
-    else:
-      if self.overflow_probability != 0:
-        raise ValueError(
-            "Expected overflow_probability=0 with sampling='shuffle' (fixed batches never "
-            f"overflow). Received: overflow_probability={self.overflow_probability!r}.")
-      if self.sampling_probability is not None:
-        raise ValueError(
-            "Expected sampling_probability=None with sampling='shuffle': shuffled fixed-size "
-            "batches have no sampling probability and get no Poisson amplification; pass "
-            f"batch_size and num_examples. Received: "
-            f"sampling_probability={self.sampling_probability!r}.")
-      _validate.positive_int("batch_size", self.batch_size)
-      _validate.positive_int("num_examples", self.num_examples)
-      if self.batch_size > self.num_examples:
-        raise ValueError(
-            f"Expected batch_size <= num_examples. Received: batch_size={self.batch_size}, "
-            f"num_examples={self.num_examples}.")
+    self.scheme.validate(self)
     for name in ("noise_multiplier", "delta", "sampling_probability", "pld_discretization",
                  "overflow_probability"):
       if getattr(self, name) is not None:  # Canonical floats: equal specs serialize alike.
         object.__setattr__(self, name, float(getattr(self, name)))
 
   @property
+  def scheme(self) -> schemes_base.SamplingScheme:
+    """The sampling scheme named by `sampling` (`sampling_schemes.registry`)."""
+    return schemes.get(self.sampling)
+
+  @property
   def adjacency(self) -> str:
     """The neighbouring relation the epsilon holds under: add_or_remove_one or replace_one."""
-    return ADD_OR_REMOVE_ONE if self.sampling == "poisson" else REPLACE_ONE
+    return self.scheme.adjacency
 
   @property
   def passes(self) -> Optional[int]:
     """Shuffle only: the number of passes over the data counted, ceil(steps / floor(n / b))."""
-    if self.sampling != "shuffle":
-      return None
-    return -(-self.steps // (self.num_examples // self.batch_size))
+    return self.scheme.passes(self)
 
   def with_steps(self, steps: int) -> "PrivacySpec":
     return dataclasses.replace(self, steps=steps)
@@ -140,14 +124,7 @@ class PrivacySpec:
     """The dp_accounting event of the whole run (NoOpDpEvent when no step was taken)."""
     if self.steps == 0:
       return dp_event.NoOpDpEvent()
-    if self.sampling == "poisson":
-      one_step = dp_event.PoissonSampledDpEvent(
-          sampling_probability=self.sampling_probability,
-          event=dp_event.GaussianDpEvent(self.noise_multiplier))
-      return dp_event.SelfComposedDpEvent(event=one_step, count=self.steps)
-    # Replace-one: sensitivity 2C, one Gaussian per pass, no amplification claimed.
-    return dp_event.SelfComposedDpEvent(
-        event=dp_event.GaussianDpEvent(self.noise_multiplier / 2), count=self.passes)
+    return self.scheme.dp_event(self)
 
   def make_accountant(self) -> privacy_accountant.PrivacyAccountant:
     """A fresh dp_accounting accountant of the configured kind and adjacency."""
@@ -185,21 +162,7 @@ class PrivacySpec:
     common = (f"noise multiplier {self.noise_multiplier}, {self.steps} steps, delta {self.delta}, "
               f"{self.accountant.upper()} accountant (dp_accounting); covers every intermediate "
               "model")
-    if self.sampling == "poisson":
-      overflow = ""
-      if self.overflow_probability > 0:
-        overflow = (f" The delta of this guarantee is {self.delta} + {self.overflow_delta():.3g} "
-                    f"= {self.total_delta():.10g}: the second term, (1 + e^epsilon) * steps * "
-                    f"{self.overflow_probability:.3g}, covers a draw exceeding the sampler's "
-                    "fixed-shape cap (the run would then stop).")
-      return (f"Example-level DP under add-or-remove-one adjacency for Poisson sampling with "
-              f"rate {self.sampling_probability}, {common}.{overflow}")
-    return (f"NOT a Poisson guarantee: tfdp_prune's ShuffleSampler (each pass a permutation cut "
-            f"into disjoint batches of {self.batch_size} of the {self.num_examples} examples, "
-            f"the remainder left out), no amplification by sampling claimed. Example-level DP "
-            f"under replace-one adjacency, counting {self.passes} passes; {common}. Not valid for "
-            "other batching (e.g. repeat() before batch(), which can put one example twice in "
-            "a batch).")
+    return self.scheme.statement(self, common)
 
   def to_dict(self, *, with_statement: bool = True) -> Dict[str, Any]:
     """A JSON-compatible dict: the settings, the serialized DpEvent, adjacency and statement.
@@ -238,9 +201,9 @@ def _epsilon(spec: PrivacySpec) -> float:
   if spec.steps == 0:
     return 0.0
   if spec.accountant == "pld" and spec.noise_multiplier > 0:
-    if spec.sampling == "poisson":  # as PLDAccountant computes it, and equal to it (see _pld)
-      return _pld.epsilon(spec.noise_multiplier, spec.sampling_probability, spec.steps,
-                          spec.delta, spec.pld_discretization)
+    if spec.scheme.pld_steps_compose:  # as PLDAccountant computes it, and equal to it (_pld)
+      return _pld.epsilon(*spec.scheme.pld_step(spec), spec.steps, spec.delta,
+                          spec.pld_discretization)
     _pld.check_one_step(*_pld_mechanism(spec))
   return float(spec.make_accountant().compose(spec.dp_event()).get_epsilon(spec.delta))
 
@@ -416,9 +379,7 @@ def _value_of_noise(template: PrivacySpec):
 def _pld_mechanism(spec: PrivacySpec):
   """(std, q, d) of the Gaussian PLD the PLD accountant builds for spec: one Poisson step, or
   (shuffle) one Gaussian of std sigma / 2 / sqrt(passes) for all the passes."""
-  if spec.sampling == "poisson":
-    return spec.noise_multiplier, spec.sampling_probability, spec.pld_discretization
-  return spec.noise_multiplier / 2 / math.sqrt(spec.passes), 1.0, spec.pld_discretization
+  return (*spec.scheme.pld_step(spec), spec.pld_discretization)
 
 
 def _lowest_noise(template: PrivacySpec) -> float:

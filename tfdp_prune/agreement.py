@@ -24,7 +24,9 @@ def check_agreement(optimizer, *, sampler=None, spec: Optional[PrivacySpec] = No
 
   Args:
     optimizer: a tfdp_prune DP optimizer.
-    sampler: the `PoissonSampler` or `ShuffleSampler` whose `dataset()` feeds `fit`, or None.
+    sampler: the sampler (`PoissonSampler`, `ShuffleSampler`, ...) whose `dataset()` feeds
+      `fit`, or None. What depends on its sampling scheme, the scheme says
+      (`sampling_schemes`).
     spec: the budget's `PrivacySpec`, or None.
     num_examples: the private dataset size N (defaults to the sampler's, then the spec's), to
       check a Poisson `expected_batch_size` = q N without a sampler.
@@ -66,10 +68,8 @@ def _sampler_and_optimizer(sampler, optimizer) -> List[str]:
         f"{optimizer.gradient_accumulation_steps} into one noisy update: each update would hold "
         f"{optimizer.gradient_accumulation_steps / steps:g} draws while the budget counts one. "
         "Pass the same gradient_accumulation_steps to both.")
-  # Padding rows per logical batch: Poisson batches always may have some; shuffled ones only
-  # when the accumulation steps do not divide the batch size.
-  padding = (sampler.physical_batch_size * steps - sampler.batch_size
-             if sampler.sampling == "shuffle" else None)
+  # Padding rows per logical batch (None: their number varies, as with Poisson batches).
+  padding = sampler.scheme.padding_rows(sampler)
   expected = optimizer.expected_batch_size
   if padding is None or padding > 0:
     if expected is None:
@@ -93,16 +93,9 @@ def _microbatch_problems(num_microbatches, sampler, padding) -> List[str]:
   more example shifts every later row into another group)."""
   if not num_microbatches or num_microbatches == sampler.physical_batch_size:
     return []  # None, or one row per microbatch: per-example clipping
-  if sampler.sampling == "poisson":
-    return [f"num_microbatches={num_microbatches} groups rows of Poisson-sampled batches, "
-            "whose number of examples varies (padding fills the rest): one more example shifts "
-            "every later row into another microbatch, which per-microbatch clipping does not "
-            "bound. Use num_microbatches=None (per-example clipping)."]
-  if padding:
-    return [f"num_microbatches={num_microbatches} groups rows of batches with {padding} padding "
-            f"row(s) per logical batch (batch_size={sampler.batch_size} is not a multiple of "
-            f"gradient_accumulation_steps={sampler.gradient_accumulation_steps}). Use "
-            "num_microbatches=None, or a batch size that the accumulation steps divide."]
+  problems = sampler.scheme.microbatch_problems(num_microbatches, sampler, padding)
+  if problems:
+    return problems
   if sampler.physical_batch_size % num_microbatches:
     return [f"num_microbatches={num_microbatches} does not divide the physical batch size "
             f"{sampler.physical_batch_size}. Use num_microbatches=None (per-example clipping) "
@@ -117,28 +110,8 @@ def _spec_and_optimizer(spec, optimizer, num_examples, check_microbatches) -> Li
         f"the optimizer's noise_multiplier={optimizer.noise_multiplier} differs from the "
         f"spec's noise_multiplier={spec.noise_multiplier}: the epsilon would not describe the "
         "noise actually added.")
-  expected = optimizer.expected_batch_size
-  if spec.sampling == "poisson":
-    if expected is None:
-      problems.append(
-          "the budget accounts for Poisson sampling, whose batches vary in size, but the "
-          "optimizer divides by the rows of each batch (expected_batch_size=None). Pass "
-          "expected_batch_size = q * N (`sampler.expected_batch_size`).")
-    elif num_examples is not None and not math.isclose(
-        expected, spec.sampling_probability * num_examples, rel_tol=1e-9):
-      problems.append(
-          f"the optimizer divides by expected_batch_size={expected:g}, the budget's Poisson "
-          f"rate q={spec.sampling_probability:g} over N={num_examples} examples gives "
-          f"{spec.sampling_probability * num_examples:g}.")
-    if check_microbatches and optimizer.num_microbatches:
-      problems.append(
-          f"num_microbatches={optimizer.num_microbatches} with Poisson sampling: the number of "
-          "examples in a batch varies, so microbatches do not keep one example's rows apart. Use "
-          "num_microbatches=None (per-example clipping).")
-  elif expected is not None and not math.isclose(expected, spec.batch_size, rel_tol=1e-9):
-    problems.append(
-        f"the optimizer divides by expected_batch_size={expected:g}, the budget accounts for "
-        f"shuffled batches of {spec.batch_size}. Pass expected_batch_size={spec.batch_size}.")
+  problems += spec.scheme.spec_and_optimizer_problems(spec, optimizer, num_examples,
+                                                      check_microbatches)
   return problems
 
 
@@ -146,17 +119,7 @@ def _sampler_and_spec(sampler, spec) -> List[str]:
   if sampler.sampling != spec.sampling:
     return [f"the sampler draws {sampler.sampling} batches, the budget accounts for "
             f"{spec.sampling} sampling. Build the spec with `sampler.privacy_spec(...)`."]
-  if sampler.sampling == "poisson":
-    if not math.isclose(sampler.sampling_probability, spec.sampling_probability, rel_tol=1e-12):
-      return [f"the sampler draws with q={sampler.sampling_probability:g}, the budget accounts "
-              f"for q={spec.sampling_probability:g}. Build the spec with "
-              "`sampler.privacy_spec(...)`."]
-    return []
-  if (sampler.batch_size, sampler.num_examples) != (spec.batch_size, spec.num_examples):
-    return [f"the sampler draws batches of {sampler.batch_size} from {sampler.num_examples} "
-            f"examples, the budget accounts for {spec.batch_size} from {spec.num_examples}. "
-            "Build the spec with `sampler.privacy_spec(...)`."]
-  return []
+  return spec.scheme.sampler_and_spec_problems(sampler, spec)
 
 
 def _describe_optimizer(optimizer) -> str:
@@ -167,19 +130,12 @@ def _describe_optimizer(optimizer) -> str:
 
 
 def _describe_sampler(sampler) -> str:
-  if sampler.sampling == "poisson":
-    draw = (f"Poisson q={sampler.sampling_probability:g} over N={sampler.num_examples} "
-            f"(expected logical batch {sampler.expected_batch_size:g})")
-  else:
-    draw = f"shuffled batches of {sampler.batch_size} from N={sampler.num_examples}"
+  draw = sampler.scheme.describe_sampler(sampler)
   return (f"{draw}, {sampler.gradient_accumulation_steps} physical batch(es) of "
           f"{sampler.physical_batch_size} rows per logical batch")
 
 
 def _describe_spec(spec) -> str:
-  if spec.sampling == "poisson":
-    draw = f"Poisson q={spec.sampling_probability:g}"
-  else:
-    draw = f"shuffled batches of {spec.batch_size} from N={spec.num_examples}"
+  draw = spec.scheme.describe_spec(spec)
   return (f"{draw}, noise_multiplier={spec.noise_multiplier}, one accounting step per "
           "optimizer update")

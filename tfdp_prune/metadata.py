@@ -55,7 +55,8 @@ class PrivacyMetadata:
     statement: one sentence saying what the guarantee covers (sampling, adjacency, accountant).
     privacy_spec: `PrivacySpec.to_dict()` of the run (incl. the serialized dp_accounting event).
     noise_multiplier, l2_norm_clip: sigma and the clip norm C.
-    sampling: "poisson", "shuffle" or None; sampling_probability: q (Poisson only).
+    sampling: the sampling scheme's name ("poisson", "shuffle" or a registered one, see
+      `sampling_schemes`) or None; sampling_probability: q (Poisson only).
     batch_size: the (expected) logical batch size; steps: logical steps; epochs: steps * batch /
       number of private examples.
     dataset, public_dataset, public_split, private_split: where the data came from.

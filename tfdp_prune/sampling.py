@@ -1,15 +1,15 @@
 """Batch sampling for DP training with `model.fit`: Poisson sampling, or shuffling as a choice.
 
 `PoissonSampler` (fixed-shape padded batches, accounted as Poisson) and `ShuffleSampler`
-(disjoint batches, accounted without amplification); `make_sampler` by name. The sampling
-secret comes from OS entropy and lives only in memory and checkpoints.
+(disjoint batches, accounted without amplification); `make_sampler` by name, for every scheme
+of `sampling_schemes` (whose draws these samplers run). The sampling secret comes from OS
+entropy and lives only in memory and checkpoints.
 
 Design: docs/sampling-and-accounting.md
 """
 
 import contextlib
 import hashlib
-import math
 from typing import Any, Dict, Optional
 
 import numpy as np
@@ -18,56 +18,30 @@ from tfdp_prune import _validate
 from tfdp_prune import accounting
 from tfdp_prune import randomness
 from tfdp_prune.compat import tf
+from tfdp_prune.sampling_schemes import base as schemes_base
+from tfdp_prune.sampling_schemes import poisson
+from tfdp_prune.sampling_schemes import registry as schemes
+from tfdp_prune.sampling_schemes import shuffle
+from tfdp_prune.sampling_schemes.base import step_uniform
+from tfdp_prune.sampling_schemes.poisson import DEFAULT_OVERFLOW_PROBABILITY
+from tfdp_prune.sampling_schemes.poisson import binomial_tail_bound
+from tfdp_prune.sampling_schemes.poisson import poisson_batch_cap
+
+__all__ = ["DEFAULT_OVERFLOW_PROBABILITY", "SAMPLINGS", "SECRET_WORDS", "PoissonSampler",
+           "SamplerState", "SchemeSampler", "ShuffleSampler", "binomial_tail_bound",
+           "make_sampler", "poisson_batch_cap", "step_uniform"]
 
 SAMPLINGS = accounting.SAMPLINGS
-DEFAULT_OVERFLOW_PROBABILITY = 1e-15
 SECRET_WORDS = 2  # the sampler's secret: 2 x 64 = 128 bits
-_PHILOX = 1  # tf.random.Algorithm.PHILOX.value, for the raw stateless ops
 _REMOVED = object()  # the default of the removed `seed` argument
 
 
-def binomial_tail_bound(num_examples: int, sampling_probability: float, size: int) -> float:
-  """A rigorous upper bound on P(Binomial(num_examples, sampling_probability) > size).
-
-  For size >= the mean, the terms beyond `size` shrink at least geometrically with the ratio of
-  the first of them, r = (n - k) / (k + 1) * q / (1 - q) at k = size + 1, so the tail is at most
-  pmf(size + 1) / (1 - r). Exact 0 when size >= n. Computed in log space (no overflow for large n).
-  """
-  n, q, k = num_examples, sampling_probability, size + 1
-  if k > n:
-    return 0.0
-  if q >= 1.0:
-    return 1.0
-  ratio = (n - k) / (k + 1) * q / (1 - q)
-  if k < n * q or ratio >= 1.0:
-    return 1.0  # Below the mean: no useful bound, and none is needed.
-  log_pmf = (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
-             + k * math.log(q) + (n - k) * math.log1p(-q))
-  return min(1.0, math.exp(log_pmf) / (1.0 - ratio))
-
-
-def poisson_batch_cap(num_examples: int, sampling_probability: float,
-                      overflow_probability: float = DEFAULT_OVERFLOW_PROBABILITY) -> int:
-  """The smallest size m with `binomial_tail_bound(N, q, m) < overflow_probability` (<= N)."""
-  _validate.positive_int("num_examples", num_examples)
-  _validate.probability("sampling_probability", sampling_probability)
-  _validate.open_unit_interval("overflow_probability", overflow_probability)
-  low, high = int(math.floor(num_examples * sampling_probability)), num_examples
-  while low < high:  # The bound decreases in m above the mean; it is 0 at m = N.
-    middle = (low + high) // 2
-    if binomial_tail_bound(num_examples, sampling_probability, middle) < overflow_probability:
-      high = middle
-    else:
-      low = middle + 1
-  return low
-
-
 class _Sampler:
-  """What both samplers share: the data in memory, the padded gather and the dataset."""
+  """What every sampler shares: the data in memory, the secret, the padded gather and the
+  dataset. Which rows each logical step takes is its scheme's `Draw` (`sampling_schemes`)."""
 
-  sampling = None  # "poisson" or "shuffle", as in accounting.PrivacySpec
-
-  def __init__(self, data, gradient_accumulation_steps, insecure_sampling_seed, strategy, seed):
+  def __init__(self, data, draw: schemes_base.Draw, gradient_accumulation_steps,
+               insecure_sampling_seed, strategy, seed):
     if seed is not _REMOVED:
       raise randomness.removed_seed_error(type(self).__name__, "insecure_sampling_seed")
     _validate.positive_int("gradient_accumulation_steps", gradient_accumulation_steps)
@@ -86,6 +60,32 @@ class _Sampler:
         lambda t: tf.concat([t, tf.zeros([1] + t.shape[1:].as_list(), t.dtype)], axis=0),
         self._data)
     self._state = SamplerState(_initial_secret(self._insecure_seed), strategy)
+    draw.bind(self._num_examples, self._accumulation)
+    self._draw = draw
+
+  @property
+  def sampling(self) -> str:
+    """The scheme's name ("poisson", "shuffle", ...), as in accounting.PrivacySpec."""
+    return self._draw.scheme.name
+
+  @property
+  def scheme(self) -> schemes_base.SamplingScheme:
+    return self._draw.scheme
+
+  @property
+  def draw(self) -> schemes_base.Draw:
+    """The scheme's half of the sampler: which rows each logical step takes, its settings."""
+    return self._draw
+
+  @property
+  def expected_batch_size(self) -> float:
+    """The optimizer's `expected_batch_size` (padding is not counted)."""
+    return self._draw.expected_batch_size
+
+  @property
+  def steps_per_epoch(self) -> int:
+    """Logical steps per epoch (the scheme's convention)."""
+    return self._draw.steps_per_epoch
 
   @property
   def mechanism_randomness(self) -> str:
@@ -115,7 +115,7 @@ class _Sampler:
   @property
   def physical_batch_size(self) -> int:
     """Rows of every dataset element (the static batch dimension)."""
-    return -(-self._logical_capacity() // self._accumulation)
+    return self._draw.physical_batch_size
 
   @property
   def physical_steps_per_epoch(self) -> int:
@@ -125,7 +125,8 @@ class _Sampler:
   def indices(self, step: int) -> np.ndarray:
     """The example indices (int64, ascending for Poisson) of logical step `step`."""
     _validate.non_negative_int("step", step)
-    padded = self._padded_indices(tf.constant(step, tf.int64), self._state.secret_tensor()).numpy()
+    padded = self._draw.padded_indices(tf.constant(step, tf.int64),
+                                       self._state.secret_tensor()).numpy()
     return padded[padded < self._num_examples]
 
   def dataset(self, start_step: int = 0) -> tf.data.Dataset:
@@ -142,7 +143,8 @@ class _Sampler:
       split = lambda t: tf.reshape(t, [accumulation, batch] + t.shape[1:].as_list())
       return tf.nest.map_structure(split, (x, y, sample_weight))
 
-    dataset = self._logical_indices_dataset(start_step, secret).map(physical_batches).unbatch()
+    dataset = self._draw.logical_indices_dataset(start_step, secret).map(
+        physical_batches).unbatch()
     return dataset.prefetch(2)
 
   @classmethod
@@ -158,26 +160,17 @@ class _Sampler:
                        f"Received {sampler.num_examples} examples.")
     return sampler
 
+  def get_config(self) -> Dict[str, Any]:
+    """The settings (not the data): `type(sampler).from_config(config, data)` rebuilds it."""
+    common = dict(gradient_accumulation_steps=self._accumulation, num_examples=self._num_examples)
+    return dict(**self._draw.config(common), **self._randomness_config())
+
   def privacy_spec(self, noise_multiplier: float, steps: int, delta: float,
                    accountant: str = "pld", **kwargs) -> accounting.PrivacySpec:
     """The `accounting.PrivacySpec` of `steps` LOGICAL steps of this sampler: the sampling
     settings come from the sampler, so the accounting cannot disagree with the sampling."""
     return accounting.PrivacySpec(noise_multiplier=noise_multiplier, steps=steps, delta=delta,
-                                  accountant=accountant, **self._spec_kwargs(), **kwargs)
-
-  def _padded_indices(self, step, secret):
-    """Logical step -> int64 indices of length K * B; index N is the padding row."""
-    raise NotImplementedError
-
-  def _logical_indices_dataset(self, start_step, secret):
-    return tf.data.Dataset.counter(start_step, dtype=tf.int64).map(
-        lambda step: self._padded_indices(step, secret))
-
-  def _logical_capacity(self) -> int:
-    raise NotImplementedError
-
-  def _spec_kwargs(self) -> Dict[str, Any]:
-    raise NotImplementedError
+                                  accountant=accountant, **self._draw.spec_kwargs(), **kwargs)
 
   def _randomness_config(self) -> Dict[str, Any]:
     return {"insecure_sampling_seed": self._insecure_seed}
@@ -202,24 +195,6 @@ class SamplerState(tf.Module):
   def secret_tensor(self) -> tf.Tensor:
     """The secret's current value as a constant int64 [2] tensor."""
     return tf.constant(self.secret.numpy())
-
-
-def step_uniform(secret, step, size) -> tf.Tensor:
-  """`size` float64 uniforms in [0, 1) for `step`, a pure function of (secret, step).
-
-  Philox4x32-10 keyed by all 128 secret bits derives the step's own key and counter, which then
-  key the draws (see the module docstring): (key_s, c_s) = Philox_{secret[0]}(s, secret[1]);
-  uniforms = Philox_{key_s}(0.., c_s).
-  """
-  secret = tf.bitcast(tf.convert_to_tensor(secret, tf.int64), tf.uint64)
-  step = tf.bitcast(tf.cast(step, tf.int64), tf.uint64)
-  derived = tf.raw_ops.StatelessRandomUniformFullIntV2(
-      shape=[2], key=secret[:1], counter=tf.stack([step, secret[1]]),
-      alg=tf.constant(_PHILOX, tf.int32), dtype=tf.uint64)
-  return tf.raw_ops.StatelessRandomUniformV2(
-      shape=tf.reshape(tf.cast(size, tf.int64), [1]), key=derived[:1],
-      counter=tf.stack([tf.constant(0, tf.uint64), derived[1]]),
-      alg=tf.constant(_PHILOX, tf.int32), dtype=tf.float64)
 
 
 def _initial_secret(insecure_seed):
@@ -250,79 +225,41 @@ class PoissonSampler(_Sampler):
     seed: removed (raises a TypeError that says what to use).
   """
 
-  sampling = "poisson"
+  sampling = poisson.SCHEME.name
 
   def __init__(self, data, sampling_probability: float, *, gradient_accumulation_steps: int = 1,
                max_batch_size: Optional[int] = None,
                overflow_probability: float = DEFAULT_OVERFLOW_PROBABILITY,
                insecure_sampling_seed: Optional[int] = None, strategy=None, seed=_REMOVED):
-    _validate.probability("sampling_probability", sampling_probability)
-    _validate.open_unit_interval("overflow_probability", overflow_probability)
-    if max_batch_size is not None:
-      _validate.positive_int("max_batch_size", max_batch_size)
-    super().__init__(data, gradient_accumulation_steps, insecure_sampling_seed, strategy, seed)
-    self._q = float(sampling_probability)
-    self._requested_overflow = float(overflow_probability)
-    self._max_batch_size = max_batch_size
-    cap = (max_batch_size if max_batch_size is not None
-           else poisson_batch_cap(self._num_examples + 1, self._q, overflow_probability))
-    self._capacity = -(-cap // self._accumulation) * self._accumulation  # a multiple of K
+    draw = poisson.PoissonDraw(sampling_probability, max_batch_size=max_batch_size,
+                               overflow_probability=overflow_probability)
+    super().__init__(data, draw, gradient_accumulation_steps, insecure_sampling_seed, strategy,
+                     seed)
 
   @property
   def sampling_probability(self) -> float:
-    return self._q
+    return self._draw.sampling_probability
 
   @property
   def expected_batch_size(self) -> float:
     """q * N: the optimizer's `expected_batch_size`."""
-    return self._q * self._num_examples
+    return self._draw.expected_batch_size
 
   @property
   def max_batch_size(self) -> int:
     """The largest logical batch the padded shape holds (K * physical_batch_size)."""
-    return self._capacity
+    return self._draw.max_batch_size
 
   @property
   def overflow_probability(self) -> float:
     """A rigorous bound on P(a draw exceeds `max_batch_size`) per logical step, for this data
     and for a neighbouring dataset with one more example (0 if no draw can exceed it)."""
-    return binomial_tail_bound(self._num_examples + 1, self._q, self._capacity)
+    return self._draw.overflow_probability
 
   @property
   def steps_per_epoch(self) -> int:
     """Logical steps per epoch, by convention max(1, round(1 / q))."""
-    return max(1, int(round(1.0 / self._q)))
-
-  def get_config(self) -> Dict[str, Any]:
-    """The settings (not the data): `PoissonSampler.from_config(config, data)` rebuilds it."""
-    return dict(sampling_probability=self._q,
-                gradient_accumulation_steps=self._accumulation,
-                max_batch_size=self._max_batch_size,
-                overflow_probability=self._requested_overflow,
-                num_examples=self._num_examples, **self._randomness_config())
-
-  def _logical_capacity(self) -> int:
-    return self._capacity
-
-  def _spec_kwargs(self):
-    return dict(sampling="poisson", sampling_probability=self._q,
-                overflow_probability=self.overflow_probability)
-
-  def _padded_indices(self, step, secret):
-    n, capacity = self._num_examples, self._capacity
-    uniform = step_uniform(secret, step, n)
-    chosen = tf.where(uniform < self._q)[:, 0]  # int64, ascending
-    size = tf.shape(chosen, out_type=tf.int64)[0]
-    message = (f"tfdp_prune Poisson sampler: a draw exceeds the capacity max_batch_size="
-               f"{capacity} (bound on its probability: {self.overflow_probability:.3g} per "
-               "step). Raised rather than dropping examples, which would change the privacy "
-               "analysis; use a larger max_batch_size or a smaller overflow_probability.")
-    check = tf.debugging.Assert(size <= capacity,
-                                [message, "logical step:", step, "draw size:", size])
-    with tf.control_dependencies([check]):
-      padding = tf.fill([capacity - size], tf.constant(n, tf.int64))
-    indices = tf.concat([chosen, padding], axis=0)
-    return tf.ensure_shape(indices, [self.physical_batch_size * self._accumulation])
+    return self._draw.steps_per_epoch
 
 
 class ShuffleSampler(_Sampler):
@@ -334,87 +271,73 @@ class ShuffleSampler(_Sampler):
   at the end of the last physical batch. `insecure_sampling_seed`, `strategy` and the removed
   `seed` are as in `PoissonSampler`."""
 
-  sampling = "shuffle"
+  sampling = shuffle.SCHEME.name
 
   def __init__(self, data, batch_size: int, *, gradient_accumulation_steps: int = 1,
                insecure_sampling_seed: Optional[int] = None, strategy=None, seed=_REMOVED):
-    _validate.positive_int("batch_size", batch_size)
-    super().__init__(data, gradient_accumulation_steps, insecure_sampling_seed, strategy, seed)
-    if batch_size > self._num_examples:
-      raise ValueError(f"Expected batch_size <= num_examples. Received: batch_size={batch_size}, "
-                       f"num_examples={self._num_examples}.")
-    self._batch_size = batch_size
+    super().__init__(data, shuffle.ShuffleDraw(batch_size), gradient_accumulation_steps,
+                     insecure_sampling_seed, strategy, seed)
 
   @property
   def batch_size(self) -> int:
-    return self._batch_size
+    return self._draw.batch_size
 
   @property
   def expected_batch_size(self) -> float:
     """The fixed batch size: the optimizer's `expected_batch_size` (padding is not counted)."""
-    return float(self._batch_size)
+    return self._draw.expected_batch_size
 
   @property
   def steps_per_epoch(self) -> int:
     """Logical steps per pass: N // batch_size."""
-    return self._num_examples // self._batch_size
+    return self._draw.steps_per_epoch
+
+
+class SchemeSampler(_Sampler):
+  """The sampler of a registered scheme without a class of its own (`make_sampler` builds it):
+  its settings are its `Draw`'s (`sampler.draw`).
+
+  Args:
+    data: as in `PoissonSampler`.
+    sampling: the scheme's name (`sampling_schemes.registry.names()`).
+    gradient_accumulation_steps, insecure_sampling_seed, strategy, seed: as in `PoissonSampler`.
+    **settings: the keyword arguments of the scheme's `draw_class`.
+  """
+
+  def __init__(self, data, sampling: str, *, gradient_accumulation_steps: int = 1,
+               insecure_sampling_seed: Optional[int] = None, strategy=None, seed=_REMOVED,
+               **settings):
+    _validate.one_of("sampling", sampling, schemes.names())
+    super().__init__(data, schemes.get(sampling).draw_class(**settings),
+                     gradient_accumulation_steps, insecure_sampling_seed, strategy, seed)
 
   def get_config(self) -> Dict[str, Any]:
-    return dict(batch_size=self._batch_size, gradient_accumulation_steps=self._accumulation,
-                num_examples=self._num_examples, **self._randomness_config())
+    return dict(sampling=self.sampling, **super().get_config())
 
-  def _logical_capacity(self) -> int:
-    return self._batch_size
 
-  def _spec_kwargs(self):
-    return dict(sampling="shuffle", batch_size=self._batch_size, num_examples=self._num_examples)
-
-  def _pass_batches(self, epoch, secret):
-    """The permutation of pass `epoch`, as [steps_per_epoch, batch_size] example indices."""
-    uniform = step_uniform(secret, epoch, self._num_examples)
-    permutation = tf.argsort(uniform, stable=True)
-    used = self.steps_per_epoch * self._batch_size
-    return tf.reshape(tf.cast(permutation[:used], tf.int64),
-                      [self.steps_per_epoch, self._batch_size])
-
-  def _pad(self, batch):
-    extra = self.physical_batch_size * self._accumulation - self._batch_size
-    return tf.concat([batch, tf.fill([extra], tf.constant(self._num_examples, tf.int64))], 0)
-
-  def _padded_indices(self, step, secret):
-    per_pass = self.steps_per_epoch
-    return self._pad(self._pass_batches(step // per_pass, secret)[step % per_pass])
-
-  def _logical_indices_dataset(self, start_step, secret):
-    per_pass = self.steps_per_epoch
-    passes = tf.data.Dataset.counter(start_step // per_pass, dtype=tf.int64)
-    batches = passes.flat_map(
-        lambda epoch: tf.data.Dataset.from_tensor_slices(self._pass_batches(epoch, secret)))
-    return batches.skip(start_step % per_pass).map(self._pad)
+# The classes that `make_sampler` returns for the built-in schemes (part of the public API);
+# any other registered scheme gets a `SchemeSampler`.
+_CLASSES = {PoissonSampler.sampling: PoissonSampler, ShuffleSampler.sampling: ShuffleSampler}
 
 
 def make_sampler(data, *, sampling: str, sampling_probability: Optional[float] = None,
                  batch_size: Optional[int] = None, gradient_accumulation_steps: int = 1,
                  insecure_sampling_seed: Optional[int] = None, strategy=None, seed=_REMOVED,
                  **poisson_kwargs) -> _Sampler:
-  """`PoissonSampler` for sampling="poisson" (needs sampling_probability), `ShuffleSampler` for
-  sampling="shuffle" (needs batch_size): the one switch between them, e.g. for a flag.
-  `insecure_sampling_seed` and `strategy` are passed on (see `PoissonSampler`)."""
+  """The sampler of the scheme named `sampling`: `PoissonSampler` for sampling="poisson" (needs
+  sampling_probability), `ShuffleSampler` for sampling="shuffle" (needs batch_size), a
+  `SchemeSampler` for a registered scheme (the arguments it takes): the one switch between them,
+  e.g. for a flag. `insecure_sampling_seed` and `strategy` are passed on (see `PoissonSampler`)."""
   if seed is not _REMOVED:
     raise randomness.removed_seed_error("make_sampler", "insecure_sampling_seed")
   common = dict(gradient_accumulation_steps=gradient_accumulation_steps,
                 insecure_sampling_seed=insecure_sampling_seed, strategy=strategy)
-  _validate.one_of("sampling", sampling, SAMPLINGS)
-  if sampling == "poisson":
-    if batch_size is not None:
-      raise ValueError("Expected batch_size=None with sampling='poisson' (pass "
-                       f"sampling_probability=batch_size / N). Received: batch_size={batch_size}.")
-    return PoissonSampler(data, sampling_probability, **common, **poisson_kwargs)
-  if sampling_probability is not None or poisson_kwargs:
-    raise ValueError("Expected only batch_size with sampling='shuffle'. Received: "
-                     f"sampling_probability={sampling_probability!r}, {poisson_kwargs}.")
-  return ShuffleSampler(data, batch_size, **common)
-
+  _validate.one_of("sampling", sampling, schemes.names())
+  settings = schemes.get(sampling).make_sampler_arguments(sampling_probability, batch_size,
+                                                          poisson_kwargs)
+  if sampling in _CLASSES:
+    return _CLASSES[sampling](data, **settings, **common)
+  return SchemeSampler(data, sampling, **settings, **common)
 
 def _to_tensors(data):
   """(x, y) with N rows each, as tensors; a tf.data.Dataset of single (x, y) is read once."""

@@ -21,9 +21,11 @@ from tfdp_prune import private_tuning
 from tfdp_prune import public_guard
 from tfdp_prune import randomness
 from tfdp_prune import tuning_accounting
+from tfdp_prune.sampling_schemes import registry as schemes
 
 # The names of modes, rules, samplings and accountants come from the modules that implement them
-# (mask_modes, masks, accounting); the strategies and optimizers are built by `training`.
+# (mask_modes, masks, sampling_schemes.registry, accounting); the strategies and optimizers are
+# built by `training`.
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 OPTIMIZERS = ("sgd", "adam")
 # How hyperparameters are chosen: the one list of tuners (`tuning` implements "public",
@@ -119,8 +121,8 @@ class TrainConfig:
                             choices=accounting.ACCOUNTANTS)
   l2_norm_clip: float = setting(1.0, "Per-example clip norm C.")
   sampling: str = setting("poisson",
-      "poisson (amplified epsilon) or shuffle (fixed batches, reported without amplification).",
-      choices=accounting.SAMPLINGS)
+      " or ".join(scheme.flag_help for scheme in schemes.schemes()) + ".",
+      choices=schemes.names())
   # hyperparameter search
   tune: str = setting(TUNE_NONE,
       "How hyperparameters are chosen: none (as given); public (the learning rate, clip norm "
@@ -176,7 +178,7 @@ class TrainConfig:
 
   def __post_init__(self):
     check_setting(_validate.one_of, "mode", self.mode, mask_modes.ALL)
-    check_setting(_validate.one_of, "sampling", self.sampling, accounting.SAMPLINGS)
+    check_setting(_validate.one_of, "sampling", self.sampling, schemes.names())
     check_setting(_validate.one_of, "strategy", self.strategy, STRATEGIES)
     check_setting(_validate.one_of, "optimizer", self.optimizer, OPTIMIZERS)
     check_setting(_validate.one_of, "accountant", self.accountant, accounting.ACCOUNTANTS)

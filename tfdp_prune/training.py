@@ -47,6 +47,7 @@ from tfdp_prune import tuning
 from tfdp_prune.compat import keras
 from tfdp_prune.compat import tf
 from tfdp_prune.export import saved_model as export_lib
+from tfdp_prune.sampling_schemes import registry as schemes
 from tfdp_prune.train_config import ConfigError
 from tfdp_prune.train_config import TrainConfig
 
@@ -271,7 +272,8 @@ def load_data(config: TrainConfig) -> data_lib.DataSplits:
 
 
 def make_sampler(config: TrainConfig, private, strategy=None) -> sampling._Sampler:
-  """Poisson (q = batch_size / n) or shuffled batches over the private part.
+  """The sampler of --sampling over the private part: Poisson (q = batch_size / n), shuffled
+  batches of batch_size, or a registered scheme's (`sampling_schemes`).
 
   The draws come from a secret of OS entropy (never from --seed), which every worker of
   `strategy` shares (see `sampling`); only --insecure_mechanism_seed makes them reproducible.
@@ -280,11 +282,11 @@ def make_sampler(config: TrainConfig, private, strategy=None) -> sampling._Sampl
   if config.batch_size > num_examples:
     raise ConfigError(f"Expected --batch_size <= the {num_examples} private examples. Received: "
                       f"--batch_size={config.batch_size}.")
-  common = dict(gradient_accumulation_steps=config.gradient_accumulation_steps,
-                insecure_sampling_seed=config.insecure_mechanism_seed, strategy=strategy)
-  if config.sampling == "poisson":
-    return sampling.PoissonSampler(private, config.batch_size / num_examples, **common)
-  return sampling.ShuffleSampler(private, config.batch_size, **common)
+  arguments = schemes.get(config.sampling).sampler_arguments(config.batch_size, num_examples)
+  return sampling.make_sampler(
+      private, sampling=config.sampling, **arguments,
+      gradient_accumulation_steps=config.gradient_accumulation_steps,
+      insecure_sampling_seed=config.insecure_mechanism_seed, strategy=strategy)
 
 
 def plan_privacy(config: TrainConfig, sampler) -> _Plan:
@@ -309,22 +311,16 @@ def plan_privacy(config: TrainConfig, sampler) -> _Plan:
     raise ConfigError(
         f"Expected an --epsilon that some noise multiplier reaches. Received: "
         f"--epsilon={config.epsilon} for {steps} steps at --delta={config.delta} "
-        f"({template.sampling} sampling{_rate_text(template)}): {error} Epsilon grows with the "
-        "steps and the sampling rate and falls with delta: train fewer --steps or --epochs, use "
-        "a smaller batch size (a smaller sampling rate), a larger --delta, or a larger "
-        "--epsilon.") from None
+        f"({template.sampling} sampling{template.scheme.rate_text(template)}): {error} Epsilon "
+        "grows with the steps and the sampling rate and falls with delta: train fewer --steps or "
+        "--epochs, use a smaller batch size (a smaller sampling rate), a larger --delta, or a "
+        "larger --epsilon.") from None
   except accounting.PLDError as error:
     raise ConfigError(f"--accountant={config.accountant} cannot account for {steps} steps of "
                       f"this run: {error} (tfdp-train: --accountant=rdp, or fewer --steps or "
                       "--epochs.)") from None
   spec = dataclasses.replace(template, noise_multiplier=sigma, steps=0)
   return _Plan(steps=steps, noise_multiplier=sigma, spec=spec)
-
-
-def _rate_text(spec: accounting.PrivacySpec) -> str:
-  if spec.sampling == "poisson":
-    return f" at rate {spec.sampling_probability:.3g}"
-  return f" of batches of {spec.batch_size} from {spec.num_examples} examples"
 
 
 def make_strategy(name: str) -> tf.distribute.Strategy:
