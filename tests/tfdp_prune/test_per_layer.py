@@ -20,28 +20,40 @@ CLIP = 0.7
 _CHOOSE_STRATEGY = windowed.choose_strategy
 
 
-@pytest.fixture(params=[windowed.BATCHED, windowed.ONE_AT_A_TIME, windowed.IDENTITY_PATCHES,
-                        windowed.GHOST])
+@pytest.fixture
 def windowed_strategy(request, monkeypatch):
-  """Runs a test with every strategy for Dense on sequences, convolutions and views (a rule
-  without the strategy uses `batched`; `ghost` runs where every mask is all 1, `batched` where
-  not). Only the tests whose models consult the strategy use it
-  (`_BOTH_STRATEGIES`); the others never reach `windowed.choose_strategy`, so a second run would
-  repeat the first."""
-  monkeypatch.setattr(
-      windowed, "choose_strategy",
-      lambda rule, call, exclude=(): (
-          request.param if request.param in rule.strategies(call) and request.param not in exclude
-          else windowed.BATCHED))
-  return request.param
+  """Runs a test with one strategy for Dense on sequences, convolutions and views (a rule
+  without the strategy, or a layer that excludes it, uses `batched`; `ghost` runs only where
+  every mask is all 1). The test lists its strategies with `_strategies(...)`, and each listed
+  strategy must be chosen for some layer of its model: a strategy that no layer takes would
+  rerun `batched`, which costs time and proves nothing."""
+  chosen = []
+
+  def choose(rule, call, exclude=()):
+    applies = request.param in rule.strategies(call) and request.param not in exclude
+    chosen.append(applies)
+    return request.param if applies else windowed.BATCHED
+
+  monkeypatch.setattr(windowed, "choose_strategy", choose)
+  yield request.param
+  assert any(chosen), (f"no layer of this test's model takes the {request.param!r} strategy: "
+                       "drop it from the test's _strategies(...)")
 
 
-_BOTH_STRATEGIES = pytest.mark.usefixtures("windowed_strategy")
+def _strategies(*names):
+  """Runs the test once per strategy in `names` (see `windowed_strategy`)."""
+  parametrize = pytest.mark.parametrize("windowed_strategy", names, indirect=True)
+  return lambda test: pytest.mark.usefixtures("windowed_strategy")(parametrize(test))
+
+
+_ALL = (windowed.BATCHED, windowed.ONE_AT_A_TIME, windowed.IDENTITY_PATCHES, windowed.GHOST)
+_MASKED_CONV = _ALL[:3]  # ghost norms need an all-1 mask (and are never used for WSConv2D)
+_SEQUENCES = _ALL[:2]  # Dense on sequences, depthwise convolutions, embeddings: no patches
 
 
 @pytest.fixture(autouse=True)
 def _single_strategy_tests_never_consult_it(request, monkeypatch):
-  """Fails a test that consults the strategy without `_BOTH_STRATEGIES` (or `calibrated`)."""
+  """Fails a test that consults the strategy without `_strategies` (or `calibrated`)."""
   if {"windowed_strategy", "calibrated"} & set(request.fixturenames):
     yield
     return
@@ -50,7 +62,7 @@ def _single_strategy_tests_never_consult_it(request, monkeypatch):
                       lambda *args, **kwargs: calls.append(args) or _CHOOSE_STRATEGY(*args,
                                                                                  **kwargs))
   yield
-  assert not calls, "this test's model consults the windowed strategy: mark it _BOTH_STRATEGIES"
+  assert not calls, "this test's model consults the windowed strategy: give it _strategies(...)"
 
 
 @pytest.fixture
@@ -107,7 +119,7 @@ def test_dense_without_bias_and_a_tiny_clip_and_no_masks():
   _compare(model, x, y, masks_keep=1.0, clip=1e-3)
 
 
-@_BOTH_STRATEGIES
+@_strategies(*_SEQUENCES)
 def test_dense_on_sequences():
   model = _model([keras.layers.Dense(4, activation="relu"), keras.layers.Flatten(),
                   keras.layers.Dense(3)], (5, 6))
@@ -122,7 +134,7 @@ def test_dense_on_sequences():
     dict(filters=3, kernel_size=3, dilation_rate=2, padding="same"),
     dict(filters=3, kernel_size=4, strides=2, padding="valid", use_bias=False),
 ])
-@_BOTH_STRATEGIES
+@_strategies(*_ALL)
 def test_conv2d(conv):
   model = _model([keras.layers.Conv2D(**conv, activation="relu"), keras.layers.MaxPool2D(2, 1),
                   keras.layers.Flatten(), keras.layers.Dense(3)], (9, 9, 2))
@@ -134,7 +146,7 @@ def _must_not_run(*args, **kwargs):
   raise AssertionError("the per-layer vectorized fallback ran")
 
 
-@_BOTH_STRATEGIES
+@_strategies(*_MASKED_CONV)
 def test_weight_standardized_conv_and_group_norm(monkeypatch):
   monkeypatch.setattr(generic.GenericRule, "per_example_grads", _must_not_run)  # GroupNorm has its own rule
   model = _model([models.WSConv2D(8, 3, padding="same", use_bias=False),
@@ -149,7 +161,7 @@ def test_weight_standardized_conv_and_group_norm(monkeypatch):
     dict(kernel_size=3, strides=2, padding="valid", depth_multiplier=2),
     dict(kernel_size=2, dilation_rate=2, padding="same", use_bias=False),
 ])
-@_BOTH_STRATEGIES
+@_strategies(*_SEQUENCES)
 def test_depthwise_conv2d(depthwise):
   model = _model([keras.layers.DepthwiseConv2D(**depthwise, activation="relu"),
                   keras.layers.Flatten(), keras.layers.Dense(3)], (7, 7, 3))
@@ -162,7 +174,7 @@ def test_depthwise_conv2d(depthwise):
     dict(filters=3, kernel_size=2, strides=2, padding="valid"),
     dict(filters=3, kernel_size=3, dilation_rate=2, padding="same", use_bias=False),
 ])
-@_BOTH_STRATEGIES
+@_strategies(*_MASKED_CONV)
 def test_conv1d(conv):
   model = _model([keras.layers.Conv1D(**conv, activation="relu"), keras.layers.Flatten(),
                   keras.layers.Dense(3)], (9, 2))
@@ -170,9 +182,16 @@ def test_conv1d(conv):
   _compare(model, x, y, weights=[1, 1, 1, 0, 1])
 
 
-@_BOTH_STRATEGIES
-@pytest.mark.parametrize("input_shape", [(5,), (4, 5)])
-def test_layer_norm_on_vectors_and_sequences(monkeypatch, input_shape):
+def test_layer_norm_on_vectors(monkeypatch):
+  _layer_norm_matches_the_reference(monkeypatch, (5,))
+
+
+@_strategies(*_SEQUENCES)
+def test_layer_norm_on_sequences(monkeypatch):
+  _layer_norm_matches_the_reference(monkeypatch, (4, 5))
+
+
+def _layer_norm_matches_the_reference(monkeypatch, input_shape):
   monkeypatch.setattr(generic.GenericRule, "per_example_grads", _must_not_run)
   model = _model([keras.layers.Dense(6), keras.layers.LayerNormalization(),
                   keras.layers.Flatten(), keras.layers.Dense(3)], input_shape)
@@ -202,7 +221,7 @@ def test_other_layers_fall_back_per_layer_and_are_reported_once(caplog):
   assert len(reports) == 1, [r.getMessage() for r in caplog.records]
 
 
-@_BOTH_STRATEGIES
+@_strategies(*_SEQUENCES)
 def test_embedding_with_repeated_tokens():
   model = _model([keras.layers.Embedding(11, 4), keras.layers.Dense(5, activation="relu"),
                   keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(3)], (6,),
@@ -215,7 +234,7 @@ def test_embedding_with_repeated_tokens():
   _compare(model, x, y, weights=[1, 1, 1, 0, 1, 1, 1], clip=1e-4)
 
 
-@_BOTH_STRATEGIES
+@_strategies(*_ALL)
 def test_augmult_views_are_one_clipping_unit():
   model = _model([keras.layers.Conv2D(3, 3, padding="same", activation="relu"),
                   keras.layers.Flatten(), keras.layers.Dense(4, activation="relu"),
@@ -244,11 +263,19 @@ _NON_FINITE_MODELS = {
 }
 
 
-@_BOTH_STRATEGIES
-@pytest.mark.parametrize("name", sorted(_NON_FINITE_MODELS))
-def test_non_finite_example_in_every_layer_kind(name):
+# The strategies each model's layers take.
+_NON_FINITE_STRATEGIES = {"conv2d": _ALL, "ws_conv_group_norm": _MASKED_CONV,
+                          "depthwise": _SEQUENCES, "conv1d_layer_norm": _MASKED_CONV,
+                          "dense_sequences": _SEQUENCES}
+
+
+@pytest.mark.parametrize("name,windowed_strategy", [
+    (name, strategy) for name in sorted(_NON_FINITE_MODELS)
+    for strategy in _NON_FINITE_STRATEGIES[name]], indirect=["windowed_strategy"])
+def test_non_finite_example_in_every_layer_kind(name, windowed_strategy):
   """The DP property, not where the NaN lands (its path through oneDNN differs by machine):
   the example is dropped and counted, and the sum is exactly that of the other examples."""
+  del windowed_strategy  # the fixture sets the strategy
   layers, input_shape = _NON_FINITE_MODELS[name]
   model = _model(layers + [keras.layers.Flatten(), keras.layers.Dense(3)], input_shape)
   x, y = _images(5, input_shape)
@@ -272,7 +299,7 @@ def _clipped_sum(engine, model, x, y, weights, masks_keep=0.6, clip=CLIP, loss_f
       variables, [tf.constant(m) for m in masks], clip)
 
 
-@_BOTH_STRATEGIES
+@_strategies(*_MASKED_CONV)
 def test_augmult_views_through_group_norm(monkeypatch):
   monkeypatch.setattr(generic.GenericRule, "per_example_grads", _must_not_run)
   model = _model([models.WSConv2D(4, 3, padding="same"), keras.layers.GroupNormalization(2),
@@ -331,11 +358,13 @@ _XLA_MODELS = {
 }
 
 
-@_BOTH_STRATEGIES
-@pytest.mark.parametrize("name", sorted(_XLA_MODELS))
-def test_engine_compiles_with_xla(name):
+@pytest.mark.parametrize("name,windowed_strategy", [
+    (name, strategy) for name in sorted(_XLA_MODELS)
+    for strategy in (_ALL if name == "image" else _MASKED_CONV)], indirect=["windowed_strategy"])
+def test_engine_compiles_with_xla(name, windowed_strategy):
   """`jit_compile=True` must compile every rule (XLA raises on any op it cannot compile) and
   give the reference's clipped sums."""
+  del windowed_strategy  # the fixture sets the strategy
   layers, input_shape, dtype = _XLA_MODELS[name]
   model = _model(layers, input_shape, dtype)
   rng = np.random.default_rng(0)
@@ -353,7 +382,8 @@ def test_engine_compiles_with_xla(name):
     np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5, err_msg=variable.name)
 
 
-@_BOTH_STRATEGIES
+# One batched and one ghost model; the other strategies compile in test_engine_compiles_with_xla.
+@_strategies(windowed.BATCHED, windowed.GHOST)
 def test_fit_with_jit_compile_matches_the_graph_step():
   """model.compile(jit_compile=True) trains the DP model under XLA (noise 0: the same steps)."""
   import tfdp_prune  # pylint: disable=import-outside-toplevel
@@ -396,7 +426,7 @@ def _frozen_kernels(variables, frozen_names, keep=0.6):
           for v, m in zip(variables, masks)]
 
 
-@_BOTH_STRATEGIES
+@_strategies(*_ALL)
 def test_fully_frozen_kernels_get_no_per_example_work_and_match_the_reference(monkeypatch):
   model = _model([keras.layers.Conv2D(4, 3, padding="same", activation="relu"),
                   keras.layers.Conv2D(3, 3, strides=2, activation="relu"),
@@ -467,18 +497,20 @@ def test_without_calibration_the_heuristic_decides(calibrated):
     dict(filters=3, kernel_size=(2, 3), strides=(2, 1), padding="valid"),
     dict(filters=3, kernel_size=3, dilation_rate=2, padding="same", use_bias=False),
 ])
-@pytest.mark.parametrize("conv_class", [keras.layers.Conv2D, models.WSConv2D])
-@_BOTH_STRATEGIES
-def test_unmasked_conv2d_and_ws_conv2d(conv, conv_class):
+@pytest.mark.parametrize("conv_class,windowed_strategy", [
+    (keras.layers.Conv2D, strategy) for strategy in _ALL] + [
+    (models.WSConv2D, strategy) for strategy in _MASKED_CONV], indirect=["windowed_strategy"])
+def test_unmasked_conv2d_and_ws_conv2d(conv, conv_class, windowed_strategy):
   """Without masks (where ghost norms apply), every example clipped (a tiny clip norm), so the
   norms themselves must be right."""
+  del windowed_strategy  # the fixture sets the strategy
   model = _model([conv_class(**conv, activation="relu"), keras.layers.Flatten(),
                   keras.layers.Dense(3)], (7, 7, 2))
   x, y = _images(5, (7, 7, 2))
   _compare(model, x, y, weights=[1, 1, 0, 1, 1], masks_keep=1.0, clip=1e-3)
 
 
-@_BOTH_STRATEGIES
+@_strategies(*_MASKED_CONV)
 def test_unmasked_ws_conv2d_with_augmult_views():
   model = _model([models.WSConv2D(4, 3, padding="same", use_bias=False),
                   keras.layers.GroupNormalization(groups=2), keras.layers.Activation("relu"),
@@ -522,7 +554,7 @@ def test_ghost_norms_never_fall_below_the_true_norm_at_extreme_scales():
   np.testing.assert_allclose(ghost, true, rtol=1e-4)
 
 
-@_BOTH_STRATEGIES
+@_strategies(*_ALL)
 def test_a_kernel_mask_changed_after_tracing_is_read_at_run_time():
   """Whether a kernel is fully frozen (no per-example work) is decided each step from the mask's
   value: one traced step, its conv kernel's mask set to all zero, then to a single trained
