@@ -31,10 +31,10 @@ print("trained", int(model.optimizer.iterations.numpy()))
 """
 
 
+# Each subprocess imports TensorFlow (10-20 s on 2 cores), so each checks all it can: importing
+# tfdp_prune first is checked by the next test, importing Keras 3 first by the Keras 3 tests.
 @pytest.mark.parametrize("first", [
-    "import tfdp_prune",
     "import tensorflow; import tfdp_prune",
-    "import keras; import tfdp_prune",
     "import tensorflow_model_optimization; import tfdp_prune",
 ])
 def test_import_works_whatever_was_imported_first(first):
@@ -47,9 +47,10 @@ def test_importing_tfdp_prune_sets_no_tf_use_legacy_keras_and_imports_no_tf_priv
   # The library and the tfdp-train binary's module; TF Privacy is optional (the tf-privacy extra).
   result = _run("import os, sys, tfdp_prune, tfdp_prune.trainers.train\n"
                 "print(os.environ.get('TF_USE_LEGACY_KERAS'))\n"
-                "print(sorted(m for m in sys.modules if m.startswith('tensorflow_privacy')))")
+                "print(sorted(m for m in sys.modules if m.startswith('tensorflow_privacy')))\n"
+                + _TRAIN_ONE_STEP)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert result.stdout.strip().splitlines()[-2:] == ["None", "[]"]
+  assert result.stdout.strip().splitlines()[-3:] == ["None", "[]", "trained 1"]
 
 
 def test_every_public_name_resolves():
@@ -87,31 +88,27 @@ print(issubclass(cls, tf_keras.optimizers.legacy.Optimizer))""", TF_USE_LEGACY_K
   assert ok.stdout.strip().endswith("True")
 
 
-def test_a_keras_3_model_gets_an_error_that_says_how_to_build_a_tf_keras_model():
-  result = _run("""
-import keras, tfdp_prune
+@pytest.mark.parametrize("keras_3", ["import keras", "from tensorflow import keras"])
+def test_after_keras_3_tf_keras_models_train_and_keras_3_models_get_the_fix(keras_3):
+  # Keras 3 imported first: tfdp_prune still trains a tf_keras model; a Keras 3 model given to
+  # make_private, or compiled with our optimizer (the README's order: compile, then
+  # make_private), gets an error that says how to build a tf_keras model. Keras 3's compile
+  # refuses the optimizer first, with a message that formats it: that first error must carry
+  # the fix. It ends the script, as it would the user's.
+  result = _run(keras_3 + "\nimport tfdp_prune\n" + _TRAIN_ONE_STEP + """
 model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
 try:
   tfdp_prune.make_private(model)
 except TypeError as error:
   print(error)
-""")
-  assert "Keras 3 model" in result.stdout, result.stderr[-3000:]
-  assert compat.KERAS_3_FIX in result.stdout  # the import line, or TF_USE_LEGACY_KERAS=1
-
-
-@pytest.mark.parametrize("keras_3", ["import keras", "from tensorflow import keras"])
-def test_compiling_a_keras_3_model_with_our_optimizer_says_how_to_build_a_tf_keras_model(keras_3):
-  # The README's order: compile, then make_private. Keras 3's compile refuses the optimizer
-  # first, with a message that formats it: that first error must carry the fix.
-  result = _run(keras_3 + """
-import tfdp_prune
 optimizer = tfdp_prune.DPKerasSGDOptimizer(l2_norm_clip=1.0, noise_multiplier=1.0)
 print("elsewhere:", f"{optimizer}")
-model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
 model.compile(optimizer=optimizer,
               loss=keras.losses.SparseCategoricalCrossentropy(reduction="none"))
 """)
+  assert "trained 1" in result.stdout, result.stderr[-3000:]
+  assert "Keras 3 model" in result.stdout, result.stderr[-3000:]
+  assert compat.KERAS_3_FIX in result.stdout  # the import line, or TF_USE_LEGACY_KERAS=1
   assert result.returncode != 0
   error = result.stderr.strip().splitlines()[-1]
   assert error.startswith("ValueError: Could not interpret optimizer identifier: DPSGD (a "
