@@ -308,6 +308,9 @@ def processes():
     log.close()
 
 
+# 50-75 s (three training processes); fast: test_resume_in_process_is_bit_identical_... (resume)
+# and the tests of interrupted writes (a temporary directory left behind, a failed write).
+@pytest.mark.slow
 def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path, processes):
   ckpt_dir = str(tmp_path / "ckpt")
 

@@ -605,6 +605,8 @@ def test_export_checkpoint_without_a_run_record_says_so(tmp_path):
     training.export_checkpoint(str(tmp_path), str(tmp_path / "export"))
 
 
+# 20-40 s; fast: test_distribute.py checks the step under MirroredStrategy replica by replica.
+@pytest.mark.slow
 def test_mirrored_two_replicas_train_like_one_device(tmp_path):
   """--strategy=mirrored: public pre-training, the DP steps and the export work with two
   replicas; without noise the weights equal a single-device run's."""
@@ -643,10 +645,13 @@ def test_mnist_tutorial_config_pipeline_on_mock_data(tmp_path):
   assert export_lib.read_metadata(result.export_path) == metadata
 
 
+# 45-100 s of tracing; fast: test_train_config.py checks the config, and accumulation, augmult
+# and EMA each have their own tests (test_optimizer, test_augmult, test_ema).
+@pytest.mark.slow
 def test_paper_config_pipeline_on_mock_data(tmp_path):
   """De et al.'s config path: CIFAR-shaped data, WS-conv WRN, accumulation of physical batches,
-  augmult views, EMA, epsilon target. A narrow WRN-10-1 and tiny batches keep it fast here; the
-  slow test below runs WRN-16-4."""
+  augmult views, EMA, epsilon target. A narrow WRN-10-1 and tiny batches; the next test runs
+  WRN-16-4."""
   result = _run_named_config_on_mock_data(
       "cifar10_wrn16_4_eps8", tmp_path, model="wrn10_1", batch_size=16, physical_batch_size=8,
       augmult=2, steps=2)
