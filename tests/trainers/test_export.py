@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -13,11 +14,16 @@ from tfdp_prune.train_config import TrainConfig
 _ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 
 
-def _tfdp_export(*argv):
-  binary = os.path.join(os.path.dirname(sys.executable), "tfdp-export")
-  if not os.path.exists(binary):
-    pytest.fail(f"{binary} is missing: install the package with `pip install -e .`.")
-  return subprocess.run([binary, *argv], capture_output=True, text=True, timeout=600, env=_ENV)
+def _tfdp_export(*runs):
+  """The `tfdp-export` runs (argument lists), one after the other in one process of their own
+  (tests/trainers/_export_driver.py): a `subprocess.CompletedProcess`-like result per run."""
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  driver = subprocess.run([sys.executable, "-m", "tests.trainers._export_driver", json.dumps(runs)],
+                          capture_output=True, text=True, timeout=600, cwd=repo,
+                          env=dict(_ENV, PYTHONPATH=os.pathsep.join(sys.path)))
+  assert driver.returncode == 0, driver.stderr[-3000:]
+  return [types.SimpleNamespace(returncode=code, stdout=out, stderr=err)
+          for code, out, err in json.loads(driver.stdout.strip().splitlines()[-1])]
 
 
 @pytest.fixture(scope="module")
@@ -30,29 +36,21 @@ def checkpoint_dir(tmp_path_factory):
 
 def test_export_from_checkpoint_then_inspect(checkpoint_dir, tmp_path):
   export_dir = str(tmp_path / "models")
-  result = _tfdp_export(f"--checkpoint_dir={checkpoint_dir}", f"--export_dir={export_dir}")
+  export = [f"--checkpoint_dir={checkpoint_dir}", f"--export_dir={export_dir}"]
+  result, inspected, again, replaced = _tfdp_export(
+      export, [f"--inspect={export_dir}"], export + ["--export_version=1"],
+      export + ["--export_version=1", "--overwrite"])
   assert result.returncode == 0, result.stderr[-3000:]
   with open(os.path.join(export_dir, "1", "assets.extra", "privacy_metadata.json")) as f:
     metadata = json.load(f)
   assert metadata["steps"] == 4 and metadata["private"] is True
-  inspected = _tfdp_export(f"--inspect={export_dir}")
   assert inspected.returncode == 0, inspected.stderr[-3000:]
   assert f"{metadata['epsilon']:.4g}" in inspected.stdout
   assert "serving_default" in inspected.stdout and "privacy_metadata" in inspected.stdout
   # The same version again is refused without --overwrite, and replaced with it.
-  again = _tfdp_export(f"--checkpoint_dir={checkpoint_dir}", f"--export_dir={export_dir}",
-                       "--export_version=1")
   assert again.returncode != 0 and "overwrite" in again.stderr
   assert "Traceback" not in again.stderr
-  replaced = _tfdp_export(f"--checkpoint_dir={checkpoint_dir}", f"--export_dir={export_dir}",
-                          "--export_version=1", "--overwrite")
   assert replaced.returncode == 0, replaced.stderr[-3000:]
-
-
-def test_inspect_of_a_directory_that_is_no_export_fails_clearly(tmp_path):
-  result = _tfdp_export(f"--inspect={tmp_path}")
-  assert result.returncode != 0 and "Traceback" not in result.stderr
-  assert str(tmp_path) in result.stderr
 
 
 def test_inspect_of_a_forged_epsilon_fails_and_prints_no_label(tmp_path):
@@ -68,7 +66,7 @@ def test_inspect_of_a_forged_epsilon_fails_and_prints_no_label(tmp_path):
   document["digest"] = metadata_lib.document_digest(document)
   with open(filename, "w") as f:
     json.dump(document, f)
-  result = _tfdp_export(f"--inspect={tmp_path / 'models'}")
+  result, = _tfdp_export([f"--inspect={tmp_path / 'models'}"])
   assert result.returncode != 0 and "Traceback" not in result.stderr
   assert "differs between its copies" in result.stderr
   assert "epsilon: assets.extra/privacy_metadata.json says 0.5" in result.stderr
@@ -87,29 +85,29 @@ export.run_main()
 """
 
 
-def _run_export_main(*argv, bug=False):
-  """`tfdp-export`'s console entry point in a process of its own (its flags clash with
-  tfdp-train's in one process); with `bug`, export_checkpoint raises a plain ValueError."""
+def _run_buggy_export_main(*argv):
+  """`tfdp-export`'s console entry point in a process of its own, as the interpreter runs it,
+  with an export_checkpoint that raises a plain ValueError."""
   repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  code = _BUGGY_EXPORT if bug else "from tfdp_prune.trainers import export; export.run_main()"
-  return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
-                        timeout=600, env=dict(_ENV, PYTHONPATH=os.path.abspath(repo)))
+  return subprocess.run([sys.executable, "-c", _BUGGY_EXPORT, *argv], capture_output=True,
+                        text=True, timeout=600,
+                        env=dict(_ENV, PYTHONPATH=os.path.abspath(repo)))
 
 
 def test_a_user_error_exits_with_its_message(tmp_path):
-  """A directory without a run: ConfigError; an export that is no export: ExportError."""
-  result = _run_export_main(f"--checkpoint_dir={tmp_path}", f"--export_dir={tmp_path}/m")
-  assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-  assert "tfdp-export: Expected " in result.stderr and "run.json" in result.stderr
-  result = _run_export_main(f"--inspect={tmp_path}")
-  assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-  assert "tfdp-export: " in result.stderr
+  """A directory without a run: ConfigError; a directory that is no export: ExportError."""
+  no_run, no_export = _tfdp_export(
+      [f"--checkpoint_dir={tmp_path}", f"--export_dir={tmp_path}/m"], [f"--inspect={tmp_path}"])
+  assert no_run.returncode == 1 and "Traceback" not in no_run.stderr, no_run.stderr[-3000:]
+  assert "tfdp-export: Expected " in no_run.stderr and "run.json" in no_run.stderr
+  assert no_export.returncode == 1 and "Traceback" not in no_export.stderr, (
+      no_export.stderr[-3000:])
+  assert "tfdp-export: " in no_export.stderr and str(tmp_path) in no_export.stderr
 
 
 def test_a_bug_keeps_its_traceback(tmp_path):
   """A ValueError that is no user error is a bug: it propagates with its traceback."""
-  result = _run_export_main(f"--checkpoint_dir={tmp_path}", f"--export_dir={tmp_path}/m",
-                            bug=True)
+  result = _run_buggy_export_main(f"--checkpoint_dir={tmp_path}", f"--export_dir={tmp_path}/m")
   assert result.returncode == 1
   assert "Traceback" in result.stderr and "ValueError: a genuine bug" in result.stderr, (
       result.stderr[-3000:])
