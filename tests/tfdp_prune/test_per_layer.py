@@ -51,6 +51,20 @@ _MASKED_CONV = _ALL[:3]  # ghost norms need an all-1 mask (and are never used fo
 _SEQUENCES = _ALL[:2]  # Dense on sequences, depthwise convolutions, embeddings: no patches
 
 
+def _layer_cases(cases, strategies):
+  """(case, strategy) parameters for `cases` (layer configs) x `strategies`, with
+  `windowed_strategy` indirect. The default run takes each case with the first strategy and
+  one other, every strategy at least once; the rest of the cross product is marked slow (CI
+  runs it)."""
+  params = []
+  for i, case in enumerate(cases):
+    default = {strategies[0], strategies[1 + i % (len(strategies) - 1)]}
+    params += [pytest.param(case, strategy, id=f"{i}-{strategy}",
+                            marks=() if strategy in default else pytest.mark.slow)
+               for strategy in strategies]
+  return params
+
+
 @pytest.fixture(autouse=True)
 def _single_strategy_tests_never_consult_it(request, monkeypatch):
   """Fails a test that consults the strategy without `_strategies` (or `calibrated`)."""
@@ -127,15 +141,19 @@ def test_dense_on_sequences():
   _compare(model, x, y, weights=[1, 0, 1, 1, 1, 1])
 
 
-@pytest.mark.parametrize("conv", [
+_CONV2D = [
     dict(filters=4, kernel_size=3, padding="same"),
     dict(filters=4, kernel_size=3, strides=2, padding="same"),
     dict(filters=3, kernel_size=(2, 3), strides=(2, 1), padding="valid"),
     dict(filters=3, kernel_size=3, dilation_rate=2, padding="same"),
     dict(filters=3, kernel_size=4, strides=2, padding="valid", use_bias=False),
-])
-@_strategies(*_ALL)
-def test_conv2d(conv):
+]
+
+
+@pytest.mark.parametrize("conv,windowed_strategy", _layer_cases(_CONV2D, _ALL),
+                         indirect=["windowed_strategy"])
+def test_conv2d(conv, windowed_strategy):
+  del windowed_strategy  # the fixture sets the strategy
   model = _model([keras.layers.Conv2D(**conv, activation="relu"), keras.layers.MaxPool2D(2, 1),
                   keras.layers.Flatten(), keras.layers.Dense(3)], (9, 9, 2))
   x, y = _images(5, (9, 9, 2))
@@ -169,13 +187,17 @@ def test_depthwise_conv2d(depthwise):
   _compare(model, x, y, weights=[1, 0, 1, 1])
 
 
-@pytest.mark.parametrize("conv", [
+_CONV1D = [
     dict(filters=4, kernel_size=3, padding="same"),
     dict(filters=3, kernel_size=2, strides=2, padding="valid"),
     dict(filters=3, kernel_size=3, dilation_rate=2, padding="same", use_bias=False),
-])
-@_strategies(*_MASKED_CONV)
-def test_conv1d(conv):
+]
+
+
+@pytest.mark.parametrize("conv,windowed_strategy", _layer_cases(_CONV1D, _MASKED_CONV),
+                         indirect=["windowed_strategy"])
+def test_conv1d(conv, windowed_strategy):
+  del windowed_strategy  # the fixture sets the strategy
   model = _model([keras.layers.Conv1D(**conv, activation="relu"), keras.layers.Flatten(),
                   keras.layers.Dense(3)], (9, 2))
   x, y = _images(5, (9, 2))
@@ -492,14 +514,19 @@ def test_without_calibration_the_heuristic_decides(calibrated):
     calibration.set_enabled(True)  # the fixture restores the default
 
 
-@pytest.mark.parametrize("conv", [
+_UNMASKED_CONV2D = [
     dict(filters=4, kernel_size=3, padding="same"),
     dict(filters=3, kernel_size=(2, 3), strides=(2, 1), padding="valid"),
     dict(filters=3, kernel_size=3, dilation_rate=2, padding="same", use_bias=False),
-])
-@pytest.mark.parametrize("conv_class,windowed_strategy", [
-    (keras.layers.Conv2D, strategy) for strategy in _ALL] + [
-    (models.WSConv2D, strategy) for strategy in _MASKED_CONV], indirect=["windowed_strategy"])
+]
+
+
+@pytest.mark.parametrize("conv_class,conv,windowed_strategy", [
+    pytest.param(conv_class, *param.values, marks=param.marks,
+                 id=f"{conv_class.__name__}-{param.id}")
+    for conv_class, strategies in [(keras.layers.Conv2D, (windowed.GHOST,) + _MASKED_CONV),
+                                   (models.WSConv2D, _MASKED_CONV)]
+    for param in _layer_cases(_UNMASKED_CONV2D, strategies)], indirect=["windowed_strategy"])
 def test_unmasked_conv2d_and_ws_conv2d(conv, conv_class, windowed_strategy):
   """Without masks (where ghost norms apply), every example clipped (a tiny clip norm), so the
   norms themselves must be right."""

@@ -60,6 +60,9 @@ def test_invalid_flags_fail_before_training_and_name_the_flag(argv, flag, tmp_pa
   assert "Epoch" not in out and not os.listdir(tmp_path)
 
 
+# 30-45 s (a subprocess imports TensorFlow and trains); fast: test_audit.py runs the same
+# workflow in process, and the flags are checked above.
+@pytest.mark.slow
 def test_tfdp_audit_short_run_exports_the_audit(tmp_path):
   export_dir = tmp_path / "audited"
   # The default config (freeze 80%, epsilon 8), shortened; RDP calibrates in a second where PLD
