@@ -20,7 +20,6 @@ from tfdp_prune import _validate
 from tfdp_prune import atomic_files
 from tfdp_prune import compat
 from tfdp_prune import metadata as metadata_lib
-from tfdp_prune import privacy_label
 from tfdp_prune.compat import keras
 from tfdp_prune.compat import tf
 from tfdp_prune.export import inspection
@@ -53,7 +52,7 @@ def export_saved_model(model, export_dir: str,
       that did not come out of DP training.
     budget: the `PrivacyBudget` (built with `sampler=`) that was in the fit callbacks of a
       hand-written DP training: the label is built from it, the model's DP optimizer and the
-      record its mask callbacks left (`privacy_label.from_budget`), and refused when they are
+      record its mask callbacks left (`budget.privacy_metadata(model)`), and refused when they are
       inconsistent. Not together with metadata.
     version: the version number (>= 1); None: 1 + the largest existing version (1 if none).
     overwrite: replace an existing `<version>`; without it an existing version is an error
@@ -76,7 +75,7 @@ def export_saved_model(model, export_dir: str,
     TypeError: warmup_inputs is given, metadata is not a PrivacyMetadata, or budget is not a
       PrivacyBudget.
     ExportError: both metadata and budget are given; the budget, the model's DP optimizer, its
-      masks and the sampler cannot be labelled truthfully (see `privacy_label.from_budget`).
+      masks and the sampler cannot be labelled truthfully (see `PrivacyBudget.privacy_metadata`).
     ValueError, ExportError: another argument is invalid (nothing is written).
   """
   _refuse_old_warmup_argument(warmup_inputs)
@@ -203,7 +202,8 @@ def _refuse_old_warmup_argument(warmup_inputs) -> None:
 def _label(model, metadata, budget) -> metadata_lib.PrivacyMetadata:
   """The record to export: from the budget, the metadata given, or NON-PRIVATE."""
   if budget is None:
-    if metadata is None and privacy_label.has_dp_optimizer(model):
+    # A tfdp_prune DP optimizer holds its DPSettings (read here without importing the library).
+    if metadata is None and getattr(getattr(model, "optimizer", None), "dp_settings", None):
       logging.warning("export_saved_model: a model compiled with a DP optimizer is labelled "
                       "NON-PRIVATE without budget= or metadata=; pass budget=<the PrivacyBudget "
                       "of its fit> to label it with its guarantee.")
@@ -212,9 +212,13 @@ def _label(model, metadata, budget) -> metadata_lib.PrivacyMetadata:
     raise ExportError("Expected budget= (a label built from the training's objects) or "
                       "metadata= (a record built before), not both. Received both: drop "
                       "metadata= to label the model from its budget.")
+  label = getattr(budget, "privacy_metadata", None)
+  if not callable(label):
+    raise TypeError(f"Expected budget to be a tfdp_prune.PrivacyBudget (the callback that "
+                    f"counted the run's steps). Received: {type(budget).__name__}.")
   try:
-    return privacy_label.from_budget(model, budget)
-  except privacy_label.LabelError as error:
+    return label(model)
+  except metadata_lib.LabelError as error:
     raise ExportError(str(error)) from None
 
 

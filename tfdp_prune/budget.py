@@ -15,7 +15,9 @@ from absl import logging
 from tfdp_prune import _validate
 from tfdp_prune import accounting
 from tfdp_prune import agreement
+from tfdp_prune import metadata as metadata_lib
 from tfdp_prune import optimizer as optimizer_lib
+from tfdp_prune import privacy_label
 from tfdp_prune.compat import keras
 
 EPSILON_LOG = "epsilon"
@@ -152,6 +154,16 @@ class PrivacyBudget(keras.callbacks.Callback):
   def logs(self) -> Dict[str, float]:
     """What goes into the epoch logs: {"epsilon": ..., "delta": ...}."""
     return {EPSILON_LOG: self.epsilon(), DELTA_LOG: self.delta}
+
+  def privacy_metadata(self, model) -> metadata_lib.PrivacyMetadata:
+    """The label of `model` trained under this budget (what `export_saved_model(budget=...)`
+    exports): see `privacy_label.from_budget`.
+
+    Raises:
+      metadata.LabelError: the model, its optimizer, the sampler and this budget cannot be
+        labelled truthfully (the message says why and how to fix it).
+    """
+    return privacy_label.from_budget(model, self)
 
   def get_state(self) -> Dict[str, Any]:
     """The ledger (settings and steps) as a JSON-compatible dict, for checkpoints."""

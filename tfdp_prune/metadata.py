@@ -44,6 +44,11 @@ _VERSIONED_PACKAGES = ("tensorflow", "tf-keras", "dp-accounting", "tensorflow-pr
 _INFINITY = "inf"
 
 
+class LabelError(ValueError):
+  """The objects given cannot be labelled truthfully (what was expected, what was received, the
+  fix); raised before anything is written."""
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PrivacyMetadata:
   """The privacy record of one trained model (see the module docstring).

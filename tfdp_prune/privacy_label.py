@@ -15,7 +15,6 @@ import numpy as np
 
 from tfdp_prune import accounting
 from tfdp_prune import agreement
-from tfdp_prune import budget as budget_lib
 from tfdp_prune import carried_spend
 from tfdp_prune import mask_modes
 from tfdp_prune import metadata as metadata_lib
@@ -35,9 +34,8 @@ _NON_PRIVATE_FIX = ("To export it labelled NON-PRIVATE (epsilon = inf), call "
                     "export_saved_model(model, base) without budget=.")
 
 
-class LabelError(ValueError):
-  """The objects given cannot be labelled truthfully (what was expected, what was received, the
-  fix); raised before anything is written."""
+# Defined with the schema, so that the export stage can catch it without importing this module.
+LabelError = metadata_lib.LabelError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,21 +111,18 @@ def mask_summary(model, optimizer) -> Dict[str, Any]:
 
 def from_budget(model, budget) -> metadata_lib.PrivacyMetadata:
   """The label of `model` trained by `model.fit` under `budget` (a `PrivacyBudget` built with
-  `sampler=`): epsilon and delta of the ledger's steps, the sampling, the optimizer's noise
-  multiplier and clip, where the noise and sampling drew their randomness, the masks (mode,
-  rule, sparsity) and the public data's identity that the mask callbacks recorded.
+  `sampler=`; `budget.privacy_metadata(model)` calls this): epsilon and delta of the ledger's
+  steps, the sampling, the optimizer's noise multiplier and clip, where the noise and sampling
+  drew their randomness, the masks (mode, rule, sparsity) and the public data's identity that the
+  mask callbacks recorded.
 
   Raises:
-    TypeError: `budget` is not a PrivacyBudget.
     LabelError: the model has no DP optimizer; the budget has no sampler; the budget counted
       another model's steps, none, or fewer than the optimizer took; the optimizer, the sampler
       and the budget's spec disagree (noise multiplier, expected batch size, sampling rate,
       accumulation); the optimizer holds masks without a record of the rule that chose them, or
       masks changed since; the mask callbacks' public data overlaps the private data.
   """
-  if not isinstance(budget, budget_lib.PrivacyBudget):
-    raise TypeError(f"Expected budget to be a tfdp_prune.PrivacyBudget (the callback that "
-                    f"counted the run's steps). Received: {type(budget).__name__}.")
   optimizer = _dp_optimizer(model)
   sampler = _sampler(budget)
   spec = _counted_spec(model, budget, optimizer)
@@ -148,11 +143,6 @@ def from_budget(model, budget) -> metadata_lib.PrivacyMetadata:
                                                 sampler.mechanism_randomness),
       carried_statement=(carried_spend.statement(budget.carried_spend)
                          if budget.carried_spend is not None else ""))
-
-
-def has_dp_optimizer(model) -> bool:
-  """Whether `model` is compiled with a tfdp_prune DP optimizer."""
-  return optimizer_lib.is_dp_optimizer(getattr(model, "optimizer", None))
 
 
 # ---- checks -----------------------------------------------------------------------------------

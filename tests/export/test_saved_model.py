@@ -337,6 +337,21 @@ def test_a_model_without_metadata_is_labelled_non_private(tmp_path):
   assert value["value"].numpy().tolist() == [b'"inf"', b"false"]
 
 
+def test_a_dp_model_labelled_non_private_is_warned_about_and_a_non_budget_refused(tmp_path,
+                                                                                 monkeypatch):
+  """The export stage recognises a DP optimizer and a budget without importing the library."""
+  model = T.dp_model(T.dense_model())
+  with pytest.raises(TypeError, match="Expected budget to be a tfdp_prune.PrivacyBudget"):
+    export_saved_model(model, str(tmp_path / "refused"), budget=object())
+  assert not os.path.exists(tmp_path / "refused")
+  warnings = []
+  monkeypatch.setattr(saved_model.logging, "warning",
+                      lambda message, *args: warnings.append(message % args))
+  export_saved_model(model, str(tmp_path / "dp"))
+  export_saved_model(E.tiny_model(), str(tmp_path / "plain"))
+  assert len(warnings) == 1 and "labelled NON-PRIVATE without budget=" in warnings[0]
+
+
 def test_output_probabilities_serves_the_model_output_itself(tmp_path):
   keras.utils.set_random_seed(0)
   model = keras.Sequential([keras.Input((E.INPUTS,)),
@@ -567,10 +582,10 @@ def _imported_modules(tree):
 
 def test_the_export_modules_import_only_the_schema_compat_and_leaf_utilities():
   """The leaf utilities are `_validate` and `atomic_files` (which import nothing of ours, checked
-  below); and `privacy_label` (export_saved_model(budget=...)), a library module that reaches no
-  training entry point (checked below)."""
+  below). `export_saved_model(budget=...)` asks the budget for its label
+  (`PrivacyBudget.privacy_metadata`), so the export stage imports no labeller."""
   allowed = {"tfdp_prune.metadata", "tfdp_prune.compat", "tfdp_prune._validate",
-             "tfdp_prune.atomic_files", "tfdp_prune.privacy_label"}
+             "tfdp_prune.atomic_files"}
   package = os.path.join(_REPO, "export")
   for filename in ("__init__.py", "saved_model.py", "serving_files.py", "inspection.py"):
     with open(os.path.join(package, filename), encoding="utf-8") as f:
