@@ -40,6 +40,9 @@ def _python(*args):
                                                          PYTHONPATH=_REPO))
 
 
+# 50-90 s (a subprocess trains a tuned run and renders); fast: the tests below check the grid,
+# the estimate, the aggregation and the rendering on hand-made reports.
+@pytest.mark.slow
 def test_quick_grid_end_to_end(tmp_path):
   """--quick trains every kind of run (the DP ones tuned on public data), writes the JSON,
   RESULTS-style markdown and a PNG per setup; --render_only renders them again from the JSON,

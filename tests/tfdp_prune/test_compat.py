@@ -43,14 +43,19 @@ def test_import_works_whatever_was_imported_first(first):
   assert "trained 1" in result.stdout
 
 
-def test_importing_tfdp_prune_sets_no_tf_use_legacy_keras_and_imports_no_tf_privacy():
+def test_importing_tfdp_prune_sets_no_tf_use_legacy_keras_and_imports_no_tf_privacy_nor_tfmot():
   # The library and the tfdp-train binary's module; TF Privacy is optional (the tf-privacy extra).
+  # Also: masks chosen from public data (a ParameterFreezing callback) never import tfmot.
   result = _run("import os, sys, tfdp_prune, tfdp_prune.trainers.train\n"
                 "print(os.environ.get('TF_USE_LEGACY_KERAS'))\n"
                 "print(sorted(m for m in sys.modules if m.startswith('tensorflow_privacy')))\n"
-                + _TRAIN_ONE_STEP)
+                + _TRAIN_ONE_STEP.replace(
+                    "verbose=0)", "verbose=0, callbacks=[tfdp_prune.ParameterFreezing("
+                    "tfdp_prune.MagnitudeRule(0.5), public_data=(np.ones((4, 3)), np.zeros(4)))])")
+                + "print('tfmot imported:', 'tensorflow_model_optimization' in sys.modules)\n")
   assert result.returncode == 0, result.stderr[-3000:]
-  assert result.stdout.strip().splitlines()[-3:] == ["None", "[]", "trained 1"]
+  assert result.stdout.strip().splitlines()[-4:] == ["None", "[]", "trained 1",
+                                                     "tfmot imported: False"]
 
 
 def test_every_public_name_resolves():

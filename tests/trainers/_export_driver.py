@@ -5,7 +5,8 @@ is imported once, not once per run), and prints [exit code, stdout, stderr] per 
 
 Each run sees what the console script's user would: its exit code (a `sys.exit(message)`
 counts as 1 with the message on stderr) and, for an exception other than the exit, the
-traceback on stderr. Its flags clash with tfdp-train's, so it never runs in the test process.
+traceback on stderr. Its flags clash with tfdp-train's, so it never runs in the test process:
+tests call `_console_testing.run_tfdp_export`.
 """
 
 import contextlib

@@ -4,26 +4,14 @@ import json
 import os
 import subprocess
 import sys
-import types
 
 import pytest
 
 from tfdp_prune import training
 from tfdp_prune.train_config import TrainConfig
+from tests.trainers._console_testing import run_tfdp_export
 
 _ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-
-
-def _tfdp_export(*runs):
-  """The `tfdp-export` runs (argument lists), one after the other in one process of their own
-  (tests/trainers/_export_driver.py): a `subprocess.CompletedProcess`-like result per run."""
-  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  driver = subprocess.run([sys.executable, "-m", "tests.trainers._export_driver", json.dumps(runs)],
-                          capture_output=True, text=True, timeout=600, cwd=repo,
-                          env=dict(_ENV, PYTHONPATH=os.pathsep.join(sys.path)))
-  assert driver.returncode == 0, driver.stderr[-3000:]
-  return [types.SimpleNamespace(returncode=code, stdout=out, stderr=err)
-          for code, out, err in json.loads(driver.stdout.strip().splitlines()[-1])]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +25,7 @@ def checkpoint_dir(tmp_path_factory):
 def test_export_from_checkpoint_then_inspect(checkpoint_dir, tmp_path):
   export_dir = str(tmp_path / "models")
   export = [f"--checkpoint_dir={checkpoint_dir}", f"--export_dir={export_dir}"]
-  result, inspected, again, replaced = _tfdp_export(
+  result, inspected, again, replaced = run_tfdp_export(
       export, [f"--inspect={export_dir}"], export + ["--export_version=1"],
       export + ["--export_version=1", "--overwrite"])
   assert result.returncode == 0, result.stderr[-3000:]
@@ -66,7 +54,7 @@ def test_inspect_of_a_forged_epsilon_fails_and_prints_no_label(tmp_path):
   document["digest"] = metadata_lib.document_digest(document)
   with open(filename, "w") as f:
     json.dump(document, f)
-  result, = _tfdp_export([f"--inspect={tmp_path / 'models'}"])
+  result, = run_tfdp_export([f"--inspect={tmp_path / 'models'}"])
   assert result.returncode != 0 and "Traceback" not in result.stderr
   assert "differs between its copies" in result.stderr
   assert "epsilon: assets.extra/privacy_metadata.json says 0.5" in result.stderr
@@ -96,7 +84,7 @@ def _run_buggy_export_main(*argv):
 
 def test_a_user_error_exits_with_its_message(tmp_path):
   """A directory without a run: ConfigError; a directory that is no export: ExportError."""
-  no_run, no_export = _tfdp_export(
+  no_run, no_export = run_tfdp_export(
       [f"--checkpoint_dir={tmp_path}", f"--export_dir={tmp_path}/m"], [f"--inspect={tmp_path}"])
   assert no_run.returncode == 1 and "Traceback" not in no_run.stderr, no_run.stderr[-3000:]
   assert "tfdp-export: Expected " in no_run.stderr and "run.json" in no_run.stderr
