@@ -26,8 +26,8 @@ from tfdp_prune import versioned_json
 from tfdp_prune.sampling_schemes import base as schemes_base
 from tfdp_prune.sampling_schemes import registry as schemes
 
-# The built-in samplings (`sampling_schemes.registry`, which also has the registered ones).
-SAMPLINGS = schemes.names()
+# The built-in samplings (`sampling_schemes.registry.names()` also has the registered ones).
+SAMPLINGS = schemes.BUILT_IN_NAMES
 ACCOUNTANTS = ("pld", "rdp")
 ADD_OR_REMOVE_ONE = schemes_base.ADD_OR_REMOVE_ONE
 REPLACE_ONE = schemes_base.REPLACE_ONE
@@ -114,7 +114,8 @@ class PrivacySpec:
 
   @property
   def passes(self) -> Optional[int]:
-    """Shuffle only: the number of passes over the data counted, ceil(steps / floor(n / b))."""
+    """The passes over the data the scheme counts (shuffle: ceil(steps / floor(n / b))); None if
+    it counts none."""
     return self.scheme.passes(self)
 
   def with_steps(self, steps: int) -> "PrivacySpec":
@@ -201,11 +202,24 @@ def _epsilon(spec: PrivacySpec) -> float:
   if spec.steps == 0:
     return 0.0
   if spec.accountant == "pld" and spec.noise_multiplier > 0:
-    if spec.scheme.pld_steps_compose:  # as PLDAccountant computes it, and equal to it (_pld)
+    if _pld_shortcut_applies(spec):  # as PLDAccountant computes it, and equal to it (_pld)
       return _pld.epsilon(*spec.scheme.pld_step(spec), spec.steps, spec.delta,
                           spec.pld_discretization)
     _pld.check_one_step(*_pld_mechanism(spec))
   return float(spec.make_accountant().compose(spec.dp_event()).get_epsilon(spec.delta))
+
+
+def _pld_shortcut_applies(spec: PrivacySpec) -> bool:
+  """Whether `_pld.epsilon` (the add-or-remove Poisson Gaussian of `pld_step`, composed `steps`
+  times) is the epsilon of the spec's own event: the scheme claims it, and its event and
+  adjacency are that (a subclass that changes either gets the accountant's answer)."""
+  if not spec.scheme.pld_steps_compose or spec.adjacency != ADD_OR_REMOVE_ONE:
+    return False
+  std, q = spec.scheme.pld_step(spec)
+  return spec.dp_event() == dp_event.SelfComposedDpEvent(
+      event=dp_event.PoissonSampledDpEvent(sampling_probability=q,
+                                           event=dp_event.GaussianDpEvent(std)),
+      count=spec.steps)
 
 
 def max_steps(spec: PrivacySpec, target_epsilon: float, cap: int) -> int:

@@ -13,6 +13,7 @@ from tfdp_prune.compat import tf
 # The neighbouring relations an epsilon can hold under (`PrivacySpec.adjacency`).
 ADD_OR_REMOVE_ONE = "add_or_remove_one"
 REPLACE_ONE = "replace_one"
+ADJACENCIES = (ADD_OR_REMOVE_ONE, REPLACE_ONE)
 _PHILOX = 1  # tf.random.Algorithm.PHILOX.value, for the raw stateless ops
 
 

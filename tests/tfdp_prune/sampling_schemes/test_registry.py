@@ -19,6 +19,7 @@ from tfdp_prune import sampling
 from tfdp_prune import sampling_schemes
 from tfdp_prune.compat import tf
 from tfdp_prune.sampling_schemes import base
+from tfdp_prune.sampling_schemes import poisson
 from tfdp_prune.sampling_schemes import registry
 from tfdp_prune.sampling_schemes import shuffle
 from tfdp_prune.train_config import ConfigError
@@ -112,8 +113,9 @@ FIXED = FixedScheme()
 # ---- tests --------------------------------------------------------------------------------
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def fixed_scheme():
+  # Registered once: a name once removed is never registered again in the process.
   sampling_schemes.register_sampling_scheme(FIXED)
   yield FIXED
   sampling_schemes.unregister_sampling_scheme(FIXED.name)
@@ -212,23 +214,71 @@ def test_a_scheme_registered_in_one_module_accounts_states_and_samples(fixed_sch
     agreement.check_agreement(halved, sampler=sampler, spec=spec.with_steps(0))
 
 
-def test_an_unregistered_scheme_is_refused_again(fixed_scheme):
-  sampling_schemes.unregister_sampling_scheme(fixed_scheme.name)
+class _RemovedScheme(FixedScheme):
+  name = "toy_removed"
+
+
+def test_an_unregistered_scheme_is_refused_and_its_name_never_given_to_another():
+  """Specs, ledgers and cached epsilons know a scheme by its name: a name that meant one scheme
+  never means another in the same process (its cached epsilon would be the other's)."""
+  removed = _RemovedScheme()
+  sampling_schemes.register_sampling_scheme(removed)
+  spec = accounting.PrivacySpec(noise_multiplier=1.0, steps=3, delta=1e-5, sampling=removed.name,
+                                batch_size=1, num_examples=2, accountant="rdp")
+  assert spec.epsilon() > 0  # cached under the name
+  sampling_schemes.unregister_sampling_scheme(removed.name)
+  with pytest.raises(ValueError, match="Expected sampling in"):
+    accounting.PrivacySpec(noise_multiplier=1.0, steps=1, delta=1e-5, sampling=removed.name,
+                           batch_size=1, num_examples=2)
+  with pytest.raises(ConfigError, match="--sampling"):
+    TrainConfig(sampling=removed.name)
+  for again in (removed, _RemovedScheme()):  # the same scheme, or another under its name
+    with pytest.raises(ValueError, match="never used in this process"):
+      sampling_schemes.register_sampling_scheme(again)
+
+
+class _PoissonTwice(poisson.PoissonScheme):
+  """Two Poisson-sampled Gaussians per step: not the event the PLD shortcut composes."""
+  name = "toy_poisson_twice"
+
+  def dp_event(self, spec):
+    return dp_accounting.SelfComposedDpEvent(super().dp_event(spec), 2)
+
+
+def test_a_subclass_with_another_event_gets_its_own_events_epsilon_not_the_pld_shortcuts():
+  scheme = _PoissonTwice()
+  sampling_schemes.register_sampling_scheme(scheme)
   try:
-    with pytest.raises(ValueError, match="Expected sampling in"):
-      accounting.PrivacySpec(noise_multiplier=1.0, steps=1, delta=1e-5,
-                             sampling=fixed_scheme.name, batch_size=1, num_examples=2)
-    with pytest.raises(ConfigError, match="--sampling"):
-      TrainConfig(sampling=fixed_scheme.name)
+    spec = accounting.PrivacySpec(noise_multiplier=1.0, steps=100, delta=1e-5,
+                                  sampling=scheme.name, sampling_probability=0.01)
+    accountant = pld_privacy_accountant.PLDAccountant(
+        dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE, value_discretization_interval=1e-4)
+    expected = accountant.compose(spec.dp_event()).get_epsilon(1e-5)
+    assert spec.epsilon() == pytest.approx(expected, abs=1e-6)
+    once = dataclasses.replace(spec, sampling="poisson")
+    assert accounting._pld_shortcut_applies(once)  # pylint: disable=protected-access
+    assert not accounting._pld_shortcut_applies(spec)  # pylint: disable=protected-access
+    assert spec.epsilon() > once.epsilon() + 0.1  # the shortcut would have given this
   finally:
-    sampling_schemes.register_sampling_scheme(fixed_scheme)
+    sampling_schemes.unregister_sampling_scheme(scheme.name)
+
+
+def test_registration_checks_the_adjacency_the_pld_claim_and_the_draw():
+  for attributes, error, message in [
+      (dict(name="toy_bad_adjacency", adjacency="replace"), ValueError, "adjacency"),
+      (dict(name="toy_bad_pld", pld_steps_compose=True), ValueError, "pld_steps_compose"),
+      (dict(name="toy_bad_draw", draw_class=object), TypeError, "draw_class")]:
+    scheme = type("Bad", (FixedScheme,), attributes)()
+    with pytest.raises(error, match=message):
+      sampling_schemes.register_sampling_scheme(scheme)
+    assert scheme.name not in registry.names()
 
 
 def test_registration_refuses_what_is_not_a_new_scheme():
   with pytest.raises(TypeError, match="SamplingScheme"):
     sampling_schemes.register_sampling_scheme(object())
-  with pytest.raises(ValueError, match="already registered"):
+  with pytest.raises(ValueError, match="registered before"):
     sampling_schemes.register_sampling_scheme(shuffle.ShuffleScheme())
   with pytest.raises(ValueError, match="not built-in"):
     sampling_schemes.unregister_sampling_scheme("poisson")
-  assert registry.names() == ("poisson", "shuffle")
+  assert registry.names()[:2] == registry.BUILT_IN_NAMES == ("poisson", "shuffle")
