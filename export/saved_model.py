@@ -217,7 +217,7 @@ def _label(model, metadata, budget) -> metadata_lib.PrivacyMetadata:
     raise TypeError(f"Expected budget to be a tfdp_prune.PrivacyBudget (the callback that "
                     f"counted the run's steps). Received: {type(budget).__name__}.")
   try:
-    return label(model)
+    return _check_metadata(label(model))
   except metadata_lib.LabelError as error:
     raise ExportError(str(error)) from None
 

@@ -62,3 +62,17 @@ def test_the_readme_layout_table_names_every_module_of_the_package():
         if name.endswith(".py") and name != "__init__.py" and f"`{name[:-3]}`" not in text:
           missing.append(os.path.relpath(os.path.join(root, name), _REPO))
   assert not missing, f"modules the README's Layout table does not name: {missing}"
+
+
+def test_every_console_script_is_the_run_main_the_binary_tests_call():
+  """The tests run `tfdp_prune.trainers.<binary>.run_main` in process (or in a driver); the
+  installed scripts must be exactly those functions (CI also runs each script's --help)."""
+  with open(os.path.join(_REPO, "pyproject.toml"), "rb") as f:
+    scripts = tomllib.load(f)["project"]["scripts"]
+  assert set(scripts) == {"tfdp-train", "tfdp-export", "tfdp-audit"}
+  for name, target in scripts.items():
+    module, function = target.split(":")
+    assert (module, function) == (f"tfdp_prune.trainers.{name[len('tfdp-'):]}", "run_main"), name
+    package, leaf = module.rsplit(".", 1)
+    with open(os.path.join(_REPO, _source_dir(package), leaf + ".py"), encoding="utf-8") as f:
+      assert re.search(r"^def run_main\(\):", f.read(), flags=re.M), target

@@ -377,8 +377,9 @@ def _guess_noise_multiplier(template: PrivacySpec, target_epsilon: float, tol: f
 
 def _above_at_most_noise(value, target_epsilon: float) -> bool:
   """Whether even the most noise searched (2**30) gives an epsilon above the target, i.e. no
-  search can succeed. A shortcut only: False when the accountant cannot tell (RDP at 2**30
-  rounds a divergence of about 0 to a negative one and raises), and the search decides."""
+  search can succeed (the searches assume, as `_search` does, that epsilon does not grow with
+  sigma). A shortcut only: False when the accountant cannot tell (RDP at 2**30 rounds a
+  divergence of about 0 to a negative one and raises), and the search decides."""
   try:
     return not value(_MAX_NOISE) <= target_epsilon
   except ValueError:

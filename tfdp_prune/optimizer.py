@@ -26,8 +26,10 @@ from tfdp_prune.compat import keras
 from tfdp_prune.compat import tf
 
 # The DP arguments taken by keyword (expected_batch_size, gradient_accumulation_steps,
-# insecure_noise_seed, per_example_engine): DPSettings' fields after the three positional ones.
-_KEYWORD_SETTINGS = tuple(field.name for field in dataclasses.fields(dp_settings.DPSettings))[3:]
+# insecure_noise_seed, per_example_engine): DPSettings' fields but the three positional ones.
+_POSITIONAL_SETTINGS = ("l2_norm_clip", "noise_multiplier", "num_microbatches")
+_KEYWORD_SETTINGS = tuple(field.name for field in dataclasses.fields(dp_settings.DPSettings)
+                          if field.name not in _POSITIONAL_SETTINGS)
 
 
 class DPOptimizerMixin:

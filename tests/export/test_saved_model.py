@@ -343,6 +343,9 @@ def test_a_dp_model_labelled_non_private_is_warned_about_and_a_non_budget_refuse
   model = T.dp_model(T.dense_model())
   with pytest.raises(TypeError, match="Expected budget to be a tfdp_prune.PrivacyBudget"):
     export_saved_model(model, str(tmp_path / "refused"), budget=object())
+  labels_with_a_dict = types.SimpleNamespace(privacy_metadata=lambda model: {"epsilon": 1.0})
+  with pytest.raises(TypeError, match="Expected metadata to be a tfdp_prune.metadata"):
+    export_saved_model(model, str(tmp_path / "refused"), budget=labels_with_a_dict)
   assert not os.path.exists(tmp_path / "refused")
   warnings = []
   monkeypatch.setattr(saved_model.logging, "warning",

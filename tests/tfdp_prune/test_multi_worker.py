@@ -159,9 +159,6 @@ def _clipped_mean_step(init, x, y):
   return init - _LR * total / x.shape[0], np.array(norms)
 
 
-# 35-50 s (two worker processes); fast: test_distribute.py, the same DP step under
-# MirroredStrategy (one-replica update, noise std, independent noise per replica).
-@pytest.mark.slow
 def test_multi_worker_dp_sgd_matches_single_process(tmp_path):
   rng = np.random.default_rng(0)
   rows = _GLOBAL_BATCH * _EXACT_STEPS

@@ -56,9 +56,11 @@ def _layer_cases(cases, strategies):
   `windowed_strategy` indirect. The default run takes each case with the first strategy and
   one other, every strategy at least once; the rest of the cross product is marked slow (CI
   runs it)."""
+  assert len(strategies) >= 2, strategies
   params = []
   for i, case in enumerate(cases):
-    default = {strategies[0], strategies[1 + i % (len(strategies) - 1)]}
+    # The rotation starts at the second case so that the dilated cases take identity_patches.
+    default = {strategies[0], strategies[1 + (i + 1) % (len(strategies) - 1)]}
     params += [pytest.param(case, strategy, id=f"{i}-{strategy}",
                             marks=() if strategy in default else pytest.mark.slow)
                for strategy in strategies]

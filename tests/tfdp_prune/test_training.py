@@ -605,7 +605,8 @@ def test_export_checkpoint_without_a_run_record_says_so(tmp_path):
     training.export_checkpoint(str(tmp_path), str(tmp_path / "export"))
 
 
-# 20-40 s; fast: test_distribute.py checks the step under MirroredStrategy replica by replica.
+# 20-40 s; fast: test_distribute.py checks the step under MirroredStrategy replica by replica;
+# train() under --strategy=mirrored runs only in the slow set (CI).
 @pytest.mark.slow
 def test_mirrored_two_replicas_train_like_one_device(tmp_path):
   """--strategy=mirrored: public pre-training, the DP steps and the export work with two
@@ -646,7 +647,8 @@ def test_mnist_tutorial_config_pipeline_on_mock_data(tmp_path):
 
 
 # 45-100 s of tracing; fast: test_train_config.py checks the config, and accumulation, augmult
-# and EMA each have their own tests (test_optimizer, test_augmult, test_ema).
+# and EMA each have their own tests (test_optimizer, test_augmult, test_ema); train() with all
+# three together runs only in the slow set (CI).
 @pytest.mark.slow
 def test_paper_config_pipeline_on_mock_data(tmp_path):
   """De et al.'s config path: CIFAR-shaped data, WS-conv WRN, accumulation of physical batches,

@@ -37,8 +37,8 @@ def unindented_lines(message: str) -> str:
 
 def run_tfdp_export(*runs, cwd=None):
   """The `tfdp-export` runs (argument lists), one after the other in one process of their own
-  (tests/trainers/_export_driver.py): a `subprocess.CompletedProcess`-like result (returncode, stdout, stderr) per
-  run."""
+  (tests/trainers/_export_driver.py): a `subprocess.CompletedProcess`-like result
+  (returncode, stdout, stderr) per run."""
   repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   driver = subprocess.run([sys.executable, "-m", "tests.trainers._export_driver", json.dumps(runs)],
                           capture_output=True, text=True, timeout=600, cwd=cwd or repo,
