@@ -203,6 +203,21 @@ QUICK_GRID = Grid(
               ("accountant", "rdp")))  # RDP calibrates in milliseconds, PLD in tens of seconds
 
 
+def grid_from_dict(values: Dict[str, Any]) -> Grid:
+  """The Grid a report's "grid" (`dataclasses.asdict`) was made from (JSON lists -> tuples)."""
+  def tuples(value):
+    return tuple(tuples(v) for v in value) if isinstance(value, list) else value
+  return Grid(**{name: tuples(value) for name, value in values.items()})
+
+
+def planned_runs(grid: Grid) -> Dict[str, int]:
+  """Setup -> how many runs the grid plans for it."""
+  counts = {key: 0 for key in grid.setups}
+  for spec in plan(grid):
+    counts[spec.setup] += 1
+  return counts
+
+
 def arm_name(mode: str, rule: Optional[str], frozen_value: Optional[str]) -> str:
   if mode == "none":
     return DENSE
@@ -387,6 +402,12 @@ class SharedTuning:
     return record
 
 
+def train_config_from_dict(values: Dict[str, Any]):
+  """The TrainConfig whose `to_dict()` gave `values` (a tuning record's "config")."""
+  from tfdp_prune import train_config  # pylint: disable=import-outside-toplevel
+  return train_config.TrainConfig.from_dict(values)
+
+
 def tune_on_public(config, splits) -> Dict[str, Any]:
   """What `training.train(config, splits=splits)` with tune="public" chooses, as its record:
   the tuner runs on the public part `train` pre-trains on (`training.split_public`)."""
@@ -468,6 +489,10 @@ def run_grid(grid: Grid, out: str, resume: bool, quick: bool, started: float) ->
                             if k not in grid.setups)
     report["runs"] = [r for r in old_report["runs"] if r.get("setup") not in grid.setups]
   carried = len(report["runs"])
+  planned = planned_runs(grid)
+  report["planned_runs"] = dict(
+      {k: v for k, v in (old_report.get("planned_runs") or {}).items() if k not in planned}
+      if resume and os.path.exists(out) else {}, **planned)
   if not quick:  # building WRN-16-4 takes seconds; the quick grid is for tests
     report["wrn16_4_forward_flops"] = wrn16_4_forward_flops()
   specs, sigma_cache = plan(grid), {}
@@ -692,6 +717,8 @@ def main(argv=None):
     return
   if args.render_only:
     report = read_report(out)
+    if "planned_runs" not in report:  # written by a run that predates the field
+      report["planned_runs"] = planned_runs(grid_from_dict(report["grid"]))
   else:
     report = run_grid(grid, out, args.resume, args.quick, started)
   render_lib.render(report, out, results_md, plots_dir)
