@@ -18,18 +18,29 @@ references: public only (the pre-trained model every arm starts from) and non-pr
 pre-training, then the private part without noise).
 
 Every run is one `tfdp_prune.training.train(config, splits=...)` call. Hyperparameters: every DP
-arm and the non-private reference run with `tune="public"`: the library simulates the run on a
-split of the public part (same steps, the private run's noise per averaged gradient) and picks
-the learning rate, clip norm and (masked arms) sparsity by public-validation accuracy. No private
-or test example is used to choose anything. A setup whose public part is too small for the tuner
-(digits_public20) runs the library's per-model defaults and says so. Noise: `plan_privacy` runs
-once per (setup, target epsilon), the runs get that sigma (`noise_multiplier`) and the library
-recomputes each run's epsilon.
+arm and the non-private reference are tuned by the library's public tuner
+(`training.tune_on_public`, what `tune="public"` runs): it simulates the run on a split of the
+public part (same steps, the private run's noise per averaged gradient) and picks the learning
+rate, clip norm and (masked arms) sparsity by public-validation accuracy. No private or test
+example is used to choose anything. The tuning reads public data only, so it costs no privacy:
+it is made ONCE per (setup, arm, epsilon), on seed 0's config and public part (the MNIST
+subset's public part differs by seed; digits' public part does not), and every seed of the cell
+trains with the chosen values and `tune="none"` (`SharedTuning`; the records are in the JSON's
+"tunings", each run's "tuning" names its record). Every arm, dense DP and the non-private
+reference included, goes through the same procedure. A setup whose public part is too small
+for the tuner (digits_public20) runs the library's per-model defaults and says so. Noise:
+`plan_privacy` runs once per (setup, target epsilon), the runs get that sigma
+(`noise_multiplier`) and the library recomputes each run's epsilon.
 
-Cost: a tuned run simulates 8 to 11 candidate runs on the public part before its own, so the
-full grid (282 runs, 3 seeds) is about 4 h on a shared 2-CPU machine (`--estimate`; per-run
-times in `MEASURED_SECONDS`): over issue 17's 90 minutes. `--dataset`, `--epsilons` and
-`--seeds` (>= 3) run parts of it; `--resume` then keeps the runs already made.
+Cost: a tuning simulates 8 (dense, non-private) or 11 (masked) candidate runs, each about as
+long as a run, mostly TensorFlow tracing. Tuning every run (282 runs, 3 seeds) was about 4 h;
+one tuning per cell makes it 25 tunings (MNIST subset) + 33 (digits_public180), whatever the
+number of seeds: see `MEASURED_SECONDS` and `--estimate`. Two worker processes do not help on
+this machine: measured (2026-11-30, load 2.5 to 3.9 from other work, nice 10), 3 MNIST-subset
+tuning candidates took 23.8 s alone and 42.4 / 46.3 s in two concurrent processes (44.8 / 47.0
+s with 1 TF thread each): 6 candidates in 46 s against 48 s one after the other. The tuning grid
+is the library's own (not reduced). `--dataset`, `--epsilons` and `--seeds` (>= 3) run parts of
+the grid; `--resume` then keeps the runs and tunings already made (and the other setups' runs).
 
 Usage (from the repo root):
   python benchmarks/experiments.py --estimate           # runs and expected time; trains nothing
