@@ -407,7 +407,14 @@ def test_partial_grid_says_what_is_missing_and_pending():
   assert "`mnist_subset` complete (6/6 runs)" in status[0]
   assert "`digits_public180` **incomplete** (40/45 runs)" in status[0]
   assert "`digits_public20` complete (35/35 runs)" in status[0]
+  targets = [l for l in markdown.splitlines() if l.startswith("- [")]
+  assert [l for l in targets if "digits_public180, ε" in l] and all(
+      l.startswith("- [ ] **pending**") and "PROVISIONAL: 40 of 45 runs" in l
+      for l in targets if "digits_public180, ε" in l)
+  assert [l for l in targets if "mnist_subset, ε = 2" in l][0].startswith("- [x] **yes**")
   report["planned_runs"]["newsetup"] = 3
-  assert "`newsetup` **not run** (0/3 runs)" in render.render_markdown(report, {})
+  markdown = render.render_markdown(report, {})
+  assert "`newsetup` **not run** (0/3 runs)" in markdown
+  assert "- [ ] **pending**: newsetup: not run yet (0 of 3 runs; pending)" in markdown
   report["planned_runs"] = {"mnist_subset": 6, "digits_public180": 40, "digits_public20": 35}
   assert "- Status: **the full grid**" in render.render_markdown(report, {})
