@@ -362,7 +362,9 @@ def _data_line(setup_key: str, setup: Dict[str, Any]) -> str:
 
 def _tuning_text(tuning) -> str:
   if tuning == "public":
-    return "tuned on public data (`tune=\"public\"`) for every DP arm and the non-private run"
+    return ("tuned on public data (the library's public tuner, `tune=\"public\"`) for every DP "
+            "arm and the non-private run, once per (arm, ε) on seed 0's public part; every seed "
+            "reuses the choice")
   return "not tuned" if tuning in (None, "none") else tuning
 
 
