@@ -305,11 +305,12 @@ def plan(grid: Grid) -> List[RunSpec]:
 # non-private: 8 simulated candidates) and "tuning_masked" (+ 3 sparsities: 11) once per
 # (setup, arm, epsilon). MNIST subset: means of the grid of 2026-11-30 17:41 UTC (nice 10, load
 # average 2.5 to 4.2 from other work): 28 runs 9.6 s (6.2 to 16.2), 5 tunings 74 s (58 to 111),
-# 20 masked tunings 89 s (75 to 116), public only 2.5 s. digits: PROVISIONAL (a tuned run minus
-# an untuned one in the per-run-tuning grid, load 4 to 7) until its grid is measured.
+# 20 masked tunings 89 s (75 to 116), public only 2.5 s. digits_public180 (same grid, 18:39 to
+# 19:00 UTC, load 1.2 to 2.4): 24 runs 3.8 s (2.8 to 8.0), 4 tunings 33 s (27 to 48), 20 masked
+# tunings 40 s (34 to 51), public only 0.6 s.
 MEASURED_SECONDS = {
-    ("digits", "public_only"): 3, ("digits", "run"): 6, ("digits", "tuning"): 54,
-    ("digits", "tuning_masked"): 64,
+    ("digits", "public_only"): 0.6, ("digits", "run"): 3.8, ("digits", "tuning"): 33,
+    ("digits", "tuning_masked"): 40,
     (MNIST_SUBSET, "public_only"): 2.5, (MNIST_SUBSET, "run"): 9.6,
     (MNIST_SUBSET, "tuning"): 74, (MNIST_SUBSET, "tuning_masked"): 89,
 }
