@@ -387,10 +387,12 @@ def test_estimate_counts_tuned_runs_and_refuses_few_seeds(capsys):
   cost = experiments.MEASURED_SECONDS
   # digits_public20: the tuner refuses 20 public examples, so its runs are untuned.
   assert seconds["digits_public20"] == pytest.approx(
-      3 * (cost[("digits", "public_only")] + 9 * cost[("digits", "run")]))
+      3 * (cost[("digits", "public_only")] + 9 * cost[("digits", "run")]
+           + 10 * cost[("digits", "overhead")]))
   # One tuning per cell (non-private, dense, 5 masked arms), whatever the number of seeds.
   assert seconds["mnist_subset"] == pytest.approx(3 * (
-      cost[("mnist_subset", "public_only")] + 7 * cost[("mnist_subset", "run")]) + (
+      cost[("mnist_subset", "public_only")] + 7 * cost[("mnist_subset", "run")]
+      + 8 * cost[("mnist_subset", "overhead")]) + (
           2 * cost[("mnist_subset", "tuning")] + 5 * cost[("mnist_subset", "tuning_masked")]))
   experiments.main(["--estimate", "--dataset=mnist_subset", "--epsilons=2"])
   assert capsys.readouterr().out.startswith("24 runs; expected wall time ")  # 3 x (2 + 6)
