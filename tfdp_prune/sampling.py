@@ -206,7 +206,8 @@ def _initial_secret(insecure_seed):
 
 
 class PoissonSampler(_Sampler):
-  """Poisson sampling with rate q, padded to a fixed physical shape (see the module docstring).
+  """Poisson sampling with rate q, padded to a fixed physical shape (see the module docstring);
+  `expected_batch_size` is q * N, `steps_per_epoch` by convention max(1, round(1 / q)).
 
   Args:
     data: (x, y) arrays or nests of arrays with N rows, or a finite tf.data.Dataset of (x, y).
@@ -241,11 +242,6 @@ class PoissonSampler(_Sampler):
     return self._draw.sampling_probability
 
   @property
-  def expected_batch_size(self) -> float:
-    """q * N: the optimizer's `expected_batch_size`."""
-    return self._draw.expected_batch_size
-
-  @property
   def max_batch_size(self) -> int:
     """The largest logical batch the padded shape holds (K * physical_batch_size)."""
     return self._draw.max_batch_size
@@ -256,11 +252,6 @@ class PoissonSampler(_Sampler):
     and for a neighbouring dataset with one more example (0 if no draw can exceed it)."""
     return self._draw.overflow_probability
 
-  @property
-  def steps_per_epoch(self) -> int:
-    """Logical steps per epoch, by convention max(1, round(1 / q))."""
-    return self._draw.steps_per_epoch
-
 
 class ShuffleSampler(_Sampler):
   """Shuffled fixed-size batches: each pass a fresh permutation drawn from (secret, pass), cut
@@ -269,7 +260,8 @@ class ShuffleSampler(_Sampler):
   logical batch of `batch_size` examples is split into K physical batches of
   ceil(batch_size / K) rows; only when K does not divide batch_size is there padding (weight 0),
   at the end of the last physical batch. `insecure_sampling_seed`, `strategy` and the removed
-  `seed` are as in `PoissonSampler`."""
+  `seed` are as in `PoissonSampler`. `expected_batch_size` is batch_size, `steps_per_epoch`
+  N // batch_size (logical steps per pass)."""
 
   sampling = shuffle.SCHEME.name
 
@@ -281,16 +273,6 @@ class ShuffleSampler(_Sampler):
   @property
   def batch_size(self) -> int:
     return self._draw.batch_size
-
-  @property
-  def expected_batch_size(self) -> float:
-    """The fixed batch size: the optimizer's `expected_batch_size` (padding is not counted)."""
-    return self._draw.expected_batch_size
-
-  @property
-  def steps_per_epoch(self) -> int:
-    """Logical steps per pass: N // batch_size."""
-    return self._draw.steps_per_epoch
 
 
 class SchemeSampler(_Sampler):
