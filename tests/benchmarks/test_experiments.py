@@ -423,3 +423,34 @@ def test_partial_grid_says_what_is_missing_and_pending():
   assert "- [ ] **pending**: newsetup: not run yet (0 of 3 runs; pending)" in markdown
   report["planned_runs"] = {"mnist_subset": 6, "digits_public180": 40, "digits_public20": 35}
   assert "- Status: **the full grid**" in render.render_markdown(report, {})
+
+
+def _fit_once_and_watch_its_graphs():
+  """Fits a tiny Keras model one step; weak references to the FuncGraphs it traced."""
+  import gc  # pylint: disable=import-outside-toplevel
+  import weakref  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from tensorflow.python.framework import func_graph  # pylint: disable=import-outside-toplevel
+  from tfdp_prune.compat import keras  # pylint: disable=import-outside-toplevel
+  already = {id(o) for o in gc.get_objects() if isinstance(o, func_graph.FuncGraph)}
+  model = keras.Sequential([keras.layers.Dense(2, input_shape=(3,))])
+  model.compile(optimizer="sgd", loss="mse")
+  model.fit(np.ones((4, 3), np.float32), np.ones((4, 2), np.float32), verbose=0)
+  graphs = [weakref.ref(o) for o in gc.get_objects()
+            if isinstance(o, func_graph.FuncGraph) and id(o) not in already]
+  assert graphs, "fit traced no graph"
+  return graphs
+
+
+def test_forget_traced_gradients_frees_a_finished_runs_graphs():
+  """The grid's loop drops the gradient-registry entries a run's traces left behind, so a
+  finished run's graphs are freed (in this TensorFlow they otherwise stay: tensorflow#97697)."""
+  import gc  # pylint: disable=import-outside-toplevel
+  from tfdp_prune.compat import keras  # pylint: disable=import-outside-toplevel
+  before = experiments.traced_gradient_names()
+  graphs = _fit_once_and_watch_its_graphs()
+  keras.backend.clear_session()
+  assert experiments.forget_traced_gradients(before) >= 1
+  assert experiments.traced_gradient_names() == before
+  gc.collect()
+  assert [ref() for ref in graphs if ref() is not None] == []
