@@ -263,12 +263,13 @@ def tune(config: TrainConfig, public, *, plan: Callable[[TrainConfig], PrivatePl
     points = []
     for settings in points_of(tuned, space):
       candidate = _apply(tuned, settings)
-      if tune_space.EPOCHS in names and _tuned_values(candidate, space) != _tuned_values(
-          tuned, space):
-        try:  # a length no sigma reaches the target at (or PLD cannot account for) is left out
+      if tune_space.EPOCHS in names:  # each length's plan, the given one's first
+        try:
           simulation_for(candidate)
         except ConfigError:
-          continue
+          if _tuned_values(candidate, space) == _tuned_values(tuned, space):
+            raise  # the run itself cannot be planned
+          continue  # a length no sigma reaches the target at, or PLD cannot account for
       points.append((settings, candidate))
     if not points:
       continue
