@@ -172,7 +172,7 @@ def test_tune_space_takes_the_tuners_names_in_stage_order():
 
 @pytest.mark.parametrize("tune", ["none", "private"])
 def test_tune_space_without_public_tuning_is_refused(tune):
-  extra = dict(accountant="rdp") if tune == "private" else {}
+  extra = dict(accountant="rdp", tune_candidates="learning_rate=0.1") if tune == "private" else {}
   with pytest.raises(ConfigError, match=rf"--tune_space has no effect without --tune=public\. "
                      rf"Received: --tune_space='epochs' with --tune={tune}"):
     TrainConfig(tune=tune, tune_space="epochs", **extra)
