@@ -20,6 +20,7 @@ from tfdp_prune import masks
 from tfdp_prune import private_tuning
 from tfdp_prune import public_guard
 from tfdp_prune import randomness
+from tfdp_prune import tune_space as tune_space_lib
 from tfdp_prune import tuning_accounting
 from tfdp_prune.sampling_schemes import registry as schemes
 
@@ -125,11 +126,16 @@ class TrainConfig:
       choices=schemes.names())
   # hyperparameter search
   tune: str = setting(TUNE_NONE,
-      "How hyperparameters are chosen: none (as given); public (the learning rate, clip norm "
-      "and sparsity that do best when the run is simulated on a split of the public part; no "
-      "private example is read, no privacy is spent); or private (a search on the private "
-      "data, accounted: Papernot-Steinke 2022; --epsilon is the whole search's total).",
+      "How hyperparameters are chosen: none (as given); public (the settings of --tune_space "
+      "that do best when the run is simulated on a split of the public part; no private "
+      "example is read, no privacy is spent); or private (a search on the private data, "
+      "accounted: Papernot-Steinke 2022; --epsilon is the whole search's total).",
       choices=TUNE_MODES)
+  tune_space: Optional[str] = setting(None,
+      f"What --tune=public chooses: ','-separated, some of {', '.join(tune_space_lib.NAMES)}. "
+      "masks: the mask mode, rule and frozen value; epochs: the length (--epochs, or --steps), "
+      "each with the noise calibrated to --epsilon for it. "
+      f"Unset: {','.join(tune_space_lib.DEFAULT)}.")
   tune_candidates: Optional[str] = setting(None,
       "The candidates of --tune=private: ';'-separated, each ','-separated name=value of "
       "learning_rate, momentum, l2_norm_clip (e.g. 'learning_rate=0.1;learning_rate=0.5').")
@@ -249,6 +255,7 @@ class TrainConfig:
     hyperparameter search")."""
     check_setting(_validate.one_of, "tune_distribution", self.tune_distribution,
                   tuning_accounting.DISTRIBUTIONS)
+    self._check_tune_space()
     if self.tune != private_tuning.PRIVATE:
       if self.tune_candidates is not None:
         raise ConfigError(f"--tune_candidates has no effect without --tune=private. Received: "
@@ -285,6 +292,32 @@ class TrainConfig:
     for bad, received, why in refused:
       if bad:
         raise ConfigError(f"--tune=private refuses {received}: {why}.")
+
+  def _check_tune_space(self):
+    """--tune_space: known names, with --tune=public only; epochs only with --epsilon."""
+    if self.tune_space is None:
+      return
+    if self.tune != TUNE_PUBLIC:
+      raise ConfigError(f"--tune_space has no effect without --tune=public. Received: "
+                        f"--tune_space={self.tune_space!r} with --tune={self.tune}. Add "
+                        "--tune=public, or drop --tune_space.")
+    try:
+      space = tune_space_lib.parse(self.tune_space)
+    except ValueError as error:
+      raise ConfigError(str(error)) from None
+    if tune_space_lib.EPOCHS in space and self.noise_multiplier is not None:
+      raise ConfigError(
+          f"--tune_space with epochs needs --epsilon, not --noise_multiplier: another length at a "
+          f"fixed noise multiplier is another epsilon, so the candidates would not be runs of the "
+          f"same guarantee. Received: --tune_space={self.tune_space!r} with "
+          f"--noise_multiplier={self.noise_multiplier}. Give --epsilon (each length's noise is "
+          "calibrated to it), or drop epochs from --tune_space.")
+    if (tune_space_lib.SPARSITY in space and tune_space_lib.MASKS not in space
+        and self.mode == mask_modes.NONE):
+      raise ConfigError(
+          f"--tune_space with sparsity needs masks: --mode=none trains every coordinate. "
+          f"Received: --tune_space={self.tune_space!r} with --mode=none. Use --mode=freeze or "
+          "--mode=select, add masks to --tune_space, or drop sparsity from it.")
 
   def _check_masks(self):
     if self.mode == mask_modes.NONE:

@@ -628,15 +628,21 @@ def _tuned_metadata(trial: metadata_lib.PrivacyMetadata, tuning: Dict[str, Any],
 # ---- public tuning (--tune=public) -------------------------------------------------------------
 
 def tune_on_public(config: TrainConfig, splits: data_lib.DataSplits) -> tuning.TuningResult:
-  """`config`'s learning rate, clip norm and sparsity chosen on `splits.public` (`tuning.tune`).
+  """The settings of `config.tune_space` (by default the learning rate, clip norm and
+  sparsity) chosen on `splits.public` (`tuning.tune`).
 
-  The private run's steps and sigma come from its privacy plan, computed from the private
-  part's size alone (`plan_for_size`); no private example is read."""
+  Each simulated run's steps and sigma come from the privacy plan of its config, computed from
+  the private part's size alone (`plan_for_size`; one calibration per length tried); no
+  private example is read."""
   info = splits.info
-  plan, expected_batch_size = plan_for_size(config, info.num_private)
-  return tuning.tune(config, splits.public, steps=plan.steps,
-                     noise_multiplier=plan.noise_multiplier,
-                     expected_batch_size=expected_batch_size, num_classes=info.num_classes,
+
+  def plan(candidate: TrainConfig) -> tuning.PrivatePlan:
+    private_plan, expected_batch_size = plan_for_size(candidate, info.num_private)
+    return tuning.PrivatePlan(steps=private_plan.steps,
+                              noise_multiplier=private_plan.noise_multiplier,
+                              expected_batch_size=expected_batch_size)
+
+  return tuning.tune(config, splits.public, plan=plan, num_classes=info.num_classes,
                      simulate=simulate_on_public)
 
 

@@ -3,8 +3,9 @@
 The planned private run is simulated on the public part: split into public-train and
 public-validation (`split_public`), the same procedure (pre-training, masks, DP optimizer,
 sampling, steps) runs on public-train with the private run's noise on the averaged gradient
-(`matched_noise_multiplier`), and a small grid is scored by public-validation accuracy. No
-private example is read: the private part's size, which the privacy plan uses anyway, is all.
+(`matched_noise_multiplier`), and a small grid over the settings of `--tune_space`
+(`tune_space`) is scored by public-validation accuracy, one stage per setting. No private
+example is read: the private part's size, which the privacy plan uses anyway, is all.
 
 Design: docs/tuning.md
 """
@@ -16,6 +17,8 @@ import numpy as np
 
 from tfdp_prune import data as data_lib
 from tfdp_prune import mask_modes
+from tfdp_prune import masks as masks_lib
+from tfdp_prune import tune_space
 from tfdp_prune.train_config import ConfigError
 from tfdp_prune.train_config import TrainConfig
 
@@ -23,15 +26,37 @@ from tfdp_prune.train_config import TrainConfig
 VALIDATION_FRACTION = 0.3
 # The simulated batch B' is at most this share of public-train (and at most the private B).
 PUBLIC_BATCH_FRACTION = 0.5
-# Stage 1: learning rate x clip norm (the update scale is about lr * C once most gradients are
-# clipped, so both move together). Stage 2: sparsity, at the best pair.
+# The candidates of each stage (the given value is always tried first; docs/tuning.md).
+# Learning rate x clip norm, one stage: the update scale is about lr * C once most gradients are
+# clipped, so both move together.
 LEARNING_RATES = (0.03, 0.1, 0.3, 1.0)
 CLIP_NORMS = (0.1, 1.0)
+# (mode, rule, frozen value): dense DP-SGD, freezing (pruned or fine-tuning a subset) and
+# re-selection. A combination the config refuses is left out (`mask_candidates`).
+MASKS = (
+    (mask_modes.NONE, None, None),
+    (mask_modes.FREEZE, masks_lib.MagnitudeRule.name, mask_modes.FROZEN_ZERO),
+    (mask_modes.FREEZE, masks_lib.MagnitudeRule.name, mask_modes.FROZEN_KEEP),
+    (mask_modes.SELECT, masks_lib.MagnitudeRule.name, None),
+    (mask_modes.SELECT, masks_lib.PublicGradientRule.name, None),
+)
 SPARSITIES = (0.5, 0.8, 0.9, 0.95)
+# The given --epochs (or --steps) times these; each length has its own calibrated sigma.
+LENGTH_FACTORS = (0.5, 1.0, 2.0)
 # Fewer public examples than this per part leave nothing to tell candidates apart.
 MIN_EXAMPLES = 10
 NO_PRIVATE_DATA = ("Chosen on public data alone: no private example was read (only the private "
                    "part's size, which the privacy plan uses), so tuning spends no privacy.")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivatePlan:
+  """The private run's numbers for one config, from the private part's size alone: its
+  logical steps T, noise multiplier sigma and expected batch B (`training.plan_for_size`)."""
+
+  steps: int
+  noise_multiplier: float
+  expected_batch_size: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +87,9 @@ class Candidate:
 @dataclasses.dataclass(frozen=True, eq=False)
 class TuningResult:
   """What `tune` chose: `config` (the given one with the chosen values), `chosen` (those
-  values), every `candidates` run (in order; a stage-2 point equal to the stage-1 best is not
-  run again), the `grid`, and how (`simulation`, the public sizes)."""
+  values), every `candidates` run (in order; a point equal to the previous stage's best is not
+  run again), the `grid`, the `space` tuned, and how (`simulation`, the chosen length's;
+  `simulations`, every length's when the length was tuned; the public sizes)."""
 
   config: TrainConfig
   chosen: Dict[str, Any]
@@ -73,15 +99,19 @@ class TuningResult:
   simulation: Simulation
   num_public_train: int
   num_public_validation: int
+  space: Tuple[str, ...] = tune_space.DEFAULT
+  simulations: Tuple[Dict[str, Any], ...] = ()
 
   @property
   def best_accuracy(self) -> float:
     return max(candidate.accuracy for candidate in self.candidates)
 
   def record(self) -> Dict[str, Any]:
-    """The JSON record of the privacy metadata's `tuning` field."""
-    return {
+    """The JSON record of the privacy metadata's `tuning` field. Records written before
+    `--tune_space` have no "space" (it was `tune_space.DEFAULT`) nor "simulations"."""
+    record = {
         "mode": "public", "private_data_read": False, "statement": NO_PRIVATE_DATA,
+        "space": list(self.space),
         "chosen": dict(self.chosen), "given": dict(self.given),
         "grid": dict(self.grid),
         "candidates": [candidate.to_dict() for candidate in self.candidates],
@@ -89,6 +119,9 @@ class TuningResult:
         "num_public_validation": self.num_public_validation,
         "validation_fraction": VALIDATION_FRACTION,
         "simulation": dataclasses.asdict(self.simulation)}
+    if self.simulations:
+      record["simulations"] = [dict(item) for item in self.simulations]
+    return record
 
   def summary(self) -> str:
     """One line for the run summary."""
@@ -102,7 +135,8 @@ Simulate = Callable[[TrainConfig, Tuple[np.ndarray, np.ndarray], Tuple[np.ndarra
 
 def record_summary(record: Dict[str, Any]) -> str:
   """One line from a `TuningResult.record()` (as the privacy metadata holds it)."""
-  chosen = ", ".join(f"{name} {value:g}" for name, value in record["chosen"].items())
+  chosen = ", ".join(f"{name} {_text(value)}" for name, value in record["chosen"].items()
+                     if value is not None)
   best = max(c["public_validation_accuracy"] for c in record["candidates"])
   return (f"tuning ({record['mode']}; no private data read): {chosen}; public-validation "
           f"accuracy {best:.4f}, best of {len(record['candidates'])} candidates "
@@ -137,79 +171,192 @@ def split_public(public, seed: int, fraction: float = VALIDATION_FRACTION):
   return (x[train], y[train]), (x[validation], y[validation])
 
 
-def grid(config: TrainConfig) -> Tuple[Sequence[Dict[str, Any]], Sequence[Dict[str, Any]]]:
-  """(stage 1: learning rate x clip norm, stage 2: sparsity); the given values come first so
-  that a tie keeps them. Stage 2 is empty without masks."""
-  rates = _given_first(config.learning_rate, LEARNING_RATES)
-  clips = _given_first(config.l2_norm_clip, CLIP_NORMS)
-  first = [{"learning_rate": rate, "l2_norm_clip": clip} for rate in rates for clip in clips]
-  second = []
-  if config.mode != mask_modes.NONE:
-    second = [{"sparsity": s} for s in _given_first(config.effective_sparsity, SPARSITIES)]
-  return first, second
+def mask_candidates(config: TrainConfig) -> Tuple[Dict[str, Any], ...]:
+  """The masks stage's points, {"mode", "rule", "frozen_value"}: the given ones first, then
+  `MASKS`; a combination the config refuses (`_with_masks` raises ConfigError) is left out."""
+  given = (config.mode, config.effective_rule, config.effective_frozen_value)
+  points = []
+  for mode, rule, frozen_value in dict.fromkeys((given,) + tuple(MASKS)):
+    try:
+      _with_masks(config, mode, rule, frozen_value)
+    except ConfigError:
+      continue
+    points.append({"mode": mode, "rule": rule, "frozen_value": frozen_value})
+  return tuple(points)
 
 
-def tune(config: TrainConfig, public, *, steps: int, noise_multiplier: float,
-         expected_batch_size: float, num_classes: int, simulate: Simulate) -> TuningResult:
-  """Chooses the learning rate, clip norm and sparsity by simulating `config` on the public
-  part (see the module docstring): stage 1 then stage 2 of `grid`, each keeping the best
-  public-validation accuracy.
+def length_candidates(config: TrainConfig) -> Tuple[Dict[str, Any], ...]:
+  """The length stage's points: {"epochs": the given epochs x `LENGTH_FACTORS`}, or {"steps":
+  ...} (rounded, at least 1) for a run given in steps; the given length first."""
+  if config.steps is not None:
+    lengths = dict.fromkeys([config.steps] + [max(1, int(round(config.steps * factor)))
+                                              for factor in LENGTH_FACTORS])
+    return tuple({"steps": steps} for steps in lengths)
+  return tuple({"epochs": epochs}
+               for epochs in _given_first(config.epochs,
+                                          [config.epochs * f for f in LENGTH_FACTORS]))
+
+
+# The stages, in the order `tune` runs them: each is (the names of `tune_space` it tunes, its
+# points around the best config so far). docs/tuning.md says why this order.
+def _rate_and_clip(config: TrainConfig, space) -> Sequence[Dict[str, Any]]:
+  rates = (_given_first(config.learning_rate, LEARNING_RATES)
+           if tune_space.LEARNING_RATE in space else (None,))
+  clips = (_given_first(config.l2_norm_clip, CLIP_NORMS)
+           if tune_space.L2_NORM_CLIP in space else (None,))
+  return [{name: value for name, value in (("learning_rate", rate), ("l2_norm_clip", clip))
+           if value is not None} for rate in rates for clip in clips]
+
+
+def _sparsities(config: TrainConfig, space) -> Sequence[Dict[str, Any]]:
+  if config.mode == mask_modes.NONE:
+    return []
+  return [{"sparsity": s} for s in _given_first(config.effective_sparsity, SPARSITIES)]
+
+
+STAGES = (
+    ((tune_space.LEARNING_RATE, tune_space.L2_NORM_CLIP), _rate_and_clip),
+    ((tune_space.MASKS,), lambda config, space: mask_candidates(config)),
+    ((tune_space.SPARSITY,), _sparsities),
+    ((tune_space.EPOCHS,), lambda config, space: length_candidates(config)),
+)
+
+
+def tune(config: TrainConfig, public, *, plan: Callable[[TrainConfig], PrivatePlan],
+         num_classes: int, simulate: Simulate) -> TuningResult:
+  """Chooses the settings of `config.tune_space` by simulating `config` on the public part
+  (see the module docstring): the `STAGES` that tune a setting of the space, in order, each
+  keeping the best public-validation accuracy (the given values win ties).
 
   Args:
-    config: the planned run; its sampling, masks and pre-training are simulated as given.
+    config: the planned run; what the space leaves out (sampling, pre-training, ...) is
+      simulated as given.
     public: the public (x, y) part; it is all the data this reads.
-    steps, noise_multiplier, expected_batch_size: the private run's plan (its steps, sigma, B).
+    plan: the private run's plan of a config (`training.plan_for_size`: from the private
+      part's size alone). Called once per length tried (cached): a length candidate is
+      simulated with its own steps and the sigma calibrated for them.
     num_classes: the model's outputs.
     simulate: runs one candidate (`training.simulate_on_public`).
   """
+  space = tune_space.parse(config.tune_space)
   train, validation = split_public(public, config.seed)
-  batch = public_batch_size(expected_batch_size, len(train[1]))
-  simulation = Simulation(
-      steps=steps, batch_size=batch,
-      noise_multiplier=matched_noise_multiplier(noise_multiplier, expected_batch_size, batch),
-      private_noise_multiplier=noise_multiplier, private_batch_size=float(expected_batch_size),
-      num_classes=num_classes)
-  first, second = grid(config)
-  candidates = []
+  simulations = {}  # (epochs, steps) -> Simulation: one plan (calibration) per length
 
-  def best_of(base, stage, base_accuracy=None):
+  def simulation_for(candidate: TrainConfig) -> Simulation:
+    key = (candidate.epochs, candidate.steps)
+    if key not in simulations:
+      private = plan(candidate)
+      batch = public_batch_size(private.expected_batch_size, len(train[1]))
+      simulations[key] = Simulation(
+          steps=int(private.steps), batch_size=batch,
+          noise_multiplier=matched_noise_multiplier(private.noise_multiplier,
+                                                    private.expected_batch_size, batch),
+          private_noise_multiplier=float(private.noise_multiplier),
+          private_batch_size=float(private.expected_batch_size), num_classes=num_classes)
+    return simulations[key]
+
+  candidates, grid = [], {}
+  tuned, accuracy = config, None
+  for names, points_of in STAGES:
+    if not any(name in space for name in names):
+      continue
+    points = []
+    for settings in points_of(tuned, space):
+      candidate = _apply(tuned, settings)
+      if tune_space.EPOCHS in names:  # each length's plan, the given one's first
+        try:
+          simulation_for(candidate)
+        except ConfigError:
+          if _tuned_values(candidate, space) == _tuned_values(tuned, space):
+            raise  # the run itself cannot be planned
+          continue  # a length no sigma reaches the target at, or PLD cannot account for
+      points.append((settings, candidate))
+    if not points:
+      continue
+    _add_to_grid(grid, names, [settings for settings, _ in points])
     scored = []
-    for settings in stage:
-      candidate = dataclasses.replace(base, **settings)
-      if base_accuracy is not None and _tuned_values(candidate) == _tuned_values(base):
-        accuracy = base_accuracy  # this point was scored in the stage before
+    for settings, candidate in points:
+      if accuracy is not None and _tuned_values(candidate, space) == _tuned_values(tuned, space):
+        score = accuracy  # this point was scored in the stage before
       else:
-        accuracy = float(simulate(candidate, train, validation, simulation))
-        candidates.append(Candidate(dict(settings), accuracy))
-      scored.append((accuracy, settings))
+        score = float(simulate(candidate, train, validation, simulation_for(candidate)))
+        candidates.append(Candidate(dict(settings), score))
+      scored.append((score, candidate))
     # max keeps the first of equals: the given values when they tie.
-    accuracy, settings = max(scored, key=lambda pair: pair[0])
-    return dataclasses.replace(base, **settings), accuracy
-
-  tuned, accuracy = best_of(config, first)
-  if second:
-    tuned, accuracy = best_of(tuned, second, accuracy)
+    accuracy, tuned = max(scored, key=lambda pair: pair[0])
+  lengths = ()
+  if tune_space.EPOCHS in space:
+    lengths = tuple(dict({"epochs" if steps is None else "steps":
+                          epochs if steps is None else steps}, **dataclasses.asdict(simulation))
+                    for (epochs, steps), simulation in simulations.items())
   return TuningResult(
-      config=tuned, chosen=_tuned_values(tuned), given=_tuned_values(config),
-      candidates=tuple(candidates), grid=_grid_of(first + second), simulation=simulation,
-      num_public_train=len(train[1]), num_public_validation=len(validation[1]))
+      config=tuned, chosen=_tuned_values(tuned, space), given=_tuned_values(config, space),
+      candidates=tuple(candidates), grid=grid, simulation=simulation_for(tuned),
+      num_public_train=len(train[1]), num_public_validation=len(validation[1]), space=space,
+      simulations=lengths)
 
 
-def _grid_of(points) -> Dict[str, list]:
-  """Setting -> its values in the grid's `points`, in order."""
-  tried = {}
+def _apply(config: TrainConfig, settings: Dict[str, Any]) -> TrainConfig:
+  if "mode" in settings:
+    return _with_masks(config, settings["mode"], settings["rule"], settings["frozen_value"])
+  return dataclasses.replace(config, **settings)
+
+
+def _with_masks(config: TrainConfig, mode: str, rule: Optional[str],
+                frozen_value: Optional[str]) -> TrainConfig:
+  """`config` with the masks (mode, rule, frozen value); its sparsity and re-selection period
+  are kept where the mode has them (the defaults otherwise). Raises ConfigError as the config
+  does."""
+  if mode == mask_modes.NONE:
+    return dataclasses.replace(config, mode=mode, rule=None, sparsity=None, select_every=None,
+                               frozen_value=None)
+  masked = config.mode != mask_modes.NONE
+  return dataclasses.replace(
+      config, mode=mode, rule=rule, sparsity=config.sparsity if masked else None,
+      select_every=(config.select_every if mode == config.mode == mask_modes.SELECT else None),
+      frozen_value=frozen_value)
+
+
+def _add_to_grid(grid: Dict[str, list], names, points) -> None:
+  """The stage's `points` into the record's grid: setting -> its values in order; the masks
+  stage's points whole (its mode, rule and frozen value are not a product)."""
+  if tune_space.MASKS in names:
+    grid["masks"] = [dict(point) for point in points]
+    return
   for point in points:
     for name, value in point.items():
-      tried.setdefault(name, {})[value] = None
-  return {name: list(values) for name, values in tried.items()}
+      values = grid.setdefault(name, [])
+      if value not in values:
+        values.append(value)
 
 
-def _tuned_values(config: TrainConfig) -> Dict[str, Any]:
-  values = {"learning_rate": config.learning_rate, "l2_norm_clip": config.l2_norm_clip}
-  if config.mode != mask_modes.NONE:
-    values["sparsity"] = config.effective_sparsity
+def _tuned_values(config: TrainConfig, space: Sequence[str]) -> Dict[str, Any]:
+  """The config's values of the settings `space` tunes, as `dataclasses.replace` takes them
+  (so that a resumption applies them)."""
+  values = {}
+  if tune_space.LEARNING_RATE in space:
+    values["learning_rate"] = config.learning_rate
+  if tune_space.L2_NORM_CLIP in space:
+    values["l2_norm_clip"] = config.l2_norm_clip
+  masked = config.mode != mask_modes.NONE
+  if tune_space.MASKS in space:
+    values.update(mode=config.mode, rule=config.effective_rule,
+                  frozen_value=config.effective_frozen_value,
+                  select_every=config.effective_select_every)
+  if tune_space.MASKS in space or (tune_space.SPARSITY in space and masked):
+    values["sparsity"] = config.effective_sparsity if masked else None
+  if tune_space.EPOCHS in space:
+    if config.steps is not None:
+      values["steps"] = config.steps
+    else:
+      values["epochs"] = config.epochs
   return values
 
 
 def _given_first(given: Optional[float], values: Sequence[float]) -> Tuple[float, ...]:
   return tuple(dict.fromkeys([float(given)] + [float(v) for v in values]))
+
+
+def _text(value) -> str:
+  return f"{value:g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else (
+      str(value))

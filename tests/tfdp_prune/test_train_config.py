@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 
 from tfdp_prune import train_config
+from tfdp_prune import tune_space
 from tfdp_prune.train_config import ConfigError
 from tfdp_prune.train_config import TrainConfig
 
@@ -156,3 +157,42 @@ def test_tune_takes_the_tuner_names_only():
   assert TrainConfig(tune="public").tune == "public"
   with pytest.raises(ConfigError, match="--tune"):
     TrainConfig(tune="everything")
+
+
+def test_tune_space_takes_the_tuners_names_in_stage_order():
+  config = TrainConfig(tune="public", tune_space=" epochs, masks,learning_rate")
+  assert tune_space.parse(config.tune_space) == ("learning_rate", "masks", "epochs")
+  assert tune_space.parse(None) == ("learning_rate", "l2_norm_clip", "sparsity")
+  assert train_config.resolve("default", {"tune": "public", "tune_space": "masks"}).tune_space
+  for bad, why in (("learning_rate,momentum", r"unknown \['momentum'\]"),
+                   (" , ", "an empty list")):
+    with pytest.raises(ConfigError, match=rf"Expected --tune_space .*Received: .*{why}"):
+      TrainConfig(tune="public", tune_space=bad)
+
+
+@pytest.mark.parametrize("tune", ["none", "private"])
+def test_tune_space_without_public_tuning_is_refused(tune):
+  extra = dict(accountant="rdp", tune_candidates="learning_rate=0.1") if tune == "private" else {}
+  with pytest.raises(ConfigError, match=rf"--tune_space has no effect without --tune=public\. "
+                     rf"Received: --tune_space='epochs' with --tune={tune}"):
+    TrainConfig(tune=tune, tune_space="epochs", **extra)
+
+
+def test_tuning_the_length_at_a_fixed_noise_multiplier_is_refused():
+  """Another length at a fixed sigma is another epsilon: the candidates would differ in
+  privacy, not only in accuracy."""
+  with pytest.raises(ConfigError, match="epochs needs --epsilon.*another length at a fixed "
+                     "noise multiplier is another epsilon"):
+    TrainConfig(tune="public", tune_space="epochs", epsilon=None, noise_multiplier=1.0)
+  with pytest.raises(ConfigError, match="another epsilon"):  # the flags' way: one clears other
+    train_config.resolve("default", {"tune": "public", "tune_space": "epochs",
+                                     "noise_multiplier": 0.0})
+  assert TrainConfig(tune="public", tune_space="learning_rate", epsilon=None,
+                     noise_multiplier=1.0).tune_space == "learning_rate"
+
+
+def test_tuning_the_sparsity_of_a_dense_run_is_refused_unless_the_masks_are_tuned():
+  with pytest.raises(ConfigError, match="sparsity needs masks: --mode=none"):
+    TrainConfig(tune="public", tune_space="sparsity", mode="none")
+  assert TrainConfig(tune="public", tune_space="masks,sparsity", mode="none").mode == "none"
+  assert TrainConfig(tune="public", mode="none").tune_space is None  # the default space

@@ -2,6 +2,7 @@
 read, and the chosen values are the run's and its metadata's."""
 
 import dataclasses
+import json
 import os
 
 import numpy as np
@@ -146,3 +147,178 @@ def test_a_refused_tuned_run_leaves_no_tuning_record_for_a_later_export(digits, 
   assert not os.path.exists(tmp_path / training.TUNING_RECORD)
   exported = training.export_checkpoint(str(tmp_path), str(tmp_path / "export"))
   assert export_lib.read_metadata(exported).tuning is None
+
+
+# ---- --tune_space: the length and the masks ----------------------------------------------------
+
+# A calibrated run (the length is tuned at a fixed epsilon): RDP, one private epoch (14 steps).
+CALIBRATED = dict(SHORT, steps=None, epochs=1.0, epsilon=4.0)
+
+
+class _Recorder:
+  """A `simulate` that runs nothing: it records each (config, simulation) it gets and scores a
+  candidate by `score(config)`."""
+
+  def __init__(self, score):
+    self.score = score
+    self.calls = []
+
+  def __call__(self, config, train_part, validation, simulation):
+    self.calls.append((config, simulation))
+    return self.score(config)
+
+
+def test_tuning_the_length_never_reads_a_private_example(digits, monkeypatch):
+  n = digits.info.num_private
+  splits = dataclasses.replace(digits, private=(_Untouchable(n), _Untouchable(n)))
+  monkeypatch.setattr(training, "simulate_on_public", _Recorder(lambda config: 0.5))
+  config = TrainConfig(**CALIBRATED, tune="public", tune_space="epochs,learning_rate")
+  result = training.tune_on_public(config, splits)
+  assert result.record()["grid"]["epochs"] == [1.0, 0.5, 2.0]
+  assert [s["epochs"] for s in result.record()["simulations"]] == [1.0, 0.5, 2.0]
+  assert result.record()["private_data_read"] is False
+
+
+def test_each_length_is_simulated_with_its_own_plan_and_the_chosen_one_is_the_runs(
+    digits, monkeypatch):
+  # The longest candidate scores best: the real run must then train 2 epochs with the sigma
+  # calibrated to the target for 2 epochs, and spend no more than the target.
+  recorder = _Recorder(lambda config: config.epochs / 10)
+  monkeypatch.setattr(training, "simulate_on_public", recorder)
+  config = TrainConfig(**CALIBRATED, tune="public", tune_space="epochs")
+  result = training.train(config, splits=digits)
+  seen = {}
+  for candidate, simulation in recorder.calls:
+    plan, batch = training.plan_for_size(candidate, digits.info.num_private)
+    assert simulation.steps == plan.steps
+    assert simulation.private_noise_multiplier == plan.noise_multiplier
+    assert simulation.noise_multiplier == pytest.approx(tuning.matched_noise_multiplier(
+        plan.noise_multiplier, batch, simulation.batch_size))
+    seen[candidate.epochs] = (simulation.steps, simulation.private_noise_multiplier)
+  assert sorted(seen) == [0.5, 1.0, 2.0]
+  # Another length, another calibration: more steps need more noise for the same epsilon.
+  assert seen[0.5][0] < seen[1.0][0] < seen[2.0][0]
+  assert seen[0.5][1] < seen[1.0][1] < seen[2.0][1]
+  tuned = result.metadata.tuning
+  assert tuned["chosen"] == {"epochs": 2.0} and tuned["given"] == {"epochs": 1.0}
+  assert [s["epochs"] for s in tuned["simulations"]] == [1.0, 0.5, 2.0]
+  assert (result.metadata.steps, result.metadata.noise_multiplier) == seen[2.0]
+  assert result.metadata.epsilon <= config.epsilon
+
+
+def test_a_run_given_in_steps_tunes_its_steps(digits, monkeypatch):
+  recorder = _Recorder(lambda config: -config.steps)  # the shortest wins
+  monkeypatch.setattr(training, "simulate_on_public", recorder)
+  config = TrainConfig(**dict(CALIBRATED, epochs=None, steps=10), tune="public",
+                       tune_space="epochs")
+  result = training.tune_on_public(config, digits)
+  assert [c.steps for c, _ in recorder.calls] == [10, 5, 20]
+  assert [s.steps for _, s in recorder.calls] == [10, 5, 20]
+  assert result.chosen == {"steps": 5} and result.config.steps == 5
+
+
+def _masks_of(config):
+  return (config.mode, config.effective_rule, config.effective_frozen_value)
+
+
+def test_each_mask_candidate_is_simulated_as_it_is_and_the_chosen_one_is_the_runs(
+    digits, monkeypatch):
+  chosen = ("select", "public_gradient", None)
+  recorder = _Recorder(lambda config: float(_masks_of(config) == chosen))
+  monkeypatch.setattr(training, "simulate_on_public", recorder)
+  config = TrainConfig(**SHORT, epsilon=None, noise_multiplier=1.0, tune="public",
+                       tune_space="masks", sparsity=0.9)
+  result = training.train(config, splits=digits)
+  tried = [_masks_of(candidate) for candidate, _ in recorder.calls]
+  assert tried == [("freeze", "magnitude", "zero"), ("none", None, None),
+                   ("freeze", "magnitude", "keep"), ("select", "magnitude", None), chosen]
+  # The masked candidates keep the given sparsity; the dense one has none.
+  assert [c.effective_sparsity for c, _ in recorder.calls] == [0.9, 0.0, 0.9, 0.9, 0.9]
+  tuned = result.metadata.tuning
+  assert tuned["chosen"] == {"mode": "select", "rule": "public_gradient", "frozen_value": None,
+                             "select_every": 10, "sparsity": 0.9}
+  assert tuned["grid"]["masks"][-1] == {"mode": "select", "rule": "public_gradient",
+                                        "frozen_value": None}
+  assert result.metadata.mask_mode == "select"
+  assert result.metadata.mask_rule["name"] == "public_gradient"
+  assert result.metadata.mask_rule["select_every"] == 10
+  assert "mode select, rule public_gradient" in training.summary(result.metadata, None, None)
+
+
+def test_a_mask_candidate_the_config_refuses_is_never_tried(digits, monkeypatch):
+  monkeypatch.setattr(tuning, "MASKS", tuning.MASKS + (
+      ("select", "magnitude", "keep"),  # --frozen_value applies to --mode=freeze only
+      ("freeze", "no_such_rule", "zero")))
+  config = TrainConfig(**SHORT, epsilon=None, noise_multiplier=1.0, tune="public",
+                       tune_space="masks", mode="select")
+  points = [tuple(p.values()) for p in tuning.mask_candidates(config)]
+  assert points == [("select", "magnitude", None), ("none", None, None),
+                    ("freeze", "magnitude", "zero"), ("freeze", "magnitude", "keep"),
+                    ("select", "public_gradient", None)]
+  recorder = _Recorder(lambda config: 0.5)
+  monkeypatch.setattr(training, "simulate_on_public", recorder)
+  result = training.tune_on_public(config, digits)
+  assert [_masks_of(c) for c, _ in recorder.calls] == points
+  assert result.chosen["mode"] == "select"  # a tie keeps the given masks
+
+
+def test_the_dense_choice_clears_the_mask_settings_and_skips_the_sparsity_stage(digits,
+                                                                                monkeypatch):
+  recorder = _Recorder(lambda config: float(config.mode == "none"))
+  monkeypatch.setattr(training, "simulate_on_public", recorder)
+  config = TrainConfig(**SHORT, epsilon=None, noise_multiplier=1.0, tune="public",
+                       tune_space="masks,sparsity", mode="select", select_every=3)
+  result = training.tune_on_public(config, digits)
+  assert len(recorder.calls) == len(tuning.mask_candidates(config))  # no sparsity stage
+  assert result.chosen == {"mode": "none", "rule": None, "frozen_value": None,
+                           "select_every": None, "sparsity": None}
+  assert dataclasses.replace(config, **result.chosen) == result.config
+  assert "sparsity" not in result.record()["grid"]
+
+
+def test_the_stages_run_in_order_each_from_the_best_so_far(digits, monkeypatch, small_grid):
+  monkeypatch.setattr(tuning, "MASKS", (("none", None, None),))
+  recorder = _Recorder(lambda config: config.learning_rate == 0.3 and config.mode == "freeze")
+  monkeypatch.setattr(training, "simulate_on_public", recorder)
+  config = TrainConfig(**CALIBRATED, tune="public",
+                       tune_space="learning_rate,l2_norm_clip,masks,sparsity,epochs")
+  result = training.tune_on_public(config, digits)
+  tried = [(c.learning_rate, c.mode, c.effective_sparsity, c.epochs)
+           for c, _ in recorder.calls]
+  assert tried == [(0.5, "freeze", 0.8, 1.0), (0.3, "freeze", 0.8, 1.0),  # lr x clip
+                   (0.3, "none", 0.0, 1.0),  # masks (the given ones were scored)
+                   (0.3, "freeze", 0.5, 1.0),  # sparsity
+                   (0.3, "freeze", 0.8, 0.5), (0.3, "freeze", 0.8, 2.0)]  # length
+  assert result.chosen["learning_rate"] == 0.3 and result.chosen["epochs"] == 1.0
+  assert result.record()["space"] == ["learning_rate", "l2_norm_clip", "masks", "sparsity",
+                                      "epochs"]
+
+
+def test_the_record_round_trips_and_an_older_record_still_reads_back(digits, tmp_path,
+                                                                     monkeypatch):
+  recorder = _Recorder(lambda config: float(config.mode == "select"))
+  monkeypatch.setattr(training, "simulate_on_public", recorder)
+  config = TrainConfig(**CALIBRATED, tune="public", tune_space="masks,epochs",
+                       checkpoint_dir=str(tmp_path))
+  result = training.train(config, splits=digits)
+  tuned = result.metadata.tuning
+  assert PrivacyMetadata.from_json(result.metadata.to_json()) == result.metadata
+  assert tuned["space"] == ["masks", "epochs"]
+  monkeypatch.setattr(training, "tune_on_public", lambda *args: pytest.fail("tuned again"))
+  resumed, record = training._tune(config, digits)  # the record in checkpoint_dir
+  assert record == tuned and resumed.mode == "select" and resumed.epochs == 1.0
+  exported = training.export_checkpoint(str(tmp_path), str(tmp_path / "export"))
+  assert export_lib.read_metadata(exported).tuning == tuned
+  # A record written before --tune_space (no "space", no "simulations") reads back as before.
+  older = {key: value for key, value in tuned.items() if key not in ("space", "simulations")}
+  older.update(chosen={"learning_rate": 0.3, "l2_norm_clip": 1.0, "sparsity": 0.8},
+               candidates=[{"learning_rate": 0.3, "l2_norm_clip": 1.0,
+                            "public_validation_accuracy": 0.75}])
+  assert tuning.record_summary(older).startswith(
+      "tuning (public; no private data read): learning_rate 0.3, l2_norm_clip 1, sparsity 0.8;")
+  (tmp_path / "old").mkdir()
+  (tmp_path / "old" / training.TUNING_RECORD).write_text(json.dumps(older))
+  resumed, record = training._tune(
+      TrainConfig(**SHORT, epsilon=None, noise_multiplier=1.0, tune="public",
+                  checkpoint_dir=str(tmp_path / "old")), digits)
+  assert record == older and (resumed.learning_rate, resumed.sparsity) == (0.3, 0.8)
