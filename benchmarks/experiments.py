@@ -404,7 +404,7 @@ class SharedTuning:
     """The tuning record of cell `key`; tunes `config` on `splits()` unless a record for that
     config exists."""
     record = self.records.get(key)
-    if record is None or record["config"] != config.to_dict():
+    if record is None or not same_config(record["config"], config):
       start = time.time()
       result = self._tune(config, splits())
       candidates = result.get("candidates", [])
@@ -418,6 +418,14 @@ class SharedTuning:
                 "wall_time_s": round(time.time() - start, 2)}
       self.records[key] = record
     return record
+
+
+def same_config(stored: Dict[str, Any], config) -> bool:
+  """Whether a stored `config.to_dict()` is `config`'s. A setting added to TrainConfig since
+  the record was written is absent from it, and equal if `config` leaves it unset (None)."""
+  def set_values(values):
+    return {name: value for name, value in values.items() if value is not None}
+  return set_values(stored) == set_values(config.to_dict())
 
 
 def train_config_from_dict(values: Dict[str, Any]):
@@ -548,7 +556,7 @@ def run_grid(grid: Grid, out: str, resume: bool, quick: bool, started: float) ->
         try:
           config, tuning = make_config(spec, grid, splits_of, sigma_cache, shared)
           record = previous.get(spec.run_id)
-          if record is None or record["config"] != config.to_dict():
+          if record is None or not same_config(record["config"], config):
             record = run_one(spec, config, splits, tuning)
         except Exception as error:  # pylint: disable=broad-except
           traceback.print_exc()

@@ -454,3 +454,17 @@ def test_forget_traced_gradients_frees_a_finished_runs_graphs():
   assert experiments.traced_gradient_names() == before
   gc.collect()
   assert [ref() for ref in graphs if ref() is not None] == []
+
+
+def test_a_stored_config_matches_unless_a_setting_differs():
+  """--resume reuses runs and tunings stored before a TrainConfig setting was added (absent
+  from the record, unset now), and never one whose settings differ."""
+  from tfdp_prune import train_config  # pylint: disable=import-outside-toplevel
+  config = train_config.resolve("default", {"model": "mlp", "epsilon": 2.0})
+  stored = config.to_dict()
+  unset = [name for name, value in stored.items() if value is None]
+  assert unset
+  older = {name: value for name, value in stored.items() if name != unset[0]}
+  assert experiments.same_config(older, config)
+  assert not experiments.same_config(dict(stored, epsilon=4.0), config)
+  assert not experiments.same_config(dict(stored, **{unset[0]: 1}), config)
