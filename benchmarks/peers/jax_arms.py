@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import arms
 import harness
 
 GN_GROUPS = 16
@@ -222,7 +223,7 @@ def jax_privacy_dp_step(clipped_grad_fn, privatizer, optimizer):
   return step
 
 
-ARMS = ("jax_nonprivate", "jax_vmap_dp", "jax_privacy_dp")
+ARMS = tuple(a for a in arms.PEER_ARMS if arms.module_name(a) == "jax_arms")
 
 
 def make_step(arm, apply, params, batch, *, l2_norm_clip, noise_multiplier, learning_rate, seed):
