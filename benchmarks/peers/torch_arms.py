@@ -176,12 +176,29 @@ def make_private(module, batch, x, y, *, l2_norm_clip, noise_multiplier, learnin
   return private_module, optimizer
 
 
+def nchw(images):
+  """NHWC numpy images as an NCHW tensor with NCHW strides.
+
+  Not `np.ascontiguousarray(images.transpose(0, 3, 1, 2))`: with one channel that is a view
+  whose strides are channels-last, which propagates through the convolutions, and Opacus 1.6.0's
+  `unfold2d` (its Conv2d grad sampler) assumes NCHW strides: it silently returns wrong
+  per-sample gradients for channels-last activations (found by check_dp.py)."""
+  x = torch.from_numpy(np.array(images).transpose(0, 3, 1, 2))
+  return x.clone(memory_format=torch.contiguous_format)
+
+
+def functorch_layers(module):
+  """How many layers of an Opacus-wrapped module get their per-sample gradients from Opacus'
+  functorch fallback (no registered grad sampler) rather than a grad sampler."""
+  return sum(hasattr(m, "ft_compute_sample_grad") for m in module.modules())
+
+
 def fixed_batch(model_name, batch, seed):
   """The batch step_time.py's child draws (same generator calls), as NCHW float32 tensors."""
   rng = np.random.default_rng(seed)
   x = rng.random((batch,) + INPUT_SHAPES[model_name], dtype=np.float32)
   y = rng.integers(0, 10, size=(batch,))
-  return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))), torch.from_numpy(y)
+  return nchw(x), torch.from_numpy(y)
 
 
 def thread_notes():
@@ -209,6 +226,7 @@ def build(model_name, arm, batch, seed, *, l2_norm_clip, noise_multiplier, learn
                                      noise_multiplier=noise_multiplier,
                                      learning_rate=learning_rate)
     notes["opacus"] = opacus.__version__
+    notes["functorch_layers"] = functorch_layers(module)
   module.train()
 
   def step():
