@@ -377,6 +377,10 @@ def add_ratios(results):
   for r in results:
     r["framework"] = framework(r["arm"])
     r["baseline_arm"] = baseline_arm(r["arm"])
+    reference = by_key.get((r["model"], "nonprivate"))
+    if ("params" in r and reference is not None and "params" in reference
+        and r["params"] != reference["params"]):
+      r.setdefault("notes", {})["params_differ_from_nonprivate"] = reference["params"]
     base = by_key.get((r["model"], r["baseline_arm"]))
     if "error" in r or base is None or "error" in base:
       continue
@@ -445,23 +449,24 @@ def _markdown(report):
       "ru_maxrss of the arm's own process; increase = peak minus RSS after model build "
       "(before the first step).",
       "",
-      "| model | batch | framework | arm | median step (ms) | x own non-private | min step (ms) "
-      "| min x own non-private | CPU step (ms) | CPU x own non-private | timed steps | rounds "
-      "| first step (s) | peak RSS (MB) | RSS increase (MB) | load avg | notes |",
-      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+      "| model | batch | framework | arm | params | median step (ms) | x own non-private "
+      "| min step (ms) | min x own non-private | CPU step (ms) | CPU x own non-private "
+      "| timed steps | rounds | first step (s) | peak RSS (MB) | RSS increase (MB) | load avg | notes |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for r in report["results"]:
     fw = framework(r["arm"])
     if "error" in r:
       status = "not installed" if r.get("not_installed") else "FAILED"
-      lines.append(f"| {r['model']} | {r['batch']} | {fw} | {r['arm']} | {status} | | | | | | "
-                   f"| | | | | | {r['error']} |")
+      lines.append(f"| {r['model']} | {r['batch']} | {fw} | {r['arm']} | | {status} | | | | | "
+                   f"| | | | | | | {r['error']} |")
       continue
     notes = "; ".join(f"{k}={v}" for k, v in r.get("notes", {}).items())
     if r.get("failed_rounds"):
       notes = f"failed rounds={r['failed_rounds']}; " + notes
     lines.append(
-        f"| {r['model']} | {r['batch']} | {fw} | {r['arm']} | {_ms(r['median_step_s'])} | "
+        f"| {r['model']} | {r['batch']} | {fw} | {r['arm']} | {_fmt(r.get('params'), ',')} | "
+        f"{_ms(r['median_step_s'])} | "
         f"{_fmt(r.get('ratio_to_nonprivate'), '.2f')} | {_ms(r['min_step_s'])} | "
         f"{_fmt(r.get('min_ratio_to_nonprivate'), '.2f')} | "
         f"{_ms(r.get('median_cpu_step_s'))} | "
