@@ -8,8 +8,9 @@ import platform
 def cpu_info(path="/proc/cpuinfo") -> dict:
   """CPU model and vector extensions from /proc/cpuinfo (Linux); empty fields elsewhere.
 
-  TF's CPU kernels (oneDNN, Eigen) pick AVX-512 paths when present, so the ratios between
-  batched matmuls and per-example loops differ between CPUs: results name theirs."""
+  TF's, XLA's and PyTorch's CPU kernels (oneDNN, Eigen) pick AVX-512 (and AMX) paths when
+  present, so the ratios between batched matmuls and per-example loops differ between CPUs:
+  results name theirs."""
   model, flags = None, set()
   try:
     with open(path) as f:
@@ -23,8 +24,9 @@ def cpu_info(path="/proc/cpuinfo") -> dict:
   except OSError:
     pass
   avx512 = sorted(f for f in flags if f.startswith("avx512"))
+  amx = sorted(f for f in flags if f.startswith("amx"))
   return {"cpu_model": model, "avx512": bool(avx512), "avx512_flags": avx512,
-          "avx2": "avx2" in flags}
+          "avx2": "avx2" in flags, "amx": bool(amx), "amx_flags": amx}
 
 
 def machine() -> dict:

@@ -16,6 +16,14 @@ Arms:
   tfp_dpmodel     TF Privacy DPSequential / DPModel with make_default_layer_registry() (fast
                   gradient clipping when every trainable layer is registered), use_xla=True
                   (its default), plain SGD, mean loss.
+  jax_*, torch_nonprivate, opacus_*
+                  peer libraries on the same models (benchmarks/peers/arms.py), run by the
+                  peers' own Python (benchmarks/peers/.venv, made by benchmarks/peers/setup.sh);
+                  reported as not installed when it is missing. Each DP arm's ratio is to its
+                  own framework's non-private arm.
+
+--rounds N runs every (model, arm) once per round, round after round, so all arms see the same
+machine state; per arm: the median over rounds, and ratios as the median of the per-round ratios.
 
 Usage (from the repo root):
   /work/venv/bin/python benchmarks/step_time.py --models=cnn,wrn \
@@ -33,13 +41,18 @@ import time
 import traceback
 
 import machine  # benchmarks/machine.py (the script's directory is on sys.path)
+from peers import arms as peer_arms  # benchmarks/peers/arms.py: standard library only
 import provenance  # benchmarks/provenance.py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 
-ARMS = ("nonprivate", "tfdp", "tfdp_mask80", "tfdp_vectorized", "tfdp_vectorized_mask80",
-        "tfp_vectorized", "tfp_dpmodel")
+TF_ARMS = ("nonprivate", "tfdp", "tfdp_mask80", "tfdp_vectorized", "tfdp_vectorized_mask80",
+           "tfp_vectorized", "tfp_dpmodel")
+ARMS = TF_ARMS + tuple(peer_arms.PEER_ARMS)
+PEERS_DIR = os.path.join(HERE, "peers")
+PEERS_PYTHON = os.path.join(PEERS_DIR, ".venv", "bin", "python")
+NOT_INSTALLED = "not installed (run benchmarks/peers/setup.sh)"
 MODELS = {"cnn": {"batch": 250, "input_shape": (28, 28, 1)},
           "wrn": {"batch": 32, "input_shape": (32, 32, 3)}}
 ARM_LABELS = {
@@ -50,6 +63,7 @@ ARM_LABELS = {
     "tfdp_vectorized_mask80": "tfdp_prune, vectorized engine, masks 80% sparse",
     "tfp_vectorized": "TF Privacy VectorizedDPKerasSGDOptimizer",
     "tfp_dpmodel": "TF Privacy DPModel (registry, XLA)",
+    **{arm: peer_arms.label(arm) for arm in peer_arms.PEER_ARMS},
 }
 L2_NORM_CLIP = 1.0
 NOISE_MULTIPLIER = 1.1
@@ -233,7 +247,63 @@ def _snapshot_tfdp_prune(dest, source=REPO):
   return digest.hexdigest()[:12]
 
 
+def framework(arm):
+  """The framework whose non-private step an arm's ratio is taken against."""
+  return "tf_keras" if arm in TF_ARMS else peer_arms.framework(arm)
+
+
+def baseline_arm(arm):
+  """The non-private arm of `arm`'s own framework."""
+  return "nonprivate" if arm in TF_ARMS else peer_arms.baseline(arm)
+
+
+def schedule(model_names, arm_names, rounds):
+  """[(round, model, arm)]: every (model, arm) once per round, in the same order each round."""
+  return [(r, model, arm) for r in range(rounds) for model in model_names for arm in arm_names]
+
+
+def _peer_versions(python):
+  """Versions and thread settings of the peers' environment; None when it is not installed."""
+  if not os.path.exists(python):
+    return None
+  code = ("import json, os, importlib.metadata as m\n"
+          "def v(p):\n"
+          "  try: return m.version(p)\n"
+          "  except Exception: return None\n"
+          "out = {p: v(p) for p in ('jax', 'jaxlib', 'jax-privacy', 'optax', 'torch', 'opacus',"
+          " 'numpy')}\n"
+          "import torch\n"
+          "out['torch_intra_op_threads'] = torch.get_num_threads()\n"
+          "out['torch_inter_op_threads'] = torch.get_num_interop_threads()\n"
+          "out.update({k: os.environ.get(k) for k in ('OMP_NUM_THREADS', 'XLA_FLAGS')})\n"
+          "print(json.dumps(out))")
+  proc = subprocess.run([python, "-c", code], capture_output=True, text=True, check=False)
+  if proc.returncode:
+    return {"error": proc.stderr[-2000:]}
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _run_peer_arm(model, arm, args):
+  """A peer arm, in the peers' own Python (benchmarks/peers/run_arm.py)."""
+  batch = args.batch or MODELS[model]["batch"]
+  if not os.path.exists(args.peers_python):
+    return {"model": model, "arm": arm, "batch": batch, "error": NOT_INSTALLED,
+            "not_installed": True}
+  if args.accumulation_steps > 1:
+    return {"model": model, "arm": arm, "batch": batch,
+            "error": "--accumulation_steps applies to the tfdp arms only"}
+  cmd = [args.peers_python, os.path.join(PEERS_DIR, "run_arm.py"), f"--model={model}",
+         f"--arm={arm}", f"--batch={batch}", f"--steps={args.steps}",
+         f"--min_steps={args.min_steps}", f"--warmup={args.warmup}",
+         f"--budget_s={args.budget_s}", f"--seed={args.seed}", f"--wrn_width={args.wrn_width}",
+         f"--l2_norm_clip={L2_NORM_CLIP}", f"--noise_multiplier={NOISE_MULTIPLIER}",
+         f"--learning_rate={LEARNING_RATE}"]
+  return _run_child_process(cmd, dict(os.environ), model, arm, batch, args.timeout_s)
+
+
 def _run_arm(model, arm, args):
+  if arm not in TF_ARMS:
+    return _run_peer_arm(model, arm, args)
   cmd = [sys.executable, os.path.abspath(__file__), "--child", f"--model={model}", f"--arm={arm}",
          f"--steps={args.steps}", f"--min_steps={args.min_steps}", f"--warmup={args.warmup}",
          f"--budget_s={args.budget_s}", f"--seed={args.seed}", f"--batch={args.batch}",
@@ -241,13 +311,19 @@ def _run_arm(model, arm, args):
   env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2")
   env["PYTHONPATH"] = args.code_dir + (
       os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+  return _run_child_process(cmd, env, model, arm, args.batch or MODELS[model]["batch"],
+                            args.timeout_s)
+
+
+def _run_child_process(cmd, env, model, arm, batch, timeout_s):
+  """Runs one child; its RESULT_JSON line, or an error record."""
   t0 = time.time()
   try:
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout_s,
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s,
                           cwd=REPO)
   except subprocess.TimeoutExpired as e:
-    return {"model": model, "arm": arm, "batch": args.batch or MODELS[model]["batch"],
-            "error": f"timed out after {args.timeout_s} s",
+    return {"model": model, "arm": arm, "batch": batch,
+            "error": f"timed out after {timeout_s} s",
             "stderr_tail": (e.stderr or b"")[-3000:].decode(errors="replace")
                            if isinstance(e.stderr, bytes) else (e.stderr or "")[-3000:]}
   wall = time.time() - t0
@@ -256,13 +332,96 @@ def _run_arm(model, arm, args):
       result = json.loads(line[len("RESULT_JSON "):])
       result["wall_s"] = wall
       return result
-  return {"model": model, "arm": arm, "batch": args.batch or MODELS[model]["batch"],
+  return {"model": model, "arm": arm, "batch": batch,
           "error": f"child exited with code {proc.returncode}", "wall_s": wall,
           "stderr_tail": proc.stderr[-6000:]}
 
 
+def aggregate(runs):
+  """One result per (model, arm) from its runs in every round (first-seen order).
+
+  Step times: the median over rounds of each round's median (min: the min over rounds); peak
+  RSS: the max over rounds; `per_round` keeps each round's times for the paired ratios. An arm
+  with no successful round keeps its last error."""
+  groups = {}
+  for run in runs:
+    groups.setdefault((run["model"], run["arm"]), []).append(run)
+  results = []
+  for group in groups.values():
+    ok = [r for r in group if "error" not in r]
+    if not ok:
+      results.append(dict(group[-1], rounds=0, failed_rounds=len(group)))
+      continue
+    result = dict(ok[-1])
+    median = lambda key: statistics.median(r[key] for r in ok)
+    result.update(
+        median_step_s=median("median_step_s"), median_cpu_step_s=median("median_cpu_step_s"),
+        first_step_s=median("first_step_s"), loadavg_1min_at_end=median("loadavg_1min_at_end"),
+        min_step_s=min(r["min_step_s"] for r in ok), max_step_s=max(r["max_step_s"] for r in ok),
+        peak_rss_mb=max(r["peak_rss_mb"] for r in ok),
+        peak_rss_increase_mb=max(r["peak_rss_increase_mb"] for r in ok),
+        timed_steps=sum(r["timed_steps"] for r in ok),
+        rounds=len(ok), failed_rounds=len(group) - len(ok),
+        per_round=[{"round": r.get("round", i), "median_step_s": r["median_step_s"],
+                    "median_cpu_step_s": r["median_cpu_step_s"], "min_step_s": r["min_step_s"]}
+                   for i, r in enumerate(ok)])
+    results.append(result)
+  return results
+
+
+def add_ratios(results):
+  """Adds to each result the ratios to its own framework's non-private arm on the same model
+  (`baseline_arm`): the median over the rounds both ran of the per-round ratio (median and CPU
+  time), and the ratio of the minima."""
+  by_key = {(r["model"], r["arm"]): r for r in results}
+  for r in results:
+    r["framework"] = framework(r["arm"])
+    r["baseline_arm"] = baseline_arm(r["arm"])
+    reference = by_key.get((r["model"], "nonprivate"))
+    if ("params" in r and reference is not None and "params" in reference
+        and r["params"] != reference["params"]):
+      r.setdefault("notes", {})["params_differ_from_nonprivate"] = reference["params"]
+    base = by_key.get((r["model"], r["baseline_arm"]))
+    if "error" in r or base is None or "error" in base:
+      continue
+    base_rounds = {b["round"]: b for b in base["per_round"]}
+    paired = [(p, base_rounds[p["round"]]) for p in r["per_round"] if p["round"] in base_rounds]
+    if not paired:
+      continue
+    r["ratio_to_nonprivate"] = statistics.median(p["median_step_s"] / b["median_step_s"]
+                                                 for p, b in paired)
+    r["cpu_ratio_to_nonprivate"] = statistics.median(
+        p["median_cpu_step_s"] / b["median_cpu_step_s"] for p, b in paired)
+    r["min_ratio_to_nonprivate"] = r["min_step_s"] / base["min_step_s"]
+  return results
+
+
 def _fmt(v, spec):
   return "n/a" if v is None else format(v, spec)
+
+
+def _ms(v):
+  return "n/a" if v is None else format(1000 * v, ".1f")
+
+
+def machine_line(m):
+  """The CPU and the vector extensions that change the kernels' speed, from /proc/cpuinfo."""
+  avx512 = ("yes (" + ", ".join(m.get("avx512_flags") or []) + ")") if m.get("avx512") else "no"
+  return (f"{m['cpu_count']} CPUs ({m.get('cpu_model', '?')}; AVX-512: {avx512}; "
+          f"AVX2: {'yes' if m.get('avx2') else 'no'}; AMX: {'yes' if m.get('amx') else 'no'})")
+
+
+def _peers_line(v):
+  peers = v.get("peers")
+  if peers is None:
+    return f"peers: {NOT_INSTALLED}"
+  if "error" in peers:
+    return "peers: their Python failed to report versions"
+  return (f"peers: JAX {peers.get('jax')} (jaxlib {peers.get('jaxlib')}), jax_privacy "
+          f"{peers.get('jax-privacy')}, optax {peers.get('optax')}, PyTorch {peers.get('torch')} "
+          f"({peers.get('torch_intra_op_threads')} intra-op / "
+          f"{peers.get('torch_inter_op_threads')} inter-op threads), Opacus {peers.get('opacus')}"
+          f"; OMP_NUM_THREADS={peers.get('OMP_NUM_THREADS')}, XLA_FLAGS={peers.get('XLA_FLAGS')}")
 
 
 def _markdown(report):
@@ -270,39 +429,49 @@ def _markdown(report):
   lines = [
       "# Step time and peak memory",
       "",
-      f"{m['date']}; {m['cpu_count']} CPUs ({m.get('cpu_model', '?')}, AVX-512: "
-      f"{'yes' if m.get('avx512') else 'no'}), {m['platform']}; "
-      f"TF {v['tensorflow']}, tf_keras {v['tf_keras']}, TF Privacy {v['tensorflow_privacy']}; "
+      f"{m['date']}; {machine_line(m)}, {m['platform']}; "
+      f"TF {v['tensorflow']}, tf_keras {v['tf_keras']}, TF Privacy {v['tensorflow_privacy']} "
+      f"(TF threads: {v.get('intra_op_threads')} intra-op / {v.get('inter_op_threads')} "
+      f"inter-op, 0 = TF's default); {_peers_line(v)}; "
       f"tfdp_prune at {report.get('git_commit')} (snapshot sha256 "
       f"{report.get('tfdp_prune_snapshot_sha256')}); load average at start "
-      f"{report['loadavg_at_start'][0]:.2f}.",
+      f"{report['loadavg_at_start'][0]:.2f}; {report['settings'].get('rounds', 1)} round(s).",
       "",
       f"Command: `{report['command']}`",
       "",
-      "Median of the timed `train_on_batch` steps after warm-up (the first, tracing step is "
-      "excluded and shown as 'first step'). Ratio = median / non-private median of the same "
-      "model; the min columns are less sensitive to other load on the machine, and CPU = "
-      "median CPU seconds per step of all the process's threads (the work done; least "
-      "sensitive to other load). Peak RSS = ru_maxrss of the arm's own process; increase = "
-      "peak minus RSS after model build (before the first step).",
+      "Median of the timed steps after warm-up (the first, tracing/compiling step is excluded "
+      "and shown as 'first step'), in ms; with several rounds, the median over rounds. "
+      "x own non-private = the arm's median / the median of its OWN framework's non-private "
+      "arm on the same model (`nonprivate` for tf_keras arms, `jax_nonprivate`, "
+      "`torch_nonprivate`), the median of the per-round ratios; the min columns are less "
+      "sensitive to other load on the machine, and CPU = median CPU seconds per step of all "
+      "the process's threads (the work done; least sensitive to other load). Peak RSS = "
+      "ru_maxrss of the arm's own process; increase = peak minus RSS after model build "
+      "(before the first step).",
       "",
-      "| model | batch | arm | median step (s) | x non-private | min step (s) | min x non-private "
-      "| CPU step (s) | CPU x non-private | timed steps | first step (s) | peak RSS (MB) "
-      "| RSS increase (MB) | load avg | notes |",
-      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+      "| model | batch | framework | arm | params | median step (ms) | x own non-private "
+      "| min step (ms) | min x own non-private | CPU step (ms) | CPU x own non-private "
+      "| timed steps | rounds | first step (s) | peak RSS (MB) | RSS increase (MB) | load avg | notes |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for r in report["results"]:
+    fw = framework(r["arm"])
     if "error" in r:
-      lines.append(f"| {r['model']} | {r['batch']} | {r['arm']} | FAILED | | | | | | | | | "
-                   f"| | {r['error']} |")
+      status = "not installed" if r.get("not_installed") else "FAILED"
+      lines.append(f"| {r['model']} | {r['batch']} | {fw} | {r['arm']} | | {status} | | | | | "
+                   f"| | | | | | | {r['error']} |")
       continue
     notes = "; ".join(f"{k}={v}" for k, v in r.get("notes", {}).items())
+    if r.get("failed_rounds"):
+      notes = f"failed rounds={r['failed_rounds']}; " + notes
     lines.append(
-        f"| {r['model']} | {r['batch']} | {r['arm']} | {r['median_step_s']:.4f} | "
-        f"{_fmt(r.get('ratio_to_nonprivate'), '.2f')} | {r['min_step_s']:.4f} | "
+        f"| {r['model']} | {r['batch']} | {fw} | {r['arm']} | {_fmt(r.get('params'), ',')} | "
+        f"{_ms(r['median_step_s'])} | "
+        f"{_fmt(r.get('ratio_to_nonprivate'), '.2f')} | {_ms(r['min_step_s'])} | "
         f"{_fmt(r.get('min_ratio_to_nonprivate'), '.2f')} | "
-        f"{_fmt(r.get('median_cpu_step_s'), '.4f')} | "
+        f"{_ms(r.get('median_cpu_step_s'))} | "
         f"{_fmt(r.get('cpu_ratio_to_nonprivate'), '.2f')} | {r['timed_steps']} | "
+        f"{r.get('rounds', 1)} | "
         f"{r['first_step_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['peak_rss_increase_mb']:.0f} | "
         f"{r['loadavg_1min_at_end']:.1f} | {notes} |")
   lines += ["", "Arms: " + "; ".join(f"`{k}` = {v}" for k, v in ARM_LABELS.items()) + "."]
@@ -318,13 +487,19 @@ def run_parent(args):
   for name in arm_names:
     if name not in ARMS:
       raise SystemExit(f"unknown arm {name!r}; expected some of {list(ARMS)}")
+  if args.rounds < 1:
+    raise SystemExit(f"Expected --rounds >= 1. Received: --rounds={args.rounds}.")
+  versions = _versions()
+  if any(arm not in TF_ARMS for arm in arm_names):
+    versions["peers"] = _peer_versions(args.peers_python)
   report = {"command": " ".join([sys.executable] + sys.argv),
-            "machine": machine.machine(), "versions": _versions(),
+            "machine": machine.machine(), "versions": versions,
             "git_commit": provenance.git_commit(args.code or REPO),
             "settings": {"steps_max": args.steps, "min_steps": args.min_steps,
                          "warmup": args.warmup, "budget_s": args.budget_s, "seed": args.seed,
                          "l2_norm_clip": L2_NORM_CLIP, "noise_multiplier": NOISE_MULTIPLIER,
-                         "learning_rate": LEARNING_RATE, "mask_sparsity": SPARSITY},
+                         "learning_rate": LEARNING_RATE, "mask_sparsity": SPARSITY,
+                         "rounds": args.rounds},
             "results": []}
   import tempfile  # pylint: disable=import-outside-toplevel
   code_dir = tempfile.mkdtemp(prefix="tfdp_bench_code_")
@@ -337,32 +512,33 @@ def run_parent(args):
   out_md = os.path.splitext(out_json)[0] + ".md"
   os.makedirs(os.path.dirname(out_json), exist_ok=True)
 
+  print(machine_line(report["machine"]), flush=True)
+  if "peers" in versions:
+    print(_peers_line(versions), flush=True)
+  report["runs"] = []
+
   def write():
-    base = {r["model"]: r for r in report["results"]
-            if r["arm"] == "nonprivate" and "error" not in r}
-    for r in report["results"]:
-      if "error" not in r and r["model"] in base:
-        r["ratio_to_nonprivate"] = r["median_step_s"] / base[r["model"]]["median_step_s"]
-        r["min_ratio_to_nonprivate"] = r["min_step_s"] / base[r["model"]]["min_step_s"]
-        r["cpu_ratio_to_nonprivate"] = (r["median_cpu_step_s"]
-                                        / base[r["model"]]["median_cpu_step_s"])
+    report["results"] = add_ratios(aggregate(report["runs"]))
     with open(out_json, "w") as f:
       json.dump(report, f, indent=2)
     with open(out_md, "w") as f:
       f.write(_markdown(report))
 
-  for model in model_names:
-    for arm in arm_names:
-      print(f"[{time.strftime('%H:%M:%S')}] {model} / {arm} ...", flush=True)
-      result = _run_arm(model, arm, args)
-      report["results"].append(result)
-      if "error" in result:
-        print(f"  FAILED: {result['error']}\n{result.get('stderr_tail', '')[-2000:]}", flush=True)
-      else:
-        print(f"  median {result['median_step_s']:.4f} s over {result['timed_steps']} steps, "
-              f"first {result['first_step_s']:.1f} s, peak RSS {result['peak_rss_mb']:.0f} MB, "
-              f"wall {result['wall_s']:.0f} s", flush=True)
-      write()  # partial results survive an interrupted run
+  for round_index, model, arm in schedule(model_names, arm_names, args.rounds):
+    print(f"[{time.strftime('%H:%M:%S')}] round {round_index + 1}/{args.rounds}: "
+          f"{model} / {arm} ...", flush=True)
+    result = _run_arm(model, arm, args)
+    result["round"] = round_index
+    report["runs"].append(result)
+    if result.get("not_installed"):
+      print(f"  {result['error']}", flush=True)
+    elif "error" in result:
+      print(f"  FAILED: {result['error']}\n{result.get('stderr_tail', '')[-2000:]}", flush=True)
+    else:
+      print(f"  median {result['median_step_s']:.4f} s over {result['timed_steps']} steps, "
+            f"first {result['first_step_s']:.1f} s, peak RSS {result['peak_rss_mb']:.0f} MB, "
+            f"wall {result['wall_s']:.0f} s", flush=True)
+    write()  # partial results survive an interrupted run
   print(f"wrote {out_json} and {out_md}")
   print(_markdown(report))
 
@@ -386,6 +562,11 @@ def main():
   parser.add_argument("--accumulation_steps", type=int, default=1,
                       help="tfdp arms: physical batches per logical batch (a step is one "
                            "physical batch; time at least this many to include an update)")
+  parser.add_argument("--rounds", type=int, default=1,
+                      help="run every (model, arm) once per round, round after round; report "
+                           "the median over rounds")
+  parser.add_argument("--peers_python", default=PEERS_PYTHON,
+                      help="the Python of the peers' environment (benchmarks/peers/setup.sh)")
   parser.add_argument("--out", default=os.path.join(HERE, "results", "step_time.json"))
   parser.add_argument("--code", default=None,
                       help="a checkout whose tfdp_prune/ is measured (default: this one), "
