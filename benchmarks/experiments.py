@@ -585,8 +585,11 @@ def run_grid(grid: Grid, out: str, resume: bool, quick: bool, started: float) ->
 
 
 def _gradient_registry() -> Dict[str, Any]:
+  """TensorFlow's private gradient registry ({} where a TF version lays it out otherwise:
+  the grid then runs with the leak rather than stop)."""
   from tensorflow.python.framework import ops  # pylint: disable=import-outside-toplevel
-  return ops._gradient_registry._registry  # pylint: disable=protected-access
+  registry = getattr(getattr(ops, "_gradient_registry", None), "_registry", None)
+  return registry if isinstance(registry, dict) else {}
 
 
 def traced_gradient_names() -> frozenset:

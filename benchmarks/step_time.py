@@ -272,12 +272,19 @@ def _peer_versions(python):
           "  except Exception: return None\n"
           "out = {p: v(p) for p in ('jax', 'jaxlib', 'jax-privacy', 'optax', 'torch', 'opacus',"
           " 'numpy')}\n"
-          "import torch\n"
-          "out['torch_intra_op_threads'] = torch.get_num_threads()\n"
-          "out['torch_inter_op_threads'] = torch.get_num_interop_threads()\n"
+          "try:\n"
+          "  import torch\n"
+          "  out['torch_intra_op_threads'] = torch.get_num_threads()\n"
+          "  out['torch_inter_op_threads'] = torch.get_num_interop_threads()\n"
+          "except ImportError:\n"
+          "  pass\n"
           "out.update({k: os.environ.get(k) for k in ('OMP_NUM_THREADS', 'XLA_FLAGS')})\n"
           "print(json.dumps(out))")
-  proc = subprocess.run([python, "-c", code], capture_output=True, text=True, check=False)
+  try:
+    proc = subprocess.run([python, "-c", code], capture_output=True, text=True, check=False,
+                          timeout=300)
+  except subprocess.TimeoutExpired:
+    return {"error": "no answer within 300 s"}
   if proc.returncode:
     return {"error": proc.stderr[-2000:]}
   return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -380,7 +387,7 @@ def add_ratios(results):
     reference = by_key.get((r["model"], "nonprivate"))
     if ("params" in r and reference is not None and "params" in reference
         and r["params"] != reference["params"]):
-      r.setdefault("notes", {})["params_differ_from_nonprivate"] = reference["params"]
+      r.setdefault("notes", {})["params_differ_from_tf_keras_nonprivate"] = reference["params"]
     base = by_key.get((r["model"], r["baseline_arm"]))
     if "error" in r or base is None or "error" in base:
       continue

@@ -131,8 +131,8 @@ def test_a_parameter_count_that_differs_from_the_non_private_arm_is_noted():
           _run("wrn", "jax_nonprivate", 0, 0.5, params=2748890),
           _run("wrn", "torch_nonprivate", 0, 0.5, params=2748000)]
   results = _results(runs)
-  assert "params_differ_from_nonprivate" not in results[("wrn", "jax_nonprivate")]["notes"]
-  assert results[("wrn", "torch_nonprivate")]["notes"]["params_differ_from_nonprivate"] == 2748890
+  assert "params_differ_from_tf_keras_nonprivate" not in results[("wrn", "jax_nonprivate")]["notes"]
+  assert results[("wrn", "torch_nonprivate")]["notes"]["params_differ_from_tf_keras_nonprivate"] == 2748890
 
 
 def test_rounds_run_every_model_and_arm_once_each_in_the_same_order():
