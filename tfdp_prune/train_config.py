@@ -294,7 +294,8 @@ class TrainConfig:
         raise ConfigError(f"--tune=private refuses {received}: {why}.")
 
   def _check_tune_space(self):
-    """--tune_space: known names, with --tune=public only; epochs only with --epsilon."""
+    """--tune_space: known names, with --tune=public only; epochs only with --epsilon and
+    without --carry_spend_from."""
     if self.tune_space is None:
       return
     if self.tune != TUNE_PUBLIC:
@@ -312,6 +313,14 @@ class TrainConfig:
           f"same guarantee. Received: --tune_space={self.tune_space!r} with "
           f"--noise_multiplier={self.noise_multiplier}. Give --epsilon (each length's noise is "
           "calibrated to it), or drop epochs from --tune_space.")
+    if tune_space_lib.EPOCHS in space and self.carry_spend_from is not None:
+      raise ConfigError(
+          f"Expected --tune_space without epochs when --carry_spend_from is given: a carried "
+          f"spend must be of this run's mechanism (its noise multiplier), and each tuned length "
+          f"has a noise multiplier calibrated for it, so a length other than the carried run's "
+          f"would be refused after all the simulations. Received: --tune_space={self.tune_space!r} "
+          f"with --carry_spend_from={self.carry_spend_from}. Drop epochs from --tune_space (the "
+          "given --epochs or --steps is then trained), or drop --carry_spend_from.")
     if (tune_space_lib.SPARSITY in space and tune_space_lib.MASKS not in space
         and self.mode == mask_modes.NONE):
       raise ConfigError(

@@ -89,7 +89,9 @@ class TuningResult:
   """What `tune` chose: `config` (the given one with the chosen values), `chosen` (those
   values), every `candidates` run (in order; a point equal to the previous stage's best is not
   run again), the `grid`, the `space` tuned, and how (`simulation`, the chosen length's;
-  `simulations`, every length's when the length was tuned; the public sizes)."""
+  `simulations`, every length's when the length was tuned; the public sizes). `left_out`: the
+  points not run, each with its "why" (a mask combination the config refuses, a length that
+  cannot be planned or plans the same steps as another)."""
 
   config: TrainConfig
   chosen: Dict[str, Any]
@@ -101,6 +103,7 @@ class TuningResult:
   num_public_validation: int
   space: Tuple[str, ...] = tune_space.DEFAULT
   simulations: Tuple[Dict[str, Any], ...] = ()
+  left_out: Tuple[Dict[str, Any], ...] = ()
 
   @property
   def best_accuracy(self) -> float:
@@ -108,7 +111,8 @@ class TuningResult:
 
   def record(self) -> Dict[str, Any]:
     """The JSON record of the privacy metadata's `tuning` field. Records written before
-    `--tune_space` have no "space" (it was `tune_space.DEFAULT`) nor "simulations"."""
+    `--tune_space` have no "space" (it was `tune_space.DEFAULT`), "simulations" nor
+    "left_out"; `record_summary` and a resumption read them without."""
     record = {
         "mode": "public", "private_data_read": False, "statement": NO_PRIVATE_DATA,
         "space": list(self.space),
@@ -118,7 +122,8 @@ class TuningResult:
         "num_public_train": self.num_public_train,
         "num_public_validation": self.num_public_validation,
         "validation_fraction": VALIDATION_FRACTION,
-        "simulation": dataclasses.asdict(self.simulation)}
+        "simulation": dataclasses.asdict(self.simulation),
+        "left_out": [dict(item) for item in self.left_out]}
     if self.simulations:
       record["simulations"] = [dict(item) for item in self.simulations]
     return record
@@ -174,15 +179,8 @@ def split_public(public, seed: int, fraction: float = VALIDATION_FRACTION):
 def mask_candidates(config: TrainConfig) -> Tuple[Dict[str, Any], ...]:
   """The masks stage's points, {"mode", "rule", "frozen_value"}: the given ones first, then
   `MASKS`; a combination the config refuses (`_with_masks` raises ConfigError) is left out."""
-  given = (config.mode, config.effective_rule, config.effective_frozen_value)
-  points = []
-  for mode, rule, frozen_value in dict.fromkeys((given,) + tuple(MASKS)):
-    try:
-      _with_masks(config, mode, rule, frozen_value)
-    except ConfigError:
-      continue
-    points.append({"mode": mode, "rule": rule, "frozen_value": frozen_value})
-  return tuple(points)
+  points, _ = _accepted(config, _mask_points(config, ()))
+  return tuple(settings for settings, _ in points)
 
 
 def length_candidates(config: TrainConfig) -> Tuple[Dict[str, Any], ...]:
@@ -198,7 +196,8 @@ def length_candidates(config: TrainConfig) -> Tuple[Dict[str, Any], ...]:
 
 
 # The stages, in the order `tune` runs them: each is (the names of `tune_space` it tunes, its
-# points around the best config so far). docs/tuning.md says why this order.
+# points around the best config so far, `points(config, space)`). docs/tuning.md says why this
+# order.
 def _rate_and_clip(config: TrainConfig, space) -> Sequence[Dict[str, Any]]:
   rates = (_given_first(config.learning_rate, LEARNING_RATES)
            if tune_space.LEARNING_RATE in space else (None,))
@@ -208,17 +207,32 @@ def _rate_and_clip(config: TrainConfig, space) -> Sequence[Dict[str, Any]]:
            if value is not None} for rate in rates for clip in clips]
 
 
+def _mask_points(config: TrainConfig, space) -> Sequence[Dict[str, Any]]:
+  """Every (mode, rule, frozen value) of `MASKS`, the given ones first; `tune` leaves out
+  those the config refuses."""
+  del space  # the stage tunes all three together
+  given = (config.mode, config.effective_rule, config.effective_frozen_value)
+  return [{"mode": mode, "rule": rule, "frozen_value": frozen_value}
+          for mode, rule, frozen_value in dict.fromkeys((given,) + tuple(MASKS))]
+
+
 def _sparsities(config: TrainConfig, space) -> Sequence[Dict[str, Any]]:
+  del space  # one setting
   if config.mode == mask_modes.NONE:
     return []
   return [{"sparsity": s} for s in _given_first(config.effective_sparsity, SPARSITIES)]
 
 
+def _lengths(config: TrainConfig, space) -> Sequence[Dict[str, Any]]:
+  del space  # one setting
+  return length_candidates(config)
+
+
 STAGES = (
     ((tune_space.LEARNING_RATE, tune_space.L2_NORM_CLIP), _rate_and_clip),
-    ((tune_space.MASKS,), lambda config, space: mask_candidates(config)),
+    ((tune_space.MASKS,), _mask_points),
     ((tune_space.SPARSITY,), _sparsities),
-    ((tune_space.EPOCHS,), lambda config, space: length_candidates(config)),
+    ((tune_space.EPOCHS,), _lengths),
 )
 
 
@@ -237,12 +251,17 @@ def tune(config: TrainConfig, public, *, plan: Callable[[TrainConfig], PrivatePl
       simulated with its own steps and the sigma calibrated for them.
     num_classes: the model's outputs.
     simulate: runs one candidate (`training.simulate_on_public`).
+
+  Raises:
+    ConfigError: the given length cannot be planned (`plan` raises it).
   """
   space = tune_space.parse(config.tune_space)
   train, validation = split_public(public, config.seed)
   simulations = {}  # (epochs, steps) -> Simulation: one plan (calibration) per length
 
   def simulation_for(candidate: TrainConfig) -> Simulation:
+    # (epochs, steps) is the whole key only because no stage changes anything else the plan
+    # reads (batch size, sampling, delta, accountant, accumulation).
     key = (candidate.epochs, candidate.steps)
     if key not in simulations:
       private = plan(candidate)
@@ -255,22 +274,17 @@ def tune(config: TrainConfig, public, *, plan: Callable[[TrainConfig], PrivatePl
           private_batch_size=float(private.expected_batch_size), num_classes=num_classes)
     return simulations[key]
 
-  candidates, grid = [], {}
+  candidates, grid, left_out, lengths = [], {}, [], ()
   tuned, accuracy = config, None
   for names, points_of in STAGES:
     if not any(name in space for name in names):
       continue
-    points = []
-    for settings in points_of(tuned, space):
-      candidate = _apply(tuned, settings)
-      if tune_space.EPOCHS in names:  # each length's plan, the given one's first
-        try:
-          simulation_for(candidate)
-        except ConfigError:
-          if _tuned_values(candidate, space) == _tuned_values(tuned, space):
-            raise  # the run itself cannot be planned
-          continue  # a length no sigma reaches the target at, or PLD cannot account for
-      points.append((settings, candidate))
+    points, refused = _accepted(tuned, points_of(tuned, space))
+    if tune_space.EPOCHS in names:
+      points, unplanned = _plannable(points, tuned, space, simulation_for)
+      refused += unplanned
+      lengths = _simulations_record(points, simulation_for)
+    left_out.extend(refused)
     if not points:
       continue
     _add_to_grid(grid, names, [settings for settings, _ in points])
@@ -280,20 +294,84 @@ def tune(config: TrainConfig, public, *, plan: Callable[[TrainConfig], PrivatePl
         score = accuracy  # this point was scored in the stage before
       else:
         score = float(simulate(candidate, train, validation, simulation_for(candidate)))
-        candidates.append(Candidate(dict(settings), score))
+        candidates.append(Candidate(_simulated_settings(settings, candidate, names), score))
       scored.append((score, candidate))
     # max keeps the first of equals: the given values when they tie.
     accuracy, tuned = max(scored, key=lambda pair: pair[0])
-  lengths = ()
-  if tune_space.EPOCHS in space:
-    lengths = tuple(dict({"epochs" if steps is None else "steps":
-                          epochs if steps is None else steps}, **dataclasses.asdict(simulation))
-                    for (epochs, steps), simulation in simulations.items())
   return TuningResult(
       config=tuned, chosen=_tuned_values(tuned, space), given=_tuned_values(config, space),
       candidates=tuple(candidates), grid=grid, simulation=simulation_for(tuned),
       num_public_train=len(train[1]), num_public_validation=len(validation[1]), space=space,
-      simulations=lengths)
+      simulations=lengths, left_out=tuple(left_out))
+
+
+# (settings, the config with them) of a stage's points.
+_Points = Sequence[Tuple[Dict[str, Any], TrainConfig]]
+
+
+def _accepted(config: TrainConfig, points: Sequence[Dict[str, Any]]):
+  """(the points the config accepts, as (settings, config); the others, each with its "why":
+  the ConfigError's message)."""
+  accepted, refused = [], []
+  for settings in points:
+    try:
+      accepted.append((settings, _apply(config, settings)))
+    except ConfigError as error:
+      refused.append(dict(settings, why=str(error)))
+  return accepted, refused
+
+
+def _plannable(points: _Points, tuned: TrainConfig, space, simulation_for):
+  """The length stage's points that can be planned (the given one first; a length that no
+  sigma reaches the target at, or PLD cannot account for, is left out) and that plan to steps
+  no earlier point has (the same steps are the same simulation). Returns (those points, the
+  others, each with its "why").
+
+  Raises:
+    ConfigError: the given length cannot be planned (the run itself cannot).
+  """
+  kept, left_out, steps_of = [], [], {}
+  for settings, candidate in points:
+    try:
+      steps = simulation_for(candidate).steps
+    except ConfigError as error:
+      if _tuned_values(candidate, space) == _tuned_values(tuned, space):
+        raise
+      left_out.append(dict(settings, why=str(error)))
+      continue
+    if steps in steps_of:
+      left_out.append(dict(settings, why=f"plans the same {steps} steps as "
+                                         f"{_settings_text(steps_of[steps])}"))
+      continue
+    steps_of[steps] = settings
+    kept.append((settings, candidate))
+  return kept, left_out
+
+
+def _simulations_record(points: _Points, simulation_for) -> Tuple[Dict[str, Any], ...]:
+  """Each length's setting ("epochs", or "steps" for a run given in steps) and its
+  simulation's fields. A run given in steps plans exactly those steps (`plan_privacy`), so
+  there its "steps" is both; the setting is never replaced by a field."""
+  record = []
+  for settings, candidate in points:
+    item = dict(settings)
+    for name, value in dataclasses.asdict(simulation_for(candidate)).items():
+      item.setdefault(name, value)
+    record.append(item)
+  return tuple(record)
+
+
+def _simulated_settings(settings: Dict[str, Any], candidate: TrainConfig,
+                        names) -> Dict[str, Any]:
+  """A candidate's record: its stage's settings; the masks stage's with the select_every and
+  sparsity the candidate was simulated at (a switch to a masked mode takes the defaults)."""
+  if tune_space.MASKS in names:
+    return _tuned_values(candidate, (tune_space.MASKS,))
+  return dict(settings)
+
+
+def _settings_text(settings: Dict[str, Any]) -> str:
+  return ", ".join(f"{name} {_text(value)}" for name, value in settings.items())
 
 
 def _apply(config: TrainConfig, settings: Dict[str, Any]) -> TrainConfig:

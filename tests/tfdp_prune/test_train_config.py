@@ -196,3 +196,14 @@ def test_tuning_the_sparsity_of_a_dense_run_is_refused_unless_the_masks_are_tune
     TrainConfig(tune="public", tune_space="sparsity", mode="none")
   assert TrainConfig(tune="public", tune_space="masks,sparsity", mode="none").mode == "none"
   assert TrainConfig(tune="public", mode="none").tune_space is None  # the default space
+
+
+def test_tuning_the_length_of_a_run_that_carries_a_spend_is_refused(tmp_path):
+  """Each length has its own sigma, and a carried spend must be of the run's mechanism: the
+  refusal comes before the tuning, not after it."""
+  carry = dict(carry_spend_from=str(tmp_path / "old"), checkpoint_dir=str(tmp_path / "new"))
+  with pytest.raises(ConfigError, match=r"Expected --tune_space without epochs when "
+                     r"--carry_spend_from is given.*Received: --tune_space='masks,epochs' with "
+                     r"--carry_spend_from=.*old\. Drop epochs from --tune_space"):
+    TrainConfig(tune="public", tune_space="masks,epochs", **carry)
+  assert TrainConfig(tune="public", tune_space="masks", **carry).tune_space == "masks"

@@ -11,6 +11,7 @@ import pytest
 from tfdp_prune import data as data_lib
 from tfdp_prune import export as export_lib
 from tfdp_prune import training
+from tfdp_prune import tune_space
 from tfdp_prune import tuning
 from tfdp_prune.metadata import PrivacyMetadata
 from tfdp_prune.train_config import ConfigError
@@ -260,6 +261,35 @@ def test_a_mask_candidate_the_config_refuses_is_never_tried(digits, monkeypatch)
   result = training.tune_on_public(config, digits)
   assert [_masks_of(c) for c, _ in recorder.calls] == points
   assert result.chosen["mode"] == "select"  # a tie keeps the given masks
+  left_out = result.record()["left_out"]  # the record says what was not tried, and why
+  assert [(p["mode"], p["rule"], p["frozen_value"]) for p in left_out] == [
+      ("select", "magnitude", "keep"), ("freeze", "no_such_rule", "zero")]
+  assert "--frozen_value applies to --mode=freeze only" in left_out[0]["why"]
+  assert "no_such_rule" in left_out[1]["why"]
+
+
+def test_a_mask_candidate_records_the_sparsity_and_period_it_was_simulated_at(digits,
+                                                                              monkeypatch):
+  # From a dense run, a masked candidate is simulated at the default sparsity and
+  # select_every: its record must say so, not only its mode, rule and frozen value.
+  monkeypatch.setattr(tuning, "MASKS", (("freeze", "magnitude", "zero"),
+                                        ("select", "magnitude", None)))
+  recorder = _Recorder(lambda config: 0.5)
+  config = TrainConfig(**SHORT, epsilon=None, noise_multiplier=1.0, tune="public",
+                       tune_space="masks", mode="none")
+  result = tuning.tune(config, digits.public, plan=_stub_plan(lambda c: c.steps),
+                       num_classes=10, simulate=recorder)
+  assert [(c.effective_sparsity, c.effective_select_every) for c, _ in recorder.calls] == [
+      (0.0, None), (0.8, None), (0.8, 10)]
+  assert [{k: v for k, v in c.items() if k != "public_validation_accuracy"}
+          for c in result.record()["candidates"]] == [
+      {"mode": "none", "rule": None, "frozen_value": None, "select_every": None,
+       "sparsity": None},
+      {"mode": "freeze", "rule": "magnitude", "frozen_value": "zero", "select_every": None,
+       "sparsity": 0.8},
+      {"mode": "select", "rule": "magnitude", "frozen_value": None, "select_every": 10,
+       "sparsity": 0.8}]
+  assert result.record()["left_out"] == []
 
 
 def test_the_dense_choice_clears_the_mask_settings_and_skips_the_sparsity_stage(digits,
@@ -296,7 +326,8 @@ def test_the_stages_run_in_order_each_from_the_best_so_far(digits, monkeypatch, 
 
 def test_the_record_round_trips_and_an_older_record_still_reads_back(digits, tmp_path,
                                                                      monkeypatch):
-  recorder = _Recorder(lambda config: float(config.mode == "select"))
+  # Not the given masks nor the given length: a resumption that kept either would differ.
+  recorder = _Recorder(lambda config: (config.mode == "select") + (config.epochs == 0.5))
   monkeypatch.setattr(training, "simulate_on_public", recorder)
   config = TrainConfig(**CALIBRATED, tune="public", tune_space="masks,epochs",
                        checkpoint_dir=str(tmp_path))
@@ -304,13 +335,20 @@ def test_the_record_round_trips_and_an_older_record_still_reads_back(digits, tmp
   tuned = result.metadata.tuning
   assert PrivacyMetadata.from_json(result.metadata.to_json()) == result.metadata
   assert tuned["space"] == ["masks", "epochs"]
+  assert tuned["chosen"]["epochs"] == 0.5 and tuned["chosen"]["mode"] == "select"
   monkeypatch.setattr(training, "tune_on_public", lambda *args: pytest.fail("tuned again"))
   resumed, record = training._tune(config, digits)  # the record in checkpoint_dir
-  assert record == tuned and resumed.mode == "select" and resumed.epochs == 1.0
+  assert record == tuned and resumed.mode == "select" and resumed.epochs == 0.5
+  again = training.train(config, splits=digits)  # the run record accepts the resumption
+  assert again.resumed_from == result.metadata.steps
+  assert (again.metadata.steps, again.metadata.noise_multiplier) == (
+      result.metadata.steps, result.metadata.noise_multiplier)
   exported = training.export_checkpoint(str(tmp_path), str(tmp_path / "export"))
   assert export_lib.read_metadata(exported).tuning == tuned
-  # A record written before --tune_space (no "space", no "simulations") reads back as before.
-  older = {key: value for key, value in tuned.items() if key not in ("space", "simulations")}
+  # A record written before --tune_space (no "space", "simulations" nor "left_out") reads back
+  # as before.
+  older = {key: value for key, value in tuned.items()
+           if key not in ("space", "simulations", "left_out")}
   older.update(chosen={"learning_rate": 0.3, "l2_norm_clip": 1.0, "sparsity": 0.8},
                candidates=[{"learning_rate": 0.3, "l2_norm_clip": 1.0,
                             "public_validation_accuracy": 0.75}])
@@ -322,3 +360,69 @@ def test_the_record_round_trips_and_an_older_record_still_reads_back(digits, tmp
       TrainConfig(**SHORT, epsilon=None, noise_multiplier=1.0, tune="public",
                   checkpoint_dir=str(tmp_path / "old")), digits)
   assert record == older and (resumed.learning_rate, resumed.sparsity) == (0.3, 0.8)
+
+
+def _stub_plan(steps_of):
+  """A `plan` that runs no calibration: `steps_of(config)` steps at sigma 1, B 100; a
+  ConfigError where `steps_of` raises it."""
+
+  def plan(config):
+    return tuning.PrivatePlan(steps=steps_of(config), noise_multiplier=1.0,
+                              expected_batch_size=100.0)
+
+  return plan
+
+
+def _refuse_long(config):
+  if config.epochs > 1:
+    raise ConfigError("no noise multiplier reaches --epsilon=4.0 for 28 steps")
+  return int(14 * config.epochs)
+
+
+def test_a_length_that_cannot_be_planned_is_left_out_and_never_simulated(digits):
+  recorder = _Recorder(lambda config: config.epochs)
+  config = TrainConfig(**CALIBRATED, tune="public", tune_space="epochs")
+  result = tuning.tune(config, digits.public, plan=_stub_plan(_refuse_long), num_classes=10,
+                       simulate=recorder)
+  assert [c.epochs for c, _ in recorder.calls] == [1.0, 0.5]
+  record = result.record()
+  assert record["grid"] == {"epochs": [1.0, 0.5]}
+  assert [s["epochs"] for s in record["simulations"]] == [1.0, 0.5]
+  assert record["left_out"] == [
+      {"epochs": 2.0, "why": "no noise multiplier reaches --epsilon=4.0 for 28 steps"}]
+  assert result.chosen == {"epochs": 1.0}
+
+
+def test_a_given_length_that_cannot_be_planned_is_refused(digits):
+  recorder = _Recorder(lambda config: 0.5)
+  config = TrainConfig(**dict(CALIBRATED, epochs=2.0), tune="public", tune_space="epochs")
+  with pytest.raises(ConfigError, match="no noise multiplier reaches"):
+    tuning.tune(config, digits.public, plan=_stub_plan(_refuse_long), num_classes=10,
+                simulate=recorder)
+  assert not recorder.calls
+
+
+def test_lengths_that_plan_the_same_steps_are_simulated_once(digits):
+  recorder = _Recorder(lambda config: 0.5)
+  config = TrainConfig(**CALIBRATED, tune="public", tune_space="epochs")
+  # 0.5 and 1 epoch both plan one step (a small private part): the given 1 is kept.
+  result = tuning.tune(config, digits.public,
+                       plan=_stub_plan(lambda c: max(1, int(c.epochs))), num_classes=10,
+                       simulate=recorder)
+  assert [(c.epochs, s.steps) for c, s in recorder.calls] == [(1.0, 1), (2.0, 2)]
+  record = result.record()
+  assert record["grid"] == {"epochs": [1.0, 2.0]}
+  assert [(s["epochs"], s["steps"]) for s in record["simulations"]] == [(1.0, 1), (2.0, 2)]
+  assert record["left_out"] == [{"epochs": 0.5, "why": "plans the same 1 steps as epochs 1"}]
+
+
+def test_a_run_given_in_steps_keeps_its_steps_in_the_simulations_record(digits):
+  config = TrainConfig(**dict(CALIBRATED, epochs=None, steps=10), tune="public",
+                       tune_space="epochs")
+  result = tuning.tune(config, digits.public, plan=_stub_plan(lambda c: c.steps),
+                       num_classes=10, simulate=_Recorder(lambda config: 0.5))
+  assert [s["steps"] for s in result.record()["simulations"]] == [10, 5, 20]
+
+
+def test_the_stages_tune_the_names_of_tune_space_in_its_order():
+  assert tuple(name for names, _ in tuning.STAGES for name in names) == tune_space.NAMES
