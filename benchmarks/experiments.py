@@ -35,7 +35,8 @@ for the tuner (digits_public20) runs the library's per-model defaults and says s
 Cost: a tuning simulates 8 (dense, non-private) or 11 (masked) candidate runs, each about as
 long as a run, mostly TensorFlow tracing. Tuning every run (282 runs, 3 seeds) was about 4 h;
 one tuning per cell makes it 25 tunings (MNIST subset) + 33 (digits_public180), whatever the
-number of seeds: see `MEASURED_SECONDS` and `--estimate`. Two worker processes do not help on
+number of seeds: see `MEASURED_SECONDS` and `--estimate`. The full grid (418 runs, 58
+tunings) took 80 min on 2 cores (2026-11-30), 52 of them tuning. Two worker processes do not help on
 this machine: measured (2026-11-30, load 2.5 to 3.9 from other work, nice 10), 3 MNIST-subset
 tuning candidates took 23.8 s alone and 42.4 / 46.3 s in two concurrent processes (44.8 / 47.0
 s with 1 TF thread each): 6 candidates in 46 s against 48 s one after the other. The tuning grid
@@ -300,23 +301,22 @@ def plan(grid: Grid) -> List[RunSpec]:
   return specs
 
 
-# Seconds measured on this shared 2-CPU machine, by (dataset, kind): "public_only" and "run"
-# (one training run; its tuning is shared, so not included) per run, "tuning" (dense,
-# non-private: 8 simulated candidates) and "tuning_masked" (+ 3 sparsities: 11) once per
-# (setup, arm, epsilon). MNIST subset: means of the grid of 2026-11-30 17:41 UTC (nice 10, load
-# average 2.5 to 4.2 from other work): 28 runs 9.6 s (6.2 to 16.2), 5 tunings 74 s (58 to 111),
-# 20 masked tunings 89 s (75 to 116), public only 2.5 s. digits_public180 (same grid, 18:39 to
-# 19:00 UTC, load 1.2 to 2.4): 24 runs 3.8 s (2.8 to 8.0), 4 tunings 33 s (27 to 48), 20 masked
-# tunings 40 s (34 to 51), public only 0.6 s. "overhead": seconds per run of the grid loop
-# outside `train` and the tuning (measured from the log's elapsed times: MNIST subset 5.5 s per
-# run on seed 0, 8.9 s on seeds 1-2; digits_public180 11 s; it grows with the process's age:
-# not yet profiled; in a fresh process clear_session + gc take 0.2 s).
+# Seconds measured on this 2-CPU machine, by (dataset, kind): "public_only" and "run" (one
+# training run; its tuning is shared, so not included) per run, "tuning" (dense, non-private:
+# 8 simulated candidates) and "tuning_masked" (+ 3 sparsities: 11) once per (setup, arm,
+# epsilon), "overhead" per run of the grid loop outside `train` and the tuning. Means of the
+# full grid of 2026-11-30 20:42-22:02 UTC (80.0 min; load 0.2 at the start, other jobs at nice
+# 19 for part of it): MNIST subset 75 runs 7.2 s (4.9 to 12.7), 5 tunings 60 s (52 to 82), 20
+# masked tunings 86 s (61 to 125), public only 2.1 s, overhead 1.0 s; digits_public180 165
+# runs 2.9 s, 5 tunings 22 s, 28 masked tunings 35 s, public only 0.7 s, overhead 0.5 s;
+# digits_public20 runs 2.7 s, overhead 0.3 s. (Before `forget_traced_gradients` the overhead
+# was 5.5-11 s per run and grew with the process's age: RSS reached 14 GB; now 1.5 GB.)
 MEASURED_SECONDS = {
-    ("digits", "overhead"): 11, (MNIST_SUBSET, "overhead"): 7.8,
-    ("digits", "public_only"): 0.6, ("digits", "run"): 3.8, ("digits", "tuning"): 33,
-    ("digits", "tuning_masked"): 40,
-    (MNIST_SUBSET, "public_only"): 2.5, (MNIST_SUBSET, "run"): 9.6,
-    (MNIST_SUBSET, "tuning"): 74, (MNIST_SUBSET, "tuning_masked"): 89,
+    ("digits", "overhead"): 0.4, (MNIST_SUBSET, "overhead"): 1.0,
+    ("digits", "public_only"): 0.6, ("digits", "run"): 2.8, ("digits", "tuning"): 22,
+    ("digits", "tuning_masked"): 35,
+    (MNIST_SUBSET, "public_only"): 2.1, (MNIST_SUBSET, "run"): 7.2,
+    (MNIST_SUBSET, "tuning"): 60, (MNIST_SUBSET, "tuning_masked"): 86,
 }
 
 
