@@ -37,8 +37,8 @@ long as a run, mostly TensorFlow tracing. Tuning every run (282 runs, 3 seeds) w
 one tuning per cell makes it 25 tunings (MNIST subset) + 33 (digits_public180), whatever the
 number of seeds: see `MEASURED_SECONDS` and `--estimate`. The full grid (418 runs, 58
 tunings) took 80 min on 2 cores (2026-11-30), 52 of them tuning. Two worker processes do not
-help on this machine: measured (2026-11-30, load 2.5 to 3.9 from other work, nice 10), 3 MNIST-subset
-tuning candidates took 23.8 s alone and 42.4 / 46.3 s in two concurrent processes (44.8 / 47.0
+help on this machine: measured (2026-11-30, load 2.5 to 3.9 from other work, nice 10), 3
+MNIST-subset tuning candidates took 23.8 s alone and 42.4 / 46.3 s in two concurrent processes (44.8 / 47.0
 s with 1 TF thread each): 6 candidates in 46 s against 48 s one after the other. The tuning grid
 is the library's own (not reduced). `--dataset`, `--epsilons` and `--seeds` (>= 3) run parts of
 the grid; `--resume` then keeps the runs and tunings already made (and the other setups' runs).
