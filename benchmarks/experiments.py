@@ -186,6 +186,10 @@ class Grid:
   sparsity: float
   tune: str
   tune_reference: bool = True
+  # The tuned runs' `tune_space` (None: the library's default space). With the length in it,
+  # a DP run's tuning gets the target epsilon (each length its own sigma) and the run is
+  # calibrated for the chosen length.
+  tune_space: Optional[str] = None
   # No public validation part (the guard's): the public-only reference pre-trains on the whole
   # public part, and so must the DP arms it is compared with.
   settings: Tuple[Tuple[str, Any], ...] = (("export_dir", None), ("verbose", 0),
@@ -199,9 +203,28 @@ class Grid:
 
 
 def full_grid(setups: Tuple[str, ...], seeds: Optional[Tuple[int, ...]] = None,
-              epsilons: Tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)) -> Grid:
+              epsilons: Tuple[float, ...] = (1.0, 2.0, 4.0, 8.0),
+              tune_space: Optional[str] = None) -> Grid:
   return Grid(setups=setups, epsilons=epsilons, seeds=seeds, arms=MAIN_ARMS,
-              cheap_arms=CHEAP_ARMS, sparsity=0.8, tune="public")
+              cheap_arms=CHEAP_ARMS, sparsity=0.8, tune="public", tune_space=tune_space)
+
+
+# tune_space.EPOCHS and .SPARSITY: importing it imports TensorFlow, which `--estimate` does
+# without.
+LENGTH_NAME, SPARSITY_NAME = "epochs", "sparsity"
+
+
+def space_of_arm(space: str, mode: str) -> str:
+  """The grid's `tune_space` for an arm: a dense arm (mode none) has no sparsity to tune, and
+  the library refuses a space that names it."""
+  names = [name.strip() for name in space.split(",") if name.strip()]
+  return ",".join(name for name in names if mode != "none" or name != SPARSITY_NAME)
+
+
+def tunes_length(grid: Grid) -> bool:
+  """Whether the grid's tunings choose the run's length (`--tune_space` with epochs)."""
+  return grid.tune_space is not None and LENGTH_NAME in (
+      name.strip() for name in grid.tune_space.split(","))
 
 
 # A few steps per run: exercises every kind of run (a tuned one), the JSON and the rendering in
@@ -278,6 +301,8 @@ class RunSpec:
     if grid.tune != "none" and (self.kind == "dp" or (
         self.kind == "nonprivate" and grid.tune_reference)):
       result["tune"] = grid.tune
+      if grid.tune_space is not None:
+        result["tune_space"] = space_of_arm(grid.tune_space, self.mode)
     if self.kind == "dp":
       result["epsilon"] = self.epsilon
     else:
@@ -318,6 +343,11 @@ MEASURED_SECONDS = {
     (MNIST_SUBSET, "public_only"): 2.1, (MNIST_SUBSET, "run"): 7.2,
     (MNIST_SUBSET, "tuning"): 60, (MNIST_SUBSET, "tuning_masked"): 86,
 }
+# With the length tuned (`tunes_length`), not measured before the run: a tuning simulates two
+# more candidates, at half and twice the length (2.5 given-length runs more than 8 or 11), and
+# a run may train up to twice as long: the estimate takes the longest.
+LENGTH_TUNING_CANDIDATES = {"tuning": 8, "tuning_masked": 11}
+LENGTH_TUNING_EXTRA_RUNS, LONGEST_LENGTH = 2.5, 2.0
 
 
 def estimate_seconds(grid: Grid, tunable=lambda setup: setup.num_public >= 34) -> Dict[str, float]:
@@ -327,15 +357,18 @@ def estimate_seconds(grid: Grid, tunable=lambda setup: setup.num_public >= 34) -
   no TensorFlow: 30 % of the public part and the rest >= 10 examples)."""
   seconds: Dict[str, float] = {}
   tuned = set()
+  lengths = tunes_length(grid)
   for spec in plan(grid):
     setup = SETUPS[spec.setup]
+    tuning = spec.kind != "public_only" and "tune" in spec.overrides(grid) and tunable(setup)
     cost = MEASURED_SECONDS[(setup.dataset, "public_only" if spec.kind == "public_only"
-                             else "run")] + MEASURED_SECONDS[(setup.dataset, "overhead")]
-    if (spec.kind != "public_only" and "tune" in spec.overrides(grid) and tunable(setup)
-        and spec.tuning_key not in tuned):
+                             else "run")] * (LONGEST_LENGTH if tuning and lengths else 1.0)
+    cost += MEASURED_SECONDS[(setup.dataset, "overhead")]
+    if tuning and spec.tuning_key not in tuned:
       tuned.add(spec.tuning_key)
-      cost += MEASURED_SECONDS[(setup.dataset, "tuning" if spec.mode == "none"
-                                else "tuning_masked")]
+      kind = "tuning" if spec.mode == "none" else "tuning_masked"
+      cost += MEASURED_SECONDS[(setup.dataset, kind)] * (
+          1 + LENGTH_TUNING_EXTRA_RUNS / LENGTH_TUNING_CANDIDATES[kind] if lengths else 1.0)
     seconds[spec.setup] = seconds.get(spec.setup, 0.0) + cost
   return seconds
 
@@ -452,17 +485,34 @@ def make_config(spec: RunSpec, grid: Grid, splits_of: Callable[[int], Any], sigm
   overrides = spec.overrides(grid)
   if overrides.get("tune") == "public" and not tuner_accepts(SETUPS[spec.setup]):
     del overrides["tune"]
-  if spec.kind == "dp":
-    sigma = calibrated_sigma(train_config.resolve("default", dict(overrides, tune="none")),
-                             splits_of(spec.seed), sigma_cache)
-    overrides = dict(overrides, noise_multiplier=sigma)
-    del overrides["epsilon"]
+    overrides.pop("tune_space", None)
+  # A tuning that chooses the length calibrates each length itself (from the target epsilon);
+  # otherwise it is given the sigma the run will train with.
+  calibrate_first = spec.kind == "dp" and not (
+      overrides.get("tune") == "public" and tunes_length(grid))
+  if calibrate_first:
+    overrides = with_calibrated_sigma(overrides, splits_of(spec.seed), sigma_cache)
   record = None
   if overrides.get("tune") == "public":
     tuned = train_config.resolve("default", dict(overrides, seed=grid.tuning_seed))
     record = shared.choose(spec.tuning_key, tuned, lambda: splits_of(grid.tuning_seed))
     overrides = dict(overrides, tune="none", **record["chosen"])
+    overrides.pop("tune_space", None)
+  if spec.kind == "dp" and not calibrate_first:  # the chosen length's sigma
+    overrides = with_calibrated_sigma(overrides, splits_of(spec.seed), sigma_cache)
   return train_config.resolve("default", overrides), record
+
+
+def with_calibrated_sigma(overrides: Dict[str, Any], splits, sigma_cache) -> Dict[str, Any]:
+  """`overrides` with the target "epsilon" replaced by the noise multiplier `train` would
+  calibrate for it (`calibrated_sigma`)."""
+  from tfdp_prune import train_config  # pylint: disable=import-outside-toplevel
+  untuned = {name: value for name, value in overrides.items() if name != "tune_space"}
+  sigma = calibrated_sigma(train_config.resolve("default", dict(untuned, tune="none")), splits,
+                           sigma_cache)
+  result = dict(overrides, noise_multiplier=sigma)
+  del result["epsilon"]
+  return result
 
 
 def run_one(spec: RunSpec, config, splits, tuning=None) -> Dict[str, Any]:
@@ -743,6 +793,11 @@ def main(argv=None):
                       "(issue 17's targets count seeds out of 5), 3 for the MNIST subset.")
   parser.add_argument("--epsilons", default="1,2,4,8",
                       help="Target epsilons of the full grid, comma-separated.")
+  parser.add_argument("--tune_space", default=None,
+                      help="The tunings' --tune_space (default: the library's default space: "
+                      "learning_rate,l2_norm_clip,sparsity); e.g. "
+                      "learning_rate,l2_norm_clip,sparsity,epochs also tunes the length. masks "
+                      "is refused: each arm is a mask setting.")
   parser.add_argument("--estimate", action="store_true",
                       help="Print the grid's size and expected wall time; train nothing.")
   parser.add_argument("--quick", action="store_true",
@@ -764,9 +819,19 @@ def main(argv=None):
   if args.seeds is not None and args.seeds < 3 and not args.quick:
     parser.error(f"Expected --seeds >= 3 (mean ± std over fewer says little). Received: "
                  f"--seeds={args.seeds}.")
+  if args.tune_space is not None:
+    from tfdp_prune import tune_space  # pylint: disable=import-outside-toplevel
+    try:
+      space = tune_space.parse(args.tune_space)
+    except ValueError as error:
+      parser.error(str(error))
+    if tune_space.MASKS in space:
+      parser.error(f"Expected a --tune_space without masks: each arm of the grid is one mask "
+                   f"setting, which a tuned mask would replace. Received: "
+                   f"--tune_space={args.tune_space}.")
   grid = QUICK_GRID if args.quick else full_grid(
       DATASETS[args.dataset], seeds=None if args.seeds is None else tuple(range(args.seeds)),
-      epsilons=tuple(float(e) for e in args.epsilons.split(",")))
+      epsilons=tuple(float(e) for e in args.epsilons.split(",")), tune_space=args.tune_space)
   if args.estimate:
     seconds = estimate_seconds(grid)
     print(f"{len(plan(grid))} runs; expected wall time {sum(seconds.values()) / 60:.0f} min ("

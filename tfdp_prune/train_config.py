@@ -294,8 +294,8 @@ class TrainConfig:
         raise ConfigError(f"--tune=private refuses {received}: {why}.")
 
   def _check_tune_space(self):
-    """--tune_space: known names, with --tune=public only; epochs only with --epsilon and
-    without --carry_spend_from."""
+    """--tune_space: known names, with --tune=public only; epochs only with --epsilon (or a
+    non-private --noise_multiplier=0) and without --carry_spend_from."""
     if self.tune_space is None:
       return
     if self.tune != TUNE_PUBLIC:
@@ -306,7 +306,8 @@ class TrainConfig:
       space = tune_space_lib.parse(self.tune_space)
     except ValueError as error:
       raise ConfigError(str(error)) from None
-    if tune_space_lib.EPOCHS in space and self.noise_multiplier is not None:
+    # Non-private (0): every length is equally without a guarantee, so lengths compare fairly.
+    if tune_space_lib.EPOCHS in space and self.noise_multiplier not in (None, 0):
       raise ConfigError(
           f"--tune_space with epochs needs --epsilon, not --noise_multiplier: another length at a "
           f"fixed noise multiplier is another epsilon, so the candidates would not be runs of the "

@@ -207,6 +207,46 @@ def test_tuning_once_per_cell_on_seed_0_and_reused_by_every_seed(monkeypatch):
   assert [(c.seed, c.mode, c.rule) for c in retuned] == [(0, last[1].mode, last[1].rule)]
 
 
+def test_a_grid_that_tunes_the_length_calibrates_the_chosen_length(monkeypatch):
+  """With epochs in the tunings' space, a DP cell is tuned from its target epsilon (each length
+  its own sigma, by the library), and every seed trains the chosen length with the sigma
+  calibrated for THAT length; the non-private reference is tuned the same way at sigma 0."""
+  from tfdp_prune import tune_space  # pylint: disable=import-outside-toplevel
+  assert (experiments.LENGTH_NAME, experiments.SPARSITY_NAME) == (tune_space.EPOCHS,
+                                                                  tune_space.SPARSITY)
+  space = "learning_rate,l2_norm_clip,sparsity,epochs"
+  grid = experiments.full_grid(("mnist_subset",), epsilons=(2.0,), tune_space=space)
+  assert experiments.tunes_length(grid)
+  assert not experiments.tunes_length(experiments.full_grid(("mnist_subset",)))
+  tuned = []
+
+  def tune(config, splits):
+    del splits
+    tuned.append(config)
+    return {"chosen": {"learning_rate": 0.1, "epochs": 2 * config.epochs}, "candidates": []}
+
+  monkeypatch.setattr(experiments, "calibrated_sigma",
+                      lambda config, splits, cache: 0.25 * config.epochs)
+  _, made = _make_configs(monkeypatch, grid, tune)
+  for config in tuned:  # a dense arm has no sparsity to tune
+    assert config.tune == "public" and config.tune_space == (
+        space if config.mode != "none" else "learning_rate,l2_norm_clip,epochs")
+  for spec, config, record in made:
+    if spec.kind == "public_only":
+      assert record is None and config.epochs == 3.0
+      continue
+    assert config.tune == "none" and config.tune_space is None
+    assert config.epochs == 6.0 == record["chosen"]["epochs"]  # the chosen length is trained
+    tuning_config = experiments.train_config_from_dict(record["config"])
+    if spec.kind == "dp":
+      assert tuning_config.noise_multiplier is None and tuning_config.epsilon == 2.0
+      assert config.noise_multiplier == 0.25 * 6.0  # calibrated for the chosen length
+    else:
+      assert tuning_config.noise_multiplier == 0.0 == config.noise_multiplier
+  assert experiments.estimate_seconds(grid)["mnist_subset"] > experiments.estimate_seconds(
+      experiments.full_grid(("mnist_subset",), epsilons=(2.0,)))["mnist_subset"]
+
+
 def test_run_overrides_express_each_kind():
   grid = experiments.full_grid(("mnist_subset", "digits_public20"))
   dense = experiments.RunSpec("dp", "mnist_subset", "none", None, None, 0.0, 2.0, 3)
