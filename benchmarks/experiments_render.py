@@ -423,7 +423,8 @@ def status_lines(report) -> List[str]:
       parts.append(f"`{key}` **{'not run' if done == 0 else 'incomplete'}** ({done}/{total} "
                    "runs)")
   if complete:
-    return ["- Status: **the full grid**: " + "; ".join(parts) + ".", ""]
+    return ["- Status: **every planned run made** (the grid of the command below): "
+            + "; ".join(parts) + ".", ""]
   return ["- Status: **PARTIAL GRID: the rest of the grid is pending** (`--resume` continues "
           "it); the tables show only the runs made so far, and a target of a setup that is "
           "missing or incomplete is not decided: " + "; ".join(parts) + ".", ""]

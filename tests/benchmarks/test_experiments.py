@@ -92,7 +92,8 @@ def test_quick_grid_end_to_end(tmp_path):
   assert "| arm | ε = 8 |" in markdown and "| dense (pre-trained) |" in markdown
   assert "Chosen by the public tuner" in markdown
   assert "once per (setup, arm, ε)" in markdown and "1 tunings (8 simulated" in markdown
-  assert "- Status: **the full grid**: `digits_public180` complete (3/3 runs)." in markdown
+  assert ("- Status: **every planned run made** (the grid of the command below): "
+          "`digits_public180` complete (3/3 runs).") in markdown
   assert "| target ε | noise multiplier σ |" in markdown
   assert "## Issue 17's targets" in markdown
   name = render.plot_name("digits_public180")
@@ -462,7 +463,7 @@ def test_partial_grid_says_what_is_missing_and_pending():
   assert "`newsetup` **not run** (0/3 runs)" in markdown
   assert "- [ ] **pending**: newsetup: not run yet (0 of 3 runs; pending)" in markdown
   report["planned_runs"] = {"mnist_subset": 6, "digits_public180": 40, "digits_public20": 35}
-  assert "- Status: **the full grid**" in render.render_markdown(report, {})
+  assert "- Status: **every planned run made**" in render.render_markdown(report, {})
 
 
 def _fit_once_and_watch_its_graphs():
