@@ -18,10 +18,24 @@ def add_gaussian_noise(grads: Sequence[tf.Tensor], masks: Sequence[tf.Tensor], s
   `generator`, whose state advances, so no draw is ever reused.
   """
   noisy = []
-  for g, m in zip(grads, masks):
-    noise = generator.normal(tf.shape(g), stddev=tf.cast(stddev, g.dtype), dtype=g.dtype)
+  for g, m, noise in zip(grads, masks, _draws(grads, stddev, generator)):
     noisy.append(g + tf.where(tf.cast(m, tf.bool), noise, tf.zeros_like(noise)))
   return noisy
+
+
+def _draws(grads: Sequence[tf.Tensor], stddev, generator: tf.random.Generator) -> list:
+  """One N(0, stddev^2) tensor shaped like each of `grads`, from ONE draw per dtype, split:
+  the same i.i.d. Gaussians as a draw per tensor, in a few ops instead of ten per tensor (the
+  op count, not the arithmetic, is what the draws cost)."""
+  draws = [None] * len(grads)
+  for dtype in dict.fromkeys(g.dtype for g in grads):
+    indices = [i for i, g in enumerate(grads) if g.dtype == dtype]
+    sizes = [tf.size(grads[i]) for i in indices]
+    flat = generator.normal(tf.reshape(tf.add_n(sizes), [1]), stddev=tf.cast(stddev, dtype),
+                            dtype=dtype)
+    for i, part in zip(indices, tf.split(flat, tf.stack(sizes))):
+      draws[i] = tf.reshape(part, tf.shape(grads[i]))
+  return draws
 
 
 def make_noise_generator(insecure_seed: Optional[int] = None) -> tf.random.Generator:

@@ -54,3 +54,20 @@ def test_default_generators_differ_and_the_insecure_seed_replays_from_seed():
   seeded = noise.add_gaussian_noise(*args, noise.make_noise_generator(insecure_seed=4))[0]
   np.testing.assert_array_equal(
       seeded, noise.add_gaussian_noise(*args, tf.random.Generator.from_seed(4))[0])
+
+
+def test_every_tensor_gets_its_own_independent_noise_of_its_shape():
+  """One draw serves all tensors (split): each tensor's slice is its own, never another's, and
+  a float64 gradient gets float64 noise."""
+  generator = tf.random.Generator.from_seed(5)
+  grads = [tf.zeros([3000]), tf.zeros([60, 50]), tf.zeros([0, 4]), tf.zeros([3000], tf.float64)]
+  noisy = noise.add_gaussian_noise(grads, [tf.ones_like(g) for g in grads], 2.0, generator)
+  assert [n.shape.as_list() for n in noisy] == [[3000], [60, 50], [0, 4], [3000]]
+  assert [n.dtype for n in noisy] == [tf.float32, tf.float32, tf.float32, tf.float64]
+  first, second, _, third = (n.numpy().ravel() for n in noisy)
+  for sample in (first, second, third):
+    assert stats.kstest(sample, "norm", args=(0, 2.0)).pvalue > 1e-3
+  # Independent: uncorrelated (|r| < 5 / sqrt(n) holds with probability 1 - 6e-7), not equal.
+  for a, b in ((first, second), (first, third), (second, third)):
+    assert abs(np.corrcoef(a, b)[0, 1]) < 5 / np.sqrt(3000)
+    assert not np.any(a == b)

@@ -2,11 +2,14 @@
 DepthwiseConv2D; Dense on sequences and augmult views builds on them), and the one choice of
 how their per-example gradient norms are formed (`choose_strategy`): materialized for the whole
 batch (input patches x output gradients), or one example at a time with the layer's own
-weight-gradient op. Clipped sums never need per-example gradients: the layer's own
-weight-gradient op once for the batch, on output gradients scaled by the clip factors."""
+weight-gradient op. A strategy that materializes the per-example kernel gradients for the
+norms weights those same tensors into the clipped sum (one pass over B x kernel); the others
+never form them, and get the sum from the layer's own weight-gradient op once for the batch,
+on output gradients scaled by the clip factors."""
 
 import abc
 
+from tfdp_prune import clipping
 from tfdp_prune.compat import keras
 from tfdp_prune.compat import tf
 from tfdp_prune.layer_rules import base
@@ -28,6 +31,8 @@ BATCHED = "batched"
 IDENTITY_PATCHES = "identity_patches"
 ONE_AT_A_TIME = "one_example_at_a_time"
 GHOST = "ghost"  # unmasked kernels only: norms from patch and output-gradient Gram matrices
+# The strategies whose norms come from materialized per-example kernel gradients.
+MATERIALIZED = (BATCHED, IDENTITY_PATCHES)
 
 
 def batched_is_cheaper(output_shape: tf.TensorShape, kernel_shape: tf.TensorShape) -> bool:
@@ -143,6 +148,9 @@ class WindowedRule(base.LayerRule, abc.ABC):
       return _bias_pieces(g, batch, variables, masks)
     kernel_trained = tf.reduce_any(tf.not_equal(masks[is_kernel.index(True)], 0))
     bias_only = _bias_pieces(g, batch, [v for v, _ in others], [m for _, m in others])
+    if strategy in MATERIALIZED:
+      return self._materialized_pieces(strategy, call, g, batch, variables, masks, is_kernel,
+                                       kernel_trained, bias_only)
 
     def trained_norms():
       if strategy != GHOST:
@@ -165,6 +173,35 @@ class WindowedRule(base.LayerRule, abc.ABC):
                      frozen_kernel)
 
     return base.Pieces(variables, squared, clipped_sum)
+
+  def _materialized_pieces(self, strategy, call, g, batch, variables, masks, is_kernel,
+                           kernel_trained, bias_only) -> base.Pieces:
+    """The kernel's masked per-example gradients [B, *kernel], formed once (when the kernel is
+    trained), give both its norms and its clipped sum: a weighted sum over B is far cheaper
+    than a second weight-gradient op, and the sum is of exactly the tensors that were
+    measured. The other variables (the bias) come from `bias_only`."""
+    index = is_kernel.index(True)
+    kernel, kernel_mask = variables[index], masks[index]
+
+    def trained():
+      grads = self.per_example_grads(call, g, batch, **self._batched_options(strategy))
+      kernel_grads = base.select(self, call, grads, [kernel], [kernel_mask])[0]
+      return base.from_per_example([kernel], [kernel_grads], batch).squared_norms, kernel_grads
+
+    def frozen():  # no per-example work: an empty batch of kernel gradients
+      return (tf.zeros(tf.reshape(batch, [1]), g.dtype),
+              tf.zeros(tf.concat([[0], tf.shape(kernel)], 0), g.dtype))
+
+    kernel_squared, kernel_grads = tf.cond(kernel_trained, trained, frozen)
+
+    def clipped_sum(factors, kept):
+      kernel_sum = tf.cond(kernel_trained,
+                           lambda: clipping.weighted_batch_sum(kernel_grads, kept, factors),
+                           lambda: tf.zeros(tf.shape(kernel), g.dtype))
+      others = iter(bias_only.clipped_sum(factors, kept))
+      return [kernel_sum if k else next(others) for k in is_kernel]
+
+    return base.Pieces(variables, kernel_squared + bias_only.squared_norms, clipped_sum)
 
   def squared_norms(self, strategy, call, g, batch, variables, masks) -> tf.Tensor:
     """[B] squared norms of the masked per-example gradients of `variables`."""
