@@ -7,7 +7,8 @@ Stages (per-layer engine):
   backward          + the gradient to every captured layer output (reported as the difference)
   norms/<layer>     that layer's per-example masked squared norms, from its captured input and
                     output gradient (constants here)
-  clip_sum/<layer>  that layer's clipped sum, given clip factors
+  clip_sum/<layer>  that layer's clipped sum, given clip factors (batched / identity_patches:
+                    with forming the per-example gradients it weights, so it overlaps norms/)
   engine            the whole engine (`PerLayerEngine.clipped_sum`): all of the above + clipping
   noise             Gaussian noise on the masked coordinates of every variable
   apply             the optimizer's stages 2-6 (accumulate, noise, scale, update, keep frozen)
@@ -62,11 +63,15 @@ def _strategy(rule, call):
 
 def _clip_sum_fn(call, rule, pieces, batch, variables, masks, factors, kept):
   """The layer's clipped sum alone (windowed rules: without the norms, which a graph with a
-  loop in it would not prune)."""
+  loop in it would not prune). A materialized strategy's sum is a weighted sum of the
+  per-example gradients its norms formed: its row includes forming them (overlaps the norms)."""
   from tfdp_prune.layer_rules import base  # pylint: disable=import-outside-toplevel
+  from tfdp_prune.layer_rules import windowed  # pylint: disable=import-outside-toplevel
+  materialized = isinstance(rule, windowed.WindowedRule) and windowed.choose_strategy(
+      rule, call) in windowed.MATERIALIZED
 
   def clip_sum(a, g):
-    if hasattr(rule, "_clipped_sum"):
+    if hasattr(rule, "_clipped_sum") and not materialized:
       record = base.CapturedCall(call.layer, rule, a, g, call.call_kwargs)
       return rule._clipped_sum(record, g, batch, variables, masks, factors, kept)  # pylint: disable=protected-access
     return pieces(a, g).clipped_sum(factors, kept)
