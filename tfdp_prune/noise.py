@@ -30,7 +30,8 @@ def _draws(grads: Sequence[tf.Tensor], stddev, generator: tf.random.Generator) -
   draws = [None] * len(grads)
   for dtype in dict.fromkeys(g.dtype for g in grads):
     indices = [i for i, g in enumerate(grads) if g.dtype == dtype]
-    sizes = [tf.size(grads[i]) for i in indices]
+    # int64: an int32 total overflows at 2^31 coordinates.
+    sizes = [tf.size(grads[i], out_type=tf.int64) for i in indices]
     flat = generator.normal(tf.reshape(tf.add_n(sizes), [1]), stddev=tf.cast(stddev, dtype),
                             dtype=dtype)
     for i, part in zip(indices, tf.split(flat, tf.stack(sizes))):

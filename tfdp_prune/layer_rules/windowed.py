@@ -33,6 +33,10 @@ ONE_AT_A_TIME = "one_example_at_a_time"
 GHOST = "ghost"  # unmasked kernels only: norms from patch and output-gradient Gram matrices
 # The strategies whose norms come from materialized per-example kernel gradients.
 MATERIALIZED = (BATCHED, IDENTITY_PATCHES)
+# Reused for the clipped sum, a layer's [B, *kernel] stays alive until every layer's norms are
+# done, so all such layers are held at once: only small ones are kept (the MNIST CNN's are
+# 0.25 and 8 MB); larger ones recompute the sum with the weight-gradient op.
+_REUSED_MAX_BYTES = 16 * 2**20
 
 
 def batched_is_cheaper(output_shape: tf.TensorShape, kernel_shape: tf.TensorShape) -> bool:
@@ -100,6 +104,12 @@ def _timed_norms(rule, call, strategy):
   return run
 
 
+def _kernel_grads_bytes(call, kernel):
+  """Bytes of the call's per-example kernel gradients [B, *kernel] (unknown B: unbounded)."""
+  rows = call.inputs.shape[0]
+  return float("inf") if rows is None else 4 * rows * kernel.shape.num_elements()
+
+
 def _materialized_bytes(call, kernel, window):
   rows = call.inputs.shape[0] or 0
   positions = call.outputs.shape[1:-1].num_elements() or 0
@@ -148,7 +158,8 @@ class WindowedRule(base.LayerRule, abc.ABC):
       return _bias_pieces(g, batch, variables, masks)
     kernel_trained = tf.reduce_any(tf.not_equal(masks[is_kernel.index(True)], 0))
     bias_only = _bias_pieces(g, batch, [v for v, _ in others], [m for _, m in others])
-    if strategy in MATERIALIZED:
+    if strategy in MATERIALIZED and _kernel_grads_bytes(call, self.kernel_variable(
+        call.layer)) <= _REUSED_MAX_BYTES:
       return self._materialized_pieces(strategy, call, g, batch, variables, masks, is_kernel,
                                        kernel_trained, bias_only)
 
