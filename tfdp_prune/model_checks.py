@@ -1,5 +1,6 @@
 """Checks that a model can be trained with DP at all, before any step runs (DESIGN.md rules 7
-and 13): a tf_keras model, no batch normalization, and no state written from the batch."""
+and 13): a tf_keras model, no batch normalization, no 16-bit floats, and no state written from
+the batch."""
 
 import weakref
 from typing import List, NamedTuple, Optional
@@ -22,6 +23,17 @@ _FIX = ("Replace it with a per-example normalization, e.g. `keras.layers.GroupNo
         "offered: the guarantee would not hold.")
 _PROBE_ROWS = 2  # rows of a probe batch (unless the model declares a static batch size)
 _FREE_DIM = 4  # probe size of a non-batch dimension the input leaves open (None)
+# Mixed precision is refused: under mixed_float16 Keras wraps the optimizer in a dynamic loss
+# scale, which moves with whether the private batch's gradient overflowed (state written from
+# the batch, released without noise); and the engines form per-example gradients, norms and
+# clipped sums in the layer's compute dtype, where 16 bits overflow at 65504 (float16).
+_HALF_PRECISION = (tf.float16, tf.bfloat16)
+_FULL_PRECISION_FIX = (
+    "Expected float32 or float64: tfdp_prune does not support mixed precision. Under "
+    "mixed_float16 Keras scales the loss by a factor that moves with whether the private "
+    "batch's gradient overflowed (released without noise), and per-example gradients and norms "
+    "in 16 bits overflow. Build the model after "
+    "`keras.mixed_precision.set_global_policy('float32')`, or give the layer dtype='float32'.")
 # Input signatures already checked, per model (weakly held: models come and go).
 _CHECKED = weakref.WeakKeyDictionary()
 
@@ -33,8 +45,9 @@ class _Write(NamedTuple):
 
 
 def check_dp_model(model) -> None:
-  """Raises if `model` is not a tf_keras model, holds a batch-normalization layer, or (when its
-  inputs are declared, e.g. `keras.Input`) writes state from the batch in training mode.
+  """Raises if `model` is not a tf_keras model, holds a batch-normalization layer, computes or
+  keeps weights in 16-bit floats (`check_full_precision`), or (when its inputs are declared,
+  e.g. `keras.Input`) writes state from the batch in training mode.
 
   Models whose inputs are not declared yet (subclassed models) get the state check when the DP
   train step is traced, before their first step (`check_no_state_written_from_batch`).
@@ -50,10 +63,30 @@ def check_dp_model(model) -> None:
           "batch, so one example's gradient depends on all others and per-example clipping "
           "gives no privacy guarantee; its moving statistics are also written from the batch "
           f"and would be released without noise. {_FIX}")
+  check_full_precision(model)
   spec = declared_input_spec(model)
   if spec is not None:
     # The batch size is not known yet: only writes from the batch's values are checked now.
     check_no_state_written_from_batch(model, spec, fixed_batch_size=True, defer_failures=True)
+
+
+def check_full_precision(model) -> None:
+  """Raises if a layer of `model` computes in float16 or bfloat16 (a mixed-precision dtype
+  policy) or the model holds a 16-bit weight: see `_HALF_PRECISION`.
+
+  Raises:
+    ValueError: naming the layer or weight, its dtype, and the fix.
+  """
+  layers = [model] + [m for m in model.submodules if isinstance(m, keras.layers.Layer)]
+  for layer in layers:
+    if layer.compute_dtype is not None and tf.as_dtype(layer.compute_dtype) in _HALF_PRECISION:
+      policy = getattr(layer.dtype_policy, "name", layer.dtype_policy)
+      raise ValueError(f"Layer '{layer.name}' computes in {layer.compute_dtype} (dtype policy "
+                       f"'{policy}'). {_FULL_PRECISION_FIX}")
+  for weight in model.weights:
+    if weight.dtype.base_dtype in _HALF_PRECISION:
+      raise ValueError(f"Weight '{weight.name}' is {weight.dtype.base_dtype.name}. "
+                       f"{_FULL_PRECISION_FIX}")
 
 
 def declared_input_spec(model):

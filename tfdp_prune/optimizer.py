@@ -542,6 +542,13 @@ def require_dp_optimizer(model, who: str, *, error=ValueError,
       names `who`, what the model has, and `fix`.
   """
   optimizer = getattr(model, "optimizer", None)
+  if is_dp_optimizer(getattr(optimizer, "inner_optimizer", None)):
+    raise error(f"{who} needs the tfdp_prune DP optimizer itself. Received it wrapped in "
+                f"{type(optimizer).__name__} (Keras wraps it so under the mixed_float16 dtype "
+                "policy): its dynamic loss scale moves with whether the private batch's "
+                "gradient overflowed, which the DP mechanism does not cover. Use the float32 "
+                "policy (`keras.mixed_precision.set_global_policy('float32')` before building "
+                "the model) and compile with the DP optimizer unwrapped.")
   if not is_dp_optimizer(optimizer):
     raise error(f"{who} needs a model compiled with a tfdp_prune DP optimizer "
                 f"(tfdp_prune.DPKerasSGDOptimizer, DPKerasAdamOptimizer, or "

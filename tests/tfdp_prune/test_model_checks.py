@@ -125,3 +125,61 @@ def test_the_check_runs_once_per_input_signature(monkeypatch):
   first = len(calls)
   model_checks.check_no_state_written_from_batch(model, spec, fixed_batch_size=False)
   assert first == 3 and len(calls) == first
+
+
+@pytest.fixture
+def global_policy():
+  """Sets a global dtype policy for the test, and puts the previous one back."""
+  previous = keras.mixed_precision.global_policy()
+  yield keras.mixed_precision.set_global_policy
+  keras.mixed_precision.set_global_policy(previous)
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_is_refused_before_the_first_step_with_the_fix(global_policy, policy):
+  global_policy(policy)
+  model = _model()
+  model.compile(optimizer=tfdp_prune.DPKerasSGDOptimizer(l2_norm_clip=1.0, noise_multiplier=1.0),
+                loss=T.per_example_loss())
+  with pytest.raises(ValueError, match=rf"computes in .*'{policy}'.*set_global_policy\('float32'\)"):
+    tfdp_prune.make_private(model)
+
+
+def test_one_half_precision_layer_in_a_float32_model_is_refused_by_name():
+  model = _model(keras.layers.Dense(4, dtype="float16", name="half"))
+  with pytest.raises(ValueError, match="Layer 'half' computes in float16"):
+    model_checks.check_dp_model(model)
+
+
+def test_a_float64_model_is_accepted():
+  model = T.dp_model(keras.Sequential([keras.Input((8,), dtype="float64"),
+                                       keras.layers.Dense(3, dtype="float64")]))
+  x, y = T.dense_data(n=8)
+  model.fit(x.astype("float64"), y, batch_size=8, verbose=0)
+  assert model.trainable_variables[0].dtype == tf.float64
+
+
+def test_a_loss_scale_optimizer_around_the_dp_optimizer_is_refused_before_any_update():
+  model = _model()
+  before = T.weights(model)
+  model.compile(optimizer=keras.mixed_precision.LossScaleOptimizer(
+      tfdp_prune.DPKerasSGDOptimizer(l2_norm_clip=1.0, noise_multiplier=1.0)),
+                loss=T.per_example_loss())
+  tfdp_prune.make_private(model)
+  x, y = T.dense_data(n=8)
+  with pytest.raises(ValueError, match="wrapped in LossScaleOptimizer.*loss scale"):
+    model.train_on_batch(x, y)
+  for old, new in zip(before, T.weights(model)):
+    np.testing.assert_array_equal(old, new)
+
+
+def test_a_half_precision_weight_is_refused_by_name():
+  class HalfWeight(keras.layers.Layer):
+    def build(self, input_shape):
+      self.scale = self.add_weight("scale", shape=(), dtype="bfloat16", initializer="ones")
+
+    def call(self, inputs):
+      return inputs * tf.cast(self.scale, inputs.dtype)
+
+  with pytest.raises(ValueError, match="Weight 'half_weight/scale:0' is bfloat16"):
+    model_checks.check_dp_model(_model(HalfWeight(name="half_weight")))
