@@ -83,7 +83,7 @@ def check_full_precision(model) -> None:
       policy = getattr(layer.dtype_policy, "name", layer.dtype_policy)
       raise ValueError(f"Layer '{layer.name}' computes in {layer.compute_dtype} (dtype policy "
                        f"'{policy}'). {_FULL_PRECISION_FIX}")
-  for weight in model.weights:
+  for weight in model.weights if model.built else []:  # unbuilt: checked again at the step
     if weight.dtype.base_dtype in _HALF_PRECISION:
       raise ValueError(f"Weight '{weight.name}' is {weight.dtype.base_dtype.name}. "
                        f"{_FULL_PRECISION_FIX}")

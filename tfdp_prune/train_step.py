@@ -76,7 +76,8 @@ def dp_train_step(model: keras.Model, data) -> dict:
   optimizer = optimizer_lib.require_dp_optimizer(model, "The DP train step")
   loss_fn = _per_example_loss(model)
   x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-  _check_no_state_written_from_batch(model, x)
+  _check_no_state_written_from_batch(model, x)  # its probe builds a model built lazily
+  model_checks.check_full_precision(model)  # now with every weight, before the first update
   rows = tf.shape(tf.nest.flatten(x)[0])[0]
   sample_weight = (tf.ones([rows]) if sample_weight is None
                    else tf.reshape(tf.cast(sample_weight, tf.float32), [rows]))

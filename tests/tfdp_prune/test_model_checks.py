@@ -183,3 +183,18 @@ def test_a_half_precision_weight_is_refused_by_name():
 
   with pytest.raises(ValueError, match="Weight 'half_weight/scale:0' is bfloat16"):
     model_checks.check_dp_model(_model(HalfWeight(name="half_weight")))
+
+
+def test_a_lazily_built_model_with_a_half_precision_weight_is_refused_at_its_first_step():
+  class HalfWeight(keras.layers.Layer):
+    def build(self, input_shape):
+      self.scale = self.add_weight("scale", shape=(), dtype="float16", initializer="ones")
+
+    def call(self, inputs):
+      return inputs * tf.cast(self.scale, inputs.dtype)
+
+  model = T.dp_model(keras.Sequential([keras.layers.Dense(4), HalfWeight(name="half_weight"),
+                                       keras.layers.Dense(3)]))  # no input shape: unbuilt
+  x, y = T.dense_data(n=8)
+  with pytest.raises(ValueError, match="Weight 'half_weight/scale:0' is float16"):
+    model.train_on_batch(x, y)
