@@ -92,7 +92,25 @@ def dropped_units(kept: tf.Tensor, sample_weight: tf.Tensor) -> tf.Tensor:
 
 def weighted_batch_sum(g: tf.Tensor, kept: tf.Tensor, factors: tf.Tensor) -> tf.Tensor:
   """sum_i factors_i * g_i over the examples that are kept; the others contribute exactly 0."""
-  # `where` first: 0 * NaN is NaN, so a dropped example must be replaced, not multiplied by 0.
-  batch_shape = tf.concat([tf.shape(kept), tf.ones([tf.rank(g) - 1], tf.int32)], axis=0)
-  g = tf.where(tf.reshape(kept, batch_shape), g, tf.zeros_like(g))
-  return tf.tensordot(tf.cast(factors, g.dtype), g, axes=1)
+  factors = tf.where(kept, tf.cast(factors, g.dtype), 0.0)
+  total = tf.tensordot(factors, g, axes=1)
+  # 0 * NaN is NaN, so a dropped example's non-finite gradient must be replaced, not multiplied
+  # by 0. Only a dropped one can be non-finite (a kept one has a finite norm), so the sum
+  # without the replacement is finite exactly when no example needs it, and then equal to it
+  # (each dropped term is 0): replacing in every step would cost a pass over B x variable.
+  return tf.cond(tf.reduce_all(tf.math.is_finite(total)), lambda: total,
+                 lambda: tf.tensordot(factors, tf.where(_rows(kept, g), g, 0.0), axes=1))
+
+
+def masked_squared_norms(g: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
+  """[B]: the squared norm of each example's gradient g_i [B, ...] times the mask (0/1, the
+  variable's shape), without forming g_i * mask: sum_j g_ij^2 m_j, one matrix-vector product.
+  A non-finite g_ij makes the norm non-finite even where m_j is 0 (inf * 0 is NaN), as the
+  norm of g_i * mask would be."""
+  rows = tf.reshape(tf.square(g), tf.stack([tf.shape(g)[0], -1]))
+  return tf.linalg.matvec(rows, tf.reshape(tf.cast(mask, g.dtype), [-1]))
+
+
+def _rows(kept, t):
+  """`kept` [B] reshaped to broadcast over t's rows [B, ...]."""
+  return tf.reshape(kept, tf.concat([tf.shape(kept), tf.ones([tf.rank(t) - 1], tf.int32)], 0))

@@ -91,7 +91,8 @@ def variable_key(variable):
 
 
 def select(rule, call, grads, variables, masks) -> list:
-  """The masked per-example gradients of `variables`, from those of all the rule's.
+  """The masked per-example gradients of `variables`, from those of all the rule's (a mask of
+  None leaves that variable's unmasked).
 
   Raises:
     ValueError: if the rule gave another number of gradients than it has variables, or one
@@ -108,7 +109,8 @@ def select(rule, call, grads, variables, masks) -> list:
                        f"[batch, *{variable.shape.as_list()}] for {variable.name}. Received: "
                        f"{grad.shape.as_list()}.")
   by_key = {variable_key(v): grad for v, grad in zip(owned, grads)}
-  return [by_key[variable_key(v)] * m for v, m in zip(variables, masks)]
+  return [by_key[variable_key(v)] if m is None else by_key[variable_key(v)] * m
+          for v, m in zip(variables, masks)]
 
 
 def from_per_example(variables, grads, batch) -> Pieces:

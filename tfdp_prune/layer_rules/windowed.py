@@ -194,10 +194,10 @@ class WindowedRule(base.LayerRule, abc.ABC):
     index = is_kernel.index(True)
     kernel, kernel_mask = variables[index], masks[index]
 
-    def trained():
+    def trained():  # unmasked: the mask weighs the norms and masks the sum (not B copies)
       grads = self.per_example_grads(call, g, batch, **self._batched_options(strategy))
-      kernel_grads = base.select(self, call, grads, [kernel], [kernel_mask])[0]
-      return base.from_per_example([kernel], [kernel_grads], batch).squared_norms, kernel_grads
+      kernel_grads = base.select(self, call, grads, [kernel], [None])[0]
+      return clipping.masked_squared_norms(kernel_grads, kernel_mask), kernel_grads
 
     def frozen():  # no per-example work: an empty batch of kernel gradients
       return (tf.zeros(tf.reshape(batch, [1]), g.dtype),
@@ -206,9 +206,10 @@ class WindowedRule(base.LayerRule, abc.ABC):
     kernel_squared, kernel_grads = tf.cond(kernel_trained, trained, frozen)
 
     def clipped_sum(factors, kept):
-      kernel_sum = tf.cond(kernel_trained,
-                           lambda: clipping.weighted_batch_sum(kernel_grads, kept, factors),
-                           lambda: tf.zeros(tf.shape(kernel), g.dtype))
+      kernel_sum = tf.cond(
+          kernel_trained,
+          lambda: clipping.weighted_batch_sum(kernel_grads, kept, factors) * kernel_mask,
+          lambda: tf.zeros(tf.shape(kernel), g.dtype))
       others = iter(bias_only.clipped_sum(factors, kept))
       return [kernel_sum if k else next(others) for k in is_kernel]
 
