@@ -5,9 +5,12 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow  # 15 s: the tutorial end to end in a subprocess
 def test_the_tutorial_port_runs_offline_and_reports_the_shuffle_guarantee():
   result = subprocess.run(
       [sys.executable, "examples/tf_privacy_tutorial.py", "--epochs=1", "--steps_per_epoch=2"],

@@ -494,6 +494,7 @@ def test_an_unreachable_target_is_refused_without_a_search(monkeypatch):
   assert {spec.noise_multiplier for spec in evaluations} == {2.0**30}
 
 
+@pytest.mark.slow  # 20-30 s: a search over 1e6 steps
 def test_a_target_only_the_finer_grid_reaches_is_calibrated_not_refused():
   """A coarser (more pessimistic) guide grid that fails is no reason to refuse: the spec's own
   grid reaches epsilon 1e-3 over 1e6 steps, and the answer is checked there."""

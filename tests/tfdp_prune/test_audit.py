@@ -227,6 +227,7 @@ _AUDITED = dict(mode="none", public_epochs=0, epochs=100.0, learning_rate=1.0,
                 accountant="rdp", seed=0, verbose=0)
 
 
+@pytest.mark.slow  # 10 s: a training with 200 canaries
 def test_audit_of_a_non_private_run_has_power():
   config = TrainConfig(epsilon=None, noise_multiplier=0.0, export_dir=None, **_AUDITED)
   result = audit.audit_training(config, audit.AuditConfig(canaries=200))

@@ -35,7 +35,8 @@ print("trained", int(model.optimizer.iterations.numpy()))
 # tfdp_prune first is checked by the next test, importing Keras 3 first by the Keras 3 tests.
 @pytest.mark.parametrize("first", [
     "import tensorflow; import tfdp_prune",
-    "import tensorflow_model_optimization; import tfdp_prune",
+    pytest.param("import tensorflow_model_optimization; import tfdp_prune",
+                 marks=pytest.mark.slow),
 ])
 def test_import_works_whatever_was_imported_first(first):
   result = _run(first + "\n" + _TRAIN_ONE_STEP)
@@ -93,7 +94,8 @@ print(issubclass(cls, tf_keras.optimizers.legacy.Optimizer))""", TF_USE_LEGACY_K
   assert ok.stdout.strip().endswith("True")
 
 
-@pytest.mark.parametrize("keras_3", ["import keras", "from tensorflow import keras"])
+@pytest.mark.parametrize("keras_3", [
+    "import keras", pytest.param("from tensorflow import keras", marks=pytest.mark.slow)])
 def test_after_keras_3_tf_keras_models_train_and_keras_3_models_get_the_fix(keras_3):
   # Keras 3 imported first: tfdp_prune still trains a tf_keras model; a Keras 3 model given to
   # make_private, or compiled with our optimizer (the README's order: compile, then

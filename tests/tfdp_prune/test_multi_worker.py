@@ -159,6 +159,7 @@ def _clipped_mean_step(init, x, y):
   return init - _LR * total / x.shape[0], np.array(norms)
 
 
+@pytest.mark.slow  # 20 s: two worker processes and a chief
 def test_multi_worker_dp_sgd_matches_single_process(tmp_path):
   rng = np.random.default_rng(0)
   rows = _GLOBAL_BATCH * _EXACT_STEPS

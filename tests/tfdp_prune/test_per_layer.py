@@ -67,6 +67,26 @@ def _layer_cases(cases, strategies):
   return params
 
 
+def _model_cases(strategies_by_model):
+  """(model name, strategy) parameters, `windowed_strategy` indirect. The default run takes
+  every model once and every strategy once (each model with a strategy not taken yet, while
+  there is one); the rest of the cross product is marked slow (CI runs it)."""
+  names, default, taken = sorted(strategies_by_model), set(), set()
+  for name in names:
+    strategies = strategies_by_model[name]
+    strategy = next((s for s in strategies if s not in taken), strategies[0])
+    default.add((name, strategy))
+    taken.add(strategy)
+  for name in names:
+    for strategy in strategies_by_model[name]:
+      if strategy not in taken:
+        default.add((name, strategy))
+        taken.add(strategy)
+  return [pytest.param(name, strategy, id=f"{name}-{strategy}",
+                       marks=() if (name, strategy) in default else pytest.mark.slow)
+          for name in names for strategy in strategies_by_model[name]]
+
+
 @pytest.fixture(autouse=True)
 def _single_strategy_tests_never_consult_it(request, monkeypatch):
   """Fails a test that consults the strategy without `_strategies` (or `calibrated`)."""
@@ -293,9 +313,8 @@ _NON_FINITE_STRATEGIES = {"conv2d": _ALL, "ws_conv_group_norm": _MASKED_CONV,
                           "dense_sequences": _SEQUENCES}
 
 
-@pytest.mark.parametrize("name,windowed_strategy", [
-    (name, strategy) for name in sorted(_NON_FINITE_MODELS)
-    for strategy in _NON_FINITE_STRATEGIES[name]], indirect=["windowed_strategy"])
+@pytest.mark.parametrize("name,windowed_strategy", _model_cases(_NON_FINITE_STRATEGIES),
+                         indirect=["windowed_strategy"])
 def test_non_finite_example_in_every_layer_kind(name, windowed_strategy):
   """The DP property, not where the NaN lands (its path through oneDNN differs by machine):
   the example is dropped and counted, and the sum is exactly that of the other examples."""
@@ -382,9 +401,9 @@ _XLA_MODELS = {
 }
 
 
-@pytest.mark.parametrize("name,windowed_strategy", [
-    (name, strategy) for name in sorted(_XLA_MODELS)
-    for strategy in (_ALL if name == "image" else _MASKED_CONV)], indirect=["windowed_strategy"])
+@pytest.mark.parametrize("name,windowed_strategy",
+                         _model_cases({"image": _ALL, "text": _MASKED_CONV}),
+                         indirect=["windowed_strategy"])
 def test_engine_compiles_with_xla(name, windowed_strategy):
   """`jit_compile=True` must compile every rule (XLA raises on any op it cannot compile) and
   give the reference's clipped sums."""
@@ -407,7 +426,7 @@ def test_engine_compiles_with_xla(name, windowed_strategy):
 
 
 # One batched and one ghost model; the other strategies compile in test_engine_compiles_with_xla.
-@_strategies(windowed.BATCHED, windowed.GHOST)
+@_strategies(windowed.BATCHED, pytest.param(windowed.GHOST, marks=pytest.mark.slow))
 def test_fit_with_jit_compile_matches_the_graph_step():
   """model.compile(jit_compile=True) trains the DP model under XLA (noise 0: the same steps)."""
   import tfdp_prune  # pylint: disable=import-outside-toplevel

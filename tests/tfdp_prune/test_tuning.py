@@ -104,6 +104,7 @@ def test_tuning_and_its_plan_never_read_a_private_example(digits, small_grid):
   assert result.simulation.noise_multiplier == pytest.approx(1.0 * 63 / 100)
 
 
+@pytest.mark.slow  # 15 s: a tuning over real trainings
 def test_a_wrecking_learning_rate_is_replaced_and_the_choice_is_the_runs(digits, small_grid,
                                                                          tmp_path, monkeypatch):
   # Pre-trained for 20 epochs, the model is good before DP training (about 0.8), so the margin
