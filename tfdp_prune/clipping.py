@@ -90,16 +90,24 @@ def dropped_units(kept: tf.Tensor, sample_weight: tf.Tensor) -> tf.Tensor:
   return tf.logical_and(tf.not_equal(sample_weight, 0), tf.logical_not(kept))
 
 
+# Below this many elements, replacing dropped rows every step costs less than tracing a
+# `tf.cond` that skips it (tests and small models trace far more often than they step).
+REPLACE_WHEN_NEEDED_MIN_ELEMENTS = 2**16
+
+
 def weighted_batch_sum(g: tf.Tensor, kept: tf.Tensor, factors: tf.Tensor) -> tf.Tensor:
   """sum_i factors_i * g_i over the examples that are kept; the others contribute exactly 0."""
   factors = tf.where(kept, tf.cast(factors, g.dtype), 0.0)
-  total = tf.tensordot(factors, g, axes=1)
+  replaced = lambda: tf.tensordot(factors, tf.where(_rows(kept, g), g, 0.0), axes=1)
   # 0 * NaN is NaN, so a dropped example's non-finite gradient must be replaced, not multiplied
   # by 0. Only a dropped one can be non-finite (a kept one has a finite norm), so the sum
   # without the replacement is finite exactly when no example needs it, and then equal to it
-  # (each dropped term is 0): replacing in every step would cost a pass over B x variable.
-  return tf.cond(tf.reduce_all(tf.math.is_finite(total)), lambda: total,
-                 lambda: tf.tensordot(factors, tf.where(_rows(kept, g), g, 0.0), axes=1))
+  # (each dropped term is 0): for large tensors, replace only then.
+  elements = g.shape.num_elements()
+  if elements is None or elements < REPLACE_WHEN_NEEDED_MIN_ELEMENTS:
+    return replaced()
+  total = tf.tensordot(factors, g, axes=1)
+  return tf.cond(tf.reduce_all(tf.math.is_finite(total)), lambda: total, replaced)
 
 
 def masked_squared_norms(g: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:

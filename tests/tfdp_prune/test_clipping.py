@@ -29,13 +29,26 @@ def test_norm_is_taken_after_masking():
   np.testing.assert_allclose(result.grads[0], [0.0, 2.0], atol=1e-7)
 
 
-def test_clipped_sum_drops_padding_and_counts_non_finite_examples():
+# 0: dropped rows are replaced only when the plain weighted sum is not finite (large tensors).
+@pytest.mark.parametrize("replace_when_needed_from", [0, clipping.REPLACE_WHEN_NEEDED_MIN_ELEMENTS])
+@pytest.mark.parametrize("run", [lambda f: f(), lambda f: tf.function(f)()], ids=["eager", "graph"])
+def test_clipped_sum_drops_padding_and_counts_non_finite_examples(monkeypatch, run,
+                                                                   replace_when_needed_from):
+  monkeypatch.setattr(clipping, "REPLACE_WHEN_NEEDED_MIN_ELEMENTS", replace_when_needed_from)
   grads = [tf.constant([[1.0, 0.0], [np.nan, 1.0], [0.0, np.inf], [100.0, 0.0]])]
   weights = tf.constant([1.0, 1.0, 1.0, 0.0])
-  result = clipping.clipped_sum(grads, [tf.ones([2])], 10.0, weights)
+  result = run(lambda: clipping.clipped_sum(grads, [tf.ones([2])], 10.0, weights))
   np.testing.assert_array_equal(result.grads[0], [1.0, 0.0])
   assert int(result.num_non_finite) == 2
   assert int(result.num_units) == 4
+
+
+def test_weighted_batch_sum_without_a_non_finite_row_is_the_plain_sum(monkeypatch):
+  monkeypatch.setattr(clipping, "REPLACE_WHEN_NEEDED_MIN_ELEMENTS", 0)
+  g = tf.constant([[1.0, 2.0], [3.0, 4.0], [1e30, -1e30]])
+  summed = clipping.weighted_batch_sum(g, tf.constant([True, True, False]),
+                                       tf.constant([0.5, 1.0, 1.0]))
+  np.testing.assert_array_equal(summed, [3.5, 5.0])  # the dropped row's factor is 0
 
 
 def test_padding_with_non_finite_gradient_is_not_counted():

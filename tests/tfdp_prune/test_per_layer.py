@@ -5,6 +5,7 @@ augmult views and a non-finite example."""
 import numpy as np
 import pytest
 
+from tfdp_prune import clipping
 from tfdp_prune import engines
 from tfdp_prune import models
 from tfdp_prune import per_example
@@ -503,6 +504,34 @@ def test_fully_frozen_kernels_get_no_per_example_work_and_match_the_reference(mo
   for name in frozen:
     np.testing.assert_array_equal(by_name[name].numpy(), 0)
   assert set(ran) == {model.layers[0].name}  # norms and, for ghost's fallback, its grads
+
+
+@_strategies(windowed.BATCHED, windowed.IDENTITY_PATCHES)
+def test_frozen_kernels_and_a_non_finite_example_compile_with_xla_and_match_the_reference(
+    monkeypatch):
+  """Under `jit_compile=True`: the frozen branch (an empty batch of kernel gradients) of a
+  materialized strategy, and the replacement of a dropped example's rows that a non-finite
+  plain sum triggers, give the reference's clipped sums."""
+  monkeypatch.setattr(clipping, "REPLACE_WHEN_NEEDED_MIN_ELEMENTS", 0)  # every sum: cond
+  model = _model([keras.layers.Conv2D(4, 3, padding="same", activation="relu"),
+                  keras.layers.Conv2D(3, 3, strides=2, activation="relu"),
+                  keras.layers.Flatten(), keras.layers.Dense(3)], (7, 7, 2))
+  x, y = _images(6, (7, 7, 2))
+  x[4, 2, 3, 1] = np.nan  # example 4: every gradient of it is NaN, so it is dropped
+  variables = model.trainable_variables
+  frozen = [v.name for v in variables if "kernel" in v.name][1]  # the second conv's
+  masks = [tf.constant(m) for m in _frozen_kernels(variables, [frozen])]
+  loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
+  args = (model, loss_fn, tf.constant(x), tf.constant(y),
+          tf.constant([1, 1, 0, 1, 1, 1], tf.float32), variables, masks, 1e-3)
+  want = tf.function(per_example.VectorizedEngine().clipped_sum)(*args).clipped
+  got = tf.function(per_layer.PerLayerEngine().clipped_sum, jit_compile=True)(*args).clipped
+  assert int(got.num_non_finite) == int(want.num_non_finite) == 1
+  for variable, a, b in zip(variables, got.grads, want.grads):
+    assert np.all(np.isfinite(a.numpy())), variable.name
+    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-6, err_msg=variable.name)
+    if variable.name == frozen:
+      np.testing.assert_array_equal(a.numpy(), 0)
 
 
 def test_all_kernels_frozen_leaves_the_biases_trained():
