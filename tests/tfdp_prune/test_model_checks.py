@@ -173,27 +173,28 @@ def test_a_loss_scale_optimizer_around_the_dp_optimizer_is_refused_before_any_up
     np.testing.assert_array_equal(old, new)
 
 
+class HalfWeight(keras.layers.Layer):
+  """Scales its input by a weight kept in a 16-bit float (`weight_dtype`)."""
+
+  def __init__(self, weight_dtype, **kwargs):
+    super().__init__(**kwargs)
+    self.weight_dtype = weight_dtype
+
+  def build(self, input_shape):
+    self.scale = self.add_weight("scale", shape=(), dtype=self.weight_dtype, initializer="ones")
+
+  def call(self, inputs):
+    return inputs * tf.cast(self.scale, inputs.dtype)
+
+
 def test_a_half_precision_weight_is_refused_by_name():
-  class HalfWeight(keras.layers.Layer):
-    def build(self, input_shape):
-      self.scale = self.add_weight("scale", shape=(), dtype="bfloat16", initializer="ones")
-
-    def call(self, inputs):
-      return inputs * tf.cast(self.scale, inputs.dtype)
-
   with pytest.raises(ValueError, match="Weight 'half_weight/scale:0' is bfloat16"):
-    model_checks.check_dp_model(_model(HalfWeight(name="half_weight")))
+    model_checks.check_dp_model(_model(HalfWeight("bfloat16", name="half_weight")))
 
 
 def test_a_lazily_built_model_with_a_half_precision_weight_is_refused_at_its_first_step():
-  class HalfWeight(keras.layers.Layer):
-    def build(self, input_shape):
-      self.scale = self.add_weight("scale", shape=(), dtype="float16", initializer="ones")
-
-    def call(self, inputs):
-      return inputs * tf.cast(self.scale, inputs.dtype)
-
-  model = T.dp_model(keras.Sequential([keras.layers.Dense(4), HalfWeight(name="half_weight"),
+  model = T.dp_model(keras.Sequential([keras.layers.Dense(4),
+                                       HalfWeight("float16", name="half_weight"),
                                        keras.layers.Dense(3)]))  # no input shape: unbuilt
   x, y = T.dense_data(n=8)
   with pytest.raises(ValueError, match="Weight 'half_weight/scale:0' is float16"):
