@@ -114,7 +114,9 @@ def masked_squared_norms(g: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
   """[B]: the squared norm of each example's gradient g_i [B, ...] times the mask (0/1, the
   variable's shape), without forming g_i * mask: sum_j g_ij^2 m_j, one matrix-vector product.
   A non-finite g_ij makes the norm non-finite even where m_j is 0 (inf * 0 is NaN), as the
-  norm of g_i * mask would be."""
+  norm of g_i * mask would be; so does a finite g_ij whose square overflows (|g_ij| > 1.8e19)
+  where m_j is 0, which the masked norm would ignore: that example is dropped (and counted),
+  never under-clipped."""
   rows = tf.reshape(tf.square(g), tf.stack([tf.shape(g)[0], -1]))
   return tf.linalg.matvec(rows, tf.reshape(tf.cast(mask, g.dtype), [-1]))
 
