@@ -98,7 +98,7 @@ REPLACE_WHEN_NEEDED_MIN_ELEMENTS = 2**16
 def weighted_batch_sum(g: tf.Tensor, kept: tf.Tensor, factors: tf.Tensor) -> tf.Tensor:
   """sum_i factors_i * g_i over the examples that are kept; the others contribute exactly 0."""
   factors = tf.where(kept, tf.cast(factors, g.dtype), 0.0)
-  replaced = lambda: tf.tensordot(factors, tf.where(_rows(kept, g), g, 0.0), axes=1)
+  replaced = lambda: tf.tensordot(factors, tf.where(per_row(kept, g), g, 0.0), axes=1)
   # 0 * NaN is NaN, so a dropped example's non-finite gradient must be replaced, not multiplied
   # by 0. Only a dropped one can be non-finite (a kept one has a finite norm), so the sum
   # without the replacement is finite exactly when no example needs it, and then equal to it
@@ -121,6 +121,7 @@ def masked_squared_norms(g: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
   return tf.linalg.matvec(rows, tf.reshape(tf.cast(mask, g.dtype), [-1]))
 
 
-def _rows(kept, t):
-  """`kept` [B] reshaped to broadcast over t's rows [B, ...]."""
-  return tf.reshape(kept, tf.concat([tf.shape(kept), tf.ones([tf.rank(t) - 1], tf.int32)], 0))
+def per_row(values: tf.Tensor, t: tf.Tensor) -> tf.Tensor:
+  """`values` [B] (one per row of t) reshaped to broadcast over t's rows [B, ...]."""
+  return tf.reshape(values, tf.concat([tf.shape(values), tf.ones([tf.rank(t) - 1], tf.int32)],
+                                      0))

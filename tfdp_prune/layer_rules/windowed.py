@@ -274,13 +274,11 @@ def _bias_pieces(g, batch, variables, masks) -> base.Pieces:
 
 
 def _zero_rows(t, row_kept):
-  shape = tf.concat([tf.shape(row_kept), tf.ones([tf.rank(t) - 1], tf.int32)], axis=0)
-  return tf.where(tf.reshape(row_kept, shape), t, tf.zeros_like(t))
+  return tf.where(clipping.per_row(row_kept, t), t, tf.zeros_like(t))
 
 
 def _scale_rows(t, row_factors):
-  shape = tf.concat([tf.shape(row_factors), tf.ones([tf.rank(t) - 1], tf.int32)], axis=0)
-  return t * tf.reshape(row_factors, shape)
+  return t * clipping.per_row(row_factors, t)
 
 
 def _slides_channels_last(layer) -> bool:
