@@ -559,6 +559,29 @@ def test_calibration_chooses_a_strategy_per_shape_and_records_it(calibrated):
     assert windowed.IDENTITY_PATCHES in record["ms"]
 
 
+def test_calibration_times_gradients_also_while_a_function_is_traced(calibrated):
+  # The engine calibrates while its step is traced; `tf.init_scope` would pause every gradient
+  # tape there, and a per-example loop would be timed taking the gradient of nothing.
+  variable = tf.Variable(3.0)
+  gradients = []
+
+  def with_gradient():
+    with tf.GradientTape() as tape:
+      y = variable * variable
+    gradients.append(tape.gradient(y, variable))
+    return gradients[-1]
+
+  @tf.function
+  def traced_step():
+    calibration.fastest("gradient", {"with_gradient": with_gradient,
+                                     "constant": lambda: tf.constant(0.0)})
+    return tf.constant(0.0)
+
+  traced_step()
+  assert gradients and [None if g is None else float(g) for g in gradients] == [6.0] * len(
+      gradients)
+
+
 def test_without_calibration_the_heuristic_decides(calibrated):
   calibration.set_enabled(False)
   try:

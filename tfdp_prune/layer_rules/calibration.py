@@ -6,6 +6,7 @@ Which of two exact ways to form per-example gradients is faster depends on the C
 not, cache sizes, oneDNN's kernels), so a threshold measured on one machine misleads on another.
 """
 
+import concurrent.futures
 import statistics
 import time
 from typing import Callable, Dict, Hashable, Optional
@@ -55,9 +56,12 @@ def fastest(key: Hashable, candidates: Dict[str, Callable[[], object]]) -> Optio
     return None
   if len(candidates) == 1:
     return next(iter(candidates))
-  with tf.init_scope():  # eager, also when called while a tf.function is traced
+  # In a thread of its own: eager also when called while a tf.function is traced, and with
+  # gradient tapes recording (`tf.init_scope` pauses every tape, so a candidate that takes a
+  # gradient would time the gradient of nothing and win).
+  with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
     try:
-      ms = _median_ms(candidates)
+      ms = pool.submit(_median_ms, candidates).result()
     except (tf.errors.OpError, ValueError, TypeError) as error:  # e.g. out of memory
       logging.warning("calibration of %s failed (%s); using the default choice.", key, error)
       return None
