@@ -39,9 +39,14 @@ class WSConv2D(keras.layers.Conv2D):
 
   def standardized_kernel(self, kernel=None):
     """The kernel the convolution uses: standardized per output channel."""
+    return self.standardize(kernel)[0]
+
+  def standardize(self, kernel=None):
+    """(standardized kernel, 1 / sqrt(variance + epsilon) per output channel [1, 1, 1, out])."""
     kernel = self.kernel if kernel is None else kernel
     mean, variance = tf.nn.moments(kernel, axes=[0, 1, 2], keepdims=True)
-    return (kernel - mean) * tf.math.rsqrt(variance + tf.cast(self.epsilon, kernel.dtype))
+    inverse_std = tf.math.rsqrt(variance + tf.cast(self.epsilon, kernel.dtype))
+    return (kernel - mean) * inverse_std, inverse_std
 
   def convolution_op(self, inputs, kernel):
     return super().convolution_op(inputs, self.standardized_kernel(kernel))

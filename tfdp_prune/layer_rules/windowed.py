@@ -229,13 +229,18 @@ class WindowedRule(base.LayerRule, abc.ABC):
     del strategy
     return {}
 
-  def _masked_grads(self, layer, inputs, output_grads, variables, masks):
-    """The layer's own weight-gradient ops for `inputs`, `output_grads` (any rows), masked."""
-    with tf.GradientTape() as tape:
-      z = self.pre_activation(layer, inputs)
-    grads = tape.gradient(z, variables, output_gradients=output_grads,
-                          unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    return [grad * m for grad, m in zip(grads, masks)]
+  def _grads_function(self, layer, variables):
+    """A function (inputs, output_grads) -> the gradients of `variables` for those rows (any
+    number, summed over them) by the layer's own weight-gradient ops. What does not depend on
+    the rows is computed here, once, and not in every step of a loop over examples."""
+
+    def grads(inputs, output_grads):
+      with tf.GradientTape() as tape:
+        z = self.pre_activation(layer, inputs)
+      return tape.gradient(z, variables, output_gradients=output_grads,
+                           unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+    return grads
 
   def _one_example_at_a_time(self, call, g, batch, variables, masks) -> tf.Tensor:
     """One example at a time (`tf.map_fn`): the layer's own weight-gradient op on that
@@ -243,10 +248,11 @@ class WindowedRule(base.LayerRule, abc.ABC):
     holds a few kernels, never batch x kernel."""
     example_inputs = base.rows_per_example(call.inputs, batch)
     example_grads = base.rows_per_example(g, batch)
+    grads_of = self._grads_function(call.layer, variables)
 
     def squared_norm(example):
-      grads = self._masked_grads(call.layer, *example, variables, masks)
-      return tf.add_n([tf.reduce_sum(tf.square(t)) for t in grads])
+      grads = grads_of(*example)
+      return tf.add_n([tf.reduce_sum(tf.square(t * m)) for t, m in zip(grads, masks)])
 
     return tf.map_fn(squared_norm, (example_inputs, example_grads), fn_output_signature=g.dtype)
 
@@ -259,8 +265,9 @@ class WindowedRule(base.LayerRule, abc.ABC):
     row_factors = tf.repeat(tf.cast(factors, g.dtype), rows_per_example)
     # 0 * NaN is NaN: a dropped row is replaced by zeros, not multiplied by 0.
     scaled_g = _scale_rows(_zero_rows(g, row_kept), row_factors)
-    return self._masked_grads(call.layer, _zero_rows(call.inputs, row_kept), scaled_g,
-                              variables, masks)
+    grads = self._grads_function(call.layer, variables)(_zero_rows(call.inputs, row_kept),
+                                                         scaled_g)
+    return [grad * m for grad, m in zip(grads, masks)]
 
 
 def _bias_pieces(g, batch, variables, masks) -> base.Pieces:
@@ -289,7 +296,7 @@ def _slides_channels_last(layer) -> bool:
 class ConvRule(WindowedRule):
   """Conv1D/Conv2D (strides, padding, dilation; channels last, one group): per-example kernel
   gradients are input patches x output gradients. A layer that convolves with a transformed
-  kernel (WSConv2D) overrides `convolved_kernel` and `to_variable_grads`."""
+  kernel (WSConv2D) overrides `convolution`."""
 
   layer_classes = (keras.layers.Conv1D, keras.layers.Conv2D)
 
@@ -299,19 +306,41 @@ class ConvRule(WindowedRule):
   def kernel_variable(self, layer):
     return layer.kernel
 
-  def convolved_kernel(self, layer, kernel):
-    """The kernel the convolution uses, from the trained one."""
-    return kernel
-
-  def to_variable_grads(self, layer, kernel_grads):
-    """Per-example gradients w.r.t. the convolved kernel -> w.r.t. the trained kernel."""
-    del layer
-    return kernel_grads
+  def convolution(self, layer):
+    """The kernel the convolution uses (from the trained one, differentiably), and a function
+    taking gradients with respect to it (any leading axes) to gradients with respect to the
+    trained kernel: the transposed Jacobian, linear."""
+    return tf.convert_to_tensor(layer.kernel), lambda kernel_grads: kernel_grads
 
   def pre_activation(self, layer, a):
     # The base convolution op (not the layer's, which may transform the kernel itself).
-    z = keras.layers.Conv2D.convolution_op(layer, a, self.convolved_kernel(layer, layer.kernel))
+    z = keras.layers.Conv2D.convolution_op(layer, a, self.convolution(layer)[0])
     return tf.nn.bias_add(z, layer.bias) if layer.use_bias else z
+
+  def _grads_function(self, layer, variables):
+    """The weight-gradient op with respect to the kernel the convolution uses, formed once
+    (for WSConv2D, not standardized again for every example), then mapped to the trained
+    kernel; the bias's gradient is the sum of the output gradients."""
+    convolved, to_variable_grads = self.convolution(layer)
+    kernel_key = base.variable_key(layer.kernel)
+
+    def kernel_grads(inputs, output_grads):
+      # Inside a traced loop `convolved` is captured: the body convolves with its own copy,
+      # so the tape must watch that one, not the tensor outside.
+      kernel = tf.identity(convolved)
+      with tf.GradientTape() as tape:
+        tape.watch(kernel)
+        z = keras.layers.Conv2D.convolution_op(layer, inputs, kernel)
+      return to_variable_grads(tape.gradient(z, kernel, output_gradients=output_grads))
+
+    def bias_grads(output_grads):
+      return tf.reduce_sum(tf.reshape(output_grads, [-1, tf.shape(output_grads)[-1]]), axis=0)
+
+    def grads(inputs, output_grads):
+      return [kernel_grads(inputs, output_grads) if base.variable_key(v) == kernel_key
+              else bias_grads(output_grads) for v in variables]
+
+    return grads
 
   def strategies(self, call):
     strategies = super().strategies(call)
@@ -367,7 +396,7 @@ class ConvRule(WindowedRule):
                else _patches(layer, call.inputs, batch))
     kernel_grads = tf.matmul(patches, g_rows, transpose_a=True)
     kernel_grads = tf.reshape(kernel_grads, tf.concat([[batch], tf.shape(layer.kernel)], 0))
-    grads = [self.to_variable_grads(layer, kernel_grads)]
+    grads = [self.convolution(layer)[1](kernel_grads)]
     if layer.use_bias:
       grads.append(tf.reduce_sum(g_rows, axis=1))
     return grads
