@@ -5,8 +5,8 @@ so that load from other processes spreads over all stages alike.
 Stages (per-layer engine):
   forward_capture   the training forward pass with the engine's capture, and the loss sum
   backward          + the gradient to every captured layer output (reported as the difference)
-  norms/<layer>     that layer's per-example masked squared norms, from its captured input and
-                    output gradient (constants here)
+  norms/<layer>     that layer's per-example masked squared norms, from its captured input,
+                    output gradient and saved tensors (constants here)
   clip_sum/<layer>  that layer's clipped sum, given clip factors (batched / identity_patches:
                     with forming the per-example gradients it weights, so it overlaps norms/)
   engine            the whole engine (`PerLayerEngine.clipped_sum`): all of the above + clipping
@@ -70,11 +70,11 @@ def _clip_sum_fn(call, rule, pieces, batch, variables, masks, factors, kept):
   materialized = isinstance(rule, windowed.WindowedRule) and windowed.choose_strategy(
       rule, call) in windowed.MATERIALIZED
 
-  def clip_sum(a, g):
+  def clip_sum(a, g, saved):
     if hasattr(rule, "_clipped_sum") and not materialized:
-      record = base.CapturedCall(call.layer, rule, a, g, call.call_kwargs)
+      record = base.CapturedCall(call.layer, rule, a, g, call.call_kwargs, saved=saved)
       return rule._clipped_sum(record, g, batch, variables, masks, factors, kept)  # pylint: disable=protected-access
-    return pieces(a, g).clipped_sum(factors, kept)
+    return pieces(a, g, saved).clipped_sum(factors, kept)
 
   return clip_sum
 
@@ -113,9 +113,9 @@ def _stages(model, x, y, seed, jit):
     tape, total = forward(x, y)
     grads = tape.gradient(total, [r.outputs for r in records],
                           unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    return [r.inputs for r in records], grads
+    return [r.inputs for r in records], [r.saved for r in records], grads
 
-  inputs, grads = backward(x, y)  # traces: `records` holds this trace's calls
+  inputs, saved_tensors, grads = backward(x, y)  # traces: `records` holds this trace's calls
   calls = list(records)
   mask_of = {base.variable_key(v): m for v, m in zip(variables, masks)}
   batch = tf.constant(x.shape[0])
@@ -124,23 +124,26 @@ def _stages(model, x, y, seed, jit):
   stages = {"forward_capture": (lambda: forward_capture(x, y), "forward with capture"),
             "backward": (lambda: backward(x, y), "forward + backward to layer outputs")}
 
-  for call, a, g in zip(calls, inputs, grads):
+  # The tensors a rule saved in the forward pass (a normalization's xhat) are passed in too.
+  for call, a, saved, g in zip(calls, inputs, saved_tensors, grads):
     rule = call.rule
     layer_vars = [v for v in rule.variables(call.layer) if base.variable_key(v) in mask_of]
     layer_masks = [mask_of[base.variable_key(v)] for v in layer_vars]
 
-    def pieces(a, g, call=call, rule=rule, layer_vars=layer_vars, layer_masks=layer_masks):
-      record = base.CapturedCall(call.layer, rule, a, g, call.call_kwargs)
+    def pieces(a, g, saved, call=call, rule=rule, layer_vars=layer_vars,
+               layer_masks=layer_masks):
+      record = base.CapturedCall(call.layer, rule, a, g, call.call_kwargs, saved=saved)
       return rule.pieces(record, g, batch, False, layer_vars, layer_masks)
 
-    norms = tf.function(lambda a, g, pieces=pieces: pieces(a, g).squared_norms)
+    norms = tf.function(lambda a, g, saved, pieces=pieces: pieces(a, g, saved).squared_norms)
     sums = tf.function(_clip_sum_fn(call, rule, pieces, batch, layer_vars, layer_masks,
                                     factors, kept))
     label = (f"{call.layer.name} ({type(call.layer).__name__}, "
              f"{_strategy(rule, base.CapturedCall(call.layer, rule, a, g))}, "
              f"out {g.shape[1:].as_list()})")
-    stages[f"norms/{call.layer.name}"] = (lambda n=norms, a=a, g=g: n(a, g), label)
-    stages[f"clip_sum/{call.layer.name}"] = (lambda s=sums, a=a, g=g: s(a, g), label)
+    stages[f"norms/{call.layer.name}"] = (lambda n=norms, a=a, g=g, t=saved: n(a, g, t), label)
+    stages[f"clip_sum/{call.layer.name}"] = (lambda s=sums, a=a, g=g, t=saved: s(a, g, t),
+                                             label)
 
   engine = tf.function(lambda x, y: settings.per_example_engine.clipped_sum(
       model, loss_fn, x, y, weights, variables, masks, settings.l2_norm_clip).clipped.grads)

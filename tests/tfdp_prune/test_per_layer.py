@@ -661,6 +661,27 @@ def test_ghost_norms_never_fall_below_the_true_norm_at_extreme_scales():
   np.testing.assert_allclose(ghost, true, rtol=1e-4)
 
 
+@pytest.mark.parametrize("make_layer", [lambda: keras.layers.GroupNormalization(2),
+                                        lambda: keras.layers.LayerNormalization(center=False)])
+def test_normalization_record_without_its_saved_xhat_recomputes_it(make_layer):
+  """The engine's capture saves xhat from the forward pass; a record made elsewhere (no saved
+  tensors) gives the same per-example gradients by running the normalization again."""
+  from tfdp_prune.layer_rules import base  # pylint: disable=g-import-not-at-top
+  from tfdp_prune.layer_rules import registry  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  x = tf.constant(rng.normal(1.0, 2.0, size=(4, 3, 3, 4)), tf.float32)
+  g = tf.constant(rng.normal(size=(4, 3, 3, 4)), tf.float32)
+  layer = make_layer()
+  layer(x)
+  rule = registry.rule_for(layer)
+  outputs, captured = rule.capture(layer, type(layer).call.__get__(layer), x, {})
+  assert captured.saved
+  bare = base.CapturedCall(layer, rule, x, outputs)
+  for saved, recomputed in zip(rule.per_example_grads(captured, g, 4),
+                               rule.per_example_grads(bare, g, 4)):
+    np.testing.assert_allclose(saved.numpy(), recomputed.numpy(), rtol=1e-5, atol=1e-5)
+
+
 @_strategies(*_ALL)
 def test_a_kernel_mask_changed_after_tracing_is_read_at_run_time():
   """Whether a kernel is fully frozen (no per-example work) is decided each step from the mask's

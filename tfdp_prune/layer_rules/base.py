@@ -21,6 +21,10 @@ class CapturedCall:
   outputs: tf.Tensor
   call_kwargs: Dict[str, Any] = dataclasses.field(default_factory=dict)
   reads: frozenset = frozenset()  # keys of the trainable variables the call read
+  # Tensors the rule formed in the forward pass for its per-example gradients (a
+  # normalization's xhat), by name; a rule must also work without them (a record made
+  # elsewhere, e.g. by benchmarks/profile_step.py).
+  saved: Dict[str, tf.Tensor] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
