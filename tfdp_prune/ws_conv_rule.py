@@ -19,9 +19,10 @@ class WSConv2DRule(windowed.ConvRule):
     return standardized, standardization_vjp(standardized, inverse_std)
 
   def strategies(self, call):
-    # No ghost norms: through the standardization they subtract terms computed from the
-    # layer's float32 output, whose rounding could leave a norm below the true one (an
-    # under-clipped example). Conv2D's ghost norms, in float64 with their rounding bound, stay.
+    # No ghost norms: through the standardization they subtract the gradient's components
+    # along the mean and the kernel from its Gram-matrix norm, and the rounding of that
+    # difference could leave a norm below the true one (an under-clipped example); no bound
+    # for it is derived here. Conv2D's ghost norms, in float64 with their rounding bound, stay.
     return tuple(s for s in super().strategies(call) if s != windowed.GHOST)
 
 
@@ -29,8 +30,9 @@ def standardization_vjp(standardized, inverse_std):
   """The transposed Jacobian of w -> (w - mean) / s, s = sqrt(var + epsilon), per output
   channel over the n = h * w * in entries, as a function of a cotangent g [..., h, w, in, out]:
   J^T g = (g - mean(g) - w_hat (w_hat . g) / n) / s, with w_hat the standardized kernel.
-  Closed form, since autodiff through `tf.nn.moments` costs about ten kernel-sized passes per
-  example (a third of the WRN's per-example loop)."""
+  Closed form, applied to gradients with respect to the standardized kernel formed once: the
+  per-example loop differentiating through `tf.nn.moments` for every example took about ten
+  kernel-sized passes each (a third of the WRN's loop time in its last stage)."""
   entries = tf.cast(tf.reduce_prod(tf.shape(standardized)[:-1]), standardized.dtype)
   window_axes = [-4, -3, -2]
 
