@@ -325,8 +325,7 @@ class ConvRule(WindowedRule):
     kernel_key = base.variable_key(layer.kernel)
 
     def kernel_grads(inputs, output_grads):
-      # Inside a traced loop `convolved` is captured: the body convolves with its own copy,
-      # so the tape must watch that one, not the tensor outside.
+      # A tensor of the loop body's own graph to watch, not `convolved` captured from outside.
       kernel = tf.identity(convolved)
       with tf.GradientTape() as tape:
         tape.watch(kernel)
