@@ -12,8 +12,8 @@ Stages (per-layer engine):
   engine            the whole engine (`PerLayerEngine.clipped_sum`): all of the above + clipping
   noise             Gaussian noise on the masked coordinates of every variable
   apply             the optimizer's stages 2-6 (accumulate, noise, scale, update, keep frozen)
-  dp_step           `model.train_on_batch` of the DP model (the whole step)
-  nonprivate_step   `model.train_on_batch` of the same model, non-private SGD
+  dp_step           one step of the DP model as `model.fit` runs it (`step_time.fit_step`)
+  nonprivate_step   the same for the same model with non-private SGD
 
 The per-layer rows are measured apart from the engine, so they add up to about, not exactly,
 the engine's time (no overlap between layers, no shared subexpressions).
@@ -159,7 +159,7 @@ def _stages(model, x, y, seed, jit):
   clipped = clipping.ClippedSum(summed, batch, tf.constant(0), None)
   apply = tf.function(lambda: optimizer.apply_clipped_sum(clipped, variables))
   stages["apply"] = (apply, "optimizer stages 2-6 (accumulate, noise, scale, update)")
-  stages["dp_step"] = (lambda: model.train_on_batch(x, y), "train_on_batch, DP")
+  stages["dp_step"] = (step_time.fit_step(model, x, y), "fit's train step, DP")
   return stages
 
 
@@ -178,14 +178,14 @@ def run(args):
       stages = _stages(model, x, y, args.seed, args.jit)
       nonprivate, _ = step_time._build(model_name, "nonprivate", batch, spec["input_shape"],  # pylint: disable=protected-access
                                        args.seed)
-      stages["nonprivate_step"] = (lambda m=nonprivate: m.train_on_batch(x, y),
-                                   "train_on_batch, non-private SGD")
+      stages["nonprivate_step"] = (step_time.fit_step(nonprivate, x, y),
+                                   "fit's train step, non-private SGD")
       if args.jit:
         compiled, _ = step_time._build(model_name, "nonprivate", batch, spec["input_shape"],  # pylint: disable=protected-access
                                        args.seed)
         compiled.compile(optimizer=compiled.optimizer, loss=compiled.loss, jit_compile=True)
-        stages["nonprivate_step_xla"] = (lambda m=compiled: m.train_on_batch(x, y),
-                                         "train_on_batch, non-private SGD, jit_compile=True")
+        stages["nonprivate_step_xla"] = (step_time.fit_step(compiled, x, y),
+                                         "fit's train step, non-private SGD, jit_compile=True")
       loadavg_at_start = list(os.getloadavg())
       for fn, _ in stages.values():  # trace, then one warm call
         fn()

@@ -188,6 +188,30 @@ def test_the_report_names_the_cpu_and_its_vector_extensions():
   assert line == ("2 CPUs (Some Xeon; AVX-512: yes (avx512f, avx512bw); AVX2: yes; AMX: no)")
 
 
+def test_fit_step_trains_one_step_per_call_on_one_iterator_and_returns_the_loss():
+  """The timed step is fit's train function on an iterator that outlives the call (not
+  `train_on_batch`, which makes and tears down one per call): each call is one optimizer step
+  on the same batch, and returns once it has run, with the loss as a number."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from tfdp_prune.compat import keras  # pylint: disable=import-outside-toplevel
+  model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+  model.compile(optimizer=keras.optimizers.SGD(0.1),
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+  x, y = tf.constant(np.ones((4, 3), np.float32)), tf.constant([0, 1, 0, 1])
+  step = step_time.fit_step(model, x, y)
+  made = []
+  original_iter = tf.data.Dataset.__iter__
+  tf.data.Dataset.__iter__ = lambda self: made.append(1) or original_iter(self)
+  try:
+    losses = [step()["loss"] for _ in range(3)]
+  finally:
+    tf.data.Dataset.__iter__ = original_iter
+  assert int(model.optimizer.iterations.numpy()) == 3
+  assert not made  # no iterator per call
+  assert all(isinstance(loss, float) for loss in losses) and losses[2] < losses[0]
+
+
 # ------------------------------------------------------------------------------------------------
 # The peer arms themselves: only where benchmarks/peers/setup.sh made the peers' environment.
 # ------------------------------------------------------------------------------------------------
