@@ -159,7 +159,7 @@ def _build(model_name, arm, batch, input_shape, seed, wrn_width=4, accumulation_
   return model, notes
 
 
-def fit_step(model, x, y):
+def fit_step(model, x, y, unknown_batch_size=False):
   """A function running one training step of `model` on (x, y) as `model.fit` runs its steps:
   the model's train function on one iterator that lives across steps; returns the logs as
   numbers (so it returns after the step has run).
@@ -168,14 +168,20 @@ def fit_step(model, x, y):
   only once the iterator's autotuning thread (tf.data's `Model::OptimizeLoop`) has ended, which
   it does at its next timed wake-up, 20, 60, 140, ..., 1260, 2540 ms after the call began. Measured
   (2 cores, TF 2.21): WRN steps of 0.8 s (non-private) and 1.4 s (DP) returned after 1.27 s and
-  2.55 s in about half the calls, the CNN's 45 ms non-private step after 63 ms by median."""
+  2.55 s in about half the calls, the CNN's 45 ms non-private step after 63 ms by median.
+
+  `unknown_batch_size`: the batches' static shape has batch size None, as `fit` on arrays or
+  on a dataset batched without `drop_remainder` traces the step."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  iterator = iter(tf.data.Dataset.from_tensors((x, y)).repeat())
+  dataset = (tf.data.Dataset.from_tensor_slices((x, y)).batch(len(x)) if unknown_batch_size
+             else tf.data.Dataset.from_tensors((x, y)))
+  iterator = iter(dataset.repeat())
   train_function = model.make_train_function()
 
   def step():
     return {name: float(value) for name, value in train_function(iterator).items()}
 
+  step.element_spec = iterator.element_spec
   return step
 
 
@@ -193,7 +199,7 @@ def run_child(args):
   rng = np.random.default_rng(args.seed)
   x = tf.constant(rng.random((batch,) + spec["input_shape"], dtype=np.float32))
   y = tf.constant(rng.integers(0, 10, size=(batch,)), dtype=tf.int64)
-  step = fit_step(model, x, y)
+  step = fit_step(model, x, y, args.unknown_batch_size)
   rss_baseline = _rss_mb()
 
   t0 = time.perf_counter()
@@ -337,6 +343,8 @@ def _run_arm(model, arm, args):
          f"--steps={args.steps}", f"--min_steps={args.min_steps}", f"--warmup={args.warmup}",
          f"--budget_s={args.budget_s}", f"--seed={args.seed}", f"--batch={args.batch}",
          f"--wrn_width={args.wrn_width}", f"--accumulation_steps={args.accumulation_steps}"]
+  if args.unknown_batch_size:
+    cmd.append("--unknown_batch_size")
   env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2")
   env["PYTHONPATH"] = args.code_dir + (
       os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -528,7 +536,7 @@ def run_parent(args):
                          "warmup": args.warmup, "budget_s": args.budget_s, "seed": args.seed,
                          "l2_norm_clip": L2_NORM_CLIP, "noise_multiplier": NOISE_MULTIPLIER,
                          "learning_rate": LEARNING_RATE, "mask_sparsity": SPARSITY,
-                         "rounds": args.rounds},
+                         "rounds": args.rounds, "unknown_batch_size": args.unknown_batch_size},
             "results": []}
   import tempfile  # pylint: disable=import-outside-toplevel
   code_dir = tempfile.mkdtemp(prefix="tfdp_bench_code_")
@@ -591,6 +599,9 @@ def main():
   parser.add_argument("--accumulation_steps", type=int, default=1,
                       help="tfdp arms: physical batches per logical batch (a step is one "
                            "physical batch; time at least this many to include an update)")
+  parser.add_argument("--unknown_batch_size", action="store_true",
+                      help="tf_keras arms: batches of static batch size None, as `fit` on "
+                           "arrays traces the step (default: the batch's static shape)")
   parser.add_argument("--rounds", type=int, default=1,
                       help="run every (model, arm) once per round, round after round; report "
                            "the median over rounds")

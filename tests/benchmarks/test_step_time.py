@@ -147,7 +147,8 @@ def _args(tmp_path, **overrides):
   args = dict(models="cnn", arms="jax_vmap_dp,opacus_dp", steps=2, min_steps=2, budget_s=0.0,
               warmup=2, timeout_s=60.0, seed=0, batch=0, wrn_width=4, accumulation_steps=1,
               rounds=2, peers_python=str(tmp_path / "no_such_venv" / "bin" / "python"),
-              out=str(tmp_path / "out" / "step_time.json"), code=None)
+              out=str(tmp_path / "out" / "step_time.json"), code=None,
+              unknown_batch_size=False)
   args.update(overrides)
   return argparse.Namespace(**args)
 
@@ -210,6 +211,12 @@ def test_fit_step_trains_one_step_per_call_on_one_iterator_and_returns_the_loss(
   assert int(model.optimizer.iterations.numpy()) == 3
   assert not made  # no iterator per call
   assert all(isinstance(loss, float) for loss in losses) and losses[2] < losses[0]
+  assert step.element_spec[0].shape.as_list() == [4, 3]
+  # As `fit` on arrays traces the step: batch size None.
+  unknown = step_time.fit_step(model, x, y, unknown_batch_size=True)
+  assert unknown.element_spec[0].shape.as_list() == [None, 3]
+  unknown()
+  assert int(model.optimizer.iterations.numpy()) == 4
 
 
 # ------------------------------------------------------------------------------------------------

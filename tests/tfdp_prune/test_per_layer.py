@@ -534,6 +534,50 @@ def test_frozen_kernels_and_a_non_finite_example_compile_with_xla_and_match_the_
       np.testing.assert_array_equal(a.numpy(), 0)
 
 
+@pytest.mark.parametrize("reuse_limit", ["default", 0])
+@_strategies(windowed.BATCHED, windowed.IDENTITY_PATCHES)
+def test_a_batch_size_known_only_when_the_step_runs_decides_the_reuse_then(monkeypatch,
+                                                                          reuse_limit):
+  """`fit` on arrays traces the step with batch size None: the materialized per-example kernel
+  gradients are then kept for the clipped sum if the batch that runs is small enough
+  (`_REUSED_MAX_BYTES`), else dropped after the norms (the sum from the weight-gradient op).
+  Either way the reference's clipped sums, for every example weighted, dropped or clipped."""
+  if reuse_limit != "default":
+    monkeypatch.setattr(windowed, "_REUSED_MAX_BYTES", reuse_limit)
+  model = _model([keras.layers.Conv2D(4, 3, padding="same", activation="relu"),
+                  keras.layers.Conv2D(3, 3, strides=2, activation="relu"),
+                  keras.layers.Flatten(), keras.layers.Dense(3)], (7, 7, 2))
+  x, y = _images(6, (7, 7, 2))
+  weights = np.array([1, 1, 0, 1, 1, 1], "float32")
+  variables = model.trainable_variables
+  masks = [tf.constant(m) for m in T.random_masks(variables, keep=0.6, seed=3)]
+  loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
+  want = tf.function(per_example.VectorizedEngine().clipped_sum)(
+      model, loss_fn, tf.constant(x), tf.constant(y), tf.constant(weights), variables, masks,
+      1e-2).clipped
+  reused = []  # conv kernels' [B, h, w, in, out] weighted into a clipped sum, as the step RUNS
+  weighted_batch_sum = clipping.weighted_batch_sum
+
+  def recorded(t, kept, factors):
+    total = weighted_batch_sum(t, kept, factors)
+    if t.shape.rank != 5:
+      return total
+    out = tf.py_function(lambda s: reused.append(1) or s, [total], total.dtype)
+    out.set_shape(total.shape)
+    return out
+
+  monkeypatch.setattr(clipping, "weighted_batch_sum", recorded)
+  step = tf.function(
+      lambda x, y, w: per_layer.PerLayerEngine().clipped_sum(model, loss_fn, x, y, w, variables,
+                                                            masks, 1e-2),
+      input_signature=[tf.TensorSpec([None, 7, 7, 2]), tf.TensorSpec([None], tf.int32),
+                       tf.TensorSpec([None])])
+  got = step(x, y, weights).clipped
+  for variable, a, b in zip(variables, got.grads, want.grads):
+    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-7, err_msg=variable.name)
+  assert len(reused) == (0 if reuse_limit == 0 else 2)
+
+
 def test_all_kernels_frozen_leaves_the_biases_trained():
   model = _model([keras.layers.Dense(6, activation="relu"), keras.layers.Dense(3)], (5,))
   x, y = _images(8, (5,))

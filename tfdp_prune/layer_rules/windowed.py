@@ -104,10 +104,16 @@ def _timed_norms(rule, call, strategy):
   return run
 
 
-def _kernel_grads_bytes(call, kernel):
-  """Bytes of the call's per-example kernel gradients [B, *kernel] (unknown B: unbounded)."""
+def _materialized_grads_reused(call, kernel):
+  """Whether a materialized strategy keeps the call's per-example kernel gradients [rows,
+  *kernel] for the clipped sum (`_REUSED_MAX_BYTES`): a bool from a static batch size, or,
+  when the batch size is known only as the step runs (`fit` on arrays or on a batched dataset
+  traces [None, ...]), a boolean tensor decided then."""
+  bytes_per_row = 4 * kernel.shape.num_elements()
   rows = call.inputs.shape[0]
-  return float("inf") if rows is None else 4 * rows * kernel.shape.num_elements()
+  if rows is not None:
+    return rows * bytes_per_row <= _REUSED_MAX_BYTES
+  return tf.shape(call.inputs, out_type=tf.int64)[0] * bytes_per_row <= _REUSED_MAX_BYTES
 
 
 def _materialized_bytes(call, kernel, window):
@@ -158,10 +164,11 @@ class WindowedRule(base.LayerRule, abc.ABC):
       return _bias_pieces(g, batch, variables, masks)
     kernel_trained = tf.reduce_any(tf.not_equal(masks[is_kernel.index(True)], 0))
     bias_only = _bias_pieces(g, batch, [v for v, _ in others], [m for _, m in others])
-    if strategy in MATERIALIZED and _kernel_grads_bytes(call, self.kernel_variable(
-        call.layer)) <= _REUSED_MAX_BYTES:
+    reused = strategy in MATERIALIZED and _materialized_grads_reused(
+        call, self.kernel_variable(call.layer))
+    if reused is not False:
       return self._materialized_pieces(strategy, call, g, batch, variables, masks, is_kernel,
-                                       kernel_trained, bias_only)
+                                       kernel_trained, bias_only, reused)
 
     def trained_norms():
       if strategy != GHOST:
@@ -186,30 +193,42 @@ class WindowedRule(base.LayerRule, abc.ABC):
     return base.Pieces(variables, squared, clipped_sum)
 
   def _materialized_pieces(self, strategy, call, g, batch, variables, masks, is_kernel,
-                           kernel_trained, bias_only) -> base.Pieces:
+                           kernel_trained, bias_only, reused=True) -> base.Pieces:
     """The kernel's masked per-example gradients [B, *kernel], formed once (when the kernel is
     trained), give both its norms and its clipped sum: a weighted sum over B is far cheaper
     than a second weight-gradient op, and the sum is of exactly the tensors that were
-    measured. The other variables (the bias) come from `bias_only`."""
+    measured. `reused` (`_materialized_grads_reused`) may be a boolean tensor, decided when the
+    step runs: where it is false the tensors are dropped after the norms and the sum comes from
+    the weight-gradient op. The other variables (the bias) come from `bias_only`."""
     index = is_kernel.index(True)
     kernel, kernel_mask = variables[index], masks[index]
+
+    def no_kernel_grads():  # an empty batch of kernel gradients
+      return tf.zeros(tf.concat([[0], tf.shape(kernel)], 0), g.dtype)
 
     def trained():  # unmasked: the mask weighs the norms and masks the sum (not B copies)
       grads = self.per_example_grads(call, g, batch, **self._batched_options(strategy))
       kernel_grads = base.select(self, call, grads, [kernel], [None])[0]
-      return clipping.masked_squared_norms(kernel_grads, kernel_mask), kernel_grads
+      squared = clipping.masked_squared_norms(kernel_grads, kernel_mask)
+      if reused is True:
+        return squared, kernel_grads
+      return squared, tf.cond(reused, lambda: kernel_grads, no_kernel_grads)
 
-    def frozen():  # no per-example work: an empty batch of kernel gradients
-      return (tf.zeros(tf.reshape(batch, [1]), g.dtype),
-              tf.zeros(tf.concat([[0], tf.shape(kernel)], 0), g.dtype))
+    def frozen():  # no per-example work
+      return tf.zeros(tf.reshape(batch, [1]), g.dtype), no_kernel_grads()
 
     kernel_squared, kernel_grads = tf.cond(kernel_trained, trained, frozen)
 
+    def trained_sum(factors, kept):
+      reused_sum = lambda: clipping.weighted_batch_sum(kernel_grads, kept, factors) * kernel_mask
+      if reused is True:
+        return reused_sum()
+      return tf.cond(reused, reused_sum, lambda: self._clipped_sum(
+          call, g, batch, [kernel], [kernel_mask], factors, kept)[0])
+
     def clipped_sum(factors, kept):
-      kernel_sum = tf.cond(
-          kernel_trained,
-          lambda: clipping.weighted_batch_sum(kernel_grads, kept, factors) * kernel_mask,
-          lambda: tf.zeros(tf.shape(kernel), g.dtype))
+      kernel_sum = tf.cond(kernel_trained, lambda: trained_sum(factors, kept),
+                           lambda: tf.zeros(tf.shape(kernel), g.dtype))
       others = iter(bias_only.clipped_sum(factors, kept))
       return [kernel_sum if k else next(others) for k in is_kernel]
 
