@@ -101,6 +101,7 @@ def test_a_fresh_process_with_tensorflow_alone_serves_the_model_and_its_metadata
   assert served["one_field"] == "7.42"
 
 
+@pytest.mark.slow  # end to end (~6-13 s on 2 cores); CI runs it
 def test_saved_model_cli_shows_both_signatures_with_the_named_input(exported):
   result = subprocess.run(
       [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli", "show", "--dir",

@@ -72,6 +72,7 @@ def test_a_resumed_carrying_run_counts_the_old_steps_once(damaged_run, tmp_path)
   assert resumed.resumed_from == 2 and resumed.metadata.steps == 7  # 3 + 4
 
 
+@pytest.mark.slow  # end to end (~6-13 s on 2 cores); CI runs it
 def test_a_target_epsilon_counts_the_carried_steps(tmp_path):
   """An old run at --epsilon stopped after 3 of its 6 steps; the new run with the same flags
   (so the same calibrated sigma) may train only the 3 steps the target has left."""

@@ -34,7 +34,7 @@ print("trained", int(model.optimizer.iterations.numpy()))
 # Each subprocess imports TensorFlow (10-20 s on 2 cores), so each checks all it can: importing
 # tfdp_prune first is checked by the next test, importing Keras 3 first by the Keras 3 tests.
 @pytest.mark.parametrize("first", [
-    "import tensorflow; import tfdp_prune",
+    pytest.param("import tensorflow; import tfdp_prune", marks=pytest.mark.slow),  # 12 s
     pytest.param("import tensorflow_model_optimization; import tfdp_prune",
                  marks=pytest.mark.slow),
 ])

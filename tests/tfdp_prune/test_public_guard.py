@@ -188,6 +188,7 @@ def test_a_resumed_run_compares_with_the_public_only_model_it_stored(tmp_path):
           == before["public_only_validation_accuracy"])
 
 
+@pytest.mark.slow  # end to end (~6-13 s on 2 cores); CI runs it
 def test_a_resume_without_the_stored_public_only_model_says_it_cannot_compare(tmp_path):
   checkpoints = str(tmp_path / "ckpt")
   common = dict(_WRECKED, export_dir=None, checkpoint_dir=checkpoints)

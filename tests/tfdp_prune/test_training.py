@@ -505,6 +505,7 @@ def test_resume_continues_steps_epsilon_and_weights(tmp_path):
   assert again.metadata.steps == 8 and again.metadata.epsilon == straight.metadata.epsilon
 
 
+@pytest.mark.slow  # end to end (~6-13 s on 2 cores); CI runs it
 def test_resume_under_other_settings_is_refused(tmp_path):
   checkpoints = str(tmp_path / "ckpt")
   common = dict(SHORT, epsilon=None, noise_multiplier=1.0, export_dir=None, steps=2,
@@ -516,6 +517,7 @@ def test_resume_under_other_settings_is_refused(tmp_path):
     training.train(TrainConfig(**dict(common, noise_multiplier=2.0)))
 
 
+@pytest.mark.slow  # end to end (~6-13 s on 2 cores); CI runs it
 def test_resume_record_damaged_or_removed_run_json_and_spelled_out_defaults(tmp_path):
   checkpoints = str(tmp_path / "ckpt")
   common = dict(SHORT, epsilon=None, noise_multiplier=1.0, export_dir=None,
@@ -552,6 +554,7 @@ def _files(directory):
   return found
 
 
+@pytest.mark.slow  # end to end (~6-13 s on 2 cores); CI runs it
 def test_export_checkpoint_killed_loses_no_checkpoint_ledger_or_earlier_export(tmp_path):
   import signal  # pylint: disable=import-outside-toplevel
   import time  # pylint: disable=import-outside-toplevel
@@ -670,6 +673,7 @@ def test_paper_config_wrn16_4_on_mock_data(tmp_path):
   assert result.model.count_params() == 2748890 and result.metadata.steps == 1
 
 
+@pytest.mark.slow  # end to end (~6-13 s on 2 cores); CI runs it
 def test_train_on_arrays_from_the_documented_python_path(tmp_path):
   """README: `train(config, splits=DataSplits.from_arrays(...))`, the overlap check on."""
   x, y = (np.random.default_rng(0).normal(size=(120, 6)).astype("float32"),
@@ -685,6 +689,7 @@ def test_train_on_arrays_from_the_documented_python_path(tmp_path):
   assert result.model.output_shape == (None, 3) and result.test_accuracy is not None
 
 
+@pytest.mark.slow  # end to end (~6-13 s on 2 cores); CI runs it
 def test_train_reads_a_folder_of_class_folders_and_records_it(tmp_path):
   """The in-process twin of the slow end-to-end `tfdp-train --dataset=<folder>` test."""
   write_image_folder(tmp_path / "scans", classes=("healthy", "sick"), per_class=20,

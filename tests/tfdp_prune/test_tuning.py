@@ -326,6 +326,7 @@ def test_the_stages_run_in_order_each_from_the_best_so_far(digits, monkeypatch, 
                                       "epochs"]
 
 
+@pytest.mark.slow  # end to end (~6-13 s on 2 cores); CI runs it
 def test_the_record_round_trips_and_an_older_record_still_reads_back(digits, tmp_path,
                                                                      monkeypatch):
   # Not the given masks nor the given length: a resumption that kept either would differ.

@@ -231,6 +231,7 @@ def test_help_lists_every_flag_of_the_binary(program, main_module, monkeypatch, 
   assert expected <= listed, sorted(expected - listed)
 
 
+@pytest.mark.slow  # end to end (~6-13 s on 2 cores); CI runs it
 def test_tfdp_export_help_lists_its_flags_and_the_old_version_flag_names_the_new_one(tmp_path):
   # (CI runs the installed tfdp-export script's --help too.)
   helped, result = run_tfdp_export(

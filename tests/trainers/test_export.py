@@ -22,6 +22,7 @@ def checkpoint_dir(tmp_path_factory):
   return directory
 
 
+@pytest.mark.slow  # end to end (~6-13 s on 2 cores); CI runs it
 def test_export_from_checkpoint_then_inspect(checkpoint_dir, tmp_path):
   export_dir = str(tmp_path / "models")
   export = [f"--checkpoint_dir={checkpoint_dir}", f"--export_dir={export_dir}"]
@@ -93,6 +94,7 @@ def test_a_user_error_exits_with_its_message(tmp_path):
   assert "tfdp-export: " in no_export.stderr and str(tmp_path) in no_export.stderr
 
 
+@pytest.mark.slow  # end to end (~6-13 s on 2 cores); CI runs it
 def test_a_bug_keeps_its_traceback(tmp_path):
   """A ValueError that is no user error is a bug: it propagates with its traceback."""
   result = _run_buggy_export_main(f"--checkpoint_dir={tmp_path}", f"--export_dir={tmp_path}/m")

@@ -175,6 +175,7 @@ def test_no_module_outside_the_registry_compares_a_sampling_name_to_a_literal():
   assert found == []
 
 
+@pytest.mark.slow  # end to end (~6-13 s on 2 cores); CI runs it
 def test_a_scheme_registered_in_one_module_accounts_states_and_samples(fixed_scheme):
   assert fixed_scheme.name in registry.names()
   assert TrainConfig(sampling=fixed_scheme.name).sampling == fixed_scheme.name
