@@ -16,6 +16,7 @@ import math
 from typing import Optional, Sequence
 
 from tfdp_prune import noise
+from tfdp_prune import runtime_zeros
 from tfdp_prune.compat import tf
 
 
@@ -78,7 +79,7 @@ def reset_at_end(at_end: tf.Tensor, accumulators: Sequence[tf.Variable],
   """At a logical batch's end (`at_end`), zeroes the accumulators (whose values before this
   call are `accumulated`) and the unit count; otherwise leaves them as they are."""
   for accumulator, value in zip(accumulators, accumulated):
-    accumulator.assign(tf.where(at_end, tf.zeros_like(value), value))
+    accumulator.assign(tf.where(at_end, tf.zeros([], value.dtype), value))
   unit_count.assign(tf.where(at_end, 0.0, unit_count))
 
 
@@ -96,7 +97,7 @@ def noisy_sum_at_end(at_end: tf.Tensor, accumulated: Sequence[tf.Tensor],
   1 (`noise.add_gaussian_noise`); before it: zeros, and the generator draws nothing."""
   return tf.cond(at_end,
                  lambda: noise.add_gaussian_noise(accumulated, masks, stddev, generator),
-                 lambda: [tf.zeros_like(a) for a in accumulated])
+                 lambda: [runtime_zeros.zeros_like(a) for a in accumulated])
 
 
 # ---- 4. scale -----------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ def add_gaussian_noise(grads: Sequence[tf.Tensor], masks: Sequence[tf.Tensor], s
   """
   noisy = []
   for g, m, noise in zip(grads, masks, _draws(grads, stddev, generator)):
-    noisy.append(g + tf.where(tf.cast(m, tf.bool), noise, tf.zeros_like(noise)))
+    noisy.append(g + tf.where(tf.cast(m, tf.bool), noise, tf.zeros([], noise.dtype)))
   return noisy
 
 

@@ -2,6 +2,7 @@
 materialized (the "book-keeping" of Bu et al. 2023); on sequences or augmult views, the
 windowed strategy (`windowed`)."""
 
+from tfdp_prune import runtime_zeros
 from tfdp_prune.compat import keras
 from tfdp_prune.compat import tf
 from tfdp_prune.layer_rules import base
@@ -56,14 +57,15 @@ def _rank_one(call, g, variables, masks) -> base.Pieces:
 
   def clipped_sum(factors, kept):
     rows = tf.expand_dims(kept, 1)
-    weighted_g = tf.where(rows, g, tf.zeros_like(g)) * tf.cast(tf.expand_dims(factors, 1),
-                                                               g.dtype)
+    weighted_g = tf.where(rows, g, tf.zeros([], g.dtype)) * tf.cast(
+        tf.expand_dims(factors, 1), g.dtype)
     sums = []
     if kernel_mask is not None:
       def kernel_sum():
-        clean_a = tf.where(rows, a, tf.zeros_like(a))
+        clean_a = tf.where(rows, a, tf.zeros([], a.dtype))
         return tf.matmul(clean_a, weighted_g, transpose_a=True) * kernel_mask
-      sums.append(tf.cond(kernel_trained, kernel_sum, lambda: tf.zeros_like(kernel_mask)))
+      sums.append(tf.cond(kernel_trained, kernel_sum,
+                          lambda: runtime_zeros.zeros_like(kernel_mask)))
     if bias_mask is not None:
       sums.append(tf.reduce_sum(weighted_g, axis=0) * bias_mask)
     return sums

@@ -45,7 +45,7 @@ class EmbeddingRule(base.LayerRule):
     def clipped_sum(factors, kept):
       pair_kept = tf.gather(kept, pair_example)
       weights = tf.where(pair_kept, tf.cast(tf.gather(factors, pair_example), g.dtype), 0.0)
-      clean = tf.where(tf.expand_dims(pair_kept, 1), masked, tf.zeros_like(masked))
+      clean = tf.where(tf.expand_dims(pair_kept, 1), masked, tf.zeros([], masked.dtype))
       return [tf.math.unsorted_segment_sum(clean * tf.expand_dims(weights, 1), pair_row,
                                            vocabulary)]
 

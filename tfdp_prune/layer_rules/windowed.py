@@ -10,6 +10,7 @@ on output gradients scaled by the clip factors."""
 import abc
 
 from tfdp_prune import clipping
+from tfdp_prune import runtime_zeros
 from tfdp_prune.compat import keras
 from tfdp_prune.compat import tf
 from tfdp_prune.layer_rules import base
@@ -185,7 +186,8 @@ class WindowedRule(base.LayerRule, abc.ABC):
     def clipped_sum(factors, kept):
       def frozen_kernel():
         sums = iter(bias_only.clipped_sum(factors, kept))
-        return [tf.zeros_like(v) if k else next(sums) for v, k in zip(variables, is_kernel)]
+        return [runtime_zeros.zeros_like(v) if k else next(sums)
+                for v, k in zip(variables, is_kernel)]
       return tf.cond(kernel_trained,
                      lambda: self._clipped_sum(call, g, batch, variables, masks, factors, kept),
                      frozen_kernel)
@@ -228,7 +230,7 @@ class WindowedRule(base.LayerRule, abc.ABC):
 
     def clipped_sum(factors, kept):
       kernel_sum = tf.cond(kernel_trained, lambda: trained_sum(factors, kept),
-                           lambda: tf.zeros(tf.shape(kernel), g.dtype))
+                           lambda: runtime_zeros.zeros_like(kernel))
       others = iter(bias_only.clipped_sum(factors, kept))
       return [kernel_sum if k else next(others) for k in is_kernel]
 
@@ -269,11 +271,11 @@ class WindowedRule(base.LayerRule, abc.ABC):
     example_grads = base.rows_per_example(g, batch)
     grads_of = self._grads_function(call.layer, variables)
 
-    def squared_norm(example):
-      grads = grads_of(*example)
+    def squared_norm(i):
+      grads = grads_of(example_inputs[i], example_grads[i])
       return tf.add_n([tf.reduce_sum(tf.square(t * m)) for t, m in zip(grads, masks)])
 
-    return tf.map_fn(squared_norm, (example_inputs, example_grads), fn_output_signature=g.dtype)
+    return tf.map_fn(squared_norm, tf.range(batch), fn_output_signature=g.dtype)
 
   def _clipped_sum(self, call, g, batch, variables, masks, factors, kept):
     """The layer's weight-gradient op once for the batch, each row's output gradient scaled
@@ -281,11 +283,20 @@ class WindowedRule(base.LayerRule, abc.ABC):
     commute with it)."""
     rows_per_example = tf.shape(g)[0] // batch  # augmult views
     row_kept = tf.repeat(kept, rows_per_example)
-    row_factors = tf.repeat(tf.cast(factors, g.dtype), rows_per_example)
-    # 0 * NaN is NaN: a dropped row is replaced by zeros, not multiplied by 0.
-    scaled_g = _scale_rows(_zero_rows(g, row_kept), row_factors)
-    grads = self._grads_function(call.layer, variables)(_zero_rows(call.inputs, row_kept),
-                                                         scaled_g)
+    row_factors = tf.repeat(tf.where(kept, tf.cast(factors, g.dtype), 0.0), rows_per_example)
+    grads_of = self._grads_function(call.layer, variables)
+
+    def replaced():  # 0 * NaN is NaN: a dropped row is replaced by zeros, not multiplied by 0
+      return grads_of(_zero_rows(call.inputs, row_kept),
+                      _scale_rows(_zero_rows(g, row_kept), row_factors))
+
+    # As in `clipping.weighted_batch_sum`: only a dropped row can be non-finite (a kept example
+    # has a finite norm), so the sum with dropped rows scaled by 0 is finite exactly when no
+    # row needs replacing, and then equal to the replaced one. Replacing only then spares two
+    # activation-sized copies per layer, all alive at once while the layers' sums wait.
+    grads = grads_of(call.inputs, _scale_rows(g, row_factors))
+    finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(grad)) for grad in grads])
+    grads = tf.cond(finite, lambda: grads, replaced)
     return [grad * m for grad, m in zip(grads, masks)]
 
 
@@ -300,7 +311,7 @@ def _bias_pieces(g, batch, variables, masks) -> base.Pieces:
 
 
 def _zero_rows(t, row_kept):
-  return tf.where(clipping.per_row(row_kept, t), t, tf.zeros_like(t))
+  return tf.where(clipping.per_row(row_kept, t), t, tf.zeros([], t.dtype))
 
 
 def _scale_rows(t, row_factors):
