@@ -8,8 +8,8 @@ its BFC allocator, chosen when it starts (TF_CPU_ALLOCATOR_USE_BFC=true, set for
 here), so the steps here run on a different allocator than users' and these numbers are not
 step_time.py's.
 
-In the child: build, record the allocated bytes (variables, optimizer slots, masks), run the
-first (tracing) step and one more, reset the peak, run --steps steps on one fixed batch as
+In the child: build the model and its optimizer, record the allocated bytes (variables, optimizer
+slots, masks), run the first (tracing) step and one more, reset the peak, run --steps steps on one fixed batch as
 `fit` runs them; report the bytes allocated after them beyond those before the first step
 ("held between steps") and the peak.
 
@@ -46,6 +46,7 @@ def run_child(args):
   x = tf.constant(rng.random((batch,) + spec["input_shape"], dtype=np.float32))
   y = tf.constant(rng.integers(0, 10, size=(batch,)), dtype=tf.int64)
   step = step_time.fit_step(model, x, y)
+  model.optimizer.build(model.trainable_variables)  # its slots and masks, before "before"
   before = allocated()["current"]
   step()  # traces
   step()

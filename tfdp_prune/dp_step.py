@@ -16,7 +16,6 @@ import math
 from typing import Optional, Sequence
 
 from tfdp_prune import noise
-from tfdp_prune import runtime_zeros
 from tfdp_prune.compat import tf
 
 
@@ -95,9 +94,12 @@ def noisy_sum_at_end(at_end: tf.Tensor, accumulated: Sequence[tf.Tensor],
                      masks: Sequence[tf.Tensor], stddev, generator: tf.random.Generator) -> list:
   """At a logical batch's end: `accumulated` + N(0, stddev^2) on the coordinates whose mask is
   1 (`noise.add_gaussian_noise`); before it: zeros, and the generator draws nothing."""
+  # Zeros made outside the branch, where grappler folds them into one constant per shape; made
+  # inside, each would be a constant of its own, allocated as long as the traced step exists.
+  zeros = [tf.zeros_like(a) for a in accumulated]
   return tf.cond(at_end,
                  lambda: noise.add_gaussian_noise(accumulated, masks, stddev, generator),
-                 lambda: [runtime_zeros.zeros_like(a) for a in accumulated])
+                 lambda: zeros)
 
 
 # ---- 4. scale -----------------------------------------------------------------------------------

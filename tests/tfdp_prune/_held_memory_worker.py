@@ -1,5 +1,6 @@
-"""Prints, as JSON, the tensor memory a traced DP step holds between steps, and the size of one
-of its activations:  python _held_memory_worker.py
+"""Prints, as JSON, the tensor memory a traced DP step holds between steps, the size of one of
+its activations, and the bytes of one variable of each distinct shape:
+  python _held_memory_worker.py
 In its own process: TF_CPU_ALLOCATOR_USE_BFC must be set before TensorFlow starts, for
 `get_memory_info` to count CPU tensors."""
 
@@ -43,5 +44,6 @@ model.optimizer.build(model.trainable_variables)
 before = allocated()
 for _ in range(2):
   step(data)["loss"].numpy()
-print(json.dumps({"held": allocated() - before,
-                  "activation": 4 * BATCH * int(np.prod(SHAPE))}))
+shapes = {tuple(v.shape) for v in model.trainable_variables}
+print(json.dumps({"held": allocated() - before, "activation": 4 * BATCH * int(np.prod(SHAPE)),
+                  "one_per_shape": sum(4 * int(np.prod(s)) for s in shapes)}))

@@ -534,16 +534,20 @@ def test_frozen_kernels_and_a_non_finite_example_compile_with_xla_and_match_the_
       np.testing.assert_array_equal(a.numpy(), 0)
 
 
-@pytest.mark.parametrize("reuse_limit", ["default", 0])
+# The batch that runs is within both limits, beyond the reuse limit, beyond both.
+@pytest.mark.parametrize("limits,reused_sums,loops", [
+    ({}, 2, 0), ({"_REUSED_MAX_BYTES": 0}, 0, 0),
+    ({"_REUSED_MAX_BYTES": 0, "_MATERIALIZED_MAX_BYTES": 0}, 0, 2)])
 @_strategies(windowed.BATCHED, windowed.IDENTITY_PATCHES)
-def test_a_batch_size_known_only_when_the_step_runs_decides_the_reuse_then(monkeypatch,
-                                                                          reuse_limit):
+def test_a_batch_size_known_only_when_the_step_runs_decides_the_reuse_then(
+    monkeypatch, limits, reused_sums, loops):
   """`fit` on arrays traces the step with batch size None: the materialized per-example kernel
   gradients are then kept for the clipped sum if the batch that runs is small enough
-  (`_REUSED_MAX_BYTES`), else dropped after the norms (the sum from the weight-gradient op).
-  Either way the reference's clipped sums, for every example weighted, dropped or clipped."""
-  if reuse_limit != "default":
-    monkeypatch.setattr(windowed, "_REUSED_MAX_BYTES", reuse_limit)
+  (`_REUSED_MAX_BYTES`), else dropped after the norms (the sum from the weight-gradient op);
+  beyond `_MATERIALIZED_MAX_BYTES` they are never formed (the per-example loop instead).
+  Every way, the reference's clipped sums, for every example weighted, dropped or clipped."""
+  for name, value in limits.items():
+    monkeypatch.setattr(windowed, name, value)
   model = _model([keras.layers.Conv2D(4, 3, padding="same", activation="relu"),
                   keras.layers.Conv2D(3, 3, strides=2, activation="relu"),
                   keras.layers.Flatten(), keras.layers.Dense(3)], (7, 7, 2))
@@ -567,6 +571,16 @@ def test_a_batch_size_known_only_when_the_step_runs_decides_the_reuse_then(monke
     return out
 
   monkeypatch.setattr(clipping, "weighted_batch_sum", recorded)
+  looped = []  # conv layers whose norms were taken one example at a time, as the step RUNS
+  one_example_at_a_time = windowed.WindowedRule._one_example_at_a_time
+
+  def recorded_loop(self, *args):
+    norms = one_example_at_a_time(self, *args)
+    out = tf.py_function(lambda s: looped.append(1) or s, [norms], norms.dtype)
+    out.set_shape(norms.shape)
+    return out
+
+  monkeypatch.setattr(windowed.WindowedRule, "_one_example_at_a_time", recorded_loop)
   step = tf.function(
       lambda x, y, w: per_layer.PerLayerEngine().clipped_sum(model, loss_fn, x, y, w, variables,
                                                             masks, 1e-2),
@@ -575,7 +589,7 @@ def test_a_batch_size_known_only_when_the_step_runs_decides_the_reuse_then(monke
   got = step(x, y, weights).clipped
   for variable, a, b in zip(variables, got.grads, want.grads):
     np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-7, err_msg=variable.name)
-  assert len(reused) == (0 if reuse_limit == 0 else 2)
+  assert (len(reused), len(looped)) == (reused_sums, loops)
 
 
 def test_all_kernels_frozen_leaves_the_biases_trained():

@@ -2,7 +2,6 @@
 materialized (the "book-keeping" of Bu et al. 2023); on sequences or augmult views, the
 windowed strategy (`windowed`)."""
 
-from tfdp_prune import runtime_zeros
 from tfdp_prune.compat import keras
 from tfdp_prune.compat import tf
 from tfdp_prune.layer_rules import base
@@ -64,8 +63,9 @@ def _rank_one(call, g, variables, masks) -> base.Pieces:
       def kernel_sum():
         clean_a = tf.where(rows, a, tf.zeros([], a.dtype))
         return tf.matmul(clean_a, weighted_g, transpose_a=True) * kernel_mask
-      sums.append(tf.cond(kernel_trained, kernel_sum,
-                          lambda: runtime_zeros.zeros_like(kernel_mask)))
+      # Outside the branch: one folded constant per shape (docs/per-layer-engine.md).
+      zeros = tf.zeros_like(kernel_mask)
+      sums.append(tf.cond(kernel_trained, kernel_sum, lambda: zeros))
     if bias_mask is not None:
       sums.append(tf.reduce_sum(weighted_g, axis=0) * bias_mask)
     return sums

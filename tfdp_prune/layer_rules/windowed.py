@@ -10,7 +10,6 @@ on output gradients scaled by the clip factors."""
 import abc
 
 from tfdp_prune import clipping
-from tfdp_prune import runtime_zeros
 from tfdp_prune.compat import keras
 from tfdp_prune.compat import tf
 from tfdp_prune.layer_rules import base
@@ -118,9 +117,24 @@ def _materialized_grads_reused(call, kernel):
 
 
 def _materialized_bytes(call, kernel, window):
-  rows = call.inputs.shape[0] or 0
+  """What a materialized strategy forms for the call: per-example kernel gradients and input
+  windows. An unknown batch size counts as 0 rows here (`_materialized_fits` decides then)."""
+  return (call.inputs.shape[0] or 0) * _materialized_bytes_per_row(call, kernel, window)
+
+
+def _materialized_bytes_per_row(call, kernel, window):
   positions = call.outputs.shape[1:-1].num_elements() or 0
-  return 4 * rows * (kernel.shape.num_elements() + positions * window)
+  return 4 * (kernel.shape.num_elements() + positions * window)
+
+
+def _materialized_fits(call, kernel):
+  """Whether a materialized strategy's tensors fit in `_MATERIALIZED_MAX_BYTES`: True with a
+  static batch size (`strategies` offered it only then), else a boolean tensor decided when the
+  step runs; where it is false, the per-example loop runs instead."""
+  if call.inputs.shape[0] is not None:
+    return True
+  per_row = _materialized_bytes_per_row(call, kernel, kernel.shape[:-1].num_elements())
+  return tf.shape(call.inputs, out_type=tf.int64)[0] * per_row <= _MATERIALIZED_MAX_BYTES
 
 
 class WindowedRule(base.LayerRule, abc.ABC):
@@ -165,11 +179,12 @@ class WindowedRule(base.LayerRule, abc.ABC):
       return _bias_pieces(g, batch, variables, masks)
     kernel_trained = tf.reduce_any(tf.not_equal(masks[is_kernel.index(True)], 0))
     bias_only = _bias_pieces(g, batch, [v for v, _ in others], [m for _, m in others])
-    reused = strategy in MATERIALIZED and _materialized_grads_reused(
-        call, self.kernel_variable(call.layer))
+    kernel = self.kernel_variable(call.layer)
+    reused = strategy in MATERIALIZED and _materialized_grads_reused(call, kernel)
     if reused is not False:
       return self._materialized_pieces(strategy, call, g, batch, variables, masks, is_kernel,
-                                       kernel_trained, bias_only, reused)
+                                       kernel_trained, bias_only, reused,
+                                       _materialized_fits(call, kernel))
 
     def trained_norms():
       if strategy != GHOST:
@@ -184,10 +199,13 @@ class WindowedRule(base.LayerRule, abc.ABC):
     squared = tf.cond(kernel_trained, trained_norms, lambda: bias_only.squared_norms)
 
     def clipped_sum(factors, kept):
+      # Zeros for a branch are made outside it: grappler folds them into one constant per
+      # shape, where each branch's own would stay allocated (docs/per-layer-engine.md).
+      kernel_zeros = tf.zeros(kernel.shape, kernel.dtype)
+
       def frozen_kernel():
         sums = iter(bias_only.clipped_sum(factors, kept))
-        return [runtime_zeros.zeros_like(v) if k else next(sums)
-                for v, k in zip(variables, is_kernel)]
+        return [kernel_zeros if k else next(sums) for k in is_kernel]
       return tf.cond(kernel_trained,
                      lambda: self._clipped_sum(call, g, batch, variables, masks, factors, kept),
                      frozen_kernel)
@@ -195,26 +213,34 @@ class WindowedRule(base.LayerRule, abc.ABC):
     return base.Pieces(variables, squared, clipped_sum)
 
   def _materialized_pieces(self, strategy, call, g, batch, variables, masks, is_kernel,
-                           kernel_trained, bias_only, reused=True) -> base.Pieces:
+                           kernel_trained, bias_only, reused=True, fits=True) -> base.Pieces:
     """The kernel's masked per-example gradients [B, *kernel], formed once (when the kernel is
     trained), give both its norms and its clipped sum: a weighted sum over B is far cheaper
     than a second weight-gradient op, and the sum is of exactly the tensors that were
     measured. `reused` (`_materialized_grads_reused`) may be a boolean tensor, decided when the
     step runs: where it is false the tensors are dropped after the norms and the sum comes from
-    the weight-gradient op. The other variables (the bias) come from `bias_only`."""
+    the weight-gradient op. So may `fits` (`_materialized_fits`): where it is false, nothing is
+    materialized (the norms one example at a time, the sum from the op). The other variables
+    (the bias) come from `bias_only`."""
     index = is_kernel.index(True)
     kernel, kernel_mask = variables[index], masks[index]
 
     def no_kernel_grads():  # an empty batch of kernel gradients
       return tf.zeros(tf.concat([[0], tf.shape(kernel)], 0), g.dtype)
 
-    def trained():  # unmasked: the mask weighs the norms and masks the sum (not B copies)
+    def materialized():  # unmasked: the mask weighs the norms and masks the sum (not B copies)
       grads = self.per_example_grads(call, g, batch, **self._batched_options(strategy))
       kernel_grads = base.select(self, call, grads, [kernel], [None])[0]
       squared = clipping.masked_squared_norms(kernel_grads, kernel_mask)
       if reused is True:
         return squared, kernel_grads
       return squared, tf.cond(reused, lambda: kernel_grads, no_kernel_grads)
+
+    def trained():
+      if fits is True:
+        return materialized()
+      return tf.cond(fits, materialized, lambda: (self._one_example_at_a_time(
+          call, g, batch, [kernel], [kernel_mask]), no_kernel_grads()))
 
     def frozen():  # no per-example work
       return tf.zeros(tf.reshape(batch, [1]), g.dtype), no_kernel_grads()
@@ -223,14 +249,14 @@ class WindowedRule(base.LayerRule, abc.ABC):
 
     def trained_sum(factors, kept):
       reused_sum = lambda: clipping.weighted_batch_sum(kernel_grads, kept, factors) * kernel_mask
-      if reused is True:
+      if reused is True and fits is True:
         return reused_sum()
-      return tf.cond(reused, reused_sum, lambda: self._clipped_sum(
+      return tf.cond(tf.logical_and(fits, reused), reused_sum, lambda: self._clipped_sum(
           call, g, batch, [kernel], [kernel_mask], factors, kept)[0])
 
     def clipped_sum(factors, kept):
-      kernel_sum = tf.cond(kernel_trained, lambda: trained_sum(factors, kept),
-                           lambda: runtime_zeros.zeros_like(kernel))
+      zeros = tf.zeros(kernel.shape, g.dtype)  # outside the branch, as above
+      kernel_sum = tf.cond(kernel_trained, lambda: trained_sum(factors, kept), lambda: zeros)
       others = iter(bias_only.clipped_sum(factors, kept))
       return [kernel_sum if k else next(others) for k in is_kernel]
 
@@ -266,7 +292,9 @@ class WindowedRule(base.LayerRule, abc.ABC):
   def _one_example_at_a_time(self, call, g, batch, variables, masks) -> tf.Tensor:
     """One example at a time (`tf.map_fn`): the layer's own weight-gradient op on that
     example's input and output gradient, masked and reduced to a number at once, so memory
-    holds a few kernels, never batch x kernel."""
+    holds a few kernels, never batch x kernel. The loop runs over indices and slices one
+    example per iteration: mapped over the tensors themselves, it would first copy both,
+    activation-sized, into tensor lists (the WRN-16-4's peak: 70 MB more)."""
     example_inputs = base.rows_per_example(call.inputs, batch)
     example_grads = base.rows_per_example(g, batch)
     grads_of = self._grads_function(call.layer, variables)
