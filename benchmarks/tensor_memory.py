@@ -83,7 +83,7 @@ def _markdown(report):
       "# Tensor memory of the training step",
       "",
       f"{report['machine']['date']}; {step_time.machine_line(report['machine'])}; tfdp_prune at "
-      f"{report['git_commit']}.",
+      f"{report['git_commit']} ({report['code']}).",
       "",
       f"Command: `{report['command']}`",
       "",
@@ -117,7 +117,8 @@ def run_parent(args):
     if name not in step_time.TF_ARMS:
       raise SystemExit(f"unknown arm {name!r}; expected some of {list(step_time.TF_ARMS)}")
   report = {"command": " ".join([sys.executable] + sys.argv), "machine": machine.machine(),
-            "git_commit": provenance.git_commit(args.code or step_time.REPO), "results": []}
+            "git_commit": provenance.git_commit(args.code or step_time.REPO),
+            "code": os.path.abspath(args.code or step_time.REPO), "results": []}
   for model in models:
     for arm in arms:
       result = _run_arm(model, arm, args)

@@ -427,7 +427,9 @@ def test_engine_compiles_with_xla(name, windowed_strategy):
 
 
 # One batched and one ghost model; the other strategies compile in test_engine_compiles_with_xla.
-@_strategies(windowed.BATCHED, pytest.param(windowed.GHOST, marks=pytest.mark.slow))
+# Both slow (14 s each here): the engine alone compiles with XLA in the default run.
+@_strategies(pytest.param(windowed.BATCHED, marks=pytest.mark.slow),
+             pytest.param(windowed.GHOST, marks=pytest.mark.slow))
 def test_fit_with_jit_compile_matches_the_graph_step():
   """model.compile(jit_compile=True) trains the DP model under XLA (noise 0: the same steps)."""
   import tfdp_prune  # pylint: disable=import-outside-toplevel

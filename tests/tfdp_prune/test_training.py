@@ -485,6 +485,8 @@ def _weights(model):
   return [v.numpy() for v in model.trainable_variables]
 
 
+# 12 s; resuming's epsilon is in the default run too (test_budget, test_carried_spend).
+@pytest.mark.slow
 def test_resume_continues_steps_epsilon_and_weights(tmp_path):
   # Seeded (insecure): the uninterrupted run is another train() call, with its own randomness.
   common = dict(SHORT, epsilon=None, noise_multiplier=1.0, export_dir=None,
