@@ -245,6 +245,8 @@ def _fit_on_views(model, input_shape, k=2):
   assert np.isfinite(model.evaluate(x, y, verbose=0)[0])  # evaluation on plain images
 
 
+# End-to-end, 7-11 s: in the slow set (CI runs it), for a default run under 10 minutes.
+@pytest.mark.slow
 def test_fit_with_make_private_on_an_augmult_dataset():
   _fit_on_views(_ws_model(), (6, 6, 2), k=3)
 

@@ -95,8 +95,10 @@ print(issubclass(cls, tf_keras.optimizers.legacy.Optimizer))""", TF_USE_LEGACY_K
   assert ok.stdout.strip().endswith("True")
 
 
+# Both slow (11 s each, own processes): the default run stays under 10 minutes.
 @pytest.mark.parametrize("keras_3", [
-    "import keras", pytest.param("from tensorflow import keras", marks=pytest.mark.slow)])
+    pytest.param("import keras", marks=pytest.mark.slow),
+    pytest.param("from tensorflow import keras", marks=pytest.mark.slow)])
 def test_after_keras_3_tf_keras_models_train_and_keras_3_models_get_the_fix(keras_3):
   # Keras 3 imported first: tfdp_prune still trains a tf_keras model; a Keras 3 model given to
   # make_private, or compiled with our optimizer (the README's order: compile, then

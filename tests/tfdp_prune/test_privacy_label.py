@@ -54,6 +54,8 @@ def _hand_run_like_tfdp_train(config):
   return model, budget
 
 
+# End-to-end, 7-11 s: in the slow set (CI runs it), for a default run under 10 minutes.
+@pytest.mark.slow
 def test_the_label_equals_what_tfdp_train_records_for_the_same_run(tmp_path):
   config = TrainConfig(**_CONFIG)
   recorded = training.train(config).metadata

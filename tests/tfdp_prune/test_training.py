@@ -363,6 +363,8 @@ def test_two_runs_with_identical_settings_draw_other_noise_and_publish_no_secret
         assert not any(e in content for w in drawn for e in _encodings(w)), name
 
 
+# End-to-end, 7-11 s: in the slow set (CI runs it), for a default run under 10 minutes.
+@pytest.mark.slow
 def test_the_insecure_switch_reproduces_a_run_and_labels_its_export(tmp_path):
   config = dict(_TINY, insecure_mechanism_seed=_INSECURE_SEED)
   with pytest.warns(randomness.InsecureRandomnessWarning):
@@ -639,6 +641,8 @@ def _run_named_config_on_mock_data(name, tmp_path, **overrides):
     return training.run(name, verbose=0, export_dir=str(tmp_path), **overrides)
 
 
+# End-to-end, 7-11 s: in the slow set (CI runs it), for a default run under 10 minutes.
+@pytest.mark.slow
 def test_mnist_tutorial_config_pipeline_on_mock_data(tmp_path):
   """The TF Privacy tutorial config: its MNIST data path, CNN, dense mode and fixed sigma (mock
   MNIST has 196 private examples, so the batch is smaller than the tutorial's 250)."""
