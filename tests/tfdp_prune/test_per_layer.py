@@ -465,6 +465,25 @@ def test_fallback_heuristic_batches_only_small_kernels_over_few_positions():
   assert not windowed.batched_is_cheaper(*wrn_last_group_conv)  # a 590k-entry kernel
 
 
+@pytest.mark.parametrize("positions,window,out,gradients_way", [
+    (196, 64, 16, True),  # the MNIST CNN's first conv
+    (25, 256, 32, False),  # its second
+    (4, 4, 3, False),
+    (None, 64, 16, False),  # positions unknown when traced
+])
+def test_per_example_products_either_way_round_equal_the_reference(positions, window, out,
+                                                                   gradients_way):
+  assert windowed._transposing_the_gradients_is_cheaper(positions, window, out) == gradients_way
+  rng = np.random.default_rng(0)
+  patches = rng.normal(size=(3, positions or 7, window)).astype(np.float32)
+  g_rows = rng.normal(size=(3, positions or 7, out)).astype(np.float32)
+  spec = lambda last: tf.TensorSpec([None, positions, last], tf.float32)
+  products = tf.function(lambda p, g: windowed.patches_times_output_grads(p, g, positions),
+                         input_signature=[spec(window), spec(out)])
+  np.testing.assert_allclose(products(patches, g_rows), np.einsum("btk,bto->bko", patches, g_rows),
+                             rtol=1e-5, atol=1e-4)
+
+
 def _frozen_kernels(variables, frozen_names, keep=0.6):
   """Random masks, with every coordinate of the variables named in `frozen_names` frozen."""
   masks = T.random_masks(variables, keep=keep, seed=3)

@@ -451,7 +451,7 @@ class ConvRule(WindowedRule):
     g_rows = base.positions_per_example(g, batch)
     patches = (_identity_patches(layer, call.inputs, batch) if identity_patches
                else _patches(layer, call.inputs, batch))
-    kernel_grads = tf.matmul(patches, g_rows, transpose_a=True)
+    kernel_grads = patches_times_output_grads(patches, g_rows, g.shape[1:-1].num_elements())
     kernel_grads = tf.reshape(kernel_grads, tf.concat([[batch], tf.shape(layer.kernel)], 0))
     grads = [self.convolution(layer)[1](kernel_grads)]
     if layer.use_bias:
@@ -503,6 +503,29 @@ def _patches(layer, inputs, batch):
   patches = tf.image.extract_patches(inputs, sizes=[1, *sizes, 1], strides=[1, *strides, 1],
                                      rates=[1, *rates, 1], padding=layer.padding.upper())
   return base.positions_per_example(patches, batch)
+
+
+def patches_times_output_grads(patches, g_rows, positions_per_view):
+  """[B, window, out]: P_i^T G_i per example (patches [B, T, window], output gradients
+  [B, T, out]; T is `positions_per_view` times the views, and may be unknown when traced).
+  A batched matmul transposes its first operand as it goes, at a cost in proportion to that
+  operand's size; so when the patches are larger than the output gradients and the product
+  together, G_i^T P_i is formed and the product transposed (the MNIST CNN's
+  first conv, 196 x 64 patches and 196 x 16 gradients: 10.3 -> 6.8 ms on 2 EPYC cores; its
+  second, 25 x 256 and 25 x 32, keeps P^T G: both ways 9 ms)."""
+  window, out = patches.shape[-1], g_rows.shape[-1]
+  if _transposing_the_gradients_is_cheaper(positions_per_view, window, out):
+    return tf.transpose(tf.matmul(g_rows, patches, transpose_a=True), [0, 2, 1])
+  return tf.matmul(patches, g_rows, transpose_a=True)
+
+
+def _transposing_the_gradients_is_cheaper(positions, window, out) -> bool:
+  """Entries transposed per example: T x window (the patches) against T x out + window x out
+  (the gradients, then the product). With views T is a multiple of `positions`, which only
+  favors the gradients' way more (window > out then); unknown sizes keep the patches' way."""
+  if None in (positions, window, out):
+    return False
+  return positions * window > positions * out + window * out
 
 
 def _identity_patches(layer, inputs, batch):
