@@ -520,8 +520,8 @@ def patches_times_output_grads(patches, g_rows, positions_per_view):
   A batched matmul transposes its first operand as it goes, at a cost in proportion to that
   operand's size; so when the patches are larger than the output gradients and the product
   together, G_i^T P_i is formed and the product transposed (the MNIST CNN's
-  first conv, 196 x 64 patches and 196 x 16 gradients: 10.3 -> 6.8 ms on 2 EPYC cores; its
-  second, 25 x 256 and 25 x 32, keeps P^T G: both ways 9 ms)."""
+  first conv, 196 x 64 patches and 196 x 16 gradients: 10-12 -> 7-8 ms on 2 EPYC cores; its
+  second, 25 x 256 and 25 x 32, keeps P^T G; benchmarks/README.md)."""
   window, out = patches.shape[-1], g_rows.shape[-1]
   if _transposing_the_gradients_is_cheaper(positions_per_view, window, out):
     return tf.transpose(tf.matmul(g_rows, patches, transpose_a=True), [0, 2, 1])
