@@ -24,8 +24,9 @@ class DenseRule(windowed.WindowedRule):
 
   def per_example_grads(self, call, g, batch):
     g_rows = base.positions_per_example(g, batch)
-    kernel_grads = tf.einsum("bpi,bpo->bio", base.positions_per_example(call.inputs, batch),
-                             g_rows)
+    # The inputs at each position are the windows of a 1-wide convolution: the same product.
+    kernel_grads = windowed.patches_times_output_grads(
+        base.positions_per_example(call.inputs, batch), g_rows, g.shape[1:-1].num_elements())
     grads = [kernel_grads]
     if call.layer.use_bias:
       grads.append(tf.reduce_sum(g_rows, axis=1))
