@@ -135,9 +135,11 @@ def _batch(input_shape, ids, views, seed):
   return x, rng.integers(0, 3, ROWS).astype("int32")
 
 
-def _contribution(name, engine, masked, seed=0):
-  """(the one real row's update, one array per variable; norm of its unclipped masked
-  gradient)."""
+def _contributions(name, engine, masked=(False, True), seed=0):
+  """{m: (the one real row's update, one array per variable; norm of its unclipped masked
+  gradient)} for each m in `masked` (False: all-1 masks; True: half the coordinates trained):
+  one model and one traced step, the weights restored and the masks set before each (whether
+  masks are all 1 is read when the step runs)."""
   build, input_shape, ids, views = ZOO[name]
   keras.utils.set_random_seed(seed)
   model = build()
@@ -148,18 +150,24 @@ def _contribution(name, engine, masked, seed=0):
   tfdp_prune.make_private(model)
   variables = model.trainable_variables
   optimizer.build(variables)
-  masks = T.random_masks(variables, keep=0.5 if masked else 1.0, seed=seed)
-  optimizer.set_update_masks(variables, masks)
   x, y = _batch(input_shape, ids, views, seed)
-  with tf.GradientTape() as tape:  # the real row's own gradient (mean over views)
-    first = x[0] if views else x[:1]
-    loss = tf.reduce_mean(T.per_example_loss()(np.repeat(y[:1], max(views, 1)),
-                                               model(first, training=True)))
-  unclipped = np.sqrt(sum(np.sum((tf.convert_to_tensor(g).numpy() * m) ** 2)
-                          for g, m in zip(tape.gradient(loss, variables), masks)))
-  before = T.weights(model)
-  model.train_on_batch(x, y, sample_weight=np.array([1] + [0] * (ROWS - 1), "float32"))
-  return [a.astype(np.float64) - b for a, b in zip(T.weights(model), before)], unclipped
+  initial = model.get_weights()
+  contributions = {}
+  for half in masked:
+    model.set_weights(initial)
+    masks = T.random_masks(variables, keep=0.5 if half else 1.0, seed=seed)
+    optimizer.set_update_masks(variables, masks)
+    with tf.GradientTape() as tape:  # the real row's own gradient (mean over views)
+      first = x[0] if views else x[:1]
+      loss = tf.reduce_mean(T.per_example_loss()(np.repeat(y[:1], max(views, 1)),
+                                                 model(first, training=True)))
+    unclipped = np.sqrt(sum(np.sum((tf.convert_to_tensor(g).numpy() * m) ** 2)
+                            for g, m in zip(tape.gradient(loss, variables), masks)))
+    before = T.weights(model)
+    model.train_on_batch(x, y, sample_weight=np.array([1] + [0] * (ROWS - 1), "float32"))
+    contributions[half] = (
+        [a.astype(np.float64) - b for a, b in zip(T.weights(model), before)], unclipped)
+  return contributions
 
 
 def _norm(arrays):
@@ -168,10 +176,11 @@ def _norm(arrays):
 
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_one_example_moves_the_model_by_at_most_the_clip_norm(name):
+  by_engine = {engine: _contributions(name, engine) for engine in ("vectorized", "per_layer")}
   for masked in (False, True):
     updates = {}
-    for engine in ("vectorized", "per_layer"):
-      updates[engine], unclipped = _contribution(name, engine, masked)
+    for engine, contributions in by_engine.items():
+      updates[engine], unclipped = contributions[masked]
       assert unclipped > 3 * CLIP, "clipping must bind for the test to mean anything"
       # Clipping binds, so the update has norm C (up to float32 rounding), never more.
       ratio = _norm(updates[engine]) / CLIP
@@ -189,9 +198,9 @@ def test_shared_layers_take_the_per_layer_path(monkeypatch):
                       tfdp_prune.VectorizedEngine().clipped_sum(*args))
   for name in ("dense_called_four_times", "nested_model_on_two_inputs", "siamese_conv",
                "embedding_called_twice", "tied_kernel_attribute"):
-    _contribution(name, "per_layer", masked=True)
+    _contributions(name, "per_layer", masked=(True,))
     assert not fallbacks, (name, fallbacks)
-  _contribution("tied_output_projection", "per_layer", masked=True)
+  _contributions("tied_output_projection", "per_layer", masked=(True,))
   assert fallbacks and "used outside the layer calls that own them" in fallbacks[0]
 
 
