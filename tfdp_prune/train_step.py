@@ -39,6 +39,7 @@ def make_private(model: keras.Model) -> keras.Model:
   model.train_step = types.MethodType(dp_train_step, model)
   model.reset_metrics = types.MethodType(_reset_metrics, model)
   model.fit = types.MethodType(_fit_building_lazily, model)
+  model.make_train_function = types.MethodType(_make_train_function, model)
   model.train_function = None  # a train function built before must not be reused
   return model
 
@@ -68,6 +69,19 @@ def _fit_building_lazily(model, x=None, *args, **kwargs):
   """`Model.fit`, after building a model without input shapes for the shapes of `x`."""
   lazy_build.build_for_data(model, x)
   return type(model).fit(model, x, *args, **kwargs)
+
+
+def _make_train_function(model, force=False):
+  """`Model.make_train_function`, after creating the DP optimizer's variables (eagerly, in the
+  model's strategy; `fit` and `train_on_batch` call it there): created while the step is first
+  traced, they would make `tf.function` trace the step twice (once creating variables, once
+  not), doubling the first step's tracing time. A model without weights yet, or compiled with
+  another optimizer, is left to the train step (which builds, or refuses, as it traces)."""
+  optimizer = getattr(model, "optimizer", None)
+  if optimizer_lib.is_dp_optimizer(optimizer) and model.built and model.trainable_variables:
+    with model.distribute_strategy.scope():
+      optimizer.build(model.trainable_variables)
+  return type(model).make_train_function(model, force=force)
 
 
 def dp_train_step(model: keras.Model, data) -> dict:

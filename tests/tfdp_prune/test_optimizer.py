@@ -521,6 +521,20 @@ def test_a_reduced_loss_is_an_error(loss, message):
     model.fit(x, y, verbose=0)
 
 
+@pytest.mark.parametrize("train", ["fit", "train_on_batch"])
+def test_the_first_step_is_traced_once(train):
+  """The DP optimizer's variables exist before the step is traced: created inside its first
+  trace, they would make tf.function trace the step again (the first step's tracing doubled)."""
+  x, y = T.dense_data(n=8)
+  model = T.dp_model(T.dense_model(), optimizer_class=tfdp_prune.DPKerasAdamOptimizer)
+  if train == "fit":
+    model.fit(x, y, batch_size=4, epochs=2, verbose=0)
+  else:
+    model.train_on_batch(x, y)
+    model.train_on_batch(x, y)
+  assert model.train_function.experimental_get_tracing_count() == 1
+
+
 def test_training_without_the_dp_step_is_refused():
   x, y = T.dense_data(n=8)
   model = T.dense_model()
