@@ -15,6 +15,7 @@ Each stage is a small function of tensors (2 and the accumulator reset write var
 import math
 from typing import Optional, Sequence
 
+from tfdp_prune import branching
 from tfdp_prune import noise
 from tfdp_prune.compat import tf
 
@@ -73,7 +74,7 @@ def accumulate(accumulators: Sequence[tf.Variable], grads: Sequence[tf.Tensor],
   unit_count.assign_add(tf.cast(num_units, tf.float32))
 
 
-def reset_at_end(at_end: tf.Tensor, accumulators: Sequence[tf.Variable],
+def reset_at_end(at_end, accumulators: Sequence[tf.Variable],
                  accumulated: Sequence[tf.Tensor], unit_count: tf.Variable) -> None:
   """At a logical batch's end (`at_end`), zeroes the accumulators (whose values before this
   call are `accumulated`) and the unit count; otherwise leaves them as they are."""
@@ -90,16 +91,17 @@ def replica_noise_stddev(noise_multiplier: float, l2_norm_clip: float, num_repli
   return noise_multiplier * l2_norm_clip / math.sqrt(num_replicas)
 
 
-def noisy_sum_at_end(at_end: tf.Tensor, accumulated: Sequence[tf.Tensor],
-                     masks: Sequence[tf.Tensor], stddev, generator: tf.random.Generator) -> list:
+def noisy_sum_at_end(at_end, accumulated: Sequence[tf.Tensor], masks: Sequence[tf.Tensor],
+                     stddev, generator: tf.random.Generator) -> list:
   """At a logical batch's end: `accumulated` + N(0, stddev^2) on the coordinates whose mask is
-  1 (`noise.add_gaussian_noise`); before it: zeros, and the generator draws nothing."""
+  1 (`noise.add_gaussian_noise`); before it: zeros, and the generator draws nothing. `at_end`:
+  a boolean tensor, or True where every physical batch ends a logical batch."""
   # Zeros made outside the branch, where grappler folds them into one constant per shape; made
   # inside, each would be a constant of its own, allocated as long as the traced step exists.
   zeros = [tf.zeros_like(a) for a in accumulated]
-  return tf.cond(at_end,
-                 lambda: noise.add_gaussian_noise(accumulated, masks, stddev, generator),
-                 lambda: zeros)
+  return branching.static_or_cond(
+      at_end, lambda: noise.add_gaussian_noise(accumulated, masks, stddev, generator),
+      lambda: zeros)
 
 
 # ---- 4. scale -----------------------------------------------------------------------------------

@@ -254,7 +254,9 @@ class DPOptimizerMixin:
     with tf.control_dependencies(self._same_variables_within_logical_batch(positions)):
       dp_step.accumulate([self._accumulators[i] for i in positions], clipped.grads,
                          self._accumulated_units, clipped.num_units)
-    at_end = tf.equal((self._micro_steps + 1) % self.gradient_accumulation_steps, 0)
+    # Without accumulation every physical batch ends a logical batch: known when traced.
+    at_end = (True if self.gradient_accumulation_steps == 1 else
+              tf.equal((self._micro_steps + 1) % self.gradient_accumulation_steps, 0))
     update = self._noisy_average(at_end, positions)
     tf.distribute.get_replica_context().merge_call(
         functools.partial(self._advance, variables=variables), args=(update,))
@@ -327,6 +329,9 @@ class DPOptimizerMixin:
           functools.partial(self._masked_apply, variables=variables), args=(update,))
       return tf.constant(True)
 
+    # A cond even without accumulation: it runs only once all its inputs (the update) are
+    # computed, so a check of the step that fails (an assertion) leaves the weights and the
+    # step count untouched.
     tf.cond(micro_steps % self.gradient_accumulation_steps == 0, apply,
             lambda: tf.constant(False))
 

@@ -9,6 +9,7 @@ on output gradients scaled by the clip factors."""
 
 import abc
 
+from tfdp_prune import branching
 from tfdp_prune import clipping
 from tfdp_prune.compat import keras
 from tfdp_prune.compat import tf
@@ -232,11 +233,12 @@ class WindowedRule(base.LayerRule, abc.ABC):
       grads = self.per_example_grads(call, g, batch, **self._batched_options(strategy))
       kernel_grads = base.select(self, call, grads, [kernel], [None])[0]
       squared = clipping.masked_squared_norms(kernel_grads, kernel_mask)
-      return squared, _static_or_cond(reused, lambda: kernel_grads, no_kernel_grads)
+      return squared, branching.static_or_cond(reused, lambda: kernel_grads, no_kernel_grads)
 
     def trained():
-      return _static_or_cond(fits, materialized, lambda: (self._one_example_at_a_time(
-          call, g, batch, [kernel], [kernel_mask]), no_kernel_grads()))
+      return branching.static_or_cond(fits, materialized, lambda: (
+          self._one_example_at_a_time(call, g, batch, [kernel], [kernel_mask]),
+          no_kernel_grads()))
 
     def frozen():  # no per-example work
       return tf.zeros(tf.reshape(batch, [1]), g.dtype), no_kernel_grads()
@@ -245,8 +247,9 @@ class WindowedRule(base.LayerRule, abc.ABC):
 
     def trained_sum(factors, kept):
       reused_sum = lambda: clipping.weighted_batch_sum(kernel_grads, kept, factors) * kernel_mask
-      return _static_or_cond(_both(fits, reused), reused_sum, lambda: self._clipped_sum(
-          call, g, batch, [kernel], [kernel_mask], factors, kept)[0])
+      return branching.static_or_cond(
+          branching.both(fits, reused), reused_sum,
+          lambda: self._clipped_sum(call, g, batch, [kernel], [kernel_mask], factors, kept)[0])
 
     def clipped_sum(factors, kept):
       zeros = tf.zeros(kernel.shape, g.dtype)  # outside the branch, as above
@@ -320,21 +323,6 @@ class WindowedRule(base.LayerRule, abc.ABC):
     finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(grad)) for grad in grads])
     grads = tf.cond(finite, lambda: grads, replaced)
     return [grad * m for grad, m in zip(grads, masks)]
-
-
-def _static_or_cond(pred, true_fn, false_fn):
-  """The branch `pred` picks: a Python bool (decided when the step is traced) picks it now; a
-  boolean tensor (decided when the step runs), by `tf.cond`, which refuses a Python bool."""
-  if isinstance(pred, bool):
-    return true_fn() if pred else false_fn()
-  return tf.cond(pred, true_fn, false_fn)
-
-
-def _both(a, b):
-  """a and b, each a Python bool or a boolean tensor (a Python bool when both are)."""
-  if isinstance(a, bool) and isinstance(b, bool):
-    return a and b
-  return tf.logical_and(a, b)
 
 
 def _bias_pieces(g, batch, variables, masks) -> base.Pieces:
