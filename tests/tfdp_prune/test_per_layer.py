@@ -605,7 +605,8 @@ def test_frozen_kernels_and_a_non_finite_example_compile_with_xla_and_match_the_
 @pytest.mark.parametrize("limits,reused_sums,loops", [
     ({}, 2, 0), ({"_REUSED_MAX_BYTES": 0}, 0, 0),
     ({"_REUSED_MAX_BYTES": 0, "_MATERIALIZED_MAX_BYTES": 0}, 0, 2)])
-@_strategies(windowed.BATCHED, windowed.IDENTITY_PATCHES)
+# identity_patches forms the patches another way and decides the reuse as batched does: slow.
+@_strategies(windowed.BATCHED, pytest.param(windowed.IDENTITY_PATCHES, marks=pytest.mark.slow))
 def test_a_batch_size_known_only_when_the_step_runs_decides_the_reuse_then(
     monkeypatch, limits, reused_sums, loops):
   """`fit` on arrays traces the step with batch size None: the materialized per-example kernel

@@ -232,8 +232,9 @@ def test_embedding_ids_outside_the_vocabulary_are_never_charged_to_another_examp
   clean = np.array([[1, 2, 3], [0, 1, 1], [4, 4, 0]], "int32")
   bad = clean.copy()
   bad[0, 2] = 5 + 1  # example 0's id 6 would be key 1*5 + 1 of example 1 if taken as is
-  run = lambda ids, w: tf.function(per_layer.PerLayerEngine().clipped_sum, jit_compile=True)(
-      model, T.per_example_loss(), tf.constant(ids), y, w, variables, masks, 10.0)
+  loss_fn = T.per_example_loss()
+  step = tf.function(per_layer.PerLayerEngine().clipped_sum, jit_compile=True)  # traced once
+  run = lambda ids, w: step(model, loss_fn, tf.constant(ids), y, w, variables, masks, 10.0)
   # Under XLA the lookup does not raise (as on GPU): the engine drops the example.
   got = run(bad, weights)
   assert int(got.clipped.num_non_finite) == 1
