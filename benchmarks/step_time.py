@@ -26,6 +26,12 @@ Arms:
 --rounds N runs every (model, arm) once per round, round after round, so all arms see the same
 machine state; per arm: the median over rounds, and ratios as the median of the per-round ratios.
 
+--tf_arms_in_one_process runs a model's tf_keras arms in ONE child per round instead, their
+steps interleaved (arm A's step, B's, C's, then A's again, the order rotating), so the ratio
+compares steps taken moments apart in the same process. On a 2-core AMD EPYC the same code's
+CNN ratio moved by 0.1-0.3 between separate processes and by about 0.02 in one. Peak RSS is
+then the process's, shared by its arms: not reported per arm (run without the flag for memory).
+
 Usage (from the repo root):
   /work/venv/bin/python benchmarks/step_time.py --models=cnn,wrn \
       --out=benchmarks/results/step_time.json
@@ -240,6 +246,67 @@ def run_child(args):
   print("RESULT_JSON " + json.dumps(result), flush=True)
 
 
+def interleaved_order(arms, step_index):
+  """The order of `arms` at timed step `step_index`: rotated by one each step, so every arm
+  takes every position (first after the others' steps, last before them) equally often."""
+  shift = step_index % len(arms)
+  return list(arms[shift:]) + list(arms[:shift])
+
+
+def run_child_interleaved(args):
+  """Several tf_keras arms of one model in this process, their timed steps interleaved; one
+  RESULT_JSON line per arm (no peak RSS: the process's is shared)."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+  arms = args.arm.split(",")
+  spec = MODELS[args.model]
+  batch = args.batch or spec["batch"]
+  rng = np.random.default_rng(args.seed)
+  x = tf.constant(rng.random((batch,) + spec["input_shape"], dtype=np.float32))
+  y = tf.constant(rng.integers(0, 10, size=(batch,)), dtype=tf.int64)
+  built = {}
+  for arm in arms:
+    model, notes = _build(args.model, arm, batch, spec["input_shape"], args.seed,
+                          args.wrn_width, args.accumulation_steps)
+    notes["one_process_with"] = ",".join(a for a in arms if a != arm)
+    built[arm] = (model, notes, fit_step(model, x, y, args.unknown_batch_size))
+  first_step, estimate = {}, {}
+  for arm, (_, _, step) in built.items():
+    for i in range(max(2, args.warmup)):
+      t0 = time.perf_counter()
+      step()  # the first traces (and compiles): reported, never timed
+      (first_step.__setitem__ if i == 0 else estimate.__setitem__)(arm,
+                                                                   time.perf_counter() - t0)
+  timed_steps = int(min(args.steps, max(args.min_steps,
+                                        round(args.budget_s / sum(estimate.values())))))
+  times = {arm: [] for arm in arms}
+  cpu_times = {arm: [] for arm in arms}
+  logs = {}
+  for i in range(timed_steps):
+    for arm in interleaved_order(arms, i):
+      t0, c0 = time.perf_counter(), time.process_time()
+      logs[arm] = built[arm][2]()
+      times[arm].append(time.perf_counter() - t0)
+      cpu_times[arm].append(time.process_time() - c0)
+  for arm, (model, notes, _) in built.items():
+    loss = float(logs[arm]["loss"]) if "loss" in logs[arm] else None
+    result = {
+        "model": args.model, "arm": arm, "batch": batch, "wrn_width": args.wrn_width,
+        "params": int(model.count_params()),
+        "median_step_s": statistics.median(times[arm]),
+        "min_step_s": min(times[arm]), "max_step_s": max(times[arm]),
+        "median_cpu_step_s": statistics.median(cpu_times[arm]),
+        "timed_steps": timed_steps, "warmup_steps": max(2, args.warmup),
+        "first_step_s": first_step[arm],
+        "peak_rss_mb": None, "peak_rss_increase_mb": None,
+        "last_loss": loss if loss is None or np.isfinite(loss) else str(loss),
+        "notes": notes,
+        "loadavg_1min_at_end": os.getloadavg()[0],
+    }
+    print("RESULT_JSON " + json.dumps(result), flush=True)
+
+
 # ------------------------------------------------------------------------------------------------
 # Parent: runs the children, writes JSON and markdown.
 # ------------------------------------------------------------------------------------------------
@@ -285,9 +352,18 @@ def baseline_arm(arm):
   return "nonprivate" if arm in TF_ARMS else peer_arms.baseline(arm)
 
 
-def schedule(model_names, arm_names, rounds):
-  """[(round, model, arm)]: every (model, arm) once per round, in the same order each round."""
-  return [(r, model, arm) for r in range(rounds) for model in model_names for arm in arm_names]
+def schedule(model_names, arm_names, rounds, tf_arms_in_one_process=False):
+  """[(round, model, arm)]: every (model, arm) once per round, in the same order each round.
+  With `tf_arms_in_one_process`, a model's tf_keras arms are one entry, their names joined by
+  commas, where the first of them was."""
+  entries = list(arm_names)
+  if tf_arms_in_one_process:
+    tf_arms = [arm for arm in arm_names if arm in TF_ARMS]
+    if tf_arms:
+      first = entries.index(tf_arms[0])
+      entries = [arm for arm in entries if arm not in TF_ARMS]
+      entries.insert(first, ",".join(tf_arms))
+  return [(r, model, arm) for r in range(rounds) for model in model_names for arm in entries]
 
 
 def _peer_versions(python):
@@ -333,12 +409,14 @@ def _run_peer_arm(model, arm, args):
          f"--budget_s={args.budget_s}", f"--seed={args.seed}", f"--wrn_width={args.wrn_width}",
          f"--l2_norm_clip={L2_NORM_CLIP}", f"--noise_multiplier={NOISE_MULTIPLIER}",
          f"--learning_rate={LEARNING_RATE}"]
-  return _run_child_process(cmd, dict(os.environ), model, arm, batch, args.timeout_s)
+  return _run_child_process(cmd, dict(os.environ), model, arm, batch, args.timeout_s)[0]
 
 
 def _run_arm(model, arm, args):
-  if arm not in TF_ARMS:
-    return _run_peer_arm(model, arm, args)
+  """One (model, arm) in its own child; `arm` may name several tf_keras arms, comma-separated,
+  which one child then runs interleaved (--tf_arms_in_one_process): a list of results then."""
+  if arm not in TF_ARMS and "," not in arm:
+    return [_run_peer_arm(model, arm, args)]
   cmd = [sys.executable, os.path.abspath(__file__), "--child", f"--model={model}", f"--arm={arm}",
          f"--steps={args.steps}", f"--min_steps={args.min_steps}", f"--warmup={args.warmup}",
          f"--budget_s={args.budget_s}", f"--seed={args.seed}", f"--batch={args.batch}",
@@ -353,25 +431,27 @@ def _run_arm(model, arm, args):
 
 
 def _run_child_process(cmd, env, model, arm, batch, timeout_s):
-  """Runs one child; its RESULT_JSON line, or an error record."""
+  """Runs one child; its RESULT_JSON lines (one per arm of `arm`, comma-separated), or an error
+  record per arm."""
+  errors = lambda **fields: [dict({"model": model, "arm": a, "batch": batch}, **fields)
+                             for a in arm.split(",")]
   t0 = time.time()
   try:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s,
                           cwd=REPO)
   except subprocess.TimeoutExpired as e:
-    return {"model": model, "arm": arm, "batch": batch,
-            "error": f"timed out after {timeout_s} s",
-            "stderr_tail": (e.stderr or b"")[-3000:].decode(errors="replace")
-                           if isinstance(e.stderr, bytes) else (e.stderr or "")[-3000:]}
+    return errors(error=f"timed out after {timeout_s} s",
+                  stderr_tail=(e.stderr or b"")[-3000:].decode(errors="replace")
+                  if isinstance(e.stderr, bytes) else (e.stderr or "")[-3000:])
   wall = time.time() - t0
-  for line in proc.stdout.splitlines():
-    if line.startswith("RESULT_JSON "):
-      result = json.loads(line[len("RESULT_JSON "):])
-      result["wall_s"] = wall
-      return result
-  return {"model": model, "arm": arm, "batch": batch,
-          "error": f"child exited with code {proc.returncode}", "wall_s": wall,
-          "stderr_tail": proc.stderr[-6000:]}
+  results = [json.loads(line[len("RESULT_JSON "):]) for line in proc.stdout.splitlines()
+             if line.startswith("RESULT_JSON ")]
+  if len(results) != len(arm.split(",")):
+    return errors(error=f"child exited with code {proc.returncode}", wall_s=wall,
+                  stderr_tail=proc.stderr[-6000:])
+  for result in results:
+    result["wall_s"] = wall
+  return results
 
 
 def aggregate(runs):
@@ -395,8 +475,8 @@ def aggregate(runs):
         median_step_s=median("median_step_s"), median_cpu_step_s=median("median_cpu_step_s"),
         first_step_s=median("first_step_s"), loadavg_1min_at_end=median("loadavg_1min_at_end"),
         min_step_s=min(r["min_step_s"] for r in ok), max_step_s=max(r["max_step_s"] for r in ok),
-        peak_rss_mb=max(r["peak_rss_mb"] for r in ok),
-        peak_rss_increase_mb=max(r["peak_rss_increase_mb"] for r in ok),
+        peak_rss_mb=_max_or_none(r["peak_rss_mb"] for r in ok),
+        peak_rss_increase_mb=_max_or_none(r["peak_rss_increase_mb"] for r in ok),
         timed_steps=sum(r["timed_steps"] for r in ok),
         rounds=len(ok), failed_rounds=len(group) - len(ok),
         per_round=[{"round": r.get("round", i), "median_step_s": r["median_step_s"],
@@ -404,6 +484,12 @@ def aggregate(runs):
                    for i, r in enumerate(ok)])
     results.append(result)
   return results
+
+
+def _max_or_none(values):
+  """The max of the values that are not None (None if all are: RSS shared by one process)."""
+  known = [v for v in values if v is not None]
+  return max(known) if known else None
 
 
 def add_ratios(results):
@@ -509,7 +595,8 @@ def _markdown(report):
         f"{_ms(r.get('median_cpu_step_s'))} | "
         f"{_fmt(r.get('cpu_ratio_to_nonprivate'), '.2f')} | {r['timed_steps']} | "
         f"{r.get('rounds', 1)} | "
-        f"{r['first_step_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['peak_rss_increase_mb']:.0f} | "
+        f"{r['first_step_s']:.1f} | {_fmt(r['peak_rss_mb'], '.0f')} | "
+        f"{_fmt(r['peak_rss_increase_mb'], '.0f')} | "
         f"{r['loadavg_1min_at_end']:.1f} | {notes} |")
   lines += ["", "Arms: " + "; ".join(f"`{k}` = {v}" for k, v in ARM_LABELS.items()) + "."]
   return "\n".join(lines) + "\n"
@@ -536,7 +623,8 @@ def run_parent(args):
                          "warmup": args.warmup, "budget_s": args.budget_s, "seed": args.seed,
                          "l2_norm_clip": L2_NORM_CLIP, "noise_multiplier": NOISE_MULTIPLIER,
                          "learning_rate": LEARNING_RATE, "mask_sparsity": SPARSITY,
-                         "rounds": args.rounds, "unknown_batch_size": args.unknown_batch_size},
+                         "rounds": args.rounds, "unknown_batch_size": args.unknown_batch_size,
+                         "tf_arms_in_one_process": args.tf_arms_in_one_process},
             "results": []}
   import tempfile  # pylint: disable=import-outside-toplevel
   code_dir = tempfile.mkdtemp(prefix="tfdp_bench_code_")
@@ -561,20 +649,23 @@ def run_parent(args):
     with open(out_md, "w") as f:
       f.write(_markdown(report))
 
-  for round_index, model, arm in schedule(model_names, arm_names, args.rounds):
+  for round_index, model, arm in schedule(model_names, arm_names, args.rounds,
+                                         args.tf_arms_in_one_process):
     print(f"[{time.strftime('%H:%M:%S')}] round {round_index + 1}/{args.rounds}: "
           f"{model} / {arm} ...", flush=True)
-    result = _run_arm(model, arm, args)
-    result["round"] = round_index
-    report["runs"].append(result)
-    if result.get("not_installed"):
-      print(f"  {result['error']}", flush=True)
-    elif "error" in result:
-      print(f"  FAILED: {result['error']}\n{result.get('stderr_tail', '')[-2000:]}", flush=True)
-    else:
-      print(f"  median {result['median_step_s']:.4f} s over {result['timed_steps']} steps, "
-            f"first {result['first_step_s']:.1f} s, peak RSS {result['peak_rss_mb']:.0f} MB, "
-            f"wall {result['wall_s']:.0f} s", flush=True)
+    for result in _run_arm(model, arm, args):
+      result["round"] = round_index
+      report["runs"].append(result)
+      if result.get("not_installed"):
+        print(f"  {result['error']}", flush=True)
+      elif "error" in result:
+        print(f"  {result['arm']} FAILED: {result['error']}\n"
+              f"{result.get('stderr_tail', '')[-2000:]}", flush=True)
+      else:
+        print(f"  {result['arm']}: median {result['median_step_s']:.4f} s over "
+              f"{result['timed_steps']} steps, first {result['first_step_s']:.1f} s, peak RSS "
+              f"{_fmt(result['peak_rss_mb'], '.0f')} MB, wall {result['wall_s']:.0f} s",
+              flush=True)
     write()  # partial results survive an interrupted run
   print(f"wrote {out_json} and {out_md}")
   print(_markdown(report))
@@ -605,6 +696,9 @@ def main():
   parser.add_argument("--rounds", type=int, default=1,
                       help="run every (model, arm) once per round, round after round; report "
                            "the median over rounds")
+  parser.add_argument("--tf_arms_in_one_process", action="store_true",
+                      help="run a model's tf_keras arms in one child per round, their steps "
+                           "interleaved (steadier ratios; no per-arm peak RSS)")
   parser.add_argument("--peers_python", default=PEERS_PYTHON,
                       help="the Python of the peers' environment (benchmarks/peers/setup.sh)")
   parser.add_argument("--out", default=os.path.join(HERE, "results", "step_time.json"))
@@ -617,7 +711,7 @@ def main():
   args = parser.parse_args()
   if args.child:
     try:
-      run_child(args)
+      (run_child_interleaved if "," in args.arm else run_child)(args)
     except Exception:  # pylint: disable=broad-except
       traceback.print_exc()
       sys.exit(1)

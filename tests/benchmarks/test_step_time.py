@@ -143,12 +143,58 @@ def test_rounds_run_every_model_and_arm_once_each_in_the_same_order():
   assert step_time.schedule(["cnn"], ["tfdp"], 1) == [(0, "cnn", "tfdp")]
 
 
+def test_in_one_process_a_models_tf_arms_are_one_entry_where_the_first_was():
+  order = step_time.schedule(["cnn"], ["jax_vmap_dp", "nonprivate", "opacus_dp", "tfdp_mask80"],
+                             2, tf_arms_in_one_process=True)
+  one_round = ["jax_vmap_dp", "nonprivate,tfdp_mask80", "opacus_dp"]
+  assert order == [(r, "cnn", a) for r in range(2) for a in one_round]
+  assert step_time.schedule(["cnn"], ["opacus_dp"], 1, tf_arms_in_one_process=True) == [
+      (0, "cnn", "opacus_dp")]
+
+
+def test_interleaved_steps_put_every_arm_in_every_position_equally_often():
+  arms = ["nonprivate", "tfdp", "tfdp_mask80"]
+  orders = [step_time.interleaved_order(arms, i) for i in range(6)]
+  assert all(sorted(order) == sorted(arms) for order in orders)
+  for position in range(3):
+    assert sorted(order[position] for order in orders) == sorted(arms * 2)
+
+
+def test_arms_that_share_a_process_report_no_peak_memory_and_still_get_ratios():
+  runs = [_run("cnn", "nonprivate", i, 0.05) for i in range(2)]
+  runs += [_run("cnn", "tfdp", i, t) for i, t in enumerate([0.06, 0.065])]
+  for run in runs:
+    run["peak_rss_mb"] = run["peak_rss_increase_mb"] = None
+  results = _results(runs)
+  r = results[("cnn", "tfdp")]
+  assert r["peak_rss_mb"] is None and r["peak_rss_increase_mb"] is None
+  assert r["ratio_to_nonprivate"] == pytest.approx(1.25)
+  table = step_time._markdown({  # pylint: disable=protected-access
+      "machine": {"date": "d", "cpu_count": 2, "platform": "p"}, "command": "c",
+      "versions": {"tensorflow": "x", "tf_keras": "x", "tensorflow_privacy": "x"},
+      "loadavg_at_start": [0.0], "settings": {"rounds": 2}, "results": list(results.values())})
+  assert "| 1.0 | n/a | n/a |" in table  # first step (s), peak RSS, RSS increase
+
+
+@pytest.mark.slow  # three CNN steps traced in one child: about 20 s
+def test_a_child_runs_a_models_tf_arms_interleaved_and_reports_each(tmp_path):
+  args = _args(tmp_path, batch=8, code_dir=_REPO, min_steps=3, steps=3)
+  results = step_time._run_arm("cnn", "nonprivate,tfdp,tfdp_mask80", args)  # pylint: disable=protected-access
+  assert [r["arm"] for r in results] == ["nonprivate", "tfdp", "tfdp_mask80"], results
+  for r in results:
+    assert "error" not in r, r
+    assert r["timed_steps"] == 3 and r["median_step_s"] > 0 and r["peak_rss_mb"] is None
+    assert r["notes"]["one_process_with"] == ",".join(
+        a for a in ("nonprivate", "tfdp", "tfdp_mask80") if a != r["arm"])
+  assert results[2]["notes"]["trained_fraction"] < 0.5
+
+
 def _args(tmp_path, **overrides):
   args = dict(models="cnn", arms="jax_vmap_dp,opacus_dp", steps=2, min_steps=2, budget_s=0.0,
               warmup=2, timeout_s=60.0, seed=0, batch=0, wrn_width=4, accumulation_steps=1,
               rounds=2, peers_python=str(tmp_path / "no_such_venv" / "bin" / "python"),
               out=str(tmp_path / "out" / "step_time.json"), code=None,
-              unknown_batch_size=False)
+              unknown_batch_size=False, tf_arms_in_one_process=False)
   args.update(overrides)
   return argparse.Namespace(**args)
 
