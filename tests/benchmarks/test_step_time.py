@@ -200,7 +200,7 @@ def _args(tmp_path, **overrides):
 
 
 def test_a_peer_arm_without_the_peers_environment_is_reported_not_installed(tmp_path):
-  result = step_time._run_arm("cnn", "jax_privacy_dp", _args(tmp_path))  # pylint: disable=protected-access
+  (result,) = step_time._run_arm("cnn", "jax_privacy_dp", _args(tmp_path))  # pylint: disable=protected-access
   assert result["not_installed"] and result["error"] == step_time.NOT_INSTALLED
   assert "benchmarks/peers/setup.sh" in result["error"]
   assert step_time._peer_versions(_args(tmp_path).peers_python) is None  # pylint: disable=protected-access
