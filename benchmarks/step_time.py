@@ -275,9 +275,11 @@ def run_child_interleaved(args):
   for arm, (_, _, step) in built.items():
     for i in range(max(2, args.warmup)):
       t0 = time.perf_counter()
-      step()  # the first traces (and compiles): reported, never timed
-      (first_step.__setitem__ if i == 0 else estimate.__setitem__)(arm,
-                                                                   time.perf_counter() - t0)
+      step()
+      if i == 0:  # traces (and compiles): reported, never timed
+        first_step[arm] = time.perf_counter() - t0
+      else:  # the last warm-up step's time sets the number of timed steps
+        estimate[arm] = time.perf_counter() - t0
   timed_steps = int(min(args.steps, max(args.min_steps,
                                         round(args.budget_s / sum(estimate.values())))))
   times = {arm: [] for arm in arms}
