@@ -28,7 +28,8 @@ def make_private(model: keras.Model) -> keras.Model:
   `train_on_batch`, never in `evaluate`, whose results and `model.metrics_names` stay what the
   model was compiled with. A model declared without an input shape (`Sequential([Dense(1)])`)
   is built for the shapes of the training data when `fit` starts, so that callbacks (the mask
-  callbacks) see its weights before the first step.
+  callbacks) see its weights before the first step. The DP optimizer's variables are created
+  before Keras makes the train function (for a built model), so the first step is traced once.
   """
   model_checks.check_dp_model(model)
   with model.distribute_strategy.scope():
