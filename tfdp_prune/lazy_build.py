@@ -4,7 +4,9 @@ training data, before `fit`'s callbacks need its weights.
 Keras creates such a model's weights at its first batch, inside the train function; callbacks
 run before it (`on_train_begin`), and the mask callbacks must set a mask on every trainable
 variable before the first step is clipped and noised. `make_private` therefore builds the model
-for the first batch's shapes when `fit` starts, with the same `model.build` Keras would use.
+for the first batch's shapes when `fit` (or `train_on_batch`) starts, with the same
+`model.build` Keras would use; the DP optimizer's variables then exist before the step is
+traced, which is then traced once.
 """
 
 from typing import Optional

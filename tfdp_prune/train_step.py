@@ -27,9 +27,10 @@ def make_private(model: keras.Model) -> keras.Model:
   was therefore dropped, summed over the epoch): in `fit`'s logs (History, TensorBoard) and
   `train_on_batch`, never in `evaluate`, whose results and `model.metrics_names` stay what the
   model was compiled with. A model declared without an input shape (`Sequential([Dense(1)])`)
-  is built for the shapes of the training data when `fit` starts, so that callbacks (the mask
-  callbacks) see its weights before the first step. The DP optimizer's variables are created
-  before Keras makes the train function (for a built model), so the first step is traced once.
+  is built for the shapes of the training data when `fit` (or `train_on_batch`) starts, so that
+  callbacks (the mask callbacks) see its weights before the first step. The DP optimizer's
+  variables are created before Keras makes the train function, so the first step is traced
+  once.
   """
   model_checks.check_dp_model(model)
   with model.distribute_strategy.scope():
@@ -40,6 +41,7 @@ def make_private(model: keras.Model) -> keras.Model:
   model.train_step = types.MethodType(dp_train_step, model)
   model.reset_metrics = types.MethodType(_reset_metrics, model)
   model.fit = types.MethodType(_fit_building_lazily, model)
+  model.train_on_batch = types.MethodType(_train_on_batch_building_lazily, model)
   model.make_train_function = types.MethodType(_make_train_function, model)
   model.train_function = None  # a train function built before must not be reused
   return model
@@ -70,6 +72,13 @@ def _fit_building_lazily(model, x=None, *args, **kwargs):
   """`Model.fit`, after building a model without input shapes for the shapes of `x`."""
   lazy_build.build_for_data(model, x)
   return type(model).fit(model, x, *args, **kwargs)
+
+
+def _train_on_batch_building_lazily(model, x=None, *args, **kwargs):
+  """`Model.train_on_batch`, after building a model without input shapes for the shapes of `x`
+  (then the DP optimizer exists before the step is traced, and it is traced once)."""
+  lazy_build.build_for_data(model, x)
+  return type(model).train_on_batch(model, x, *args, **kwargs)
 
 
 def _make_train_function(model, force=False):

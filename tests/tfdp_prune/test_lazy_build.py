@@ -55,12 +55,16 @@ def test_fit_builds_the_model_before_callbacks_need_its_weights(make_data):
   assert len(model.optimizer.state_variables()) == 4
 
 
-def test_train_on_batch_builds_the_model_at_its_first_step():
+def test_train_on_batch_builds_the_model_before_its_first_step_is_traced():
   x, y = T.dense_data(n=8)
   model = T.dp_model(keras.Sequential(_layers()))
   model.train_on_batch(x, y)
-  assert model.optimizer.iterations.numpy() == 1
+  model.train_on_batch(x, y)
+  assert model.optimizer.iterations.numpy() == 2
   assert len(model.optimizer.state_variables()) == 4
+  # Built inside the first trace, the model and the optimizer's variables would make
+  # tf.function trace the step again.
+  assert model.train_function.experimental_get_tracing_count() == 1
 
 
 def test_a_mask_callback_on_a_model_without_weights_says_how_to_build_it():
