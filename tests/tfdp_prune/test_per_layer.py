@@ -12,6 +12,7 @@ from tfdp_prune import engines
 from tfdp_prune import models
 from tfdp_prune import per_example
 from tfdp_prune import per_layer
+from tfdp_prune import ws_conv_rule
 from tfdp_prune.layer_rules import calibration
 from tfdp_prune.layer_rules import generic
 from tfdp_prune.layer_rules import windowed
@@ -751,6 +752,26 @@ def test_unmasked_ws_conv2d_with_augmult_views():
   x = rng.normal(size=(4, 3, 6, 6, 2)).astype("float32")  # 3 views per example
   y = rng.integers(0, 3, 4).astype("int32")
   _compare(model, x, y, masks_keep=1.0, clip=1e-3)
+
+
+@pytest.mark.parametrize("conv", [dict(padding="same"), dict(strides=2, dilation_rate=1),
+                                  dict(padding="same", dilation_rate=2, use_bias=False)])
+@pytest.mark.parametrize("projections", [False, True])
+@_strategies(windowed.ONE_AT_A_TIME)
+def test_ws_conv2d_loop_with_and_without_the_batch_wide_projections(monkeypatch, conv,
+                                                                    projections):
+  """WSConv2D's per-example loop both ways (`ws_conv_rule._projections_are_cheaper` decides by
+  shape; forced here): masked, augmult views, every example clipped, and a bias far from 0,
+  which must not enter the projection on the kernel (taken from the convolution without it)."""
+  monkeypatch.setattr(ws_conv_rule, "_projections_are_cheaper", lambda call: projections)
+  layer = models.WSConv2D(4, 3, **conv)
+  model = _model([layer, keras.layers.Flatten(), keras.layers.Dense(3)], (7, 7, 2))
+  if layer.use_bias:
+    layer.bias.assign(np.linspace(-30.0, 30.0, 4).astype("float32"))
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(4, 2, 7, 7, 2)).astype("float32")  # 2 views per example
+  y = rng.integers(0, 3, 4).astype("int32")
+  _compare(model, x, y, weights=[1, 1, 0, 1], clip=1e-3)
 
 
 def test_ghost_norms_never_fall_below_the_true_norm_at_extreme_scales():

@@ -177,9 +177,9 @@ class WindowedRule(base.LayerRule, abc.ABC):
     is_kernel = [base.variable_key(v) == kernel_key for v in variables]
     others = [(v, m) for v, m, k in zip(variables, masks, is_kernel) if not k]
     if not any(is_kernel):
-      return _bias_pieces(g, batch, variables, masks)
+      return bias_pieces(g, batch, variables, masks)
     kernel_trained = tf.reduce_any(tf.not_equal(masks[is_kernel.index(True)], 0))
-    bias_only = _bias_pieces(g, batch, [v for v, _ in others], [m for _, m in others])
+    bias_only = bias_pieces(g, batch, [v for v, _ in others], [m for _, m in others])
     kernel = self.kernel_variable(call.layer)
     reused = strategy in MATERIALIZED and _materialized_grads_reused(call, kernel)
     if reused is not False:
@@ -325,7 +325,7 @@ class WindowedRule(base.LayerRule, abc.ABC):
     return [grad * m for grad, m in zip(grads, masks)]
 
 
-def _bias_pieces(g, batch, variables, masks) -> base.Pieces:
+def bias_pieces(g, batch, variables, masks) -> base.Pieces:
   """Pieces of a windowed layer's bias alone (z = op(a, kernel) + bias): example i's gradient
   is the sum of its output gradients over its rows and positions."""
   if not variables:
@@ -377,15 +377,11 @@ class ConvRule(WindowedRule):
     (for WSConv2D, not standardized again for every example), then mapped to the trained
     kernel; the bias's gradient is the sum of the output gradients."""
     convolved, to_variable_grads = self.convolution(layer)
+    convolved_kernel_grads = weight_grad_function(layer, convolved)
     kernel_key = base.variable_key(layer.kernel)
 
     def kernel_grads(inputs, output_grads):
-      # A tensor of the loop body's own graph to watch, not `convolved` captured from outside.
-      kernel = tf.identity(convolved)
-      with tf.GradientTape() as tape:
-        tape.watch(kernel)
-        z = keras.layers.Conv2D.convolution_op(layer, inputs, kernel)
-      return to_variable_grads(tape.gradient(z, kernel, output_gradients=output_grads))
+      return to_variable_grads(convolved_kernel_grads(inputs, output_grads))
 
     def bias_grads(output_grads):
       return tf.reduce_sum(tf.reshape(output_grads, [-1, tf.shape(output_grads)[-1]]), axis=0)
@@ -487,6 +483,21 @@ class DepthwiseConvRule(WindowedRule):
     if layer.use_bias:
       grads.append(tf.reduce_sum(g_rows, axis=1))
     return grads
+
+
+def weight_grad_function(layer, convolved):
+  """A function (inputs, output_grads) -> the gradient with respect to `convolved`, the kernel
+  the layer's convolution uses (formed once, outside any loop), by its own weight-gradient op."""
+
+  def grads(inputs, output_grads):
+    # A tensor of the loop body's own graph to watch, not `convolved` captured from outside.
+    kernel = tf.identity(convolved)
+    with tf.GradientTape() as tape:
+      tape.watch(kernel)
+      z = keras.layers.Conv2D.convolution_op(layer, inputs, kernel)
+    return tape.gradient(z, kernel, output_gradients=output_grads)
+
+  return grads
 
 
 def _patches(layer, inputs, batch):
