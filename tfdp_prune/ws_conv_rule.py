@@ -63,9 +63,9 @@ class WSConv2DRule(windowed.ConvRule):
 def _projections_are_cheaper(call) -> bool:
   """Whether `_projections` (a few passes over the batch's output-sized tensors) costs less
   than the two reductions it saves (kernel-sized passes per example): where the window (h w
-  in) exceeds the positions per view. Measured on 2 EPYC cores (benchmarks/README.md): the
-  WRN's 8x8 layers (window 1152-2304) 75 -> 57 ms, its 16x16 ones (576-1152) 42-47 -> 36-40;
-  its 32x32 ones (144-576) 37-39 -> 39-45, slower."""
+  in) exceeds the positions per view. Measured on 2 EPYC cores (benchmarks/README.md), norms
+  of 32 examples: WRN-16-4's 8x8 layers (window 2304) 63-75 -> 49-57 ms, its 16x16 ones
+  (1152) 39-47 -> 36-40; its 32x32 ones (576) 37-43 -> 39-48, slower."""
   window = call.layer.kernel.shape[:-1].num_elements()
   positions = call.outputs.shape[1:-1].num_elements()
   return positions is not None and window > positions

@@ -4,21 +4,24 @@
 example's gradient, then mask and square) against WSConv2DRule's (the mean and the projection
 on the kernel from the batch's tensors, 1/s^2 on per-channel sums).
 
+Both ways for every size (`_projections_are_cheaper`, which picks one by shape, is bypassed).
+
   python benchmarks/results/i18/ws_loop_projections_ab.py [sizes] [rounds]
   python benchmarks/results/i18/ws_loop_projections_ab.py 32x16,32x64,16x128,8x256 9   # as run
 """
+# pylint: disable=g-import-not-at-top,wrong-import-position,protected-access
 import os
 import statistics
 import sys
 import time
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
-import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
-from tfdp_prune import models  # pylint: disable=g-import-not-at-top,wrong-import-position
-from tfdp_prune import ws_conv_rule  # pylint: disable=g-import-not-at-top,wrong-import-position
-from tfdp_prune.layer_rules import base  # pylint: disable=g-import-not-at-top,wrong-import-position
-from tfdp_prune.layer_rules import windowed  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np
+import tensorflow as tf
+from tfdp_prune import models
+from tfdp_prune import ws_conv_rule
+from tfdp_prune.layer_rules import base
+from tfdp_prune.layer_rules import windowed
 
 BATCH = 32
 
@@ -40,14 +43,15 @@ def _norms_functions(size, channels, rng):
       return loop(rule, call, g, tf.constant(BATCH), [layer.kernel], [mask])
     return lambda: run(a, z, g)
 
-  loops = {"generic": windowed.WindowedRule._one_example_at_a_time,  # pylint: disable=protected-access
-           "projections": ws_conv_rule.WSConv2DRule._one_example_at_a_time}  # pylint: disable=protected-access
+  loops = {"generic": windowed.WindowedRule._one_example_at_a_time,
+           "projections": ws_conv_rule.WSConv2DRule._one_example_at_a_time}
   return {f"{size}x{channels} {name}/{mask_name}": norms(loop, m)
           for mask_name, m in (("ones", tf.ones_like(mask)), ("mask80", mask))
           for name, loop in loops.items()}
 
 
 def main(sizes="32x16,32x64,16x128,8x256", rounds="9"):
+  ws_conv_rule._projections_are_cheaper = lambda call: True
   rng = np.random.default_rng(0)
   functions = {}
   for size in sizes.split(","):

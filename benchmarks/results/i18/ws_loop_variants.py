@@ -3,7 +3,8 @@ one WSConv2D layer's per-example squared norms (32 examples, 3x3 kernel, "same" 
 variants of the per-example loop, each its own `tf.function`, timed in interleaved rounds.
 
   op_only         the bare per-example weight-gradient op (a floor, no norm)
-  current         the loop as the engine runs it: tape gradient, standardization map, mask, square
+  current         the loop as the engine ran it (until `ws_loop_projections_ab.py`'s change):
+                  tape gradient, standardization map, mask, square
   folded          1/s^2 folded into a per-channel reduction (one kernel-sized pass less)
   xla             the map, mask and square compiled with XLA inside the loop
   stacked         per-example gradients stacked [32, *kernel], mapped in batch-wide ops
