@@ -756,7 +756,8 @@ def test_unmasked_ws_conv2d_with_augmult_views():
 
 @pytest.mark.parametrize("conv", [dict(padding="same"), dict(strides=2, dilation_rate=1),
                                   dict(padding="same", dilation_rate=2, use_bias=False)])
-@pytest.mark.parametrize("projections", [False, True])
+# The generic loop (False) runs by default in the other WSConv2D tests; here with CI's slow set.
+@pytest.mark.parametrize("projections", [pytest.param(False, marks=pytest.mark.slow), True])
 @_strategies(windowed.ONE_AT_A_TIME)
 def test_ws_conv2d_loop_with_and_without_the_batch_wide_projections(monkeypatch, conv,
                                                                     projections):
