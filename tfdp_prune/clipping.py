@@ -103,11 +103,20 @@ def weighted_batch_sum(g: tf.Tensor, kept: tf.Tensor, factors: tf.Tensor) -> tf.
   # by 0. Only a dropped one can be non-finite (a kept one has a finite norm), so the sum
   # without the replacement is finite exactly when no example needs it, and then equal to it
   # (each dropped term is 0): for large tensors, replace only then.
-  elements = g.shape.num_elements()
+  elements = _elements(g, factors)
   if elements is None or elements < REPLACE_WHEN_NEEDED_MIN_ELEMENTS:
     return replaced()
   total = tf.tensordot(factors, g, axes=1)
   return tf.cond(tf.reduce_all(tf.math.is_finite(total)), lambda: total, replaced)
+
+
+def _elements(g: tf.Tensor, factors: tf.Tensor):
+  """g's number of elements, its rows counted from `factors` (one per row) where g's own are
+  not static: a materialized strategy's per-example gradients come out of a `tf.cond` whose
+  frozen branch has 0 rows, so their batch size is unknown while the factors' is not."""
+  rows = g.shape[0] if g.shape[0] is not None else factors.shape[0]
+  per_row = g.shape[1:].num_elements()
+  return None if rows is None or per_row is None else rows * per_row
 
 
 def masked_squared_norms(g: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:

@@ -51,6 +51,20 @@ def test_weighted_batch_sum_without_a_non_finite_row_is_the_plain_sum(monkeypatc
   np.testing.assert_array_equal(summed, [3.5, 5.0])  # the dropped row's factor is 0
 
 
+def test_weighted_batch_sum_of_rows_unknown_when_traced_counts_them_from_the_factors():
+  """Per-example gradients out of a `tf.cond` (a materialized strategy's, whose frozen branch
+  has 0 rows) have an unknown batch size: a large sum still replaces dropped rows only when it
+  is not finite (a `cond`), not on every step (a select over the whole tensor)."""
+  factors, kept = tf.constant([0.5, 1.0]), tf.constant([True, False])
+  summed = tf.function(lambda g: clipping.weighted_batch_sum(g, kept, factors),
+                       input_signature=[tf.TensorSpec([None, 200, 200])])
+  ops = {op.type for op in summed.get_concrete_function().graph.get_operations()}
+  assert ops & {"If", "StatelessIf"}, sorted(ops)
+  g = np.ones((2, 200, 200), np.float32)
+  g[1, 0, 0] = np.nan  # the dropped row
+  np.testing.assert_array_equal(summed(tf.constant(g)), np.full((200, 200), 0.5))
+
+
 def test_padding_with_non_finite_gradient_is_not_counted():
   result = clipping.clipped_sum([tf.constant([[np.nan]])], [tf.ones([1])], 1.0, tf.zeros([1]))
   assert int(result.num_non_finite) == 0
