@@ -13,6 +13,7 @@ from tfdp_prune import models
 from tfdp_prune import per_example
 from tfdp_prune import per_layer
 from tfdp_prune import ws_conv_rule
+from tfdp_prune.layer_rules import base
 from tfdp_prune.layer_rules import calibration
 from tfdp_prune.layer_rules import generic
 from tfdp_prune.layer_rules import windowed
@@ -228,6 +229,40 @@ def test_conv2d(conv, windowed_strategy):
                   keras.layers.Flatten(), keras.layers.Dense(3)], (9, 9, 2))
   x, y = _images(5, (9, 9, 2))
   _compare(model, x, y, weights=[1, 1, 0, 1, 1])
+
+
+# Convolutions of one input channel, as `rows_as_channels` takes them (with batched to compare).
+_ONE_CHANNEL_CONV2D = [
+    dict(filters=16, kernel_size=8, strides=2, padding="same"),  # the MNIST CNN's first conv
+    dict(filters=3, kernel_size=(2, 3), strides=(2, 1), padding="valid", use_bias=False),
+    dict(filters=4, kernel_size=3, padding="same"),
+]
+
+
+@pytest.mark.parametrize("conv", _ONE_CHANNEL_CONV2D)
+@pytest.mark.parametrize("layer_class", [keras.layers.Conv2D, models.WSConv2D])
+@_strategies(windowed.ROWS_AS_CHANNELS)
+def test_one_input_channel_by_the_rows_as_channels_of_a_depthwise_op(conv, layer_class):
+  """Per-example kernel gradients from one depthwise weight-gradient op over the batch's rows
+  as channels, against the reference: strides, both paddings, WSConv2D's standardization,
+  masks, two views per example, every example clipped (a tiny clip: the norms must be right)."""
+  model = _model([layer_class(**conv, activation="relu"), keras.layers.Flatten(),
+                  keras.layers.Dense(3)], (10, 10, 1))
+  x, y = _images(4, (2, 10, 10, 1))  # 4 examples, 2 views each
+  _compare(model, x, y, weights=[1, 0, 1, 1], clip=1e-3)
+
+
+def test_rows_as_channels_only_for_undilated_convolutions_of_one_input_channel():
+  def strategies(layer, input_shape):
+    x = tf.zeros(input_shape)
+    layer.build(input_shape)
+    call = base.CapturedCall(layer, windowed.ConvRule(), x, layer(x))
+    return windowed.ConvRule().strategies(call)
+  assert windowed.ROWS_AS_CHANNELS in strategies(keras.layers.Conv2D(16, 8, strides=2),
+                                                 (4, 28, 28, 1))
+  assert windowed.ROWS_AS_CHANNELS not in strategies(keras.layers.Conv2D(4, 3), (4, 9, 9, 2))
+  assert windowed.ROWS_AS_CHANNELS not in strategies(
+      keras.layers.Conv2D(4, 3, dilation_rate=2), (4, 9, 9, 1))
 
 
 def _must_not_run(*args, **kwargs):

@@ -30,10 +30,15 @@ _IDENTITY_PATCHES_BY_DEFAULT = 64  # the MNIST CNN's first conv (8 x 8 x 1): 2.7
 
 BATCHED = "batched"
 IDENTITY_PATCHES = "identity_patches"
+# Per-example kernel gradients by ONE depthwise weight-gradient op over the batch's rows taken
+# as channels: no patches formed. For few input channels (each is a copy of the output
+# gradients): the MNIST CNN's first conv (8 x 8 x 1, 14 x 14 positions).
+ROWS_AS_CHANNELS = "rows_as_channels"
+_ROWS_AS_CHANNELS_MAX_IN = 1
 ONE_AT_A_TIME = "one_example_at_a_time"
 GHOST = "ghost"  # unmasked kernels only: norms from patch and output-gradient Gram matrices
 # The strategies whose norms come from materialized per-example kernel gradients.
-MATERIALIZED = (BATCHED, IDENTITY_PATCHES)
+MATERIALIZED = (BATCHED, IDENTITY_PATCHES, ROWS_AS_CHANNELS)
 # Reused for the clipped sum, a layer's [B, *kernel] stays alive until every layer's norms are
 # done, so all such layers are held at once: only small ones are kept (the MNIST CNN's are
 # 0.25 and 8 MB); larger ones recompute the sum with the weight-gradient op.
@@ -64,6 +69,8 @@ def choose_strategy(rule, call, exclude=()) -> str:
       return choice
   if not (batched_is_cheaper(call.outputs.shape, kernel.shape) and BATCHED in candidates):
     return GHOST if GHOST in candidates and _ghost_is_cheaper(call, kernel) else ONE_AT_A_TIME
+  if ROWS_AS_CHANNELS in candidates:
+    return ROWS_AS_CHANNELS
   # Patches of a few input channels: extract_patches is slow, a one-hot convolution is not.
   small_window = kernel.shape[:-1].num_elements() <= _IDENTITY_PATCHES_BY_DEFAULT
   return IDENTITY_PATCHES if small_window and IDENTITY_PATCHES in candidates else BATCHED
@@ -397,6 +404,8 @@ class ConvRule(WindowedRule):
     window = self.kernel_variable(call.layer).shape[:-1].num_elements()
     if BATCHED in strategies and window <= _IDENTITY_PATCHES_MAX_WINDOW:
       strategies += (IDENTITY_PATCHES,)
+    if BATCHED in strategies and _rows_as_channels_apply(call):
+      strategies += (ROWS_AS_CHANNELS,)
     rows = call.inputs.shape[0] or 0
     positions = call.outputs.shape[1:-1].num_elements() or 0
     gram_bytes = 4 * rows * (positions * window + positions**2)
@@ -437,14 +446,18 @@ class ConvRule(WindowedRule):
     return tf.reduce_sum(tf.cast(per_channel, tf.float64), axis=1)
 
   def _batched_options(self, strategy):
-    return {"identity_patches": strategy == IDENTITY_PATCHES}
+    return {"identity_patches": strategy == IDENTITY_PATCHES,
+            "rows_as_channels": strategy == ROWS_AS_CHANNELS}
 
-  def per_example_grads(self, call, g, batch, identity_patches=False):
+  def per_example_grads(self, call, g, batch, identity_patches=False, rows_as_channels=False):
     layer = call.layer
     g_rows = base.positions_per_example(g, batch)
-    patches = (_identity_patches(layer, call.inputs, batch) if identity_patches
-               else _patches(layer, call.inputs, batch))
-    kernel_grads = patches_times_output_grads(patches, g_rows, g.shape[1:-1].num_elements())
+    if rows_as_channels:
+      kernel_grads = _rows_as_channels_grads(layer, call.inputs, g, batch)
+    else:
+      patches = (_identity_patches(layer, call.inputs, batch) if identity_patches
+                 else _patches(layer, call.inputs, batch))
+      kernel_grads = patches_times_output_grads(patches, g_rows, g.shape[1:-1].num_elements())
     kernel_grads = tf.reshape(kernel_grads, tf.concat([[batch], tf.shape(layer.kernel)], 0))
     grads = [self.convolution(layer)[1](kernel_grads)]
     if layer.use_bias:
@@ -534,6 +547,40 @@ def _transposing_the_gradients_is_cheaper(positions, window, out) -> bool:
   if None in (positions, window, out):
     return False
   return positions * window > positions * out + window * out
+
+
+def _rows_as_channels_apply(call) -> bool:
+  """Whether `_rows_as_channels_grads` can form the call's per-example gradients: a 2-D
+  convolution of float32 inputs with few channels, undilated (the depthwise op's CPU kernel
+  takes no dilation)."""
+  layer, inputs = call.layer, call.inputs
+  return (inputs.shape.rank == 4 and inputs.dtype == tf.float32
+          and inputs.shape[-1] is not None and inputs.shape[-1] <= _ROWS_AS_CHANNELS_MAX_IN
+          and tuple(layer.dilation_rate) == (1, 1))
+
+
+def _rows_as_channels_grads(layer, inputs, g, batch):
+  """[B, h, w, in, out]: each example's kernel gradient (summed over its views' rows) by one
+  depthwise weight-gradient op on the batch as a single image whose channels are (row, input
+  channel): output channel (row, in, o) of a depthwise convolution with multiplier `out` reads
+  only input channel (row, in), so its filter gradient for output gradients g[row, ..., o] is
+  that row's kernel gradient at (in, o). The output gradients are repeated per input channel."""
+  height, width, channels, out = layer.kernel.shape
+  rows = tf.shape(inputs)[0]
+  image = tf.reshape(tf.transpose(inputs, [1, 2, 0, 3]),
+                     tf.stack([1, tf.shape(inputs)[1], tf.shape(inputs)[2], rows * channels]))
+  grads = tf.transpose(g, [1, 2, 0, 3])  # [positions..., rows, out]
+  if channels > 1:
+    grads = tf.repeat(grads, channels, axis=2)
+  grads = tf.reshape(grads, tf.stack([1, tf.shape(g)[1], tf.shape(g)[2], rows * channels * out]))
+  filters = tf.compat.v1.nn.depthwise_conv2d_native_backprop_filter(
+      image, tf.stack([height, width, rows * channels, out]), grads,
+      strides=[1, *layer.strides, 1], padding=layer.padding.upper())
+  per_row = tf.transpose(tf.reshape(filters, tf.stack([height, width, rows, channels, out])),
+                         [2, 0, 1, 3, 4])
+  views = rows // batch
+  return tf.reduce_sum(tf.reshape(per_row, tf.stack([batch, views, height * width * channels,
+                                                     out])), axis=1)
 
 
 def _identity_patches(layer, inputs, batch):
