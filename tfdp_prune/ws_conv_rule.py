@@ -31,8 +31,9 @@ class WSConv2DRule(windowed.ConvRule):
     """The per-example loop, with the standardization's two per-channel reductions of each
     example's gradient c_i (with respect to the standardized kernel) formed for the whole batch
     at once (`_projections`): the loop forms J^T c_i = (c_i - mean_i - w_hat along_i) / s
-    without them and weighs its per-channel sums by 1 / s^2, about half the kernel-sized passes
-    per example of `standardization_vjp` then mask and square. The bias, if trained, from the
+    without them, masked and scaled by 1 / s per output channel, and squared and summed by
+    `tf.nn.l2_loss`: about half the kernel-sized passes per example of `standardization_vjp`
+    then mask and square. The bias, if trained, from the
     output gradients (`windowed.bias_pieces`)."""
     layer = call.layer
     keys = [base.variable_key(v) for v in variables]
@@ -44,17 +45,17 @@ class WSConv2DRule(windowed.ConvRule):
                                 [masks[i] for i in others])
     standardized, inverse_std = layer.standardize(tf.convert_to_tensor(layer.kernel))
     means, along = _projections(call, g, batch, standardized)
-    channel_weights = tf.reshape(tf.square(inverse_std), [-1])
+    # The mask and 1/s per output channel in one kernel-sized factor, formed once.
+    scaled_mask = masks[index] * tf.reshape(inverse_std, [-1])
     example_inputs = base.rows_per_example(call.inputs, batch)
     example_grads = base.rows_per_example(g, batch)
     grads_of = windowed.weight_grad_function(layer, standardized)
-    mask = masks[index]
 
     def squared_norm(i):
       centered = grads_of(example_inputs[i], example_grads[i]) - means[i]
-      per_channel = tf.reduce_sum(tf.square((centered - standardized * along[i]) * mask),
-                                  axis=[0, 1, 2])
-      return tf.reduce_sum(per_channel * channel_weights)
+      # l2_loss (half the sum of squares) reads its input once and writes nothing
+      # kernel-sized: a square and a reduction less per example.
+      return 2.0 * tf.nn.l2_loss((centered - standardized * along[i]) * scaled_mask)
 
     kernel_squared = tf.map_fn(squared_norm, tf.range(batch), fn_output_signature=g.dtype)
     return kernel_squared + bias.squared_norms
