@@ -1,7 +1,10 @@
 """The MNIST CNN's two convolutions (250 examples): per-example norms and the reused clipped sum by
 one-hot or extracted patches, space-to-depth patches, the depthwise op with the rows as channels,
-ghost norms; each its own tf.function, interleaved rounds (2026-12-02, benchmarks/README.md "The
-CNN and the WRN on an AMD EPYC with AVX-512"). `+mm`: the norms by a batched matmul instead.
+ghost norms, the depthwise form for the second conv's 16 input channels (its output gradients
+repeated per channel); and, for scale, the batch's own weight-gradient op (`*_weightgrad`: the
+sum only, no norms). Each its own tf.function, interleaved rounds (2026-12-02,
+benchmarks/README.md "The CNN and the WRN on an AMD EPYC with AVX-512"). `+mm`: the norms by a
+batched matmul instead.
 
   python benchmarks/results/i18/avx512/cnn_conv_norm_variants.py 30
 """
@@ -79,20 +82,41 @@ def c2_ghost(x, g, fin=None):
   s = tf.compat.v1.nn.conv2d_backprop_filter(x, [4, 4, 16, 32], g * fac[:, None, None, None], [1, 2, 2, 1], "VALID")
   return n, s
 
+def c2_depthwise16(x, g, fin=finish):
+  xt = tf.reshape(tf.transpose(x, [1, 2, 0, 3]), [1, 13, 13, B * 16])  # channels (row, in)
+  gt = tf.repeat(tf.transpose(g, [1, 2, 0, 3]), 16, axis=2)  # [5, 5, B * 16, 32]
+  grads = tf.compat.v1.nn.depthwise_conv2d_native_backprop_filter(
+      xt, [4, 4, B * 16, 32], tf.reshape(gt, [1, 5, 5, B * 16 * 32]), [1, 2, 2, 1], "VALID")
+  return fin(tf.reshape(tf.transpose(tf.reshape(grads, [4, 4, B, 16, 32]), [2, 0, 1, 3, 4]),
+                        [B, 256, 32]))
+
+def weightgrad(kernel_shape, strides, padding):
+  def run(x, g, fin=None):
+    summed = tf.compat.v1.nn.conv2d_backprop_filter(x, kernel_shape, g * fac[:, None, None, None],
+                                                    strides, padding)
+    return None, summed
+  return run
+
+c1_weightgrad = weightgrad([8, 8, 1, 16], [1, 2, 2, 1], "SAME")
+c2_weightgrad = weightgrad([4, 4, 16, 32], [1, 2, 2, 1], "VALID")
+
 fns = {}
 for name in [k for k in list(globals()) if k.startswith(("c1_", "c2_"))]:
   fn = globals()[name]
   fns[name] = tf.function(lambda x, g, fn=fn: fn(x, g))
-  if name not in ("c2_ghost",):
+  if name not in ("c2_ghost", "c1_weightgrad", "c2_weightgrad"):
     fns[name + "+mm"] = tf.function(lambda x, g, fn=fn: fn(x, g, finish_mm))
 args = lambda k: (x1, g1) if k.startswith("c1") else (x2, g2)
 ref = {"c1": fns["c1_onehot"](x1, g1), "c2": fns["c2_extract"](x2, g2)}
 for k, f in fns.items():
   n, s = f(*args(k)); r = ref[k[:2]]
-  print(k, "norm err", float(tf.reduce_max(tf.abs(n - r[0]) / r[0])))
+  print(k, "norm err", None if n is None else float(tf.reduce_max(tf.abs(n - r[0]) / r[0])),
+        # s2d variants sum in their own window order (a, b, dh, dw, c): not compared.
+        "sum err", "window order differs" if "s2d" in k else float(
+            tf.reduce_max(tf.abs(tf.reshape(s, r[1].shape) - r[1])) / tf.reduce_max(tf.abs(r[1]))))
 times = {k: [] for k in fns}
 for _ in range(int(sys.argv[1]) if len(sys.argv) > 1 else 30):
   for k, f in fns.items():
-    t = time.perf_counter(); [o.numpy() for o in f(*args(k))]; times[k].append(time.perf_counter() - t)
+    t = time.perf_counter(); [o.numpy() for o in f(*args(k)) if o is not None]; times[k].append(time.perf_counter() - t)
 for k, v in times.items():
   print(f"{k:18s} median {1e3*statistics.median(v):6.2f} ms min {1e3*min(v):6.2f}")
