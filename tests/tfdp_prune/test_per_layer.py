@@ -252,6 +252,17 @@ def test_one_input_channel_by_the_rows_as_channels_of_a_depthwise_op(conv, layer
   _compare(model, x, y, weights=[1, 0, 1, 1], clip=1e-3)
 
 
+@_strategies(windowed.ROWS_AS_CHANNELS)
+def test_rows_as_channels_repeats_the_output_gradients_per_input_channel(monkeypatch):
+  """With more input channels allowed, each row's output gradients are repeated per channel
+  (channels (row, in) of the image, (row, in, o) of the depthwise output): the reference's sums."""
+  monkeypatch.setattr(windowed, "_ROWS_AS_CHANNELS_MAX_IN", 3)
+  model = _model([keras.layers.Conv2D(4, 3, strides=2, padding="same", activation="relu"),
+                  keras.layers.Flatten(), keras.layers.Dense(3)], (9, 9, 3))
+  x, y = _images(4, (2, 9, 9, 3))  # 4 examples, 2 views each
+  _compare(model, x, y, weights=[1, 1, 0, 1], clip=1e-3)
+
+
 def test_rows_as_channels_only_for_undilated_convolutions_of_one_input_channel():
   def strategies(layer, input_shape):
     x = tf.zeros(input_shape)
