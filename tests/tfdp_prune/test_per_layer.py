@@ -390,6 +390,26 @@ def test_non_finite_example_is_dropped_and_counted():
   assert all(np.all(np.isfinite(g.numpy())) for g in result.clipped.grads)
 
 
+# 0: a dense kernel's sum replaces dropped rows' inputs only when the plain product is not finite.
+@pytest.mark.parametrize("replace_when_needed_from",
+                         [0, clipping.REPLACE_WHEN_NEEDED_MIN_ELEMENTS])
+def test_dense_inputs_of_dropped_rows_never_reach_the_sum(monkeypatch, replace_when_needed_from):
+  """A padding row (weight 0) with a NaN input and a kept example with an infinite one: the
+  first adds exactly nothing (0 * NaN would be NaN), the second is dropped and counted."""
+  monkeypatch.setattr(clipping, "REPLACE_WHEN_NEEDED_MIN_ELEMENTS", replace_when_needed_from)
+  model = _model([keras.layers.Dense(4, activation="relu"), keras.layers.Dense(3)], (5,))
+  x, y = _images(5, (5,))
+  weights = np.array([1, 1, 0, 1, 1], "float32")
+  without = _compare(model, x, y, weights=weights * [1, 1, 1, 0, 1])  # example 3 left out
+  x[2, 1] = np.nan
+  x[3, 0] = np.inf
+  result = _clipped_sum(per_layer.PerLayerEngine(), model, x, y, weights)
+  assert int(result.clipped.num_non_finite) == 1
+  for want, got in zip(without.clipped.grads, result.clipped.grads):
+    assert np.all(np.isfinite(got.numpy()))
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
+
+
 _NON_FINITE_MODELS = {
     "conv2d": ([keras.layers.Conv2D(3, 3, padding="same", activation="relu")], (5, 5, 2)),
     "ws_conv_group_norm": ([models.WSConv2D(4, 3, padding="same"),

@@ -2,6 +2,7 @@
 materialized (the "book-keeping" of Bu et al. 2023); on sequences or augmult views, the
 windowed strategy (`windowed`)."""
 
+from tfdp_prune import clipping
 from tfdp_prune.compat import keras
 from tfdp_prune.compat import tf
 from tfdp_prune.layer_rules import base
@@ -62,8 +63,7 @@ def _rank_one(call, g, variables, masks) -> base.Pieces:
     sums = []
     if kernel_mask is not None:
       def kernel_sum():
-        clean_a = tf.where(rows, a, tf.zeros([], a.dtype))
-        return tf.matmul(clean_a, weighted_g, transpose_a=True) * kernel_mask
+        return _inputs_times_weighted_grads(a, weighted_g, rows, factors) * kernel_mask
       # Outside the branch: one folded constant per shape (docs/per-layer-engine.md).
       zeros = tf.zeros_like(kernel_mask)
       sums.append(tf.cond(kernel_trained, kernel_sum, lambda: zeros))
@@ -74,6 +74,22 @@ def _rank_one(call, g, variables, masks) -> base.Pieces:
   ordered = (([layer.kernel] if kernel_mask is not None else [])
              + ([layer.bias] if bias_mask is not None else []))
   return base.Pieces(ordered, squared, clipped_sum)
+
+
+def _inputs_times_weighted_grads(a, weighted_g, rows, factors):
+  """A^T (clip-factor-weighted G), dropped rows of G already 0. 0 * NaN is NaN: a dropped row's
+  non-finite input must be replaced, not multiplied by 0; as in `clipping.weighted_batch_sum`,
+  the product is finite exactly when no row needs it (a kept row's input is finite), so a large
+  input is replaced only then (the select over it sat at the end of the CNN's step)."""
+  replaced = lambda: tf.matmul(tf.where(rows, a, tf.zeros([], a.dtype)), weighted_g,
+                               transpose_a=True)
+  batch = a.shape[0] if a.shape[0] is not None else factors.shape[0]
+  features = a.shape[1:].num_elements()
+  if batch is None or features is None or (
+      batch * features < clipping.REPLACE_WHEN_NEEDED_MIN_ELEMENTS):
+    return replaced()
+  total = tf.matmul(a, weighted_g, transpose_a=True)
+  return tf.cond(tf.reduce_all(tf.math.is_finite(total)), lambda: total, replaced)
 
 
 def rank_one_squared_norms(a, g, kernel_mask, bias_mask):
