@@ -98,15 +98,22 @@ REPLACE_WHEN_NEEDED_MIN_ELEMENTS = 2**16
 def weighted_batch_sum(g: tf.Tensor, kept: tf.Tensor, factors: tf.Tensor) -> tf.Tensor:
   """sum_i factors_i * g_i over the examples that are kept; the others contribute exactly 0."""
   factors = tf.where(kept, tf.cast(factors, g.dtype), 0.0)
-  replaced = lambda: tf.tensordot(factors, tf.where(per_row(kept, g), g, 0.0), axes=1)
-  # 0 * NaN is NaN, so a dropped example's non-finite gradient must be replaced, not multiplied
-  # by 0. Only a dropped one can be non-finite (a kept one has a finite norm), so the sum
-  # without the replacement is finite exactly when no example needs it, and then equal to it
-  # (each dropped term is 0): for large tensors, replace only then.
+  return replaced_when_needed(
+      g, factors, lambda: tf.tensordot(factors, g, axes=1),
+      lambda: tf.tensordot(factors, tf.where(per_row(kept, g), g, 0.0), axes=1))
+
+
+def replaced_when_needed(g: tf.Tensor, factors: tf.Tensor, plain, replaced) -> tf.Tensor:
+  """A weighted sum over the rows of g (`factors` [B], 0 for dropped rows): `plain()` weighs
+  every row as it is, `replaced()` with dropped rows replaced by zeros. 0 * NaN is NaN, so a
+  dropped example's non-finite row must be replaced, not multiplied by 0. Only a dropped one can
+  be non-finite (a kept one has a finite norm), so the plain sum is finite exactly when no
+  example needs the replacement, and then equal to it (each dropped term is 0): for large g,
+  replace only then (a select over g on every step costs more than the check)."""
   elements = _elements(g, factors)
   if elements is None or elements < REPLACE_WHEN_NEEDED_MIN_ELEMENTS:
     return replaced()
-  total = tf.tensordot(factors, g, axes=1)
+  total = plain()
   return tf.cond(tf.reduce_all(tf.math.is_finite(total)), lambda: total, replaced)
 
 

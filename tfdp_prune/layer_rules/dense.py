@@ -77,19 +77,12 @@ def _rank_one(call, g, variables, masks) -> base.Pieces:
 
 
 def _inputs_times_weighted_grads(a, weighted_g, rows, factors):
-  """A^T (clip-factor-weighted G), dropped rows of G already 0. 0 * NaN is NaN: a dropped row's
-  non-finite input must be replaced, not multiplied by 0; as in `clipping.weighted_batch_sum`,
-  the product is finite exactly when no row needs it (a kept row's input is finite), so a large
-  input is replaced only then (the select over it sat at the end of the CNN's step)."""
-  replaced = lambda: tf.matmul(tf.where(rows, a, tf.zeros([], a.dtype)), weighted_g,
-                               transpose_a=True)
-  batch = a.shape[0] if a.shape[0] is not None else factors.shape[0]
-  features = a.shape[1:].num_elements()
-  if batch is None or features is None or (
-      batch * features < clipping.REPLACE_WHEN_NEEDED_MIN_ELEMENTS):
-    return replaced()
-  total = tf.matmul(a, weighted_g, transpose_a=True)
-  return tf.cond(tf.reduce_all(tf.math.is_finite(total)), lambda: total, replaced)
+  """A^T (clip-factor-weighted G, dropped rows of G already 0), a dropped row's input replaced
+  by zeros only when the plain product is not finite (`clipping.replaced_when_needed`; the
+  select over the inputs on every step sat at the end of the CNN's step)."""
+  return clipping.replaced_when_needed(
+      a, factors, lambda: tf.matmul(a, weighted_g, transpose_a=True),
+      lambda: tf.matmul(tf.where(rows, a, tf.zeros([], a.dtype)), weighted_g, transpose_a=True))
 
 
 def rank_one_squared_norms(a, g, kernel_mask, bias_mask):
