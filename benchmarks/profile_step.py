@@ -6,9 +6,12 @@ Stages (per-layer engine):
   forward_capture   the training forward pass with the engine's capture, and the loss sum
   backward          + the gradient to every captured layer output (reported as the difference)
   norms/<layer>     that layer's per-example masked squared norms, from its captured input,
-                    output gradient and saved tensors (constants here)
+                    output gradient and saved tensors (constants here); for a layer whose
+                    kernel takes the engine's loop over examples (one_example_at_a_time), the
+                    loop: the kernel's norms AND its clipped sum, formed together
   clip_sum/<layer>  that layer's clipped sum, given clip factors (batched / identity_patches:
-                    with forming the per-example gradients it weights, so it overlaps norms/)
+                    with forming the per-example gradients it weights, so it overlaps norms/;
+                    one_example_at_a_time: the bias's alone, the kernel's is in norms/)
   engine            the whole engine (`PerLayerEngine.clipped_sum`): all of the above + clipping
   noise             Gaussian noise on the masked coordinates of every variable
   apply             the optimizer's stages 2-6 (accumulate, noise, scale, update, keep frozen)
@@ -61,6 +64,16 @@ def _strategy(rule, call):
   return "per-example grads"
 
 
+def _norms(pieces, x):
+  """A layer's squared norms; with its kernel's loop over examples run (norms and sums)."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from tfdp_prune import example_loop  # pylint: disable=import-outside-toplevel
+  if pieces.loop is None:
+    return pieces.squared_norms
+  squared = tf.cast(pieces.squared_norms, tf.float64)
+  return example_loop.norms_and_sums([pieces.loop], squared, tf.ones([x.shape[0]]), 1.0)[0]
+
+
 def _clip_sum_fn(call, rule, pieces, batch, variables, masks, factors, kept):
   """The layer's clipped sum alone (windowed rules: without the norms, which a graph with a
   loop in it would not prune). A materialized strategy's sum is a weighted sum of the
@@ -71,6 +84,8 @@ def _clip_sum_fn(call, rule, pieces, batch, variables, masks, factors, kept):
       rule, call) in windowed.MATERIALIZED
 
   def clip_sum(a, g, saved):
+    if pieces(a, g, saved).loop is not None:  # the kernel's sum is formed with its norms
+      return pieces(a, g, saved).clipped_sum(factors, kept)
     if hasattr(rule, "_clipped_sum") and not materialized:
       record = base.CapturedCall(call.layer, rule, a, g, call.call_kwargs, saved=saved)
       return rule._clipped_sum(record, g, batch, variables, masks, factors, kept)  # pylint: disable=protected-access
@@ -135,7 +150,7 @@ def _stages(model, x, y, seed, jit):
       record = base.CapturedCall(call.layer, rule, a, g, call.call_kwargs, saved=saved)
       return rule.pieces(record, g, batch, False, layer_vars, layer_masks)
 
-    norms = tf.function(lambda a, g, saved, pieces=pieces: pieces(a, g, saved).squared_norms)
+    norms = tf.function(lambda a, g, saved, pieces=pieces: _norms(pieces(a, g, saved), x))
     sums = tf.function(_clip_sum_fn(call, rule, pieces, batch, layer_vars, layer_masks,
                                     factors, kept))
     label = (f"{call.layer.name} ({type(call.layer).__name__}, "

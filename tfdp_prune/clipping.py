@@ -85,6 +85,12 @@ def clip_weights(norms: tf.Tensor, sample_weight: tf.Tensor, l2_norm_clip):
   return factors, kept, num_non_finite
 
 
+def norms_of_squares(squared: tf.Tensor) -> tf.Tensor:
+  """float32 norms from float64 squared norms: a squared norm beyond float32's range is kept (a
+  float32 norm above 3.4e38 becomes inf and the example is dropped, never under-clipped)."""
+  return tf.cast(tf.sqrt(squared), tf.float32)
+
+
 def dropped_units(kept: tf.Tensor, sample_weight: tf.Tensor) -> tf.Tensor:
   """The real units (non-zero weight) that `clip_weights` did not keep: non-finite ones."""
   return tf.logical_and(tf.not_equal(sample_weight, 0), tf.logical_not(kept))

@@ -15,6 +15,7 @@ from absl import logging
 
 from tfdp_prune import augmult
 from tfdp_prune import clipping
+from tfdp_prune import example_loop
 from tfdp_prune import layer_rules
 from tfdp_prune import per_example
 from tfdp_prune.compat import keras
@@ -57,14 +58,19 @@ class PerLayerEngine(per_example.PerExampleEngine):
     pieces = [_group_pieces([records[i] for i in group], [output_grads[i] for i in group],
                             batch, views, mask_of, wanted)
               for group in _groups_sharing_variables(records, wanted)]
-    pieces = [p for p in pieces if p.variables]
-    # float64: a squared norm beyond float32's range is kept (a float32 norm above 3.4e38
-    # becomes inf and the example is dropped, never under-clipped).
-    squared = tf.add_n([tf.cast(p.squared_norms, tf.float64) for p in pieces]
+    pieces = [p for p in pieces if p.variables or p.loop]
+    # float64, so that a squared norm beyond float32's range is kept (`norms_of_squares`).
+    squared = tf.add_n([tf.cast(p.squared_norms, tf.float64) for p in pieces if p.variables]
                        + [tf.zeros(tf.shape(sample_weight)[:1], tf.float64)])
-    norms = tf.cast(tf.sqrt(squared), tf.float32)
-    factors, kept, num_non_finite = clipping.clip_weights(norms, sample_weight, l2_norm_clip)
+    loops = [p.loop for p in pieces if p.loop]
     sums = {}
+    if loops:  # their norms and their sums, in one loop over the examples
+      squared, loop_sums = example_loop.norms_and_sums(loops, squared, sample_weight,
+                                                       l2_norm_clip)
+      for loop, summed in zip(loops, loop_sums):
+        sums.update((_key(v), s) for v, s in zip(loop.variables, summed))
+    factors, kept, num_non_finite = clipping.clip_weights(clipping.norms_of_squares(squared),
+                                                          sample_weight, l2_norm_clip)
     for piece in pieces:  # every wanted variable is in one piece at most (one group)
       for variable, summed in zip(piece.variables, piece.clipped_sum(factors, kept)):
         sums[_key(variable)] = summed

@@ -27,38 +27,26 @@ class WSConv2DRule(windowed.ConvRule):
     # for it is derived here. Conv2D's ghost norms, in float64 with their rounding bound, stay.
     return tuple(s for s in super().strategies(call) if s != windowed.GHOST)
 
-  def _one_example_at_a_time(self, call, g, batch, variables, masks):
-    """The per-example loop, with the standardization's two per-channel reductions of each
-    example's gradient c_i (with respect to the standardized kernel) formed for the whole batch
-    at once (`_projections`): the loop forms J^T c_i = (c_i - mean_i - w_hat along_i) / s
-    without them, masked and scaled by 1 / s per output channel, and squared and summed by
-    `tf.nn.l2_loss`: about half the kernel-sized passes per example of `standardization_vjp`
-    then mask and square. The bias, if trained, from the
-    output gradients (`windowed.bias_pieces`)."""
-    layer = call.layer
-    keys = [base.variable_key(v) for v in variables]
-    if base.variable_key(layer.kernel) not in keys or not _projections_are_cheaper(call):
-      return super()._one_example_at_a_time(call, g, batch, variables, masks)
-    index = keys.index(base.variable_key(layer.kernel))
-    others = [i for i in range(len(variables)) if i != index]
-    bias = windowed.bias_pieces(g, batch, [variables[i] for i in others],
-                                [masks[i] for i in others])
-    standardized, inverse_std = layer.standardize(tf.convert_to_tensor(layer.kernel))
+  def _example_squared_norm(self, call, g, batch, mask, to_kernel_grads):
+    """The per-example loop's norms with the standardization's two per-channel reductions of
+    each example's gradient c_i (with respect to the standardized kernel) formed for the whole
+    batch at once (`_projections`) where that is cheaper: the loop forms
+    J^T c_i = (c_i - mean_i - w_hat along_i) / s without them, masked and scaled by 1 / s per
+    output channel, and squared and summed by `tf.nn.l2_loss`: about half the kernel-sized
+    passes per example of `standardization_vjp` then mask and square."""
+    if not _projections_are_cheaper(call):
+      return super()._example_squared_norm(call, g, batch, mask, to_kernel_grads)
+    standardized, inverse_std = call.layer.standardize(tf.convert_to_tensor(call.layer.kernel))
     means, along = _projections(call, g, batch, standardized)
     # The mask and 1/s per output channel in one kernel-sized factor, formed once.
-    scaled_mask = masks[index] * tf.reshape(inverse_std, [-1])
-    example_inputs = base.rows_per_example(call.inputs, batch)
-    example_grads = base.rows_per_example(g, batch)
-    grads_of = windowed.weight_grad_function(layer, standardized)
+    scaled_mask = mask * tf.reshape(inverse_std, [-1])
 
-    def squared_norm(i):
-      centered = grads_of(example_inputs[i], example_grads[i]) - means[i]
+    def squared_norm(i, grad):
       # l2_loss (half the sum of squares) reads its input once and writes nothing
       # kernel-sized: a square and a reduction less per example.
-      return 2.0 * tf.nn.l2_loss((centered - standardized * along[i]) * scaled_mask)
+      return 2.0 * tf.nn.l2_loss((grad - means[i] - standardized * along[i]) * scaled_mask)
 
-    kernel_squared = tf.map_fn(squared_norm, tf.range(batch), fn_output_signature=g.dtype)
-    return kernel_squared + bias.squared_norms
+    return squared_norm
 
 
 def _projections_are_cheaper(call) -> bool:

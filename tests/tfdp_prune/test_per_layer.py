@@ -2,6 +2,7 @@
 sums, per-example losses and the non-finite count, with masks, padding weights, sequences,
 augmult views and a non-finite example."""
 
+import dataclasses
 import hashlib
 
 import numpy as np
@@ -631,6 +632,18 @@ def test_fully_frozen_kernels_get_no_per_example_work_and_match_the_reference(mo
     return [when_run(call.layer.name, grads[0])] + list(grads[1:])
 
   monkeypatch.setattr(windowed.ConvRule, "per_example_grads", counted_grads)
+  # The per-example loop forms them one example at a time, in the engine's loop.
+  original_loop = windowed.WindowedRule._example_loop
+
+  def counted_loop(self, call, *args):
+    loop = original_loop(self, call, *args)
+
+    def example(i):
+      terms, squared = loop.example(i)
+      return terms, when_run(call.layer.name, squared)
+    return dataclasses.replace(loop, example=example)
+
+  monkeypatch.setattr(windowed.WindowedRule, "_example_loop", counted_loop)
   # A small clip: every example clipped, so the norms (not just the sums) must be right.
   result = _compare(model, x, y, weights=[1, 1, 0, 1, 1, 1], clip=1e-3,
                     masks=_frozen_kernels(model.trainable_variables, frozen))

@@ -2,6 +2,7 @@
 classes to rules (see `registry.register_layer_rule`)."""
 
 from tfdp_prune.layer_rules.base import CapturedCall
+from tfdp_prune.layer_rules.base import ExampleLoop
 from tfdp_prune.layer_rules.base import LayerRule
 from tfdp_prune.layer_rules.base import Pieces
 from tfdp_prune.layer_rules.generic import GENERIC

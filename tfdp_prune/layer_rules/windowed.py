@@ -3,11 +3,13 @@ DepthwiseConv2D; Dense on sequences and augmult views builds on them), and the o
 how their per-example gradient norms are formed (`choose_strategy`): materialized for the whole
 batch (input patches x output gradients), or one example at a time with the layer's own
 weight-gradient op. A strategy that materializes the per-example kernel gradients for the
-norms weights those same tensors into the clipped sum (one pass over B x kernel); the others
-never form them, and get the sum from the layer's own weight-gradient op once for the batch,
-on output gradients scaled by the clip factors."""
+norms weights those same tensors into the clipped sum (one pass over B x kernel); the one
+example at a time adds each example's, weighted by its clip factor, in the engine's loop
+over examples (`ExampleLoop`); ghost norms never form them, and get the sum from the layer's
+own weight-gradient op once for the batch, on output gradients scaled by the clip factors."""
 
 import abc
+import dataclasses
 
 from tfdp_prune import branching
 from tfdp_prune import clipping
@@ -188,6 +190,11 @@ class WindowedRule(base.LayerRule, abc.ABC):
     kernel_trained = tf.reduce_any(tf.not_equal(masks[is_kernel.index(True)], 0))
     bias_only = bias_pieces(g, batch, [v for v, _ in others], [m for _, m in others])
     kernel = self.kernel_variable(call.layer)
+    if strategy == ONE_AT_A_TIME:  # the kernel's norms and sum in the engine's example loop
+      index = is_kernel.index(True)
+      loop = self._example_loop(call, g, batch, variables[index], masks[index])
+      return dataclasses.replace(bias_only, loop=dataclasses.replace(loop,
+                                                                      trained=kernel_trained))
     reused = strategy in MATERIALIZED and _materialized_grads_reused(call, kernel)
     if reused is not False:
       return self._materialized_pieces(strategy, call, g, batch, variables, masks, is_kernel,
@@ -294,20 +301,50 @@ class WindowedRule(base.LayerRule, abc.ABC):
     return grads
 
   def _one_example_at_a_time(self, call, g, batch, variables, masks) -> tf.Tensor:
-    """One example at a time (`tf.map_fn`): the layer's own weight-gradient op on that
-    example's input and output gradient, masked and reduced to a number at once, so memory
-    holds a few kernels, never batch x kernel. The loop runs over indices and slices one
-    example per iteration: mapped over the tensors themselves, it would first copy both,
-    activation-sized, into tensor lists (the WRN-16-4's peak: 70 MB more)."""
+    """[B] squared norms of the masked per-example gradients of `variables`, the kernel's from
+    `_example_loop` (`tf.map_fn`: norms only, where no sum is wanted from the loop), the
+    bias's from the output gradients."""
+    kernel_key = base.variable_key(self.kernel_variable(call.layer))
+    is_kernel = [base.variable_key(v) == kernel_key for v in variables]
+    others = [(v, m) for v, m, k in zip(variables, masks, is_kernel) if not k]
+    squared = bias_pieces(g, batch, [v for v, _ in others], [m for _, m in others]).squared_norms
+    if not any(is_kernel):
+      return squared
+    index = is_kernel.index(True)
+    loop = self._example_loop(call, g, batch, variables[index], masks[index])
+    return squared + tf.map_fn(lambda i: loop.example(i)[1], tf.range(batch),
+                               fn_output_signature=g.dtype)
+
+  def _example_loop(self, call, g, batch, kernel, mask) -> base.ExampleLoop:
+    """The kernel's per-example gradients one example at a time, by the layer's own
+    weight-gradient op on that example's input and output gradients, measured at once: memory
+    holds a few kernels, never batch x kernel. An example's rows are slices of the batch's
+    tensors (a loop mapped over the tensors themselves would first copy both,
+    activation-sized, into tensor lists: the WRN-16-4's peak, 70 MB more)."""
+    grads_of, to_kernel_grads = self._summed_gradient(call.layer, kernel)
+    squared_norm = self._example_squared_norm(call, g, batch, mask, to_kernel_grads)
     example_inputs = base.rows_per_example(call.inputs, batch)
     example_grads = base.rows_per_example(g, batch)
-    grads_of = self._grads_function(call.layer, variables)
 
-    def squared_norm(i):
-      grads = grads_of(example_inputs[i], example_grads[i])
-      return tf.add_n([tf.reduce_sum(tf.square(t * m)) for t, m in zip(grads, masks)])
+    def example(i):
+      grad = grads_of(example_inputs[i], example_grads[i])
+      return [grad], squared_norm(i, grad)
 
-    return tf.map_fn(squared_norm, tf.range(batch), fn_output_signature=g.dtype)
+    return base.ExampleLoop([kernel], example,
+                            lambda sums: [to_kernel_grads(sums[0]) * mask],
+                            [tf.zeros(kernel.shape, g.dtype)])
+
+  def _summed_gradient(self, layer, kernel):
+    """(a function (inputs, output_grads) -> the gradient the example loop sums, for those
+    rows; the linear map from it to the kernel's gradient). Here the kernel's own gradient."""
+    grads_of = self._grads_function(layer, [kernel])
+    return (lambda inputs, output_grads: grads_of(inputs, output_grads)[0]), (lambda t: t)
+
+  def _example_squared_norm(self, call, g, batch, mask, to_kernel_grads):
+    """A function (i, c_i) -> the squared norm of example i's masked kernel gradient, from
+    c_i, the gradient the loop sums (`_summed_gradient`)."""
+    del call, g, batch
+    return lambda i, grad: tf.reduce_sum(tf.square(to_kernel_grads(grad) * mask))
 
   def _clipped_sum(self, call, g, batch, variables, masks, factors, kept):
     """The layer's weight-gradient op once for the batch, each row's output gradient scaled
@@ -398,6 +435,14 @@ class ConvRule(WindowedRule):
               else bias_grads(output_grads) for v in variables]
 
     return grads
+
+  def _summed_gradient(self, layer, kernel):
+    """The example loop sums gradients with respect to the kernel the convolution uses: the
+    map to the trained kernel (WSConv2D's standardization) is applied once to the sum, not to
+    every example's gradient; the norms are of the mapped gradients."""
+    del kernel
+    convolved, to_variable_grads = self.convolution(layer)
+    return weight_grad_function(layer, convolved), to_variable_grads
 
   def strategies(self, call):
     strategies = super().strategies(call)
