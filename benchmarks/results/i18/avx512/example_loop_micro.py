@@ -1,4 +1,10 @@
-"""One WS layer: norms (map_fn loop) + clipped sum (batch op on scaled g)  vs  one while loop accumulating f_i c_i."""
+"""One WSConv2D layer of the WRN-16-4, 32 examples, 80 % mask: the per-example loop's norms
+(tf.map_fn) then the clipped sum by the weight-gradient op on factor-scaled output gradients
+("current", the engine of 59e1e51), against one tf.while_loop that adds f_i c_i as it goes
+("fused", the prototype of example_loop). Run against commit 59e1e51's tfdp_prune (where
+WSConv2DRule._one_example_at_a_time is the projections loop); argument 0/1/2 = the 8x8x256,
+16x16x128, 32x32x64 layer (the prototype takes the projections at every size). Output:
+example_loop_micro.txt. Usage: python example_loop_micro.py 0"""
 import time, sys
 import numpy as np
 from tfdp_prune.compat import tf, keras
