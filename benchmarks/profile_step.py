@@ -84,12 +84,13 @@ def _clip_sum_fn(call, rule, pieces, batch, variables, masks, factors, kept):
       rule, call) in windowed.MATERIALIZED
 
   def clip_sum(a, g, saved):
-    if pieces(a, g, saved).loop is not None:  # the kernel's sum is formed with its norms
-      return pieces(a, g, saved).clipped_sum(factors, kept)
+    layer_pieces = pieces(a, g, saved)
+    if layer_pieces.loop is not None:  # the kernel's sum is formed with its norms
+      return layer_pieces.clipped_sum(factors, kept)
     if hasattr(rule, "_clipped_sum") and not materialized:
       record = base.CapturedCall(call.layer, rule, a, g, call.call_kwargs, saved=saved)
       return rule._clipped_sum(record, g, batch, variables, masks, factors, kept)  # pylint: disable=protected-access
-    return pieces(a, g, saved).clipped_sum(factors, kept)
+    return layer_pieces.clipped_sum(factors, kept)
 
   return clip_sum
 

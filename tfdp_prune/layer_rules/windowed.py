@@ -182,13 +182,10 @@ class WindowedRule(base.LayerRule, abc.ABC):
     """Norms by the chosen strategy; a kernel whose mask is all 0 (fully frozen) gets no
     per-example work at all, decided when the step runs (masks change without a retrace)."""
     strategy = choose_strategy(self, call)
-    kernel_key = base.variable_key(self.kernel_variable(call.layer))
-    is_kernel = [base.variable_key(v) == kernel_key for v in variables]
-    others = [(v, m) for v, m, k in zip(variables, masks, is_kernel) if not k]
+    is_kernel, bias_only = self._kernel_and_bias(call, g, batch, variables, masks)
     if not any(is_kernel):
-      return bias_pieces(g, batch, variables, masks)
+      return bias_only
     kernel_trained = tf.reduce_any(tf.not_equal(masks[is_kernel.index(True)], 0))
-    bias_only = bias_pieces(g, batch, [v for v, _ in others], [m for _, m in others])
     kernel = self.kernel_variable(call.layer)
     if strategy == ONE_AT_A_TIME:  # the kernel's norms and sum in the engine's example loop
       index = is_kernel.index(True)
@@ -226,6 +223,14 @@ class WindowedRule(base.LayerRule, abc.ABC):
                      frozen_kernel)
 
     return base.Pieces(variables, squared, clipped_sum)
+
+  def _kernel_and_bias(self, call, g, batch, variables, masks):
+    """(for each of `variables`, whether it is the kernel; the pieces of the others: the bias,
+    from the output gradients)."""
+    kernel_key = base.variable_key(self.kernel_variable(call.layer))
+    is_kernel = [base.variable_key(v) == kernel_key for v in variables]
+    others = [(v, m) for v, m, k in zip(variables, masks, is_kernel) if not k]
+    return is_kernel, bias_pieces(g, batch, [v for v, _ in others], [m for _, m in others])
 
   def _materialized_pieces(self, strategy, call, g, batch, variables, masks, is_kernel,
                            kernel_trained, bias_only, reused=True, fits=True) -> base.Pieces:
@@ -304,10 +309,8 @@ class WindowedRule(base.LayerRule, abc.ABC):
     """[B] squared norms of the masked per-example gradients of `variables`, the kernel's from
     `_example_loop` (`tf.map_fn`: norms only, where no sum is wanted from the loop), the
     bias's from the output gradients."""
-    kernel_key = base.variable_key(self.kernel_variable(call.layer))
-    is_kernel = [base.variable_key(v) == kernel_key for v in variables]
-    others = [(v, m) for v, m, k in zip(variables, masks, is_kernel) if not k]
-    squared = bias_pieces(g, batch, [v for v, _ in others], [m for _, m in others]).squared_norms
+    is_kernel, bias_only = self._kernel_and_bias(call, g, batch, variables, masks)
+    squared = bias_only.squared_norms
     if not any(is_kernel):
       return squared
     index = is_kernel.index(True)
