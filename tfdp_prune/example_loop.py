@@ -22,7 +22,8 @@ def norms_and_sums(loops: Sequence, other_squared: tf.Tensor, sample_weight: tf.
     l2_norm_clip: the clip norm.
 
   Returns:
-    ([B] float64 squared norms over all variables, one list of masked clipped sums per loop).
+    ([B] float64 squared norms over all variables, one list of masked clipped sums per loop:
+    zeros for a frozen one).
     The factors `clipping.clip_weights` gives from `clipping.norms_of_squares` of the former are
     the ones the sums were weighted by (the same elementwise arithmetic, per example).
   """
@@ -33,8 +34,8 @@ def norms_and_sums(loops: Sequence, other_squared: tf.Tensor, sample_weight: tf.
     total = other_squared[i] + tf.add_n([tf.cast(s, tf.float64) for _, s in measured])
     factors, kept, _ = clipping.clip_weights(clipping.norms_of_squares(total)[None],
                                              sample_weight[i][None], l2_norm_clip)
-    sums = [_added(loop, loop_sums, terms, factors[0], kept[0])
-            for loop, loop_sums, (terms, _) in zip(loops, sums, measured)]
+    sums = [_added(loop, loop_sums, gradients, factors[0], kept[0])
+            for loop, loop_sums, (gradients, _) in zip(loops, sums, measured)]
     return i + 1, sums, totals.write(i, total)
 
   totals = tf.TensorArray(tf.float64, size=batch, element_shape=[])
@@ -48,28 +49,23 @@ def norms_and_sums(loops: Sequence, other_squared: tf.Tensor, sample_weight: tf.
                                   (start, [list(loop.zeros) for loop in loops], totals))
   squared = totals.stack()
   squared.set_shape(other_squared.shape)
-  return squared, [_finished(loop, loop_sums) for loop, loop_sums in zip(loops, sums)]
+  return squared, sums
 
 
 def _measured(loop, i):
-  """Example i's terms and squared norm; none of the work for a frozen layer."""
+  """Example i's masked gradients and their squared norm; none of the work for a frozen
+  layer."""
   if loop.trained is None:
     return loop.example(i)
   nothing = lambda: (list(loop.zeros), tf.zeros([], loop.zeros[0].dtype))
   return tf.cond(loop.trained, lambda: loop.example(i), nothing)
 
 
-def _added(loop, sums, terms, factor, kept):
-  """The sums with example i's terms added, weighted by its clip factor; unchanged for an
-  example that is not kept (padding, or a non-finite norm: 0 * NaN would be NaN)."""
+def _added(loop, sums, gradients, factor, kept):
+  """The sums with example i's gradients added, weighted by its clip factor; unchanged for an
+  example that is not kept (padding, or a non-finite norm: 0 * NaN would be NaN) and for a
+  frozen layer."""
   add = kept if loop.trained is None else tf.logical_and(kept, loop.trained)
-  return tf.cond(add, lambda: [s + tf.cast(factor, t.dtype) * t for s, t in zip(sums, terms)],
+  return tf.cond(add, lambda: [s + tf.cast(factor, g.dtype) * g for s, g in zip(sums, gradients)],
                  lambda: list(sums))
 
-
-def _finished(loop, sums):
-  if loop.trained is None:
-    return loop.finish(sums)
-  dtype = loop.zeros[0].dtype
-  zeros = [tf.zeros(v.shape, dtype) for v in loop.variables]  # outside the cond (grappler folds)
-  return tf.cond(loop.trained, lambda: loop.finish(sums), lambda: zeros)

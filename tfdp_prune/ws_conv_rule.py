@@ -25,28 +25,30 @@ class WSConv2DRule(windowed.ConvRule):
     # along the mean and the kernel from its Gram-matrix norm, and the rounding of that
     # difference could leave a norm below the true one (an under-clipped example); no bound
     # for it is derived here. Conv2D's ghost norms, in float64 with their rounding bound, stay.
-    return tuple(s for s in super().strategies(call) if s != windowed.GHOST)
+    # No clipped sum by the weight-gradient op either (a materialized strategy whose gradients
+    # are not kept for the sum): it sums gradients with respect to the standardized kernel and
+    # maps the sum, and a gradient's large component along the mean, which the map removes,
+    # leaves float32 rounding in the mapped sum that no example's norm contains (one example
+    # measured at 1.4 C). The per-example loop sums exactly the tensors it measures.
+    kernel = self.kernel_variable(call.layer)
+    reused = windowed.materialized_grads_reused(call, kernel) is True
+    return tuple(s for s in super().strategies(call)
+                 if s != windowed.GHOST and (reused or s not in windowed.MATERIALIZED))
 
-  def _example_squared_norm(self, call, g, batch, mask, to_kernel_grads):
-    """The per-example loop's norms with the standardization's two per-channel reductions of
-    each example's gradient c_i (with respect to the standardized kernel) formed for the whole
-    batch at once (`_projections`) where that is cheaper: the loop forms
+  def _example_gradient(self, call, g, batch, mask, to_kernel_grads):
+    """The per-example loop's masked gradients with the standardization's two per-channel
+    reductions of each example's gradient c_i (with respect to the standardized kernel) formed
+    for the whole batch at once (`_projections`) where that is cheaper: the loop forms
     J^T c_i = (c_i - mean_i - w_hat along_i) / s without them, masked and scaled by 1 / s per
-    output channel, and squared and summed by `tf.nn.l2_loss`: about half the kernel-sized
-    passes per example of `standardization_vjp` then mask and square."""
+    output channel in one kernel-sized factor: about half the kernel-sized passes per example
+    of `standardization_vjp` then the mask."""
     if not _projections_are_cheaper(call):
-      return super()._example_squared_norm(call, g, batch, mask, to_kernel_grads)
+      return super()._example_gradient(call, g, batch, mask, to_kernel_grads)
     standardized, inverse_std = call.layer.standardize(tf.convert_to_tensor(call.layer.kernel))
     means, along = _projections(call, g, batch, standardized)
     # The mask and 1/s per output channel in one kernel-sized factor, formed once.
     scaled_mask = mask * tf.reshape(inverse_std, [-1])
-
-    def squared_norm(i, grad):
-      # l2_loss (half the sum of squares) reads its input once and writes nothing
-      # kernel-sized: a square and a reduction less per example.
-      return 2.0 * tf.nn.l2_loss((grad - means[i] - standardized * along[i]) * scaled_mask)
-
-    return squared_norm
+    return lambda i, grad: (grad - means[i] - standardized * along[i]) * scaled_mask
 
 
 def _projections_are_cheaper(call) -> bool:

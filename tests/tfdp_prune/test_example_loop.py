@@ -13,16 +13,15 @@ _CLIP = 1.5
 
 
 def _table_loop(table, scale=1.0, trained=None):
-  """A loop whose example i's term is table[i] and whose finish multiplies by `scale` (a linear
-  map): its squared norm is that of scale * table[i], the gradient finish gives."""
+  """A loop whose example i's masked gradient is scale * table[i]."""
   table = tf.constant(table, tf.float32)
   variable = tf.Variable(tf.zeros(table.shape[1:]))
 
   def example(i):
-    return [table[i]], tf.reduce_sum(tf.square(scale * table[i]))
+    gradient = scale * table[i]
+    return [gradient], tf.reduce_sum(tf.square(gradient))
 
-  return base.ExampleLoop([variable], example, lambda sums: [scale * sums[0]],
-                          [tf.zeros(table.shape[1:])], trained)
+  return base.ExampleLoop([variable], example, [tf.zeros(table.shape[1:])], trained)
 
 
 def _never_run_loop(shape):
@@ -34,8 +33,7 @@ def _never_run_loop(shape):
     with tf.control_dependencies([check]):
       return [tf.ones(shape)], tf.constant(1.0)
 
-  return base.ExampleLoop([variable], example, lambda sums: [sums[0]], [tf.zeros(shape)],
-                          trained=tf.constant(False))
+  return base.ExampleLoop([variable], example, [tf.zeros(shape)], trained=tf.constant(False))
 
 
 def test_every_loop_is_weighted_by_the_factor_of_all_its_norms():

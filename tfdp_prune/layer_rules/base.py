@@ -32,19 +32,17 @@ class ExampleLoop:
   """Variables whose per-example gradients are formed one example at a time, in the engine's
   one loop over the batch (`example_loop`): there, example i's gradients of every such layer
   are formed and measured, and once i's clip factor is known (from all its norms), added into
-  running sums weighted by it. So the sum is of exactly the gradients that were measured, and
+  running sums weighted by it. So the sum is of exactly the tensors that were measured (no map
+  applied to the sum afterwards, whose float32 rounding the norms would never have seen), and
   needs no second weight-gradient pass over the batch.
 
-  `example(i)` gives (terms, squared norm): tensors shaped like `zeros`, and the squared norm of
-  example i's masked gradient of `variables`. `finish` maps the sums over examples of the
-  terms, each weighted by its clip factor, to the masked clipped sums of `variables`: it must be
-  linear, and finish(terms of example i) example i's masked gradient (the one measured).
-  `trained`, a boolean tensor or None (always): where false, no per-example work at all (a
-  fully frozen kernel): the norms are 0 and the sums zeros."""
+  `example(i)` gives (gradients, squared norm): example i's masked gradients of `variables`,
+  shaped like `zeros`, and their squared norm. `trained`, a boolean tensor or None (always):
+  where false, no per-example work at all (a fully frozen kernel): the norms are 0 and the sums
+  zeros."""
   variables: list
-  example: Callable  # i -> (terms, squared norm)
-  finish: Callable  # sums of weighted terms -> one masked sum per variable
-  zeros: list  # one zero tensor per term (the sums' initial values)
+  example: Callable  # i -> (masked gradients, their squared norm)
+  zeros: list  # one zero tensor per variable (the sums' initial values)
   trained: Optional[tf.Tensor] = None
 
 

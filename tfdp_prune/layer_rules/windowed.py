@@ -114,7 +114,7 @@ def _timed_norms(rule, call, strategy):
   return run
 
 
-def _materialized_grads_reused(call, kernel):
+def materialized_grads_reused(call, kernel):
   """Whether a materialized strategy keeps the call's per-example kernel gradients [rows,
   *kernel] for the clipped sum (`_REUSED_MAX_BYTES`): a bool from a static batch size, or,
   when the batch size is known only as the step runs (`fit` on arrays or on a batched dataset
@@ -192,7 +192,7 @@ class WindowedRule(base.LayerRule, abc.ABC):
       loop = self._example_loop(call, g, batch, variables[index], masks[index])
       return dataclasses.replace(bias_only, loop=dataclasses.replace(loop,
                                                                       trained=kernel_trained))
-    reused = strategy in MATERIALIZED and _materialized_grads_reused(call, kernel)
+    reused = strategy in MATERIALIZED and materialized_grads_reused(call, kernel)
     if reused is not False:
       return self._materialized_pieces(strategy, call, g, batch, variables, masks, is_kernel,
                                        kernel_trained, bias_only, reused,
@@ -237,7 +237,7 @@ class WindowedRule(base.LayerRule, abc.ABC):
     """The kernel's masked per-example gradients [B, *kernel], formed once (when the kernel is
     trained), give both its norms and its clipped sum: a weighted sum over B is far cheaper
     than a second weight-gradient op, and the sum is of exactly the tensors that were
-    measured. `reused` (`_materialized_grads_reused`) may be a boolean tensor, decided when the
+    measured. `reused` (`materialized_grads_reused`) may be a boolean tensor, decided when the
     step runs: where it is false the tensors are dropped after the norms and the sum comes from
     the weight-gradient op. So may `fits` (`_materialized_fits`): where it is false, nothing is
     materialized (the norms one example at a time, the sum from the op). The other variables
@@ -320,34 +320,34 @@ class WindowedRule(base.LayerRule, abc.ABC):
 
   def _example_loop(self, call, g, batch, kernel, mask) -> base.ExampleLoop:
     """The kernel's per-example gradients one example at a time, by the layer's own
-    weight-gradient op on that example's input and output gradients, measured at once: memory
-    holds a few kernels, never batch x kernel. An example's rows are slices of the batch's
-    tensors (a loop mapped over the tensors themselves would first copy both,
+    weight-gradient op on that example's input and output gradients, masked and measured at
+    once: memory holds a few kernels, never batch x kernel. An example's rows are slices of the
+    batch's tensors (a loop mapped over the tensors themselves would first copy both,
     activation-sized, into tensor lists: the WRN-16-4's peak, 70 MB more)."""
-    grads_of, to_kernel_grads = self._summed_gradient(call.layer, kernel)
-    squared_norm = self._example_squared_norm(call, g, batch, mask, to_kernel_grads)
+    grads_of, to_kernel_grads = self._convolved_gradient(call.layer)
+    masked_gradient = self._example_gradient(call, g, batch, mask, to_kernel_grads)
     example_inputs = base.rows_per_example(call.inputs, batch)
     example_grads = base.rows_per_example(g, batch)
 
     def example(i):
-      grad = grads_of(example_inputs[i], example_grads[i])
-      return [grad], squared_norm(i, grad)
+      grad = masked_gradient(i, grads_of(example_inputs[i], example_grads[i]))
+      # l2_loss (half the sum of squares) reads its input once and writes nothing.
+      return [grad], 2.0 * tf.nn.l2_loss(grad)
 
-    return base.ExampleLoop([kernel], example,
-                            lambda sums: [to_kernel_grads(sums[0]) * mask],
-                            [tf.zeros(kernel.shape, g.dtype)])
+    return base.ExampleLoop([kernel], example, [tf.zeros(kernel.shape, g.dtype)])
 
-  def _summed_gradient(self, layer, kernel):
-    """(a function (inputs, output_grads) -> the gradient the example loop sums, for those
-    rows; the linear map from it to the kernel's gradient). Here the kernel's own gradient."""
-    grads_of = self._grads_function(layer, [kernel])
+  def _convolved_gradient(self, layer):
+    """(a function (inputs, output_grads) -> the gradient the layer's weight-gradient op gives
+    for those rows; the linear map from it to the trained kernel's gradient). Here the
+    kernel's own gradient."""
+    grads_of = self._grads_function(layer, [self.kernel_variable(layer)])
     return (lambda inputs, output_grads: grads_of(inputs, output_grads)[0]), (lambda t: t)
 
-  def _example_squared_norm(self, call, g, batch, mask, to_kernel_grads):
-    """A function (i, c_i) -> the squared norm of example i's masked kernel gradient, from
-    c_i, the gradient the loop sums (`_summed_gradient`)."""
+  def _example_gradient(self, call, g, batch, mask, to_kernel_grads):
+    """A function (i, c_i) -> example i's masked gradient of the trained kernel, from c_i, the
+    gradient of `_convolved_gradient`: the tensor measured AND summed."""
     del call, g, batch
-    return lambda i, grad: tf.reduce_sum(tf.square(to_kernel_grads(grad) * mask))
+    return lambda i, grad: to_kernel_grads(grad) * mask
 
   def _clipped_sum(self, call, g, batch, variables, masks, factors, kept):
     """The layer's weight-gradient op once for the batch, each row's output gradient scaled
@@ -439,11 +439,9 @@ class ConvRule(WindowedRule):
 
     return grads
 
-  def _summed_gradient(self, layer, kernel):
-    """The example loop sums gradients with respect to the kernel the convolution uses: the
-    map to the trained kernel (WSConv2D's standardization) is applied once to the sum, not to
-    every example's gradient; the norms are of the mapped gradients."""
-    del kernel
+  def _convolved_gradient(self, layer):
+    """The weight-gradient op with respect to the kernel the convolution uses (for WSConv2D
+    the standardized one, formed once per step), and the map to the trained kernel."""
     convolved, to_variable_grads = self.convolution(layer)
     return weight_grad_function(layer, convolved), to_variable_grads
 
