@@ -16,6 +16,7 @@ from tfdp_prune import models
 from tfdp_prune import per_layer
 from tfdp_prune.compat import keras
 from tfdp_prune.compat import tf
+from tfdp_prune.layer_rules import windowed
 from tests.tfdp_prune import _testing as T
 
 CLIP = 1e-3
@@ -266,3 +267,41 @@ def test_a_variable_the_forward_pass_never_reads_gets_zero_without_a_fallback(mo
       [tf.ones_like(v) for v in variables], 0.5)
   for a, b in zip(out.clipped.grads, reference.clipped.grads):
     np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-7)
+
+
+# (input channels, image size, whether materialized gradients are reused for the sum): the
+# per-example loop with the batch-wide projections (window 576 > 16 positions), the loop
+# forming J^T c_i itself (window 18 < 784 positions), and a small layer whose materialized
+# gradients would not be kept for the sum (as for a batch too large for them).
+_WS_PATHS = {"loop_projections": (64, 6, True), "loop_vjp": (2, 30, True),
+             "materialized_not_reused": (2, 8, False)}
+
+
+@pytest.mark.parametrize("path", sorted(_WS_PATHS))
+def test_ws_conv_example_nearly_constant_over_the_window_moves_the_model_by_at_most_c(
+    path, monkeypatch):
+  """An input nearly constant over every window: its gradient with respect to the
+  standardized kernel is almost all along the mean, which the map to the trained kernel
+  removes. Summed first and mapped after (the loop's sum, or the weight-gradient op's), the
+  float32 rounding of that removal was in the sum but in no example's norm: one example moved
+  the model by up to 1.34 C (loop, projections), 1.002 C (loop) and 1.004 C (op's sum)."""
+  in_channels, size, reused = _WS_PATHS[path]
+  if not reused:
+    monkeypatch.setattr(windowed, "materialized_grads_reused", lambda call, kernel: False)
+  keras.utils.set_random_seed(0)
+  model = keras.Sequential([keras.Input((size, size, in_channels)),
+                            models.WSConv2D(32, 3, use_bias=False), keras.layers.Flatten(),
+                            keras.layers.Dense(3)])
+  variables = model.trainable_variables
+  step = tf.function(lambda x, masks: per_layer.PerLayerEngine().clipped_sum(
+      model, T.per_example_loss(), x, tf.constant([0, 1, 2, 0]), tf.constant([1.0, 0, 0, 0]),
+      variables, masks, 1.0).clipped.grads)
+  rng = np.random.default_rng(0)
+  for keep in (1.0, 0.5):
+    masks = [tf.constant(m, tf.float32) for m in T.random_masks(variables, keep)]
+    for scale in (1e4, 1e7, 1e10):
+      for _ in range(2):
+        x = rng.normal(size=(4, size, size, in_channels))
+        x[0] = scale * (1 + 1e-6 * rng.normal(size=x[0].shape))
+        update = [g.numpy().astype(np.float64) for g in step(tf.constant(x, tf.float32), masks)]
+        assert _norm(update) <= 1 + 1e-4, (path, keep, scale, _norm(update))
