@@ -11,8 +11,9 @@ from tfdp_prune.layer_rules import windowed
 
 class WSConv2DRule(windowed.ConvRule):
   """Conv2D's rule through the weight standardization: the convolution uses the standardized
-  kernel, and gradients with respect to it (per example, or summed) are mapped to the raw
-  (trained) kernel by the standardization's transposed Jacobian (`standardization_vjp`)."""
+  kernel, and each example's gradient with respect to it is mapped to the raw (trained) kernel
+  by the standardization's transposed Jacobian (`standardization_vjp`) before it is measured
+  and summed."""
 
   layer_classes = (models.WSConv2D,)
 
